@@ -1,0 +1,61 @@
+//! Activation functions of the MLP.
+
+use crate::error::check_len;
+use crate::Result;
+
+/// Gated SiLU over a fused gate/up projection of `rows` rows, each laid out `gate ‖ up`
+/// (`2·inter` values): `out[r][i] = silu(gate[r][i]) · up[r][i]`.
+pub fn silu_mul(gate_up: &[f32], rows: usize, out: &mut [f32]) -> Result<()> {
+    let inter = out.len() / rows.max(1);
+    check_len("silu_mul", "out", out.len(), rows * inter)?;
+    check_len("silu_mul", "gate_up", gate_up.len(), 2 * rows * inter)?;
+    if inter == 0 {
+        return Ok(());
+    }
+    for (src, dst) in gate_up.chunks_exact(2 * inter).zip(out.chunks_exact_mut(inter)) {
+        let (g, u) = src.split_at(inter);
+        for ((o, &g), &u) in dst.iter_mut().zip(g).zip(u) {
+            *o = g / (1.0 + (-g).exp()) * u;
+        }
+    }
+    Ok(())
+}
+
+/// GELU, tanh approximation (GPT-2's `gelu_new`), in place.
+pub fn gelu_tanh(x: &mut [f32]) {
+    const C: f32 = 0.797_884_6; // sqrt(2/pi)
+    for v in x.iter_mut() {
+        let t = (C * (*v + 0.044715 * *v * *v * *v)).tanh();
+        *v = 0.5 * *v * (1.0 + t);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::testutil::{assert_close, rand_vec};
+
+    #[test]
+    fn silu_mul_splits_each_row_into_gate_and_up() {
+        let (rows, inter) = (3, 7);
+        let gu = rand_vec(rows * 2 * inter, 4);
+        let mut out = vec![0f32; rows * inter];
+        silu_mul(&gu, rows, &mut out).unwrap();
+        for r in 0..rows {
+            for i in 0..inter {
+                let g = gu[r * 2 * inter + i] as f64;
+                let u = gu[r * 2 * inter + inter + i] as f64;
+                let e = g / (1.0 + (-g).exp()) * u;
+                assert_close(&[out[r * inter + i]], &[e as f32], 1e-6);
+            }
+        }
+        assert!(silu_mul(&gu[1..], rows, &mut out).is_err());
+    }
+
+    #[test]
+    fn gelu_tanh_known_values() {
+        let mut x = [0.0f32, 1.0, -1.0, 3.0];
+        gelu_tanh(&mut x);
+        assert_close(&x, &[0.0, 0.841_192, -0.158_808, 2.996_363], 1e-5);
+    }
+}

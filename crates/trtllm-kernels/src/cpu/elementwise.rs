@@ -1,0 +1,77 @@
+//! Small element-wise kernels: residual add, softmax, embedding gather.
+
+use super::matmul::MatRef;
+use crate::error::check_len;
+use crate::{KernelError, Result};
+
+/// `x += y` (the residual connection).
+pub fn add_inplace(x: &mut [f32], y: &[f32]) -> Result<()> {
+    check_len("add", "y", y.len(), x.len())?;
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+    Ok(())
+}
+
+/// Numerically stable softmax of one row, in place.
+pub fn softmax_inplace(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return;
+    }
+    let mut sum = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// Rows `ids` of `table` widened to f32, one after another in `out`.
+/// An id outside the table is an error, not an out-of-bounds read.
+pub fn embedding_gather(table: MatRef<'_>, ids: &[u32], out: &mut [f32]) -> Result<()> {
+    let dim = table.cols();
+    check_len("embedding", "out", out.len(), ids.len() * dim)?;
+    for (&id, row) in ids.iter().zip(out.chunks_exact_mut(dim.max(1))) {
+        if id as usize >= table.rows() {
+            return Err(KernelError::OutOfRange {
+                op: "embedding",
+                what: "token id",
+                index: id as usize,
+                limit: table.rows(),
+            });
+        }
+        table.row_to_f32(id as usize, row);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::{testutil::assert_close, WeightData};
+
+    #[test]
+    fn softmax_sums_to_one_and_handles_masked_rows() {
+        let mut x = [1.0f32, 2.0, 3.0, f32::NEG_INFINITY, 0.5];
+        softmax_inplace(&mut x);
+        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert_eq!(x[3], 0.0);
+        let e: Vec<f64> = [1.0f64, 2.0, 3.0, 0.5].iter().map(|v| v.exp()).collect();
+        let s: f64 = e.iter().sum();
+        assert_close(&[x[2]], &[(e[2] / s) as f32], 1e-6);
+    }
+
+    #[test]
+    fn gather_widens_bf16_and_rejects_bad_ids() {
+        let table: Vec<u16> = (0..6).map(|i| half::bf16::from_f32(i as f32).to_bits()).collect();
+        let m = MatRef::new(WeightData::Bf16(&table), 3, 2).unwrap();
+        let mut out = vec![0f32; 4];
+        embedding_gather(m, &[2, 0], &mut out).unwrap();
+        assert_eq!(out, [4.0, 5.0, 0.0, 1.0]);
+        assert!(embedding_gather(m, &[3, 0], &mut out).is_err());
+    }
+}

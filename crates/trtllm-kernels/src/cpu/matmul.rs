@@ -1,0 +1,379 @@
+//! `y = x · Wᵀ (+ bias)`: the linear layer, for f32 activations over f32, bf16 or f16 weights.
+//!
+//! Weights keep the checkpoint's `[out_features, in_features]` row layout, so every output is
+//! a dot product of two contiguous rows. The AVX2 path computes register tiles of
+//! `MR` activation rows × `NR` weight rows at once (each weight vector loaded is used `MR` times,
+//! each activation vector `NR` times) and converts bf16/f16 to f32 in registers, so no widened copy
+//! of the weights ever exists. Output columns are split over the rayon pool.
+
+use rayon::prelude::*;
+
+use super::simd::simd_available;
+use crate::error::check_len;
+use crate::Result;
+
+/// The storage of a weight matrix as the kernels read it. bf16 and f16 are raw bit patterns.
+#[derive(Clone, Copy, Debug)]
+pub enum WeightData<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+    F16(&'a [u16]),
+}
+
+impl WeightData<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            WeightData::F32(d) => d.len(),
+            WeightData::Bf16(d) | WeightData::F16(d) => d.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A row-major `rows × cols` weight matrix.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a> {
+    data: WeightData<'a>,
+    rows: usize,
+    cols: usize,
+}
+
+impl<'a> MatRef<'a> {
+    pub fn new(data: WeightData<'a>, rows: usize, cols: usize) -> Result<Self> {
+        check_len("MatRef", "weight", data.len(), rows * cols)?;
+        Ok(Self { data, rows, cols })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn data(&self) -> WeightData<'a> {
+        self.data
+    }
+
+    /// Writes row `r` widened to f32 into `out` (`out.len() == cols`).
+    pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
+        let range = r * self.cols..(r + 1) * self.cols;
+        match self.data {
+            WeightData::F32(d) => out.copy_from_slice(&d[range]),
+            WeightData::Bf16(d) => {
+                for (o, &b) in out.iter_mut().zip(&d[range]) {
+                    *o = Elem::to_f32(Bf16Bits(b));
+                }
+            }
+            WeightData::F16(d) => {
+                for (o, &b) in out.iter_mut().zip(&d[range]) {
+                    *o = Elem::to_f32(F16Bits(b));
+                }
+            }
+        }
+    }
+}
+
+/// `y[m × n] = x[m × k] · w[n × k]ᵀ + bias[n]`.
+pub fn linear(
+    x: &[f32],
+    m: usize,
+    w: MatRef<'_>,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) -> Result<()> {
+    let (n, k) = (w.rows, w.cols);
+    check_len("linear", "x", x.len(), m * k)?;
+    check_len("linear", "y", y.len(), m * n)?;
+    if let Some(b) = bias {
+        check_len("linear", "bias", b.len(), n)?;
+    }
+    let problem = Problem { x, m, k, n, bias };
+    let out = OutPtr(y.as_mut_ptr());
+    match w.data {
+        WeightData::F32(d) => run(&problem, d, out),
+        WeightData::Bf16(d) => run(&problem, as_bf16(d), out),
+        WeightData::F16(d) => run(&problem, as_f16(d), out),
+    }
+    Ok(())
+}
+
+struct Problem<'a> {
+    x: &'a [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    bias: Option<&'a [f32]>,
+}
+
+/// The output pointer shared by the workers; each writes a disjoint set of columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: workers write disjoint column ranges of the output (see `run`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+fn run<E: Elem>(p: &Problem<'_>, w: &[E], out: OutPtr) {
+    // Enough chunks for load balance, each a multiple of 8 rows so tiles stay full.
+    let threads = rayon::current_num_threads().max(1);
+    let work = p.m * p.n * p.k;
+    let chunks = if work < 1 << 15 { 1 } else { threads * 4 };
+    let chunk = p.n.div_ceil(chunks).next_multiple_of(8).max(8);
+    let nchunks = p.n.div_ceil(chunk);
+    let body = |c: usize| {
+        let cols = c * chunk..((c + 1) * chunk).min(p.n);
+        #[cfg(target_arch = "x86_64")]
+        if simd_available() {
+            // SAFETY: features detected at run time; `cols` is in bounds and disjoint per worker.
+            unsafe { avx::columns(p, w, cols, out) };
+            return;
+        }
+        portable_columns(p, w, cols, out);
+    };
+    if nchunks == 1 {
+        body(0);
+    } else {
+        (0..nchunks).into_par_iter().for_each(body);
+    }
+}
+
+fn portable_columns<E: Elem>(p: &Problem<'_>, w: &[E], cols: std::ops::Range<usize>, out: OutPtr) {
+    let mut row = vec![0f32; p.k];
+    for j in cols {
+        for (r, &e) in row.iter_mut().zip(&w[j * p.k..(j + 1) * p.k]) {
+            *r = e.to_f32();
+        }
+        let b = p.bias.map_or(0.0, |b| b[j]);
+        for i in 0..p.m {
+            let v = super::simd::dot_portable(&p.x[i * p.k..(i + 1) * p.k], &row) + b;
+            // SAFETY: i < m, j < n, and column j belongs to this worker only.
+            unsafe { *out.0.add(i * p.n + j) = v };
+        }
+    }
+}
+
+/// A weight element type the kernels can widen to f32.
+pub(crate) trait Elem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    /// Loads 8 consecutive elements widened to f32.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+pub(crate) struct Bf16Bits(pub u16);
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+pub(crate) struct F16Bits(pub u16);
+
+fn as_bf16(d: &[u16]) -> &[Bf16Bits] {
+    // SAFETY: Bf16Bits is repr(transparent) over u16.
+    unsafe { std::slice::from_raw_parts(d.as_ptr().cast(), d.len()) }
+}
+
+fn as_f16(d: &[u16]) -> &[F16Bits] {
+    // SAFETY: F16Bits is repr(transparent) over u16.
+    unsafe { std::slice::from_raw_parts(d.as_ptr().cast(), d.len()) }
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl Elem for Bf16Bits {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self.0 as u32) << 16)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let h = _mm_loadu_si128(p.cast());
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+    }
+}
+
+impl Elem for F16Bits {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::from_bits(self.0).to_f32()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx {
+    use super::{Elem, OutPtr, Problem};
+    use crate::cpu::simd::avx::hsum;
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    /// Activation rows kept hot in L2 while the worker sweeps its weight rows.
+    const ROW_BLOCK: usize = 48;
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn columns<E: Elem>(p: &Problem<'_>, w: &[E], cols: Range<usize>, out: OutPtr) {
+        if p.m == 1 {
+            sweep::<E, 1, 8>(p, w, 0..1, cols, out);
+            return;
+        }
+        let mut r0 = 0;
+        while r0 < p.m {
+            let r1 = (r0 + ROW_BLOCK).min(p.m);
+            sweep::<E, 4, 3>(p, w, r0..r1, cols.clone(), out);
+            r0 = r1;
+        }
+    }
+
+    /// Covers `rows × cols` with MR×NR tiles, then the ragged edges with smaller ones.
+    #[inline(always)]
+    unsafe fn sweep<E: Elem, const MR: usize, const NR: usize>(
+        p: &Problem<'_>,
+        w: &[E],
+        rows: Range<usize>,
+        cols: Range<usize>,
+        out: OutPtr,
+    ) {
+        let mut j = cols.start;
+        while j < cols.end {
+            let nr = (cols.end - j).min(NR);
+            let mut i = rows.start;
+            while i < rows.end {
+                let mr = (rows.end - i).min(MR);
+                if mr == MR && nr == NR {
+                    tile::<E, MR, NR>(p, w, i, j, out);
+                } else {
+                    edge::<E>(p, w, i, mr, j, nr, out);
+                }
+                i += mr;
+            }
+            j += nr;
+        }
+    }
+
+    #[inline(never)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn edge<E: Elem>(p: &Problem<'_>, w: &[E], i: usize, mr: usize, j: usize, nr: usize, out: OutPtr) {
+        for di in 0..mr {
+            for dj in 0..nr {
+                tile::<E, 1, 1>(p, w, i + di, j + dj, out);
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn tile<E: Elem, const MR: usize, const NR: usize>(
+        p: &Problem<'_>,
+        w: &[E],
+        i: usize,
+        j: usize,
+        out: OutPtr,
+    ) {
+        let k = p.k;
+        let x = p.x.as_ptr().add(i * k);
+        let wp = w.as_ptr().add(j * k);
+        let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+        let mut q = 0;
+        while q + 8 <= k {
+            let mut xv = [_mm256_setzero_ps(); MR];
+            for (r, v) in xv.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(x.add(r * k + q));
+            }
+            for c in 0..NR {
+                let wv = E::load8(wp.add(c * k + q));
+                for r in 0..MR {
+                    acc[r][c] = _mm256_fmadd_ps(xv[r], wv, acc[r][c]);
+                }
+            }
+            q += 8;
+        }
+        for r in 0..MR {
+            for c in 0..NR {
+                let mut s = hsum(acc[r][c]);
+                for t in q..k {
+                    s += *x.add(r * k + t) * (*wp.add(c * k + t)).to_f32();
+                }
+                if let Some(b) = p.bias {
+                    s += b[j + c];
+                }
+                *out.0.add((i + r) * p.n + j + c) = s;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::testutil::{assert_close, both_paths, rand_vec};
+
+    fn reference(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, bias: Option<&[f32]>) -> Vec<f32> {
+        let mut y = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for q in 0..k {
+                    s += x[i * k + q] as f64 * w[j * k + q] as f64;
+                }
+                y[i * n + j] = s as f32 + bias.map_or(0.0, |b| b[j]);
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn all_storage_types_match_reference_on_awkward_shapes() {
+        for &(m, n, k) in &[(1, 1, 1), (1, 37, 13), (3, 5, 7), (5, 11, 29), (7, 67, 101), (53, 131, 77), (1, 300, 520)] {
+            let x = rand_vec(m * k, 1);
+            let w = rand_vec(n * k, 2);
+            let bias = rand_vec(n, 3);
+            // Round the weights through each storage type so the reference sees the same values.
+            let bf: Vec<u16> = w.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+            let hf: Vec<u16> = w.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+            let wb: Vec<f32> = bf.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
+            let wh: Vec<f32> = hf.iter().map(|&b| half::f16::from_bits(b).to_f32()).collect();
+            for (data, wref) in [
+                (WeightData::F32(&w), &w),
+                (WeightData::Bf16(&bf), &wb),
+                (WeightData::F16(&hf), &wh),
+            ] {
+                for b in [None, Some(bias.as_slice())] {
+                    let expect = reference(&x, m, wref, n, k, b);
+                    both_paths(|| {
+                        let mut y = vec![0f32; m * n];
+                        linear(&x, m, MatRef::new(data, n, k).unwrap(), b, &mut y).unwrap();
+                        assert_close(&y, &expect, 1e-4);
+                    });
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn shape_errors_are_reported() {
+        let w = vec![0f32; 6];
+        assert!(MatRef::new(WeightData::F32(&w), 4, 2).is_err());
+        let m = MatRef::new(WeightData::F32(&w), 3, 2).unwrap();
+        let mut y = vec![0f32; 3];
+        assert!(linear(&[1.0; 3], 1, m, None, &mut y).is_err());
+    }
+}

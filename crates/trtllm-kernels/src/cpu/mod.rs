@@ -1,0 +1,48 @@
+//! CPU kernels. Every public function validates its shapes, then dispatches to the AVX2+FMA
+//! implementation when [`simd_available`] and to a portable one otherwise.
+
+mod activation;
+mod attention;
+mod elementwise;
+mod matmul;
+mod norm;
+mod rope;
+mod simd;
+
+pub use activation::{gelu_tanh, silu_mul};
+pub use attention::{causal_attention, AttentionShape, KvView};
+pub use elementwise::{add_inplace, embedding_gather, softmax_inplace};
+pub use matmul::{linear, MatRef, WeightData};
+pub use norm::{layer_norm, rms_norm};
+pub use rope::{apply_rope, RopeScaling, RopeTable};
+pub use simd::{force_portable, simd_available};
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    pub fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    static PATH_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// Runs `f` once on the SIMD path and once on the portable path.
+    pub fn both_paths(mut f: impl FnMut()) {
+        let _guard = PATH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        for portable in [false, true] {
+            crate::cpu::force_portable(portable);
+            f();
+        }
+        crate::cpu::force_portable(false);
+    }
+
+    pub fn assert_close(a: &[f32], b: &[f32], tol: f32) {
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            let scale = 1.0f32.max(y.abs());
+            assert!((x - y).abs() <= tol * scale, "index {i}: {x} vs {y}");
+        }
+    }
+}
