@@ -1,0 +1,27 @@
+//! Runtime of trtllm-rs: opens a built engine ([`Session`]), runs the decoder over it
+//! ([`ModelRunner`]) and drives autoregressive generation ([`GenerationSession`]).
+//!
+//! Architecture invariants: the runtime never sees a request queue or text — it gets token ids
+//! and limits and returns token ids and logits. Weights are read where the engine file is
+//! memory-mapped; nothing copies them.
+
+mod config;
+pub mod engine;
+mod error;
+mod generation;
+mod kv_cache;
+mod model;
+mod sampling;
+mod session;
+
+pub use config::{MlpKind, ModelConfig, NormKind, PositionKind, RopeScalingConfig};
+pub use engine::{BuildConfig, EngineConfig, EngineWriter, ENGINE_FORMAT_VERSION};
+pub use error::RuntimeError;
+pub use generation::{FinishReason, GenerationOutput, GenerationParams, GenerationSession};
+pub use kv_cache::KvCache;
+pub use model::LogitsMode;
+pub use sampling::{Sampler, SamplingConfig};
+pub use session::{ModelRunner, Session};
+pub use trtllm_quant as quant;
+
+pub type Result<T> = std::result::Result<T, RuntimeError>;

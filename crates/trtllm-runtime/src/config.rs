@@ -1,0 +1,122 @@
+//! The family-independent description of a decoder. A model family (Llama, Qwen2, GPT-2, ...)
+//! is nothing but a mapping from its checkpoint config onto this struct; the builder does that.
+
+use serde::{Deserialize, Serialize};
+use trtllm_quant::kernels::cpu::RopeScaling;
+
+use crate::{Result, RuntimeError};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormKind {
+    RmsNorm,
+    /// LayerNorm with a bias.
+    LayerNorm,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MlpKind {
+    /// `down(silu(gate(x)) · up(x))`, gate and up fused into one matrix.
+    GatedSilu,
+    /// `down(gelu_tanh(up(x)))`.
+    GeluTanh,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RopeScalingConfig {
+    None,
+    Linear { factor: f32 },
+    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position_embeddings: usize },
+}
+
+impl RopeScalingConfig {
+    pub fn to_kernel(&self) -> RopeScaling {
+        match *self {
+            RopeScalingConfig::None => RopeScaling::None,
+            RopeScalingConfig::Linear { factor } => RopeScaling::Linear { factor },
+            RopeScalingConfig::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum PositionKind {
+    /// Rotary embedding on the first `rotary_dim` dimensions of every query and key head.
+    Rope { theta: f32, rotary_dim: usize, scaling: RopeScalingConfig },
+    /// A learned `[max_position_embeddings × hidden]` table added to the token embeddings.
+    Learned,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// The checkpoint's architecture name, for display.
+    pub architecture: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub max_position_embeddings: usize,
+    pub norm: NormKind,
+    pub norm_eps: f32,
+    pub mlp: MlpKind,
+    pub position: PositionKind,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl ModelConfig {
+    /// Rejects configs the decoder cannot run, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_layers", self.num_layers),
+            ("num_heads", self.num_heads),
+            ("num_kv_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(RuntimeError::InvalidConfig(format!("{name} must be positive")));
+            }
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return Err(RuntimeError::InvalidConfig(format!(
+                "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
+                self.num_heads, self.num_kv_heads
+            )));
+        }
+        if let PositionKind::Rope { rotary_dim, .. } = self.position {
+            if rotary_dim == 0 || rotary_dim % 2 != 0 || rotary_dim > self.head_dim {
+                return Err(RuntimeError::InvalidConfig(format!(
+                    "rotary dimension {rotary_dim} must be even and at most head_dim ({})",
+                    self.head_dim
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn q_dim(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+
+    pub fn qkv_dim(&self) -> usize {
+        self.q_dim() + 2 * self.kv_dim()
+    }
+}

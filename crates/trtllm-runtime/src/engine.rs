@@ -1,0 +1,275 @@
+//! The engine directory format.
+//!
+//! ```text
+//! DIR/config.json   { format_version, model: ModelConfig, build: BuildConfig,
+//!                     ranks: [{ file, bytes, crc32 }] }
+//! DIR/rank0.engine  "TRTLLMRS" | u32 version | u32 0 | u64 index_len | index JSON | pad |
+//!                   tensor data, each tensor at a 64-byte aligned offset from the data start
+//! ```
+//! The index lists `{ name, dtype, shape, offset, bytes }`. Weights are already in the layout the
+//! kernels read (QKV and gate/up fused, `[out × in]` rows), so the runtime maps the file and
+//! reads in place. Opening an engine checks the version, the file size and its CRC-32.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use serde::{Deserialize, Serialize};
+use trtllm_quant::DType;
+
+use crate::{ModelConfig, Result, RuntimeError};
+
+/// Bumped whenever the layout of config.json or rank files changes incompatibly.
+pub const ENGINE_FORMAT_VERSION: u32 = 1;
+const MAGIC: &[u8; 8] = b"TRTLLMRS";
+const ALIGN: usize = 64;
+
+/// The limits and choices an engine was built with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BuildConfig {
+    pub max_batch_size: usize,
+    /// Longest prompt accepted.
+    pub max_input_len: usize,
+    /// Longest prompt + generated sequence; 0 means the model's max_position_embeddings.
+    pub max_seq_len: usize,
+    /// Most tokens processed in one forward pass.
+    pub max_num_tokens: usize,
+    /// Storage type of the weights; None keeps the checkpoint's own (lossless).
+    pub dtype: Option<DType>,
+}
+
+impl Default for BuildConfig {
+    fn default() -> Self {
+        Self { max_batch_size: 8, max_input_len: 0, max_seq_len: 0, max_num_tokens: 8192, dtype: None }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RankFile {
+    pub file: String,
+    pub bytes: u64,
+    pub crc32: u32,
+}
+
+/// The contents of an engine's config.json.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EngineConfig {
+    pub format_version: u32,
+    pub model: ModelConfig,
+    /// Resolved: `max_seq_len` and `max_input_len` are never 0 here.
+    pub build: BuildConfig,
+    pub ranks: Vec<RankFile>,
+}
+
+impl EngineConfig {
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| RuntimeError::io(&path, e))?;
+        let raw: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| RuntimeError::Json { path: path.clone(), source })?;
+        let version = raw.get("format_version").and_then(|v| v.as_u64()).ok_or_else(|| {
+            RuntimeError::corrupt(&path, "missing field format_version: not a trtllm engine directory")
+        })?;
+        if version != ENGINE_FORMAT_VERSION as u64 {
+            return Err(RuntimeError::FormatVersion { path, found: version as u32, supported: ENGINE_FORMAT_VERSION });
+        }
+        let cfg: EngineConfig = serde_json::from_value(raw).map_err(|source| RuntimeError::Json { path, source })?;
+        cfg.model.validate()?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub offset: usize,
+    pub bytes: usize,
+}
+
+/// Streams tensors into a rank file and writes config.json when finished.
+pub struct EngineWriter {
+    dir: PathBuf,
+    index: Vec<TensorInfo>,
+    data: BufWriter<File>,
+    data_path: PathBuf,
+    written: usize,
+}
+
+impl EngineWriter {
+    pub fn create(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| RuntimeError::io(dir, e))?;
+        // Tensor data goes to a scratch file first: the index, which precedes it, is only
+        // known once every tensor is written.
+        let data_path = dir.join("rank0.engine.data.tmp");
+        let f = File::create(&data_path).map_err(|e| RuntimeError::io(&data_path, e))?;
+        Ok(Self { dir: dir.to_path_buf(), index: Vec::new(), data: BufWriter::new(f), data_path, written: 0 })
+    }
+
+    pub fn add(&mut self, name: &str, dtype: DType, shape: &[usize], bytes: &[u8]) -> Result<()> {
+        let expected = shape.iter().product::<usize>() * dtype.size_bytes();
+        if bytes.len() != expected {
+            return Err(RuntimeError::TensorShape { name: name.into(), expected: vec![expected], got: vec![bytes.len()] });
+        }
+        let pad = self.written.next_multiple_of(ALIGN) - self.written;
+        let io = |e| RuntimeError::io(&self.data_path, e);
+        self.data.write_all(&[0u8; ALIGN][..pad]).map_err(io)?;
+        self.written += pad;
+        self.data.write_all(bytes).map_err(io)?;
+        self.index.push(TensorInfo {
+            name: name.into(),
+            dtype,
+            shape: shape.to_vec(),
+            offset: self.written,
+            bytes: bytes.len(),
+        });
+        self.written += bytes.len();
+        Ok(())
+    }
+
+    /// Assembles rank0.engine and writes config.json; returns the engine's config.
+    pub fn finish(mut self, model: ModelConfig, build: BuildConfig) -> Result<EngineConfig> {
+        self.data.flush().map_err(|e| RuntimeError::io(&self.data_path, e))?;
+        drop(self.data);
+        let index = serde_json::to_vec(&self.index).map_err(|e| RuntimeError::corrupt(&self.dir, e.to_string()))?;
+        let mut header = Vec::new();
+        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(&ENGINE_FORMAT_VERSION.to_le_bytes());
+        header.extend_from_slice(&0u32.to_le_bytes());
+        header.extend_from_slice(&(index.len() as u64).to_le_bytes());
+        header.extend_from_slice(&index);
+        header.resize(header.len().next_multiple_of(ALIGN), 0);
+
+        let path = self.dir.join("rank0.engine");
+        let io = |e| RuntimeError::io(&path, e);
+        let mut out = BufWriter::new(File::create(&path).map_err(io)?);
+        let mut crc = crc32fast::Hasher::new();
+        out.write_all(&header).map_err(io)?;
+        crc.update(&header);
+        let mut data = File::open(&self.data_path).map_err(|e| RuntimeError::io(&self.data_path, e))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = std::io::Read::read(&mut data, &mut buf).map_err(|e| RuntimeError::io(&self.data_path, e))?;
+            if n == 0 {
+                break;
+            }
+            crc.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(io)?;
+        }
+        out.flush().map_err(io)?;
+        std::fs::remove_file(&self.data_path).map_err(|e| RuntimeError::io(&self.data_path, e))?;
+
+        let cfg = EngineConfig {
+            format_version: ENGINE_FORMAT_VERSION,
+            model,
+            build,
+            ranks: vec![RankFile {
+                file: "rank0.engine".into(),
+                bytes: (header.len() + self.written) as u64,
+                crc32: crc.finalize(),
+            }],
+        };
+        let cfg_path = self.dir.join("config.json");
+        let text = serde_json::to_string_pretty(&cfg).map_err(|e| RuntimeError::corrupt(&cfg_path, e.to_string()))?;
+        std::fs::write(&cfg_path, text).map_err(|e| RuntimeError::io(&cfg_path, e))?;
+        Ok(cfg)
+    }
+}
+
+/// A memory-mapped rank file and its tensor index.
+pub struct EngineFile {
+    mmap: Mmap,
+    data_start: usize,
+    tensors: BTreeMap<String, TensorInfo>,
+}
+
+impl EngineFile {
+    pub fn open(dir: &Path, rank: &RankFile) -> Result<Arc<Self>> {
+        let path = dir.join(&rank.file);
+        let file = File::open(&path).map_err(|e| RuntimeError::io(&path, e))?;
+        // SAFETY: the engine file is treated as read-only input; a concurrent writer would
+        // break the checksum below rather than memory safety of the slices we hand out,
+        // which are bounds-checked against the mapped length.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| RuntimeError::io(&path, e))?;
+        if mmap.len() as u64 != rank.bytes {
+            return Err(RuntimeError::corrupt(
+                &path,
+                format!("file is {} bytes, config.json says {} (truncated or replaced?)", mmap.len(), rank.bytes),
+            ));
+        }
+        if crc32fast::hash(&mmap) != rank.crc32 {
+            return Err(RuntimeError::corrupt(&path, "checksum mismatch: the engine file is corrupt"));
+        }
+        if mmap.len() < 24 || &mmap[..8] != MAGIC {
+            return Err(RuntimeError::corrupt(&path, "not a trtllm engine file (bad magic)"));
+        }
+        let version = u32::from_le_bytes(mmap[8..12].try_into().expect("4 bytes"));
+        if version != ENGINE_FORMAT_VERSION {
+            return Err(RuntimeError::FormatVersion { path, found: version, supported: ENGINE_FORMAT_VERSION });
+        }
+        let index_len = u64::from_le_bytes(mmap[16..24].try_into().expect("8 bytes")) as usize;
+        let index_end = 24usize.checked_add(index_len).filter(|&e| e <= mmap.len());
+        let index_end = index_end.ok_or_else(|| RuntimeError::corrupt(&path, "tensor index runs past the end"))?;
+        let index: Vec<TensorInfo> = serde_json::from_slice(&mmap[24..index_end])
+            .map_err(|source| RuntimeError::Json { path: path.clone(), source })?;
+        let data_start = index_end.next_multiple_of(ALIGN);
+        for t in &index {
+            let expected = t.shape.iter().product::<usize>() * t.dtype.size_bytes();
+            let end = data_start.checked_add(t.offset).and_then(|s| s.checked_add(t.bytes));
+            if t.bytes != expected || end.is_none_or(|e| e > mmap.len()) {
+                return Err(RuntimeError::corrupt(&path, format!("tensor '{}' has an inconsistent extent", t.name)));
+            }
+        }
+        let tensors = index.into_iter().map(|t| (t.name.clone(), t)).collect();
+        Ok(Arc::new(Self { mmap, data_start, tensors }))
+    }
+
+    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.get(name)
+    }
+
+    pub fn tensors(&self) -> impl Iterator<Item = &TensorInfo> {
+        self.tensors.values()
+    }
+
+    /// The bytes of a tensor described by `info` (which came from this file's index).
+    pub fn bytes(&self, info: &TensorInfo) -> &[u8] {
+        let start = self.data_start + info.offset;
+        &self.mmap[start..start + info.bytes]
+    }
+
+    pub fn len(&self) -> usize {
+        self.mmap.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mmap.is_empty()
+    }
+}
+
+/// Tensor names inside an engine, shared by the builder (writer) and the decoder (reader).
+pub mod names {
+    pub const EMBED: &str = "embed.weight";
+    pub const POS_EMBED: &str = "pos_embed.weight";
+    pub const FINAL_NORM: &str = "final_norm";
+    pub const LM_HEAD: &str = "lm_head.weight";
+
+    /// Parts of one decoder layer; weights are `{part}.weight`, biases `{part}.bias`.
+    pub const ATTN_NORM: &str = "attn_norm";
+    pub const QKV: &str = "qkv";
+    pub const O: &str = "o";
+    pub const MLP_NORM: &str = "mlp_norm";
+    /// Fused `[gate ; up]` for gated MLPs, plain `up` otherwise.
+    pub const GATE_UP: &str = "gate_up";
+    pub const UP: &str = "up";
+    pub const DOWN: &str = "down";
+
+    pub fn layer(i: usize, part: &str, kind: &str) -> String {
+        format!("layers.{i}.{part}.{kind}")
+    }
+}

@@ -1,0 +1,244 @@
+//! The one parameterised decoder every family runs through: pre-norm blocks of attention and
+//! MLP with residual connections, shaped by [`ModelConfig`] and the tensors the engine holds.
+
+use std::sync::Arc;
+
+use trtllm_quant::kernels::cpu::{self, AttentionShape, KvView, MatRef, RopeTable};
+use trtllm_quant::DType;
+
+use crate::engine::{names, EngineFile, TensorInfo};
+use crate::{KvCache, MlpKind, ModelConfig, NormKind, PositionKind, Result, RuntimeError};
+
+/// Which positions the forward pass computes logits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsMode {
+    /// Only the last token (generation).
+    Last,
+    /// Every token (scoring, perplexity).
+    All,
+}
+
+struct Linear {
+    w: TensorInfo,
+    b: Option<TensorInfo>,
+}
+
+struct Norm {
+    w: TensorInfo,
+    b: Option<TensorInfo>,
+}
+
+struct Layer {
+    attn_norm: Norm,
+    qkv: Linear,
+    o: Linear,
+    mlp_norm: Norm,
+    up: Linear,
+    down: Linear,
+}
+
+pub(crate) struct Decoder {
+    cfg: ModelConfig,
+    file: Arc<EngineFile>,
+    embed: TensorInfo,
+    pos_embed: Option<TensorInfo>,
+    layers: Vec<Layer>,
+    final_norm: Norm,
+    lm_head: TensorInfo,
+    rope: Option<RopeTable>,
+}
+
+impl Decoder {
+    pub fn new(cfg: ModelConfig, file: Arc<EngineFile>) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let look = |name: &str, shape: &[usize]| -> Result<TensorInfo> {
+            let t = file.info(name).ok_or_else(|| RuntimeError::MissingTensor(name.into()))?;
+            if t.shape != shape {
+                return Err(RuntimeError::TensorShape { name: name.into(), expected: shape.to_vec(), got: t.shape.clone() });
+            }
+            Ok(t.clone())
+        };
+        let optional = |name: &str, shape: &[usize]| file.info(name).map(|_| look(name, shape)).transpose();
+        let norm = |prefix: &str| -> Result<Norm> {
+            let w = look(&format!("{prefix}.weight"), &[h])?;
+            let b = optional(&format!("{prefix}.bias"), &[h])?;
+            if w.dtype != DType::F32 || b.as_ref().is_some_and(|b| b.dtype != DType::F32) {
+                return Err(RuntimeError::InvalidConfig(format!("norm '{prefix}' must be stored as float32")));
+            }
+            if cfg.norm == NormKind::LayerNorm && b.is_none() {
+                return Err(RuntimeError::MissingTensor(format!("{prefix}.bias")));
+            }
+            Ok(Norm { w, b })
+        };
+        let linear = |i: usize, part: &str, out: usize, inp: usize| -> Result<Linear> {
+            let bias = optional(&names::layer(i, part, "bias"), &[out])?;
+            if bias.as_ref().is_some_and(|b| b.dtype != DType::F32) {
+                return Err(RuntimeError::InvalidConfig(format!("bias of layer {i} {part} must be float32")));
+            }
+            Ok(Linear { w: look(&names::layer(i, part, "weight"), &[out, inp])?, b: bias })
+        };
+        let inter = cfg.intermediate_size;
+        let layers = (0..cfg.num_layers)
+            .map(|i| {
+                let (up_name, up_rows) = match cfg.mlp {
+                    MlpKind::GatedSilu => (names::GATE_UP, 2 * inter),
+                    MlpKind::GeluTanh => (names::UP, inter),
+                };
+                Ok(Layer {
+                    attn_norm: norm(&format!("layers.{i}.{}", names::ATTN_NORM))?,
+                    qkv: linear(i, names::QKV, cfg.qkv_dim(), h)?,
+                    o: linear(i, names::O, h, cfg.q_dim())?,
+                    mlp_norm: norm(&format!("layers.{i}.{}", names::MLP_NORM))?,
+                    up: linear(i, up_name, up_rows, h)?,
+                    down: linear(i, names::DOWN, h, inter)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let embed = look(names::EMBED, &[cfg.vocab_size, h])?;
+        let lm_head = if cfg.tie_word_embeddings { embed.clone() } else { look(names::LM_HEAD, &[cfg.vocab_size, h])? };
+        let pos_embed = match cfg.position {
+            PositionKind::Learned => Some(look(names::POS_EMBED, &[cfg.max_position_embeddings, h])?),
+            PositionKind::Rope { .. } => None,
+        };
+        let rope = match &cfg.position {
+            PositionKind::Rope { theta, rotary_dim, scaling } => Some(RopeTable::new(*rotary_dim, *theta, &scaling.to_kernel())),
+            PositionKind::Learned => None,
+        };
+        let final_norm = norm(names::FINAL_NORM)?;
+        Ok(Self { cfg, file, embed, pos_embed, layers, final_norm, lm_head, rope })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn mat(&self, t: &TensorInfo) -> Result<MatRef<'_>> {
+        let data = t.dtype.view(self.file.bytes(t), &t.name)?;
+        Ok(MatRef::new(data, t.shape[0], t.shape[1])?)
+    }
+
+    fn f32s(&self, t: &TensorInfo) -> Result<&[f32]> {
+        match t.dtype.view(self.file.bytes(t), &t.name)? {
+            cpu::WeightData::F32(d) => Ok(d),
+            _ => Err(RuntimeError::InvalidConfig(format!("{} must be float32", t.name))),
+        }
+    }
+
+    fn linear(&self, l: &Linear, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let w = self.mat(&l.w)?;
+        let bias = l.b.as_ref().map(|b| self.f32s(b)).transpose()?;
+        let mut y = vec![0f32; rows * w.rows()];
+        cpu::linear(x, rows, w, bias, &mut y)?;
+        Ok(y)
+    }
+
+    fn norm(&self, n: &Norm, x: &mut [f32]) -> Result<()> {
+        let w = self.f32s(&n.w)?;
+        match (self.cfg.norm, &n.b) {
+            (NormKind::LayerNorm, Some(b)) => cpu::layer_norm(x, w, self.f32s(b)?, self.cfg.norm_eps)?,
+            _ => cpu::rms_norm(x, w, self.cfg.norm_eps)?,
+        }
+        Ok(())
+    }
+
+    /// Runs `tokens` (at positions `cache.len()..`) through the model, appending their keys and
+    /// values to `cache`. Returns `[rows × vocab]` logits, rows per `mode`.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, mode: LogitsMode) -> Result<Vec<f32>> {
+        let n = tokens.len();
+        let h = self.cfg.hidden_size;
+        let past = cache.len();
+        cache.reserve(n)?;
+        let positions: Vec<usize> = (past..past + n).collect();
+
+        let mut hidden = vec![0f32; n * h];
+        cpu::embedding_gather(self.mat(&self.embed)?, tokens, &mut hidden)?;
+        if let Some(pe) = &self.pos_embed {
+            let mut pos = vec![0f32; n * h];
+            let ids: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+            cpu::embedding_gather(self.mat(pe)?, &ids, &mut pos)?;
+            cpu::add_inplace(&mut hidden, &pos)?;
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            self.attention_block(i, layer, &mut hidden, &positions, cache)?;
+            self.mlp_block(layer, &mut hidden, n)?;
+        }
+        cache.advance(n);
+
+        let rows = match mode {
+            LogitsMode::Last => 1,
+            LogitsMode::All => n,
+        };
+        let mut last = hidden[(n - rows) * h..].to_vec();
+        self.norm(&self.final_norm, &mut last)?;
+        let head = self.mat(&self.lm_head)?;
+        let mut logits = vec![0f32; rows * self.cfg.vocab_size];
+        cpu::linear(&last, rows, head, None, &mut logits)?;
+        Ok(logits)
+    }
+
+    fn attention_block(
+        &self,
+        i: usize,
+        layer: &Layer,
+        hidden: &mut [f32],
+        positions: &[usize],
+        cache: &mut KvCache,
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let n = positions.len();
+        let (qd, kvd) = (c.q_dim(), c.kv_dim());
+        let mut x = hidden.to_vec();
+        self.norm(&layer.attn_norm, &mut x)?;
+        let qkv = self.linear(&layer.qkv, &x, n)?;
+        let mut q = Vec::with_capacity(n * qd);
+        let mut k = Vec::with_capacity(n * kvd);
+        let mut v = Vec::with_capacity(n * kvd);
+        for row in qkv.chunks_exact(c.qkv_dim()) {
+            q.extend_from_slice(&row[..qd]);
+            k.extend_from_slice(&row[qd..qd + kvd]);
+            v.extend_from_slice(&row[qd + kvd..]);
+        }
+        if let Some(rope) = &self.rope {
+            cpu::apply_rope(&mut q, positions, c.num_heads, c.head_dim, rope)?;
+            cpu::apply_rope(&mut k, positions, c.num_kv_heads, c.head_dim, rope)?;
+        }
+        let past = positions[0];
+        let lc = cache.layer_mut(i);
+        lc.k[past * kvd..(past + n) * kvd].copy_from_slice(&k);
+        lc.v[past * kvd..(past + n) * kvd].copy_from_slice(&v);
+        let len = past + n;
+        let kv = KvView { k: &lc.k[..len * kvd], v: &lc.v[..len * kvd], len };
+        let shape = AttentionShape {
+            n_heads: c.num_heads,
+            n_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+        };
+        let mut attn = vec![0f32; n * qd];
+        cpu::causal_attention(&q, kv, past, shape, &mut attn)?;
+        let o = self.linear(&layer.o, &attn, n)?;
+        cpu::add_inplace(hidden, &o)?;
+        Ok(())
+    }
+
+    fn mlp_block(&self, layer: &Layer, hidden: &mut [f32], n: usize) -> Result<()> {
+        let mut x = hidden.to_vec();
+        self.norm(&layer.mlp_norm, &mut x)?;
+        let up = self.linear(&layer.up, &x, n)?;
+        let act = match self.cfg.mlp {
+            MlpKind::GatedSilu => {
+                let mut a = vec![0f32; n * self.cfg.intermediate_size];
+                cpu::silu_mul(&up, n, &mut a)?;
+                a
+            }
+            MlpKind::GeluTanh => {
+                let mut a = up;
+                cpu::gelu_tanh(&mut a);
+                a
+            }
+        };
+        let down = self.linear(&layer.down, &act, n)?;
+        cpu::add_inplace(hidden, &down)?;
+        Ok(())
+    }
+}

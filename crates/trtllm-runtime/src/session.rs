@@ -1,0 +1,144 @@
+//! `Session` opens an engine; `ModelRunner` runs forward passes over it with input validation.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::engine::{EngineConfig, EngineFile, TensorInfo};
+use crate::model::{Decoder, LogitsMode};
+use crate::{KvCache, ModelConfig, Result, RuntimeError};
+
+/// A loaded engine: its config and its memory-mapped weights.
+pub struct Session {
+    dir: PathBuf,
+    config: EngineConfig,
+    file: Arc<EngineFile>,
+}
+
+impl Session {
+    /// Opens an engine directory, checking its format version, size and checksum.
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(RuntimeError::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "engine directory not found")));
+        }
+        let config = EngineConfig::read(dir)?;
+        let rank = config.ranks.first().ok_or_else(|| RuntimeError::corrupt(dir.join("config.json"), "no rank files listed"))?;
+        let file = EngineFile::open(dir, rank)?;
+        Ok(Self { dir: dir.to_path_buf(), config, file })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Every tensor of the engine, sorted by name.
+    pub fn tensors(&self) -> Vec<TensorInfo> {
+        self.file.tensors().cloned().collect()
+    }
+
+    pub fn engine_bytes(&self) -> usize {
+        self.file.len()
+    }
+
+    pub fn model_runner(&self) -> Result<ModelRunner> {
+        let decoder = Decoder::new(self.config.model.clone(), self.file.clone())?;
+        Ok(ModelRunner { decoder, config: self.config.clone() })
+    }
+}
+
+/// Executes the model: forward passes, prompt validation and scoring.
+pub struct ModelRunner {
+    decoder: Decoder,
+    config: EngineConfig,
+}
+
+impl ModelRunner {
+    pub fn model(&self) -> &ModelConfig {
+        self.decoder.config()
+    }
+
+    pub fn engine_config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn max_seq_len(&self) -> usize {
+        self.config.build.max_seq_len
+    }
+
+    /// A cache able to hold `max_len` positions (capped at the engine's max_seq_len).
+    pub fn new_cache(&self, max_len: usize) -> KvCache {
+        KvCache::new(self.model(), max_len.min(self.max_seq_len()))
+    }
+
+    /// Checks a prompt against the engine's limits and vocabulary.
+    pub fn validate_prompt(&self, prompt: &[u32]) -> Result<()> {
+        let build = &self.config.build;
+        if prompt.is_empty() {
+            return Err(RuntimeError::EmptyPrompt);
+        }
+        if prompt.len() > build.max_input_len {
+            return Err(RuntimeError::PromptTooLong { len: prompt.len(), max: build.max_input_len, limit: "max_input_len" });
+        }
+        if prompt.len() >= build.max_seq_len {
+            return Err(RuntimeError::PromptTooLong { len: prompt.len(), max: build.max_seq_len - 1, limit: "max_seq_len - 1" });
+        }
+        self.check_ids(prompt)
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        let vocab = self.model().vocab_size;
+        match ids.iter().find(|&&id| id as usize >= vocab) {
+            Some(&id) => Err(RuntimeError::TokenOutOfRange { id, vocab }),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `tokens` after what `cache` holds, in chunks of at most max_num_tokens.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, mode: LogitsMode) -> Result<Vec<f32>> {
+        self.check_ids(tokens)?;
+        let chunk = self.config.build.max_num_tokens.max(1);
+        let mut logits = Vec::new();
+        let mut start = 0;
+        while start < tokens.len() {
+            let end = (start + chunk).min(tokens.len());
+            let part = self.decoder.forward(&tokens[start..end], cache, mode)?;
+            if mode == LogitsMode::All || end == tokens.len() {
+                logits.extend(part);
+            }
+            start = end;
+        }
+        Ok(logits)
+    }
+
+    /// Negative log-likelihood of each of `ids[1..]` given the tokens before it.
+    pub fn score(&self, ids: &[u32]) -> Result<Vec<f64>> {
+        if ids.len() < 2 {
+            return Err(RuntimeError::PromptTooLong { len: ids.len(), max: 2, limit: "at least 2 tokens to score" });
+        }
+        if ids.len() > self.max_seq_len() {
+            return Err(RuntimeError::PromptTooLong { len: ids.len(), max: self.max_seq_len(), limit: "max_seq_len" });
+        }
+        self.check_ids(ids)?;
+        let vocab = self.model().vocab_size;
+        let mut cache = self.new_cache(ids.len());
+        let chunk = self.config.build.max_num_tokens.clamp(1, 512);
+        let mut nll = Vec::with_capacity(ids.len() - 1);
+        for start in (0..ids.len() - 1).step_by(chunk) {
+            let end = (start + chunk).min(ids.len() - 1);
+            let logits = self.decoder.forward(&ids[start..end], &mut cache, LogitsMode::All)?;
+            for (row, &next) in logits.chunks_exact(vocab).zip(&ids[start + 1..=end]) {
+                nll.push(-log_softmax_at(row, next as usize));
+            }
+        }
+        Ok(nll)
+    }
+}
+
+fn log_softmax_at(row: &[f32], i: usize) -> f64 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = row.iter().map(|&l| (l as f64 - max).exp()).sum();
+    row[i] as f64 - max - sum.ln()
+}
