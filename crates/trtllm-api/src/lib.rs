@@ -1,0 +1,24 @@
+//! The LLM API of trtllm-rs: [`LLM`] built from [`LlmArgs`], generation with
+//! [`SamplingParams`] returning [`RequestOutput`]s, tokenization and chat templates.
+//!
+//! Architecture invariant: this crate turns text into token ids and back and shapes results;
+//! every decision about running the model belongs to the executor below.
+
+mod chat;
+mod error;
+mod llm;
+mod outputs;
+mod sampling_params;
+mod tokenizer;
+
+pub use chat::{ChatMessage, ChatTemplate};
+pub use error::ApiError;
+pub use llm::{LlmArgs, Prompt, LLM};
+pub use outputs::{CompletionOutput, RequestOutput};
+pub use sampling_params::SamplingParams;
+pub use tokenizer::Tokenizer;
+pub use trtllm_executor as executor;
+pub use trtllm_executor::builder;
+pub use trtllm_executor::runtime;
+
+pub type Result<T> = std::result::Result<T, ApiError>;

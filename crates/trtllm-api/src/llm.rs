@@ -1,0 +1,217 @@
+//! `LLM`: the entry point — opens (or builds) an engine, starts the executor, and turns prompts
+//! into `RequestOutput`s.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+use trtllm_executor::builder::{self, BuildConfig};
+use trtllm_executor::{GenerationExecutor, GenerationRequest, RequestEvent};
+
+use crate::chat::ChatMessage;
+use crate::tokenizer::IncrementalDecoder;
+use crate::{ApiError, CompletionOutput, RequestOutput, Result, SamplingParams, Tokenizer};
+
+#[derive(Clone, Debug, Default)]
+pub struct LlmArgs {
+    /// An engine directory, a Hugging Face checkpoint directory or a `.gguf` file. Checkpoints are
+    /// built on first use into `engine_cache_dir`, keyed by checkpoint and build config.
+    pub model: PathBuf,
+    /// Where the tokenizer files are; defaults to the engine directory.
+    pub tokenizer: Option<PathBuf>,
+    /// Work on token ids only.
+    pub skip_tokenizer_init: bool,
+    pub build_config: BuildConfig,
+    /// Defaults to `$TRTLLM_CACHE` or `~/.cache/trtllm`, under `engines/`.
+    pub engine_cache_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Prompt {
+    Text(String),
+    TokenIds(Vec<u32>),
+}
+
+impl From<&str> for Prompt {
+    fn from(s: &str) -> Self {
+        Prompt::Text(s.to_string())
+    }
+}
+
+/// Mean negative log-likelihood of a token sequence.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Perplexity {
+    /// Tokens scored (the first token has no context and is not).
+    pub tokens: usize,
+    pub mean_nll: f64,
+    pub perplexity: f64,
+}
+
+pub struct LLM {
+    executor: GenerationExecutor,
+    tokenizer: Option<Tokenizer>,
+    engine_dir: PathBuf,
+}
+
+impl LLM {
+    pub fn new(args: LlmArgs) -> Result<Self> {
+        let engine_dir = resolve_engine(&args)?;
+        let executor = GenerationExecutor::new(&engine_dir)?;
+        let tokenizer = if args.skip_tokenizer_init {
+            None
+        } else {
+            Some(Tokenizer::from_dir(args.tokenizer.as_deref().unwrap_or(&engine_dir))?)
+        };
+        Ok(Self { executor, tokenizer, engine_dir })
+    }
+
+    pub fn engine_dir(&self) -> &Path {
+        &self.engine_dir
+    }
+
+    pub fn executor(&self) -> &GenerationExecutor {
+        &self.executor
+    }
+
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| ApiError::InvalidInput("the tokenizer was not loaded (skip_tokenizer_init)".into()))
+    }
+
+    /// Token ids of a prompt: text goes through the tokenizer with its special tokens.
+    pub fn encode_prompt(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+        match prompt {
+            Prompt::Text(t) => self.tokenizer()?.encode(t, true),
+            Prompt::TokenIds(ids) => Ok(ids.clone()),
+        }
+    }
+
+    /// Token ids of a conversation rendered through the chat template (which writes its own
+    /// special tokens, so the tokenizer adds none).
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let tok = self.tokenizer()?;
+        tok.encode(&tok.apply_chat_template(messages, true)?, false)
+    }
+
+    /// Generates for every prompt; one output per prompt, in order.
+    pub fn generate(&self, prompts: &[Prompt], params: &SamplingParams) -> Result<Vec<RequestOutput>> {
+        prompts.iter().map(|p| self.generate_stream(p.clone(), params, |_| {})).collect()
+    }
+
+    /// Generates for one prompt, calling `on_text` with each new piece of text as it is produced.
+    pub fn generate_stream(&self, prompt: Prompt, params: &SamplingParams, on_text: impl FnMut(&str)) -> Result<RequestOutput> {
+        params.validate()?;
+        let ids = self.encode_prompt(&prompt)?;
+        let text = match prompt {
+            Prompt::Text(t) => Some(t),
+            Prompt::TokenIds(_) => None,
+        };
+        self.run(text, ids, params, on_text)
+    }
+
+    /// One user/system/assistant conversation through the chat template.
+    pub fn chat(&self, messages: &[ChatMessage], params: &SamplingParams, on_text: impl FnMut(&str)) -> Result<RequestOutput> {
+        params.validate()?;
+        let ids = self.chat_prompt(messages)?;
+        self.run(None, ids, params, on_text)
+    }
+
+    /// Perplexity of a token sequence under the model.
+    pub fn perplexity(&self, ids: &[u32]) -> Result<Perplexity> {
+        let nll = self.executor.score(ids.to_vec())?;
+        let mean = nll.iter().sum::<f64>() / nll.len() as f64;
+        Ok(Perplexity { tokens: nll.len(), mean_nll: mean, perplexity: mean.exp() })
+    }
+
+    fn run(&self, prompt: Option<String>, ids: Vec<u32>, params: &SamplingParams, mut on_text: impl FnMut(&str)) -> Result<RequestOutput> {
+        let request = GenerationRequest { prompt_token_ids: ids.clone(), params: params.to_generation(), client_id: None };
+        let mut result = self.executor.submit(request)?;
+        let request_id = result.request_id();
+        let mut decoder = IncrementalDecoder::new(params.skip_special_tokens);
+        let mut text = String::new();
+        let tok = self.tokenizer.as_ref();
+        let output = loop {
+            match result.next_event() {
+                Some(RequestEvent::Tokens(new)) => {
+                    if let Some(tok) = tok {
+                        let piece = decoder.push(tok, &new, false)?;
+                        on_text(&piece);
+                        text.push_str(&piece);
+                    }
+                }
+                Some(RequestEvent::Finished(out)) => break out,
+                Some(RequestEvent::Failed(e)) => return Err(e.into()),
+                None => return Err(trtllm_executor::ExecutorError::ShutDown.into()),
+            }
+        };
+        if let Some(tok) = tok {
+            let piece = decoder.push(tok, &[], true)?;
+            on_text(&piece);
+            text.push_str(&piece);
+        }
+        Ok(RequestOutput {
+            request_id,
+            prompt,
+            prompt_token_ids: ids,
+            outputs: vec![CompletionOutput {
+                index: 0,
+                text,
+                token_ids: output.tokens,
+                cumulative_logprob: None,
+                logprobs: None,
+                finish_reason: Some(output.finish_reason.as_str().to_string()),
+            }],
+            finished: true,
+        })
+    }
+}
+
+/// The engine directory for `args.model`, building it into the cache first if it is a checkpoint.
+fn resolve_engine(args: &LlmArgs) -> Result<PathBuf> {
+    let model = &args.model;
+    if model.join("config.json").exists() && model.join("rank0.engine").exists() {
+        return Ok(model.clone());
+    }
+    let cache_root = args.engine_cache_dir.clone().unwrap_or_else(default_cache_dir).join("engines");
+    let dir = cache_root.join(format!("{:016x}", cache_key(model, &args.build_config)?));
+    if !(dir.join("config.json").exists() && dir.join("rank0.engine").exists()) {
+        // Build beside the final place and rename, so an interrupted build never looks finished.
+        let tmp = cache_root.join(format!("{}.partial", dir.file_name().and_then(|n| n.to_str()).unwrap_or("engine")));
+        let _ = std::fs::remove_dir_all(&tmp);
+        builder::build(model, &tmp, &args.build_config, &mut |_, _, _| {})?;
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&tmp, &dir).map_err(|e| builder::BuildError::Io { path: dir.clone(), source: e })?;
+    }
+    Ok(dir)
+}
+
+fn default_cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("TRTLLM_CACHE") {
+        return PathBuf::from(d);
+    }
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir).join(".cache").join("trtllm")
+}
+
+/// Identifies a checkpoint (path, size and modification time of its files) and a build config.
+fn cache_key(model: &Path, config: &BuildConfig) -> Result<u64> {
+    let meta_err = |e| builder::BuildError::Io { path: model.to_path_buf(), source: e };
+    let canonical = model.canonicalize().map_err(meta_err)?;
+    let mut h = DefaultHasher::new();
+    canonical.hash(&mut h);
+    let files: Vec<PathBuf> = if canonical.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&canonical).map_err(meta_err)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        v.sort();
+        v
+    } else {
+        vec![canonical.clone()]
+    };
+    for f in files {
+        if let Ok(m) = f.metadata() {
+            f.hash(&mut h);
+            m.len().hash(&mut h);
+            m.modified().ok().hash(&mut h);
+        }
+    }
+    format!("{config:?}").hash(&mut h);
+    env!("CARGO_PKG_VERSION").hash(&mut h);
+    Ok(h.finish())
+}

@@ -1,0 +1,143 @@
+//! Model families as data: for each, where every engine tensor comes from in the checkpoint.
+
+use trtllm_runtime::{MlpKind, ModelConfig};
+
+/// The families the builder maps onto the decoder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Llama,
+    Mistral,
+    Qwen2,
+    Gpt2,
+}
+
+pub const SUPPORTED: &str =
+    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel; GGUF: llama, mistral, qwen2, gpt2";
+
+/// One source matrix of a (possibly fused) engine linear layer.
+#[derive(Clone, Debug)]
+pub struct Part {
+    pub weight: String,
+    /// Loaded when the checkpoint has it.
+    pub bias: String,
+    /// Stored `[in × out]` (GPT-2's Conv1D) rather than `[out × in]`.
+    pub transposed: bool,
+    /// Rows are in llama.cpp's interleaved rotary order for this many heads and must be put back.
+    pub unpermute_heads: Option<usize>,
+}
+
+/// An engine linear layer: its parts' rows stacked in order.
+pub type LinearSpec = Vec<Part>;
+
+#[derive(Clone, Debug)]
+pub struct NormSpec {
+    pub weight: String,
+    pub bias: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct LayerSpec {
+    pub attn_norm: NormSpec,
+    pub qkv: LinearSpec,
+    pub o: LinearSpec,
+    pub mlp_norm: NormSpec,
+    /// `[gate ; up]` for gated MLPs, `[up]` otherwise.
+    pub up: LinearSpec,
+    pub down: LinearSpec,
+}
+
+#[derive(Clone, Debug)]
+pub struct ModelSpec {
+    pub embed: String,
+    pub pos_embed: Option<String>,
+    pub final_norm: NormSpec,
+    pub lm_head: String,
+    pub layers: Vec<LayerSpec>,
+}
+
+fn part(weight: String) -> Part {
+    let bias = weight.strip_suffix(".weight").map_or_else(|| format!("{weight}.bias"), |b| format!("{b}.bias"));
+    Part { weight, bias, transposed: false, unpermute_heads: None }
+}
+
+fn norm(prefix: &str) -> NormSpec {
+    NormSpec { weight: format!("{prefix}.weight"), bias: format!("{prefix}.bias") }
+}
+
+/// Hugging Face tensor names.
+pub fn hf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
+    match family {
+        Family::Llama | Family::Mistral | Family::Qwen2 => {
+            let layer = |i: usize| {
+                let p = |s: &str| part(format!("model.layers.{i}.{s}.weight"));
+                LayerSpec {
+                    attn_norm: norm(&format!("model.layers.{i}.input_layernorm")),
+                    qkv: vec![p("self_attn.q_proj"), p("self_attn.k_proj"), p("self_attn.v_proj")],
+                    o: vec![p("self_attn.o_proj")],
+                    mlp_norm: norm(&format!("model.layers.{i}.post_attention_layernorm")),
+                    up: vec![p("mlp.gate_proj"), p("mlp.up_proj")],
+                    down: vec![p("mlp.down_proj")],
+                }
+            };
+            ModelSpec {
+                embed: "model.embed_tokens.weight".into(),
+                pos_embed: None,
+                final_norm: norm("model.norm"),
+                lm_head: "lm_head.weight".into(),
+                layers: (0..cfg.num_layers).map(layer).collect(),
+            }
+        }
+        Family::Gpt2 => {
+            let layer = |i: usize| {
+                let conv = |s: &str| Part { transposed: true, ..part(format!("transformer.h.{i}.{s}.weight")) };
+                LayerSpec {
+                    attn_norm: norm(&format!("transformer.h.{i}.ln_1")),
+                    qkv: vec![conv("attn.c_attn")],
+                    o: vec![conv("attn.c_proj")],
+                    mlp_norm: norm(&format!("transformer.h.{i}.ln_2")),
+                    up: vec![conv("mlp.c_fc")],
+                    down: vec![conv("mlp.c_proj")],
+                }
+            };
+            ModelSpec {
+                embed: "transformer.wte.weight".into(),
+                pos_embed: Some("transformer.wpe.weight".into()),
+                final_norm: norm("transformer.ln_f"),
+                lm_head: "lm_head.weight".into(),
+                layers: (0..cfg.num_layers).map(layer).collect(),
+            }
+        }
+    }
+}
+
+/// GGUF tensor names (llama.cpp's convention).
+pub fn gguf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
+    // llama.cpp permutes Llama/Mistral Q and K rows for its interleaved RoPE; Qwen2 it leaves alone.
+    let permuted = matches!(family, Family::Llama | Family::Mistral);
+    let layer = |i: usize| {
+        let p = |s: &str| part(format!("blk.{i}.{s}.weight"));
+        let rope = |s: &str, heads: usize| Part { unpermute_heads: permuted.then_some(heads), ..p(s) };
+        let (qkv, up) = match cfg.mlp {
+            MlpKind::GatedSilu => (
+                vec![rope("attn_q", cfg.num_heads), rope("attn_k", cfg.num_kv_heads), p("attn_v")],
+                vec![p("ffn_gate"), p("ffn_up")],
+            ),
+            MlpKind::GeluTanh => (vec![p("attn_qkv")], vec![p("ffn_up")]),
+        };
+        LayerSpec {
+            attn_norm: norm(&format!("blk.{i}.attn_norm")),
+            qkv,
+            o: vec![p("attn_output")],
+            mlp_norm: norm(&format!("blk.{i}.ffn_norm")),
+            up,
+            down: vec![p("ffn_down")],
+        }
+    };
+    ModelSpec {
+        embed: "token_embd.weight".into(),
+        pos_embed: (family == Family::Gpt2).then(|| "position_embd.weight".into()),
+        final_norm: norm("output_norm"),
+        lm_head: "output.weight".into(),
+        layers: (0..cfg.num_layers).map(layer).collect(),
+    }
+}

@@ -1,0 +1,236 @@
+//! Hugging Face config.json (transformers 4 and 5 styles) → [`ModelConfig`].
+
+use std::path::Path;
+
+use serde_json::Value;
+use trtllm_runtime::quant::DType;
+use trtllm_runtime::{MlpKind, ModelConfig, NormKind, PositionKind, RopeScalingConfig};
+
+use crate::family::{Family, SUPPORTED};
+use crate::{BuildError, Result};
+
+/// A parsed config: the family, the decoder's config and the stored dtype it names.
+pub struct HfConfig {
+    pub family: Family,
+    pub model: ModelConfig,
+    pub dtype: Option<DType>,
+}
+
+struct Fields<'a> {
+    v: &'a Value,
+    path: &'a Path,
+    arch: &'a str,
+}
+
+impl Fields<'_> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.v.get(key).filter(|v| !v.is_null())
+    }
+
+    fn usize(&self, key: &str) -> Result<usize> {
+        self.opt_usize(key)?.ok_or_else(|| BuildError::MissingField {
+            path: self.path.to_path_buf(),
+            field: key.into(),
+            arch: self.arch.into(),
+        })
+    }
+
+    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| self.invalid(key, "expected a non-negative integer")),
+        }
+    }
+
+    fn f32_or(&self, key: &str, default: f32) -> Result<f32> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v.as_f64().map(|f| f as f32).ok_or_else(|| self.invalid(key, "expected a number")),
+        }
+    }
+
+    fn bool_or(&self, key: &str, default: bool) -> bool {
+        self.get(key).and_then(Value::as_bool).unwrap_or(default)
+    }
+
+    fn str(&self, key: &str) -> Option<&str> {
+        self.get(key).and_then(Value::as_str)
+    }
+
+    fn ids(&self, key: &str) -> Vec<u32> {
+        match self.get(key) {
+            Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|n| n as u32)).collect(),
+            Some(v) => v.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
+            None => Vec::new(),
+        }
+    }
+
+    fn invalid(&self, key: &str, message: &str) -> BuildError {
+        BuildError::InvalidField { path: self.path.to_path_buf(), field: key.into(), message: message.into() }
+    }
+}
+
+pub fn read(dir: &Path) -> Result<HfConfig> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| BuildError::io(&path, e))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| BuildError::checkpoint(&path, format!("invalid JSON: {e}")))?;
+    parse(&v, &path)
+}
+
+pub fn parse(v: &Value, path: &Path) -> Result<HfConfig> {
+    let arch = v
+        .get("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(Value::as_str)
+        .or_else(|| v.get("model_type").and_then(Value::as_str))
+        .ok_or_else(|| BuildError::MissingField { path: path.into(), field: "architectures".into(), arch: "any model".into() })?;
+    let family = match arch {
+        "LlamaForCausalLM" | "llama" => Family::Llama,
+        "MistralForCausalLM" | "mistral" => Family::Mistral,
+        "Qwen2ForCausalLM" | "qwen2" => Family::Qwen2,
+        "GPT2LMHeadModel" | "gpt2" => Family::Gpt2,
+        other => {
+            return Err(BuildError::UnsupportedArchitecture { path: path.into(), arch: other.into(), supported: SUPPORTED })
+        }
+    };
+    let f = Fields { v, path, arch };
+    let dtype = match f.str("dtype").or_else(|| f.str("torch_dtype")) {
+        Some(s) => Some(DType::parse(s).map_err(|e| f.invalid("dtype", &e.to_string()))?),
+        None => None,
+    };
+    let model = match family {
+        Family::Gpt2 => gpt2(&f, arch)?,
+        _ => llama_like(&f, arch, family)?,
+    };
+    model.validate().map_err(|e| BuildError::checkpoint(path, e.to_string()))?;
+    Ok(HfConfig { family, model, dtype })
+}
+
+fn llama_like(f: &Fields, arch: &str, family: Family) -> Result<ModelConfig> {
+    let act = f.str("hidden_act").unwrap_or("silu");
+    if act != "silu" {
+        return Err(f.invalid("hidden_act", &format!("'{act}' is not supported for {arch} (expected silu)")));
+    }
+    let hidden = f.usize("hidden_size")?;
+    let heads = f.usize("num_attention_heads")?;
+    let head_dim = f.opt_usize("head_dim")?.unwrap_or(hidden / heads.max(1));
+    let partial = f.f32_or("partial_rotary_factor", 1.0)?;
+    Ok(ModelConfig {
+        architecture: arch.into(),
+        vocab_size: f.usize("vocab_size")?,
+        hidden_size: hidden,
+        intermediate_size: f.usize("intermediate_size")?,
+        num_layers: f.usize("num_hidden_layers")?,
+        num_heads: heads,
+        num_kv_heads: f.opt_usize("num_key_value_heads")?.unwrap_or(heads),
+        head_dim,
+        max_position_embeddings: f.usize("max_position_embeddings")?,
+        norm: NormKind::RmsNorm,
+        norm_eps: f.f32_or("rms_norm_eps", 1e-6)?,
+        mlp: MlpKind::GatedSilu,
+        position: PositionKind::Rope {
+            theta: rope_theta(f, family)?,
+            rotary_dim: ((head_dim as f32 * partial) as usize) & !1,
+            scaling: rope_scaling(f)?,
+        },
+        tie_word_embeddings: f.bool_or("tie_word_embeddings", false),
+        bos_token_id: f.ids("bos_token_id").first().copied(),
+        eos_token_ids: f.ids("eos_token_id"),
+    })
+}
+
+/// transformers 5 nests RoPE settings in `rope_parameters`; 4 has `rope_theta` + `rope_scaling`.
+fn rope_params<'a>(f: &'a Fields) -> Option<&'a Value> {
+    f.get("rope_parameters").or_else(|| f.get("rope_scaling"))
+}
+
+fn rope_theta(f: &Fields, family: Family) -> Result<f32> {
+    if let Some(t) = rope_params(f).and_then(|p| p.get("rope_theta")).and_then(Value::as_f64) {
+        return Ok(t as f32);
+    }
+    let default = if family == Family::Qwen2 { 1_000_000.0 } else { 10_000.0 };
+    f.f32_or("rope_theta", default)
+}
+
+fn rope_scaling(f: &Fields) -> Result<RopeScalingConfig> {
+    let Some(p) = rope_params(f) else { return Ok(RopeScalingConfig::None) };
+    let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let num = |k: &str| {
+        p.get(k).and_then(Value::as_f64).map(|x| x as f32).ok_or_else(|| f.invalid(&format!("rope_scaling.{k}"), "missing or not a number"))
+    };
+    Ok(match kind {
+        "default" => RopeScalingConfig::None,
+        "linear" => RopeScalingConfig::Linear { factor: num("factor")? },
+        "llama3" => RopeScalingConfig::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+        },
+        other => return Err(f.invalid("rope_scaling.rope_type", &format!("'{other}' is not supported (default, linear, llama3)"))),
+    })
+}
+
+fn gpt2(f: &Fields, arch: &str) -> Result<ModelConfig> {
+    let act = f.str("activation_function").unwrap_or("gelu_new");
+    if !matches!(act, "gelu_new" | "gelu_pytorch_tanh") {
+        return Err(f.invalid("activation_function", &format!("'{act}' is not supported (expected gelu_new)")));
+    }
+    let hidden = f.usize("n_embd")?;
+    let heads = f.usize("n_head")?;
+    Ok(ModelConfig {
+        architecture: arch.into(),
+        vocab_size: f.usize("vocab_size")?,
+        hidden_size: hidden,
+        intermediate_size: f.opt_usize("n_inner")?.unwrap_or(4 * hidden),
+        num_layers: f.usize("n_layer")?,
+        num_heads: heads,
+        num_kv_heads: heads,
+        head_dim: hidden / heads.max(1),
+        max_position_embeddings: f.usize("n_positions")?,
+        norm: NormKind::LayerNorm,
+        norm_eps: f.f32_or("layer_norm_epsilon", 1e-5)?,
+        mlp: MlpKind::GeluTanh,
+        position: PositionKind::Learned,
+        tie_word_embeddings: f.bool_or("tie_word_embeddings", true),
+        bos_token_id: f.ids("bos_token_id").first().copied(),
+        eos_token_ids: f.ids("eos_token_id"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn llama() -> Value {
+        json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 160,
+               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "max_position_embeddings": 256, "vocab_size": 1024, "eos_token_id": [2, 5],
+               "rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0,
+                 "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})
+    }
+
+    #[test]
+    fn transformers5_rope_parameters_and_eos_lists() {
+        let c = parse(&llama(), Path::new("config.json")).unwrap().model;
+        assert_eq!(c.eos_token_ids, vec![2, 5]);
+        assert_eq!(c.head_dim, 16);
+        match c.position {
+            PositionKind::Rope { theta, scaling: RopeScalingConfig::Llama3 { factor, .. }, .. } => {
+                assert_eq!((theta, factor), (500000.0, 8.0))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn missing_and_unknown_fields_are_named() {
+        let mut v = llama();
+        v.as_object_mut().unwrap().remove("num_attention_heads");
+        let e = parse(&v, Path::new("x/config.json")).err().unwrap().to_string();
+        assert!(e.contains("num_attention_heads") && e.contains("x/config.json"), "{e}");
+        let e = parse(&json!({"architectures": ["FooForCausalLM"]}), Path::new("c")).err().unwrap().to_string();
+        assert!(e.contains("FooForCausalLM") && e.contains("supported"), "{e}");
+    }
+}

@@ -1,0 +1,80 @@
+//! What a caller submits and what it gets back.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crossbeam_channel::Receiver;
+use trtllm_builder::runtime::{GenerationOutput, GenerationParams};
+
+use crate::{ExecutorError, Result};
+
+#[derive(Clone, Debug)]
+pub struct GenerationRequest {
+    pub prompt_token_ids: Vec<u32>,
+    pub params: GenerationParams,
+    /// The caller's own identifier, echoed back untouched.
+    pub client_id: Option<u64>,
+}
+
+/// One step of a request's life as the worker reports it.
+#[derive(Debug)]
+pub enum RequestEvent {
+    /// Tokens produced since the last event.
+    Tokens(Vec<u32>),
+    Finished(GenerationOutput),
+    Failed(ExecutorError),
+}
+
+/// The handle of a submitted request: iterate it for streamed deltas, or `wait()` for the end.
+pub struct GenerationResult {
+    pub(crate) id: u64,
+    pub(crate) client_id: Option<u64>,
+    pub(crate) events: Receiver<RequestEvent>,
+    pub(crate) cancel: Arc<AtomicBool>,
+    pub(crate) done: bool,
+}
+
+impl GenerationResult {
+    pub fn request_id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn client_id(&self) -> Option<u64> {
+        self.client_id
+    }
+
+    /// Asks the worker to stop this request; it finishes with reason `cancelled`.
+    pub fn abort(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+
+    /// The next event, blocking; None once the request has finished.
+    pub fn next_event(&mut self) -> Option<RequestEvent> {
+        if self.done {
+            return None;
+        }
+        let ev = self.events.recv().unwrap_or(RequestEvent::Failed(ExecutorError::ShutDown));
+        self.done = matches!(ev, RequestEvent::Finished(_) | RequestEvent::Failed(_));
+        Some(ev)
+    }
+
+    /// Blocks until the request ends and returns its full output.
+    pub fn wait(mut self) -> Result<GenerationOutput> {
+        while let Some(ev) = self.next_event() {
+            match ev {
+                RequestEvent::Tokens(_) => {}
+                RequestEvent::Finished(out) => return Ok(out),
+                RequestEvent::Failed(e) => return Err(e),
+            }
+        }
+        Err(ExecutorError::ShutDown)
+    }
+}
+
+impl Iterator for GenerationResult {
+    type Item = RequestEvent;
+
+    fn next(&mut self) -> Option<RequestEvent> {
+        self.next_event()
+    }
+}
