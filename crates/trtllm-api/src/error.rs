@@ -8,7 +8,11 @@ pub enum ApiError {
     #[error("chat template: {0}")]
     ChatTemplate(String),
     #[error("invalid sampling parameter {field} = {value}: expected {expected}")]
-    InvalidParam { field: &'static str, value: String, expected: &'static str },
+    InvalidParam {
+        field: &'static str,
+        value: String,
+        expected: &'static str,
+    },
     #[error("{0}")]
     InvalidInput(String),
     #[error(transparent)]

@@ -60,9 +60,15 @@ impl LLM {
         let tokenizer = if args.skip_tokenizer_init {
             None
         } else {
-            Some(Tokenizer::from_dir(args.tokenizer.as_deref().unwrap_or(&engine_dir))?)
+            Some(Tokenizer::from_dir(
+                args.tokenizer.as_deref().unwrap_or(&engine_dir),
+            )?)
         };
-        Ok(Self { executor, tokenizer, engine_dir })
+        Ok(Self {
+            executor,
+            tokenizer,
+            engine_dir,
+        })
     }
 
     pub fn engine_dir(&self) -> &Path {
@@ -74,7 +80,9 @@ impl LLM {
     }
 
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
-        self.tokenizer.as_ref().ok_or_else(|| ApiError::InvalidInput("the tokenizer was not loaded (skip_tokenizer_init)".into()))
+        self.tokenizer.as_ref().ok_or_else(|| {
+            ApiError::InvalidInput("the tokenizer was not loaded (skip_tokenizer_init)".into())
+        })
     }
 
     /// Token ids of a prompt: text goes through the tokenizer with its special tokens.
@@ -93,12 +101,24 @@ impl LLM {
     }
 
     /// Generates for every prompt; one output per prompt, in order.
-    pub fn generate(&self, prompts: &[Prompt], params: &SamplingParams) -> Result<Vec<RequestOutput>> {
-        prompts.iter().map(|p| self.generate_stream(p.clone(), params, |_| {})).collect()
+    pub fn generate(
+        &self,
+        prompts: &[Prompt],
+        params: &SamplingParams,
+    ) -> Result<Vec<RequestOutput>> {
+        prompts
+            .iter()
+            .map(|p| self.generate_stream(p.clone(), params, |_| {}))
+            .collect()
     }
 
     /// Generates for one prompt, calling `on_text` with each new piece of text as it is produced.
-    pub fn generate_stream(&self, prompt: Prompt, params: &SamplingParams, on_text: impl FnMut(&str)) -> Result<RequestOutput> {
+    pub fn generate_stream(
+        &self,
+        prompt: Prompt,
+        params: &SamplingParams,
+        on_text: impl FnMut(&str),
+    ) -> Result<RequestOutput> {
         params.validate()?;
         let ids = self.encode_prompt(&prompt)?;
         let text = match prompt {
@@ -109,7 +129,12 @@ impl LLM {
     }
 
     /// One user/system/assistant conversation through the chat template.
-    pub fn chat(&self, messages: &[ChatMessage], params: &SamplingParams, on_text: impl FnMut(&str)) -> Result<RequestOutput> {
+    pub fn chat(
+        &self,
+        messages: &[ChatMessage],
+        params: &SamplingParams,
+        on_text: impl FnMut(&str),
+    ) -> Result<RequestOutput> {
         params.validate()?;
         let ids = self.chat_prompt(messages)?;
         self.run(None, ids, params, on_text)
@@ -119,11 +144,25 @@ impl LLM {
     pub fn perplexity(&self, ids: &[u32]) -> Result<Perplexity> {
         let nll = self.executor.score(ids.to_vec())?;
         let mean = nll.iter().sum::<f64>() / nll.len() as f64;
-        Ok(Perplexity { tokens: nll.len(), mean_nll: mean, perplexity: mean.exp() })
+        Ok(Perplexity {
+            tokens: nll.len(),
+            mean_nll: mean,
+            perplexity: mean.exp(),
+        })
     }
 
-    fn run(&self, prompt: Option<String>, ids: Vec<u32>, params: &SamplingParams, mut on_text: impl FnMut(&str)) -> Result<RequestOutput> {
-        let request = GenerationRequest { prompt_token_ids: ids.clone(), params: params.to_generation(), client_id: None };
+    fn run(
+        &self,
+        prompt: Option<String>,
+        ids: Vec<u32>,
+        params: &SamplingParams,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<RequestOutput> {
+        let request = GenerationRequest {
+            prompt_token_ids: ids.clone(),
+            params: params.to_generation(),
+            client_id: None,
+        };
         let mut result = self.executor.submit(request)?;
         let request_id = result.request_id();
         let mut decoder = IncrementalDecoder::new(params.skip_special_tokens);
@@ -171,15 +210,25 @@ fn resolve_engine(args: &LlmArgs) -> Result<PathBuf> {
     if model.join("config.json").exists() && model.join("rank0.engine").exists() {
         return Ok(model.clone());
     }
-    let cache_root = args.engine_cache_dir.clone().unwrap_or_else(default_cache_dir).join("engines");
+    let cache_root = args
+        .engine_cache_dir
+        .clone()
+        .unwrap_or_else(default_cache_dir)
+        .join("engines");
     let dir = cache_root.join(format!("{:016x}", cache_key(model, &args.build_config)?));
     if !(dir.join("config.json").exists() && dir.join("rank0.engine").exists()) {
         // Build beside the final place and rename, so an interrupted build never looks finished.
-        let tmp = cache_root.join(format!("{}.partial", dir.file_name().and_then(|n| n.to_str()).unwrap_or("engine")));
+        let tmp = cache_root.join(format!(
+            "{}.partial",
+            dir.file_name().and_then(|n| n.to_str()).unwrap_or("engine")
+        ));
         let _ = std::fs::remove_dir_all(&tmp);
         builder::build(model, &tmp, &args.build_config, &mut |_, _, _| {})?;
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::rename(&tmp, &dir).map_err(|e| builder::BuildError::Io { path: dir.clone(), source: e })?;
+        std::fs::rename(&tmp, &dir).map_err(|e| builder::BuildError::Io {
+            path: dir.clone(),
+            source: e,
+        })?;
     }
     Ok(dir)
 }
@@ -188,17 +237,27 @@ fn default_cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("TRTLLM_CACHE") {
         return PathBuf::from(d);
     }
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir).join(".cache").join("trtllm")
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+        .join(".cache")
+        .join("trtllm")
 }
 
 /// Identifies a checkpoint (path, size and modification time of its files) and a build config.
 fn cache_key(model: &Path, config: &BuildConfig) -> Result<u64> {
-    let meta_err = |e| builder::BuildError::Io { path: model.to_path_buf(), source: e };
+    let meta_err = |e| builder::BuildError::Io {
+        path: model.to_path_buf(),
+        source: e,
+    };
     let canonical = model.canonicalize().map_err(meta_err)?;
     let mut h = DefaultHasher::new();
     canonical.hash(&mut h);
     let files: Vec<PathBuf> = if canonical.is_dir() {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(&canonical).map_err(meta_err)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&canonical)
+            .map_err(meta_err)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
         v.sort();
         v
     } else {

@@ -38,12 +38,22 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
-        let bad = |field, value: String, expected| Err(ApiError::InvalidParam { field, value, expected });
+        let bad = |field, value: String, expected| {
+            Err(ApiError::InvalidParam {
+                field,
+                value,
+                expected,
+            })
+        };
         if self.max_tokens == 0 {
             return bad("max_tokens", "0".into(), "at least 1");
         }
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return bad("temperature", self.temperature.to_string(), "a finite number >= 0");
+            return bad(
+                "temperature",
+                self.temperature.to_string(),
+                "a finite number >= 0",
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad("top_p", self.top_p.to_string(), "a number in (0, 1]");
@@ -72,11 +82,27 @@ mod tests {
 
     #[test]
     fn out_of_range_values_name_the_field() {
-        let p = SamplingParams { top_p: 1.5, ..Default::default() };
+        let p = SamplingParams {
+            top_p: 1.5,
+            ..Default::default()
+        };
         let e = p.validate().unwrap_err().to_string();
-        assert!(e.contains("top_p") && e.contains("1.5") && e.contains("(0, 1]"), "{e}");
-        assert!(SamplingParams { max_tokens: 0, ..Default::default() }.validate().is_err());
-        assert!(SamplingParams { temperature: -0.1, ..Default::default() }.validate().is_err());
+        assert!(
+            e.contains("top_p") && e.contains("1.5") && e.contains("(0, 1]"),
+            "{e}"
+        );
+        assert!(SamplingParams {
+            max_tokens: 0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(SamplingParams {
+            temperature: -0.1,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
         assert!(SamplingParams::default().validate().is_ok());
     }
 }

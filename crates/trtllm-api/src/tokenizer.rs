@@ -19,12 +19,16 @@ pub struct Tokenizer {
 impl Tokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| ApiError::Tokenizer { path: path.clone(), message: e.to_string() })?;
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| ApiError::Tokenizer {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Value = match std::fs::read_to_string(&cfg_path) {
-            Ok(t) => serde_json::from_str(&t)
-                .map_err(|e| ApiError::Tokenizer { path: cfg_path.clone(), message: format!("invalid JSON: {e}") })?,
+            Ok(t) => serde_json::from_str(&t).map_err(|e| ApiError::Tokenizer {
+                path: cfg_path.clone(),
+                message: format!("invalid JSON: {e}"),
+            })?,
             Err(_) => Value::Null,
         };
         let token = |k: &str| match cfg.get(k) {
@@ -34,7 +38,12 @@ impl Tokenizer {
         };
         let template_file = dir.join("chat_template.jinja");
         let source = if template_file.exists() {
-            Some(std::fs::read_to_string(&template_file).map_err(|e| ApiError::Tokenizer { path: template_file, message: e.to_string() })?)
+            Some(
+                std::fs::read_to_string(&template_file).map_err(|e| ApiError::Tokenizer {
+                    path: template_file,
+                    message: e.to_string(),
+                })?,
+            )
         } else {
             match cfg.get("chat_template") {
                 Some(Value::String(s)) => Some(s.clone()),
@@ -48,18 +57,29 @@ impl Tokenizer {
             }
         };
         let chat_template = source.map(ChatTemplate::new).transpose()?;
-        Ok(Self { inner, bos_token: token("bos_token"), eos_token: token("eos_token"), chat_template, path })
+        Ok(Self {
+            inner,
+            bos_token: token("bos_token"),
+            eos_token: token("eos_token"),
+            chat_template,
+            path,
+        })
     }
 
     /// Token ids of `text`; `add_special_tokens` applies the tokenizer's post-processor
     /// (e.g. a BOS token for models that want one).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| self.error(e))?;
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| self.error(e))?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special_tokens).map_err(|e| self.error(e))
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| self.error(e))
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -67,15 +87,30 @@ impl Tokenizer {
     }
 
     /// Renders `messages` through the chat template, ending with the assistant's turn opener.
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let t = self.chat_template.as_ref().ok_or_else(|| {
-            ApiError::ChatTemplate(format!("{}: the tokenizer has no chat template", self.path.display()))
+            ApiError::ChatTemplate(format!(
+                "{}: the tokenizer has no chat template",
+                self.path.display()
+            ))
         })?;
-        t.render(messages, add_generation_prompt, self.bos_token.as_deref(), self.eos_token.as_deref())
+        t.render(
+            messages,
+            add_generation_prompt,
+            self.bos_token.as_deref(),
+            self.eos_token.as_deref(),
+        )
     }
 
     fn error(&self, e: tokenizers::Error) -> ApiError {
-        ApiError::Tokenizer { path: self.path.clone(), message: e.to_string() }
+        ApiError::Tokenizer {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
     }
 }
 
@@ -89,7 +124,11 @@ pub(crate) struct IncrementalDecoder {
 
 impl IncrementalDecoder {
     pub fn new(skip_special_tokens: bool) -> Self {
-        Self { ids: Vec::new(), emitted: 0, skip_special_tokens }
+        Self {
+            ids: Vec::new(),
+            emitted: 0,
+            skip_special_tokens,
+        }
     }
 
     /// The new text `ids` complete; `finished` flushes whatever remains.

@@ -15,13 +15,26 @@ use crate::{gguf_tokenizer, hf_config, BuildError, Checkpoint, Result};
 pub type BuildProgress<'a> = &'a mut dyn FnMut(usize, usize, &str);
 
 /// Tokenizer and generation files carried from a Hugging Face directory into the engine.
-const CARRIED_FILES: &[&str] =
-    &["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json"];
+const CARRIED_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+];
 
 /// Builds an engine from `checkpoint` (a Hugging Face directory or a `.gguf` file) into `output`.
-pub fn build(checkpoint: &Path, output: &Path, config: &BuildConfig, progress: BuildProgress) -> Result<EngineConfig> {
+pub fn build(
+    checkpoint: &Path,
+    output: &Path,
+    config: &BuildConfig,
+    progress: BuildProgress,
+) -> Result<EngineConfig> {
     if !checkpoint.exists() {
-        return Err(BuildError::io(checkpoint, std::io::Error::new(std::io::ErrorKind::NotFound, "checkpoint not found")));
+        return Err(BuildError::io(
+            checkpoint,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "checkpoint not found"),
+        ));
     }
     if checkpoint.is_dir() {
         let hf = hf_config::read(checkpoint)?;
@@ -61,7 +74,10 @@ fn merge_generation_eos(dir: &Path, mut eos: Vec<u32>) -> Vec<u32> {
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .and_then(|v| v.get("eos_token_id").cloned());
     let ids: Vec<u32> = match extra {
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|n| n as u32)).collect(),
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|n| n as u32))
+            .collect(),
         Some(v) => v.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
         None => Vec::new(),
     };
@@ -74,7 +90,11 @@ fn merge_generation_eos(dir: &Path, mut eos: Vec<u32>) -> Vec<u32> {
 }
 
 /// Fills in the limits left at 0 and rejects impossible ones.
-fn resolve(config: &BuildConfig, model: &ModelConfig, native: Option<DType>) -> Result<BuildConfig> {
+fn resolve(
+    config: &BuildConfig,
+    model: &ModelConfig,
+    native: Option<DType>,
+) -> Result<BuildConfig> {
     let mut c = config.clone();
     c.dtype = Some(c.dtype.or(native).unwrap_or(DType::F32));
     if c.max_seq_len == 0 {
@@ -87,7 +107,10 @@ fn resolve(config: &BuildConfig, model: &ModelConfig, native: Option<DType>) -> 
         )));
     }
     if c.max_seq_len < 2 {
-        return Err(BuildError::InvalidBuildConfig(format!("max_seq_len must be at least 2, got {}", c.max_seq_len)));
+        return Err(BuildError::InvalidBuildConfig(format!(
+            "max_seq_len must be at least 2, got {}",
+            c.max_seq_len
+        )));
     }
     if c.max_input_len == 0 {
         c.max_input_len = c.max_seq_len - 1;
@@ -99,7 +122,9 @@ fn resolve(config: &BuildConfig, model: &ModelConfig, native: Option<DType>) -> 
         )));
     }
     if c.max_batch_size == 0 || c.max_num_tokens == 0 {
-        return Err(BuildError::InvalidBuildConfig("max_batch_size and max_num_tokens must be positive".into()));
+        return Err(BuildError::InvalidBuildConfig(
+            "max_batch_size and max_num_tokens must be positive".into(),
+        ));
     }
     Ok(c)
 }
@@ -120,10 +145,20 @@ fn write_engine(
 
     progress(0, total, "embeddings");
     let embed = matrix(ck, &spec.embed, model.vocab_size, h)?;
-    w.add(names::EMBED, dtype, &[model.vocab_size, h], &dtype.encode(&embed))?;
+    w.add(
+        names::EMBED,
+        dtype,
+        &[model.vocab_size, h],
+        &dtype.encode(&embed),
+    )?;
     if let Some(pe) = &spec.pos_embed {
         let t = matrix(ck, pe, model.max_position_embeddings, h)?;
-        w.add(names::POS_EMBED, dtype, &[model.max_position_embeddings, h], &dtype.encode(&t))?;
+        w.add(
+            names::POS_EMBED,
+            dtype,
+            &[model.max_position_embeddings, h],
+            &dtype.encode(&t),
+        )?;
     }
     let inter = model.intermediate_size;
     let up_rows = match model.mlp {
@@ -135,24 +170,60 @@ fn write_engine(
         let linears: [(&str, &LinearSpec, usize, usize); 4] = [
             (names::QKV, &layer.qkv, model.qkv_dim(), h),
             (names::O, &layer.o, h, model.q_dim()),
-            (if up_rows == inter { names::UP } else { names::GATE_UP }, &layer.up, up_rows, h),
+            (
+                if up_rows == inter {
+                    names::UP
+                } else {
+                    names::GATE_UP
+                },
+                &layer.up,
+                up_rows,
+                h,
+            ),
             (names::DOWN, &layer.down, h, inter),
         ];
         for (part, lin, rows, cols) in linears {
             let (weight, bias) = linear(ck, lin, rows, cols)?;
-            w.add(&names::layer(i, part, "weight"), dtype, &[rows, cols], &dtype.encode(&weight))?;
+            w.add(
+                &names::layer(i, part, "weight"),
+                dtype,
+                &[rows, cols],
+                &dtype.encode(&weight),
+            )?;
             if let Some(b) = bias {
-                w.add(&names::layer(i, part, "bias"), DType::F32, &[rows], &DType::F32.encode(&b))?;
+                w.add(
+                    &names::layer(i, part, "bias"),
+                    DType::F32,
+                    &[rows],
+                    &DType::F32.encode(&b),
+                )?;
             }
         }
-        write_norm(ck, &mut w, &layer.attn_norm, &format!("layers.{i}.{}", names::ATTN_NORM), h)?;
-        write_norm(ck, &mut w, &layer.mlp_norm, &format!("layers.{i}.{}", names::MLP_NORM), h)?;
+        write_norm(
+            ck,
+            &mut w,
+            &layer.attn_norm,
+            &format!("layers.{i}.{}", names::ATTN_NORM),
+            h,
+        )?;
+        write_norm(
+            ck,
+            &mut w,
+            &layer.mlp_norm,
+            &format!("layers.{i}.{}", names::MLP_NORM),
+            h,
+        )?;
     }
     progress(total - 1, total, "output head");
     write_norm(ck, &mut w, &spec.final_norm, names::FINAL_NORM, h)?;
     if !model.tie_word_embeddings {
         let head = matrix(ck, &spec.lm_head, model.vocab_size, h)?;
-        w.add(names::LM_HEAD, dtype, &[model.vocab_size, h], &dtype.encode(&head))?;
+        w.add(
+            names::LM_HEAD,
+            dtype,
+            &[model.vocab_size, h],
+            &dtype.encode(&head),
+        )?;
     }
     let engine = w.finish(model, build)?;
     progress(total, total, "done");
@@ -163,7 +234,12 @@ fn check_shape(ck: &dyn Checkpoint, name: &str, got: &[usize], expected: &[usize
     if got == expected {
         Ok(())
     } else {
-        Err(BuildError::TensorShape { path: ck.path().into(), name: name.into(), expected: expected.into(), got: got.into() })
+        Err(BuildError::TensorShape {
+            path: ck.path().into(),
+            name: name.into(),
+            expected: expected.into(),
+            got: got.into(),
+        })
     }
 }
 
@@ -173,26 +249,52 @@ fn matrix(ck: &dyn Checkpoint, name: &str, rows: usize, cols: usize) -> Result<V
     Ok(t.data)
 }
 
-fn write_norm(ck: &dyn Checkpoint, w: &mut EngineWriter, spec: &NormSpec, prefix: &str, dim: usize) -> Result<()> {
+fn write_norm(
+    ck: &dyn Checkpoint,
+    w: &mut EngineWriter,
+    spec: &NormSpec,
+    prefix: &str,
+    dim: usize,
+) -> Result<()> {
     let weight = ck.require(&spec.weight)?;
     check_shape(ck, &spec.weight, &weight.shape, &[dim])?;
-    w.add(&format!("{prefix}.weight"), DType::F32, &[dim], &DType::F32.encode(&weight.data))?;
+    w.add(
+        &format!("{prefix}.weight"),
+        DType::F32,
+        &[dim],
+        &DType::F32.encode(&weight.data),
+    )?;
     if let Some(b) = ck.tensor(&spec.bias)? {
         check_shape(ck, &spec.bias, &b.shape, &[dim])?;
-        w.add(&format!("{prefix}.bias"), DType::F32, &[dim], &DType::F32.encode(&b.data))?;
+        w.add(
+            &format!("{prefix}.bias"),
+            DType::F32,
+            &[dim],
+            &DType::F32.encode(&b.data),
+        )?;
     }
     Ok(())
 }
 
 /// Stacks the parts of a fused linear layer into `[rows × cols]` plus a bias if any part has one.
-fn linear(ck: &dyn Checkpoint, parts: &LinearSpec, rows: usize, cols: usize) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+fn linear(
+    ck: &dyn Checkpoint,
+    parts: &LinearSpec,
+    rows: usize,
+    cols: usize,
+) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
     let mut weight = Vec::with_capacity(rows * cols);
     let mut bias: Vec<f32> = Vec::new();
     let mut any_bias = false;
     for p in parts {
         let t = ck.require(&p.weight)?;
         if t.shape.len() != 2 {
-            return Err(BuildError::TensorShape { path: ck.path().into(), name: p.weight.clone(), expected: vec![0, cols], got: t.shape });
+            return Err(BuildError::TensorShape {
+                path: ck.path().into(),
+                name: p.weight.clone(),
+                expected: vec![0, cols],
+                got: t.shape,
+            });
         }
         let (mut data, out) = if p.transposed {
             check_shape(ck, &p.weight, &t.shape[..1], &[cols])?;
@@ -217,8 +319,17 @@ fn linear(ck: &dyn Checkpoint, parts: &LinearSpec, rows: usize, cols: usize) -> 
         bias.extend(b);
     }
     if weight.len() != rows * cols {
-        let name = parts.iter().map(|p| p.weight.as_str()).collect::<Vec<_>>().join(" + ");
-        return Err(BuildError::TensorShape { path: ck.path().into(), name, expected: vec![rows, cols], got: vec![weight.len() / cols, cols] });
+        let name = parts
+            .iter()
+            .map(|p| p.weight.as_str())
+            .collect::<Vec<_>>()
+            .join(" + ");
+        return Err(BuildError::TensorShape {
+            path: ck.path().into(),
+            name,
+            expected: vec![rows, cols],
+            got: vec![weight.len() / cols, cols],
+        });
     }
     Ok((weight, any_bias.then_some(bias)))
 }
@@ -245,7 +356,8 @@ fn unpermute_rows(data: &[f32], heads: usize, cols: usize) -> Vec<f32> {
             for s in 0..2 {
                 let src = h * head_dim + 2 * i + s;
                 let dst = h * head_dim + s * half + i;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -259,7 +371,13 @@ mod tests {
     #[test]
     fn unpermute_inverts_llama_cpp_permutation() {
         // One head of dim 4 with 1 column: original rows [0,1,2,3] → llama.cpp writes [0,2,1,3].
-        assert_eq!(unpermute_rows(&[0.0, 2.0, 1.0, 3.0], 1, 1), vec![0.0, 1.0, 2.0, 3.0]);
-        assert_eq!(transpose(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2, 3), vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+        assert_eq!(
+            unpermute_rows(&[0.0, 2.0, 1.0, 3.0], 1, 1),
+            vec![0.0, 1.0, 2.0, 3.0]
+        );
+        assert_eq!(
+            transpose(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2, 3),
+            vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]
+        );
     }
 }

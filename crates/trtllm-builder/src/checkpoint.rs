@@ -26,8 +26,10 @@ pub trait Checkpoint {
     fn native_dtype(&self) -> Option<DType>;
 
     fn require(&self, name: &str) -> Result<Tensor> {
-        self.tensor(name)?
-            .ok_or_else(|| BuildError::MissingTensor { path: self.path().to_path_buf(), name: name.to_string() })
+        self.tensor(name)?.ok_or_else(|| BuildError::MissingTensor {
+            path: self.path().to_path_buf(),
+            name: name.to_string(),
+        })
     }
 }
 
@@ -46,20 +48,32 @@ impl SafetensorsCheckpoint {
         let single = dir.join("model.safetensors");
         let index_path = dir.join("model.safetensors.index.json");
         let shard_names: Vec<String> = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| BuildError::io(&index_path, e))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| BuildError::checkpoint(&index_path, e.to_string()))?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-                BuildError::MissingField { path: index_path.clone(), field: "weight_map".into(), arch: "a sharded checkpoint".into() }
-            })?;
-            let mut names: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| BuildError::io(&index_path, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| BuildError::checkpoint(&index_path, e.to_string()))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| BuildError::MissingField {
+                    path: index_path.clone(),
+                    field: "weight_map".into(),
+                    arch: "a sharded checkpoint".into(),
+                })?;
+            let mut names: Vec<String> = map
+                .values()
+                .filter_map(|f| f.as_str().map(String::from))
+                .collect();
             names.sort();
             names.dedup();
             names
         } else if single.exists() {
             vec!["model.safetensors".into()]
         } else {
-            return Err(BuildError::checkpoint(dir, "no model.safetensors or model.safetensors.index.json"));
+            return Err(BuildError::checkpoint(
+                dir,
+                "no model.safetensors or model.safetensors.index.json",
+            ));
         };
         let mut files = Vec::new();
         let mut index = HashMap::new();
@@ -68,14 +82,20 @@ impl SafetensorsCheckpoint {
             let f = File::open(&path).map_err(|e| BuildError::io(&path, e))?;
             // SAFETY: checkpoint files are read-only inputs for the duration of the build.
             let mmap = unsafe { Mmap::map(&f) }.map_err(|e| BuildError::io(&path, e))?;
-            let st = SafeTensors::deserialize(&mmap)
-                .map_err(|e| BuildError::checkpoint(&path, format!("not a valid safetensors file: {e}")))?;
+            let st = SafeTensors::deserialize(&mmap).map_err(|e| {
+                BuildError::checkpoint(&path, format!("not a valid safetensors file: {e}"))
+            })?;
             for n in st.names() {
                 index.insert(n.to_string(), i);
             }
             files.push((path, mmap));
         }
-        Ok(Self { dir: dir.to_path_buf(), files, index, dtype })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            files,
+            index,
+            dtype,
+        })
     }
 }
 
@@ -89,7 +109,9 @@ impl Checkpoint for SafetensorsCheckpoint {
     }
 
     fn tensor(&self, name: &str) -> Result<Option<Tensor>> {
-        let Some(&i) = self.index.get(name) else { return Ok(None) };
+        let Some(&i) = self.index.get(name) else {
+            return Ok(None);
+        };
         let (path, mmap) = &self.files[i];
         let bad = |m: String| BuildError::checkpoint(path, m);
         let st = SafeTensors::deserialize(mmap).map_err(|e| bad(e.to_string()))?;
@@ -98,9 +120,16 @@ impl Checkpoint for SafetensorsCheckpoint {
             safetensors::Dtype::F32 => DType::F32,
             safetensors::Dtype::BF16 => DType::BF16,
             safetensors::Dtype::F16 => DType::F16,
-            other => return Err(bad(format!("tensor '{name}' has unsupported dtype {other:?}"))),
+            other => {
+                return Err(bad(format!(
+                    "tensor '{name}' has unsupported dtype {other:?}"
+                )))
+            }
         };
         let data = dtype.decode(view.data(), name)?;
-        Ok(Some(Tensor { shape: view.shape().to_vec(), data }))
+        Ok(Some(Tensor {
+            shape: view.shape().to_vec(),
+            data,
+        }))
     }
 }

@@ -4,19 +4,39 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum BuildError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
     #[error("{path}: missing field `{field}` (required for {arch})")]
-    MissingField { path: PathBuf, field: String, arch: String },
+    MissingField {
+        path: PathBuf,
+        field: String,
+        arch: String,
+    },
     #[error("{path}: field `{field}`: {message}")]
-    InvalidField { path: PathBuf, field: String, message: String },
+    InvalidField {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
     #[error("{path}: unsupported architecture '{arch}' (supported: {supported})")]
-    UnsupportedArchitecture { path: PathBuf, arch: String, supported: &'static str },
+    UnsupportedArchitecture {
+        path: PathBuf,
+        arch: String,
+        supported: &'static str,
+    },
     #[error("{path}: tensor '{name}' not found in the checkpoint")]
     MissingTensor { path: PathBuf, name: String },
     #[error("{path}: tensor '{name}' has shape {got:?}, expected {expected:?}")]
-    TensorShape { path: PathBuf, name: String, expected: Vec<usize>, got: Vec<usize> },
+    TensorShape {
+        path: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
     #[error("invalid build config: {0}")]
     InvalidBuildConfig(String),
     #[error(transparent)]
@@ -27,10 +47,16 @@ pub enum BuildError {
 
 impl BuildError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        BuildError::Io { path: path.into(), source }
+        BuildError::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     pub(crate) fn checkpoint(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        BuildError::Checkpoint { path: path.into(), message: message.into() }
+        BuildError::Checkpoint {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }

@@ -56,12 +56,22 @@ pub struct ModelSpec {
 }
 
 fn part(weight: String) -> Part {
-    let bias = weight.strip_suffix(".weight").map_or_else(|| format!("{weight}.bias"), |b| format!("{b}.bias"));
-    Part { weight, bias, transposed: false, unpermute_heads: None }
+    let bias = weight
+        .strip_suffix(".weight")
+        .map_or_else(|| format!("{weight}.bias"), |b| format!("{b}.bias"));
+    Part {
+        weight,
+        bias,
+        transposed: false,
+        unpermute_heads: None,
+    }
 }
 
 fn norm(prefix: &str) -> NormSpec {
-    NormSpec { weight: format!("{prefix}.weight"), bias: format!("{prefix}.bias") }
+    NormSpec {
+        weight: format!("{prefix}.weight"),
+        bias: format!("{prefix}.bias"),
+    }
 }
 
 /// Hugging Face tensor names.
@@ -72,7 +82,11 @@ pub fn hf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
                 let p = |s: &str| part(format!("model.layers.{i}.{s}.weight"));
                 LayerSpec {
                     attn_norm: norm(&format!("model.layers.{i}.input_layernorm")),
-                    qkv: vec![p("self_attn.q_proj"), p("self_attn.k_proj"), p("self_attn.v_proj")],
+                    qkv: vec![
+                        p("self_attn.q_proj"),
+                        p("self_attn.k_proj"),
+                        p("self_attn.v_proj"),
+                    ],
                     o: vec![p("self_attn.o_proj")],
                     mlp_norm: norm(&format!("model.layers.{i}.post_attention_layernorm")),
                     up: vec![p("mlp.gate_proj"), p("mlp.up_proj")],
@@ -89,7 +103,10 @@ pub fn hf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
         }
         Family::Gpt2 => {
             let layer = |i: usize| {
-                let conv = |s: &str| Part { transposed: true, ..part(format!("transformer.h.{i}.{s}.weight")) };
+                let conv = |s: &str| Part {
+                    transposed: true,
+                    ..part(format!("transformer.h.{i}.{s}.weight"))
+                };
                 LayerSpec {
                     attn_norm: norm(&format!("transformer.h.{i}.ln_1")),
                     qkv: vec![conv("attn.c_attn")],
@@ -116,10 +133,17 @@ pub fn gguf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
     let permuted = matches!(family, Family::Llama | Family::Mistral);
     let layer = |i: usize| {
         let p = |s: &str| part(format!("blk.{i}.{s}.weight"));
-        let rope = |s: &str, heads: usize| Part { unpermute_heads: permuted.then_some(heads), ..p(s) };
+        let rope = |s: &str, heads: usize| Part {
+            unpermute_heads: permuted.then_some(heads),
+            ..p(s)
+        };
         let (qkv, up) = match cfg.mlp {
             MlpKind::GatedSilu => (
-                vec![rope("attn_q", cfg.num_heads), rope("attn_k", cfg.num_kv_heads), p("attn_v")],
+                vec![
+                    rope("attn_q", cfg.num_heads),
+                    rope("attn_k", cfg.num_kv_heads),
+                    p("attn_v"),
+                ],
                 vec![p("ffn_gate"), p("ffn_up")],
             ),
             MlpKind::GeluTanh => (vec![p("attn_qkv")], vec![p("ffn_up")]),

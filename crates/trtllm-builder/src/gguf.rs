@@ -79,20 +79,31 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn take(&mut self, n: usize) -> Result<&[u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| {
-            BuildError::checkpoint(self.path, format!("truncated GGUF: needed {n} bytes at offset {}", self.pos))
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| {
+                BuildError::checkpoint(
+                    self.path,
+                    format!("truncated GGUF: needed {n} bytes at offset {}", self.pos),
+                )
+            })?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
     }
 
     fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
 
     fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
 
     fn len(&mut self) -> Result<usize> {
@@ -100,7 +111,10 @@ impl Reader<'_> {
         // Every element takes at least one byte, so a count past the file is corrupt, not a
         // reason to allocate.
         if n as usize > self.buf.len() {
-            return Err(BuildError::checkpoint(self.path, format!("corrupt GGUF: length {n} at offset {}", self.pos)));
+            return Err(BuildError::checkpoint(
+                self.path,
+                format!("corrupt GGUF: length {n} at offset {}", self.pos),
+            ));
         }
         Ok(n as usize)
     }
@@ -125,12 +139,21 @@ impl Reader<'_> {
             9 if depth == 0 => {
                 let ety = self.u32()?;
                 let n = self.len()?;
-                Value::Array((0..n).map(|_| self.value(ety, depth + 1)).collect::<Result<_>>()?)
+                Value::Array(
+                    (0..n)
+                        .map(|_| self.value(ety, depth + 1))
+                        .collect::<Result<_>>()?,
+                )
             }
             10 => Value::UInt(self.u64()?),
             11 => Value::Int(self.u64()? as i64),
             12 => Value::Float(f64::from_bits(self.u64()?)),
-            other => return Err(BuildError::checkpoint(self.path, format!("corrupt GGUF: unknown value type {other}"))),
+            other => {
+                return Err(BuildError::checkpoint(
+                    self.path,
+                    format!("corrupt GGUF: unknown value type {other}"),
+                ))
+            }
         })
     }
 }
@@ -140,14 +163,24 @@ impl GgufFile {
         let f = File::open(path).map_err(|e| BuildError::io(path, e))?;
         // SAFETY: the checkpoint is a read-only input for the duration of the build.
         let mmap = unsafe { Mmap::map(&f) }.map_err(|e| BuildError::io(path, e))?;
-        let mut r = Reader { buf: &mmap, pos: 0, path };
+        let mut r = Reader {
+            buf: &mmap,
+            pos: 0,
+            path,
+        };
         let magic = r.take(4)?;
         if magic != b"GGUF" {
-            return Err(BuildError::checkpoint(path, format!("not a GGUF file: bad magic {magic:02x?} (expected \"GGUF\")")));
+            return Err(BuildError::checkpoint(
+                path,
+                format!("not a GGUF file: bad magic {magic:02x?} (expected \"GGUF\")"),
+            ));
         }
         let version = r.u32()?;
         if !(2..=3).contains(&version) {
-            return Err(BuildError::checkpoint(path, format!("GGUF version {version} is not supported (2 or 3)")));
+            return Err(BuildError::checkpoint(
+                path,
+                format!("GGUF version {version} is not supported (2 or 3)"),
+            ));
         }
         let n_tensors = r.len()?;
         let n_kv = r.len()?;
@@ -162,17 +195,31 @@ impl GgufFile {
             let name = r.string()?;
             let n_dims = r.u32()? as usize;
             if n_dims > 4 {
-                return Err(BuildError::checkpoint(path, format!("tensor '{name}' has {n_dims} dimensions")));
+                return Err(BuildError::checkpoint(
+                    path,
+                    format!("tensor '{name}' has {n_dims} dimensions"),
+                ));
             }
             let mut shape: Vec<usize> = (0..n_dims).map(|_| r.len()).collect::<Result<_>>()?;
             shape.reverse();
-            let ty = GgmlType::from_id(r.u32()?).map_err(|e| BuildError::checkpoint(path, format!("tensor '{name}': {e}")))?;
+            let ty = GgmlType::from_id(r.u32()?)
+                .map_err(|e| BuildError::checkpoint(path, format!("tensor '{name}': {e}")))?;
             let offset = r.u64()? as usize;
             tensors.insert(name, TensorEntry { shape, ty, offset });
         }
-        let align = metadata.get("general.alignment").and_then(Value::as_u64).unwrap_or(32).max(1) as usize;
+        let align = metadata
+            .get("general.alignment")
+            .and_then(Value::as_u64)
+            .unwrap_or(32)
+            .max(1) as usize;
         let data_start = r.pos.next_multiple_of(align);
-        let file = Self { path: path.to_path_buf(), mmap, metadata, tensors, data_start };
+        let file = Self {
+            path: path.to_path_buf(),
+            mmap,
+            metadata,
+            tensors,
+            data_start,
+        };
         for (name, t) in &file.tensors {
             file.tensor_bytes(name, t)?;
         }
@@ -185,49 +232,76 @@ impl GgufFile {
 
     fn tensor_bytes(&self, name: &str, t: &TensorEntry) -> Result<&[u8]> {
         let elems = t.shape.iter().product::<usize>();
-        let len = t.ty.byte_len(elems).map_err(|e| BuildError::checkpoint(&self.path, format!("tensor '{name}': {e}")))?;
+        let len =
+            t.ty.byte_len(elems)
+                .map_err(|e| BuildError::checkpoint(&self.path, format!("tensor '{name}': {e}")))?;
         let start = self.data_start.checked_add(t.offset);
-        let end = start.and_then(|s| s.checked_add(len)).filter(|&e| e <= self.mmap.len());
+        let end = start
+            .and_then(|s| s.checked_add(len))
+            .filter(|&e| e <= self.mmap.len());
         match (start, end) {
             (Some(s), Some(e)) => Ok(&self.mmap[s..e]),
-            _ => Err(BuildError::checkpoint(&self.path, format!("tensor '{name}' extends past the end of the file (truncated?)"))),
+            _ => Err(BuildError::checkpoint(
+                &self.path,
+                format!("tensor '{name}' extends past the end of the file (truncated?)"),
+            )),
         }
     }
 
     /// The family and decoder config the metadata describes.
     pub fn model_config(&self) -> Result<(Family, ModelConfig)> {
-        let arch = self.get("general.architecture").and_then(Value::as_str).ok_or_else(|| BuildError::MissingField {
-            path: self.path.clone(),
-            field: "general.architecture".into(),
-            arch: "GGUF".into(),
-        })?;
+        let arch = self
+            .get("general.architecture")
+            .and_then(Value::as_str)
+            .ok_or_else(|| BuildError::MissingField {
+                path: self.path.clone(),
+                field: "general.architecture".into(),
+                arch: "GGUF".into(),
+            })?;
         let family = match arch {
             "llama" => Family::Llama,
             "mistral" => Family::Mistral,
             "qwen2" => Family::Qwen2,
             "gpt2" => Family::Gpt2,
             other => {
-                return Err(BuildError::UnsupportedArchitecture { path: self.path.clone(), arch: other.into(), supported: SUPPORTED })
+                return Err(BuildError::UnsupportedArchitecture {
+                    path: self.path.clone(),
+                    arch: other.into(),
+                    supported: SUPPORTED,
+                })
             }
         };
         let key = |k: &str| format!("{arch}.{k}");
         let req = |k: &str| -> Result<usize> {
-            self.get(&key(k)).and_then(Value::as_u64).map(|v| v as usize).ok_or_else(|| BuildError::MissingField {
-                path: self.path.clone(),
-                field: key(k),
-                arch: format!("GGUF architecture {arch}"),
-            })
+            self.get(&key(k))
+                .and_then(Value::as_u64)
+                .map(|v| v as usize)
+                .ok_or_else(|| BuildError::MissingField {
+                    path: self.path.clone(),
+                    field: key(k),
+                    arch: format!("GGUF architecture {arch}"),
+                })
         };
         let float = |k: &str, d: f64| self.get(&key(k)).and_then(Value::as_f64).unwrap_or(d) as f32;
         let hidden = req("embedding_length")?;
         let heads = req("attention.head_count")?;
         let vocab = match self.get(&key("vocab_size")).and_then(Value::as_u64) {
             Some(v) => v as usize,
-            None => self.get("tokenizer.ggml.tokens").and_then(Value::as_array).map_or(0, |t| t.len()),
+            None => self
+                .get("tokenizer.ggml.tokens")
+                .and_then(Value::as_array)
+                .map_or(0, |t| t.len()),
         };
         let gpt2 = family == Family::Gpt2;
-        let head_dim = self.get(&key("attention.key_length")).and_then(Value::as_u64).map_or(hidden / heads.max(1), |v| v as usize);
-        let token = |k: &str| self.get(&format!("tokenizer.ggml.{k}")).and_then(Value::as_u64).map(|v| v as u32);
+        let head_dim = self
+            .get(&key("attention.key_length"))
+            .and_then(Value::as_u64)
+            .map_or(hidden / heads.max(1), |v| v as usize);
+        let token = |k: &str| {
+            self.get(&format!("tokenizer.ggml.{k}"))
+                .and_then(Value::as_u64)
+                .map(|v| v as u32)
+        };
         let model = ModelConfig {
             architecture: format!("gguf:{arch}"),
             vocab_size: vocab,
@@ -235,20 +309,40 @@ impl GgufFile {
             intermediate_size: req("feed_forward_length")?,
             num_layers: req("block_count")?,
             num_heads: heads,
-            num_kv_heads: self.get(&key("attention.head_count_kv")).and_then(Value::as_u64).map_or(heads, |v| v as usize),
+            num_kv_heads: self
+                .get(&key("attention.head_count_kv"))
+                .and_then(Value::as_u64)
+                .map_or(heads, |v| v as usize),
             head_dim,
             max_position_embeddings: req("context_length")?,
-            norm: if gpt2 { NormKind::LayerNorm } else { NormKind::RmsNorm },
-            norm_eps: if gpt2 { float("attention.layer_norm_epsilon", 1e-5) } else { float("attention.layer_norm_rms_epsilon", 1e-6) },
-            mlp: if gpt2 { MlpKind::GeluTanh } else { MlpKind::GatedSilu },
+            norm: if gpt2 {
+                NormKind::LayerNorm
+            } else {
+                NormKind::RmsNorm
+            },
+            norm_eps: if gpt2 {
+                float("attention.layer_norm_epsilon", 1e-5)
+            } else {
+                float("attention.layer_norm_rms_epsilon", 1e-6)
+            },
+            mlp: if gpt2 {
+                MlpKind::GeluTanh
+            } else {
+                MlpKind::GatedSilu
+            },
             position: if gpt2 {
                 PositionKind::Learned
             } else {
                 PositionKind::Rope {
                     theta: float("rope.freq_base", 10000.0),
-                    rotary_dim: self.get(&key("rope.dimension_count")).and_then(Value::as_u64).map_or(head_dim, |v| v as usize),
+                    rotary_dim: self
+                        .get(&key("rope.dimension_count"))
+                        .and_then(Value::as_u64)
+                        .map_or(head_dim, |v| v as usize),
                     scaling: match self.get(&key("rope.scaling.type")).and_then(Value::as_str) {
-                        Some("linear") => RopeScalingConfig::Linear { factor: float("rope.scaling.factor", 1.0) },
+                        Some("linear") => RopeScalingConfig::Linear {
+                            factor: float("rope.scaling.factor", 1.0),
+                        },
                         _ => RopeScalingConfig::None,
                     },
                 }
@@ -257,7 +351,9 @@ impl GgufFile {
             bos_token_id: token("bos_token_id"),
             eos_token_ids: token("eos_token_id").into_iter().collect(),
         };
-        model.validate().map_err(|e| BuildError::checkpoint(&self.path, e.to_string()))?;
+        model
+            .validate()
+            .map_err(|e| BuildError::checkpoint(&self.path, e.to_string()))?;
         Ok((family, model))
     }
 }
@@ -272,10 +368,17 @@ impl Checkpoint for GgufFile {
     }
 
     fn tensor(&self, name: &str) -> Result<Option<Tensor>> {
-        let Some(t) = self.tensors.get(name) else { return Ok(None) };
+        let Some(t) = self.tensors.get(name) else {
+            return Ok(None);
+        };
         let bytes = self.tensor_bytes(name, t)?;
         let elems = t.shape.iter().product();
-        let data = t.ty.dequantize(bytes, elems).map_err(|e| BuildError::checkpoint(&self.path, format!("tensor '{name}': {e}")))?;
-        Ok(Some(Tensor { shape: t.shape.clone(), data }))
+        let data =
+            t.ty.dequantize(bytes, elems)
+                .map_err(|e| BuildError::checkpoint(&self.path, format!("tensor '{name}': {e}")))?;
+        Ok(Some(Tensor {
+            shape: t.shape.clone(),
+            data,
+        }))
     }
 }

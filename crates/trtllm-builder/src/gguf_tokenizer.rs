@@ -13,20 +13,31 @@ const CONTROL: u64 = 3;
 /// `(tokenizer.json, tokenizer_config.json)`.
 pub fn convert(gguf: &GgufFile) -> Result<(Json, Json)> {
     let path = crate::Checkpoint::path(gguf).to_path_buf();
-    let model = gguf.get("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or("");
+    let model = gguf
+        .get("tokenizer.ggml.model")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     if model != "gpt2" {
         return Err(BuildError::checkpoint(
             &path,
-            format!("tokenizer.ggml.model '{model}' is not supported (only byte-level BPE, 'gpt2')"),
+            format!(
+                "tokenizer.ggml.model '{model}' is not supported (only byte-level BPE, 'gpt2')"
+            ),
         ));
     }
     let strings = |key: &str| -> Result<Vec<String>> {
-        let arr = gguf.get(key).and_then(Value::as_array).ok_or_else(|| BuildError::MissingField {
-            path: path.clone(),
-            field: key.into(),
-            arch: "a GGUF tokenizer".into(),
-        })?;
-        Ok(arr.iter().map(|v| v.as_str().unwrap_or_default().to_string()).collect())
+        let arr =
+            gguf.get(key)
+                .and_then(Value::as_array)
+                .ok_or_else(|| BuildError::MissingField {
+                    path: path.clone(),
+                    field: key.into(),
+                    arch: "a GGUF tokenizer".into(),
+                })?;
+        Ok(arr
+            .iter()
+            .map(|v| v.as_str().unwrap_or_default().to_string())
+            .collect())
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
     let merges = strings("tokenizer.ggml.merges")?;
@@ -42,7 +53,11 @@ pub fn convert(gguf: &GgufFile) -> Result<(Json, Json)> {
     for (i, t) in tokens.iter().enumerate() {
         // A token whose bytes llama.cpp could not spell byte-level comes back raw; respell it the
         // way the merges refer to it.
-        let key = if in_alphabet(t) { t.clone() } else { t.bytes().map(|b| alphabet[b as usize]).collect() };
+        let key = if in_alphabet(t) {
+            t.clone()
+        } else {
+            t.bytes().map(|b| alphabet[b as usize]).collect()
+        };
         vocab.insert(key, json!(i));
     }
     let added: Vec<Json> = tokens
@@ -55,11 +70,18 @@ pub fn convert(gguf: &GgufFile) -> Result<(Json, Json)> {
         })
         .collect();
 
-    let token_id = |k: &str| gguf.get(&format!("tokenizer.ggml.{k}")).and_then(Value::as_u64).map(|v| v as usize);
+    let token_id = |k: &str| {
+        gguf.get(&format!("tokenizer.ggml.{k}"))
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+    };
     let name_of = |id: Option<usize>| id.and_then(|i| tokens.get(i)).cloned();
     let bos = name_of(token_id("bos_token_id"));
     let eos = name_of(token_id("eos_token_id"));
-    let add_bos = matches!(gguf.get("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
+    let add_bos = matches!(
+        gguf.get("tokenizer.ggml.add_bos_token"),
+        Some(Value::Bool(true))
+    );
     let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true});
     let post = match (&bos, add_bos) {
         (Some(b), true) => json!({
@@ -84,7 +106,8 @@ pub fn convert(gguf: &GgufFile) -> Result<(Json, Json)> {
                   "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
                   "vocab": vocab, "merges": merges}
     });
-    let mut config = json!({"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": add_bos});
+    let mut config =
+        json!({"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": add_bos});
     if let Some(b) = bos {
         config["bos_token"] = json!(b);
     }
@@ -99,7 +122,8 @@ pub fn convert(gguf: &GgufFile) -> Result<(Json, Json)> {
 
 /// GPT-2's byte → printable character table.
 fn byte_alphabet() -> Vec<char> {
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut extra = 0;
     (0u32..256)
         .map(|b| {

@@ -28,24 +28,31 @@ impl Fields<'_> {
     }
 
     fn usize(&self, key: &str) -> Result<usize> {
-        self.opt_usize(key)?.ok_or_else(|| BuildError::MissingField {
-            path: self.path.to_path_buf(),
-            field: key.into(),
-            arch: self.arch.into(),
-        })
+        self.opt_usize(key)?
+            .ok_or_else(|| BuildError::MissingField {
+                path: self.path.to_path_buf(),
+                field: key.into(),
+                arch: self.arch.into(),
+            })
     }
 
     fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| self.invalid(key, "expected a non-negative integer")),
+            Some(v) => v
+                .as_u64()
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| self.invalid(key, "expected a non-negative integer")),
         }
     }
 
     fn f32_or(&self, key: &str, default: f32) -> Result<f32> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v.as_f64().map(|f| f as f32).ok_or_else(|| self.invalid(key, "expected a number")),
+            Some(v) => v
+                .as_f64()
+                .map(|f| f as f32)
+                .ok_or_else(|| self.invalid(key, "expected a number")),
         }
     }
 
@@ -59,21 +66,29 @@ impl Fields<'_> {
 
     fn ids(&self, key: &str) -> Vec<u32> {
         match self.get(key) {
-            Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|n| n as u32)).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_u64().map(|n| n as u32))
+                .collect(),
             Some(v) => v.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
             None => Vec::new(),
         }
     }
 
     fn invalid(&self, key: &str, message: &str) -> BuildError {
-        BuildError::InvalidField { path: self.path.to_path_buf(), field: key.into(), message: message.into() }
+        BuildError::InvalidField {
+            path: self.path.to_path_buf(),
+            field: key.into(),
+            message: message.into(),
+        }
     }
 }
 
 pub fn read(dir: &Path) -> Result<HfConfig> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| BuildError::io(&path, e))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| BuildError::checkpoint(&path, format!("invalid JSON: {e}")))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| BuildError::checkpoint(&path, format!("invalid JSON: {e}")))?;
     parse(&v, &path)
 }
 
@@ -83,14 +98,22 @@ pub fn parse(v: &Value, path: &Path) -> Result<HfConfig> {
         .and_then(|a| a.get(0))
         .and_then(Value::as_str)
         .or_else(|| v.get("model_type").and_then(Value::as_str))
-        .ok_or_else(|| BuildError::MissingField { path: path.into(), field: "architectures".into(), arch: "any model".into() })?;
+        .ok_or_else(|| BuildError::MissingField {
+            path: path.into(),
+            field: "architectures".into(),
+            arch: "any model".into(),
+        })?;
     let family = match arch {
         "LlamaForCausalLM" | "llama" => Family::Llama,
         "MistralForCausalLM" | "mistral" => Family::Mistral,
         "Qwen2ForCausalLM" | "qwen2" => Family::Qwen2,
         "GPT2LMHeadModel" | "gpt2" => Family::Gpt2,
         other => {
-            return Err(BuildError::UnsupportedArchitecture { path: path.into(), arch: other.into(), supported: SUPPORTED })
+            return Err(BuildError::UnsupportedArchitecture {
+                path: path.into(),
+                arch: other.into(),
+                supported: SUPPORTED,
+            })
         }
     };
     let f = Fields { v, path, arch };
@@ -102,14 +125,23 @@ pub fn parse(v: &Value, path: &Path) -> Result<HfConfig> {
         Family::Gpt2 => gpt2(&f, arch)?,
         _ => llama_like(&f, arch, family)?,
     };
-    model.validate().map_err(|e| BuildError::checkpoint(path, e.to_string()))?;
-    Ok(HfConfig { family, model, dtype })
+    model
+        .validate()
+        .map_err(|e| BuildError::checkpoint(path, e.to_string()))?;
+    Ok(HfConfig {
+        family,
+        model,
+        dtype,
+    })
 }
 
 fn llama_like(f: &Fields, arch: &str, family: Family) -> Result<ModelConfig> {
     let act = f.str("hidden_act").unwrap_or("silu");
     if act != "silu" {
-        return Err(f.invalid("hidden_act", &format!("'{act}' is not supported for {arch} (expected silu)")));
+        return Err(f.invalid(
+            "hidden_act",
+            &format!("'{act}' is not supported for {arch} (expected silu)"),
+        ));
     }
     let hidden = f.usize("hidden_size")?;
     let heads = f.usize("num_attention_heads")?;
@@ -145,36 +177,62 @@ fn rope_params<'a>(f: &'a Fields) -> Option<&'a Value> {
 }
 
 fn rope_theta(f: &Fields, family: Family) -> Result<f32> {
-    if let Some(t) = rope_params(f).and_then(|p| p.get("rope_theta")).and_then(Value::as_f64) {
+    if let Some(t) = rope_params(f)
+        .and_then(|p| p.get("rope_theta"))
+        .and_then(Value::as_f64)
+    {
         return Ok(t as f32);
     }
-    let default = if family == Family::Qwen2 { 1_000_000.0 } else { 10_000.0 };
+    let default = if family == Family::Qwen2 {
+        1_000_000.0
+    } else {
+        10_000.0
+    };
     f.f32_or("rope_theta", default)
 }
 
 fn rope_scaling(f: &Fields) -> Result<RopeScalingConfig> {
-    let Some(p) = rope_params(f) else { return Ok(RopeScalingConfig::None) };
-    let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let Some(p) = rope_params(f) else {
+        return Ok(RopeScalingConfig::None);
+    };
+    let kind = p
+        .get("rope_type")
+        .or_else(|| p.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
     let num = |k: &str| {
-        p.get(k).and_then(Value::as_f64).map(|x| x as f32).ok_or_else(|| f.invalid(&format!("rope_scaling.{k}"), "missing or not a number"))
+        p.get(k)
+            .and_then(Value::as_f64)
+            .map(|x| x as f32)
+            .ok_or_else(|| f.invalid(&format!("rope_scaling.{k}"), "missing or not a number"))
     };
     Ok(match kind {
         "default" => RopeScalingConfig::None,
-        "linear" => RopeScalingConfig::Linear { factor: num("factor")? },
+        "linear" => RopeScalingConfig::Linear {
+            factor: num("factor")?,
+        },
         "llama3" => RopeScalingConfig::Llama3 {
             factor: num("factor")?,
             low_freq_factor: num("low_freq_factor")?,
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
         },
-        other => return Err(f.invalid("rope_scaling.rope_type", &format!("'{other}' is not supported (default, linear, llama3)"))),
+        other => {
+            return Err(f.invalid(
+                "rope_scaling.rope_type",
+                &format!("'{other}' is not supported (default, linear, llama3)"),
+            ))
+        }
     })
 }
 
 fn gpt2(f: &Fields, arch: &str) -> Result<ModelConfig> {
     let act = f.str("activation_function").unwrap_or("gelu_new");
     if !matches!(act, "gelu_new" | "gelu_pytorch_tanh") {
-        return Err(f.invalid("activation_function", &format!("'{act}' is not supported (expected gelu_new)")));
+        return Err(f.invalid(
+            "activation_function",
+            &format!("'{act}' is not supported (expected gelu_new)"),
+        ));
     }
     let hidden = f.usize("n_embd")?;
     let heads = f.usize("n_head")?;
@@ -217,7 +275,11 @@ mod tests {
         assert_eq!(c.eos_token_ids, vec![2, 5]);
         assert_eq!(c.head_dim, 16);
         match c.position {
-            PositionKind::Rope { theta, scaling: RopeScalingConfig::Llama3 { factor, .. }, .. } => {
+            PositionKind::Rope {
+                theta,
+                scaling: RopeScalingConfig::Llama3 { factor, .. },
+                ..
+            } => {
                 assert_eq!((theta, factor), (500000.0, 8.0))
             }
             other => panic!("{other:?}"),
@@ -228,9 +290,24 @@ mod tests {
     fn missing_and_unknown_fields_are_named() {
         let mut v = llama();
         v.as_object_mut().unwrap().remove("num_attention_heads");
-        let e = parse(&v, Path::new("x/config.json")).err().unwrap().to_string();
-        assert!(e.contains("num_attention_heads") && e.contains("x/config.json"), "{e}");
-        let e = parse(&json!({"architectures": ["FooForCausalLM"]}), Path::new("c")).err().unwrap().to_string();
-        assert!(e.contains("FooForCausalLM") && e.contains("supported"), "{e}");
+        let e = parse(&v, Path::new("x/config.json"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("num_attention_heads") && e.contains("x/config.json"),
+            "{e}"
+        );
+        let e = parse(
+            &json!({"architectures": ["FooForCausalLM"]}),
+            Path::new("c"),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            e.contains("FooForCausalLM") && e.contains("supported"),
+            "{e}"
+        );
     }
 }

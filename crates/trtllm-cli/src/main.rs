@@ -108,7 +108,12 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn build(a: BuildArgs) -> Result<()> {
-    let dtype = a.dtype.as_deref().map(DType::parse).transpose().context("--dtype")?;
+    let dtype = a
+        .dtype
+        .as_deref()
+        .map(DType::parse)
+        .transpose()
+        .context("--dtype")?;
     let config = BuildConfig {
         max_batch_size: a.max_batch_size,
         max_seq_len: a.max_seq_len,
@@ -118,16 +123,23 @@ fn build(a: BuildArgs) -> Result<()> {
     };
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {msg:14} [{bar:40}] {pos}/{len} {elapsed}")
-            .expect("static template")
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {msg:14} [{bar:40}] {pos}/{len} {elapsed}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
     );
     let start = std::time::Instant::now();
-    let engine = builder::build(&a.checkpoint, &a.output, &config, &mut |done, total, what| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-        bar.set_message(what.to_string());
-    });
+    let engine = builder::build(
+        &a.checkpoint,
+        &a.output,
+        &config,
+        &mut |done, total, what| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+            bar.set_message(what.to_string());
+        },
+    );
     bar.finish_and_clear();
     let engine = engine?;
     eprintln!(
@@ -142,7 +154,10 @@ fn build(a: BuildArgs) -> Result<()> {
 }
 
 fn open(engine: &Path) -> Result<LLM> {
-    Ok(LLM::new(LlmArgs { model: engine.to_path_buf(), ..LlmArgs::default() })?)
+    Ok(LLM::new(LlmArgs {
+        model: engine.to_path_buf(),
+        ..LlmArgs::default()
+    })?)
 }
 
 fn generate(a: RunArgs) -> Result<()> {
@@ -195,7 +210,10 @@ fn perplexity(a: PerplexityArgs) -> Result<()> {
         _ => bail!("one of --text-file or --input-ids-file is required"),
     };
     let p = llm.perplexity(&ids)?;
-    println!("{}", serde_json::json!({"tokens": p.tokens, "mean_nll": p.mean_nll, "perplexity": p.perplexity}));
+    println!(
+        "{}",
+        serde_json::json!({"tokens": p.tokens, "mean_nll": p.mean_nll, "perplexity": p.perplexity})
+    );
     Ok(())
 }
 
@@ -203,19 +221,37 @@ fn parse_ids(path: &Path) -> Result<Vec<u32>> {
     let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
     text.split(|c: char| c.is_whitespace() || c == ',')
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<u32>().with_context(|| format!("{}: '{s}' is not a token id", path.display())))
+        .map(|s| {
+            s.parse::<u32>()
+                .with_context(|| format!("{}: '{s}' is not a token id", path.display()))
+        })
         .collect()
 }
 
 fn inspect(engine: &Path) -> Result<()> {
     let session = Session::open(engine)?;
     let cfg = session.config();
-    println!("{}", serde_json::to_string_pretty(&serde_json::json!({"model": cfg.model, "build": cfg.build}))?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({"model": cfg.model, "build": cfg.build}))?
+    );
     let tensors = session.tensors();
-    let params: usize = tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum();
-    println!("\n{:<32} {:<9} {:>16} {:>12}", "tensor", "dtype", "shape", "bytes");
+    let params: usize = tensors
+        .iter()
+        .map(|t| t.shape.iter().product::<usize>())
+        .sum();
+    println!(
+        "\n{:<32} {:<9} {:>16} {:>12}",
+        "tensor", "dtype", "shape", "bytes"
+    );
     for t in &tensors {
-        println!("{:<32} {:<9} {:>16} {:>12}", t.name, t.dtype.name(), format!("{:?}", t.shape), t.bytes);
+        println!(
+            "{:<32} {:<9} {:>16} {:>12}",
+            t.name,
+            t.dtype.name(),
+            format!("{:?}", t.shape),
+            t.bytes
+        );
     }
     println!(
         "\n{} tensors, {:.2} M parameters, engine file {:.1} MiB",

@@ -5,8 +5,15 @@ use std::process::Command;
 use trtllm_tests::{fixtures, read_json, smollm2_gguf, SmolGolden};
 
 fn trtllm(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_trtllm")).args(args).output().expect("run trtllm");
-    assert!(out.status.success(), "trtllm {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_trtllm"))
+        .args(args)
+        .output()
+        .expect("run trtllm");
+    assert!(
+        out.status.success(),
+        "trtllm {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).expect("utf-8 output")
 }
 
@@ -17,22 +24,57 @@ fn build_run_and_perplexity() {
     let t = tempfile::tempdir().unwrap();
     let engine = t.path().join("engine");
     let e = engine.to_str().unwrap();
-    trtllm(&["build", "--checkpoint", gguf.to_str().unwrap(), "--output", e]);
+    trtllm(&[
+        "build",
+        "--checkpoint",
+        gguf.to_str().unwrap(),
+        "--output",
+        e,
+    ]);
 
-    let text = trtllm(&["run", "--engine", e, "--prompt", "The capital of France is", "--max-tokens", "48"]);
+    let text = trtllm(&[
+        "run",
+        "--engine",
+        e,
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "48",
+    ]);
     assert_eq!(text, " Paris.\n\nThe answer is: 2018-01-22 12:12:53.\n");
-    let chat = trtllm(&["run", "--engine", e, "--chat", "What is the capital of France?", "--json"]);
+    let chat = trtllm(&[
+        "run",
+        "--engine",
+        e,
+        "--chat",
+        "What is the capital of France?",
+        "--json",
+    ]);
     let v: serde_json::Value = serde_json::from_str(&chat).unwrap();
     assert_eq!(v["outputs"][0]["text"], "The capital of France is Paris.");
     assert_eq!(v["outputs"][0]["finish_reason"], "stop");
 
     let ids_file = t.path().join("ids.txt");
-    let ids: Vec<String> = golden.perplexity.input_ids.iter().map(u32::to_string).collect();
+    let ids: Vec<String> = golden
+        .perplexity
+        .input_ids
+        .iter()
+        .map(u32::to_string)
+        .collect();
     std::fs::write(&ids_file, ids.join(" ")).unwrap();
-    let out = trtllm(&["perplexity", "--engine", e, "--input-ids-file", ids_file.to_str().unwrap()]);
+    let out = trtllm(&[
+        "perplexity",
+        "--engine",
+        e,
+        "--input-ids-file",
+        ids_file.to_str().unwrap(),
+    ]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let nll = v["mean_nll"].as_f64().unwrap();
     assert_eq!(v["tokens"], 1023);
-    assert!((nll - golden.perplexity.mean_nll).abs() / golden.perplexity.mean_nll < 2e-3, "mean NLL {nll}");
+    assert!(
+        (nll - golden.perplexity.mean_nll).abs() / golden.perplexity.mean_nll < 2e-3,
+        "mean NLL {nll}"
+    );
     eprintln!("perplexity: {out}");
 }

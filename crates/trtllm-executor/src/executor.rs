@@ -14,9 +14,16 @@ use crate::request::{GenerationRequest, GenerationResult, RequestEvent};
 use crate::{ExecutorError, Result};
 
 enum Job {
-    Generate { request: GenerationRequest, events: Sender<RequestEvent>, cancel: Arc<AtomicBool> },
+    Generate {
+        request: GenerationRequest,
+        events: Sender<RequestEvent>,
+        cancel: Arc<AtomicBool>,
+    },
     /// Per-token negative log-likelihoods of a sequence (perplexity).
-    Score { ids: Vec<u32>, reply: Sender<Result<Vec<f64>>> },
+    Score {
+        ids: Vec<u32>,
+        reply: Sender<Result<Vec<f64>>>,
+    },
 }
 
 pub struct GenerationExecutor {
@@ -40,15 +47,30 @@ impl GenerationExecutor {
             .spawn(move || {
                 for job in rx {
                     match job {
-                        Job::Generate { request, events, cancel } => run_generation(&runner, request, events, cancel),
+                        Job::Generate {
+                            request,
+                            events,
+                            cancel,
+                        } => run_generation(&runner, request, events, cancel),
                         Job::Score { ids, reply } => {
                             let _ = reply.send(runner.score(&ids).map_err(ExecutorError::from));
                         }
                     }
                 }
             })
-            .map_err(|e| ExecutorError::Runtime(trtllm_builder::runtime::RuntimeError::Io { path: dir.into(), source: e }))?;
-        Ok(Self { jobs: Some(tx), worker: Some(worker), next_id: AtomicU64::new(1), cancels: Mutex::default(), config })
+            .map_err(|e| {
+                ExecutorError::Runtime(trtllm_builder::runtime::RuntimeError::Io {
+                    path: dir.into(),
+                    source: e,
+                })
+            })?;
+        Ok(Self {
+            jobs: Some(tx),
+            worker: Some(worker),
+            next_id: AtomicU64::new(1),
+            cancels: Mutex::default(),
+            config,
+        })
     }
 
     pub fn engine_config(&self) -> &EngineConfig {
@@ -67,15 +89,27 @@ impl GenerationExecutor {
             cancels.retain(|_, w| w.strong_count() > 0);
             cancels.insert(id, Arc::downgrade(&cancel));
         }
-        jobs.send(Job::Generate { request, events: tx, cancel: cancel.clone() }).map_err(|_| ExecutorError::ShutDown)?;
-        Ok(GenerationResult { id, client_id, events: rx, cancel, done: false })
+        jobs.send(Job::Generate {
+            request,
+            events: tx,
+            cancel: cancel.clone(),
+        })
+        .map_err(|_| ExecutorError::ShutDown)?;
+        Ok(GenerationResult {
+            id,
+            client_id,
+            events: rx,
+            cancel,
+            done: false,
+        })
     }
 
     /// Negative log-likelihood of each of `ids[1..]` given the tokens before it.
     pub fn score(&self, ids: Vec<u32>) -> Result<Vec<f64>> {
         let jobs = self.jobs.as_ref().ok_or(ExecutorError::ShutDown)?;
         let (reply, rx) = crossbeam_channel::bounded(1);
-        jobs.send(Job::Score { ids, reply }).map_err(|_| ExecutorError::ShutDown)?;
+        jobs.send(Job::Score { ids, reply })
+            .map_err(|_| ExecutorError::ShutDown)?;
         rx.recv().unwrap_or(Err(ExecutorError::ShutDown))
     }
 
@@ -106,7 +140,12 @@ impl Drop for GenerationExecutor {
     }
 }
 
-fn run_generation(runner: &ModelRunner, request: GenerationRequest, events: Sender<RequestEvent>, cancel: Arc<AtomicBool>) {
+fn run_generation(
+    runner: &ModelRunner,
+    request: GenerationRequest,
+    events: Sender<RequestEvent>,
+    cancel: Arc<AtomicBool>,
+) {
     if cancel.load(Ordering::Relaxed) {
         let out = trtllm_builder::runtime::GenerationOutput {
             tokens: Vec::new(),

@@ -53,7 +53,10 @@ impl GenerationResult {
         if self.done {
             return None;
         }
-        let ev = self.events.recv().unwrap_or(RequestEvent::Failed(ExecutorError::ShutDown));
+        let ev = self
+            .events
+            .recv()
+            .unwrap_or(RequestEvent::Failed(ExecutorError::ShutDown));
         self.done = matches!(ev, RequestEvent::Finished(_) | RequestEvent::Failed(_));
         Some(ev)
     }

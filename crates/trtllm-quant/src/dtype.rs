@@ -47,11 +47,17 @@ impl DType {
         match self {
             DType::F32 => bytemuck::cast_slice(values).to_vec(),
             DType::BF16 => {
-                let v: Vec<u16> = values.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+                let v: Vec<u16> = values
+                    .iter()
+                    .map(|&x| half::bf16::from_f32(x).to_bits())
+                    .collect();
                 bytemuck::cast_slice(&v).to_vec()
             }
             DType::F16 => {
-                let v: Vec<u16> = values.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect();
+                let v: Vec<u16> = values
+                    .iter()
+                    .map(|&x| half::f16::from_f32(x).to_bits())
+                    .collect();
                 bytemuck::cast_slice(&v).to_vec()
             }
         }
@@ -60,10 +66,19 @@ impl DType {
     /// Decodes little-endian bytes of this type into f32 values (exact).
     pub fn decode(self, bytes: &[u8], what: &str) -> Result<Vec<f32>> {
         check_multiple(bytes.len(), self.size_bytes(), what)?;
-        let halves = || bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
+        let halves = || {
+            bytes
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        };
         Ok(match self {
-            DType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            DType::BF16 => halves().map(|b| half::bf16::from_bits(b).to_f32()).collect(),
+            DType::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            DType::BF16 => halves()
+                .map(|b| half::bf16::from_bits(b).to_f32())
+                .collect(),
             DType::F16 => halves().map(|b| half::f16::from_bits(b).to_f32()).collect(),
         })
     }
@@ -71,11 +86,20 @@ impl DType {
     /// Views stored bytes as the slice the kernels read, without copying.
     pub fn view<'a>(self, bytes: &'a [u8], what: &str) -> Result<WeightData<'a>> {
         check_multiple(bytes.len(), self.size_bytes(), what)?;
-        let misaligned = || QuantError::Misaligned { what: what.to_string(), align: self.size_bytes() };
+        let misaligned = || QuantError::Misaligned {
+            what: what.to_string(),
+            align: self.size_bytes(),
+        };
         Ok(match self {
-            DType::F32 => WeightData::F32(bytemuck::try_cast_slice(bytes).map_err(|_| misaligned())?),
-            DType::BF16 => WeightData::Bf16(bytemuck::try_cast_slice(bytes).map_err(|_| misaligned())?),
-            DType::F16 => WeightData::F16(bytemuck::try_cast_slice(bytes).map_err(|_| misaligned())?),
+            DType::F32 => {
+                WeightData::F32(bytemuck::try_cast_slice(bytes).map_err(|_| misaligned())?)
+            }
+            DType::BF16 => {
+                WeightData::Bf16(bytemuck::try_cast_slice(bytes).map_err(|_| misaligned())?)
+            }
+            DType::F16 => {
+                WeightData::F16(bytemuck::try_cast_slice(bytes).map_err(|_| misaligned())?)
+            }
         })
     }
 }
@@ -84,7 +108,11 @@ fn check_multiple(len: usize, size: usize, what: &str) -> Result<()> {
     if len % size == 0 {
         Ok(())
     } else {
-        Err(QuantError::ByteLength { what: what.to_string(), expected: len / size * size + size, got: len })
+        Err(QuantError::ByteLength {
+            what: what.to_string(),
+            expected: len / size * size + size,
+            got: len,
+        })
     }
 }
 
@@ -106,7 +134,10 @@ mod tests {
             assert_eq!(back[..3], v[..3], "{d}");
         }
         // 1 + 2^-8 is a tie between bf16 neighbours 1.0 and 1+2^-7: ties go to even (1.0).
-        assert_eq!(DType::BF16.decode(&DType::BF16.encode(&v), "t").unwrap()[3], 1.0);
+        assert_eq!(
+            DType::BF16.decode(&DType::BF16.encode(&v), "t").unwrap()[3],
+            1.0
+        );
     }
 
     #[test]

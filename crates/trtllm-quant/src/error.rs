@@ -14,6 +14,8 @@ pub enum QuantError {
     Misaligned { what: String, align: usize },
     #[error("GGML type {0} is not supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)")]
     UnsupportedGgmlType(u32),
-    #[error("GGML tensor with {elements} elements is not a whole number of {block}-element blocks")]
+    #[error(
+        "GGML tensor with {elements} elements is not a whole number of {block}-element blocks"
+    )]
     PartialBlock { elements: usize, block: usize },
 }

@@ -66,15 +66,26 @@ impl GgmlType {
     pub fn dequantize(self, bytes: &[u8], elements: usize) -> Result<Vec<f32>> {
         let expected = self.byte_len(elements)?;
         if bytes.len() != expected {
-            return Err(QuantError::ByteLength { what: format!("GGML {self:?} tensor"), expected, got: bytes.len() });
+            return Err(QuantError::ByteLength {
+                what: format!("GGML {self:?} tensor"),
+                expected,
+                got: bytes.len(),
+            });
         }
         let mut out = Vec::with_capacity(elements);
-        let scale = |b: &[u8], at: usize| f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32();
+        let scale =
+            |b: &[u8], at: usize| f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32();
         match self {
-            GgmlType::F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+            GgmlType::F32 => out.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            ),
             GgmlType::F16 => out.extend(bytes.chunks_exact(2).map(|c| scale(c, 0))),
             GgmlType::BF16 => out.extend(
-                bytes.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
             ),
             GgmlType::Q8_0 => {
                 for b in bytes.chunks_exact(34) {

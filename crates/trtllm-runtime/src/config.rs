@@ -27,8 +27,15 @@ pub enum MlpKind {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum RopeScalingConfig {
     None,
-    Linear { factor: f32 },
-    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position_embeddings: usize },
+    Linear {
+        factor: f32,
+    },
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_position_embeddings: usize,
+    },
 }
 
 impl RopeScalingConfig {
@@ -36,9 +43,17 @@ impl RopeScalingConfig {
         match *self {
             RopeScalingConfig::None => RopeScaling::None,
             RopeScalingConfig::Linear { factor } => RopeScaling::Linear { factor },
-            RopeScalingConfig::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
-                RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }
-            }
+            RopeScalingConfig::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            },
         }
     }
 }
@@ -47,7 +62,11 @@ impl RopeScalingConfig {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum PositionKind {
     /// Rotary embedding on the first `rotary_dim` dimensions of every query and key head.
-    Rope { theta: f32, rotary_dim: usize, scaling: RopeScalingConfig },
+    Rope {
+        theta: f32,
+        rotary_dim: usize,
+        scaling: RopeScalingConfig,
+    },
     /// A learned `[max_position_embeddings × hidden]` table added to the token embeddings.
     Learned,
 }
@@ -88,7 +107,9 @@ impl ModelConfig {
         ];
         for (name, v) in positive {
             if v == 0 {
-                return Err(RuntimeError::InvalidConfig(format!("{name} must be positive")));
+                return Err(RuntimeError::InvalidConfig(format!(
+                    "{name} must be positive"
+                )));
             }
         }
         if self.num_heads % self.num_kv_heads != 0 {

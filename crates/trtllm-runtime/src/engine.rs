@@ -44,7 +44,13 @@ pub struct BuildConfig {
 
 impl Default for BuildConfig {
     fn default() -> Self {
-        Self { max_batch_size: 8, max_input_len: 0, max_seq_len: 0, max_num_tokens: 8192, dtype: None }
+        Self {
+            max_batch_size: 8,
+            max_input_len: 0,
+            max_seq_len: 0,
+            max_num_tokens: 8192,
+            dtype: None,
+        }
     }
 }
 
@@ -70,14 +76,28 @@ impl EngineConfig {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| RuntimeError::io(&path, e))?;
         let raw: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| RuntimeError::Json { path: path.clone(), source })?;
-        let version = raw.get("format_version").and_then(|v| v.as_u64()).ok_or_else(|| {
-            RuntimeError::corrupt(&path, "missing field format_version: not a trtllm engine directory")
-        })?;
+            serde_json::from_str(&text).map_err(|source| RuntimeError::Json {
+                path: path.clone(),
+                source,
+            })?;
+        let version = raw
+            .get("format_version")
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| {
+                RuntimeError::corrupt(
+                    &path,
+                    "missing field format_version: not a trtllm engine directory",
+                )
+            })?;
         if version != ENGINE_FORMAT_VERSION as u64 {
-            return Err(RuntimeError::FormatVersion { path, found: version as u32, supported: ENGINE_FORMAT_VERSION });
+            return Err(RuntimeError::FormatVersion {
+                path,
+                found: version as u32,
+                supported: ENGINE_FORMAT_VERSION,
+            });
         }
-        let cfg: EngineConfig = serde_json::from_value(raw).map_err(|source| RuntimeError::Json { path, source })?;
+        let cfg: EngineConfig =
+            serde_json::from_value(raw).map_err(|source| RuntimeError::Json { path, source })?;
         cfg.model.validate()?;
         Ok(cfg)
     }
@@ -108,13 +128,23 @@ impl EngineWriter {
         // known once every tensor is written.
         let data_path = dir.join("rank0.engine.data.tmp");
         let f = File::create(&data_path).map_err(|e| RuntimeError::io(&data_path, e))?;
-        Ok(Self { dir: dir.to_path_buf(), index: Vec::new(), data: BufWriter::new(f), data_path, written: 0 })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            index: Vec::new(),
+            data: BufWriter::new(f),
+            data_path,
+            written: 0,
+        })
     }
 
     pub fn add(&mut self, name: &str, dtype: DType, shape: &[usize], bytes: &[u8]) -> Result<()> {
         let expected = shape.iter().product::<usize>() * dtype.size_bytes();
         if bytes.len() != expected {
-            return Err(RuntimeError::TensorShape { name: name.into(), expected: vec![expected], got: vec![bytes.len()] });
+            return Err(RuntimeError::TensorShape {
+                name: name.into(),
+                expected: vec![expected],
+                got: vec![bytes.len()],
+            });
         }
         let pad = self.written.next_multiple_of(ALIGN) - self.written;
         let io = |e| RuntimeError::io(&self.data_path, e);
@@ -134,9 +164,12 @@ impl EngineWriter {
 
     /// Assembles rank0.engine and writes config.json; returns the engine's config.
     pub fn finish(mut self, model: ModelConfig, build: BuildConfig) -> Result<EngineConfig> {
-        self.data.flush().map_err(|e| RuntimeError::io(&self.data_path, e))?;
+        self.data
+            .flush()
+            .map_err(|e| RuntimeError::io(&self.data_path, e))?;
         drop(self.data);
-        let index = serde_json::to_vec(&self.index).map_err(|e| RuntimeError::corrupt(&self.dir, e.to_string()))?;
+        let index = serde_json::to_vec(&self.index)
+            .map_err(|e| RuntimeError::corrupt(&self.dir, e.to_string()))?;
         let mut header = Vec::new();
         header.extend_from_slice(MAGIC);
         header.extend_from_slice(&ENGINE_FORMAT_VERSION.to_le_bytes());
@@ -151,10 +184,12 @@ impl EngineWriter {
         let mut crc = crc32fast::Hasher::new();
         out.write_all(&header).map_err(io)?;
         crc.update(&header);
-        let mut data = File::open(&self.data_path).map_err(|e| RuntimeError::io(&self.data_path, e))?;
+        let mut data =
+            File::open(&self.data_path).map_err(|e| RuntimeError::io(&self.data_path, e))?;
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = std::io::Read::read(&mut data, &mut buf).map_err(|e| RuntimeError::io(&self.data_path, e))?;
+            let n = std::io::Read::read(&mut data, &mut buf)
+                .map_err(|e| RuntimeError::io(&self.data_path, e))?;
             if n == 0 {
                 break;
             }
@@ -175,7 +210,8 @@ impl EngineWriter {
             }],
         };
         let cfg_path = self.dir.join("config.json");
-        let text = serde_json::to_string_pretty(&cfg).map_err(|e| RuntimeError::corrupt(&cfg_path, e.to_string()))?;
+        let text = serde_json::to_string_pretty(&cfg)
+            .map_err(|e| RuntimeError::corrupt(&cfg_path, e.to_string()))?;
         std::fs::write(&cfg_path, text).map_err(|e| RuntimeError::io(&cfg_path, e))?;
         Ok(cfg)
     }
@@ -199,34 +235,61 @@ impl EngineFile {
         if mmap.len() as u64 != rank.bytes {
             return Err(RuntimeError::corrupt(
                 &path,
-                format!("file is {} bytes, config.json says {} (truncated or replaced?)", mmap.len(), rank.bytes),
+                format!(
+                    "file is {} bytes, config.json says {} (truncated or replaced?)",
+                    mmap.len(),
+                    rank.bytes
+                ),
             ));
         }
         if crc32fast::hash(&mmap) != rank.crc32 {
-            return Err(RuntimeError::corrupt(&path, "checksum mismatch: the engine file is corrupt"));
+            return Err(RuntimeError::corrupt(
+                &path,
+                "checksum mismatch: the engine file is corrupt",
+            ));
         }
         if mmap.len() < 24 || &mmap[..8] != MAGIC {
-            return Err(RuntimeError::corrupt(&path, "not a trtllm engine file (bad magic)"));
+            return Err(RuntimeError::corrupt(
+                &path,
+                "not a trtllm engine file (bad magic)",
+            ));
         }
         let version = u32::from_le_bytes(mmap[8..12].try_into().expect("4 bytes"));
         if version != ENGINE_FORMAT_VERSION {
-            return Err(RuntimeError::FormatVersion { path, found: version, supported: ENGINE_FORMAT_VERSION });
+            return Err(RuntimeError::FormatVersion {
+                path,
+                found: version,
+                supported: ENGINE_FORMAT_VERSION,
+            });
         }
         let index_len = u64::from_le_bytes(mmap[16..24].try_into().expect("8 bytes")) as usize;
         let index_end = 24usize.checked_add(index_len).filter(|&e| e <= mmap.len());
-        let index_end = index_end.ok_or_else(|| RuntimeError::corrupt(&path, "tensor index runs past the end"))?;
-        let index: Vec<TensorInfo> = serde_json::from_slice(&mmap[24..index_end])
-            .map_err(|source| RuntimeError::Json { path: path.clone(), source })?;
+        let index_end = index_end
+            .ok_or_else(|| RuntimeError::corrupt(&path, "tensor index runs past the end"))?;
+        let index: Vec<TensorInfo> =
+            serde_json::from_slice(&mmap[24..index_end]).map_err(|source| RuntimeError::Json {
+                path: path.clone(),
+                source,
+            })?;
         let data_start = index_end.next_multiple_of(ALIGN);
         for t in &index {
             let expected = t.shape.iter().product::<usize>() * t.dtype.size_bytes();
-            let end = data_start.checked_add(t.offset).and_then(|s| s.checked_add(t.bytes));
+            let end = data_start
+                .checked_add(t.offset)
+                .and_then(|s| s.checked_add(t.bytes));
             if t.bytes != expected || end.is_none_or(|e| e > mmap.len()) {
-                return Err(RuntimeError::corrupt(&path, format!("tensor '{}' has an inconsistent extent", t.name)));
+                return Err(RuntimeError::corrupt(
+                    &path,
+                    format!("tensor '{}' has an inconsistent extent", t.name),
+                ));
             }
         }
         let tensors = index.into_iter().map(|t| (t.name.clone(), t)).collect();
-        Ok(Arc::new(Self { mmap, data_start, tensors }))
+        Ok(Arc::new(Self {
+            mmap,
+            data_start,
+            tensors,
+        }))
     }
 
     pub fn info(&self, name: &str) -> Option<&TensorInfo> {

@@ -4,27 +4,49 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum RuntimeError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: invalid JSON: {source}")]
-    Json { path: PathBuf, source: serde_json::Error },
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("{path}: {message}")]
     Corrupt { path: PathBuf, message: String },
     #[error("{path}: engine format version {found} is not supported (this build reads version {supported}); rebuild the engine with this version of trtllm")]
-    FormatVersion { path: PathBuf, found: u32, supported: u32 },
+    FormatVersion {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
     #[error("engine has no tensor '{0}'")]
     MissingTensor(String),
     #[error("tensor '{name}': shape {got:?}, expected {expected:?}")]
-    TensorShape { name: String, expected: Vec<usize>, got: Vec<usize> },
+    TensorShape {
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
     #[error("invalid model config: {0}")]
     InvalidConfig(String),
     #[error("prompt has {len} tokens; this engine allows at most {max} ({limit})")]
-    PromptTooLong { len: usize, max: usize, limit: &'static str },
+    PromptTooLong {
+        len: usize,
+        max: usize,
+        limit: &'static str,
+    },
     #[error("prompt is empty")]
     EmptyPrompt,
     #[error("token id {id} is outside the vocabulary (size {vocab})")]
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("sampling parameter {field} = {value}: expected {expected}")]
-    InvalidSampling { field: &'static str, value: String, expected: &'static str },
+    InvalidSampling {
+        field: &'static str,
+        value: String,
+        expected: &'static str,
+    },
     #[error(transparent)]
     Kernel(#[from] trtllm_quant::kernels::KernelError),
     #[error(transparent)]
@@ -33,10 +55,16 @@ pub enum RuntimeError {
 
 impl RuntimeError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        RuntimeError::Io { path: path.into(), source }
+        RuntimeError::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     pub(crate) fn corrupt(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        RuntimeError::Corrupt { path: path.into(), message: message.into() }
+        RuntimeError::Corrupt {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }

@@ -61,26 +61,41 @@ impl<'a> GenerationSession<'a> {
     ) -> Result<GenerationOutput> {
         self.runner.validate_prompt(prompt)?;
         let mut sampler = Sampler::new(params.sampling.clone())?;
-        let budget = params.max_new_tokens.min(self.runner.max_seq_len() - prompt.len());
+        let budget = params
+            .max_new_tokens
+            .min(self.runner.max_seq_len() - prompt.len());
         let mut cache = self.runner.new_cache(prompt.len() + budget);
         let eos = &self.runner.model().eos_token_ids;
         let mut tokens = Vec::new();
         if budget == 0 {
-            return Ok(GenerationOutput { tokens, finish_reason: FinishReason::Length });
+            return Ok(GenerationOutput {
+                tokens,
+                finish_reason: FinishReason::Length,
+            });
         }
         let mut logits = self.runner.forward(prompt, &mut cache, LogitsMode::Last)?;
         loop {
             let next = sampler.sample(&logits);
             tokens.push(next);
             if on_token(next).is_break() {
-                return Ok(GenerationOutput { tokens, finish_reason: FinishReason::Cancelled });
+                return Ok(GenerationOutput {
+                    tokens,
+                    finish_reason: FinishReason::Cancelled,
+                });
             }
-            let stop = (!params.ignore_eos && eos.contains(&next)) || params.stop_token_ids.contains(&next);
+            let stop = (!params.ignore_eos && eos.contains(&next))
+                || params.stop_token_ids.contains(&next);
             if stop {
-                return Ok(GenerationOutput { tokens, finish_reason: FinishReason::Stop });
+                return Ok(GenerationOutput {
+                    tokens,
+                    finish_reason: FinishReason::Stop,
+                });
             }
             if tokens.len() >= budget {
-                return Ok(GenerationOutput { tokens, finish_reason: FinishReason::Length });
+                return Ok(GenerationOutput {
+                    tokens,
+                    finish_reason: FinishReason::Length,
+                });
             }
             logits = self.runner.forward(&[next], &mut cache, LogitsMode::Last)?;
         }

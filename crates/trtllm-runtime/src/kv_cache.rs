@@ -17,8 +17,18 @@ pub(crate) struct LayerCache {
 
 impl KvCache {
     pub fn new(cfg: &ModelConfig, max_len: usize) -> Self {
-        let layers = (0..cfg.num_layers).map(|_| LayerCache { k: Vec::new(), v: Vec::new() }).collect();
-        Self { layers, kv_dim: cfg.kv_dim(), len: 0, max_len }
+        let layers = (0..cfg.num_layers)
+            .map(|_| LayerCache {
+                k: Vec::new(),
+                v: Vec::new(),
+            })
+            .collect();
+        Self {
+            layers,
+            kv_dim: cfg.kv_dim(),
+            len: 0,
+            max_len,
+        }
     }
 
     /// Positions cached so far.
@@ -43,7 +53,11 @@ impl KvCache {
     pub(crate) fn reserve(&mut self, n: usize) -> Result<()> {
         let need = self.len + n;
         if need > self.max_len {
-            return Err(RuntimeError::PromptTooLong { len: need, max: self.max_len, limit: "max_seq_len" });
+            return Err(RuntimeError::PromptTooLong {
+                len: need,
+                max: self.max_len,
+                limit: "max_seq_len",
+            });
         }
         let elems = need * self.kv_dim;
         for l in &mut self.layers {

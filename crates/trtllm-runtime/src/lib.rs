@@ -20,7 +20,7 @@ pub use error::RuntimeError;
 pub use generation::{FinishReason, GenerationOutput, GenerationParams, GenerationSession};
 pub use kv_cache::KvCache;
 pub use model::LogitsMode;
-pub use sampling::{Sampler, SamplingConfig};
+pub use sampling::{argmax, Sampler, SamplingConfig};
 pub use session::{ModelRunner, Session};
 pub use trtllm_quant as quant;
 

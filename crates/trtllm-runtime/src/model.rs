@@ -52,18 +52,27 @@ impl Decoder {
     pub fn new(cfg: ModelConfig, file: Arc<EngineFile>) -> Result<Self> {
         let h = cfg.hidden_size;
         let look = |name: &str, shape: &[usize]| -> Result<TensorInfo> {
-            let t = file.info(name).ok_or_else(|| RuntimeError::MissingTensor(name.into()))?;
+            let t = file
+                .info(name)
+                .ok_or_else(|| RuntimeError::MissingTensor(name.into()))?;
             if t.shape != shape {
-                return Err(RuntimeError::TensorShape { name: name.into(), expected: shape.to_vec(), got: t.shape.clone() });
+                return Err(RuntimeError::TensorShape {
+                    name: name.into(),
+                    expected: shape.to_vec(),
+                    got: t.shape.clone(),
+                });
             }
             Ok(t.clone())
         };
-        let optional = |name: &str, shape: &[usize]| file.info(name).map(|_| look(name, shape)).transpose();
+        let optional =
+            |name: &str, shape: &[usize]| file.info(name).map(|_| look(name, shape)).transpose();
         let norm = |prefix: &str| -> Result<Norm> {
             let w = look(&format!("{prefix}.weight"), &[h])?;
             let b = optional(&format!("{prefix}.bias"), &[h])?;
             if w.dtype != DType::F32 || b.as_ref().is_some_and(|b| b.dtype != DType::F32) {
-                return Err(RuntimeError::InvalidConfig(format!("norm '{prefix}' must be stored as float32")));
+                return Err(RuntimeError::InvalidConfig(format!(
+                    "norm '{prefix}' must be stored as float32"
+                )));
             }
             if cfg.norm == NormKind::LayerNorm && b.is_none() {
                 return Err(RuntimeError::MissingTensor(format!("{prefix}.bias")));
@@ -73,9 +82,14 @@ impl Decoder {
         let linear = |i: usize, part: &str, out: usize, inp: usize| -> Result<Linear> {
             let bias = optional(&names::layer(i, part, "bias"), &[out])?;
             if bias.as_ref().is_some_and(|b| b.dtype != DType::F32) {
-                return Err(RuntimeError::InvalidConfig(format!("bias of layer {i} {part} must be float32")));
+                return Err(RuntimeError::InvalidConfig(format!(
+                    "bias of layer {i} {part} must be float32"
+                )));
             }
-            Ok(Linear { w: look(&names::layer(i, part, "weight"), &[out, inp])?, b: bias })
+            Ok(Linear {
+                w: look(&names::layer(i, part, "weight"), &[out, inp])?,
+                b: bias,
+            })
         };
         let inter = cfg.intermediate_size;
         let layers = (0..cfg.num_layers)
@@ -95,17 +109,36 @@ impl Decoder {
             })
             .collect::<Result<Vec<_>>>()?;
         let embed = look(names::EMBED, &[cfg.vocab_size, h])?;
-        let lm_head = if cfg.tie_word_embeddings { embed.clone() } else { look(names::LM_HEAD, &[cfg.vocab_size, h])? };
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            look(names::LM_HEAD, &[cfg.vocab_size, h])?
+        };
         let pos_embed = match cfg.position {
-            PositionKind::Learned => Some(look(names::POS_EMBED, &[cfg.max_position_embeddings, h])?),
+            PositionKind::Learned => {
+                Some(look(names::POS_EMBED, &[cfg.max_position_embeddings, h])?)
+            }
             PositionKind::Rope { .. } => None,
         };
         let rope = match &cfg.position {
-            PositionKind::Rope { theta, rotary_dim, scaling } => Some(RopeTable::new(*rotary_dim, *theta, &scaling.to_kernel())),
+            PositionKind::Rope {
+                theta,
+                rotary_dim,
+                scaling,
+            } => Some(RopeTable::new(*rotary_dim, *theta, &scaling.to_kernel())),
             PositionKind::Learned => None,
         };
         let final_norm = norm(names::FINAL_NORM)?;
-        Ok(Self { cfg, file, embed, pos_embed, layers, final_norm, lm_head, rope })
+        Ok(Self {
+            cfg,
+            file,
+            embed,
+            pos_embed,
+            layers,
+            final_norm,
+            lm_head,
+            rope,
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -120,7 +153,10 @@ impl Decoder {
     fn f32s(&self, t: &TensorInfo) -> Result<&[f32]> {
         match t.dtype.view(self.file.bytes(t), &t.name)? {
             cpu::WeightData::F32(d) => Ok(d),
-            _ => Err(RuntimeError::InvalidConfig(format!("{} must be float32", t.name))),
+            _ => Err(RuntimeError::InvalidConfig(format!(
+                "{} must be float32",
+                t.name
+            ))),
         }
     }
 
@@ -135,7 +171,9 @@ impl Decoder {
     fn norm(&self, n: &Norm, x: &mut [f32]) -> Result<()> {
         let w = self.f32s(&n.w)?;
         match (self.cfg.norm, &n.b) {
-            (NormKind::LayerNorm, Some(b)) => cpu::layer_norm(x, w, self.f32s(b)?, self.cfg.norm_eps)?,
+            (NormKind::LayerNorm, Some(b)) => {
+                cpu::layer_norm(x, w, self.f32s(b)?, self.cfg.norm_eps)?
+            }
             _ => cpu::rms_norm(x, w, self.cfg.norm_eps)?,
         }
         Ok(())
@@ -143,7 +181,12 @@ impl Decoder {
 
     /// Runs `tokens` (at positions `cache.len()..`) through the model, appending their keys and
     /// values to `cache`. Returns `[rows × vocab]` logits, rows per `mode`.
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, mode: LogitsMode) -> Result<Vec<f32>> {
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        mode: LogitsMode,
+    ) -> Result<Vec<f32>> {
         let n = tokens.len();
         let h = self.cfg.hidden_size;
         let past = cache.len();
@@ -207,7 +250,11 @@ impl Decoder {
         lc.k[past * kvd..(past + n) * kvd].copy_from_slice(&k);
         lc.v[past * kvd..(past + n) * kvd].copy_from_slice(&v);
         let len = past + n;
-        let kv = KvView { k: &lc.k[..len * kvd], v: &lc.v[..len * kvd], len };
+        let kv = KvView {
+            k: &lc.k[..len * kvd],
+            v: &lc.v[..len * kvd],
+            len,
+        };
         let shape = AttentionShape {
             n_heads: c.num_heads,
             n_kv_heads: c.num_kv_heads,

@@ -19,7 +19,12 @@ pub struct SamplingConfig {
 
 impl Default for SamplingConfig {
     fn default() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None }
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: None,
+        }
     }
 }
 
@@ -67,14 +72,21 @@ impl Sampler {
             return argmax(logits);
         }
         let inv_t = 1.0 / self.cfg.temperature;
-        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inv_t)).collect();
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l * inv_t))
+            .collect();
         // Descending by logit; ties keep the lower id first so results are deterministic.
         cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if self.cfg.top_k > 0 {
             cand.truncate(self.cfg.top_k);
         }
         let max = cand[0].1;
-        let mut probs: Vec<f64> = cand.iter().map(|&(_, l)| ((l - max) as f64).exp()).collect();
+        let mut probs: Vec<f64> = cand
+            .iter()
+            .map(|&(_, l)| ((l - max) as f64).exp())
+            .collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
         if self.cfg.top_p < 1.0 {
@@ -116,7 +128,13 @@ mod tests {
     use super::*;
 
     fn sampler(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> Sampler {
-        Sampler::new(SamplingConfig { temperature, top_k, top_p, seed: Some(seed) }).unwrap()
+        Sampler::new(SamplingConfig {
+            temperature,
+            top_k,
+            top_p,
+            seed: Some(seed),
+        })
+        .unwrap()
     }
 
     #[test]
@@ -142,8 +160,18 @@ mod tests {
     #[test]
     fn seeded_sampling_is_reproducible_and_covers_candidates() {
         let logits = [1.0f32, 1.1, 0.9, 1.05];
-        let a: Vec<u32> = (0..64).map({ let mut s = sampler(1.0, 0, 1.0, 42); move |_| s.sample(&logits) }).collect();
-        let b: Vec<u32> = (0..64).map({ let mut s = sampler(1.0, 0, 1.0, 42); move |_| s.sample(&logits) }).collect();
+        let a: Vec<u32> = (0..64)
+            .map({
+                let mut s = sampler(1.0, 0, 1.0, 42);
+                move |_| s.sample(&logits)
+            })
+            .collect();
+        let b: Vec<u32> = (0..64)
+            .map({
+                let mut s = sampler(1.0, 0, 1.0, 42);
+                move |_| s.sample(&logits)
+            })
+            .collect();
         assert_eq!(a, b);
         for t in 0..4 {
             assert!(a.contains(&t));
@@ -152,7 +180,15 @@ mod tests {
 
     #[test]
     fn invalid_parameters_are_rejected() {
-        let bad = |t: f32, p: f32| SamplingConfig { temperature: t, top_p: p, ..Default::default() }.validate().is_err();
+        let bad = |t: f32, p: f32| {
+            SamplingConfig {
+                temperature: t,
+                top_p: p,
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        };
         assert!(bad(0.5, 1.5));
         assert!(bad(0.5, 0.0));
         assert!(bad(-1.0, 1.0));

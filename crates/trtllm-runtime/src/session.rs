@@ -18,12 +18,21 @@ impl Session {
     /// Opens an engine directory, checking its format version, size and checksum.
     pub fn open(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(RuntimeError::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "engine directory not found")));
+            return Err(RuntimeError::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "engine directory not found"),
+            ));
         }
         let config = EngineConfig::read(dir)?;
-        let rank = config.ranks.first().ok_or_else(|| RuntimeError::corrupt(dir.join("config.json"), "no rank files listed"))?;
+        let rank = config.ranks.first().ok_or_else(|| {
+            RuntimeError::corrupt(dir.join("config.json"), "no rank files listed")
+        })?;
         let file = EngineFile::open(dir, rank)?;
-        Ok(Self { dir: dir.to_path_buf(), config, file })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            file,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -45,7 +54,10 @@ impl Session {
 
     pub fn model_runner(&self) -> Result<ModelRunner> {
         let decoder = Decoder::new(self.config.model.clone(), self.file.clone())?;
-        Ok(ModelRunner { decoder, config: self.config.clone() })
+        Ok(ModelRunner {
+            decoder,
+            config: self.config.clone(),
+        })
     }
 }
 
@@ -80,10 +92,18 @@ impl ModelRunner {
             return Err(RuntimeError::EmptyPrompt);
         }
         if prompt.len() > build.max_input_len {
-            return Err(RuntimeError::PromptTooLong { len: prompt.len(), max: build.max_input_len, limit: "max_input_len" });
+            return Err(RuntimeError::PromptTooLong {
+                len: prompt.len(),
+                max: build.max_input_len,
+                limit: "max_input_len",
+            });
         }
         if prompt.len() >= build.max_seq_len {
-            return Err(RuntimeError::PromptTooLong { len: prompt.len(), max: build.max_seq_len - 1, limit: "max_seq_len - 1" });
+            return Err(RuntimeError::PromptTooLong {
+                len: prompt.len(),
+                max: build.max_seq_len - 1,
+                limit: "max_seq_len - 1",
+            });
         }
         self.check_ids(prompt)
     }
@@ -97,7 +117,12 @@ impl ModelRunner {
     }
 
     /// Runs `tokens` after what `cache` holds, in chunks of at most max_num_tokens.
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, mode: LogitsMode) -> Result<Vec<f32>> {
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        mode: LogitsMode,
+    ) -> Result<Vec<f32>> {
         self.check_ids(tokens)?;
         let chunk = self.config.build.max_num_tokens.max(1);
         let mut logits = Vec::new();
@@ -116,10 +141,18 @@ impl ModelRunner {
     /// Negative log-likelihood of each of `ids[1..]` given the tokens before it.
     pub fn score(&self, ids: &[u32]) -> Result<Vec<f64>> {
         if ids.len() < 2 {
-            return Err(RuntimeError::PromptTooLong { len: ids.len(), max: 2, limit: "at least 2 tokens to score" });
+            return Err(RuntimeError::PromptTooLong {
+                len: ids.len(),
+                max: 2,
+                limit: "at least 2 tokens to score",
+            });
         }
         if ids.len() > self.max_seq_len() {
-            return Err(RuntimeError::PromptTooLong { len: ids.len(), max: self.max_seq_len(), limit: "max_seq_len" });
+            return Err(RuntimeError::PromptTooLong {
+                len: ids.len(),
+                max: self.max_seq_len(),
+                limit: "max_seq_len",
+            });
         }
         self.check_ids(ids)?;
         let vocab = self.model().vocab_size;
@@ -128,7 +161,9 @@ impl ModelRunner {
         let mut nll = Vec::with_capacity(ids.len() - 1);
         for start in (0..ids.len() - 1).step_by(chunk) {
             let end = (start + chunk).min(ids.len() - 1);
-            let logits = self.decoder.forward(&ids[start..end], &mut cache, LogitsMode::All)?;
+            let logits = self
+                .decoder
+                .forward(&ids[start..end], &mut cache, LogitsMode::All)?;
             for (row, &next) in logits.chunks_exact(vocab).zip(&ids[start + 1..=end]) {
                 nll.push(-log_softmax_at(row, next as usize));
             }

@@ -12,7 +12,10 @@ pub fn silu_mul(gate_up: &[f32], rows: usize, out: &mut [f32]) -> Result<()> {
     if inter == 0 {
         return Ok(());
     }
-    for (src, dst) in gate_up.chunks_exact(2 * inter).zip(out.chunks_exact_mut(inter)) {
+    for (src, dst) in gate_up
+        .chunks_exact(2 * inter)
+        .zip(out.chunks_exact_mut(inter))
+    {
         let (g, u) = src.split_at(inter);
         for ((o, &g), &u) in dst.iter_mut().zip(g).zip(u) {
             *o = g / (1.0 + (-g).exp()) * u;

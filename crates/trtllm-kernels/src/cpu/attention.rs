@@ -33,7 +33,12 @@ pub fn causal_attention(
     shape: AttentionShape,
     out: &mut [f32],
 ) -> Result<()> {
-    let AttentionShape { n_heads, n_kv_heads, head_dim, scale } = shape;
+    let AttentionShape {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        scale,
+    } = shape;
     let row = n_heads * head_dim;
     let kv_row = n_kv_heads * head_dim;
     let n_new = q.len() / row.max(1);
@@ -41,7 +46,12 @@ pub fn causal_attention(
     check_len("attention", "out", out.len(), q.len())?;
     check_len("attention", "k", kv.k.len(), kv.len * kv_row)?;
     check_len("attention", "v", kv.v.len(), kv.len * kv_row)?;
-    check_len("attention", "kv length (past + new tokens)", kv.len.min(past + n_new), past + n_new)?;
+    check_len(
+        "attention",
+        "kv length (past + new tokens)",
+        kv.len.min(past + n_new),
+        past + n_new,
+    )?;
     if n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
         return Err(crate::KernelError::ShapeMismatch {
             op: "attention",
@@ -51,24 +61,26 @@ pub fn causal_attention(
         });
     }
     let group = n_heads / n_kv_heads;
-    out.par_chunks_mut(head_dim).enumerate().for_each(|(idx, o)| {
-        let (t, h) = (idx / n_heads, idx % n_heads);
-        let kvh = h / group;
-        let qh = &q[idx * head_dim..(idx + 1) * head_dim];
-        let n_keys = past + t + 1;
-        let mut scores: Vec<f32> = (0..n_keys)
-            .map(|p| {
+    out.par_chunks_mut(head_dim)
+        .enumerate()
+        .for_each(|(idx, o)| {
+            let (t, h) = (idx / n_heads, idx % n_heads);
+            let kvh = h / group;
+            let qh = &q[idx * head_dim..(idx + 1) * head_dim];
+            let n_keys = past + t + 1;
+            let mut scores: Vec<f32> = (0..n_keys)
+                .map(|p| {
+                    let off = p * kv_row + kvh * head_dim;
+                    dot(qh, &kv.k[off..off + head_dim]) * scale
+                })
+                .collect();
+            softmax_inplace(&mut scores);
+            o.fill(0.0);
+            for (p, &w) in scores.iter().enumerate() {
                 let off = p * kv_row + kvh * head_dim;
-                dot(qh, &kv.k[off..off + head_dim]) * scale
-            })
-            .collect();
-        softmax_inplace(&mut scores);
-        o.fill(0.0);
-        for (p, &w) in scores.iter().enumerate() {
-            let off = p * kv_row + kvh * head_dim;
-            axpy(w, &kv.v[off..off + head_dim], o);
-        }
-    });
+                axpy(w, &kv.v[off..off + head_dim], o);
+            }
+        });
     Ok(())
 }
 
@@ -95,7 +107,11 @@ mod tests {
                 let e: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
                 let z: f64 = e.iter().sum();
                 for d in 0..hd {
-                    let acc: f64 = e.iter().enumerate().map(|(p, w)| w / z * v[(p * nkv + kvh) * hd + d] as f64).sum();
+                    let acc: f64 = e
+                        .iter()
+                        .enumerate()
+                        .map(|(p, w)| w / z * v[(p * nkv + kvh) * hd + d] as f64)
+                        .sum();
                     out[(t * nh + h) * hd + d] = acc as f32;
                 }
             }
@@ -105,8 +121,18 @@ mod tests {
 
     #[test]
     fn mha_gqa_mqa_prefill_and_decode_match_reference() {
-        for &(nh, nkv, hd, past, n_new) in &[(4, 4, 9, 0, 5), (6, 2, 13, 3, 4), (5, 1, 17, 11, 1), (9, 3, 64, 0, 33)] {
-            let s = AttentionShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd, scale: 1.0 / (hd as f32).sqrt() };
+        for &(nh, nkv, hd, past, n_new) in &[
+            (4, 4, 9, 0, 5),
+            (6, 2, 13, 3, 4),
+            (5, 1, 17, 11, 1),
+            (9, 3, 64, 0, 33),
+        ] {
+            let s = AttentionShape {
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: hd,
+                scale: 1.0 / (hd as f32).sqrt(),
+            };
             let len = past + n_new;
             let q = rand_vec(n_new * nh * hd, 7);
             let k = rand_vec(len * nkv * hd, 8);
@@ -122,9 +148,18 @@ mod tests {
 
     #[test]
     fn short_cache_is_an_error() {
-        let s = AttentionShape { n_heads: 1, n_kv_heads: 1, head_dim: 2, scale: 1.0 };
+        let s = AttentionShape {
+            n_heads: 1,
+            n_kv_heads: 1,
+            head_dim: 2,
+            scale: 1.0,
+        };
         let mut out = [0f32; 2];
-        let kv = KvView { k: &[0.0; 2], v: &[0.0; 2], len: 1 };
+        let kv = KvView {
+            k: &[0.0; 2],
+            v: &[0.0; 2],
+            len: 1,
+        };
         assert!(causal_attention(&[0.0; 2], kv, 1, s, &mut out).is_err());
     }
 }

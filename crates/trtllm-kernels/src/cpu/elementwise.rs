@@ -67,7 +67,9 @@ mod tests {
 
     #[test]
     fn gather_widens_bf16_and_rejects_bad_ids() {
-        let table: Vec<u16> = (0..6).map(|i| half::bf16::from_f32(i as f32).to_bits()).collect();
+        let table: Vec<u16> = (0..6)
+            .map(|i| half::bf16::from_f32(i as f32).to_bits())
+            .collect();
         let m = MatRef::new(WeightData::Bf16(&table), 3, 2).unwrap();
         let mut out = vec![0f32; 4];
         embedding_gather(m, &[2, 0], &mut out).unwrap();

@@ -102,34 +102,44 @@ pub fn linear(
     Ok(())
 }
 
-struct Problem<'a> {
-    x: &'a [f32],
-    m: usize,
-    k: usize,
-    n: usize,
-    bias: Option<&'a [f32]>,
+/// From this many activation rows on, packing weight panels pays for itself.
+const PACKED_MIN_ROWS: usize = 4;
+
+pub(crate) struct Problem<'a> {
+    pub x: &'a [f32],
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub bias: Option<&'a [f32]>,
 }
 
 /// The output pointer shared by the workers; each writes a disjoint set of columns.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub *mut f32);
 // SAFETY: workers write disjoint column ranges of the output (see `run`).
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 fn run<E: Elem>(p: &Problem<'_>, w: &[E], out: OutPtr) {
-    // Enough chunks for load balance, each a multiple of 8 rows so tiles stay full.
+    // Enough chunks for load balance, each a multiple of 16 columns so tiles and packed panels
+    // stay full.
     let threads = rayon::current_num_threads().max(1);
     let work = p.m * p.n * p.k;
     let chunks = if work < 1 << 15 { 1 } else { threads * 4 };
-    let chunk = p.n.div_ceil(chunks).next_multiple_of(8).max(8);
+    let chunk = p.n.div_ceil(chunks).next_multiple_of(16).max(16);
     let nchunks = p.n.div_ceil(chunk);
     let body = |c: usize| {
         let cols = c * chunk..((c + 1) * chunk).min(p.n);
         #[cfg(target_arch = "x86_64")]
         if simd_available() {
             // SAFETY: features detected at run time; `cols` is in bounds and disjoint per worker.
-            unsafe { avx::columns(p, w, cols, out) };
+            unsafe {
+                if p.m >= PACKED_MIN_ROWS {
+                    super::gemm_packed::columns(p, w, cols, out)
+                } else {
+                    avx::columns(p, w, cols, out)
+                }
+            };
             return;
         }
         portable_columns(p, w, cols, out);
@@ -231,7 +241,12 @@ mod avx {
     const ROW_BLOCK: usize = 48;
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn columns<E: Elem>(p: &Problem<'_>, w: &[E], cols: Range<usize>, out: OutPtr) {
+    pub(super) unsafe fn columns<E: Elem>(
+        p: &Problem<'_>,
+        w: &[E],
+        cols: Range<usize>,
+        out: OutPtr,
+    ) {
         if p.m == 1 {
             sweep::<E, 1, 8>(p, w, 0..1, cols, out);
             return;
@@ -272,7 +287,15 @@ mod avx {
 
     #[inline(never)]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn edge<E: Elem>(p: &Problem<'_>, w: &[E], i: usize, mr: usize, j: usize, nr: usize, out: OutPtr) {
+    unsafe fn edge<E: Elem>(
+        p: &Problem<'_>,
+        w: &[E],
+        i: usize,
+        mr: usize,
+        j: usize,
+        nr: usize,
+        out: OutPtr,
+    ) {
         for di in 0..mr {
             for dj in 0..nr {
                 tile::<E, 1, 1>(p, w, i + di, j + dj, out);
@@ -280,6 +303,7 @@ mod avx {
         }
     }
 
+    #[allow(clippy::needless_range_loop)] // indices name register-tile coordinates
     #[inline(always)]
     unsafe fn tile<E: Elem, const MR: usize, const NR: usize>(
         p: &Problem<'_>,
@@ -326,7 +350,14 @@ mod tests {
     use super::*;
     use crate::cpu::testutil::{assert_close, both_paths, rand_vec};
 
-    fn reference(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, bias: Option<&[f32]>) -> Vec<f32> {
+    fn reference(
+        x: &[f32],
+        m: usize,
+        w: &[f32],
+        n: usize,
+        k: usize,
+        bias: Option<&[f32]>,
+    ) -> Vec<f32> {
         let mut y = vec![0f32; m * n];
         for i in 0..m {
             for j in 0..n {
@@ -342,15 +373,35 @@ mod tests {
 
     #[test]
     fn all_storage_types_match_reference_on_awkward_shapes() {
-        for &(m, n, k) in &[(1, 1, 1), (1, 37, 13), (3, 5, 7), (5, 11, 29), (7, 67, 101), (53, 131, 77), (1, 300, 520)] {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (1, 37, 13),
+            (3, 5, 7),
+            (5, 11, 29),
+            (7, 67, 101),
+            (53, 131, 77),
+            (1, 300, 520),
+        ] {
             let x = rand_vec(m * k, 1);
             let w = rand_vec(n * k, 2);
             let bias = rand_vec(n, 3);
             // Round the weights through each storage type so the reference sees the same values.
-            let bf: Vec<u16> = w.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
-            let hf: Vec<u16> = w.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
-            let wb: Vec<f32> = bf.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
-            let wh: Vec<f32> = hf.iter().map(|&b| half::f16::from_bits(b).to_f32()).collect();
+            let bf: Vec<u16> = w
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect();
+            let hf: Vec<u16> = w
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_bits())
+                .collect();
+            let wb: Vec<f32> = bf
+                .iter()
+                .map(|&b| half::bf16::from_bits(b).to_f32())
+                .collect();
+            let wh: Vec<f32> = hf
+                .iter()
+                .map(|&b| half::f16::from_bits(b).to_f32())
+                .collect();
             for (data, wref) in [
                 (WeightData::F32(&w), &w),
                 (WeightData::Bf16(&bf), &wb),

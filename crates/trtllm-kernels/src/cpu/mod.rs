@@ -4,6 +4,7 @@
 mod activation;
 mod attention;
 mod elementwise;
+mod gemm_packed;
 mod matmul;
 mod norm;
 mod rope;

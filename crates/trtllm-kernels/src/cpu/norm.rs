@@ -48,7 +48,10 @@ mod tests {
             .chunks(dim)
             .flat_map(|r| {
                 let ms: f32 = r.iter().map(|v| v * v).sum::<f32>() / dim as f32;
-                r.iter().zip(&w).map(move |(v, w)| v / (ms + 1e-5).sqrt() * w).collect::<Vec<_>>()
+                r.iter()
+                    .zip(&w)
+                    .map(move |(v, w)| v / (ms + 1e-5).sqrt() * w)
+                    .collect::<Vec<_>>()
             })
             .collect();
         rms_norm(&mut x, &w, 1e-5).unwrap();

@@ -9,7 +9,9 @@ use crate::Result;
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor`.
-    Linear { factor: f32 },
+    Linear {
+        factor: f32,
+    },
     /// Llama 3.1's piecewise scaling of low and high frequencies.
     Llama3 {
         factor: f32,
@@ -55,7 +57,8 @@ impl RopeTable {
                         } else if wavelen > low_wavelen {
                             f / factor
                         } else {
-                            let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
                             (1.0 - smooth) * f / factor + smooth * f
                         }
                     })
@@ -159,6 +162,10 @@ mod tests {
         let scaled = RopeTable::new(128, 500000.0, &s);
         assert_eq!(plain.inv_freq()[0], scaled.inv_freq()[0]);
         let last = plain.inv_freq().len() - 1;
-        assert_close(&[scaled.inv_freq()[last]], &[plain.inv_freq()[last] / 8.0], 1e-6);
+        assert_close(
+            &[scaled.inv_freq()[last]],
+            &[plain.inv_freq()[last] / 8.0],
+            1e-6,
+        );
     }
 }

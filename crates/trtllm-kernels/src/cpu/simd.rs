@@ -85,7 +85,10 @@ pub(crate) mod avx {
         let mut i = 0;
         while i + 8 <= n {
             let py = y.as_mut_ptr().add(i);
-            _mm256_storeu_ps(py, _mm256_fmadd_ps(va, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(py)));
+            _mm256_storeu_ps(
+                py,
+                _mm256_fmadd_ps(va, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(py)),
+            );
             i += 8;
         }
         while i < n {
