@@ -105,7 +105,7 @@ impl DType {
 }
 
 fn check_multiple(len: usize, size: usize, what: &str) -> Result<()> {
-    if len % size == 0 {
+    if len.is_multiple_of(size) {
         Ok(())
     } else {
         Err(QuantError::ByteLength {

@@ -56,7 +56,7 @@ impl GgmlType {
     /// Bytes that `elements` values occupy.
     pub fn byte_len(self, elements: usize) -> Result<usize> {
         let block = self.block_elems();
-        if elements % block != 0 {
+        if !elements.is_multiple_of(block) {
             return Err(QuantError::PartialBlock { elements, block });
         }
         Ok(elements / block * self.block_bytes())
