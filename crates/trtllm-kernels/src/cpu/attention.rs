@@ -84,6 +84,18 @@ pub fn causal_attention(
     Ok(())
 }
 
+/// `scores[p] = scale · q · key p`, keys `stride` floats apart starting at `k`.
+fn key_scores(q: &[f32], k: &[f32], stride: usize, scale: f32, scores: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::simd_available() {
+        // SAFETY: the features were detected at run time; the caller checked the cache length.
+        return unsafe { super::simd::avx::scaled_dots(q, k, stride, scale, scores) };
+    }
+    for (p, s) in scores.iter_mut().enumerate() {
+        *s = dot(q, &k[p * stride..p * stride + q.len()]) * scale;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,6 +15,11 @@ pub fn add_inplace(x: &mut [f32], y: &[f32]) -> Result<()> {
 
 /// Numerically stable softmax of one row, in place.
 pub fn softmax_inplace(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::simd_available() {
+        // SAFETY: the features were detected at run time.
+        return unsafe { super::simd::avx::softmax(x) };
+    }
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if max == f32::NEG_INFINITY {
         return;
@@ -52,17 +57,36 @@ pub fn embedding_gather(table: MatRef<'_>, ids: &[u32], out: &mut [f32]) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::{testutil::assert_close, WeightData};
+    use crate::cpu::testutil::{assert_close, both_paths, rand_vec};
+    use crate::cpu::WeightData;
 
     #[test]
     fn softmax_sums_to_one_and_handles_masked_rows() {
-        let mut x = [1.0f32, 2.0, 3.0, f32::NEG_INFINITY, 0.5];
-        softmax_inplace(&mut x);
-        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        assert_eq!(x[3], 0.0);
-        let e: Vec<f64> = [1.0f64, 2.0, 3.0, 0.5].iter().map(|v| v.exp()).collect();
-        let s: f64 = e.iter().sum();
-        assert_close(&[x[2]], &[(e[2] / s) as f32], 1e-6);
+        both_paths(|| {
+            let mut x = [1.0f32, 2.0, 3.0, f32::NEG_INFINITY, 0.5];
+            softmax_inplace(&mut x);
+            assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+            assert_eq!(x[3], 0.0);
+            let e: Vec<f64> = [1.0f64, 2.0, 3.0, 0.5].iter().map(|v| v.exp()).collect();
+            let s: f64 = e.iter().sum();
+            assert_close(&[x[2]], &[(e[2] / s) as f32], 1e-6);
+        });
+    }
+
+    #[test]
+    fn softmax_matches_f64_reference_on_long_rows() {
+        for n in [1usize, 7, 8, 9, 61, 300] {
+            let x: Vec<f32> = rand_vec(n, n as u64).iter().map(|v| v * 30.0).collect();
+            let m = x.iter().cloned().fold(f32::MIN, f32::max) as f64;
+            let e: Vec<f64> = x.iter().map(|&v| (v as f64 - m).exp()).collect();
+            let s: f64 = e.iter().sum();
+            let expect: Vec<f32> = e.iter().map(|v| (v / s) as f32).collect();
+            both_paths(|| {
+                let mut y = x.clone();
+                softmax_inplace(&mut y);
+                assert_close(&y, &expect, 1e-6);
+            });
+        }
     }
 
     #[test]

@@ -77,6 +77,121 @@ pub(crate) mod avx {
         s
     }
 
+    /// e^x for 8 lanes (Cephes polynomial, relative error ≈ 2e-7 over the f32 range).
+    #[inline(always)]
+    pub unsafe fn exp8(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
+            _mm256_set1_ps(88.3),
+        );
+        let fx = _mm256_floor_ps(_mm256_fmadd_ps(
+            x,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+            _mm256_set1_ps(0.5),
+        ));
+        let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut y = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ] {
+            y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+        }
+        y = _mm256_fmadd_ps(
+            y,
+            _mm256_mul_ps(r, r),
+            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+        );
+        let pow2 = _mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)),
+            23,
+        );
+        _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
+    }
+
+    /// Softmax of one row in place.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn softmax(x: &mut [f32]) {
+        let n = x.len();
+        let p = x.as_mut_ptr();
+        let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i + 8 <= n {
+            vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(p.add(i)));
+            i += 8;
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), vmax);
+        let max = lanes
+            .iter()
+            .chain(&x[i..])
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max);
+        if max == f32::NEG_INFINITY {
+            return;
+        }
+        let vm = _mm256_set1_ps(max);
+        let mut vsum = _mm256_setzero_ps();
+        i = 0;
+        while i + 8 <= n {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vm));
+            _mm256_storeu_ps(p.add(i), e);
+            vsum = _mm256_add_ps(vsum, e);
+            i += 8;
+        }
+        let mut sum = hsum(vsum);
+        for v in &mut x[i..] {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        let inv = _mm256_set1_ps(1.0 / sum);
+        i = 0;
+        while i + 8 <= n {
+            _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), inv));
+            i += 8;
+        }
+        for v in &mut x[i..] {
+            *v /= sum;
+        }
+    }
+
+    /// `out[p] = scale · q·k_p` for keys `k_p = k[p·stride ..][..q.len()]`, four keys at a time so
+    /// one horizontal reduction serves four dot products.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scaled_dots(q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+        let d = q.len();
+        let n = out.len();
+        let (qp, kp) = (q.as_ptr(), k.as_ptr());
+        let mut p = 0;
+        if d % 8 == 0 {
+            while p + 4 <= n {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut i = 0;
+                while i < d {
+                    let qv = _mm256_loadu_ps(qp.add(i));
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp.add((p + j) * stride + i)), *a);
+                    }
+                    i += 8;
+                }
+                let h = _mm256_hadd_ps(
+                    _mm256_hadd_ps(acc[0], acc[1]),
+                    _mm256_hadd_ps(acc[2], acc[3]),
+                );
+                let s4 = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+                _mm_storeu_ps(out.as_mut_ptr().add(p), _mm_mul_ps(s4, _mm_set1_ps(scale)));
+                p += 4;
+            }
+        }
+        for (j, o) in out.iter_mut().enumerate().skip(p) {
+            *o = dot(q, &k[j * stride..j * stride + d]) * scale;
+        }
+    }
+
     /// y += a * x
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
