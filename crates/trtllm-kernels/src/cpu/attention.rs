@@ -68,12 +68,8 @@ pub fn causal_attention(
             let kvh = h / group;
             let qh = &q[idx * head_dim..(idx + 1) * head_dim];
             let n_keys = past + t + 1;
-            let mut scores: Vec<f32> = (0..n_keys)
-                .map(|p| {
-                    let off = p * kv_row + kvh * head_dim;
-                    dot(qh, &kv.k[off..off + head_dim]) * scale
-                })
-                .collect();
+            let mut scores = vec![0f32; n_keys];
+            key_scores(qh, &kv.k[kvh * head_dim..], kv_row, scale, &mut scores);
             softmax_inplace(&mut scores);
             o.fill(0.0);
             for (p, &w) in scores.iter().enumerate() {

@@ -167,7 +167,7 @@ pub(crate) mod avx {
         let n = out.len();
         let (qp, kp) = (q.as_ptr(), k.as_ptr());
         let mut p = 0;
-        if d % 8 == 0 {
+        if d.is_multiple_of(8) {
             while p + 4 <= n {
                 let mut acc = [_mm256_setzero_ps(); 4];
                 let mut i = 0;
