@@ -39,6 +39,17 @@ fn copy_fixture(name: &str, to: &Path) {
     }
 }
 
+/// `trtllm build` of checkpoint `ck` into a fresh engine directory under `t`.
+fn build_from(ck: &Path, t: &Path) -> Output {
+    trtllm(&[
+        "build",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--output",
+        t.join("e").to_str().unwrap(),
+    ])
+}
+
 fn build_tiny(out: &Path, extra: &[&str]) {
     let ck = fixtures().join("tiny-llama");
     let mut args = vec![
@@ -74,13 +85,7 @@ fn config_without_num_attention_heads() {
     let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
     v.as_object_mut().unwrap().remove("num_attention_heads");
     std::fs::write(ck.join("config.json"), v.to_string()).unwrap();
-    let out = trtllm(&[
-        "build",
-        "--checkpoint",
-        ck.to_str().unwrap(),
-        "--output",
-        t.path().join("e").to_str().unwrap(),
-    ]);
+    let out = build_from(&ck, t.path());
     fails_with(out, &["config.json", "num_attention_heads"]);
 }
 
@@ -93,13 +98,7 @@ fn unknown_architecture() {
         .unwrap()
         .replace("LlamaForCausalLM", "FalconForCausalLM");
     std::fs::write(ck.join("config.json"), cfg).unwrap();
-    let out = trtllm(&[
-        "build",
-        "--checkpoint",
-        ck.to_str().unwrap(),
-        "--output",
-        t.path().join("e").to_str().unwrap(),
-    ]);
+    let out = build_from(&ck, t.path());
     fails_with(out, &["FalconForCausalLM", "supported"]);
 }
 
@@ -111,13 +110,7 @@ fn safetensors_truncated_by_one_byte() {
     let st = ck.join("model.safetensors");
     let bytes = std::fs::read(&st).unwrap();
     std::fs::write(&st, &bytes[..bytes.len() - 1]).unwrap();
-    let out = trtllm(&[
-        "build",
-        "--checkpoint",
-        ck.to_str().unwrap(),
-        "--output",
-        t.path().join("e").to_str().unwrap(),
-    ]);
+    let out = build_from(&ck, t.path());
     fails_with(out, &["model.safetensors", "safetensors"]);
 }
 
@@ -126,13 +119,7 @@ fn gguf_with_bad_magic() {
     let t = tempfile::tempdir().unwrap();
     let f = t.path().join("bad.gguf");
     std::fs::write(&f, b"GGUX\x03\x00\x00\x00 and then some bytes").unwrap();
-    let out = trtllm(&[
-        "build",
-        "--checkpoint",
-        f.to_str().unwrap(),
-        "--output",
-        t.path().join("e").to_str().unwrap(),
-    ]);
+    let out = build_from(&f, t.path());
     fails_with(out, &["bad.gguf", "magic", "GGUF"]);
 }
 
