@@ -1,10 +1,10 @@
 //! `y = x · Wᵀ (+ bias)`: the linear layer, for f32 activations over f32, bf16 or f16 weights.
 //!
-//! Weights keep the checkpoint's `[out_features, in_features]` row layout, so every output is
-//! a dot product of two contiguous rows. The AVX2 path computes register tiles of
-//! `MR` activation rows × `NR` weight rows at once (each weight vector loaded is used `MR` times,
-//! each activation vector `NR` times) and converts bf16/f16 to f32 in registers, so no widened copy
-//! of the weights ever exists. Output columns are split over the rayon pool.
+//! Weights keep the checkpoint's `[out_features, in_features]` row layout. With few activation rows
+//! (decode) every output is a dot product of two contiguous rows, bf16/f16 widened in registers, so
+//! no widened copy of the weights exists ([`avx`]); with more rows, weight panels are packed per
+//! worker and a broadcast tile runs over them (`gemm_packed`). Output columns are split over the
+//! rayon pool.
 
 use rayon::prelude::*;
 
@@ -230,6 +230,8 @@ impl Elem for F16Bits {
     }
 }
 
+/// The decode path of `linear` (fewer than `PACKED_MIN_ROWS` activation rows): one row at a time,
+/// eight weight rows per register tile so eight independent FMA chains hide latency.
 #[cfg(target_arch = "x86_64")]
 mod avx {
     use super::{Elem, OutPtr, Problem};
@@ -237,8 +239,7 @@ mod avx {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    /// Activation rows kept hot in L2 while the worker sweeps its weight rows.
-    const ROW_BLOCK: usize = 48;
+    const NR: usize = 8;
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn columns<E: Elem>(
@@ -247,65 +248,21 @@ mod avx {
         cols: Range<usize>,
         out: OutPtr,
     ) {
-        if p.m == 1 {
-            sweep::<E, 1, 8>(p, w, 0..1, cols, out);
-            return;
-        }
-        let mut r0 = 0;
-        while r0 < p.m {
-            let r1 = (r0 + ROW_BLOCK).min(p.m);
-            sweep::<E, 4, 3>(p, w, r0..r1, cols.clone(), out);
-            r0 = r1;
-        }
-    }
-
-    /// Covers `rows × cols` with MR×NR tiles, then the ragged edges with smaller ones.
-    #[inline(always)]
-    unsafe fn sweep<E: Elem, const MR: usize, const NR: usize>(
-        p: &Problem<'_>,
-        w: &[E],
-        rows: Range<usize>,
-        cols: Range<usize>,
-        out: OutPtr,
-    ) {
-        let mut j = cols.start;
-        while j < cols.end {
-            let nr = (cols.end - j).min(NR);
-            let mut i = rows.start;
-            while i < rows.end {
-                let mr = (rows.end - i).min(MR);
-                if mr == MR && nr == NR {
-                    tile::<E, MR, NR>(p, w, i, j, out);
-                } else {
-                    edge::<E>(p, w, i, mr, j, nr, out);
-                }
-                i += mr;
+        for i in 0..p.m {
+            let mut j = cols.start;
+            while j + NR <= cols.end {
+                tile::<E, NR>(p, w, i, j, out);
+                j += NR;
             }
-            j += nr;
-        }
-    }
-
-    #[inline(never)]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn edge<E: Elem>(
-        p: &Problem<'_>,
-        w: &[E],
-        i: usize,
-        mr: usize,
-        j: usize,
-        nr: usize,
-        out: OutPtr,
-    ) {
-        for di in 0..mr {
-            for dj in 0..nr {
-                tile::<E, 1, 1>(p, w, i + di, j + dj, out);
+            for j in j..cols.end {
+                tile::<E, 1>(p, w, i, j, out);
             }
         }
     }
 
-    #[allow(clippy::needless_range_loop)] // indices name register-tile coordinates
+    /// `out[i][j..j+R] = x[i] · w[j..j+R]ᵀ (+ bias)`.
     #[inline(always)]
-    unsafe fn tile<E: Elem, const MR: usize, const NR: usize>(
+    unsafe fn tile<E: Elem, const R: usize>(
         p: &Problem<'_>,
         w: &[E],
         i: usize,
@@ -315,32 +272,24 @@ mod avx {
         let k = p.k;
         let x = p.x.as_ptr().add(i * k);
         let wp = w.as_ptr().add(j * k);
-        let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+        let mut acc = [_mm256_setzero_ps(); R];
         let mut q = 0;
         while q + 8 <= k {
-            let mut xv = [_mm256_setzero_ps(); MR];
-            for (r, v) in xv.iter_mut().enumerate() {
-                *v = _mm256_loadu_ps(x.add(r * k + q));
-            }
-            for c in 0..NR {
-                let wv = E::load8(wp.add(c * k + q));
-                for r in 0..MR {
-                    acc[r][c] = _mm256_fmadd_ps(xv[r], wv, acc[r][c]);
-                }
+            let xv = _mm256_loadu_ps(x.add(q));
+            for (c, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(xv, E::load8(wp.add(c * k + q)), *a);
             }
             q += 8;
         }
-        for r in 0..MR {
-            for c in 0..NR {
-                let mut s = hsum(acc[r][c]);
-                for t in q..k {
-                    s += *x.add(r * k + t) * (*wp.add(c * k + t)).to_f32();
-                }
-                if let Some(b) = p.bias {
-                    s += b[j + c];
-                }
-                *out.0.add((i + r) * p.n + j + c) = s;
+        for (c, a) in acc.iter().enumerate() {
+            let mut s = hsum(*a);
+            for t in q..k {
+                s += *x.add(t) * (*wp.add(c * k + t)).to_f32();
             }
+            if let Some(b) = p.bias {
+                s += b[j + c];
+            }
+            *out.0.add(i * p.n + j + c) = s;
         }
     }
 }
