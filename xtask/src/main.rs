@@ -44,6 +44,7 @@ fn main() -> Result<()> {
     }
 }
 
+/// The rule of `trtllm_api::cache_dir`, repeated so xtask starts without building the libraries.
 fn cache_root() -> PathBuf {
     match std::env::var_os("TRTLLM_CACHE") {
         Some(d) => PathBuf::from(d),

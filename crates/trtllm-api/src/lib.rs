@@ -13,7 +13,7 @@ mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use error::ApiError;
-pub use llm::{LlmArgs, Prompt, LLM};
+pub use llm::{cache_dir, LlmArgs, Perplexity, Prompt, LLM};
 pub use outputs::{CompletionOutput, RequestOutput};
 pub use sampling_params::SamplingParams;
 pub use tokenizer::Tokenizer;

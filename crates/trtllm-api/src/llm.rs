@@ -213,7 +213,7 @@ fn resolve_engine(args: &LlmArgs) -> Result<PathBuf> {
     let cache_root = args
         .engine_cache_dir
         .clone()
-        .unwrap_or_else(default_cache_dir)
+        .unwrap_or_else(cache_dir)
         .join("engines");
     let dir = cache_root.join(format!("{:016x}", cache_key(model, &args.build_config)?));
     if !(dir.join("config.json").exists() && dir.join("rank0.engine").exists()) {
@@ -233,7 +233,8 @@ fn resolve_engine(args: &LlmArgs) -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn default_cache_dir() -> PathBuf {
+/// The root of trtllm's caches (`engines/`, `models/`): `$TRTLLM_CACHE`, else `~/.cache/trtllm`.
+pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("TRTLLM_CACHE") {
         return PathBuf::from(d);
     }
