@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use tempfile::TempDir;
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
@@ -15,8 +17,8 @@ fn trtllm(args: &[&str]) -> Output {
         .expect("run trtllm")
 }
 
-/// Asserts failure with a single `error:` line containing every needle; returns that line.
-fn fails_with(out: Output, needles: &[&str]) -> String {
+/// Asserts failure with a single `error:` line containing every needle.
+fn fails_with(out: Output, needles: &[&str]) {
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(
         !out.status.success(),
@@ -28,40 +30,60 @@ fn fails_with(out: Output, needles: &[&str]) -> String {
     for n in needles {
         assert!(lines[0].contains(n), "'{n}' not in: {}", lines[0]);
     }
-    lines[0].to_string()
 }
 
-fn copy_fixture(name: &str, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(fixtures().join(name)).unwrap() {
+fn path(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 temp path")
+}
+
+/// Runs `trtllm build` on a copy of tiny-llama after `damage` has edited the copy.
+fn build_damaged_checkpoint(damage: impl FnOnce(&Path)) -> Output {
+    let t = tempfile::tempdir().unwrap();
+    let ck = t.path().join("ck");
+    std::fs::create_dir_all(&ck).unwrap();
+    for e in std::fs::read_dir(fixtures().join("tiny-llama")).unwrap() {
         let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        std::fs::copy(e.path(), ck.join(e.file_name())).unwrap();
     }
-}
-
-/// `trtllm build` of checkpoint `ck` into a fresh engine directory under `t`.
-fn build_from(ck: &Path, t: &Path) -> Output {
+    damage(&ck);
     trtllm(&[
         "build",
         "--checkpoint",
-        ck.to_str().unwrap(),
+        path(&ck),
         "--output",
-        t.join("e").to_str().unwrap(),
+        path(&t.path().join("e")),
     ])
 }
 
-fn build_tiny(out: &Path, extra: &[&str]) {
-    let ck = fixtures().join("tiny-llama");
-    let mut args = vec![
-        "build",
-        "--checkpoint",
-        ck.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let o = trtllm(&args);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+fn edit(file: &Path, f: impl FnOnce(String) -> String) {
+    let text = std::fs::read_to_string(file).unwrap();
+    std::fs::write(file, f(text)).unwrap();
+}
+
+/// A tiny-llama engine in a temporary directory.
+struct TinyEngine {
+    _tmp: TempDir,
+    dir: PathBuf,
+}
+
+impl TinyEngine {
+    fn build(extra: &[&str]) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("e");
+        let ck = fixtures().join("tiny-llama");
+        let mut args = vec!["build", "--checkpoint", path(&ck), "--output", path(&dir)];
+        args.extend_from_slice(extra);
+        let o = trtllm(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        Self { _tmp: tmp, dir }
+    }
+
+    /// `trtllm run --engine DIR` followed by `args`.
+    fn run(&self, args: &[&str]) -> Output {
+        let mut full = vec!["run", "--engine", path(&self.dir)];
+        full.extend_from_slice(args);
+        trtllm(&full)
+    }
 }
 
 #[test]
@@ -78,39 +100,33 @@ fn missing_directory() {
 
 #[test]
 fn config_without_num_attention_heads() {
-    let t = tempfile::tempdir().unwrap();
-    let ck = t.path().join("ck");
-    copy_fixture("tiny-llama", &ck);
-    let cfg = std::fs::read_to_string(ck.join("config.json")).unwrap();
-    let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
-    v.as_object_mut().unwrap().remove("num_attention_heads");
-    std::fs::write(ck.join("config.json"), v.to_string()).unwrap();
-    let out = build_from(&ck, t.path());
+    let out = build_damaged_checkpoint(|ck| {
+        edit(&ck.join("config.json"), |cfg| {
+            let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+            v.as_object_mut().unwrap().remove("num_attention_heads");
+            v.to_string()
+        })
+    });
     fails_with(out, &["config.json", "num_attention_heads"]);
 }
 
 #[test]
 fn unknown_architecture() {
-    let t = tempfile::tempdir().unwrap();
-    let ck = t.path().join("ck");
-    copy_fixture("tiny-llama", &ck);
-    let cfg = std::fs::read_to_string(ck.join("config.json"))
-        .unwrap()
-        .replace("LlamaForCausalLM", "FalconForCausalLM");
-    std::fs::write(ck.join("config.json"), cfg).unwrap();
-    let out = build_from(&ck, t.path());
+    let out = build_damaged_checkpoint(|ck| {
+        edit(&ck.join("config.json"), |cfg| {
+            cfg.replace("LlamaForCausalLM", "FalconForCausalLM")
+        })
+    });
     fails_with(out, &["FalconForCausalLM", "supported"]);
 }
 
 #[test]
 fn safetensors_truncated_by_one_byte() {
-    let t = tempfile::tempdir().unwrap();
-    let ck = t.path().join("ck");
-    copy_fixture("tiny-llama", &ck);
-    let st = ck.join("model.safetensors");
-    let bytes = std::fs::read(&st).unwrap();
-    std::fs::write(&st, &bytes[..bytes.len() - 1]).unwrap();
-    let out = build_from(&ck, t.path());
+    let out = build_damaged_checkpoint(|ck| {
+        let st = ck.join("model.safetensors");
+        let bytes = std::fs::read(&st).unwrap();
+        std::fs::write(&st, &bytes[..bytes.len() - 1]).unwrap();
+    });
     fails_with(out, &["model.safetensors", "safetensors"]);
 }
 
@@ -119,99 +135,74 @@ fn gguf_with_bad_magic() {
     let t = tempfile::tempdir().unwrap();
     let f = t.path().join("bad.gguf");
     std::fs::write(&f, b"GGUX\x03\x00\x00\x00 and then some bytes").unwrap();
-    let out = build_from(&f, t.path());
+    let out = trtllm(&[
+        "build",
+        "--checkpoint",
+        path(&f),
+        "--output",
+        path(&t.path().join("e")),
+    ]);
     fails_with(out, &["bad.gguf", "magic", "GGUF"]);
 }
 
 #[test]
 fn engine_format_version_from_the_future() {
-    let t = tempfile::tempdir().unwrap();
-    let e = t.path().join("e");
-    build_tiny(&e, &[]);
-    let cfg = std::fs::read_to_string(e.join("config.json"))
-        .unwrap()
-        .replace("\"format_version\": 1", "\"format_version\": 99");
-    std::fs::write(e.join("config.json"), cfg).unwrap();
-    let out = trtllm(&[
-        "run",
-        "--engine",
-        e.to_str().unwrap(),
-        "--input-ids",
-        "1,2,3",
-    ]);
-    fails_with(out, &["config.json", "version 99", "version 1"]);
+    let e = TinyEngine::build(&[]);
+    edit(&e.dir.join("config.json"), |cfg| {
+        cfg.replace("\"format_version\": 1", "\"format_version\": 99")
+    });
+    fails_with(
+        e.run(&["--input-ids", "1,2,3"]),
+        &["config.json", "version 99", "version 1"],
+    );
 }
 
 #[test]
 fn corrupt_engine_file() {
-    let t = tempfile::tempdir().unwrap();
-    let e = t.path().join("e");
-    build_tiny(&e, &[]);
-    let mut bytes = std::fs::read(e.join("rank0.engine")).unwrap();
+    let e = TinyEngine::build(&[]);
+    let file = e.dir.join("rank0.engine");
+    let mut bytes = std::fs::read(&file).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
-    std::fs::write(e.join("rank0.engine"), bytes).unwrap();
-    let out = trtllm(&[
-        "run",
-        "--engine",
-        e.to_str().unwrap(),
-        "--input-ids",
-        "1,2,3",
-    ]);
-    fails_with(out, &["rank0.engine", "checksum"]);
+    std::fs::write(&file, bytes).unwrap();
+    fails_with(
+        e.run(&["--input-ids", "1,2,3"]),
+        &["rank0.engine", "checksum"],
+    );
 }
 
 #[test]
 fn prompt_longer_than_max_seq_len() {
-    let t = tempfile::tempdir().unwrap();
-    let e = t.path().join("e");
-    build_tiny(&e, &["--max-seq-len", "16"]);
+    let e = TinyEngine::build(&["--max-seq-len", "16"]);
     let ids = vec!["5"; 20].join(",");
-    let out = trtllm(&["run", "--engine", e.to_str().unwrap(), "--input-ids", &ids]);
-    fails_with(out, &["20 tokens", "at most 15", "max_input_len"]);
+    fails_with(
+        e.run(&["--input-ids", &ids]),
+        &["20 tokens", "at most 15", "max_input_len"],
+    );
 }
 
 #[test]
 fn top_p_out_of_range() {
-    let t = tempfile::tempdir().unwrap();
-    let e = t.path().join("e");
-    build_tiny(&e, &[]);
-    let out = trtllm(&[
-        "run",
-        "--engine",
-        e.to_str().unwrap(),
-        "--prompt",
-        "hi",
-        "--top-p",
-        "1.5",
-    ]);
-    fails_with(out, &["top_p", "1.5", "(0, 1]"]);
+    let e = TinyEngine::build(&[]);
+    fails_with(
+        e.run(&["--prompt", "hi", "--top-p", "1.5"]),
+        &["top_p", "1.5", "(0, 1]"],
+    );
 }
 
 #[test]
 fn token_id_outside_vocabulary() {
-    let t = tempfile::tempdir().unwrap();
-    let e = t.path().join("e");
-    build_tiny(&e, &[]);
-    let out = trtllm(&[
-        "run",
-        "--engine",
-        e.to_str().unwrap(),
-        "--input-ids",
-        "1,5000",
-    ]);
-    fails_with(out, &["5000", "vocabulary", "1024"]);
+    let e = TinyEngine::build(&[]);
+    fails_with(
+        e.run(&["--input-ids", "1,5000"]),
+        &["5000", "vocabulary", "1024"],
+    );
 }
 
 #[test]
 fn run_json_and_inspect_on_a_tiny_engine() {
-    let t = tempfile::tempdir().unwrap();
-    let e = t.path().join("e");
-    build_tiny(&e, &["--dtype", "float32"]);
-    let out = trtllm(&[
-        "run",
-        "--engine",
-        e.to_str().unwrap(),
+    let e = TinyEngine::build(&["--dtype", "float32"]);
+    let out = e.run(&[
         "--prompt",
         "The assert statement is",
         "--max-tokens",
@@ -234,7 +225,7 @@ fn run_json_and_inspect_on_a_tiny_engine() {
         serde_json::json!([177, 252, 525, 252, 903])
     );
     assert_eq!(v["outputs"][0]["finish_reason"], "length");
-    let out = trtllm(&["inspect", e.to_str().unwrap()]);
+    let out = trtllm(&["inspect", path(&e.dir)]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && text.contains("layers.0.qkv.weight") && text.contains("float32"),
