@@ -144,42 +144,32 @@ fn write_engine(
     let h = model.hidden_size;
 
     progress(0, total, "embeddings");
-    let embed = matrix(ck, &spec.embed, model.vocab_size, h)?;
-    w.add(
+    write_matrix(
+        ck,
+        &mut w,
+        &spec.embed,
         names::EMBED,
+        [model.vocab_size, h],
         dtype,
-        &[model.vocab_size, h],
-        &dtype.encode(&embed),
     )?;
     if let Some(pe) = &spec.pos_embed {
-        let t = matrix(ck, pe, model.max_position_embeddings, h)?;
-        w.add(
+        write_matrix(
+            ck,
+            &mut w,
+            pe,
             names::POS_EMBED,
+            [model.max_position_embeddings, h],
             dtype,
-            &[model.max_position_embeddings, h],
-            &dtype.encode(&t),
         )?;
     }
     let inter = model.intermediate_size;
-    let up_rows = match model.mlp {
-        trtllm_runtime::MlpKind::GatedSilu => 2 * inter,
-        trtllm_runtime::MlpKind::GeluTanh => inter,
-    };
+    let (up_part, up_rows) = model.mlp_in();
     for (i, layer) in spec.layers.iter().enumerate() {
         progress(i + 1, total, "layers");
         let linears: [(&str, &LinearSpec, usize, usize); 4] = [
             (names::QKV, &layer.qkv, model.qkv_dim(), h),
             (names::O, &layer.o, h, model.q_dim()),
-            (
-                if up_rows == inter {
-                    names::UP
-                } else {
-                    names::GATE_UP
-                },
-                &layer.up,
-                up_rows,
-                h,
-            ),
+            (up_part, &layer.up, up_rows, h),
             (names::DOWN, &layer.down, h, inter),
         ];
         for (part, lin, rows, cols) in linears {
@@ -217,12 +207,13 @@ fn write_engine(
     progress(total - 1, total, "output head");
     write_norm(ck, &mut w, &spec.final_norm, names::FINAL_NORM, h)?;
     if !model.tie_word_embeddings {
-        let head = matrix(ck, &spec.lm_head, model.vocab_size, h)?;
-        w.add(
+        write_matrix(
+            ck,
+            &mut w,
+            &spec.lm_head,
             names::LM_HEAD,
+            [model.vocab_size, h],
             dtype,
-            &[model.vocab_size, h],
-            &dtype.encode(&head),
         )?;
     }
     let engine = w.finish(model, build)?;
@@ -243,10 +234,19 @@ fn check_shape(ck: &dyn Checkpoint, name: &str, got: &[usize], expected: &[usize
     }
 }
 
-fn matrix(ck: &dyn Checkpoint, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>> {
-    let t = ck.require(name)?;
-    check_shape(ck, name, &t.shape, &[rows, cols])?;
-    Ok(t.data)
+/// Copies checkpoint matrix `src` (`shape`) into the engine as `dst`, stored as `dtype`.
+fn write_matrix(
+    ck: &dyn Checkpoint,
+    w: &mut EngineWriter,
+    src: &str,
+    dst: &str,
+    shape: [usize; 2],
+    dtype: DType,
+) -> Result<()> {
+    let t = ck.require(src)?;
+    check_shape(ck, src, &t.shape, &shape)?;
+    w.add(dst, dtype, &shape, &dtype.encode(&t.data))?;
+    Ok(())
 }
 
 fn write_norm(

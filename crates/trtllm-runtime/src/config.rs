@@ -140,4 +140,13 @@ impl ModelConfig {
     pub fn qkv_dim(&self) -> usize {
         self.q_dim() + 2 * self.kv_dim()
     }
+
+    /// The engine tensor part holding the MLP's input projection and its row count:
+    /// fused `gate_up` (gate rows, then up rows) for gated MLPs, plain `up` otherwise.
+    pub fn mlp_in(&self) -> (&'static str, usize) {
+        match self.mlp {
+            MlpKind::GatedSilu => (crate::engine::names::GATE_UP, 2 * self.intermediate_size),
+            MlpKind::GeluTanh => (crate::engine::names::UP, self.intermediate_size),
+        }
+    }
 }

@@ -94,10 +94,7 @@ impl Decoder {
         let inter = cfg.intermediate_size;
         let layers = (0..cfg.num_layers)
             .map(|i| {
-                let (up_name, up_rows) = match cfg.mlp {
-                    MlpKind::GatedSilu => (names::GATE_UP, 2 * inter),
-                    MlpKind::GeluTanh => (names::UP, inter),
-                };
+                let (up_name, up_rows) = cfg.mlp_in();
                 Ok(Layer {
                     attn_norm: norm(&format!("layers.{i}.{}", names::ATTN_NORM))?,
                     qkv: linear(i, names::QKV, cfg.qkv_dim(), h)?,
