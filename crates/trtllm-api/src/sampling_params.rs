@@ -37,27 +37,16 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// Checks every field; the sampling ranges are the runtime's own (`SamplingConfig::validate`).
     pub fn validate(&self) -> Result<()> {
-        let bad = |field, value: String, expected| {
-            Err(ApiError::InvalidParam {
-                field,
-                value,
-                expected,
-            })
-        };
         if self.max_tokens == 0 {
-            return bad("max_tokens", "0".into(), "at least 1");
+            return Err(ApiError::InvalidParam {
+                field: "max_tokens",
+                value: "0".into(),
+                expected: "at least 1",
+            });
         }
-        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return bad(
-                "temperature",
-                self.temperature.to_string(),
-                "a finite number >= 0",
-            );
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad("top_p", self.top_p.to_string(), "a number in (0, 1]");
-        }
+        self.to_generation().sampling.validate()?;
         Ok(())
     }
 
