@@ -6,7 +6,9 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
 use trtllm_executor::builder::{self, BuildConfig};
-use trtllm_executor::{GenerationExecutor, GenerationRequest, RequestEvent};
+use trtllm_executor::{
+    ExecutorConfig, GenerationExecutor, GenerationRequest, GenerationResult, RequestEvent,
+};
 
 use crate::chat::ChatMessage;
 use crate::tokenizer::IncrementalDecoder;
@@ -24,6 +26,8 @@ pub struct LlmArgs {
     pub build_config: BuildConfig,
     /// Defaults to `$TRTLLM_CACHE` or `~/.cache/trtllm`, under `engines/`.
     pub engine_cache_dir: Option<PathBuf>,
+    /// Scheduler policy, batch limits and KV-cache pool.
+    pub executor_config: ExecutorConfig,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -56,7 +60,7 @@ pub struct LLM {
 impl LLM {
     pub fn new(args: LlmArgs) -> Result<Self> {
         let engine_dir = resolve_engine(&args)?;
-        let executor = GenerationExecutor::new(&engine_dir)?;
+        let executor = GenerationExecutor::with_config(&engine_dir, args.executor_config.clone())?;
         let tokenizer = if args.skip_tokenizer_init {
             None
         } else {
@@ -100,15 +104,24 @@ impl LLM {
         tok.encode(&tok.apply_chat_template(messages, true)?, false)
     }
 
-    /// Generates for every prompt; one output per prompt, in order.
+    /// Generates for every prompt; one output per prompt, in order. All prompts are submitted
+    /// at once and batched by the executor.
     pub fn generate(
         &self,
         prompts: &[Prompt],
         params: &SamplingParams,
     ) -> Result<Vec<RequestOutput>> {
-        prompts
+        params.validate()?;
+        let pending = prompts
             .iter()
-            .map(|p| self.generate_stream(p.clone(), params, |_| {}))
+            .map(|p| {
+                let ids = self.encode_prompt(p)?;
+                self.submit(text_of(p), ids, params)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        pending
+            .into_iter()
+            .map(|p| self.collect(p, params, |_| {}))
             .collect()
     }
 
@@ -121,11 +134,8 @@ impl LLM {
     ) -> Result<RequestOutput> {
         params.validate()?;
         let ids = self.encode_prompt(&prompt)?;
-        let text = match prompt {
-            Prompt::Text(t) => Some(t),
-            Prompt::TokenIds(_) => None,
-        };
-        self.run(text, ids, params, on_text)
+        let pending = self.submit(text_of(&prompt), ids, params)?;
+        self.collect(pending, params, on_text)
     }
 
     /// One user/system/assistant conversation through the chat template.
@@ -137,7 +147,8 @@ impl LLM {
     ) -> Result<RequestOutput> {
         params.validate()?;
         let ids = self.chat_prompt(messages)?;
-        self.run(None, ids, params, on_text)
+        let pending = self.submit(None, ids, params)?;
+        self.collect(pending, params, on_text)
     }
 
     /// Perplexity of a token sequence under the model.
@@ -151,19 +162,36 @@ impl LLM {
         })
     }
 
-    fn run(
+    fn submit(
         &self,
         prompt: Option<String>,
         ids: Vec<u32>,
         params: &SamplingParams,
-        mut on_text: impl FnMut(&str),
-    ) -> Result<RequestOutput> {
-        let request = GenerationRequest {
+    ) -> Result<Pending> {
+        let result = self.executor.submit(GenerationRequest {
             prompt_token_ids: ids.clone(),
             params: params.to_generation(),
             client_id: None,
-        };
-        let mut result = self.executor.submit(request)?;
+        })?;
+        Ok(Pending {
+            prompt,
+            ids,
+            result,
+        })
+    }
+
+    /// Detokenises a request's stream on the caller's thread, off the engine loop.
+    fn collect(
+        &self,
+        pending: Pending,
+        params: &SamplingParams,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<RequestOutput> {
+        let Pending {
+            prompt,
+            ids,
+            mut result,
+        } = pending;
         let request_id = result.request_id();
         let mut decoder = IncrementalDecoder::new(params.skip_special_tokens);
         let mut text = String::new();
@@ -177,7 +205,7 @@ impl LLM {
                         text.push_str(&piece);
                     }
                 }
-                Some(RequestEvent::Finished(out)) => break out,
+                Some(RequestEvent::Finished { output, .. }) => break output,
                 Some(RequestEvent::Failed(e)) => return Err(e.into()),
                 None => return Err(trtllm_executor::ExecutorError::ShutDown.into()),
             }
@@ -201,6 +229,20 @@ impl LLM {
             }],
             finished: true,
         })
+    }
+}
+
+/// A submitted request and what its output must echo.
+struct Pending {
+    prompt: Option<String>,
+    ids: Vec<u32>,
+    result: GenerationResult,
+}
+
+fn text_of(prompt: &Prompt) -> Option<String> {
+    match prompt {
+        Prompt::Text(t) => Some(t.clone()),
+        Prompt::TokenIds(_) => None,
     }
 }
 

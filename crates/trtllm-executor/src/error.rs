@@ -4,6 +4,17 @@ use thiserror::Error;
 pub enum ExecutorError {
     #[error("the executor has shut down")]
     ShutDown,
+    #[error("executor config: {field} = {value}: expected 1..={max} (the engine's limit)")]
+    InvalidConfig {
+        field: &'static str,
+        value: usize,
+        max: usize,
+    },
+    #[error("request needs {needed} KV-cache blocks for its prompt and max_tokens, but the pool has {total}; raise kv_cache.max_tokens or lower max_tokens")]
+    RequestTooLarge { needed: usize, total: usize },
+    /// A step failed or panicked; every request in it fails with this message.
+    #[error("engine step failed: {0}")]
+    Step(String),
     #[error(transparent)]
     Runtime(#[from] trtllm_builder::runtime::RuntimeError),
     #[error(transparent)]

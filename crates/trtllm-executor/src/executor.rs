@@ -1,75 +1,96 @@
-//! The executor front and its worker thread.
+//! The executor front: validates and queues requests, and reads stats and KV events. The
+//! engine loop runs on its own thread; stats and KV events are fanned out by two more.
 
 use std::collections::HashMap;
-use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 
-use crossbeam_channel::{unbounded, Sender};
-use trtllm_builder::runtime::{EngineConfig, GenerationSession, ModelRunner, Session};
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use trtllm_builder::runtime::{
+    EngineConfig, GenerationParams, KvCacheEvent, KvCacheManager, KvCacheSummary, KvPool,
+    RuntimeError, Sampler, Session,
+};
 
-use crate::request::{GenerationRequest, GenerationResult, RequestEvent};
-use crate::{ExecutorError, Result};
-
-enum Job {
-    Generate {
-        request: GenerationRequest,
-        events: Sender<RequestEvent>,
-        cancel: Arc<AtomicBool>,
-    },
-    /// Per-token negative log-likelihoods of a sequence (perplexity).
-    Score {
-        ids: Vec<u32>,
-        reply: Sender<Result<Vec<f64>>>,
-    },
-}
+use crate::active::ActiveRequest;
+use crate::dispatch::Dispatcher;
+use crate::engine_loop::{EngineLoop, Job};
+use crate::scheduler::Scheduler;
+use crate::{
+    ExecutorConfig, ExecutorError, GenerationRequest, GenerationResult, IterationStats, Result,
+};
 
 pub struct GenerationExecutor {
     jobs: Option<Sender<Job>>,
+    stop: Arc<AtomicBool>,
     worker: Option<JoinHandle<()>>,
     next_id: AtomicU64,
     /// Cancel flags of requests not yet finished, for `abort_request` by id.
-    cancels: Mutex<HashMap<u64, std::sync::Weak<AtomicBool>>>,
+    cancels: Mutex<HashMap<u64, Weak<AtomicBool>>>,
     config: EngineConfig,
+    total_blocks: usize,
+    block_size: usize,
+    // Declared after `worker` so they are dropped (and joined) once the loop has let go.
+    stats: Dispatcher<IterationStats>,
+    kv_events: Dispatcher<KvCacheEvent>,
 }
 
 impl GenerationExecutor {
-    /// Opens the engine in `dir` and starts the worker.
+    /// Opens the engine in `dir` with the default executor config.
     pub fn new(dir: &Path) -> Result<Self> {
+        Self::with_config(dir, ExecutorConfig::default())
+    }
+
+    /// Opens the engine in `dir`, sizes the KV pool and starts the engine loop.
+    pub fn with_config(dir: &Path, cfg: ExecutorConfig) -> Result<Self> {
         let session = Session::open(dir)?;
         let runner = session.model_runner()?;
         let config = runner.engine_config().clone();
-        let (tx, rx) = unbounded::<Job>();
-        let worker = std::thread::Builder::new()
-            .name("trtllm-executor".into())
-            .spawn(move || {
-                for job in rx {
-                    match job {
-                        Job::Generate {
-                            request,
-                            events,
-                            cancel,
-                        } => run_generation(&runner, request, events, cancel),
-                        Job::Score { ids, reply } => {
-                            let _ = reply.send(runner.score(&ids).map_err(ExecutorError::from));
-                        }
-                    }
-                }
+        let limits = cfg.scheduler.limits(&config.build)?;
+        let block_size = cfg.kv_cache.tokens_per_block;
+        let total_blocks = cfg.kv_cache.num_blocks(&config.model, &config.build)?;
+        let spawn_err = |e| {
+            ExecutorError::Runtime(RuntimeError::Io {
+                path: dir.into(),
+                source: e,
             })
-            .map_err(|e| {
-                ExecutorError::Runtime(trtllm_builder::runtime::RuntimeError::Io {
-                    path: dir.into(),
-                    source: e,
-                })
-            })?;
+        };
+        let stats = Dispatcher::spawn("trtllm-stats", cfg.history).map_err(spawn_err)?;
+        let kv_events = Dispatcher::spawn("trtllm-kv-events", cfg.history).map_err(spawn_err)?;
+        let (tx, rx) = unbounded::<Job>();
+        let stop = Arc::new(AtomicBool::new(false));
+        let engine = EngineLoop {
+            pool: KvPool::new(&config.model, block_size, total_blocks),
+            kv: KvCacheManager::new(total_blocks, block_size, cfg.kv_cache.enable_block_reuse),
+            runner,
+            scheduler: Scheduler {
+                policy: cfg.scheduler.policy,
+                limits,
+            },
+            jobs: rx,
+            stop: stop.clone(),
+            stats: stats.sender(),
+            kv_events: kv_events.sender(),
+            running: Vec::new(),
+            waiting: Default::default(),
+            iteration: 0,
+        };
+        let worker = std::thread::Builder::new()
+            .name("trtllm-engine".into())
+            .spawn(move || engine.run())
+            .map_err(spawn_err)?;
         Ok(Self {
             jobs: Some(tx),
+            stop,
             worker: Some(worker),
             next_id: AtomicU64::new(1),
             cancels: Mutex::default(),
             config,
+            total_blocks,
+            block_size,
+            stats,
+            kv_events,
         })
     }
 
@@ -77,40 +98,89 @@ impl GenerationExecutor {
         &self.config
     }
 
-    /// Queues a request; its tokens stream through the returned handle.
+    /// Checks and queues a request; its tokens stream through the returned handle. Bad input
+    /// (prompt, sampling parameters, a request larger than the whole KV pool) is an error
+    /// here and never reaches the engine loop.
     pub fn submit(&self, request: GenerationRequest) -> Result<GenerationResult> {
         let jobs = self.jobs.as_ref().ok_or(ExecutorError::ShutDown)?;
+        self.config.validate_prompt(&request.prompt_token_ids)?;
+        let sampler = Sampler::new(request.params.sampling.clone())?;
+        let prompt_len = request.prompt_token_ids.len();
+        let budget = request
+            .params
+            .budget(prompt_len, self.config.build.max_seq_len);
+        let needed = (prompt_len + budget).div_ceil(self.block_size);
+        if needed > self.total_blocks {
+            return Err(ExecutorError::RequestTooLarge {
+                needed,
+                total: self.total_blocks,
+            });
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = unbounded();
         let cancel = Arc::new(AtomicBool::new(false));
-        let client_id = request.client_id;
         {
             let mut cancels = self.cancels.lock().unwrap_or_else(|e| e.into_inner());
             cancels.retain(|_, w| w.strong_count() > 0);
             cancels.insert(id, Arc::downgrade(&cancel));
         }
-        jobs.send(Job::Generate {
-            request,
-            events: tx,
-            cancel: cancel.clone(),
-        })
-        .map_err(|_| ExecutorError::ShutDown)?;
+        let active = ActiveRequest::new(
+            id,
+            request.prompt_token_ids,
+            request.params,
+            budget,
+            sampler,
+            tx,
+            cancel.clone(),
+        );
+        jobs.send(Job::Submit(Box::new(active)))
+            .map_err(|_| ExecutorError::ShutDown)?;
         Ok(GenerationResult {
             id,
-            client_id,
+            client_id: request.client_id,
             events: rx,
             cancel,
             done: false,
         })
     }
 
+    /// `submit` for a prompt and parameters: returns at once; stream or wait on the handle.
+    pub fn generate_async(
+        &self,
+        prompt_token_ids: Vec<u32>,
+        params: GenerationParams,
+    ) -> Result<GenerationResult> {
+        self.submit(GenerationRequest {
+            prompt_token_ids,
+            params,
+            client_id: None,
+        })
+    }
+
     /// Negative log-likelihood of each of `ids[1..]` given the tokens before it.
     pub fn score(&self, ids: Vec<u32>) -> Result<Vec<f64>> {
-        let jobs = self.jobs.as_ref().ok_or(ExecutorError::ShutDown)?;
         let (reply, rx) = crossbeam_channel::bounded(1);
-        jobs.send(Job::Score { ids, reply })
-            .map_err(|_| ExecutorError::ShutDown)?;
+        self.send(Job::Score { ids, reply })?;
         rx.recv().unwrap_or(Err(ExecutorError::ShutDown))
+    }
+
+    /// Checks the KV-cache manager's invariants (every block free, cached or referenced by
+    /// exactly its refcount) between two steps and returns where the blocks are.
+    pub fn kv_cache_summary(&self) -> Result<KvCacheSummary> {
+        let (reply, rx) = crossbeam_channel::bounded(1);
+        self.send(Job::KvSummary { reply })?;
+        match rx.recv() {
+            Ok(Ok(summary)) => Ok(summary),
+            Ok(Err(msg)) => Err(ExecutorError::Step(format!(
+                "KV-cache invariant broken: {msg}"
+            ))),
+            Err(_) => Err(ExecutorError::ShutDown),
+        }
+    }
+
+    fn send(&self, job: Job) -> Result<()> {
+        let jobs = self.jobs.as_ref().ok_or(ExecutorError::ShutDown)?;
+        jobs.send(job).map_err(|_| ExecutorError::ShutDown)
     }
 
     /// Cancels request `id` if it has not finished; returns whether it was still known.
@@ -125,8 +195,30 @@ impl GenerationExecutor {
         }
     }
 
-    /// Stops accepting requests, lets the worker finish the queue, and joins it.
+    /// Iteration stats kept since the last call (at most `ExecutorConfig::history`).
+    pub fn latest_iteration_stats(&self) -> Vec<IterationStats> {
+        self.stats.drain()
+    }
+
+    /// Every iteration's stats from now on.
+    pub fn subscribe_iteration_stats(&self) -> Receiver<IterationStats> {
+        self.stats.subscribe()
+    }
+
+    /// KV-cache events kept since the last call (at most `ExecutorConfig::history`).
+    pub fn latest_kv_events(&self) -> Vec<KvCacheEvent> {
+        self.kv_events.drain()
+    }
+
+    /// Every KV-cache event from now on.
+    pub fn subscribe_kv_events(&self) -> Receiver<KvCacheEvent> {
+        self.kv_events.subscribe()
+    }
+
+    /// Stops at the end of the current step: requests in flight or queued fail with
+    /// `ShutDown`; then joins the engine loop.
     pub fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
         self.jobs = None;
         if let Some(w) = self.worker.take() {
             let _ = w.join();
@@ -138,34 +230,4 @@ impl Drop for GenerationExecutor {
     fn drop(&mut self) {
         self.shutdown();
     }
-}
-
-fn run_generation(
-    runner: &ModelRunner,
-    request: GenerationRequest,
-    events: Sender<RequestEvent>,
-    cancel: Arc<AtomicBool>,
-) {
-    if cancel.load(Ordering::Relaxed) {
-        let out = trtllm_builder::runtime::GenerationOutput {
-            tokens: Vec::new(),
-            finish_reason: trtllm_builder::runtime::FinishReason::Cancelled,
-        };
-        let _ = events.send(RequestEvent::Finished(out));
-        return;
-    }
-    let session = GenerationSession::new(runner);
-    let result = session.generate(&request.prompt_token_ids, &request.params, |tok| {
-        // A caller that dropped its handle no longer wants tokens.
-        if events.send(RequestEvent::Tokens(vec![tok])).is_err() || cancel.load(Ordering::Relaxed) {
-            ControlFlow::Break(())
-        } else {
-            ControlFlow::Continue(())
-        }
-    });
-    let ev = match result {
-        Ok(out) => RequestEvent::Finished(out),
-        Err(e) => RequestEvent::Failed(e.into()),
-    };
-    let _ = events.send(ev);
 }

@@ -1,17 +1,27 @@
-//! `GenerationExecutor`: accepts requests from any thread, runs them on a worker thread that owns
-//! the runtime, and streams each request's new tokens back through its [`GenerationResult`].
+//! `GenerationExecutor`: accepts requests from any thread and serves them with in-flight
+//! batching over a paged KV cache.
 //!
-//! Architecture invariant: the worker is the only owner of the model runner; callers and worker
-//! talk through channels (requests in, events out). Requests run one at a time for now; a
-//! request's failure is reported on its own result and never stops the worker.
+//! Architecture invariants: the engine loop thread is the only owner of the model runner, the
+//! KV pool and the KV-cache manager; callers talk to it through channels (jobs in, per-request
+//! events out). The scheduler decides each step, the KV-cache manager owns blocks, the runner
+//! executes. A request's failure is reported on its own handle and never stops the loop; a
+//! request's blocks are back in the pool before its final event is sent.
 
+mod active;
+mod config;
+mod dispatch;
+mod engine_loop;
 mod error;
 mod executor;
 mod request;
+mod scheduler;
+mod stats;
 
+pub use config::{CapacitySchedulerPolicy, ExecutorConfig, SchedulerConfig};
 pub use error::ExecutorError;
 pub use executor::GenerationExecutor;
 pub use request::{GenerationRequest, GenerationResult, RequestEvent};
+pub use stats::{IterationStats, RequestStats};
 pub use trtllm_builder as builder;
 pub use trtllm_builder::runtime;
 

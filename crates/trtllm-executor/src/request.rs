@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crossbeam_channel::Receiver;
 use trtllm_builder::runtime::{GenerationOutput, GenerationParams};
 
-use crate::{ExecutorError, Result};
+use crate::{ExecutorError, RequestStats, Result};
 
 #[derive(Clone, Debug)]
 pub struct GenerationRequest {
@@ -16,12 +16,15 @@ pub struct GenerationRequest {
     pub client_id: Option<u64>,
 }
 
-/// One step of a request's life as the worker reports it.
+/// One step of a request's life as the engine loop reports it.
 #[derive(Debug)]
 pub enum RequestEvent {
-    /// Tokens produced since the last event.
+    /// Tokens produced since the last event (one per step).
     Tokens(Vec<u32>),
-    Finished(GenerationOutput),
+    Finished {
+        output: GenerationOutput,
+        stats: RequestStats,
+    },
     Failed(ExecutorError),
 }
 
@@ -43,7 +46,7 @@ impl GenerationResult {
         self.client_id
     }
 
-    /// Asks the worker to stop this request; it finishes with reason `cancelled`.
+    /// Asks the engine to stop this request; it finishes with reason `cancelled`.
     pub fn abort(&self) {
         self.cancel.store(true, Ordering::Relaxed);
     }
@@ -57,20 +60,25 @@ impl GenerationResult {
             .events
             .recv()
             .unwrap_or(RequestEvent::Failed(ExecutorError::ShutDown));
-        self.done = matches!(ev, RequestEvent::Finished(_) | RequestEvent::Failed(_));
+        self.done = !matches!(ev, RequestEvent::Tokens(_));
         Some(ev)
     }
 
-    /// Blocks until the request ends and returns its full output.
-    pub fn wait(mut self) -> Result<GenerationOutput> {
+    /// Blocks until the request ends and returns its full output and stats.
+    pub fn wait_with_stats(mut self) -> Result<(GenerationOutput, RequestStats)> {
         while let Some(ev) = self.next_event() {
             match ev {
                 RequestEvent::Tokens(_) => {}
-                RequestEvent::Finished(out) => return Ok(out),
+                RequestEvent::Finished { output, stats } => return Ok((output, stats)),
                 RequestEvent::Failed(e) => return Err(e),
             }
         }
         Err(ExecutorError::ShutDown)
+    }
+
+    /// Blocks until the request ends and returns its full output.
+    pub fn wait(self) -> Result<GenerationOutput> {
+        self.wait_with_stats().map(|(out, _)| out)
     }
 }
 

@@ -1,6 +1,8 @@
 //! Quick GFLOP/s probe of the linear kernel: `cargo run --release -p trtllm-kernels --example linear_bench`.
 use std::time::Instant;
-use trtllm_kernels::cpu::{causal_attention, linear, AttentionShape, KvView, MatRef, WeightData};
+use trtllm_kernels::cpu::{
+    linear, paged_attention, AttentionSeq, AttentionShape, MatRef, PagedKv, WeightData,
+};
 
 fn main() {
     for &(m, n, k) in &[
@@ -30,6 +32,7 @@ fn main() {
     let (nh, nkv, hd, len) = (9, 3, 64, 512);
     let q: Vec<f32> = (0..len * nh * hd).map(|i| (i % 7) as f32 * 0.01).collect();
     let kv: Vec<f32> = (0..len * nkv * hd).map(|i| (i % 5) as f32 * 0.01).collect();
+    let blocks: Vec<u32> = (0..(len / 32) as u32).collect();
     let mut out = vec![0f32; q.len()];
     let s = AttentionShape {
         n_heads: nh,
@@ -39,18 +42,17 @@ fn main() {
     };
     let t = Instant::now();
     for _ in 0..5 {
-        causal_attention(
-            &q,
-            KvView {
-                k: &kv,
-                v: &kv,
-                len,
-            },
-            0,
-            s,
-            &mut out,
-        )
-        .unwrap();
+        let seq = AttentionSeq {
+            blocks: &blocks,
+            past: 0,
+            n_new: len,
+        };
+        let kv = PagedKv {
+            k: &kv,
+            v: &kv,
+            block_size: 32,
+        };
+        paged_attention(&q, kv, &[seq], s, &mut out).unwrap();
     }
     println!(
         "attention prefill 512 (one layer): {:.2} ms",

@@ -72,6 +72,38 @@ pub struct EngineConfig {
 }
 
 impl EngineConfig {
+    /// Checks a prompt against the engine's limits and vocabulary.
+    pub fn validate_prompt(&self, prompt: &[u32]) -> Result<()> {
+        let build = &self.build;
+        if prompt.is_empty() {
+            return Err(RuntimeError::EmptyPrompt);
+        }
+        if prompt.len() > build.max_input_len {
+            return Err(RuntimeError::PromptTooLong {
+                len: prompt.len(),
+                max: build.max_input_len,
+                limit: "max_input_len",
+            });
+        }
+        if prompt.len() >= build.max_seq_len {
+            return Err(RuntimeError::PromptTooLong {
+                len: prompt.len(),
+                max: build.max_seq_len - 1,
+                limit: "max_seq_len - 1",
+            });
+        }
+        self.check_ids(prompt)
+    }
+
+    /// Every id must be inside the vocabulary.
+    pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        let vocab = self.model.vocab_size;
+        match ids.iter().find(|&&id| id as usize >= vocab) {
+            Some(&id) => Err(RuntimeError::TokenOutOfRange { id, vocab }),
+            None => Ok(()),
+        }
+    }
+
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| RuntimeError::io(&path, e))?;

@@ -47,6 +47,14 @@ pub enum RuntimeError {
         value: String,
         expected: &'static str,
     },
+    #[error("KV cache: {field} = {value}: expected {expected}")]
+    InvalidKvConfig {
+        field: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("KV cache exhausted: {needed} more blocks needed, {available} available")]
+    OutOfKvBlocks { needed: usize, available: usize },
     #[error(transparent)]
     Kernel(#[from] trtllm_quant::kernels::KernelError),
     #[error(transparent)]

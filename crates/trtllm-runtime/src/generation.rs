@@ -1,10 +1,6 @@
-//! `GenerationSession`: the autoregressive loop over one sequence — prefill, then sample and
-//! decode one token at a time until a stop condition.
+//! What a generation asks for and how it ends; the loop itself is the executor's.
 
-use std::ops::ControlFlow;
-
-use crate::model::LogitsMode;
-use crate::{ModelRunner, Result, Sampler, SamplingConfig};
+use crate::SamplingConfig;
 
 #[derive(Clone, Debug, Default)]
 pub struct GenerationParams {
@@ -42,62 +38,62 @@ pub struct GenerationOutput {
     pub finish_reason: FinishReason,
 }
 
-pub struct GenerationSession<'a> {
-    runner: &'a ModelRunner,
-}
-
-impl<'a> GenerationSession<'a> {
-    pub fn new(runner: &'a ModelRunner) -> Self {
-        Self { runner }
+impl GenerationParams {
+    /// How many tokens a request with a `prompt_len`-token prompt may generate.
+    pub fn budget(&self, prompt_len: usize, max_seq_len: usize) -> usize {
+        self.max_new_tokens
+            .min(max_seq_len.saturating_sub(prompt_len))
     }
 
-    /// Generates after `prompt`, calling `on_token` with each new token as soon as it exists;
-    /// `ControlFlow::Break` from it cancels the request.
-    pub fn generate(
+    /// Whether generation ends after `tokens` (the output so far, newest last), and why.
+    /// `eos` are the model's end-of-sequence ids; `budget` comes from [`Self::budget`].
+    pub fn finish_reason(
         &self,
-        prompt: &[u32],
-        params: &GenerationParams,
-        mut on_token: impl FnMut(u32) -> ControlFlow<()>,
-    ) -> Result<GenerationOutput> {
-        self.runner.validate_prompt(prompt)?;
-        let mut sampler = Sampler::new(params.sampling.clone())?;
-        let budget = params
-            .max_new_tokens
-            .min(self.runner.max_seq_len() - prompt.len());
-        let mut cache = self.runner.new_cache(prompt.len() + budget);
-        let eos = &self.runner.model().eos_token_ids;
-        let mut tokens = Vec::new();
-        if budget == 0 {
-            return Ok(GenerationOutput {
-                tokens,
-                finish_reason: FinishReason::Length,
-            });
+        tokens: &[u32],
+        eos: &[u32],
+        budget: usize,
+    ) -> Option<FinishReason> {
+        let last = tokens.last()?;
+        if (!self.ignore_eos && eos.contains(last)) || self.stop_token_ids.contains(last) {
+            Some(FinishReason::Stop)
+        } else if tokens.len() >= budget {
+            Some(FinishReason::Length)
+        } else {
+            None
         }
-        let mut logits = self.runner.forward(prompt, &mut cache, LogitsMode::Last)?;
-        loop {
-            let next = sampler.sample(&logits);
-            tokens.push(next);
-            if on_token(next).is_break() {
-                return Ok(GenerationOutput {
-                    tokens,
-                    finish_reason: FinishReason::Cancelled,
-                });
-            }
-            let stop = (!params.ignore_eos && eos.contains(&next))
-                || params.stop_token_ids.contains(&next);
-            if stop {
-                return Ok(GenerationOutput {
-                    tokens,
-                    finish_reason: FinishReason::Stop,
-                });
-            }
-            if tokens.len() >= budget {
-                return Ok(GenerationOutput {
-                    tokens,
-                    finish_reason: FinishReason::Length,
-                });
-            }
-            logits = self.runner.forward(&[next], &mut cache, LogitsMode::Last)?;
-        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_beats_length_and_ignore_eos_skips_eos_only() {
+        let p = GenerationParams {
+            max_new_tokens: 3,
+            stop_token_ids: vec![7],
+            ..Default::default()
+        };
+        assert_eq!(p.finish_reason(&[], &[2], 3), None);
+        assert_eq!(p.finish_reason(&[1, 2], &[2], 3), Some(FinishReason::Stop));
+        assert_eq!(
+            p.finish_reason(&[1, 1, 7], &[2], 3),
+            Some(FinishReason::Stop)
+        );
+        assert_eq!(
+            p.finish_reason(&[1, 1, 1], &[2], 3),
+            Some(FinishReason::Length)
+        );
+        let ignore = GenerationParams {
+            ignore_eos: true,
+            ..p
+        };
+        assert_eq!(ignore.finish_reason(&[2], &[2], 3), None);
+        assert_eq!(
+            ignore.finish_reason(&[7], &[2], 3),
+            Some(FinishReason::Stop)
+        );
+        assert_eq!(ignore.budget(10, 12), 2);
     }
 }

@@ -1,5 +1,5 @@
 //! Runtime of trtllm-rs: opens a built engine ([`Session`]), runs the decoder over it
-//! ([`ModelRunner`]) and drives autoregressive generation ([`GenerationSession`]).
+//! ([`ModelRunner`]) over a paged KV cache ([`KvPool`], [`KvCacheManager`]), and samples.
 //!
 //! Architecture invariants: the runtime never sees a request queue or text — it gets token ids
 //! and limits and returns token ids and logits. Weights are read where the engine file is
@@ -17,9 +17,11 @@ mod session;
 pub use config::{MlpKind, ModelConfig, NormKind, PositionKind, RopeScalingConfig};
 pub use engine::{BuildConfig, EngineConfig, EngineWriter, ENGINE_FORMAT_VERSION};
 pub use error::RuntimeError;
-pub use generation::{FinishReason, GenerationOutput, GenerationParams, GenerationSession};
-pub use kv_cache::KvCache;
-pub use model::LogitsMode;
+pub use generation::{FinishReason, GenerationOutput, GenerationParams};
+pub use kv_cache::{
+    BlockId, KvCache, KvCacheConfig, KvCacheEvent, KvCacheManager, KvCacheSummary, KvPool,
+};
+pub use model::{LogitsMode, SeqChunk};
 pub use sampling::{argmax, Sampler, SamplingConfig};
 pub use session::{ModelRunner, Session};
 pub use trtllm_quant as quant;

@@ -3,19 +3,32 @@
 
 use std::sync::Arc;
 
-use trtllm_quant::kernels::cpu::{self, AttentionShape, KvView, MatRef, RopeTable};
+use trtllm_quant::kernels::cpu::{self, AttentionSeq, AttentionShape, MatRef, RopeTable};
 use trtllm_quant::DType;
 
 use crate::engine::{names, EngineFile, TensorInfo};
-use crate::{KvCache, MlpKind, ModelConfig, NormKind, PositionKind, Result, RuntimeError};
+use crate::kv_cache::{BlockId, KvPool};
+use crate::{MlpKind, ModelConfig, NormKind, PositionKind, Result, RuntimeError};
 
 /// Which positions the forward pass computes logits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogitsMode {
+    /// None (a prompt chunk that is not the prompt's last).
+    Skip,
     /// Only the last token (generation).
     Last,
     /// Every token (scoring, perplexity).
     All,
+}
+
+/// One sequence's share of a batched forward pass: `tokens` at positions `past..`, whose
+/// keys and values go to (and are read from) the pool blocks in `blocks`.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqChunk<'a> {
+    pub tokens: &'a [u32],
+    pub past: usize,
+    pub blocks: &'a [BlockId],
+    pub logits: LogitsMode,
 }
 
 struct Linear {
@@ -176,22 +189,20 @@ impl Decoder {
         Ok(())
     }
 
-    /// Runs `tokens` (at positions `cache.len()..`) through the model, appending their keys and
-    /// values to `cache`. Returns `[rows × vocab]` logits, rows per `mode`.
-    pub fn forward(
-        &self,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        mode: LogitsMode,
-    ) -> Result<Vec<f32>> {
-        let n = tokens.len();
+    /// Runs a batch of sequence chunks through the model in one pass, writing their keys and
+    /// values into `pool` through each chunk's block table. Returns the logits rows the chunks
+    /// ask for, chunk by chunk, `[rows × vocab]`.
+    pub fn forward_batch(&self, batch: &[SeqChunk<'_>], pool: &mut KvPool) -> Result<Vec<f32>> {
         let h = self.cfg.hidden_size;
-        let past = cache.len();
-        cache.reserve(n)?;
-        let positions: Vec<usize> = (past..past + n).collect();
-
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        for c in batch {
+            tokens.extend_from_slice(c.tokens);
+            positions.extend(c.past..c.past + c.tokens.len());
+        }
+        let n = tokens.len();
         let mut hidden = vec![0f32; n * h];
-        cpu::embedding_gather(self.mat(&self.embed)?, tokens, &mut hidden)?;
+        cpu::embedding_gather(self.mat(&self.embed)?, &tokens, &mut hidden)?;
         if let Some(pe) = &self.pos_embed {
             let mut pos = vec![0f32; n * h];
             let ids: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
@@ -199,20 +210,32 @@ impl Decoder {
             cpu::add_inplace(&mut hidden, &pos)?;
         }
         for (i, layer) in self.layers.iter().enumerate() {
-            self.attention_block(i, layer, &mut hidden, &positions, cache)?;
+            self.attention_block(i, layer, &mut hidden, batch, &positions, pool)?;
             self.mlp_block(layer, &mut hidden, n)?;
         }
-        cache.advance(n);
 
-        let rows = match mode {
-            LogitsMode::Last => 1,
-            LogitsMode::All => n,
-        };
-        let mut last = hidden[(n - rows) * h..].to_vec();
-        self.norm(&self.final_norm, &mut last)?;
+        let mut rows = Vec::new();
+        let mut start = 0;
+        for c in batch {
+            let len = c.tokens.len();
+            match c.logits {
+                LogitsMode::Skip => {}
+                LogitsMode::Last => rows.push(start + len - 1),
+                LogitsMode::All => rows.extend(start..start + len),
+            }
+            start += len;
+        }
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut x: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| hidden[r * h..(r + 1) * h].iter().copied())
+            .collect();
+        self.norm(&self.final_norm, &mut x)?;
         let head = self.mat(&self.lm_head)?;
-        let mut logits = vec![0f32; rows * self.cfg.vocab_size];
-        cpu::linear(&last, rows, head, None, &mut logits)?;
+        let mut logits = vec![0f32; rows.len() * self.cfg.vocab_size];
+        cpu::linear(&x, rows.len(), head, None, &mut logits)?;
         Ok(logits)
     }
 
@@ -221,8 +244,9 @@ impl Decoder {
         i: usize,
         layer: &Layer,
         hidden: &mut [f32],
+        batch: &[SeqChunk<'_>],
         positions: &[usize],
-        cache: &mut KvCache,
+        pool: &mut KvPool,
     ) -> Result<()> {
         let c = &self.cfg;
         let n = positions.len();
@@ -232,26 +256,30 @@ impl Decoder {
         let qkv = self.linear(&layer.qkv, &x, n)?;
         let mut q = Vec::with_capacity(n * qd);
         let mut k = Vec::with_capacity(n * kvd);
-        let mut v = Vec::with_capacity(n * kvd);
         for row in qkv.chunks_exact(c.qkv_dim()) {
             q.extend_from_slice(&row[..qd]);
             k.extend_from_slice(&row[qd..qd + kvd]);
-            v.extend_from_slice(&row[qd + kvd..]);
         }
         if let Some(rope) = &self.rope {
             cpu::apply_rope(&mut q, positions, c.num_heads, c.head_dim, rope)?;
             cpu::apply_rope(&mut k, positions, c.num_kv_heads, c.head_dim, rope)?;
         }
-        let past = positions[0];
-        let lc = cache.layer_mut(i);
-        lc.k[past * kvd..(past + n) * kvd].copy_from_slice(&k);
-        lc.v[past * kvd..(past + n) * kvd].copy_from_slice(&v);
-        let len = past + n;
-        let kv = KvView {
-            k: &lc.k[..len * kvd],
-            v: &lc.v[..len * kvd],
-            len,
-        };
+        let mut r = 0;
+        for chunk in batch {
+            for pos in chunk.past..chunk.past + chunk.tokens.len() {
+                let v = &qkv[r * c.qkv_dim() + qd + kvd..(r + 1) * c.qkv_dim()];
+                pool.write(i, chunk.blocks, pos, &k[r * kvd..(r + 1) * kvd], v);
+                r += 1;
+            }
+        }
+        let seqs: Vec<AttentionSeq> = batch
+            .iter()
+            .map(|chunk| AttentionSeq {
+                blocks: chunk.blocks,
+                past: chunk.past,
+                n_new: chunk.tokens.len(),
+            })
+            .collect();
         let shape = AttentionShape {
             n_heads: c.num_heads,
             n_kv_heads: c.num_kv_heads,
@@ -259,7 +287,7 @@ impl Decoder {
             scale: 1.0 / (c.head_dim as f32).sqrt(),
         };
         let mut attn = vec![0f32; n * qd];
-        cpu::causal_attention(&q, kv, past, shape, &mut attn)?;
+        cpu::paged_attention(&q, pool.layer(i), &seqs, shape, &mut attn)?;
         let o = self.linear(&layer.o, &attn, n)?;
         cpu::add_inplace(hidden, &o)?;
         Ok(())

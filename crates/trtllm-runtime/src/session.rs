@@ -4,8 +4,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::engine::{EngineConfig, EngineFile, TensorInfo};
-use crate::model::{Decoder, LogitsMode};
-use crate::{KvCache, ModelConfig, Result, RuntimeError};
+use crate::kv_cache::{KvCache, KvPool};
+use crate::model::{Decoder, LogitsMode, SeqChunk};
+use crate::{ModelConfig, Result, RuntimeError};
 
 /// A loaded engine: its config and its memory-mapped weights.
 pub struct Session {
@@ -87,33 +88,11 @@ impl ModelRunner {
 
     /// Checks a prompt against the engine's limits and vocabulary.
     pub fn validate_prompt(&self, prompt: &[u32]) -> Result<()> {
-        let build = &self.config.build;
-        if prompt.is_empty() {
-            return Err(RuntimeError::EmptyPrompt);
-        }
-        if prompt.len() > build.max_input_len {
-            return Err(RuntimeError::PromptTooLong {
-                len: prompt.len(),
-                max: build.max_input_len,
-                limit: "max_input_len",
-            });
-        }
-        if prompt.len() >= build.max_seq_len {
-            return Err(RuntimeError::PromptTooLong {
-                len: prompt.len(),
-                max: build.max_seq_len - 1,
-                limit: "max_seq_len - 1",
-            });
-        }
-        self.check_ids(prompt)
+        self.config.validate_prompt(prompt)
     }
 
     fn check_ids(&self, ids: &[u32]) -> Result<()> {
-        let vocab = self.model().vocab_size;
-        match ids.iter().find(|&&id| id as usize >= vocab) {
-            Some(&id) => Err(RuntimeError::TokenOutOfRange { id, vocab }),
-            None => Ok(()),
-        }
+        self.config.check_ids(ids)
     }
 
     /// Runs `tokens` after what `cache` holds, in chunks of at most max_num_tokens.
@@ -124,18 +103,51 @@ impl ModelRunner {
         mode: LogitsMode,
     ) -> Result<Vec<f32>> {
         self.check_ids(tokens)?;
+        cache.check_room(tokens.len())?;
         let chunk = self.config.build.max_num_tokens.max(1);
         let mut logits = Vec::new();
-        let mut start = 0;
-        while start < tokens.len() {
-            let end = (start + chunk).min(tokens.len());
-            let part = self.decoder.forward(&tokens[start..end], cache, mode)?;
-            if mode == LogitsMode::All || end == tokens.len() {
-                logits.extend(part);
-            }
-            start = end;
+        for (i, part) in tokens.chunks(chunk).enumerate() {
+            let last = (i + 1) * chunk >= tokens.len();
+            let logits_mode = match mode {
+                LogitsMode::Last if !last => LogitsMode::Skip,
+                m => m,
+            };
+            let step = SeqChunk {
+                tokens: part,
+                past: cache.len(),
+                blocks: &cache.blocks,
+                logits: logits_mode,
+            };
+            logits.extend(self.decoder.forward_batch(&[step], &mut cache.pool)?);
+            cache.advance(part.len());
         }
         Ok(logits)
+    }
+
+    /// One batched forward pass over chunks of several sequences sharing `pool` (the
+    /// scheduler's step). Checks token ids and that every chunk's block table covers it.
+    pub fn forward_batch(&self, batch: &[SeqChunk<'_>], pool: &mut KvPool) -> Result<Vec<f32>> {
+        for c in batch {
+            self.check_ids(c.tokens)?;
+            let end = c.past + c.tokens.len();
+            if end > self.max_seq_len() {
+                return Err(RuntimeError::PromptTooLong {
+                    len: end,
+                    max: self.max_seq_len(),
+                    limit: "max_seq_len",
+                });
+            }
+            if c.blocks.len() * pool.block_size() < end {
+                return Err(RuntimeError::OutOfKvBlocks {
+                    needed: end.div_ceil(pool.block_size()) - c.blocks.len(),
+                    available: 0,
+                });
+            }
+        }
+        if batch.iter().all(|c| c.tokens.is_empty()) {
+            return Ok(Vec::new());
+        }
+        self.decoder.forward_batch(batch, pool)
     }
 
     /// Negative log-likelihood of each of `ids[1..]` given the tokens before it.
@@ -161,9 +173,7 @@ impl ModelRunner {
         let mut nll = Vec::with_capacity(ids.len() - 1);
         for start in (0..ids.len() - 1).step_by(chunk) {
             let end = (start + chunk).min(ids.len() - 1);
-            let logits = self
-                .decoder
-                .forward(&ids[start..end], &mut cache, LogitsMode::All)?;
+            let logits = self.forward(&ids[start..end], &mut cache, LogitsMode::All)?;
             for (row, &next) in logits.chunks_exact(vocab).zip(&ids[start + 1..=end]) {
                 nll.push(-log_softmax_at(row, next as usize));
             }

@@ -1,11 +1,12 @@
-//! Causal scaled-dot-product attention for MHA, GQA and MQA over a KV cache.
+//! Causal scaled-dot-product attention for MHA, GQA and MQA over a paged KV cache: each
+//! sequence's positions live in fixed-size blocks named by its block table.
 
 use rayon::prelude::*;
 
 use super::elementwise::softmax_inplace;
 use super::simd::{axpy, dot};
 use crate::error::check_len;
-use crate::Result;
+use crate::{KernelError, Result};
 
 /// Head layout of one attention layer. Query head `h` reads KV head `h / (n_heads / n_kv_heads)`.
 #[derive(Clone, Copy, Debug)]
@@ -16,20 +17,29 @@ pub struct AttentionShape {
     pub scale: f32,
 }
 
-/// Keys and values of one sequence, `[len × n_kv_heads × head_dim]` each.
+/// One layer's key and value pools, `[num_blocks × block_size × n_kv_heads × head_dim]` each.
 #[derive(Clone, Copy, Debug)]
-pub struct KvView<'a> {
+pub struct PagedKv<'a> {
     pub k: &'a [f32],
     pub v: &'a [f32],
-    pub len: usize,
+    pub block_size: usize,
 }
 
-/// `q` holds `n_new` tokens (`[n_new × n_heads × head_dim]`) at positions `past..past+n_new`;
-/// token `t` attends to cache positions `0..=past+t`. Writes `[n_new × n_heads × head_dim]`.
-pub fn causal_attention(
+/// One sequence of a batched attention call: `n_new` query rows at positions
+/// `past..past + n_new`, whose keys and values (including the new ones) sit in `blocks`.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionSeq<'a> {
+    pub blocks: &'a [u32],
+    pub past: usize,
+    pub n_new: usize,
+}
+
+/// `q` holds every sequence's new rows back to back, `[Σ n_new × n_heads × head_dim]`; row `t`
+/// of a sequence attends to its positions `0..=past + t`. Writes `out` in the layout of `q`.
+pub fn paged_attention(
     q: &[f32],
-    kv: KvView<'_>,
-    past: usize,
+    kv: PagedKv<'_>,
+    seqs: &[AttentionSeq<'_>],
     shape: AttentionShape,
     out: &mut [f32],
 ) -> Result<()> {
@@ -39,42 +49,72 @@ pub fn causal_attention(
         head_dim,
         scale,
     } = shape;
-    let row = n_heads * head_dim;
-    let kv_row = n_kv_heads * head_dim;
-    let n_new = q.len() / row.max(1);
-    check_len("attention", "q", q.len(), n_new * row)?;
-    check_len("attention", "out", out.len(), q.len())?;
-    check_len("attention", "k", kv.k.len(), kv.len * kv_row)?;
-    check_len("attention", "v", kv.v.len(), kv.len * kv_row)?;
-    check_len(
-        "attention",
-        "kv length (past + new tokens)",
-        kv.len.min(past + n_new),
-        past + n_new,
-    )?;
     if n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
-        return Err(crate::KernelError::ShapeMismatch {
+        return Err(KernelError::ShapeMismatch {
             op: "attention",
             what: "n_heads (a multiple of n_kv_heads)",
             expected: n_kv_heads,
             got: n_heads,
         });
     }
+    let row = n_heads * head_dim;
+    let kv_row = n_kv_heads * head_dim;
+    let block_floats = kv.block_size * kv_row;
+    let rows: usize = seqs.iter().map(|s| s.n_new).sum();
+    check_len("attention", "q", q.len(), rows * row)?;
+    check_len("attention", "out", out.len(), q.len())?;
+    check_len("attention", "v pool", kv.v.len(), kv.k.len())?;
+    if block_floats == 0 || !kv.k.len().is_multiple_of(block_floats) {
+        return Err(KernelError::ShapeMismatch {
+            op: "attention",
+            what: "k pool (a whole number of blocks)",
+            expected: block_floats,
+            got: kv.k.len(),
+        });
+    }
+    let num_blocks = kv.k.len() / block_floats;
+    let mut row_seq = Vec::with_capacity(rows);
+    for (i, s) in seqs.iter().enumerate() {
+        let len = s.past + s.n_new;
+        check_len(
+            "attention",
+            "block table (blocks covering past + new tokens)",
+            s.blocks.len().min(len.div_ceil(kv.block_size)),
+            len.div_ceil(kv.block_size),
+        )?;
+        if let Some(&b) = s.blocks.iter().find(|&&b| b as usize >= num_blocks) {
+            return Err(KernelError::OutOfRange {
+                op: "attention",
+                what: "block id",
+                index: b as usize,
+                limit: num_blocks,
+            });
+        }
+        row_seq.extend((0..s.n_new).map(|t| (i, t)));
+    }
     let group = n_heads / n_kv_heads;
     out.par_chunks_mut(head_dim)
         .enumerate()
         .for_each(|(idx, o)| {
-            let (t, h) = (idx / n_heads, idx % n_heads);
+            let (r, h) = (idx / n_heads, idx % n_heads);
+            let (si, t) = row_seq[r];
+            let s = &seqs[si];
             let kvh = h / group;
             let qh = &q[idx * head_dim..(idx + 1) * head_dim];
-            let n_keys = past + t + 1;
+            let n_keys = s.past + t + 1;
             let mut scores = vec![0f32; n_keys];
-            key_scores(qh, &kv.k[kvh * head_dim..], kv_row, scale, &mut scores);
+            for (chunk, &b) in scores.chunks_mut(kv.block_size).zip(s.blocks) {
+                let base = b as usize * block_floats + kvh * head_dim;
+                key_scores(qh, &kv.k[base..], kv_row, scale, chunk);
+            }
             softmax_inplace(&mut scores);
             o.fill(0.0);
-            for (p, &w) in scores.iter().enumerate() {
-                let off = p * kv_row + kvh * head_dim;
-                axpy(w, &kv.v[off..off + head_dim], o);
+            for (chunk, &b) in scores.chunks(kv.block_size).zip(s.blocks) {
+                let base = b as usize * block_floats + kvh * head_dim;
+                for (p, &w) in chunk.iter().enumerate() {
+                    let off = base + p * kv_row;
+                    axpy(w, &kv.v[off..off + head_dim], o);
+                }
             }
         });
     Ok(())
@@ -84,7 +124,8 @@ pub fn causal_attention(
 fn key_scores(q: &[f32], k: &[f32], stride: usize, scale: f32, scores: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if super::simd::simd_available() {
-        // SAFETY: the features were detected at run time; the caller checked the cache length.
+        // SAFETY: the features were detected at run time; the caller checked that the block
+        // holds `scores.len()` keys of `q.len()` floats, `stride` apart.
         return unsafe { super::simd::avx::scaled_dots(q, k, stride, scale, scores) };
     }
     for (p, s) in scores.iter_mut().enumerate() {
@@ -97,6 +138,7 @@ mod tests {
     use super::*;
     use crate::cpu::testutil::{assert_close, both_paths, rand_vec};
 
+    /// Contiguous `[len × nkv × hd]` keys/values, f64 accumulation.
     fn reference(q: &[f32], k: &[f32], v: &[f32], past: usize, s: AttentionShape) -> Vec<f32> {
         let (nh, nkv, hd) = (s.n_heads, s.n_kv_heads, s.head_dim);
         let n_new = q.len() / (nh * hd);
@@ -127,47 +169,110 @@ mod tests {
         out
     }
 
+    struct Case {
+        past: usize,
+        n_new: usize,
+        k: Vec<f32>,
+        v: Vec<f32>,
+        q: Vec<f32>,
+        blocks: Vec<u32>,
+    }
+
+    /// Sequences of odd lengths scattered over a shared pool in a shuffled block order.
     #[test]
-    fn mha_gqa_mqa_prefill_and_decode_match_reference() {
-        for &(nh, nkv, hd, past, n_new) in &[
-            (4, 4, 9, 0, 5),
-            (6, 2, 13, 3, 4),
-            (5, 1, 17, 11, 1),
-            (9, 3, 64, 0, 33),
-        ] {
+    fn batched_paged_attention_matches_contiguous_reference() {
+        for &(nh, nkv, hd, bs) in &[(4, 4, 9, 3), (6, 2, 13, 4), (5, 1, 17, 5), (9, 3, 64, 32)] {
             let s = AttentionShape {
                 n_heads: nh,
                 n_kv_heads: nkv,
                 head_dim: hd,
                 scale: 1.0 / (hd as f32).sqrt(),
             };
-            let len = past + n_new;
-            let q = rand_vec(n_new * nh * hd, 7);
-            let k = rand_vec(len * nkv * hd, 8);
-            let v = rand_vec(len * nkv * hd, 9);
-            let expect = reference(&q, &k, &v, past, s);
+            let kv_row = nkv * hd;
+            let shapes: [(usize, usize); 5] = [(0, 5), (3, 4), (11, 1), (0, 33), (40, 1)];
+            let total_blocks: usize = shapes.iter().map(|&(p, n)| (p + n).div_ceil(bs)).sum();
+            // Block i of the pool goes to whoever draws it in this scrambled order.
+            let mut order: Vec<u32> = (0..total_blocks as u32).collect();
+            order.sort_by_key(|&b| (b * 7919) % total_blocks as u32);
+            let mut pool_k = vec![f32::NAN; (total_blocks + 1) * bs * kv_row];
+            let mut pool_v = pool_k.clone();
+            let mut next = order.into_iter();
+            let cases: Vec<Case> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &(past, n_new))| {
+                    let len = past + n_new;
+                    let k = rand_vec(len * kv_row, 10 + i as u64);
+                    let v = rand_vec(len * kv_row, 20 + i as u64);
+                    let blocks: Vec<u32> = next.by_ref().take(len.div_ceil(bs)).collect();
+                    for p in 0..len {
+                        let slot = (blocks[p / bs] as usize * bs + p % bs) * kv_row;
+                        pool_k[slot..slot + kv_row].copy_from_slice(&k[p * kv_row..][..kv_row]);
+                        pool_v[slot..slot + kv_row].copy_from_slice(&v[p * kv_row..][..kv_row]);
+                    }
+                    let q = rand_vec(n_new * nh * hd, 30 + i as u64);
+                    Case {
+                        past,
+                        n_new,
+                        k,
+                        v,
+                        q,
+                        blocks,
+                    }
+                })
+                .collect();
+            let q: Vec<f32> = cases.iter().flat_map(|c| c.q.iter().copied()).collect();
+            let expect: Vec<f32> = cases
+                .iter()
+                .flat_map(|c| reference(&c.q, &c.k, &c.v, c.past, s))
+                .collect();
+            let seqs: Vec<AttentionSeq> = cases
+                .iter()
+                .map(|c| AttentionSeq {
+                    blocks: &c.blocks,
+                    past: c.past,
+                    n_new: c.n_new,
+                })
+                .collect();
+            let kv = PagedKv {
+                k: &pool_k,
+                v: &pool_v,
+                block_size: bs,
+            };
             both_paths(|| {
                 let mut out = vec![0f32; q.len()];
-                causal_attention(&q, KvView { k: &k, v: &v, len }, past, s, &mut out).unwrap();
+                paged_attention(&q, kv, &seqs, s, &mut out).unwrap();
                 assert_close(&out, &expect, 1e-5);
             });
         }
     }
 
     #[test]
-    fn short_cache_is_an_error() {
+    fn short_block_table_and_bad_block_id_are_errors() {
         let s = AttentionShape {
             n_heads: 1,
             n_kv_heads: 1,
             head_dim: 2,
             scale: 1.0,
         };
-        let mut out = [0f32; 2];
-        let kv = KvView {
-            k: &[0.0; 2],
-            v: &[0.0; 2],
-            len: 1,
+        let pool = [0f32; 8];
+        let kv = PagedKv {
+            k: &pool,
+            v: &pool,
+            block_size: 2,
         };
-        assert!(causal_attention(&[0.0; 2], kv, 1, s, &mut out).is_err());
+        let mut out = [0f32; 2];
+        let short = [AttentionSeq {
+            blocks: &[0],
+            past: 2,
+            n_new: 1,
+        }];
+        assert!(paged_attention(&[0.0; 2], kv, &short, s, &mut out).is_err());
+        let bad = [AttentionSeq {
+            blocks: &[0, 2],
+            past: 2,
+            n_new: 1,
+        }];
+        assert!(paged_attention(&[0.0; 2], kv, &bad, s, &mut out).is_err());
     }
 }

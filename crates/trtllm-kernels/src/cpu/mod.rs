@@ -11,7 +11,7 @@ mod rope;
 mod simd;
 
 pub use activation::{gelu_tanh, silu_mul};
-pub use attention::{causal_attention, AttentionShape, KvView};
+pub use attention::{paged_attention, AttentionSeq, AttentionShape, PagedKv};
 pub use elementwise::{add_inplace, embedding_gather, softmax_inplace};
 pub use matmul::{linear, MatRef, WeightData};
 pub use norm::{layer_norm, rms_norm};

@@ -1,0 +1,125 @@
+//! A request inside the engine loop: its tokens, how many of them the KV cache holds, its
+//! sampler, its event channel and its timings.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::Sender;
+use trtllm_builder::runtime::{FinishReason, GenerationOutput, GenerationParams, Sampler};
+
+use crate::{ExecutorError, RequestEvent, RequestStats};
+
+pub(crate) struct ActiveRequest {
+    pub id: u64,
+    /// Prompt followed by the tokens generated so far.
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    /// Leading `tokens` whose keys and values are in the cache.
+    pub computed: usize,
+    /// Most tokens this request may generate.
+    pub budget: usize,
+    pub params: GenerationParams,
+    pub sampler: Sampler,
+    pub events: Sender<RequestEvent>,
+    pub cancel: Arc<AtomicBool>,
+    pub stats: RequestStats,
+    pub arrived: Instant,
+    pub first_scheduled: Option<Instant>,
+    pub first_token: Option<Instant>,
+}
+
+impl ActiveRequest {
+    pub fn new(
+        id: u64,
+        prompt: Vec<u32>,
+        params: GenerationParams,
+        budget: usize,
+        sampler: Sampler,
+        events: Sender<RequestEvent>,
+        cancel: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            id,
+            prompt_len: prompt.len(),
+            tokens: prompt,
+            computed: 0,
+            budget,
+            params,
+            sampler,
+            events,
+            cancel,
+            stats: RequestStats::default(),
+            arrived: Instant::now(),
+            first_scheduled: None,
+            first_token: None,
+        }
+    }
+
+    pub fn output(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+
+    /// Length the sequence can reach: its whole-life KV footprint.
+    pub fn final_len(&self) -> usize {
+        self.prompt_len + self.budget
+    }
+
+    /// Tokens still to run before the next token can be sampled.
+    pub fn pending(&self) -> usize {
+        self.tokens.len() - self.computed
+    }
+
+    /// Still prefilling (its prompt, or its recomputed prefix after a preemption).
+    pub fn in_context_phase(&self) -> bool {
+        self.pending() > 1 || self.output().is_empty()
+    }
+
+    /// Cancelled by the caller, or the caller dropped its handle.
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+
+    /// Appends a sampled token and streams it; returns why the request ends, if it does.
+    pub fn push_token(&mut self, token: u32, eos: &[u32]) -> Option<FinishReason> {
+        let now = Instant::now();
+        self.first_token.get_or_insert(now);
+        self.tokens.push(token);
+        if self.events.send(RequestEvent::Tokens(vec![token])).is_err() {
+            return Some(FinishReason::Cancelled);
+        }
+        self.params.finish_reason(self.output(), eos, self.budget)
+    }
+
+    /// Sends the final output. The caller frees the request's blocks first, so that a caller
+    /// who sees the end also sees the blocks back in the pool.
+    pub fn finish(mut self, reason: FinishReason) {
+        let now = Instant::now();
+        let s = &mut self.stats;
+        s.prompt_tokens = self.prompt_len;
+        s.output_tokens = self.tokens.len() - self.prompt_len;
+        s.total_time_s = (now - self.arrived).as_secs_f64();
+        if let Some(t) = self.first_scheduled {
+            s.queue_time_s = (t - self.arrived).as_secs_f64();
+        }
+        if let Some(t) = self.first_token {
+            s.time_to_first_token_s = (t - self.arrived).as_secs_f64();
+            let decode = (now - t).as_secs_f64();
+            if s.output_tokens > 1 && decode > 0.0 {
+                s.decode_tokens_per_s = (s.output_tokens - 1) as f64 / decode;
+            }
+        }
+        let output = GenerationOutput {
+            tokens: self.tokens.split_off(self.prompt_len),
+            finish_reason: reason,
+        };
+        let _ = self.events.send(RequestEvent::Finished {
+            output,
+            stats: self.stats,
+        });
+    }
+
+    pub fn fail(self, error: ExecutorError) {
+        let _ = self.events.send(RequestEvent::Failed(error));
+    }
+}

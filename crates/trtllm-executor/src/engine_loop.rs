@@ -1,0 +1,246 @@
+//! The engine loop: the one thread that owns the model runner, the KV pool and the KV-cache
+//! manager. Each iteration takes new jobs, drops cancelled requests, asks the scheduler for a
+//! step, runs it as one batched forward pass, samples, streams tokens and reports stats.
+
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use trtllm_builder::runtime::{
+    FinishReason, KvCacheEvent, KvCacheManager, KvCacheSummary, KvPool, LogitsMode, ModelRunner,
+    SeqChunk,
+};
+
+use crate::active::ActiveRequest;
+use crate::scheduler::{Schedule, Scheduler};
+use crate::{ExecutorError, IterationStats, Result};
+
+pub(crate) enum Job {
+    Submit(Box<ActiveRequest>),
+    /// Per-token negative log-likelihoods of a sequence (perplexity).
+    Score {
+        ids: Vec<u32>,
+        reply: Sender<Result<Vec<f64>>>,
+    },
+    /// The pool's state after an invariant check.
+    KvSummary {
+        reply: Sender<std::result::Result<KvCacheSummary, String>>,
+    },
+}
+
+pub(crate) struct EngineLoop {
+    pub runner: ModelRunner,
+    pub pool: KvPool,
+    pub kv: KvCacheManager,
+    pub scheduler: Scheduler,
+    pub jobs: Receiver<Job>,
+    pub stop: Arc<AtomicBool>,
+    pub stats: Sender<IterationStats>,
+    pub kv_events: Sender<KvCacheEvent>,
+    pub running: Vec<ActiveRequest>,
+    pub waiting: VecDeque<ActiveRequest>,
+    pub iteration: u64,
+}
+
+impl EngineLoop {
+    pub fn run(mut self) {
+        while self.intake() && !self.stop.load(Ordering::Relaxed) {
+            self.drop_cancelled();
+            if self.running.is_empty() && self.waiting.is_empty() {
+                continue;
+            }
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| self.step())) {
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "panic".into());
+                // The step's state is unknown: fail everything in flight and start afresh.
+                self.fail_all(|| ExecutorError::Step(msg.clone()));
+                self.kv = KvCacheManager::new(
+                    self.kv.total_blocks(),
+                    self.kv.block_size(),
+                    self.kv.reuse_enabled(),
+                );
+            }
+        }
+        self.fail_all(|| ExecutorError::ShutDown);
+    }
+
+    /// Takes every queued job, blocking while idle. False once the executor is gone.
+    fn intake(&mut self) -> bool {
+        let idle = self.running.is_empty() && self.waiting.is_empty();
+        let mut next = if idle {
+            match self.jobs.recv() {
+                Ok(job) => Some(job),
+                Err(_) => return false,
+            }
+        } else {
+            None
+        };
+        loop {
+            let job = match next.take() {
+                Some(job) => job,
+                None => match self.jobs.try_recv() {
+                    Ok(job) => job,
+                    Err(TryRecvError::Empty) => return true,
+                    Err(TryRecvError::Disconnected) => return !idle,
+                },
+            };
+            self.handle(job);
+        }
+    }
+
+    fn handle(&mut self, job: Job) {
+        match job {
+            Job::Submit(r) => {
+                if r.budget == 0 {
+                    r.finish(FinishReason::Length);
+                } else {
+                    self.waiting.push_back(*r);
+                }
+            }
+            Job::Score { ids, reply } => {
+                let _ = reply.send(self.runner.score(&ids).map_err(ExecutorError::from));
+            }
+            Job::KvSummary { reply } => {
+                let _ = reply.send(self.kv.check_invariants());
+            }
+        }
+    }
+
+    fn drop_cancelled(&mut self) {
+        let kv = &mut self.kv;
+        for r in extract(&mut self.running, |r| r.cancelled()) {
+            kv.free_sequence(r.id);
+            r.finish(FinishReason::Cancelled);
+        }
+        let waiting = std::mem::take(&mut self.waiting);
+        let (gone, kept): (Vec<_>, Vec<_>) = waiting.into_iter().partition(|r| r.cancelled());
+        self.waiting = kept.into();
+        for r in gone {
+            r.finish(FinishReason::Cancelled);
+        }
+    }
+
+    fn step(&mut self) {
+        let start = Instant::now();
+        let schedule = self
+            .scheduler
+            .schedule(&mut self.running, &mut self.waiting, &mut self.kv);
+        if schedule.chunks.is_empty() {
+            return;
+        }
+        let mut stats = IterationStats {
+            iteration: self.iteration,
+            batch_size: schedule.chunks.len(),
+            preempted_requests: schedule.preempted,
+            reused_blocks: schedule.reused_blocks,
+            ..Default::default()
+        };
+        self.iteration += 1;
+        match self.forward(&schedule) {
+            Ok(logits) => self.apply(&schedule, &logits, &mut stats),
+            Err(e) => {
+                let ids: Vec<u64> = schedule.chunks.iter().map(|c| c.id).collect();
+                let kv = &mut self.kv;
+                for r in extract(&mut self.running, |r| ids.contains(&r.id)) {
+                    kv.free_sequence(r.id);
+                    r.fail(ExecutorError::Step(e.to_string()));
+                }
+            }
+        }
+        stats.paused_requests = self.running.len().saturating_sub(schedule.chunks.len());
+        stats.queued_requests = self.waiting.len();
+        stats.kv = self.kv.summary();
+        stats.iteration_time_ms = start.elapsed().as_secs_f64() * 1e3;
+        for ev in self.kv.take_events() {
+            let _ = self.kv_events.send(ev);
+        }
+        let _ = self.stats.send(stats);
+    }
+
+    fn forward(&mut self, schedule: &Schedule) -> Result<Vec<f32>> {
+        let mut batch = Vec::with_capacity(schedule.chunks.len());
+        for c in &schedule.chunks {
+            let r =
+                self.running.iter().find(|r| r.id == c.id).ok_or_else(|| {
+                    ExecutorError::Step(format!("request {} is not running", c.id))
+                })?;
+            let end = r.computed + c.n_tokens;
+            batch.push(SeqChunk {
+                tokens: &r.tokens[r.computed..end],
+                past: r.computed,
+                blocks: self.kv.block_table(r.id),
+                logits: if end == r.tokens.len() {
+                    LogitsMode::Last
+                } else {
+                    LogitsMode::Skip
+                },
+            });
+        }
+        Ok(self.runner.forward_batch(&batch, &mut self.pool)?)
+    }
+
+    /// Advances every scheduled request by its chunk and samples where a prompt or decode
+    /// step completed.
+    fn apply(&mut self, schedule: &Schedule, logits: &[f32], stats: &mut IterationStats) {
+        let vocab = self.runner.model().vocab_size;
+        let eos = &self.runner.model().eos_token_ids;
+        let mut rows = logits.chunks_exact(vocab);
+        let mut finished = Vec::new();
+        for c in &schedule.chunks {
+            let Some(r) = self.running.iter_mut().find(|r| r.id == c.id) else {
+                continue;
+            };
+            if r.in_context_phase() {
+                stats.context_requests += 1;
+                stats.context_tokens += c.n_tokens;
+                r.stats.context_tokens_computed += c.n_tokens;
+            } else {
+                stats.generation_requests += 1;
+                stats.generation_tokens += c.n_tokens;
+            }
+            r.computed += c.n_tokens;
+            self.kv.commit(r.id, &r.tokens, r.computed);
+            if r.computed < r.tokens.len() {
+                continue;
+            }
+            let Some(row) = rows.next() else {
+                finished.push((r.id, Err("missing logits row".to_string())));
+                continue;
+            };
+            let token = r.sampler.sample(row);
+            if let Some(reason) = r.push_token(token, eos) {
+                finished.push((r.id, Ok(reason)));
+            }
+        }
+        for (id, outcome) in finished {
+            let kv = &mut self.kv;
+            for r in extract(&mut self.running, |r| r.id == id) {
+                kv.free_sequence(r.id);
+                match &outcome {
+                    Ok(reason) => r.finish(*reason),
+                    Err(msg) => r.fail(ExecutorError::Step(msg.clone())),
+                }
+            }
+        }
+    }
+
+    fn fail_all(&mut self, error: impl Fn() -> ExecutorError) {
+        for r in self.running.drain(..).chain(self.waiting.drain(..)) {
+            self.kv.free_sequence(r.id);
+            r.fail(error());
+        }
+    }
+}
+
+/// Removes and returns the elements matching `pred`, keeping the others in order.
+fn extract<T>(v: &mut Vec<T>, pred: impl Fn(&T) -> bool) -> Vec<T> {
+    let (out, keep): (Vec<T>, Vec<T>) = std::mem::take(v).into_iter().partition(|x| pred(x));
+    *v = keep;
+    out
+}

@@ -1,0 +1,44 @@
+//! What the executor reports about its steps and requests.
+
+use serde::Serialize;
+use trtllm_builder::runtime::KvCacheSummary;
+
+/// One engine step.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct IterationStats {
+    pub iteration: u64,
+    /// Requests in the step's forward pass.
+    pub batch_size: usize,
+    /// Requests whose prompt (or a chunk of it) ran in this step.
+    pub context_requests: usize,
+    pub context_tokens: usize,
+    pub generation_requests: usize,
+    pub generation_tokens: usize,
+    /// Requests admitted but not scheduled in this step, and those still queued.
+    pub paused_requests: usize,
+    pub queued_requests: usize,
+    /// Requests preempted (blocks freed, to be recomputed) in this step.
+    pub preempted_requests: usize,
+    pub kv: KvCacheSummary,
+    /// Blocks matched from the prefix cache by requests admitted in this step.
+    pub reused_blocks: usize,
+    pub iteration_time_ms: f64,
+}
+
+/// One request, reported with its final output.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RequestStats {
+    pub prompt_tokens: usize,
+    pub output_tokens: usize,
+    /// Prompt tokens found in the prefix cache instead of computed.
+    pub reused_tokens: usize,
+    /// Prompt and recomputed tokens that went through forward passes.
+    pub context_tokens_computed: usize,
+    pub preemptions: usize,
+    /// Submission to first scheduled step.
+    pub queue_time_s: f64,
+    pub time_to_first_token_s: f64,
+    /// Output tokens after the first, per second after the first.
+    pub decode_tokens_per_s: f64,
+    pub total_time_s: f64,
+}

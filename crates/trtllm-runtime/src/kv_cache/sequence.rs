@@ -1,0 +1,59 @@
+//! A private paged cache for one sequence, its blocks numbered in order: what scoring,
+//! benchmarks and tests use when no scheduler shares a pool.
+
+use super::{BlockId, KvPool};
+use crate::{ModelConfig, Result, RuntimeError};
+
+const BLOCK: usize = 64;
+
+pub struct KvCache {
+    pub(crate) pool: KvPool,
+    pub(crate) blocks: Vec<BlockId>,
+    len: usize,
+    max_len: usize,
+}
+
+impl KvCache {
+    pub fn new(model: &ModelConfig, max_len: usize) -> Self {
+        let num_blocks = max_len.div_ceil(BLOCK);
+        Self {
+            pool: KvPool::new(model, BLOCK, num_blocks),
+            blocks: (0..num_blocks as BlockId).collect(),
+            len: 0,
+            max_len,
+        }
+    }
+
+    /// Positions cached so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Forgets every position from `len` on (e.g. to reuse a prompt prefix).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    pub(crate) fn check_room(&self, n: usize) -> Result<()> {
+        if self.len + n > self.max_len {
+            return Err(RuntimeError::PromptTooLong {
+                len: self.len + n,
+                max: self.max_len,
+                limit: "max_seq_len",
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+}
