@@ -80,3 +80,11 @@ pub fn smollm2_gguf() -> Result<PathBuf> {
     }
     Ok(path)
 }
+
+/// Builds the SmolLM2 demo model into a fresh temporary engine directory.
+pub fn build_smollm2(config: &trtllm_api::builder::BuildConfig) -> Result<tempfile::TempDir> {
+    let gguf = smollm2_gguf()?;
+    let dir = tempfile::tempdir()?;
+    trtllm_api::builder::build(&gguf, dir.path(), config, &mut |_, _, _| {})?;
+    Ok(dir)
+}

@@ -4,26 +4,15 @@
 use std::sync::OnceLock;
 
 use anyhow::Result;
-use trtllm_api::builder::{build, BuildConfig};
+use trtllm_api::builder::BuildConfig;
 use trtllm_api::{LlmArgs, Prompt, SamplingParams, LLM};
-use trtllm_tests::{fixtures, read_json, smollm2_gguf, SmolGolden};
+use trtllm_tests::{build_smollm2, fixtures, read_json, SmolGolden};
 
 /// One engine for the whole file: building takes seconds, not worth repeating per test.
 fn engine_dir() -> &'static std::path::Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let gguf = smollm2_gguf().expect("demo model");
-        let dir = tempfile::tempdir().expect("tempdir");
-        build(
-            &gguf,
-            dir.path(),
-            &BuildConfig::default(),
-            &mut |_, _, _| {},
-        )
-        .expect("build SmolLM2 engine");
-        dir
-    })
-    .path()
+    DIR.get_or_init(|| build_smollm2(&BuildConfig::default()).expect("build SmolLM2 engine"))
+        .path()
 }
 
 fn golden() -> Result<SmolGolden> {
