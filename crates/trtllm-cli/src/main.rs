@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use trtllm_api::builder::{self, BuildConfig};
+use trtllm_api::executor::{CapacitySchedulerPolicy, ExecutorConfig};
 use trtllm_api::runtime::{quant::DType, Session};
 use trtllm_api::{ChatMessage, LlmArgs, Prompt, SamplingParams, LLM};
 
@@ -51,8 +52,12 @@ struct BuildArgs {
 struct RunArgs {
     #[arg(long)]
     engine: PathBuf,
-    #[arg(long, group = "input")]
-    prompt: Option<String>,
+    /// Repeat for several prompts; they run concurrently through the executor.
+    #[arg(long, conflicts_with = "input")]
+    prompt: Vec<String>,
+    /// One prompt per line (blank lines skipped), run concurrently.
+    #[arg(long, conflicts_with = "input")]
+    prompts_file: Option<PathBuf>,
     /// Sent as one user message through the chat template.
     #[arg(long, group = "input")]
     chat: Option<String>,
@@ -72,9 +77,51 @@ struct RunArgs {
     seed: Option<u64>,
     #[arg(long)]
     ignore_eos: bool,
-    /// Print one RequestOutput as JSON instead of streaming text.
+    /// Print one RequestOutput as JSON per line instead of streaming text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    executor: ExecutorArgs,
+}
+
+/// How the executor batches; the defaults come from the engine.
+#[derive(Args)]
+struct ExecutorArgs {
+    /// Requests per step (at most the engine's max_batch_size).
+    #[arg(long)]
+    max_batch_size: Option<usize>,
+    /// Tokens per step, prompt chunks included (at most the engine's max_num_tokens).
+    #[arg(long)]
+    max_num_tokens: Option<usize>,
+    /// KV-cache pool size in tokens (default: max_batch_size full-length sequences).
+    #[arg(long)]
+    kv_cache_tokens: Option<usize>,
+    #[arg(long, value_enum, default_value_t = Policy::GuaranteedNoEvict)]
+    scheduler_policy: Policy,
+    /// Do not share KV blocks between prompts with a common prefix.
+    #[arg(long)]
+    disable_block_reuse: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Policy {
+    GuaranteedNoEvict,
+    MaxUtilization,
+}
+
+impl ExecutorArgs {
+    fn config(&self) -> ExecutorConfig {
+        let mut cfg = ExecutorConfig::default();
+        cfg.scheduler.max_batch_size = self.max_batch_size;
+        cfg.scheduler.max_num_tokens = self.max_num_tokens;
+        cfg.scheduler.policy = match self.scheduler_policy {
+            Policy::GuaranteedNoEvict => CapacitySchedulerPolicy::GuaranteedNoEvict,
+            Policy::MaxUtilization => CapacitySchedulerPolicy::MaxUtilization,
+        };
+        cfg.kv_cache.max_tokens = self.kv_cache_tokens;
+        cfg.kv_cache.enable_block_reuse = !self.disable_block_reuse;
+        cfg
+    }
 }
 
 #[derive(Args)]
@@ -153,9 +200,10 @@ fn build(a: BuildArgs) -> Result<()> {
     Ok(())
 }
 
-fn open(engine: &Path) -> Result<LLM> {
+fn open(engine: &Path, executor_config: ExecutorConfig) -> Result<LLM> {
     Ok(LLM::new(LlmArgs {
         model: engine.to_path_buf(),
+        executor_config,
         ..LlmArgs::default()
     })?)
 }
@@ -171,7 +219,33 @@ fn generate(a: RunArgs) -> Result<()> {
         ..SamplingParams::default()
     };
     params.validate()?;
-    let llm = open(&a.engine)?;
+    let mut prompts: Vec<Prompt> = a.prompt.iter().cloned().map(Prompt::Text).collect();
+    if let Some(f) = &a.prompts_file {
+        let text = std::fs::read_to_string(f).with_context(|| f.display().to_string())?;
+        prompts.extend(
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| Prompt::Text(l.to_string())),
+        );
+        if prompts.is_empty() {
+            bail!("{}: no prompts (one per line expected)", f.display());
+        }
+    }
+    if let Some(ids) = a.input_ids {
+        prompts.push(Prompt::TokenIds(ids));
+    }
+    let llm = open(&a.engine, a.executor.config())?;
+    if prompts.len() > 1 {
+        let outs = llm.generate(&prompts, &params)?;
+        for (i, out) in outs.iter().enumerate() {
+            if a.json {
+                println!("{}", serde_json::to_string(out)?);
+            } else {
+                println!("[{i}] {}", out.outputs[0].text);
+            }
+        }
+        return Ok(());
+    }
     let stream = !a.json;
     let mut stdout = std::io::stdout();
     let on_text = |t: &str| {
@@ -180,19 +254,13 @@ fn generate(a: RunArgs) -> Result<()> {
             let _ = stdout.flush();
         }
     };
-    let out = match (a.prompt, a.chat, a.input_ids) {
-        (Some(p), _, _) => llm.generate_stream(Prompt::Text(p), &params, on_text)?,
-        (_, Some(c), _) => llm.chat(&[ChatMessage::new("user", &c)], &params, on_text)?,
-        (_, _, Some(ids)) => llm.generate_stream(Prompt::TokenIds(ids), &params, on_text)?,
-        _ => bail!("one of --prompt, --chat or --input-ids is required"),
+    let out = match (prompts.pop(), a.chat) {
+        (Some(p), _) => llm.generate_stream(p, &params, on_text)?,
+        (_, Some(c)) => llm.chat(&[ChatMessage::new("user", &c)], &params, on_text)?,
+        _ => bail!("one of --prompt, --prompts-file, --chat or --input-ids is required"),
     };
     if a.json {
-        let o = &out.outputs[0];
-        let v = serde_json::json!({
-            "prompt_token_ids": out.prompt_token_ids,
-            "outputs": [{"token_ids": o.token_ids, "text": o.text, "finish_reason": o.finish_reason}],
-        });
-        println!("{v}");
+        println!("{}", serde_json::to_string(&out)?);
     } else {
         println!();
     }
@@ -200,7 +268,7 @@ fn generate(a: RunArgs) -> Result<()> {
 }
 
 fn perplexity(a: PerplexityArgs) -> Result<()> {
-    let llm = open(&a.engine)?;
+    let llm = open(&a.engine, ExecutorConfig::default())?;
     let ids = match (&a.text_file, &a.input_ids_file) {
         (Some(f), _) => {
             let text = std::fs::read_to_string(f).with_context(|| f.display().to_string())?;

@@ -54,6 +54,44 @@ fn build_run_and_perplexity() {
     assert_eq!(v["outputs"][0]["text"], "The capital of France is Paris.");
     assert_eq!(v["outputs"][0]["finish_reason"], "stop");
 
+    // Several prompts at once: two flags and a file, one RequestOutput per line, in order;
+    // each is the golden greedy continuation cut at --max-tokens.
+    let raw: Vec<_> = golden.cases.iter().filter(|c| c.kind == "raw").collect();
+    let prompts_file = t.path().join("prompts.txt");
+    let rest: Vec<&str> = raw[2..]
+        .iter()
+        .map(|c| c.prompt.as_deref().unwrap())
+        .collect();
+    std::fs::write(&prompts_file, rest.join("\n\n")).unwrap();
+    let out = trtllm(&[
+        "run",
+        "--engine",
+        e,
+        "--prompt",
+        raw[0].prompt.as_deref().unwrap(),
+        "--prompt",
+        raw[1].prompt.as_deref().unwrap(),
+        "--prompts-file",
+        prompts_file.to_str().unwrap(),
+        "--max-tokens",
+        "6",
+        "--max-batch-size",
+        "2",
+        "--json",
+    ]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), raw.len(), "{out}");
+    for (line, case) in lines.iter().zip(&raw) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["prompt"].as_str(), case.prompt.as_deref());
+        let want = &case.greedy_ids[..case.greedy_ids.len().min(6)];
+        assert_eq!(
+            v["outputs"][0]["token_ids"],
+            serde_json::json!(want),
+            "{line}"
+        );
+    }
+
     let ids_file = t.path().join("ids.txt");
     let ids: Vec<String> = golden
         .perplexity
