@@ -21,7 +21,7 @@ enum Task {
     Demo,
     /// Fetch the demo model and run every test of the workspace.
     Test,
-    /// Fetch the demo model and run the engine benchmark (prefill and decode tokens/s).
+    /// Fetch the demo model and run the benchmarks (prefill/decode tokens/s, batched throughput).
     Bench,
 }
 
@@ -39,7 +39,7 @@ fn main() -> Result<()> {
         }
         Task::Bench => {
             fetch_demo_model()?;
-            cargo(&["bench", "-p", "trtllm-tests", "--bench", "engine"])
+            cargo(&["bench", "-p", "trtllm-tests"])
         }
     }
 }

@@ -1,5 +1,5 @@
-//! The prefill path of `linear` (several activation rows): weights are packed per worker into
-//! k-major panels of 16 output columns, widened to f32 once per panel, then a 6×16 register
+//! The prefill and batched-decode path of `linear` (several activation rows): weights are packed
+//! into k-major panels of 16 output columns, widened to f32 once per panel, then a 6×16 register
 //! tile broadcasts activations against panel vectors (BLIS-style). No horizontal sums, and the
 //! bf16/f16 conversion cost is shared by every activation row.
 
@@ -12,89 +12,118 @@ use super::matmul::{Elem, OutPtr, Problem};
 
 const NR: usize = 16;
 const MR: usize = 6;
-/// Depth of one packed block: a 16×KC f32 panel (16 KiB) stays in L1.
-const KC: usize = 256;
 
 /// Computes columns `cols` of the output for all rows. `cols.start` must be a multiple of 16
 /// or the end of the output (the caller splits work in multiples of 16).
+///
+/// One 16-column panel at a time is packed over the whole depth (16×k f32: 36 KiB for k = 576,
+/// L1/L2-resident) just before use, then every row tile runs the full depth against it with its
+/// accumulators in registers. Weight rows are read once, front to back, whatever the number of
+/// rows; each output is one FMA chain over k, independent of the other rows.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn columns<E: Elem>(p: &Problem<'_>, w: &[E], cols: Range<usize>, out: OutPtr) {
-    let ncols = cols.len();
-    let panels = ncols.div_ceil(NR);
-    let mut packed = vec![0f32; panels * NR * KC];
-    let mut k0 = 0;
-    while k0 < p.k {
-        let kc = KC.min(p.k - k0);
-        pack(w, p.k, &cols, k0, kc, &mut packed);
-        let first = k0 == 0;
+    let mut packed = vec![0f32; NR * p.k];
+    // Rows split into equal tiles of at most MR (32 rows: 6,6,5,5,5,5, not 6×5 + 2), so no
+    // tile is too short to hide the FMA latency.
+    let tiles = p.m.div_ceil(MR);
+    let mut j = cols.start;
+    while j < cols.end {
+        let nr = NR.min(cols.end - j);
+        pack(w, p.k, j..j + nr, &mut packed);
         let mut i = 0;
-        while i < p.m {
-            let mr = MR.min(p.m - i);
-            for panel in 0..panels {
-                let j = cols.start + panel * NR;
-                let nr = NR.min(cols.end - j);
-                let b = &packed[panel * NR * KC..];
-                match mr {
-                    6 => tile::<E, 6>(p, b, i, j, nr, k0, kc, first, out),
-                    5 => tile::<E, 5>(p, b, i, j, nr, k0, kc, first, out),
-                    4 => tile::<E, 4>(p, b, i, j, nr, k0, kc, first, out),
-                    3 => tile::<E, 3>(p, b, i, j, nr, k0, kc, first, out),
-                    2 => tile::<E, 2>(p, b, i, j, nr, k0, kc, first, out),
-                    _ => tile::<E, 1>(p, b, i, j, nr, k0, kc, first, out),
-                }
+        for t in 0..tiles {
+            let mr = p.m / tiles + usize::from(t < p.m % tiles);
+            match mr {
+                6 => tile::<6>(p, &packed, i, j, nr, out),
+                5 => tile::<5>(p, &packed, i, j, nr, out),
+                4 => tile::<4>(p, &packed, i, j, nr, out),
+                3 => tile::<3>(p, &packed, i, j, nr, out),
+                2 => tile::<2>(p, &packed, i, j, nr, out),
+                _ => tile::<1>(p, &packed, i, j, nr, out),
             }
             i += mr;
         }
-        k0 += kc;
+        j += nr;
     }
 }
 
-/// `packed[panel][kk][c] = w[cols.start + panel·16 + c][k0 + kk]`, zero past the last column.
+/// `packed[kk][c] = w[cols.start + c][kk]` for one panel of at most 16 columns, zero past
+/// the last column. Full 8×8 blocks go through registers (8 row loads, a transpose, 8 stores).
 #[inline(always)]
-unsafe fn pack<E: Elem>(
-    w: &[E],
-    k: usize,
-    cols: &Range<usize>,
-    k0: usize,
-    kc: usize,
-    packed: &mut [f32],
-) {
-    for (c_idx, j) in cols.clone().enumerate() {
-        let (panel, c) = (c_idx / NR, c_idx % NR);
-        let row = &w[j * k + k0..j * k + k0 + kc];
-        let dst = &mut packed[panel * NR * KC..];
-        for (kk, &v) in row.iter().enumerate() {
-            *dst.get_unchecked_mut(kk * NR + c) = v.to_f32();
-        }
-    }
-    let tail = cols.len() % NR;
-    if tail != 0 {
-        let panel = cols.len() / NR;
-        for kk in 0..kc {
-            for c in tail..NR {
-                packed[panel * NR * KC + kk * NR + c] = 0.0;
+unsafe fn pack<E: Elem>(w: &[E], k: usize, cols: Range<usize>, packed: &mut [f32]) {
+    let nr = cols.len();
+    let full_k = k / 8 * 8;
+    let full_c = nr / 8 * 8;
+    let wp = w.as_ptr();
+    let dst = packed.as_mut_ptr();
+    for c0 in (0..full_c).step_by(8) {
+        let src = wp.add((cols.start + c0) * k);
+        for kk in (0..full_k).step_by(8) {
+            let rows: [__m256; 8] = std::array::from_fn(|r| E::load8(src.add(r * k + kk)));
+            for (t, v) in transpose8(rows).into_iter().enumerate() {
+                _mm256_storeu_ps(dst.add((kk + t) * NR + c0), v);
             }
         }
     }
+    for (c, j) in cols.clone().enumerate() {
+        let row = &w[j * k..(j + 1) * k];
+        let from = if c < full_c { full_k } else { 0 };
+        for (kk, &v) in row.iter().enumerate().skip(from) {
+            *packed.get_unchecked_mut(kk * NR + c) = v.to_f32();
+        }
+    }
+    for kk in 0..k {
+        for c in nr..NR {
+            packed[kk * NR + c] = 0.0;
+        }
+    }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Rows of the result are the columns of `r`.
 #[inline(always)]
-unsafe fn tile<E: Elem, const R: usize>(
+unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    [
+        _mm256_permute2f128_ps::<0x20>(s0, s4),
+        _mm256_permute2f128_ps::<0x20>(s1, s5),
+        _mm256_permute2f128_ps::<0x20>(s2, s6),
+        _mm256_permute2f128_ps::<0x20>(s3, s7),
+        _mm256_permute2f128_ps::<0x31>(s0, s4),
+        _mm256_permute2f128_ps::<0x31>(s1, s5),
+        _mm256_permute2f128_ps::<0x31>(s2, s6),
+        _mm256_permute2f128_ps::<0x31>(s3, s7),
+    ]
+}
+
+/// `y[i..i+R][j..j+nr] = bias + x[i..i+R] · panel`, the whole depth in registers.
+#[inline(always)]
+unsafe fn tile<const R: usize>(
     p: &Problem<'_>,
     b: &[f32],
     i: usize,
     j: usize,
     nr: usize,
-    k0: usize,
-    kc: usize,
-    first: bool,
     out: OutPtr,
 ) {
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    let x = p.x.as_ptr().add(i * p.k + k0);
+    let x = p.x.as_ptr().add(i * p.k);
     let bp = b.as_ptr();
-    for kk in 0..kc {
+    for kk in 0..p.k {
         let b0 = _mm256_loadu_ps(bp.add(kk * NR));
         let b1 = _mm256_loadu_ps(bp.add(kk * NR + 8));
         for (r, a) in acc.iter_mut().enumerate() {
@@ -104,17 +133,20 @@ unsafe fn tile<E: Elem, const R: usize>(
         }
     }
     let mut tmp = [0f32; NR];
+    if let Some(bias) = p.bias {
+        tmp[..nr].copy_from_slice(&bias[j..j + nr]);
+    }
+    let (bias0, bias1) = (_mm256_loadu_ps(tmp.as_ptr()), _mm256_loadu_ps(tmp.as_ptr().add(8)));
     for (r, a) in acc.iter().enumerate() {
-        _mm256_storeu_ps(tmp.as_mut_ptr(), a[0]);
-        _mm256_storeu_ps(tmp.as_mut_ptr().add(8), a[1]);
         let y = out.0.add((i + r) * p.n + j);
-        for (c, &v) in tmp[..nr].iter().enumerate() {
-            let base = if first {
-                p.bias.map_or(0.0, |bias| bias[j + c])
-            } else {
-                *y.add(c)
-            };
-            *y.add(c) = base + v;
+        let (v0, v1) = (_mm256_add_ps(bias0, a[0]), _mm256_add_ps(bias1, a[1]));
+        if nr == NR {
+            _mm256_storeu_ps(y, v0);
+            _mm256_storeu_ps(y.add(8), v1);
+        } else {
+            _mm256_storeu_ps(tmp.as_mut_ptr(), v0);
+            _mm256_storeu_ps(tmp.as_mut_ptr().add(8), v1);
+            std::ptr::copy_nonoverlapping(tmp.as_ptr(), y, nr);
         }
     }
 }
