@@ -136,7 +136,10 @@ unsafe fn tile<const R: usize>(
     if let Some(bias) = p.bias {
         tmp[..nr].copy_from_slice(&bias[j..j + nr]);
     }
-    let (bias0, bias1) = (_mm256_loadu_ps(tmp.as_ptr()), _mm256_loadu_ps(tmp.as_ptr().add(8)));
+    let (bias0, bias1) = (
+        _mm256_loadu_ps(tmp.as_ptr()),
+        _mm256_loadu_ps(tmp.as_ptr().add(8)),
+    );
     for (r, a) in acc.iter().enumerate() {
         let y = out.0.add((i + r) * p.n + j);
         let (v0, v1) = (_mm256_add_ps(bias0, a[0]), _mm256_add_ps(bias1, a[1]));
