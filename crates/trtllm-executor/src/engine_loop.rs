@@ -58,13 +58,14 @@ impl EngineLoop {
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "panic".into());
-                // The step's state is unknown: fail everything in flight and start afresh.
-                self.fail_all(|| ExecutorError::Step(msg.clone()));
+                // The step's state is unknown: start the block accounting afresh (so releasing
+                // cannot trip over it) and fail everything in flight.
                 self.kv = KvCacheManager::new(
                     self.kv.total_blocks(),
                     self.kv.block_size(),
                     self.kv.reuse_enabled(),
                 );
+                self.fail_all(|| ExecutorError::Step(msg.clone()));
             }
         }
         self.fail_all(|| ExecutorError::ShutDown);

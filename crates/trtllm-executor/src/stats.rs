@@ -30,7 +30,8 @@ pub struct IterationStats {
 pub struct RequestStats {
     pub prompt_tokens: usize,
     pub output_tokens: usize,
-    /// Prompt tokens found in the prefix cache instead of computed.
+    /// Tokens found in the prefix cache instead of computed (after a preemption, this includes
+    /// the request's own blocks found again).
     pub reused_tokens: usize,
     /// Prompt and recomputed tokens that went through forward passes.
     pub context_tokens_computed: usize,

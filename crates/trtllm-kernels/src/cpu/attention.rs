@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use super::elementwise::softmax_inplace;
-use super::simd::{axpy, dot};
+use super::simd::{dot, weighted_rows};
 use crate::error::check_len;
 use crate::{KernelError, Result};
 
@@ -111,10 +111,7 @@ pub fn paged_attention(
             o.fill(0.0);
             for (chunk, &b) in scores.chunks(kv.block_size).zip(s.blocks) {
                 let base = b as usize * block_floats + kvh * head_dim;
-                for (p, &w) in chunk.iter().enumerate() {
-                    let off = base + p * kv_row;
-                    axpy(w, &kv.v[off..off + head_dim], o);
-                }
+                weighted_rows(chunk, &kv.v[base..], kv_row, o);
             }
         });
     Ok(())

@@ -192,23 +192,35 @@ pub(crate) mod avx {
         }
     }
 
-    /// y += a * x
+    /// `out[d] += Σ_p w[p] · v[p·stride + d]`, eight columns per register; up to 64 columns
+    /// stay in registers across all rows, so `out` is loaded and stored once, not once per row.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-        let n = x.len().min(y.len());
-        let va = _mm256_set1_ps(a);
-        let mut i = 0;
-        while i + 8 <= n {
-            let py = y.as_mut_ptr().add(i);
-            _mm256_storeu_ps(
-                py,
-                _mm256_fmadd_ps(va, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(py)),
-            );
-            i += 8;
+    pub unsafe fn weighted_rows(w: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+        let d = out.len();
+        let vp = v.as_ptr();
+        let mut c0 = 0;
+        while c0 + 8 <= d {
+            let lanes = ((d - c0) / 8).min(8);
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for (l, a) in acc.iter_mut().enumerate().take(lanes) {
+                *a = _mm256_loadu_ps(out.as_ptr().add(c0 + l * 8));
+            }
+            for (p, &wp) in w.iter().enumerate() {
+                let wv = _mm256_set1_ps(wp);
+                let row = vp.add(p * stride + c0);
+                for (l, a) in acc.iter_mut().enumerate().take(lanes) {
+                    *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(l * 8)), *a);
+                }
+            }
+            for (l, a) in acc.iter().enumerate().take(lanes) {
+                _mm256_storeu_ps(out.as_mut_ptr().add(c0 + l * 8), *a);
+            }
+            c0 += lanes * 8;
         }
-        while i < n {
-            y[i] += a * x[i];
-            i += 1;
+        for (p, &wp) in w.iter().enumerate() {
+            for (c, o) in out.iter_mut().enumerate().skip(c0) {
+                *o += wp * v[p * stride + c];
+            }
         }
     }
 }
@@ -227,13 +239,23 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_portable(a, b)
 }
 
-pub(crate) fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+/// `out[d] += Σ_p w[p] · v[p·stride + d]`: the rows `v` must hold `w.len()` rows of at least
+/// `out.len()` floats, `stride` apart.
+pub(crate) fn weighted_rows(w: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+    if let Some(last) = w.len().checked_sub(1) {
+        assert!(
+            v.len() >= last * stride + out.len(),
+            "weighted_rows: v too short"
+        );
+    }
     #[cfg(target_arch = "x86_64")]
     if simd_available() {
-        // SAFETY: the features were detected at run time.
-        return unsafe { avx::axpy(a, x, y) };
+        // SAFETY: the features were detected at run time; the extent of `v` was checked.
+        return unsafe { avx::weighted_rows(w, v, stride, out) };
     }
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += a * xi;
+    for (p, &wp) in w.iter().enumerate() {
+        for (o, &x) in out.iter_mut().zip(&v[p * stride..]) {
+            *o += wp * x;
+        }
     }
 }
