@@ -1,11 +1,14 @@
 //! `cargo bench -p trtllm-tests --bench engine` (or `cargo xtask bench`): SmolLM2-135M prefill
-//! tokens/s for a 512-token prompt and batch-1 decode tokens/s, per weight dtype.
+//! tokens/s for a 512-token prompt, batch-1 decode tokens/s and the decode tokens/s of 32 sequences
+//! stepped together through `forward_batch`, per weight dtype.
 
 use std::time::Instant;
 
 use anyhow::Result;
 use trtllm_api::builder::{build, BuildConfig};
-use trtllm_api::runtime::{quant::DType, LogitsMode, ModelRunner, Session};
+use trtllm_api::runtime::{
+    argmax, quant::DType, KvPool, LogitsMode, ModelRunner, SeqChunk, Session,
+};
 use trtllm_tests::{fixtures, read_json, smollm2_gguf, SmolGolden};
 
 const PREFILL: usize = 512;
@@ -29,9 +32,51 @@ fn decode_rate(runner: &ModelRunner, prompt: &[u32]) -> Result<f64> {
     let mut tok = prompt[prompt.len() - 1];
     for _ in 0..DECODE {
         let logits = runner.forward(&[tok], &mut cache, LogitsMode::Last)?;
-        tok = trtllm_api::runtime::argmax(&logits);
+        tok = argmax(&logits);
     }
     Ok(DECODE as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Decode steps of `BATCH` sequences at once straight through `forward_batch` (no scheduler):
+/// the runtime's ceiling for in-flight batching.
+fn batched_decode_rate(runner: &ModelRunner, text: &[u32]) -> Result<f64> {
+    const BATCH: usize = 32;
+    const PROMPT: usize = 128;
+    let bs = 32;
+    let per_seq = (PROMPT + DECODE).div_ceil(bs);
+    let mut pool = KvPool::new(runner.model(), bs, BATCH * per_seq);
+    let tables: Vec<Vec<u32>> = (0..BATCH)
+        .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
+        .collect();
+    let mut next = Vec::with_capacity(BATCH);
+    for (s, table) in tables.iter().enumerate() {
+        let prompt = &text[s * 7..s * 7 + PROMPT];
+        let chunk = SeqChunk {
+            tokens: prompt,
+            past: 0,
+            blocks: table,
+            logits: LogitsMode::Last,
+        };
+        next.push(argmax(&runner.forward_batch(&[chunk], &mut pool)?));
+    }
+    let t = Instant::now();
+    for step in 0..DECODE {
+        let tokens: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let batch: Vec<SeqChunk> = tokens
+            .iter()
+            .zip(&tables)
+            .map(|(tok, table)| SeqChunk {
+                tokens: tok,
+                past: PROMPT + step,
+                blocks: table,
+                logits: LogitsMode::Last,
+            })
+            .collect();
+        let logits = runner.forward_batch(&batch, &mut pool)?;
+        let vocab = runner.model().vocab_size;
+        next = logits.chunks_exact(vocab).map(argmax).collect();
+    }
+    Ok((BATCH * DECODE) as f64 / t.elapsed().as_secs_f64())
 }
 
 fn main() -> Result<()> {
@@ -43,8 +88,8 @@ fn main() -> Result<()> {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     println!(
-        "{:<10} {:>12} {:>16} {:>16}",
-        "dtype", "engine MiB", "prefill tok/s", "decode tok/s"
+        "{:<10} {:>12} {:>16} {:>16} {:>18}",
+        "dtype", "engine MiB", "prefill tok/s", "decode tok/s", "decode x32 tok/s"
     );
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         let dir = tempfile::tempdir()?;
@@ -61,13 +106,15 @@ fn main() -> Result<()> {
         let runner = session.model_runner()?;
         let prefill = prefill_rate(&runner, ids)?;
         let decode = decode_rate(&runner, &ids[..8])?;
+        let batched = batched_decode_rate(&runner, &golden.perplexity.input_ids)?;
         let mib = session.engine_bytes() as f64 / (1 << 20) as f64;
         println!(
-            "{:<10} {:>12.0} {:>16.1} {:>16.1}",
+            "{:<10} {:>12.0} {:>16.1} {:>16.1} {:>18.1}",
             dtype.name(),
             mib,
             prefill,
-            decode
+            decode,
+            batched
         );
     }
     Ok(())
