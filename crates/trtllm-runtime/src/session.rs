@@ -128,6 +128,9 @@ impl ModelRunner {
     /// scheduler's step). Checks token ids and that every chunk's block table covers it.
     pub fn forward_batch(&self, batch: &[SeqChunk<'_>], pool: &mut KvPool) -> Result<Vec<f32>> {
         for c in batch {
+            if c.tokens.is_empty() {
+                return Err(RuntimeError::EmptyPrompt);
+            }
             self.check_ids(c.tokens)?;
             let end = c.past + c.tokens.len();
             if end > self.max_seq_len() {
@@ -144,7 +147,7 @@ impl ModelRunner {
                 });
             }
         }
-        if batch.iter().all(|c| c.tokens.is_empty()) {
+        if batch.is_empty() {
             return Ok(Vec::new());
         }
         self.decoder.forward_batch(batch, pool)
