@@ -171,3 +171,125 @@ fn preempt(mut r: ActiveRequest, kv: &mut KvCacheManager, waiting: &mut VecDeque
     r.stats.preemptions += 1;
     waiting.push_front(r);
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    use trtllm_builder::runtime::{GenerationParams, Sampler, SamplingConfig};
+
+    use super::*;
+
+    fn request(id: u64, prompt_len: usize, budget: usize) -> ActiveRequest {
+        let (tx, _) = crossbeam_channel::unbounded();
+        ActiveRequest::new(
+            id,
+            (0..prompt_len as u32)
+                .map(|t| t + id as u32 * 1000)
+                .collect(),
+            GenerationParams::default(),
+            budget,
+            Sampler::new(SamplingConfig::default()).unwrap(),
+            tx,
+            Arc::new(AtomicBool::new(false)),
+        )
+    }
+
+    fn chunk(id: u64, n_tokens: usize) -> ScheduledChunk {
+        ScheduledChunk { id, n_tokens }
+    }
+
+    fn scheduler(policy: CapacitySchedulerPolicy, batch: usize, tokens: usize) -> Scheduler {
+        Scheduler {
+            policy,
+            limits: StepLimits {
+                max_batch_size: batch,
+                max_num_tokens: tokens,
+                max_seq_len: 1024,
+            },
+        }
+    }
+
+    /// Marks every scheduled chunk as computed and samples a dummy token where one is due.
+    fn run_step(s: &Schedule, running: &mut [ActiveRequest]) {
+        for c in &s.chunks {
+            let r = running.iter_mut().find(|r| r.id == c.id).unwrap();
+            r.computed += c.n_tokens;
+            if r.computed == r.tokens.len() {
+                r.tokens.push(7);
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_prefill_shares_the_token_budget_with_decodes() {
+        let sched = scheduler(CapacitySchedulerPolicy::GuaranteedNoEvict, 8, 64);
+        let mut kv = KvCacheManager::new(64, 16, false);
+        let (mut running, mut waiting) = (Vec::new(), VecDeque::from([request(1, 10, 4)]));
+        let s = sched.schedule(&mut running, &mut waiting, &mut kv);
+        run_step(&s, &mut running);
+        waiting.push_back(request(2, 150, 4));
+        let s = sched.schedule(&mut running, &mut waiting, &mut kv);
+        // Request 1 decodes one token; request 2 gets the 63 tokens left of the budget.
+        assert_eq!(s.chunks, [chunk(1, 1), chunk(2, 63)]);
+    }
+
+    #[test]
+    fn no_evict_admits_only_what_can_finish() {
+        let sched = scheduler(CapacitySchedulerPolicy::GuaranteedNoEvict, 8, 1024);
+        // 10 blocks of 16: each request needs (40 + 40) / 16 = 5 over its life.
+        let mut kv = KvCacheManager::new(10, 16, false);
+        let mut waiting: VecDeque<_> = (1..=3).map(|id| request(id, 40, 40)).collect();
+        let mut running = Vec::new();
+        let s = sched.schedule(&mut running, &mut waiting, &mut kv);
+        assert_eq!(s.chunks.len(), 2);
+        assert_eq!(waiting.len(), 1);
+    }
+
+    #[test]
+    fn max_utilization_preempts_the_newest_and_it_comes_back_first() {
+        let sched = scheduler(CapacitySchedulerPolicy::MaxUtilization, 8, 1024);
+        // 4 blocks of 16; two 31-token prompts take 2 blocks each and fill the pool.
+        let mut kv = KvCacheManager::new(4, 16, false);
+        let mut waiting: VecDeque<_> = (1..=2).map(|id| request(id, 31, 10)).collect();
+        let mut running = Vec::new();
+        let s = sched.schedule(&mut running, &mut waiting, &mut kv);
+        assert_eq!(s.chunks.len(), 2);
+        run_step(&s, &mut running);
+        // Position 31 still fits in two blocks ...
+        let s = sched.schedule(&mut running, &mut waiting, &mut kv);
+        assert_eq!((s.chunks.len(), s.preempted), (2, 0));
+        run_step(&s, &mut running);
+        // ... position 32 needs a third block each: request 2, the newest, is evicted.
+        let s = sched.schedule(&mut running, &mut waiting, &mut kv);
+        assert_eq!(s.preempted, 1);
+        assert_eq!(s.chunks, [chunk(1, 1)]);
+        let back = waiting.front().unwrap();
+        assert_eq!((back.id, back.computed, back.stats.preemptions), (2, 0, 1));
+        assert_eq!(
+            back.tokens.len(),
+            33,
+            "its generated tokens are kept for the recompute"
+        );
+        kv.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn a_prefix_being_computed_this_step_is_waited_for_then_reused() {
+        let sched = scheduler(CapacitySchedulerPolicy::GuaranteedNoEvict, 8, 1024);
+        let mut kv = KvCacheManager::new(32, 16, true);
+        let a = request(1, 40, 4);
+        let mut b = request(2, 40, 4);
+        b.tokens[..32].copy_from_slice(&a.tokens[..32]);
+        let (mut running, mut waiting) = (Vec::new(), VecDeque::from([a, b]));
+        let s = sched.schedule(&mut running, &mut waiting, &mut kv);
+        assert_eq!(s.chunks, [chunk(1, 40)]);
+        run_step(&s, &mut running);
+        let tokens = running[0].tokens.clone();
+        kv.commit(1, &tokens, running[0].computed);
+        let s = sched.schedule(&mut running, &mut waiting, &mut kv);
+        assert_eq!(s.reused_blocks, 2);
+        assert!(s.chunks.contains(&chunk(2, 8)));
+    }
+}
