@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 use trtllm_runtime::quant::{ggml::GgmlType, DType};
-use trtllm_runtime::{MlpKind, ModelConfig, NormKind, PositionKind, RopeScalingConfig};
+use trtllm_runtime::{MlpKind, ModelConfig, NormKind, PositionKind, RopeScaling};
 
 use crate::family::{Family, SUPPORTED};
 use crate::{BuildError, Checkpoint, Result, Tensor};
@@ -340,10 +340,10 @@ impl GgufFile {
                         .and_then(Value::as_u64)
                         .map_or(head_dim, |v| v as usize),
                     scaling: match self.get(&key("rope.scaling.type")).and_then(Value::as_str) {
-                        Some("linear") => RopeScalingConfig::Linear {
+                        Some("linear") => RopeScaling::Linear {
                             factor: float("rope.scaling.factor", 1.0),
                         },
-                        _ => RopeScalingConfig::None,
+                        _ => RopeScaling::None,
                     },
                 }
             },

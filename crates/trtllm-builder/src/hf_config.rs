@@ -4,7 +4,7 @@ use std::path::Path;
 
 use serde_json::Value;
 use trtllm_runtime::quant::DType;
-use trtllm_runtime::{MlpKind, ModelConfig, NormKind, PositionKind, RopeScalingConfig};
+use trtllm_runtime::{MlpKind, ModelConfig, NormKind, PositionKind, RopeScaling};
 
 use crate::family::{Family, SUPPORTED};
 use crate::{BuildError, Result};
@@ -191,9 +191,9 @@ fn rope_theta(f: &Fields, family: Family) -> Result<f32> {
     f.f32_or("rope_theta", default)
 }
 
-fn rope_scaling(f: &Fields) -> Result<RopeScalingConfig> {
+fn rope_scaling(f: &Fields) -> Result<RopeScaling> {
     let Some(p) = rope_params(f) else {
-        return Ok(RopeScalingConfig::None);
+        return Ok(RopeScaling::None);
     };
     let kind = p
         .get("rope_type")
@@ -207,11 +207,11 @@ fn rope_scaling(f: &Fields) -> Result<RopeScalingConfig> {
             .ok_or_else(|| f.invalid(&format!("rope_scaling.{k}"), "missing or not a number"))
     };
     Ok(match kind {
-        "default" => RopeScalingConfig::None,
-        "linear" => RopeScalingConfig::Linear {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear {
             factor: num("factor")?,
         },
-        "llama3" => RopeScalingConfig::Llama3 {
+        "llama3" => RopeScaling::Llama3 {
             factor: num("factor")?,
             low_freq_factor: num("low_freq_factor")?,
             high_freq_factor: num("high_freq_factor")?,
@@ -277,7 +277,7 @@ mod tests {
         match c.position {
             PositionKind::Rope {
                 theta,
-                scaling: RopeScalingConfig::Llama3 { factor, .. },
+                scaling: RopeScaling::Llama3 { factor, .. },
                 ..
             } => {
                 assert_eq!((theta, factor), (500000.0, 8.0))

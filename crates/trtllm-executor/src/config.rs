@@ -52,7 +52,6 @@ impl Default for ExecutorConfig {
 pub(crate) struct StepLimits {
     pub max_batch_size: usize,
     pub max_num_tokens: usize,
-    pub max_seq_len: usize,
 }
 
 impl SchedulerConfig {
@@ -69,7 +68,6 @@ impl SchedulerConfig {
         Ok(StepLimits {
             max_batch_size: pick("max_batch_size", self.max_batch_size, build.max_batch_size)?,
             max_num_tokens: pick("max_num_tokens", self.max_num_tokens, build.max_num_tokens)?,
-            max_seq_len: build.max_seq_len,
         })
     }
 }

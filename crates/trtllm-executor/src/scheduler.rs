@@ -55,18 +55,13 @@ impl Scheduler {
                 // When the victim was this request, `i` now names the next one (or none).
                 continue;
             }
+            running[i].first_scheduled.get_or_insert_with(Instant::now);
             out.chunks.push(ScheduledChunk { id, n_tokens: n });
             tokens_left -= n;
             i += 1;
         }
         if out.preempted == 0 {
             self.admit(running, waiting, kv, &mut out, tokens_left);
-        }
-        let now = Instant::now();
-        for r in running.iter_mut() {
-            if out.chunks.iter().any(|c| c.id == r.id) {
-                r.first_scheduled.get_or_insert(now);
-            }
         }
         out
     }
@@ -104,6 +99,7 @@ impl Scheduler {
                 waiting.insert(j, r);
                 break;
             }
+            r.first_scheduled.get_or_insert_with(Instant::now);
             r.stats.reused_tokens += reused;
             out.reused_blocks += reused / kv.block_size();
             out.chunks.push(ScheduledChunk {
@@ -206,7 +202,6 @@ mod tests {
             limits: StepLimits {
                 max_batch_size: batch,
                 max_num_tokens: tokens,
-                max_seq_len: 1024,
             },
         }
     }

@@ -25,47 +25,12 @@ pub enum MlpKind {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-pub enum RopeScalingConfig {
-    None,
-    Linear {
-        factor: f32,
-    },
-    Llama3 {
-        factor: f32,
-        low_freq_factor: f32,
-        high_freq_factor: f32,
-        original_max_position_embeddings: usize,
-    },
-}
-
-impl RopeScalingConfig {
-    pub fn to_kernel(&self) -> RopeScaling {
-        match *self {
-            RopeScalingConfig::None => RopeScaling::None,
-            RopeScalingConfig::Linear { factor } => RopeScaling::Linear { factor },
-            RopeScalingConfig::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            } => RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            },
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
 pub enum PositionKind {
     /// Rotary embedding on the first `rotary_dim` dimensions of every query and key head.
     Rope {
         theta: f32,
         rotary_dim: usize,
-        scaling: RopeScalingConfig,
+        scaling: RopeScaling,
     },
     /// A learned `[max_position_embeddings × hidden]` table added to the token embeddings.
     Learned,

@@ -14,7 +14,7 @@ mod model;
 mod sampling;
 mod session;
 
-pub use config::{MlpKind, ModelConfig, NormKind, PositionKind, RopeScalingConfig};
+pub use config::{MlpKind, ModelConfig, NormKind, PositionKind};
 pub use engine::{BuildConfig, EngineConfig, EngineWriter, ENGINE_FORMAT_VERSION};
 pub use error::RuntimeError;
 pub use generation::{FinishReason, GenerationOutput, GenerationParams};
@@ -25,5 +25,6 @@ pub use model::{LogitsMode, SeqChunk};
 pub use sampling::{argmax, Sampler, SamplingConfig};
 pub use session::{ModelRunner, Session};
 pub use trtllm_quant as quant;
+pub use trtllm_quant::kernels::cpu::RopeScaling;
 
 pub type Result<T> = std::result::Result<T, RuntimeError>;

@@ -135,7 +135,7 @@ impl Decoder {
                 theta,
                 rotary_dim,
                 scaling,
-            } => Some(RopeTable::new(*rotary_dim, *theta, &scaling.to_kernel())),
+            } => Some(RopeTable::new(*rotary_dim, *theta, scaling)),
             PositionKind::Learned => None,
         };
         let final_norm = norm(names::FINAL_NORM)?;

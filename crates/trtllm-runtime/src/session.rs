@@ -86,15 +86,6 @@ impl ModelRunner {
         KvCache::new(self.model(), max_len.min(self.max_seq_len()))
     }
 
-    /// Checks a prompt against the engine's limits and vocabulary.
-    pub fn validate_prompt(&self, prompt: &[u32]) -> Result<()> {
-        self.config.validate_prompt(prompt)
-    }
-
-    fn check_ids(&self, ids: &[u32]) -> Result<()> {
-        self.config.check_ids(ids)
-    }
-
     /// Runs `tokens` after what `cache` holds, in chunks of at most max_num_tokens.
     pub fn forward(
         &self,
@@ -102,7 +93,7 @@ impl ModelRunner {
         cache: &mut KvCache,
         mode: LogitsMode,
     ) -> Result<Vec<f32>> {
-        self.check_ids(tokens)?;
+        self.config.check_ids(tokens)?;
         cache.check_room(tokens.len())?;
         let chunk = self.config.build.max_num_tokens.max(1);
         let mut logits = Vec::new();
@@ -131,7 +122,7 @@ impl ModelRunner {
             if c.tokens.is_empty() {
                 return Err(RuntimeError::EmptyPrompt);
             }
-            self.check_ids(c.tokens)?;
+            self.config.check_ids(c.tokens)?;
             let end = c.past + c.tokens.len();
             if end > self.max_seq_len() {
                 return Err(RuntimeError::PromptTooLong {
@@ -169,7 +160,7 @@ impl ModelRunner {
                 limit: "max_seq_len",
             });
         }
-        self.check_ids(ids)?;
+        self.config.check_ids(ids)?;
         let vocab = self.model().vocab_size;
         let mut cache = self.new_cache(ids.len());
         let chunk = self.config.build.max_num_tokens.clamp(1, 512);

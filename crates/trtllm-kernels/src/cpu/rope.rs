@@ -4,8 +4,10 @@
 use crate::error::check_len;
 use crate::Result;
 
-/// How the base frequencies are rescaled for long contexts.
-#[derive(Clone, Debug, PartialEq)]
+/// How the base frequencies are rescaled for long contexts. Serialised as the engine config
+/// stores it (`{"type": "llama3", ...}`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor`.

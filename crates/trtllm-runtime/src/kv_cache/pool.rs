@@ -9,7 +9,6 @@ pub struct KvPool {
     layers: Vec<(Vec<f32>, Vec<f32>)>,
     block_size: usize,
     kv_dim: usize,
-    num_blocks: usize,
 }
 
 impl KvPool {
@@ -24,7 +23,6 @@ impl KvPool {
             layers,
             block_size,
             kv_dim,
-            num_blocks,
         }
     }
 
@@ -34,10 +32,6 @@ impl KvPool {
 
     pub fn block_size(&self) -> usize {
         self.block_size
-    }
-
-    pub fn num_blocks(&self) -> usize {
-        self.num_blocks
     }
 
     pub fn layer(&self, i: usize) -> PagedKv<'_> {

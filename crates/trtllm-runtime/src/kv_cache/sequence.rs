@@ -33,15 +33,6 @@ impl KvCache {
         self.len == 0
     }
 
-    pub fn max_len(&self) -> usize {
-        self.max_len
-    }
-
-    /// Forgets every position from `len` on (e.g. to reuse a prompt prefix).
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-    }
-
     pub(crate) fn check_room(&self, n: usize) -> Result<()> {
         if self.len + n > self.max_len {
             return Err(RuntimeError::PromptTooLong {
