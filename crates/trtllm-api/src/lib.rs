@@ -5,17 +5,23 @@
 //! every decision about running the model belongs to the executor below.
 
 mod chat;
+mod completion;
+mod detokenizer;
 mod error;
 mod llm;
 mod outputs;
 mod sampling_params;
+mod stream;
 mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use error::ApiError;
 pub use llm::{cache_dir, LlmArgs, Perplexity, Prompt, LLM};
-pub use outputs::{CompletionOutput, RequestOutput};
-pub use sampling_params::SamplingParams;
+pub use outputs::{
+    CompletionDelta, CompletionOutput, Logprob, RequestOutput, StopReason, TopLogprob,
+};
+pub use sampling_params::{SamplingParams, MAX_N};
+pub use stream::RequestStream;
 pub use tokenizer::Tokenizer;
 pub use trtllm_executor as executor;
 pub use trtllm_executor::builder;

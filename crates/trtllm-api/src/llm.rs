@@ -6,13 +6,13 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
 use trtllm_executor::builder::{self, BuildConfig};
-use trtllm_executor::{
-    ExecutorConfig, GenerationExecutor, GenerationRequest, GenerationResult, RequestEvent,
-};
+use std::sync::Arc;
+
+use trtllm_executor::{ExecutorConfig, GenerationExecutor, GenerationRequest};
 
 use crate::chat::ChatMessage;
-use crate::tokenizer::IncrementalDecoder;
-use crate::{ApiError, CompletionOutput, RequestOutput, Result, SamplingParams, Tokenizer};
+use crate::completion::{CompletionSpec, CompletionState};
+use crate::{ApiError, RequestOutput, RequestStream, Result, SamplingParams, Tokenizer};
 
 #[derive(Clone, Debug, Default)]
 pub struct LlmArgs {
@@ -53,7 +53,7 @@ pub struct Perplexity {
 
 pub struct LLM {
     executor: GenerationExecutor,
-    tokenizer: Option<Tokenizer>,
+    tokenizer: Option<Arc<Tokenizer>>,
     engine_dir: PathBuf,
 }
 
@@ -64,9 +64,9 @@ impl LLM {
         let tokenizer = if args.skip_tokenizer_init {
             None
         } else {
-            Some(Tokenizer::from_dir(
+            Some(Arc::new(Tokenizer::from_dir(
                 args.tokenizer.as_deref().unwrap_or(&engine_dir),
-            )?)
+            )?))
         };
         Ok(Self {
             executor,
@@ -84,7 +84,7 @@ impl LLM {
     }
 
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
-        self.tokenizer.as_ref().ok_or_else(|| {
+        self.tokenizer.as_deref().ok_or_else(|| {
             ApiError::InvalidInput("the tokenizer was not loaded (skip_tokenizer_init)".into())
         })
     }
@@ -104,51 +104,57 @@ impl LLM {
         tok.encode(&tok.apply_chat_template(messages, true)?, false)
     }
 
-    /// Generates for every prompt; one output per prompt, in order. All prompts are submitted
-    /// at once and batched by the executor.
+    /// Generates for every prompt; one output per prompt, in order, each with
+    /// `params.n` completions. All prompts are submitted at once and batched by the executor;
+    /// a progress bar counts finished prompts when stderr is a terminal.
     pub fn generate(
         &self,
         prompts: &[Prompt],
         params: &SamplingParams,
     ) -> Result<Vec<RequestOutput>> {
         params.validate()?;
-        let pending = prompts
+        let streams = prompts
             .iter()
-            .map(|p| {
-                let ids = self.encode_prompt(p)?;
-                self.submit(text_of(p), ids, params)
-            })
+            .map(|p| self.submit(text_of(p), self.encode_prompt(p)?, params))
             .collect::<Result<Vec<_>>>()?;
-        pending
+        let progress = if prompts.len() > 1 {
+            indicatif::ProgressBar::new(prompts.len() as u64)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let outputs = streams
             .into_iter()
-            .map(|p| self.collect(p, params, |_| {}))
-            .collect()
+            .map(|s| {
+                let out = s.collect();
+                progress.inc(1);
+                out
+            })
+            .collect();
+        progress.finish_and_clear();
+        outputs
     }
 
-    /// Generates for one prompt, calling `on_text` with each new piece of text as it is produced.
-    pub fn generate_stream(
-        &self,
-        prompt: Prompt,
-        params: &SamplingParams,
-        on_text: impl FnMut(&str),
-    ) -> Result<RequestOutput> {
+    /// Submits one prompt and returns at once; iterate the stream for text deltas.
+    pub fn generate_async(&self, prompt: Prompt, params: &SamplingParams) -> Result<RequestStream> {
         params.validate()?;
         let ids = self.encode_prompt(&prompt)?;
-        let pending = self.submit(text_of(&prompt), ids, params)?;
-        self.collect(pending, params, on_text)
+        self.submit(text_of(&prompt), ids, params)
     }
 
     /// One user/system/assistant conversation through the chat template.
-    pub fn chat(
+    pub fn chat(&self, messages: &[ChatMessage], params: &SamplingParams) -> Result<RequestOutput> {
+        self.chat_async(messages, params)?.collect()
+    }
+
+    /// `chat`, streamed.
+    pub fn chat_async(
         &self,
         messages: &[ChatMessage],
         params: &SamplingParams,
-        on_text: impl FnMut(&str),
-    ) -> Result<RequestOutput> {
+    ) -> Result<RequestStream> {
         params.validate()?;
         let ids = self.chat_prompt(messages)?;
-        let pending = self.submit(None, ids, params)?;
-        self.collect(pending, params, on_text)
+        self.submit(None, ids, params)
     }
 
     /// Perplexity of a token sequence under the model.
@@ -162,81 +168,44 @@ impl LLM {
         })
     }
 
+    /// Submits the `n` completions of one prompt. They share the prompt's KV blocks through the
+    /// prefix cache; if one cannot be submitted, those already submitted are cancelled (their
+    /// handles are dropped).
     fn submit(
         &self,
         prompt: Option<String>,
         ids: Vec<u32>,
         params: &SamplingParams,
-    ) -> Result<Pending> {
-        let result = self.executor.submit(GenerationRequest {
-            prompt_token_ids: ids.clone(),
-            params: params.to_generation(),
-            client_id: None,
-        })?;
-        Ok(Pending {
-            prompt,
-            ids,
-            result,
-        })
-    }
-
-    /// Detokenises a request's stream on the caller's thread, off the engine loop.
-    fn collect(
-        &self,
-        pending: Pending,
-        params: &SamplingParams,
-        mut on_text: impl FnMut(&str),
-    ) -> Result<RequestOutput> {
-        let Pending {
-            prompt,
-            ids,
-            mut result,
-        } = pending;
-        let request_id = result.request_id();
-        let mut decoder = IncrementalDecoder::new(params.skip_special_tokens);
-        let mut text = String::new();
-        let tok = self.tokenizer.as_ref();
-        let output = loop {
-            match result.next_event() {
-                Some(RequestEvent::Tokens(new)) => {
-                    if let Some(tok) = tok {
-                        let piece = decoder.push(tok, &new, false)?;
-                        on_text(&piece);
-                        text.push_str(&piece);
-                    }
-                }
-                Some(RequestEvent::Finished { output, .. }) => break output,
-                Some(RequestEvent::Failed(e)) => return Err(e.into()),
-                None => return Err(trtllm_executor::ExecutorError::ShutDown.into()),
-            }
-        };
-        if let Some(tok) = tok {
-            let piece = decoder.push(tok, &[], true)?;
-            on_text(&piece);
-            text.push_str(&piece);
-        }
-        Ok(RequestOutput {
-            request_id,
+    ) -> Result<RequestStream> {
+        let results = (0..params.n)
+            .map(|i| {
+                self.executor.submit(GenerationRequest {
+                    prompt_token_ids: ids.clone(),
+                    params: params.to_generation(i),
+                    client_id: None,
+                })
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let states = (0..params.n)
+            .map(|index| {
+                CompletionState::new(CompletionSpec {
+                    index,
+                    stop: &params.stop,
+                    stop_token_ids: &params.stop_token_ids,
+                    want_logprobs: params.logprobs.is_some(),
+                    skip_special_tokens: params.skip_special_tokens,
+                })
+            })
+            .collect();
+        Ok(RequestStream {
+            tokenizer: self.tokenizer.clone(),
+            results,
+            states,
             prompt,
             prompt_token_ids: ids,
-            outputs: vec![CompletionOutput {
-                index: 0,
-                text,
-                token_ids: output.tokens,
-                cumulative_logprob: None,
-                logprobs: None,
-                finish_reason: Some(output.finish_reason.as_str().to_string()),
-            }],
-            finished: true,
+            failed: false,
         })
     }
-}
-
-/// A submitted request and what its output must echo.
-struct Pending {
-    prompt: Option<String>,
-    ids: Vec<u32>,
-    result: GenerationResult,
 }
 
 fn text_of(prompt: &Prompt) -> Option<String> {

@@ -1,16 +1,42 @@
-//! Results in the shape of TensorRT-LLM's / vLLM's `RequestOutput`.
+//! Results in the shape of TensorRT-LLM's / vLLM's `RequestOutput`, and the deltas a stream
+//! yields.
 
 use serde::Serialize;
+
+/// A token's log-probability, with the most likely alternatives at that position.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Logprob {
+    pub token_id: u32,
+    pub logprob: f32,
+    /// Most likely first.
+    pub top: Vec<TopLogprob>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct TopLogprob {
+    pub token_id: u32,
+    pub logprob: f32,
+}
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct CompletionOutput {
     pub index: usize,
     pub text: String,
     pub token_ids: Vec<u32>,
+    /// Sum of the output tokens' log-probabilities, when `logprobs` was asked for.
     pub cumulative_logprob: Option<f64>,
-    pub logprobs: Option<Vec<f64>>,
+    pub logprobs: Option<Vec<Logprob>>,
     /// "stop", "length" or "cancelled"; None while unfinished.
     pub finish_reason: Option<String>,
+    /// The stop string or stop token that ended the completion.
+    pub stop_reason: Option<StopReason>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum StopReason {
+    Text(String),
+    Token(u32),
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -18,6 +44,27 @@ pub struct RequestOutput {
     pub request_id: u64,
     pub prompt: Option<String>,
     pub prompt_token_ids: Vec<u32>,
+    /// One per completion (`SamplingParams::n`), ordered by index.
     pub outputs: Vec<CompletionOutput>,
     pub finished: bool,
+}
+
+impl RequestOutput {
+    /// Tokens generated over all completions.
+    pub fn num_output_tokens(&self) -> usize {
+        self.outputs.iter().map(|o| o.token_ids.len()).sum()
+    }
+}
+
+/// What one completion of a streamed request produced since the last delta. Text is only ever
+/// whole UTF-8 characters, and text that might still turn into a stop string is held back.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CompletionDelta {
+    pub index: usize,
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub logprobs: Vec<Logprob>,
+    /// Set on the completion's last delta.
+    pub finish_reason: Option<String>,
+    pub stop_reason: Option<StopReason>,
 }

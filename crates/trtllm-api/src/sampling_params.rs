@@ -4,19 +4,39 @@ use trtllm_executor::runtime::{GenerationParams, SamplingConfig};
 
 use crate::{ApiError, Result};
 
+/// Most completions one request may ask for.
+pub const MAX_N: usize = 128;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
     /// Most tokens to generate.
     pub max_tokens: usize,
+    /// End-of-sequence and stop tokens are not produced before this many tokens.
+    pub min_tokens: usize,
     /// 0 is greedy.
     pub temperature: f32,
     /// 0 disables.
     pub top_k: usize,
     /// In (0, 1]; 1 disables.
     pub top_p: f32,
+    /// In [0, 1]; 0 disables.
+    pub min_p: f32,
+    /// Completion `i` of a request uses seed + i.
     pub seed: Option<u64>,
-    pub ignore_eos: bool,
+    /// > 0; 1 disables.
+    pub repetition_penalty: f32,
+    /// In [-2, 2].
+    pub presence_penalty: f32,
+    /// In [-2, 2].
+    pub frequency_penalty: f32,
+    /// Text that ends a completion; matched across token boundaries and left out of the text.
+    pub stop: Vec<String>,
     pub stop_token_ids: Vec<u32>,
+    pub ignore_eos: bool,
+    /// Completions per prompt.
+    pub n: usize,
+    /// Log-probabilities per output token: None none, Some(k) the chosen token's and the top k.
+    pub logprobs: Option<usize>,
     /// Leave special tokens (e.g. `<|im_end|>`) out of the returned text.
     pub skip_special_tokens: bool,
 }
@@ -25,39 +45,65 @@ impl Default for SamplingParams {
     fn default() -> Self {
         Self {
             max_tokens: 16,
+            min_tokens: 0,
             temperature: 0.0,
             top_k: 0,
             top_p: 1.0,
+            min_p: 0.0,
             seed: None,
-            ignore_eos: false,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            stop: Vec::new(),
             stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            n: 1,
+            logprobs: None,
             skip_special_tokens: true,
         }
     }
 }
 
+fn invalid(field: &'static str, value: impl ToString, expected: &'static str) -> ApiError {
+    ApiError::InvalidParam {
+        field,
+        value: value.to_string(),
+        expected,
+    }
+}
+
 impl SamplingParams {
-    /// Checks every field; the sampling ranges are the runtime's own (`SamplingConfig::validate`).
+    /// Checks every field; the sampling ranges are the runtime's own
+    /// (`GenerationParams::validate`).
     pub fn validate(&self) -> Result<()> {
         if self.max_tokens == 0 {
-            return Err(ApiError::InvalidParam {
-                field: "max_tokens",
-                value: "0".into(),
-                expected: "at least 1",
-            });
+            return Err(invalid("max_tokens", 0, "at least 1"));
         }
-        self.to_generation().sampling.validate()?;
+        if !(1..=MAX_N).contains(&self.n) {
+            return Err(invalid("n", self.n, "between 1 and 128"));
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return Err(invalid("stop", "\"\"", "non-empty strings"));
+        }
+        self.to_generation(0).validate()?;
         Ok(())
     }
 
-    pub(crate) fn to_generation(&self) -> GenerationParams {
+    /// The executor's parameters for completion `index` of a request.
+    pub(crate) fn to_generation(&self, index: usize) -> GenerationParams {
         GenerationParams {
             max_new_tokens: self.max_tokens,
+            min_tokens: self.min_tokens,
             sampling: SamplingConfig {
                 temperature: self.temperature,
                 top_k: self.top_k,
                 top_p: self.top_p,
-                seed: self.seed,
+                min_p: self.min_p,
+                seed: self.seed.map(|s| s.wrapping_add(index as u64)),
+                repetition_penalty: self.repetition_penalty,
+                presence_penalty: self.presence_penalty,
+                frequency_penalty: self.frequency_penalty,
+                logprobs: self.logprobs,
             },
             ignore_eos: self.ignore_eos,
             stop_token_ids: self.stop_token_ids.clone(),
@@ -71,27 +117,39 @@ mod tests {
 
     #[test]
     fn out_of_range_values_name_the_field() {
-        let p = SamplingParams {
-            top_p: 1.5,
-            ..Default::default()
-        };
-        let e = p.validate().unwrap_err().to_string();
+        let d = SamplingParams::default;
+        let e = SamplingParams { top_p: 1.5, ..d() }
+            .validate()
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("top_p") && e.contains("1.5") && e.contains("(0, 1]"),
             "{e}"
         );
-        assert!(SamplingParams {
-            max_tokens: 0,
-            ..Default::default()
+        for (p, field) in [
+            (SamplingParams { max_tokens: 0, ..d() }, "max_tokens"),
+            (SamplingParams { temperature: -0.1, ..d() }, "temperature"),
+            (SamplingParams { n: 0, ..d() }, "n"),
+            (SamplingParams { n: 129, ..d() }, "n"),
+            (SamplingParams { min_p: -0.5, ..d() }, "min_p"),
+            (SamplingParams { stop: vec![String::new()], ..d() }, "stop"),
+            (SamplingParams { min_tokens: 17, ..d() }, "min_tokens"),
+            (SamplingParams { logprobs: Some(50), ..d() }, "logprobs"),
+            (SamplingParams { frequency_penalty: 9.0, ..d() }, "frequency_penalty"),
+        ] {
+            let e = p.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{field}: {e}");
         }
-        .validate()
-        .is_err());
-        assert!(SamplingParams {
-            temperature: -0.1,
+        assert!(d().validate().is_ok());
+    }
+
+    #[test]
+    fn completions_of_a_seeded_request_get_distinct_seeds() {
+        let p = SamplingParams {
+            seed: Some(7),
             ..Default::default()
-        }
-        .validate()
-        .is_err());
-        assert!(SamplingParams::default().validate().is_ok());
+        };
+        assert_eq!(p.to_generation(0).sampling.seed, Some(7));
+        assert_eq!(p.to_generation(2).sampling.seed, Some(9));
     }
 }

@@ -113,33 +113,3 @@ impl Tokenizer {
         }
     }
 }
-
-/// Emits text as tokens arrive without ever splitting a UTF-8 character: a byte-level token can
-/// end mid-character, and the decoded tail then shows U+FFFD until the next token completes it.
-pub(crate) struct IncrementalDecoder {
-    ids: Vec<u32>,
-    emitted: usize,
-    skip_special_tokens: bool,
-}
-
-impl IncrementalDecoder {
-    pub fn new(skip_special_tokens: bool) -> Self {
-        Self {
-            ids: Vec::new(),
-            emitted: 0,
-            skip_special_tokens,
-        }
-    }
-
-    /// The new text `ids` complete; `finished` flushes whatever remains.
-    pub fn push(&mut self, tok: &Tokenizer, ids: &[u32], finished: bool) -> Result<String> {
-        self.ids.extend_from_slice(ids);
-        let text = tok.decode(&self.ids, self.skip_special_tokens)?;
-        if !finished && text.ends_with('\u{fffd}') {
-            return Ok(String::new());
-        }
-        let new = text.get(self.emitted..).unwrap_or_default().to_string();
-        self.emitted = text.len().max(self.emitted);
-        Ok(new)
-    }
-}

@@ -234,36 +234,38 @@ fn generate(a: RunArgs) -> Result<()> {
     if let Some(ids) = a.input_ids {
         prompts.push(Prompt::TokenIds(ids));
     }
+    if prompts.is_empty() && a.chat.is_none() {
+        bail!("one of --prompt, --prompts-file, --chat or --input-ids is required");
+    }
     let llm = open(&a.engine, a.executor.config())?;
-    if prompts.len() > 1 {
-        let outs = llm.generate(&prompts, &params)?;
+    let stream_text = !a.json && params.n == 1 && prompts.len() + a.chat.iter().len() == 1;
+    if !stream_text {
+        let outs = match &a.chat {
+            Some(c) => vec![llm.chat(&[ChatMessage::new("user", c)], &params)?],
+            None => llm.generate(&prompts, &params)?,
+        };
         for (i, out) in outs.iter().enumerate() {
             if a.json {
                 println!("{}", serde_json::to_string(out)?);
-            } else {
-                println!("[{i}] {}", out.outputs[0].text);
+                continue;
+            }
+            for o in &out.outputs {
+                println!("[{i}.{}] {}", o.index, o.text);
             }
         }
         return Ok(());
     }
-    let stream = !a.json;
+    let mut stream = match (prompts.pop(), &a.chat) {
+        (Some(p), _) => llm.generate_async(p, &params)?,
+        (_, Some(c)) => llm.chat_async(&[ChatMessage::new("user", c)], &params)?,
+        (None, None) => unreachable!("checked above"),
+    };
     let mut stdout = std::io::stdout();
-    let on_text = |t: &str| {
-        if stream {
-            let _ = stdout.write_all(t.as_bytes());
-            let _ = stdout.flush();
-        }
-    };
-    let out = match (prompts.pop(), a.chat) {
-        (Some(p), _) => llm.generate_stream(p, &params, on_text)?,
-        (_, Some(c)) => llm.chat(&[ChatMessage::new("user", &c)], &params, on_text)?,
-        _ => bail!("one of --prompt, --prompts-file, --chat or --input-ids is required"),
-    };
-    if a.json {
-        println!("{}", serde_json::to_string(&out)?);
-    } else {
-        println!();
+    while let Some(delta) = stream.next_delta() {
+        stdout.write_all(delta?.text.as_bytes())?;
+        stdout.flush()?;
     }
+    println!();
     Ok(())
 }
 

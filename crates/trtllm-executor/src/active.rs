@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crossbeam_channel::Sender;
-use trtllm_builder::runtime::{FinishReason, GenerationOutput, GenerationParams, Sampler};
+use trtllm_builder::runtime::{
+    FinishReason, GenerationOutput, GenerationParams, SampledToken, Sampler, TokenLogprobs,
+};
 
 use crate::{ExecutorError, RequestEvent, RequestStats};
 
@@ -21,6 +23,8 @@ pub(crate) struct ActiveRequest {
     pub budget: usize,
     pub params: GenerationParams,
     pub sampler: Sampler,
+    /// Log-probabilities of the output tokens, when the request asked for them.
+    pub logprobs: Option<Vec<TokenLogprobs>>,
     pub events: Sender<RequestEvent>,
     pub cancel: Arc<AtomicBool>,
     pub stats: RequestStats,
@@ -45,6 +49,7 @@ impl ActiveRequest {
             tokens: prompt,
             computed: 0,
             budget,
+            logprobs: params.sampling.logprobs.map(|_| Vec::new()),
             params,
             sampler,
             events,
@@ -80,11 +85,20 @@ impl ActiveRequest {
         self.cancel.load(Ordering::Relaxed)
     }
 
+    /// Samples the next token from this request's logits row.
+    pub fn sample(&mut self, logits: &[f32], eos: &[u32]) -> SampledToken {
+        let banned = self.params.banned_tokens(self.output().len(), eos);
+        self.sampler.sample(logits, &banned)
+    }
+
     /// Appends a sampled token and streams it; returns why the request ends, if it does.
-    pub fn push_token(&mut self, token: u32, eos: &[u32]) -> Option<FinishReason> {
+    pub fn push_token(&mut self, token: SampledToken, eos: &[u32]) -> Option<FinishReason> {
         let now = Instant::now();
         self.first_token.get_or_insert(now);
-        self.tokens.push(token);
+        self.tokens.push(token.id);
+        if let (Some(all), Some(lp)) = (&mut self.logprobs, &token.logprobs) {
+            all.push(lp.clone());
+        }
         if self.events.send(RequestEvent::Tokens(vec![token])).is_err() {
             return Some(FinishReason::Cancelled);
         }
@@ -111,6 +125,7 @@ impl ActiveRequest {
         }
         let output = GenerationOutput {
             tokens: self.tokens.split_off(self.prompt_len),
+            logprobs: self.logprobs.take(),
             finish_reason: reason,
         };
         let _ = self.events.send(RequestEvent::Finished {

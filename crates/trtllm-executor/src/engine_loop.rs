@@ -214,7 +214,7 @@ impl EngineLoop {
                 finished.push((r.id, Err("missing logits row".to_string())));
                 continue;
             };
-            let token = r.sampler.sample(row);
+            let token = r.sample(row, eos);
             if let Some(reason) = r.push_token(token, eos) {
                 finished.push((r.id, Ok(reason)));
             }

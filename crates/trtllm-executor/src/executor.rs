@@ -104,7 +104,8 @@ impl GenerationExecutor {
     pub fn submit(&self, request: GenerationRequest) -> Result<GenerationResult> {
         let jobs = self.jobs.as_ref().ok_or(ExecutorError::ShutDown)?;
         self.config.validate_prompt(&request.prompt_token_ids)?;
-        let sampler = Sampler::new(request.params.sampling.clone())?;
+        request.params.validate()?;
+        let sampler = Sampler::new(request.params.sampling.clone(), &request.prompt_token_ids)?;
         let prompt_len = request.prompt_token_ids.len();
         let budget = request
             .params

@@ -3,8 +3,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crossbeam_channel::Receiver;
-use trtllm_builder::runtime::{GenerationOutput, GenerationParams};
+use crossbeam_channel::{Receiver, Select};
+use trtllm_builder::runtime::{GenerationOutput, GenerationParams, SampledToken};
 
 use crate::{ExecutorError, RequestStats, Result};
 
@@ -19,8 +19,9 @@ pub struct GenerationRequest {
 /// One step of a request's life as the engine loop reports it.
 #[derive(Debug)]
 pub enum RequestEvent {
-    /// Tokens produced since the last event (one per step).
-    Tokens(Vec<u32>),
+    /// Tokens produced since the last event (one per step), with their log-probabilities when
+    /// the request asked for them.
+    Tokens(Vec<SampledToken>),
     Finished {
         output: GenerationOutput,
         stats: RequestStats,
@@ -64,6 +65,26 @@ impl GenerationResult {
         Some(ev)
     }
 
+    /// The next event of whichever unfinished request in `results` has one first, blocking, with
+    /// its index; None once all have finished (how `n` completions of a prompt are streamed).
+    pub fn next_of_any(results: &mut [GenerationResult]) -> Option<(usize, RequestEvent)> {
+        let live: Vec<usize> = (0..results.len()).filter(|&i| !results[i].done).collect();
+        if live.is_empty() {
+            return None;
+        }
+        let mut select = Select::new();
+        for &i in &live {
+            select.recv(&results[i].events);
+        }
+        let op = select.select();
+        let i = live[op.index()];
+        let ev = op
+            .recv(&results[i].events)
+            .unwrap_or(RequestEvent::Failed(ExecutorError::ShutDown));
+        results[i].done = !matches!(ev, RequestEvent::Tokens(_));
+        Some((i, ev))
+    }
+
     /// Blocks until the request ends and returns its full output and stats.
     pub fn wait_with_stats(mut self) -> Result<(GenerationOutput, RequestStats)> {
         while let Some(ev) = self.next_event() {
@@ -79,6 +100,16 @@ impl GenerationResult {
     /// Blocks until the request ends and returns its full output.
     pub fn wait(self) -> Result<GenerationOutput> {
         self.wait_with_stats().map(|(out, _)| out)
+    }
+}
+
+/// Dropping the handle of an unfinished request cancels it, so its blocks go back at once
+/// rather than when its next token finds nobody listening.
+impl Drop for GenerationResult {
+    fn drop(&mut self) {
+        if !self.done {
+            self.abort();
+        }
     }
 }
 

@@ -186,7 +186,7 @@ mod tests {
                 .collect(),
             GenerationParams::default(),
             budget,
-            Sampler::new(SamplingConfig::default()).unwrap(),
+            Sampler::new(SamplingConfig::default(), &[]).unwrap(),
             tx,
             Arc::new(AtomicBool::new(false)),
         )

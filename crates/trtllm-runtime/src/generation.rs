@@ -1,6 +1,6 @@
 //! What a generation asks for and how it ends; the loop itself is the executor's.
 
-use crate::SamplingConfig;
+use crate::{Result, RuntimeError, SamplingConfig, TokenLogprobs};
 
 #[derive(Clone, Debug, Default)]
 pub struct GenerationParams {
@@ -10,6 +10,8 @@ pub struct GenerationParams {
     pub ignore_eos: bool,
     /// Extra token ids that end generation (included in the output).
     pub stop_token_ids: Vec<u32>,
+    /// End-of-sequence and stop tokens cannot be produced before this many tokens.
+    pub min_tokens: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,10 +37,33 @@ impl FinishReason {
 #[derive(Clone, Debug)]
 pub struct GenerationOutput {
     pub tokens: Vec<u32>,
+    /// One entry per token when `SamplingConfig::logprobs` asked for them.
+    pub logprobs: Option<Vec<TokenLogprobs>>,
     pub finish_reason: FinishReason,
 }
 
 impl GenerationParams {
+    pub fn validate(&self) -> Result<()> {
+        self.sampling.validate()?;
+        if self.min_tokens > self.max_new_tokens {
+            return Err(RuntimeError::InvalidSampling {
+                field: "min_tokens",
+                value: self.min_tokens.to_string(),
+                expected: "at most max_tokens",
+            });
+        }
+        Ok(())
+    }
+
+    /// Tokens the sampler must not choose after `generated` tokens: the ones that would end
+    /// the request before `min_tokens`.
+    pub fn banned_tokens(&self, generated: usize, eos: &[u32]) -> Vec<u32> {
+        if generated >= self.min_tokens {
+            return Vec::new();
+        }
+        eos.iter().chain(&self.stop_token_ids).copied().collect()
+    }
+
     /// How many tokens a request with a `prompt_len`-token prompt may generate.
     pub fn budget(&self, prompt_len: usize, max_seq_len: usize) -> usize {
         self.max_new_tokens
@@ -95,5 +120,19 @@ mod tests {
             Some(FinishReason::Stop)
         );
         assert_eq!(ignore.budget(10, 12), 2);
+    }
+
+    #[test]
+    fn min_tokens_bans_ending_tokens_until_reached() {
+        let p = GenerationParams {
+            max_new_tokens: 8,
+            min_tokens: 2,
+            stop_token_ids: vec![7],
+            ..Default::default()
+        };
+        assert_eq!(p.banned_tokens(1, &[2]), [2, 7]);
+        assert!(p.banned_tokens(2, &[2]).is_empty());
+        assert!(p.validate().is_ok());
+        assert!(GenerationParams { min_tokens: 9, ..p }.validate().is_err());
     }
 }

@@ -22,7 +22,7 @@ pub use kv_cache::{
     BlockId, KvCache, KvCacheConfig, KvCacheEvent, KvCacheManager, KvCacheSummary, KvPool,
 };
 pub use model::{LogitsMode, SeqChunk};
-pub use sampling::{argmax, Sampler, SamplingConfig};
+pub use sampling::{argmax, SampledToken, Sampler, SamplingConfig, TokenLogprobs, MAX_LOGPROBS};
 pub use session::{ModelRunner, Session};
 pub use trtllm_quant as quant;
 pub use trtllm_quant::kernels::cpu::RopeScaling;

@@ -1,0 +1,102 @@
+//! `RequestStream`: the handle of one prompt's request (its `n` completions), yielding
+//! detokenised deltas as the executor produces tokens.
+
+use std::sync::Arc;
+
+use trtllm_executor::{GenerationResult, RequestEvent};
+
+use crate::completion::CompletionState;
+use crate::{ApiError, CompletionDelta, RequestOutput, Result, Tokenizer};
+
+/// Owns everything it needs (no borrow of the `LLM`), so a server can move it to another
+/// thread. Dropping it cancels whatever has not finished.
+pub struct RequestStream {
+    pub(crate) tokenizer: Option<Arc<Tokenizer>>,
+    pub(crate) results: Vec<GenerationResult>,
+    pub(crate) states: Vec<CompletionState>,
+    pub(crate) prompt: Option<String>,
+    pub(crate) prompt_token_ids: Vec<u32>,
+    pub(crate) failed: bool,
+}
+
+impl RequestStream {
+    /// The executor's id of the first completion.
+    pub fn request_id(&self) -> u64 {
+        self.results.first().map_or(0, |r| r.request_id())
+    }
+
+    pub fn prompt_token_ids(&self) -> &[u32] {
+        &self.prompt_token_ids
+    }
+
+    /// Cancels every completion; each then finishes with reason `cancelled`.
+    pub fn abort(&self) {
+        for r in &self.results {
+            r.abort();
+        }
+    }
+
+    /// The next delta of any completion, blocking; None once every completion has finished.
+    /// A failure ends the stream (the other completions are cancelled).
+    pub fn next_delta(&mut self) -> Option<Result<CompletionDelta>> {
+        if self.failed {
+            return None;
+        }
+        loop {
+            let (i, event) = GenerationResult::next_of_any(&mut self.results)?;
+            let tok = self.tokenizer.as_deref();
+            let state = &mut self.states[i];
+            let was_finished = state.is_finished();
+            let delta = match event {
+                RequestEvent::Tokens(t) => state.on_tokens(tok, &t),
+                RequestEvent::Finished { output, .. } => state.on_finished(tok, &output),
+                RequestEvent::Failed(e) => Err(ApiError::from(e)),
+            };
+            let delta = match delta {
+                Ok(d) => d,
+                Err(e) => {
+                    self.failed = true;
+                    self.abort();
+                    return Some(Err(e));
+                }
+            };
+            if !was_finished && state.is_finished() {
+                // A stop string ended it early: the engine need not go on.
+                self.results[i].abort();
+            }
+            let empty = delta.text.is_empty()
+                && delta.token_ids.is_empty()
+                && delta.finish_reason.is_none();
+            if !empty {
+                return Some(Ok(delta));
+            }
+        }
+    }
+
+    /// Everything produced so far, completions ordered by index.
+    pub fn output(&self) -> RequestOutput {
+        RequestOutput {
+            request_id: self.request_id(),
+            prompt: self.prompt.clone(),
+            prompt_token_ids: self.prompt_token_ids.clone(),
+            outputs: self.states.iter().map(CompletionState::output).collect(),
+            finished: self.states.iter().all(CompletionState::is_finished),
+        }
+    }
+
+    /// Waits for every completion and returns the whole output.
+    pub fn collect(mut self) -> Result<RequestOutput> {
+        while let Some(delta) = self.next_delta() {
+            delta?;
+        }
+        Ok(self.output())
+    }
+}
+
+impl Iterator for RequestStream {
+    type Item = Result<CompletionDelta>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_delta()
+    }
+}

@@ -1,0 +1,389 @@
+//! Choosing the next token from logits: penalties, then greedy or temperature / top-k / top-p /
+//! min-p sampling with a seedable generator so a seeded request is reproducible; optionally the
+//! log-probabilities of the model's distribution.
+
+mod logprobs;
+mod penalties;
+
+use std::borrow::Cow;
+
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+#[cfg(test)]
+use logprobs::log_sum_exp;
+use logprobs::token_logprobs;
+pub use logprobs::{TokenLogprobs, MAX_LOGPROBS};
+use penalties::Penalties;
+
+use crate::{Result, RuntimeError};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingConfig {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens; 0 disables.
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches `top_p`; 1 disables.
+    pub top_p: f32,
+    /// Drop tokens less likely than `min_p` × the most likely one; 0 disables.
+    pub min_p: f32,
+    /// Seed of the generator; None draws one from the OS.
+    pub seed: Option<u64>,
+    /// Lowers every token already in the prompt or output (transformers' semantics); 1 disables.
+    pub repetition_penalty: f32,
+    /// Subtracted once from every token already in the output; 0 disables.
+    pub presence_penalty: f32,
+    /// Subtracted per occurrence in the output; 0 disables.
+    pub frequency_penalty: f32,
+    /// Return log-probabilities: None returns none, Some(k) the sampled token's and the top k.
+    pub logprobs: Option<usize>,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: None,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logprobs: None,
+        }
+    }
+}
+
+fn invalid(field: &'static str, value: impl ToString, expected: &'static str) -> RuntimeError {
+    RuntimeError::InvalidSampling {
+        field,
+        value: value.to_string(),
+        expected,
+    }
+}
+
+impl SamplingConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(invalid(
+                "temperature",
+                self.temperature,
+                "a finite number >= 0",
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(invalid("top_p", self.top_p, "a number in (0, 1]"));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(invalid("min_p", self.min_p, "a number in [0, 1]"));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(invalid(
+                "repetition_penalty",
+                self.repetition_penalty,
+                "a finite number > 0",
+            ));
+        }
+        for (field, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(invalid(field, v, "a number in [-2, 2]"));
+            }
+        }
+        if let Some(k) = self.logprobs.filter(|&k| k > MAX_LOGPROBS) {
+            return Err(invalid("logprobs", k, "at most 20"));
+        }
+        Ok(())
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0 || self.top_k == 1
+    }
+}
+
+/// A token the sampler chose, with its log-probabilities when they were asked for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SampledToken {
+    pub id: u32,
+    pub logprobs: Option<TokenLogprobs>,
+}
+
+pub struct Sampler {
+    cfg: SamplingConfig,
+    rng: StdRng,
+    penalties: Option<Penalties>,
+}
+
+impl Sampler {
+    /// A sampler for a sequence that starts with `prompt` (the repetition penalty's context).
+    pub fn new(cfg: SamplingConfig, prompt: &[u32]) -> Result<Self> {
+        cfg.validate()?;
+        let rng = match cfg.seed {
+            Some(s) => StdRng::seed_from_u64(s),
+            None => StdRng::from_os_rng(),
+        };
+        let penalties = Penalties::new(
+            cfg.repetition_penalty,
+            cfg.presence_penalty,
+            cfg.frequency_penalty,
+            prompt,
+        );
+        Ok(Self {
+            cfg,
+            rng,
+            penalties,
+        })
+    }
+
+    /// Chooses the next token; `banned` tokens (e.g. end-of-sequence before `min_tokens`) are
+    /// never chosen.
+    pub fn sample(&mut self, logits: &[f32], banned: &[u32]) -> SampledToken {
+        let adjusted: Cow<[f32]> = if self.penalties.is_some() || !banned.is_empty() {
+            let mut l = logits.to_vec();
+            if let Some(p) = &self.penalties {
+                p.apply(&mut l);
+            }
+            for &t in banned {
+                if let Some(x) = l.get_mut(t as usize) {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+            Cow::Owned(l)
+        } else {
+            Cow::Borrowed(logits)
+        };
+        let id = if self.cfg.is_greedy() {
+            argmax(&adjusted)
+        } else {
+            self.draw(&adjusted)
+        };
+        if let Some(p) = &mut self.penalties {
+            p.record(id);
+        }
+        SampledToken {
+            id,
+            logprobs: self.cfg.logprobs.map(|k| token_logprobs(logits, id, k)),
+        }
+    }
+
+    fn draw(&mut self, logits: &[f32]) -> u32 {
+        let inv_t = 1.0 / self.cfg.temperature;
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| **l > f32::NEG_INFINITY)
+            .map(|(i, &l)| (i as u32, l * inv_t))
+            .collect();
+        if cand.is_empty() {
+            return argmax(logits);
+        }
+        // Descending by logit; ties keep the lower id first so results are deterministic.
+        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if self.cfg.top_k > 0 {
+            cand.truncate(self.cfg.top_k);
+        }
+        let max = cand[0].1;
+        let mut probs: Vec<f64> = cand
+            .iter()
+            .map(|&(_, l)| ((l - max) as f64).exp())
+            .collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+        if self.cfg.top_p < 1.0 {
+            let mut acc = 0.0;
+            let keep = probs
+                .iter()
+                .position(|p| {
+                    acc += p;
+                    acc >= self.cfg.top_p as f64
+                })
+                .map_or(probs.len(), |i| i + 1);
+            probs.truncate(keep);
+        }
+        if self.cfg.min_p > 0.0 {
+            // probs is sorted, so the survivors are a prefix; the most likely always survives.
+            let floor = probs[0] * self.cfg.min_p as f64;
+            let keep = probs.iter().take_while(|&&p| p >= floor).count();
+            probs.truncate(keep.max(1));
+        }
+        let total: f64 = probs.iter().sum();
+        let mut r = self.rng.random::<f64>() * total;
+        for (i, p) in probs.iter().enumerate() {
+            r -= p;
+            if r <= 0.0 {
+                return cand[i].0;
+            }
+        }
+        cand[probs.len() - 1].0
+    }
+}
+
+/// Index of the largest logit; the first one on ties, as torch.argmax does.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampler(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> Sampler {
+        Sampler::new(
+            SamplingConfig {
+                temperature,
+                top_k,
+                top_p,
+                seed: Some(seed),
+                ..Default::default()
+            },
+            &[],
+        )
+        .unwrap()
+    }
+
+    fn draw(s: &mut Sampler, logits: &[f32]) -> u32 {
+        s.sample(logits, &[]).id
+    }
+
+    #[test]
+    fn greedy_takes_first_maximum() {
+        assert_eq!(argmax(&[0.0, 3.0, 3.0, -1.0]), 1);
+        assert_eq!(draw(&mut sampler(0.0, 0, 1.0, 0), &[1.0, 2.0, 0.5]), 1);
+    }
+
+    #[test]
+    fn top_k_and_top_p_restrict_the_support() {
+        let logits = [0.0f32, 5.0, 4.9, -3.0, 4.8];
+        let mut s = sampler(1.0, 2, 1.0, 7);
+        for _ in 0..200 {
+            assert!([1, 2].contains(&draw(&mut s, &logits)));
+        }
+        // p(1) ≈ 0.36 with these logits, so top_p = 0.3 keeps token 1 alone.
+        let mut s = sampler(1.0, 0, 0.3, 7);
+        for _ in 0..50 {
+            assert_eq!(draw(&mut s, &logits), 1);
+        }
+    }
+
+    #[test]
+    fn seeded_sampling_is_reproducible_and_covers_candidates() {
+        let logits = [1.0f32, 1.1, 0.9, 1.05];
+        let a: Vec<u32> = (0..64)
+            .map({
+                let mut s = sampler(1.0, 0, 1.0, 42);
+                move |_| draw(&mut s, &logits)
+            })
+            .collect();
+        let b: Vec<u32> = (0..64)
+            .map({
+                let mut s = sampler(1.0, 0, 1.0, 42);
+                move |_| draw(&mut s, &logits)
+            })
+            .collect();
+        assert_eq!(a, b);
+        for t in 0..4 {
+            assert!(a.contains(&t));
+        }
+    }
+
+    #[test]
+    fn invalid_parameters_are_rejected() {
+        let bad = |t: f32, p: f32| {
+            SamplingConfig {
+                temperature: t,
+                top_p: p,
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        };
+        assert!(bad(0.5, 1.5));
+        assert!(bad(0.5, 0.0));
+        assert!(bad(-1.0, 1.0));
+        assert!(bad(f32::NAN, 1.0));
+        assert!(!bad(0.7, 0.9));
+        let field = |c: SamplingConfig| match c.validate() {
+            Err(RuntimeError::InvalidSampling { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        let d = SamplingConfig::default;
+        assert_eq!(field(SamplingConfig { min_p: 1.5, ..d() }), "min_p");
+        assert_eq!(
+            field(SamplingConfig {
+                repetition_penalty: 0.0,
+                ..d()
+            }),
+            "repetition_penalty"
+        );
+        assert_eq!(
+            field(SamplingConfig {
+                presence_penalty: 2.5,
+                ..d()
+            }),
+            "presence_penalty"
+        );
+        assert_eq!(
+            field(SamplingConfig {
+                frequency_penalty: -3.0,
+                ..d()
+            }),
+            "frequency_penalty"
+        );
+        assert_eq!(
+            field(SamplingConfig {
+                logprobs: Some(21),
+                ..d()
+            }),
+            "logprobs"
+        );
+    }
+
+    #[test]
+    fn min_p_keeps_tokens_near_the_most_likely() {
+        // p ∝ e^0, e^-0.1, e^-5: min_p 0.5 keeps the first two only.
+        let logits = [0.0f32, -0.1, -5.0];
+        let mut s = sampler(1.0, 0, 1.0, 3);
+        s.cfg.min_p = 0.5;
+        let seen: std::collections::HashSet<u32> =
+            (0..300).map(|_| draw(&mut s, &logits)).collect();
+        assert_eq!(seen, [0, 1].into_iter().collect());
+    }
+
+    #[test]
+    fn banned_tokens_are_never_chosen_greedy_or_sampled() {
+        let logits = [0.0f32, 9.0, 1.0];
+        assert_eq!(sampler(0.0, 0, 1.0, 0).sample(&logits, &[1]).id, 2);
+        let mut s = sampler(1.0, 0, 1.0, 5);
+        for _ in 0..100 {
+            assert_ne!(s.sample(&logits, &[1]).id, 1);
+        }
+    }
+
+    #[test]
+    fn penalties_steer_greedy_and_logprobs_stay_raw() {
+        let cfg = SamplingConfig {
+            frequency_penalty: 2.0,
+            logprobs: Some(1),
+            ..Default::default()
+        };
+        let mut s = Sampler::new(cfg, &[]).unwrap();
+        let logits = [3.0f32, 2.0];
+        let first = s.sample(&logits, &[]);
+        assert_eq!(first.id, 0);
+        // Token 0 now costs 2: greedy switches to token 1, whose raw log-probability is reported.
+        let second = s.sample(&logits, &[]);
+        assert_eq!(second.id, 1);
+        let lp = second.logprobs.unwrap();
+        assert!((lp.logprob - (2.0 - log_sum_exp(&logits)) as f32).abs() < 1e-6);
+        assert_eq!(lp.top[0].0, 0);
+    }
+}
