@@ -4,7 +4,9 @@
 use trtllm_executor::runtime::{FinishReason, GenerationOutput, SampledToken, TokenLogprobs};
 
 use crate::detokenizer::IncrementalDecoder;
-use crate::{CompletionDelta, CompletionOutput, Logprob, Result, StopReason, Tokenizer, TopLogprob};
+use crate::{
+    CompletionDelta, CompletionOutput, Logprob, Result, StopReason, Tokenizer, TopLogprob,
+};
 
 pub(crate) struct CompletionState {
     index: usize,

@@ -5,8 +5,8 @@ use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
-use trtllm_executor::builder::{self, BuildConfig};
 use std::sync::Arc;
+use trtllm_executor::builder::{self, BuildConfig};
 
 use trtllm_executor::{ExecutorConfig, GenerationExecutor, GenerationRequest};
 

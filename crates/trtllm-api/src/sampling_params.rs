@@ -127,15 +127,51 @@ mod tests {
             "{e}"
         );
         for (p, field) in [
-            (SamplingParams { max_tokens: 0, ..d() }, "max_tokens"),
-            (SamplingParams { temperature: -0.1, ..d() }, "temperature"),
+            (
+                SamplingParams {
+                    max_tokens: 0,
+                    ..d()
+                },
+                "max_tokens",
+            ),
+            (
+                SamplingParams {
+                    temperature: -0.1,
+                    ..d()
+                },
+                "temperature",
+            ),
             (SamplingParams { n: 0, ..d() }, "n"),
             (SamplingParams { n: 129, ..d() }, "n"),
             (SamplingParams { min_p: -0.5, ..d() }, "min_p"),
-            (SamplingParams { stop: vec![String::new()], ..d() }, "stop"),
-            (SamplingParams { min_tokens: 17, ..d() }, "min_tokens"),
-            (SamplingParams { logprobs: Some(50), ..d() }, "logprobs"),
-            (SamplingParams { frequency_penalty: 9.0, ..d() }, "frequency_penalty"),
+            (
+                SamplingParams {
+                    stop: vec![String::new()],
+                    ..d()
+                },
+                "stop",
+            ),
+            (
+                SamplingParams {
+                    min_tokens: 17,
+                    ..d()
+                },
+                "min_tokens",
+            ),
+            (
+                SamplingParams {
+                    logprobs: Some(50),
+                    ..d()
+                },
+                "logprobs",
+            ),
+            (
+                SamplingParams {
+                    frequency_penalty: 9.0,
+                    ..d()
+                },
+                "frequency_penalty",
+            ),
         ] {
             let e = p.validate().unwrap_err().to_string();
             assert!(e.contains(field), "{field}: {e}");

@@ -25,6 +25,11 @@ impl RequestStream {
         self.results.first().map_or(0, |r| r.request_id())
     }
 
+    /// The executor's ids of every completion, by index.
+    pub fn request_ids(&self) -> Vec<u64> {
+        self.results.iter().map(|r| r.request_id()).collect()
+    }
+
     pub fn prompt_token_ids(&self) -> &[u32] {
         &self.prompt_token_ids
     }

@@ -1,15 +1,17 @@
 //! `trtllm`: a thin command line over the trtllm-api library.
 
-use std::io::Write;
+mod bench;
+mod run;
+mod serve;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use trtllm_api::builder::{self, BuildConfig};
-use trtllm_api::executor::{CapacitySchedulerPolicy, ExecutorConfig};
+use trtllm_api::executor::ExecutorConfig;
 use trtllm_api::runtime::{quant::DType, Session};
-use trtllm_api::{ChatMessage, LlmArgs, Prompt, SamplingParams, LLM};
 
 #[derive(Parser)]
 #[command(name = "trtllm", version, about = "Build and run LLM engines")]
@@ -23,7 +25,12 @@ enum Command {
     /// Build an engine from a Hugging Face directory or a .gguf file.
     Build(BuildArgs),
     /// Generate from a prompt.
-    Run(RunArgs),
+    Run(run::RunArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
+    /// Measure throughput and latency, in process or against a running server.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Perplexity of a text or token ids under the model.
     Perplexity(PerplexityArgs),
     /// Show an engine's config and weights.
@@ -46,82 +53,6 @@ struct BuildArgs {
     max_seq_len: usize,
     #[arg(long, default_value_t = 8192)]
     max_num_tokens: usize,
-}
-
-#[derive(Args)]
-struct RunArgs {
-    #[arg(long)]
-    engine: PathBuf,
-    /// Repeat for several prompts; they run concurrently through the executor.
-    #[arg(long, conflicts_with = "input")]
-    prompt: Vec<String>,
-    /// One prompt per line (blank lines skipped), run concurrently.
-    #[arg(long, conflicts_with = "input")]
-    prompts_file: Option<PathBuf>,
-    /// Sent as one user message through the chat template.
-    #[arg(long, group = "input")]
-    chat: Option<String>,
-    /// Comma-separated token ids.
-    #[arg(long, group = "input", value_delimiter = ',')]
-    input_ids: Option<Vec<u32>>,
-    #[arg(long, default_value_t = 64)]
-    max_tokens: usize,
-    /// 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    #[arg(long)]
-    seed: Option<u64>,
-    #[arg(long)]
-    ignore_eos: bool,
-    /// Print one RequestOutput as JSON per line instead of streaming text.
-    #[arg(long)]
-    json: bool,
-    #[command(flatten)]
-    executor: ExecutorArgs,
-}
-
-/// How the executor batches; the defaults come from the engine.
-#[derive(Args)]
-struct ExecutorArgs {
-    /// Requests per step (at most the engine's max_batch_size).
-    #[arg(long)]
-    max_batch_size: Option<usize>,
-    /// Tokens per step, prompt chunks included (at most the engine's max_num_tokens).
-    #[arg(long)]
-    max_num_tokens: Option<usize>,
-    /// KV-cache pool size in tokens (default: max_batch_size full-length sequences).
-    #[arg(long)]
-    kv_cache_tokens: Option<usize>,
-    #[arg(long, value_enum, default_value_t = Policy::GuaranteedNoEvict)]
-    scheduler_policy: Policy,
-    /// Do not share KV blocks between prompts with a common prefix.
-    #[arg(long)]
-    disable_block_reuse: bool,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum Policy {
-    GuaranteedNoEvict,
-    MaxUtilization,
-}
-
-impl ExecutorArgs {
-    fn config(&self) -> ExecutorConfig {
-        let mut cfg = ExecutorConfig::default();
-        cfg.scheduler.max_batch_size = self.max_batch_size;
-        cfg.scheduler.max_num_tokens = self.max_num_tokens;
-        cfg.scheduler.policy = match self.scheduler_policy {
-            Policy::GuaranteedNoEvict => CapacitySchedulerPolicy::GuaranteedNoEvict,
-            Policy::MaxUtilization => CapacitySchedulerPolicy::MaxUtilization,
-        };
-        cfg.kv_cache.max_tokens = self.kv_cache_tokens;
-        cfg.kv_cache.enable_block_reuse = !self.disable_block_reuse;
-        cfg
-    }
 }
 
 #[derive(Args)]
@@ -148,7 +79,9 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Build(a) => build(a),
-        Command::Run(a) => generate(a),
+        Command::Run(a) => run::generate(a),
+        Command::Serve(a) => serve::serve(a),
+        Command::Bench(b) => bench::run(b),
         Command::Perplexity(a) => perplexity(a),
         Command::Inspect { engine } => inspect(&engine),
     }
@@ -200,77 +133,8 @@ fn build(a: BuildArgs) -> Result<()> {
     Ok(())
 }
 
-fn open(engine: &Path, executor_config: ExecutorConfig) -> Result<LLM> {
-    Ok(LLM::new(LlmArgs {
-        model: engine.to_path_buf(),
-        executor_config,
-        ..LlmArgs::default()
-    })?)
-}
-
-fn generate(a: RunArgs) -> Result<()> {
-    let params = SamplingParams {
-        max_tokens: a.max_tokens,
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        seed: a.seed,
-        ignore_eos: a.ignore_eos,
-        ..SamplingParams::default()
-    };
-    params.validate()?;
-    let mut prompts: Vec<Prompt> = a.prompt.iter().cloned().map(Prompt::Text).collect();
-    if let Some(f) = &a.prompts_file {
-        let text = std::fs::read_to_string(f).with_context(|| f.display().to_string())?;
-        prompts.extend(
-            text.lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(|l| Prompt::Text(l.to_string())),
-        );
-        if prompts.is_empty() {
-            bail!("{}: no prompts (one per line expected)", f.display());
-        }
-    }
-    if let Some(ids) = a.input_ids {
-        prompts.push(Prompt::TokenIds(ids));
-    }
-    if prompts.is_empty() && a.chat.is_none() {
-        bail!("one of --prompt, --prompts-file, --chat or --input-ids is required");
-    }
-    let llm = open(&a.engine, a.executor.config())?;
-    let stream_text = !a.json && params.n == 1 && prompts.len() + a.chat.iter().len() == 1;
-    if !stream_text {
-        let outs = match &a.chat {
-            Some(c) => vec![llm.chat(&[ChatMessage::new("user", c)], &params)?],
-            None => llm.generate(&prompts, &params)?,
-        };
-        for (i, out) in outs.iter().enumerate() {
-            if a.json {
-                println!("{}", serde_json::to_string(out)?);
-                continue;
-            }
-            for o in &out.outputs {
-                println!("[{i}.{}] {}", o.index, o.text);
-            }
-        }
-        return Ok(());
-    }
-    let mut stream = match (prompts.pop(), &a.chat) {
-        (Some(p), _) => llm.generate_async(p, &params)?,
-        (_, Some(c)) => llm.chat_async(&[ChatMessage::new("user", c)], &params)?,
-        (None, None) => unreachable!("checked above"),
-    };
-    let mut stdout = std::io::stdout();
-    while let Some(delta) = stream.next_delta() {
-        stdout.write_all(delta?.text.as_bytes())?;
-        stdout.flush()?;
-    }
-    println!();
-    Ok(())
-}
-
 fn perplexity(a: PerplexityArgs) -> Result<()> {
-    let llm = open(&a.engine, ExecutorConfig::default())?;
+    let llm = run::open(&a.engine, ExecutorConfig::default())?;
     let ids = match (&a.text_file, &a.input_ids_file) {
         (Some(f), _) => {
             let text = std::fs::read_to_string(f).with_context(|| f.display().to_string())?;

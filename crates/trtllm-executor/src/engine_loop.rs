@@ -16,7 +16,7 @@ use trtllm_builder::runtime::{
 
 use crate::active::ActiveRequest;
 use crate::scheduler::{Schedule, Scheduler};
-use crate::{ExecutorError, IterationStats, Result};
+use crate::{ExecutorError, ExecutorLoad, IterationStats, Result};
 
 pub(crate) enum Job {
     Submit(Box<ActiveRequest>),
@@ -28,6 +28,10 @@ pub(crate) enum Job {
     /// The pool's state after an invariant check.
     KvSummary {
         reply: Sender<std::result::Result<KvCacheSummary, String>>,
+    },
+    /// Requests running and queued, and where the blocks are.
+    Load {
+        reply: Sender<ExecutorLoad>,
     },
 }
 
@@ -109,6 +113,13 @@ impl EngineLoop {
             }
             Job::KvSummary { reply } => {
                 let _ = reply.send(self.kv.check_invariants());
+            }
+            Job::Load { reply } => {
+                let _ = reply.send(ExecutorLoad {
+                    running: self.running.len(),
+                    waiting: self.waiting.len(),
+                    kv: self.kv.summary(),
+                });
             }
         }
     }

@@ -18,7 +18,8 @@ use crate::dispatch::Dispatcher;
 use crate::engine_loop::{EngineLoop, Job};
 use crate::scheduler::Scheduler;
 use crate::{
-    ExecutorConfig, ExecutorError, GenerationRequest, GenerationResult, IterationStats, Result,
+    ExecutorConfig, ExecutorError, ExecutorLoad, GenerationRequest, GenerationResult,
+    IterationStats, Result,
 };
 
 pub struct GenerationExecutor {
@@ -177,6 +178,18 @@ impl GenerationExecutor {
             ))),
             Err(_) => Err(ExecutorError::ShutDown),
         }
+    }
+
+    /// Requests running and queued and the KV pool's use, as of the end of the current step
+    /// (waits at most `timeout` for the step to end).
+    pub fn load(&self, timeout: std::time::Duration) -> Result<ExecutorLoad> {
+        let (reply, rx) = crossbeam_channel::bounded(1);
+        self.send(Job::Load { reply })?;
+        rx.recv_timeout(timeout).map_err(|_| {
+            ExecutorError::Step(format!(
+                "no answer within {timeout:?} (a long step is running)"
+            ))
+        })
     }
 
     fn send(&self, job: Job) -> Result<()> {

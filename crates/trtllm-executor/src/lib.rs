@@ -21,7 +21,7 @@ pub use config::{CapacitySchedulerPolicy, ExecutorConfig, SchedulerConfig};
 pub use error::ExecutorError;
 pub use executor::GenerationExecutor;
 pub use request::{GenerationRequest, GenerationResult, RequestEvent};
-pub use stats::{IterationStats, RequestStats};
+pub use stats::{ExecutorLoad, IterationStats, RequestStats};
 pub use trtllm_builder as builder;
 pub use trtllm_builder::runtime;
 

@@ -43,3 +43,13 @@ pub struct RequestStats {
     pub decode_tokens_per_s: f64,
     pub total_time_s: f64,
 }
+
+/// The executor's load between two steps.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ExecutorLoad {
+    /// Admitted requests (prefilling, decoding or paused).
+    pub running: usize,
+    /// Queued, not yet admitted.
+    pub waiting: usize,
+    pub kv: KvCacheSummary,
+}

@@ -1,0 +1,198 @@
+//! `trtllm run`: generate from prompts, streaming text or printing `RequestOutput` JSON; and
+//! the sampling and executor flags other commands share.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use trtllm_api::executor::{CapacitySchedulerPolicy, ExecutorConfig};
+use trtllm_api::{ChatMessage, LlmArgs, Prompt, SamplingParams, LLM};
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// An engine directory, a Hugging Face checkpoint directory or a .gguf file.
+    #[arg(long)]
+    engine: PathBuf,
+    /// Repeat for several prompts; they run concurrently through the executor.
+    #[arg(long, conflicts_with = "input")]
+    prompt: Vec<String>,
+    /// One prompt per line (blank lines skipped), run concurrently.
+    #[arg(long, conflicts_with = "input")]
+    prompts_file: Option<PathBuf>,
+    /// Sent as one user message through the chat template.
+    #[arg(long, group = "input")]
+    chat: Option<String>,
+    /// Comma-separated token ids.
+    #[arg(long, group = "input", value_delimiter = ',')]
+    input_ids: Option<Vec<u32>>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Print one RequestOutput as JSON per line instead of streaming text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    executor: ExecutorArgs,
+}
+
+/// `SamplingParams` as flags; ranges are checked by `SamplingParams::validate`.
+#[derive(Args)]
+pub struct SamplingArgs {
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    min_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    /// Text that ends generation (repeat for several); not included in the output.
+    #[arg(long)]
+    stop: Vec<String>,
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Completions per prompt.
+    #[arg(long, default_value_t = 1)]
+    n: usize,
+    /// Return the log-probabilities of each output token and the top K alternatives.
+    #[arg(long, value_name = "K")]
+    logprobs: Option<usize>,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> Result<SamplingParams> {
+        let p = SamplingParams {
+            max_tokens: self.max_tokens,
+            min_tokens: self.min_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            seed: self.seed,
+            repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            stop: self.stop.clone(),
+            ignore_eos: self.ignore_eos,
+            n: self.n,
+            logprobs: self.logprobs,
+            ..SamplingParams::default()
+        };
+        p.validate()?;
+        Ok(p)
+    }
+}
+
+/// How the executor batches; the defaults come from the engine.
+#[derive(Args)]
+pub struct ExecutorArgs {
+    /// Requests per step (at most the engine's max_batch_size).
+    #[arg(long)]
+    max_batch_size: Option<usize>,
+    /// Tokens per step, prompt chunks included (at most the engine's max_num_tokens).
+    #[arg(long)]
+    max_num_tokens: Option<usize>,
+    /// KV-cache pool size in tokens (default: max_batch_size full-length sequences).
+    #[arg(long)]
+    kv_cache_tokens: Option<usize>,
+    #[arg(long, value_enum, default_value_t = Policy::GuaranteedNoEvict)]
+    scheduler_policy: Policy,
+    /// Do not share KV blocks between prompts with a common prefix.
+    #[arg(long)]
+    disable_block_reuse: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Policy {
+    GuaranteedNoEvict,
+    MaxUtilization,
+}
+
+impl ExecutorArgs {
+    pub fn config(&self) -> ExecutorConfig {
+        let mut cfg = ExecutorConfig::default();
+        cfg.scheduler.max_batch_size = self.max_batch_size;
+        cfg.scheduler.max_num_tokens = self.max_num_tokens;
+        cfg.scheduler.policy = match self.scheduler_policy {
+            Policy::GuaranteedNoEvict => CapacitySchedulerPolicy::GuaranteedNoEvict,
+            Policy::MaxUtilization => CapacitySchedulerPolicy::MaxUtilization,
+        };
+        cfg.kv_cache.max_tokens = self.kv_cache_tokens;
+        cfg.kv_cache.enable_block_reuse = !self.disable_block_reuse;
+        cfg
+    }
+}
+
+/// Opens an engine (building a checkpoint into the cache first if that is what `model` is).
+pub fn open(model: &Path, executor_config: ExecutorConfig) -> Result<LLM> {
+    Ok(LLM::new(LlmArgs {
+        model: model.to_path_buf(),
+        executor_config,
+        ..LlmArgs::default()
+    })?)
+}
+
+pub fn generate(a: RunArgs) -> Result<()> {
+    let params = a.sampling.params()?;
+    let mut prompts: Vec<Prompt> = a.prompt.iter().cloned().map(Prompt::Text).collect();
+    if let Some(f) = &a.prompts_file {
+        let text = std::fs::read_to_string(f).with_context(|| f.display().to_string())?;
+        prompts.extend(
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| Prompt::Text(l.to_string())),
+        );
+        if prompts.is_empty() {
+            bail!("{}: no prompts (one per line expected)", f.display());
+        }
+    }
+    if let Some(ids) = a.input_ids {
+        prompts.push(Prompt::TokenIds(ids));
+    }
+    let chat = a.chat.map(|c| vec![ChatMessage::new("user", &c)]);
+    if prompts.is_empty() && chat.is_none() {
+        bail!("one of --prompt, --prompts-file, --chat or --input-ids is required");
+    }
+    let llm = open(&a.engine, a.executor.config())?;
+    if a.json || params.n > 1 || prompts.len() > 1 {
+        let outs = match &chat {
+            Some(messages) => vec![llm.chat(messages, &params)?],
+            None => llm.generate(&prompts, &params)?,
+        };
+        for (i, out) in outs.iter().enumerate() {
+            if a.json {
+                println!("{}", serde_json::to_string(out)?);
+                continue;
+            }
+            for o in &out.outputs {
+                println!("[{i}.{}] {}", o.index, o.text);
+            }
+        }
+        return Ok(());
+    }
+    let mut stream = match (prompts.pop(), &chat) {
+        (Some(p), _) => llm.generate_async(p, &params)?,
+        (None, Some(messages)) => llm.chat_async(messages, &params)?,
+        (None, None) => bail!("no prompt"),
+    };
+    let mut stdout = std::io::stdout();
+    while let Some(delta) = stream.next_delta() {
+        stdout.write_all(delta?.text.as_bytes())?;
+        stdout.flush()?;
+    }
+    println!();
+    Ok(())
+}

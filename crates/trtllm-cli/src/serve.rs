@@ -1,0 +1,56 @@
+//! `trtllm serve MODEL`: the OpenAI-compatible server.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use trtllm_serve::ServeConfig;
+
+use crate::run::{open, ExecutorArgs};
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// An engine directory, a Hugging Face checkpoint directory or a .gguf file.
+    model: PathBuf,
+    /// Loopback unless told otherwise.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// 0 picks a free port.
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1 routes.
+    #[arg(long, env = "TRTLLM_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// The model id clients use (default: the model path's last component).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Generation requests in flight beyond this get 503.
+    #[arg(long, default_value_t = 1024)]
+    max_pending_requests: usize,
+    /// Request bodies larger than this get 413.
+    #[arg(long, default_value_t = 4 << 20)]
+    max_body_bytes: usize,
+    #[command(flatten)]
+    executor: ExecutorArgs,
+}
+
+pub fn serve(a: ServeArgs) -> Result<()> {
+    let name = a.served_model_name.clone().unwrap_or_else(|| {
+        a.model
+            .file_name()
+            .map_or("model".into(), |n| n.to_string_lossy().into_owned())
+    });
+    let llm = open(&a.model, a.executor.config())?;
+    trtllm_serve::serve(
+        llm,
+        ServeConfig {
+            host: a.host,
+            port: a.port,
+            api_key: a.api_key,
+            served_model_name: name,
+            max_body_bytes: a.max_body_bytes,
+            max_pending_requests: a.max_pending_requests,
+        },
+    )?;
+    Ok(())
+}

@@ -1,0 +1,176 @@
+//! One HTTP request's generation: its `RequestStream`s (one per prompt) drained on blocking
+//! threads into a channel the async side reads, with per-choice accumulation, latency metrics
+//! and cancellation when the request is dropped (the client went away).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use trtllm_api::{CompletionDelta, RequestStream};
+
+use crate::format::{usage, ChoiceText};
+use crate::state::{Admission, AppState};
+use crate::ServeError;
+
+enum Item {
+    /// A delta of the prompt at this position.
+    Delta(usize, CompletionDelta),
+    Failed(ServeError),
+}
+
+/// Cancels every completion of the request when dropped; a no-op for those that finished.
+struct AbortGuard {
+    state: Arc<AppState>,
+    ids: Vec<u64>,
+}
+
+impl Drop for AbortGuard {
+    fn drop(&mut self) {
+        for &id in &self.ids {
+            self.state.llm.executor().abort_request(id);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Choice {
+    all: ChoiceText,
+    tokens: usize,
+    chars: usize,
+    last_delta: Option<Instant>,
+}
+
+pub struct Generation {
+    rx: mpsc::Receiver<Item>,
+    state: Arc<AppState>,
+    n: usize,
+    prompt_tokens: usize,
+    choices: Vec<Choice>,
+    arrived: Instant,
+    first_token: Option<Instant>,
+    finished: bool,
+    _guard: AbortGuard,
+    _admission: Admission,
+}
+
+impl Generation {
+    pub fn start(
+        admission: Admission,
+        streams: Vec<RequestStream>,
+        n: usize,
+        arrived: Instant,
+    ) -> Self {
+        let state = admission.state().clone();
+        let (tx, rx) = mpsc::channel(256);
+        let ids = streams
+            .iter()
+            .flat_map(RequestStream::request_ids)
+            .collect();
+        let prompt_tokens = streams.iter().map(|s| s.prompt_token_ids().len()).sum();
+        let choices = (0..streams.len() * n).map(|_| Choice::default()).collect();
+        for (prompt, mut stream) in streams.into_iter().enumerate() {
+            let tx = tx.clone();
+            // Blocking: the stream waits on the engine's channel. Dropping it (when the
+            // receiver is gone) cancels its completions.
+            tokio::task::spawn_blocking(move || {
+                while let Some(delta) = stream.next_delta() {
+                    let (item, last) = match delta {
+                        Ok(d) => (Item::Delta(prompt, d), false),
+                        Err(e) => (Item::Failed(e.into()), true),
+                    };
+                    if tx.blocking_send(item).is_err() || last {
+                        return;
+                    }
+                }
+            });
+        }
+        Self {
+            rx,
+            _guard: AbortGuard {
+                state: state.clone(),
+                ids,
+            },
+            state,
+            n,
+            prompt_tokens,
+            choices,
+            arrived,
+            first_token: None,
+            finished: false,
+            _admission: admission,
+        }
+    }
+
+    pub fn num_choices(&self) -> usize {
+        self.choices.len()
+    }
+
+    /// The next delta as (choice index, what it adds); None once every choice has finished.
+    pub async fn next(&mut self) -> Option<Result<(usize, ChoiceText), ServeError>> {
+        match self.rx.recv().await {
+            None => {
+                self.finish();
+                None
+            }
+            Some(Item::Failed(e)) => Some(Err(e)),
+            Some(Item::Delta(prompt, d)) => Some(Ok(self.observe(prompt * self.n + d.index, d))),
+        }
+    }
+
+    fn observe(&mut self, index: usize, d: CompletionDelta) -> (usize, ChoiceText) {
+        let now = Instant::now();
+        let metrics = &self.state.metrics;
+        let c = &mut self.choices[index];
+        if !d.token_ids.is_empty() {
+            if self.first_token.is_none() {
+                self.first_token = Some(now);
+                metrics.ttft(now - self.arrived);
+            }
+            if let Some(prev) = c.last_delta {
+                metrics.itl(now - prev);
+            }
+            c.last_delta = Some(now);
+            c.tokens += d.token_ids.len();
+        }
+        if let Some(reason) = &d.finish_reason {
+            metrics.finished(reason);
+        }
+        let piece = ChoiceText {
+            text: d.text,
+            logprobs: d.logprobs,
+            finish_reason: d.finish_reason,
+            stop_reason: d.stop_reason,
+            offset: c.chars,
+        };
+        c.chars += piece.text.chars().count();
+        c.all.text.push_str(&piece.text);
+        c.all.logprobs.extend(piece.logprobs.iter().cloned());
+        if piece.finish_reason.is_some() {
+            c.all.finish_reason = piece.finish_reason.clone();
+            c.all.stop_reason = piece.stop_reason.clone();
+        }
+        (index, piece)
+    }
+
+    fn finish(&mut self) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
+        let metrics = &self.state.metrics;
+        metrics.e2e(self.arrived.elapsed());
+        metrics.tokens(self.prompt_tokens, self.completion_tokens());
+    }
+
+    fn completion_tokens(&self) -> usize {
+        self.choices.iter().map(|c| c.tokens).sum()
+    }
+
+    pub fn usage(&self) -> serde_json::Value {
+        usage(self.prompt_tokens, self.completion_tokens())
+    }
+
+    /// Everything each choice produced, by index.
+    pub fn choices(&self) -> Vec<ChoiceText> {
+        self.choices.iter().map(|c| c.all.clone()).collect()
+    }
+}

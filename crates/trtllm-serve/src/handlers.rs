@@ -1,0 +1,252 @@
+//! The HTTP endpoints. Generation endpoints parse and validate, tokenize and submit on a
+//! blocking thread (so bad input is answered with its status before any stream starts), then
+//! either collect the whole response or stream server-sent events ending in `[DONE]`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
+use axum::middleware::Next;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use trtllm_api::{ChatMessage, Prompt, RequestStream, SamplingParams};
+
+use crate::format::{Endpoint, Formatter};
+use crate::generation::Generation;
+use crate::protocol::{ChatRequest, CompletionRequest};
+use crate::state::AppState;
+use crate::ServeError;
+
+type AppResult = Result<Response, ServeError>;
+
+/// A JSON body whose failures (too large, malformed) come back in OpenAI's error shape.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ServeError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ServeError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ServeError::TooLarge(format!("request body too large: {}", e.body_text()))
+            } else {
+                ServeError::bad(e.body_text(), None)
+            }
+        })?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ServeError::bad(format!("invalid request body: {e}"), None))
+    }
+}
+
+/// Checks `Authorization: Bearer KEY` when the server has a key.
+pub async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &st.config.api_key {
+        let given = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(key.as_str()) {
+            return ServeError::Unauthorized.into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Counts every error response by status.
+pub async fn count_errors(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let res = next.run(req).await;
+    if res.status().is_client_error() || res.status().is_server_error() {
+        st.metrics.error(res.status().as_u16());
+    }
+    res
+}
+
+pub async fn not_found(req: Request) -> ServeError {
+    ServeError::NotFound(format!(
+        "no route for {} {}",
+        req.method(),
+        req.uri().path()
+    ))
+}
+
+pub async fn health() -> &'static str {
+    "ok"
+}
+
+pub async fn metrics(State(st): State<Arc<AppState>>) -> AppResult {
+    let text = tokio::task::spawn_blocking(move || st.metrics.render(st.llm.executor()))
+        .await
+        .map_err(|e| ServeError::Internal(e.to_string()))?;
+    Ok((
+        [(
+            CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+pub async fn models(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    Json(json!({"object": "list", "data": [{
+        "id": st.config.served_model_name,
+        "object": "model",
+        "created": st.created,
+        "owned_by": "trtllm-rs",
+        "max_model_len": st.llm.executor().engine_config().build.max_seq_len,
+        "vocab_size": st.llm.executor().engine_config().model.vocab_size,
+    }]}))
+}
+
+pub async fn completions(
+    State(st): State<Arc<AppState>>,
+    JsonBody(req): JsonBody<CompletionRequest>,
+) -> AppResult {
+    let arrived = Instant::now();
+    st.check_model(&req.model)?;
+    let parsed = req.params()?;
+    let prompts = parsed.inputs;
+    let job = Job {
+        endpoint: Endpoint::Completions,
+        params: parsed.params,
+        stream: parsed.stream,
+        include_usage: parsed.include_usage,
+        arrived,
+    };
+    run(st, job, move |llm, params| {
+        prompts
+            .into_iter()
+            .map(|p: Prompt| llm.generate_async(p, params))
+            .collect()
+    })
+    .await
+}
+
+pub async fn chat(
+    State(st): State<Arc<AppState>>,
+    JsonBody(req): JsonBody<ChatRequest>,
+) -> AppResult {
+    let arrived = Instant::now();
+    st.check_model(&req.model)?;
+    let max_seq_len = st.llm.executor().engine_config().build.max_seq_len;
+    let parsed = req.params(max_seq_len)?;
+    let messages: Vec<ChatMessage> = parsed.inputs;
+    let job = Job {
+        endpoint: Endpoint::Chat,
+        params: parsed.params,
+        stream: parsed.stream,
+        include_usage: parsed.include_usage,
+        arrived,
+    };
+    run(st, job, move |llm, params| {
+        Ok(vec![llm.chat_async(&messages, params)?])
+    })
+    .await
+}
+
+struct Job {
+    endpoint: Endpoint,
+    params: SamplingParams,
+    stream: bool,
+    include_usage: bool,
+    arrived: Instant,
+}
+
+async fn run(
+    st: Arc<AppState>,
+    job: Job,
+    submit: impl FnOnce(&trtllm_api::LLM, &SamplingParams) -> trtllm_api::Result<Vec<RequestStream>>
+        + Send
+        + 'static,
+) -> AppResult {
+    let admission = st.admit()?;
+    let llm = st.llm.clone();
+    let params = job.params.clone();
+    let streams = tokio::task::spawn_blocking(move || submit(&llm, &params))
+        .await
+        .map_err(|e| ServeError::Internal(e.to_string()))??;
+    let first_id = streams.first().map_or(0, RequestStream::request_id);
+    let gen = Generation::start(admission, streams, job.params.n, job.arrived);
+    let prefix = match job.endpoint {
+        Endpoint::Completions => "cmpl",
+        Endpoint::Chat => "chatcmpl",
+    };
+    let fmt = Formatter {
+        endpoint: job.endpoint,
+        id: format!("{prefix}-{:x}-{first_id}", st.created),
+        model: st.config.served_model_name.clone(),
+        created: crate::state::unix_time(),
+        want_logprobs: job.params.logprobs.is_some(),
+    };
+    if job.stream {
+        Ok(stream(st, gen, fmt, job.include_usage).into_response())
+    } else {
+        collect(st, gen, fmt).await
+    }
+}
+
+async fn collect(st: Arc<AppState>, mut gen: Generation, fmt: Formatter) -> AppResult {
+    while let Some(item) = gen.next().await {
+        item?;
+    }
+    let tok = st.llm.tokenizer().ok();
+    Ok(Json(fmt.response(tok, &gen.choices(), gen.usage())).into_response())
+}
+
+/// Streams chunks through a task of its own; when the client goes away the task sees the
+/// channel close, stops, and dropping the generation cancels its requests.
+fn stream(
+    st: Arc<AppState>,
+    mut gen: Generation,
+    fmt: Formatter,
+    include_usage: bool,
+) -> Sse<impl tokio_stream::Stream<Item = Result<Event, Infallible>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
+    tokio::spawn(async move {
+        let data = |v: serde_json::Value| Event::default().data(v.to_string());
+        if fmt.endpoint == Endpoint::Chat {
+            for i in 0..gen.num_choices() {
+                if tx
+                    .send(data(fmt.role_chunk(i, include_usage)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+        let tok = st.llm.tokenizer().ok();
+        loop {
+            let item = tokio::select! {
+                _ = tx.closed() => return,
+                item = gen.next() => item,
+            };
+            let event = match item {
+                None => break,
+                Some(Ok((i, piece))) => data(fmt.chunk(tok, i, &piece, include_usage)),
+                Some(Err(e)) => {
+                    let _ = tx.send(data(e.body())).await;
+                    break;
+                }
+            };
+            if tx.send(event).await.is_err() {
+                return;
+            }
+        }
+        if include_usage {
+            let _ = tx.send(data(fmt.usage_chunk(gen.usage()))).await;
+        }
+        let _ = tx.send(Event::default().data("[DONE]")).await;
+    });
+    Sse::new(ReceiverStream::new(rx).map(Ok)).keep_alive(KeepAlive::default())
+}

@@ -1,0 +1,241 @@
+//! OpenAI request bodies and their translation into `SamplingParams` and prompts. Fields
+//! OpenAI defines keep its defaults (temperature 1, max_tokens 16 for completions); vLLM's
+//! extensions (top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids,
+//! skip_special_tokens) are accepted too.
+
+use serde::Deserialize;
+use trtllm_api::{ChatMessage, Prompt, SamplingParams};
+
+use crate::ServeError;
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PromptInput {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+    IdsBatch(Vec<Vec<u32>>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum StopInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Sampling fields shared by both endpoints. Integers are signed so a negative value is
+/// reported against its field rather than as a JSON type error.
+#[derive(Debug, Default, Deserialize)]
+pub struct SamplingFields {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub seed: Option<u64>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub stop: Option<StopInput>,
+    pub stop_token_ids: Option<Vec<u32>>,
+    pub ignore_eos: Option<bool>,
+    pub min_tokens: Option<i64>,
+    pub n: Option<i64>,
+    pub skip_special_tokens: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: PromptInput,
+    pub max_tokens: Option<i64>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub logprobs: Option<i64>,
+    #[serde(default)]
+    pub echo: bool,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatMessageIn {
+    pub role: String,
+    pub content: Option<Content>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<ChatMessageIn>,
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub logprobs: bool,
+    pub top_logprobs: Option<i64>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+/// A request reduced to what the engine needs.
+pub struct Parsed<T> {
+    pub params: SamplingParams,
+    pub inputs: T,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+fn count(v: Option<i64>, field: &str, min: i64) -> Result<Option<usize>, ServeError> {
+    match v {
+        Some(x) if x < min => Err(ServeError::bad(
+            format!("{field} = {x}: expected an integer >= {min}"),
+            Some(field),
+        )),
+        Some(x) => Ok(Some(x as usize)),
+        None => Ok(None),
+    }
+}
+
+impl SamplingFields {
+    /// Parameters with `max_tokens` and `logprobs` already resolved by the endpoint; the
+    /// ranges are checked by `SamplingParams::validate`.
+    fn params(
+        self,
+        max_tokens: usize,
+        logprobs: Option<usize>,
+    ) -> Result<SamplingParams, ServeError> {
+        let d = SamplingParams::default();
+        let p = SamplingParams {
+            max_tokens,
+            min_tokens: count(self.min_tokens, "min_tokens", 0)?.unwrap_or(0),
+            temperature: self.temperature.unwrap_or(1.0),
+            top_k: match self.top_k {
+                // vLLM's "disabled" spelling.
+                Some(-1) => 0,
+                k => count(k, "top_k", 0)?.unwrap_or(0),
+            },
+            top_p: self.top_p.unwrap_or(d.top_p),
+            min_p: self.min_p.unwrap_or(d.min_p),
+            seed: self.seed,
+            repetition_penalty: self.repetition_penalty.unwrap_or(d.repetition_penalty),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            stop: match self.stop {
+                None => Vec::new(),
+                Some(StopInput::One(s)) => vec![s],
+                Some(StopInput::Many(v)) => v,
+            },
+            stop_token_ids: self.stop_token_ids.unwrap_or_default(),
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+            n: count(self.n, "n", 1)?.unwrap_or(1),
+            logprobs,
+            skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
+        };
+        p.validate()?;
+        Ok(p)
+    }
+}
+
+impl CompletionRequest {
+    pub fn params(self) -> Result<Parsed<Vec<Prompt>>, ServeError> {
+        if self.echo {
+            return Err(ServeError::bad("echo is not supported", Some("echo")));
+        }
+        let max_tokens = count(self.max_tokens, "max_tokens", 1)?.unwrap_or(16);
+        let logprobs = count(self.logprobs, "logprobs", 0)?;
+        let prompts = match self.prompt {
+            PromptInput::Text(t) => vec![Prompt::Text(t)],
+            PromptInput::Texts(v) => v.into_iter().map(Prompt::Text).collect(),
+            PromptInput::Ids(ids) => vec![Prompt::TokenIds(ids)],
+            PromptInput::IdsBatch(v) => v.into_iter().map(Prompt::TokenIds).collect(),
+        };
+        if prompts.is_empty() {
+            return Err(ServeError::bad("prompt is empty", Some("prompt")));
+        }
+        let include_usage = self.stream_options.is_some_and(|o| o.include_usage);
+        Ok(Parsed {
+            params: self.sampling.params(max_tokens, logprobs)?,
+            inputs: prompts,
+            stream: self.stream,
+            include_usage,
+        })
+    }
+}
+
+impl ChatRequest {
+    /// `default_max_tokens` is what is left of the context (OpenAI's chat default).
+    pub fn params(self, default_max_tokens: usize) -> Result<Parsed<Vec<ChatMessage>>, ServeError> {
+        let max_tokens = count(self.max_completion_tokens, "max_completion_tokens", 1)?
+            .or(count(self.max_tokens, "max_tokens", 1)?)
+            .unwrap_or(default_max_tokens);
+        let top = count(self.top_logprobs, "top_logprobs", 0)?;
+        if top.is_some() && !self.logprobs {
+            return Err(ServeError::bad(
+                "top_logprobs needs logprobs: true",
+                Some("top_logprobs"),
+            ));
+        }
+        let logprobs = self.logprobs.then_some(top.unwrap_or(0));
+        if self.messages.is_empty() {
+            return Err(ServeError::bad("messages is empty", Some("messages")));
+        }
+        let messages = self
+            .messages
+            .into_iter()
+            .map(|m| {
+                let content = match m.content {
+                    None => String::new(),
+                    Some(Content::Text(t)) => t,
+                    Some(Content::Parts(parts)) => parts
+                        .into_iter()
+                        .map(|p| match (p.kind.as_str(), p.text) {
+                            ("text", Some(t)) => Ok(t),
+                            (kind, _) => Err(ServeError::bad(
+                                format!(
+                                    "content part of type '{kind}' is not supported (text only)"
+                                ),
+                                Some("messages"),
+                            )),
+                        })
+                        .collect::<Result<Vec<_>, _>>()?
+                        .concat(),
+                };
+                Ok(ChatMessage {
+                    role: m.role,
+                    content,
+                })
+            })
+            .collect::<Result<Vec<_>, ServeError>>()?;
+        let include_usage = self.stream_options.is_some_and(|o| o.include_usage);
+        Ok(Parsed {
+            params: self.sampling.params(max_tokens, logprobs)?,
+            inputs: messages,
+            stream: self.stream,
+            include_usage,
+        })
+    }
+}
