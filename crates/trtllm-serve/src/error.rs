@@ -78,7 +78,6 @@ impl ServeError {
         let (kind, code) = self.kind_and_code();
         let param = match self {
             ServeError::BadRequest { param, .. } => param.clone(),
-            ServeError::ContextLength { .. } => Some("messages".into()),
             ServeError::ModelNotFound(_) => Some("model".into()),
             _ => None,
         };

@@ -53,6 +53,12 @@ pub struct Generation {
     _admission: Admission,
 }
 
+impl Drop for Generation {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
 impl Generation {
     pub fn start(
         admission: Admission,
@@ -133,7 +139,7 @@ impl Generation {
             c.tokens += d.token_ids.len();
         }
         if let Some(reason) = &d.finish_reason {
-            metrics.finished(reason);
+            metrics.finished(reason, 1);
         }
         let piece = ChoiceText {
             text: d.text,
@@ -156,6 +162,15 @@ impl Generation {
         if std::mem::replace(&mut self.finished, true) {
             return;
         }
+        // Choices still open when the generation is dropped early (the client went away):
+        // the guard cancels them, nobody reads their last delta, so count them here.
+        let open = self
+            .choices
+            .iter()
+            .filter(|c| c.all.finish_reason.is_none());
+        self.state
+            .metrics
+            .finished("cancelled", open.count() as u64);
         let metrics = &self.state.metrics;
         metrics.e2e(self.arrived.elapsed());
         metrics.tokens(self.prompt_tokens, self.completion_tokens());

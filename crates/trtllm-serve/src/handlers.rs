@@ -6,7 +6,6 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::Bytes;
 use axum::extract::{FromRequest, Request, State};
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
 use axum::middleware::Next;
@@ -30,17 +29,33 @@ type AppResult = Result<Response, ServeError>;
 /// A JSON body whose failures (too large, malformed) come back in OpenAI's error shape.
 pub struct JsonBody<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+/// How much of an oversized body is read (and dropped) so the client, which is usually still
+/// sending it, gets the 413 instead of a broken pipe; beyond this the connection is closed.
+const DRAIN_LIMIT: usize = 64 << 20;
+
+impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for JsonBody<T> {
     type Rejection = ServeError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ServeError> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ServeError::TooLarge(format!("request body too large: {}", e.body_text()))
-            } else {
-                ServeError::bad(e.body_text(), None)
+    async fn from_request(req: Request, st: &Arc<AppState>) -> Result<Self, ServeError> {
+        let limit = st.config.max_body_bytes;
+        let mut body = req.into_body().into_data_stream();
+        let (mut bytes, mut seen) = (Vec::new(), 0usize);
+        while let Some(chunk) = body.next().await {
+            let chunk =
+                chunk.map_err(|e| ServeError::bad(format!("reading the body: {e}"), None))?;
+            seen += chunk.len();
+            if seen <= limit {
+                bytes.extend_from_slice(&chunk);
+            } else if seen > DRAIN_LIMIT {
+                break;
             }
-        })?;
+        }
+        if seen > limit {
+            return Err(ServeError::TooLarge(format!(
+                "request body of {seen}{} bytes exceeds the limit of {limit} bytes",
+                if seen > DRAIN_LIMIT { "+" } else { "" }
+            )));
+        }
         serde_json::from_slice(&bytes)
             .map(JsonBody)
             .map_err(|e| ServeError::bad(format!("invalid request body: {e}"), None))

@@ -54,7 +54,6 @@ impl Default for ServeConfig {
 
 /// The application: routes, auth on /v1, error counting and the body limit.
 pub fn router(llm: LLM, config: ServeConfig) -> Router {
-    let limit = config.max_body_bytes;
     let st = Arc::new(state::AppState::new(llm, config));
     let v1 = Router::new()
         .route("/v1/models", get(handlers::models))
@@ -67,7 +66,8 @@ pub fn router(llm: LLM, config: ServeConfig) -> Router {
         .route("/metrics", get(handlers::metrics))
         .fallback(handlers::not_found)
         .layer(from_fn_with_state(st.clone(), handlers::count_errors))
-        .layer(DefaultBodyLimit::max(limit))
+        // JsonBody enforces `max_body_bytes` itself, answering 413 in OpenAI's shape.
+        .layer(DefaultBodyLimit::disable())
         .with_state(st)
 }
 

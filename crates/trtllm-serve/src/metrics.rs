@@ -130,12 +130,14 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn finished(&self, finish_reason: &str) {
-        self.finished
-            .get_or_create(&FinishLabel {
-                finish_reason: finish_reason.to_string(),
-            })
-            .inc();
+    pub fn finished(&self, finish_reason: &str, n: u64) {
+        if n > 0 {
+            self.finished
+                .get_or_create(&FinishLabel {
+                    finish_reason: finish_reason.to_string(),
+                })
+                .inc_by(n);
+        }
     }
 
     pub fn error(&self, status: u16) {

@@ -1,0 +1,133 @@
+"""Drives `trtllm serve` with the real `openai` client and checks it against transformers'
+golden outputs. Usage: openai_client.py CASES.json (written by tests/server.rs): base_url,
+api_key, model, and the golden cases (input ids, greedy ids and text, chat messages)."""
+
+import json
+import sys
+
+import openai
+
+spec = json.load(open(sys.argv[1]))
+client = openai.OpenAI(base_url=spec["base_url"], api_key=spec["api_key"], max_retries=0)
+model = spec["model"]
+keep_special = {"skip_special_tokens": False}
+checks = 0
+
+
+def check(cond, what):
+    global checks
+    checks += 1
+    if not cond:
+        raise AssertionError(what)
+
+
+def expected_finish(case):
+    return "stop" if case["greedy_ids"][-1] == spec["eos_token_id"] else "length"
+
+
+def completion(case, **kw):
+    return client.completions.create(
+        model=model, prompt=case["prompt"], max_tokens=len(case["greedy_ids"]),
+        temperature=0, extra_body=keep_special, **kw)
+
+
+def streamed_completion(case, **kw):
+    parts, finish, usage = {}, {}, None
+    for chunk in completion(case, stream=True, stream_options={"include_usage": True}, **kw):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            parts[c.index] = parts.get(c.index, "") + c.text
+            if c.finish_reason:
+                finish[c.index] = c.finish_reason
+    return parts, finish, usage
+
+
+check(any(m.id == model for m in client.models.list().data), "model listed")
+
+raw = [c for c in spec["cases"] if c["kind"] == "raw"]
+chat = [c for c in spec["cases"] if c["kind"] == "chat"]
+for i, case in enumerate(raw):
+    r = completion(case)
+    text = r.choices[0].text
+    check(text == case["greedy_text"], f"raw {i}: {text!r} != golden {case['greedy_text']!r}")
+    check(r.choices[0].finish_reason == expected_finish(case), f"raw {i}: finish_reason")
+    check(r.usage.prompt_tokens == len(case["input_ids"]), f"raw {i}: prompt_tokens {r.usage}")
+    check(r.usage.completion_tokens == len(case["greedy_ids"]), f"raw {i}: completion_tokens")
+    check(r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens, "total")
+    parts, finish, usage = streamed_completion(case)
+    check(parts == {0: text}, f"raw {i}: streamed {parts!r} != {text!r}")
+    check(finish == {0: r.choices[0].finish_reason}, f"raw {i}: streamed finish_reason")
+    check(usage is not None and usage.completion_tokens == r.usage.completion_tokens, "stream usage")
+
+for i, case in enumerate(chat):
+    kw = dict(model=model, messages=case["messages"], max_tokens=len(case["greedy_ids"]),
+              temperature=0, extra_body=keep_special)
+    r = client.chat.completions.create(**kw)
+    content = r.choices[0].message.content
+    check(r.choices[0].message.role == "assistant", "role")
+    check(content == case["greedy_text"], f"chat {i}: {content!r} != golden {case['greedy_text']!r}")
+    check(r.usage.prompt_tokens == len(case["input_ids"]), f"chat {i}: prompt_tokens {r.usage}")
+    check(r.usage.completion_tokens == len(case["greedy_ids"]), f"chat {i}: completion_tokens")
+    streamed, roles, usage = "", 0, None
+    for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            roles += c.delta.role == "assistant"
+            streamed += c.delta.content or ""
+    check(streamed == content, f"chat {i}: streamed {streamed!r} != {content!r}")
+    check(roles == 1, "one role delta")
+    check(usage.completion_tokens == r.usage.completion_tokens, "chat stream usage")
+
+# A stop string from the middle of the golden text, matched across token boundaries.
+case = raw[0]
+golden = case["greedy_text"]
+stop = golden[len(golden) // 2: len(golden) // 2 + 4]
+want = golden[: golden.find(stop)]
+r = completion(case, stop=[stop])
+check(r.choices[0].text == want, f"stop {stop!r}: {r.choices[0].text!r} != {want!r}")
+check(r.choices[0].finish_reason == "stop", "stop: finish_reason")
+parts, finish, _ = streamed_completion(case, stop=stop)
+check(parts == {0: want} and finish == {0: "stop"}, f"streamed stop: {parts!r} {finish!r}")
+
+# n = 2: greedy choices are both the golden text; sampled ones are two valid choices.
+r = completion(case, n=2)
+check(sorted(c.index for c in r.choices) == [0, 1], "n=2 indices")
+check(all(c.text == golden for c in r.choices), "n=2 greedy choices")
+check(r.usage.completion_tokens == 2 * len(case["greedy_ids"]), "n=2 usage")
+r = client.chat.completions.create(model=model, messages=chat[0]["messages"], max_tokens=12,
+                                   temperature=1.0, seed=3, n=2)
+check(len(r.choices) == 2 and all(c.message.content for c in r.choices), "chat n=2")
+parts, finish, usage = streamed_completion(case, n=2)
+check(parts == {0: golden, 1: golden}, f"streamed n=2: {parts!r}")
+
+# Log-probabilities: one entry per token, the greedy token is the most likely one.
+r = completion(case, logprobs=3)
+lp = r.choices[0].logprobs
+check(len(lp.tokens) == len(case["greedy_ids"]) == len(lp.token_logprobs), "logprobs length")
+check(all(len(t) <= 3 for t in lp.top_logprobs), "top_logprobs size")
+check(all(abs(max(t.values()) - l) < 1e-5 for t, l in zip(lp.top_logprobs, lp.token_logprobs)),
+      "greedy token has the top logprob")
+r = client.chat.completions.create(model=model, messages=chat[0]["messages"], max_tokens=4,
+                                   temperature=0, logprobs=True, top_logprobs=2)
+content = r.choices[0].logprobs.content
+check(len(content) == 4 and all(len(c.top_logprobs) == 2 for c in content), "chat logprobs")
+
+# Errors arrive as the client's typed exceptions.
+for exc, kw in [(openai.NotFoundError, dict(model="no-such-model")),
+                (openai.BadRequestError, dict(model=model, max_tokens=-1)),
+                (openai.BadRequestError, dict(model=model, top_p=2.0))]:
+    try:
+        client.completions.create(prompt="x", **{"max_tokens": 4, **kw})
+        check(False, f"{kw} should fail")
+    except exc as e:
+        check(e.body and "message" in e.body, f"{kw}: OpenAI error body {e.body}")
+bad = openai.OpenAI(base_url=spec["base_url"], api_key="wrong", max_retries=0)
+try:
+    bad.models.list()
+    check(False, "wrong key accepted")
+except openai.AuthenticationError:
+    pass
+
+print(f"openai {openai.__version__}: {checks} checks passed")

@@ -1,0 +1,418 @@
+//! `trtllm serve` end to end on SmolLM2: the real `openai` Python client against transformers'
+//! golden outputs, 64 concurrent streams, disconnects, bad requests, and `trtllm bench`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use trtllm_api::builder::BuildConfig;
+use trtllm_tests::{build_smollm2, fixtures};
+
+const MODEL: &str = "smollm2";
+const EOS: u32 = 2;
+
+/// One engine for the file, built for 64 concurrent sequences of up to 1024 tokens.
+fn engine() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        build_smollm2(&BuildConfig {
+            max_batch_size: 64,
+            max_seq_len: 1024,
+            ..BuildConfig::default()
+        })
+        .expect("build SmolLM2 engine")
+    })
+    .path()
+}
+
+fn golden() -> Value {
+    let path = fixtures().join("smollm2-135m-instruct.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    /// Starts `trtllm serve` on a free port and waits for its "listening on" line.
+    fn start(extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_trtllm"))
+            .args(["serve", engine().to_str().unwrap(), "--port", "0"])
+            .args(["--served-model-name", MODEL])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start trtllm serve");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let base = loop {
+            let line = lines
+                .next()
+                .expect("server exited before listening")
+                .unwrap();
+            if let Some(addr) = line.strip_prefix("listening on ") {
+                break addr.to_string();
+            }
+        };
+        std::thread::spawn(move || lines.for_each(drop));
+        Server { child, base }
+    }
+
+    fn agent() -> ureq::Agent {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into()
+    }
+
+    /// POSTs JSON; returns status and parsed body.
+    fn post(&self, path: &str, body: &Value, key: Option<&str>) -> (u16, Value) {
+        let mut req = Self::agent()
+            .post(format!("{}{path}", self.base))
+            .header("Content-Type", "application/json");
+        if let Some(k) = key {
+            req = req.header("Authorization", format!("Bearer {k}"));
+        }
+        let mut resp = req.send(body.to_string()).expect("POST");
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let mut resp = Self::agent()
+            .get(format!("{}/metrics", self.base))
+            .call()
+            .unwrap();
+        let text = resp.body_mut().read_to_string().unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} missing from:\n{text}"))
+    }
+
+    /// Streams a completion; returns the concatenated text and the finish reason.
+    fn stream(&self, body: &Value) -> (String, String) {
+        let mut resp = Self::agent()
+            .post(format!("{}/v1/completions", self.base))
+            .header("Content-Type", "application/json")
+            .send(body.to_string())
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        let (mut text, mut finish, mut done) = (String::new(), String::new(), false);
+        for line in BufReader::new(resp.body_mut().as_reader()).lines() {
+            let line = line.unwrap();
+            let Some(data) = line.strip_prefix("data: ") else {
+                continue;
+            };
+            if data == "[DONE]" {
+                done = true;
+                break;
+            }
+            let chunk: Value = serde_json::from_str(data).unwrap();
+            let c = &chunk["choices"][0];
+            text.push_str(c["text"].as_str().unwrap_or(""));
+            if let Some(f) = c["finish_reason"].as_str() {
+                finish = f.to_string();
+            }
+        }
+        assert!(done, "stream ended without [DONE]");
+        (text, finish)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The Python interpreter with `openai` installed: `TRTLLM_TEST_PYTHON`, or the venv that
+/// `cargo xtask test` creates in the cache.
+fn openai_python() -> PathBuf {
+    if let Some(p) = std::env::var_os("TRTLLM_TEST_PYTHON") {
+        return p.into();
+    }
+    let venv = trtllm_api::cache_dir().join("venv-openai/bin/python");
+    assert!(
+        venv.exists(),
+        "{} not found: run `cargo xtask test` (it installs the openai client) or set \
+         TRTLLM_TEST_PYTHON to a python with `openai` installed",
+        venv.display()
+    );
+    venv
+}
+
+#[test]
+fn openai_python_client_matches_golden_outputs() {
+    let server = Server::start(&["--api-key", "sk-test"]);
+    let mut spec = golden();
+    spec["base_url"] = json!(format!("{}/v1", server.base));
+    spec["api_key"] = json!("sk-test");
+    spec["model"] = json!(MODEL);
+    spec["eos_token_id"] = json!(EOS);
+    let dir = tempfile::tempdir().unwrap();
+    let spec_path = dir.path().join("spec.json");
+    std::fs::write(&spec_path, spec.to_string()).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/openai_client.py");
+    let out = Command::new(openai_python())
+        .arg(&script)
+        .arg(&spec_path)
+        .output()
+        .expect("run python");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "openai client checks failed:\n{log}");
+    assert!(log.contains("checks passed"), "{log}");
+    eprintln!("{log}");
+}
+
+#[test]
+fn concurrent_streams_are_complete_and_disconnects_free_their_blocks() {
+    let server = Server::start(&[]);
+    let cases: Vec<Value> = golden()["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["kind"] == "raw")
+        .cloned()
+        .collect();
+    std::thread::scope(|s| {
+        for i in 0..64 {
+            let case = &cases[i % cases.len()];
+            let server = &server;
+            s.spawn(move || {
+                let ids = case["greedy_ids"].as_array().unwrap();
+                let body = json!({"model": MODEL, "prompt": case["input_ids"],
+                    "max_tokens": ids.len(), "temperature": 0, "stream": true,
+                    "skip_special_tokens": false});
+                let (text, finish) = server.stream(&body);
+                assert_eq!(text, case["greedy_text"].as_str().unwrap(), "client {i}");
+                let eos = ids.last().unwrap().as_u64() == Some(EOS as u64);
+                assert_eq!(finish, if eos { "stop" } else { "length" }, "client {i}");
+            });
+        }
+    });
+    assert_eq!(
+        server.metric("trtllm_request_success_total{finish_reason=\"stop\"}") as usize
+            + server.metric("trtllm_request_success_total{finish_reason=\"length\"}") as usize,
+        64
+    );
+
+    // Eight clients read three chunks of a long stream, then hang up.
+    let addr = server.base.trim_start_matches("http://").to_string();
+    for _ in 0..8 {
+        let body = json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 900,
+            "ignore_eos": true, "stream": true})
+        .to_string();
+        let mut sock = TcpStream::connect(&addr).unwrap();
+        write!(sock, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        let mut seen = String::new();
+        let mut buf = [0u8; 4096];
+        while seen.matches("data: ").count() < 3 {
+            let n = sock.read(&mut buf).unwrap();
+            assert!(n > 0, "server closed early: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let used = server.metric("trtllm_kv_cache_used_blocks");
+        let running = server.metric("trtllm_num_requests_running");
+        if used == 0.0 && running == 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "blocks still held after disconnects: {used} used, {running} running"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        server.metric("trtllm_request_success_total{finish_reason=\"cancelled\"}"),
+        8.0
+    );
+    assert!(server.metric("trtllm_generation_tokens_total") < (64 * 48 + 8 * 900) as f64);
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
+    let server = Server::start(&["--api-key", "k", "--max-pending-requests", "1"]);
+    let key = Some("k");
+    let ok = json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0});
+    let err = |status: u16, body: &Value, what: &str| {
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{what}: {body}"
+        );
+        assert!(body["error"]["type"].is_string(), "{what}: {body}");
+        eprintln!("{what}: {status} {}", body["error"]["message"]);
+    };
+    let mut cases = vec![
+        (
+            json!({"model": "gpt-4", "prompt": "x"}),
+            key,
+            404,
+            "unknown model",
+        ),
+        (
+            json!({"model": MODEL, "prompt": "x", "max_tokens": -5}),
+            key,
+            400,
+            "negative max_tokens",
+        ),
+        (
+            json!({"model": MODEL, "prompt": "x", "temperature": -1}),
+            key,
+            400,
+            "negative temperature",
+        ),
+        (
+            json!({"model": MODEL, "prompt": vec![7; 2000]}),
+            key,
+            400,
+            "prompt over the limit",
+        ),
+        (
+            json!({"model": MODEL, "prompt": "x"}),
+            Some("wrong"),
+            401,
+            "wrong API key",
+        ),
+        (
+            json!({"model": MODEL, "prompt": "x"}),
+            None,
+            401,
+            "no API key",
+        ),
+        (
+            json!({"model": MODEL, "prompt": "a".repeat(10 << 20)}),
+            key,
+            413,
+            "10 MB body",
+        ),
+    ];
+    cases.push((ok.clone(), key, 200, "good request"));
+    for (body, key, want, what) in &cases {
+        let (status, resp) = server.post("/v1/completions", body, *key);
+        assert_eq!(status, *want, "{what}: {resp}");
+        if *want != 200 {
+            err(status, &resp, what);
+        }
+    }
+    // Malformed JSON, sent raw.
+    let mut resp = Server::agent()
+        .post(format!("{}/v1/completions", server.base))
+        .header("Authorization", "Bearer k")
+        .header("Content-Type", "application/json")
+        .send("{\"model\": ")
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let body: Value = serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap();
+    err(400, &body, "malformed JSON");
+
+    // With one request in flight, a second is refused with 503; then the server serves again.
+    let long = json!({"model": MODEL, "prompt": "x", "max_tokens": 300, "ignore_eos": true});
+    std::thread::scope(|s| {
+        let first = s.spawn(|| server.post("/v1/completions", &long, key));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while server.metric("trtllm_http_requests_in_flight") < 1.0 {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (status, body) = server.post("/v1/completions", &ok, key);
+        assert_eq!(status, 503, "{body}");
+        err(status, &body, "overloaded");
+        assert_eq!(first.join().unwrap().0, 200);
+    });
+    let (status, body) = server.post("/v1/completions", &ok, key);
+    assert_eq!(status, 200);
+    // The golden continuation is " Paris.\n\nThe answer is: ..." (4 tokens: " Paris", ".", "\n", "\n").
+    assert_eq!(body["choices"][0]["text"], " Paris.\n\n");
+    assert_eq!(body["usage"]["completion_tokens"], 4);
+}
+
+fn trtllm(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_trtllm"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "trtllm {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn bench_throughput_in_process_and_latency_over_http() {
+    let e = engine().to_str().unwrap();
+    let table = trtllm(&[
+        "bench",
+        "throughput",
+        "--model",
+        e,
+        "--num-requests",
+        "6",
+        "--input-len",
+        "24",
+        "--output-len",
+        "8",
+    ]);
+    assert!(
+        table.contains("output throughput (tok/s)") && table.contains("TTFT"),
+        "{table}"
+    );
+    assert!(table.contains("48"), "6 × 8 output tokens: {table}");
+
+    let server = Server::start(&[]);
+    let json = trtllm(&[
+        "bench",
+        "latency",
+        "--url",
+        &server.base,
+        "--num-requests",
+        "3",
+        "--input-len",
+        "16",
+        "--output-len",
+        "6",
+        "--json",
+    ]);
+    let r: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(r["requests"], 3);
+    assert_eq!(r["concurrency"], 1);
+    assert_eq!(r["output_tokens"], 18);
+    assert_eq!(r["input_tokens"], 48);
+    for k in ["ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"] {
+        assert!(r[k]["p50"].as_f64().unwrap() > 0.0, "{k}: {json}");
+        assert!(r[k]["p99"].as_f64().unwrap() >= r[k]["p50"].as_f64().unwrap());
+    }
+    let table = trtllm(&[
+        "bench",
+        "latency",
+        "--url",
+        &server.base,
+        "--num-requests",
+        "2",
+        "--input-len",
+        "8",
+        "--output-len",
+        "4",
+    ]);
+    assert!(table.contains("p99") && table.contains("E2E"), "{table}");
+}
