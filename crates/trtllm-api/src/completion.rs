@@ -152,12 +152,29 @@ impl CompletionState {
         }
     }
 
-    /// Moves the text that can no longer be part of a stop string into `delta`.
+    /// Length of the longest tail of the text that a stop string starts with (at most
+    /// `holdback`, and on a character boundary).
+    fn partial_stop_len(&self) -> usize {
+        let t = &self.text;
+        (1..=self.holdback.min(t.len()))
+            .rev()
+            .find(|&k| {
+                t.is_char_boundary(t.len() - k)
+                    && self
+                        .stop
+                        .iter()
+                        .any(|s| s.as_bytes().starts_with(&t.as_bytes()[t.len() - k..]))
+            })
+            .unwrap_or(0)
+    }
+
+    /// Moves the text that can no longer be part of a stop string into `delta`: everything but
+    /// the longest tail that is the beginning of some stop string.
     fn take_text(&mut self, delta: &mut CompletionDelta) {
         let end = if self.is_finished() {
             self.text.len()
         } else {
-            floor_char_boundary(&self.text, self.text.len().saturating_sub(self.holdback))
+            self.text.len() - self.partial_stop_len()
         };
         if end > self.emitted {
             delta.text = self.text[self.emitted..end].to_string();

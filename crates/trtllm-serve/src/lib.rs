@@ -75,7 +75,11 @@ pub fn router(llm: LLM, config: ServeConfig) -> Router {
 /// down. Prints `listening on http://ADDR` to stderr once bound.
 pub fn serve(llm: LLM, config: ServeConfig) -> Result<(), ServeError> {
     let addr = format!("{}:{}", config.host, config.port);
+    // Each request in flight holds a blocking thread per prompt that drains its stream; size the
+    // pool so the admission limit, not the pool, is what turns requests away.
+    let blocking = config.max_pending_requests.saturating_mul(2).max(64);
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(blocking)
         .enable_all()
         .build()
         .map_err(|e| ServeError::Internal(format!("tokio runtime: {e}")))?;
