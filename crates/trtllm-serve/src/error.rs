@@ -30,9 +30,10 @@ pub enum ServeError {
     Overloaded(String),
     #[error("{0}")]
     Internal(String),
-    #[error("{path}: {source}")]
-    Bind {
-        path: String,
+    /// Binding or serving the listening socket.
+    #[error("{addr}: {source}")]
+    Listen {
+        addr: String,
         source: std::io::Error,
     },
 }
@@ -54,7 +55,9 @@ impl ServeError {
             ServeError::ModelNotFound(_) | ServeError::NotFound(_) => StatusCode::NOT_FOUND,
             ServeError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ServeError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ServeError::Internal(_) | ServeError::Bind { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            ServeError::Internal(_) | ServeError::Listen { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -69,7 +72,7 @@ impl ServeError {
             ServeError::NotFound(_) => ("invalid_request_error", None),
             ServeError::TooLarge(_) => ("invalid_request_error", Some("request_too_large")),
             ServeError::Overloaded(_) => ("server_error", Some("overloaded")),
-            ServeError::Internal(_) | ServeError::Bind { .. } => ("server_error", None),
+            ServeError::Internal(_) | ServeError::Listen { .. } => ("server_error", None),
         }
     }
 

@@ -69,17 +69,17 @@ impl Formatter {
         c: &ChoiceText,
         with_usage: bool,
     ) -> Value {
-        let mut m = self.envelope(true, vec![self.choice(tok, index, c, true)]);
-        if with_usage {
-            m.insert("usage".into(), Value::Null);
-        }
-        Value::Object(m)
+        self.chunk_of(self.choice(tok, index, c, true), with_usage)
     }
 
     /// The chat stream's opening chunk: the assistant role, no content yet.
     pub fn role_chunk(&self, index: usize, with_usage: bool) -> Value {
         let choice = json!({"index": index, "delta": {"role": "assistant", "content": ""},
             "logprobs": null, "finish_reason": null});
+        self.chunk_of(choice, with_usage)
+    }
+
+    fn chunk_of(&self, choice: Value, with_usage: bool) -> Value {
         let mut m = self.envelope(true, vec![choice]);
         if with_usage {
             m.insert("usage".into(), Value::Null);

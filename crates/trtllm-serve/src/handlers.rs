@@ -16,11 +16,11 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
-use trtllm_api::{ChatMessage, Prompt, RequestStream, SamplingParams};
+use trtllm_api::{RequestStream, SamplingParams, LLM};
 
 use crate::format::{Endpoint, Formatter};
 use crate::generation::Generation;
-use crate::protocol::{ChatRequest, CompletionRequest};
+use crate::protocol::{ChatRequest, CompletionRequest, Parsed};
 use crate::state::AppState;
 use crate::ServeError;
 
@@ -130,20 +130,18 @@ pub async fn completions(
     let arrived = Instant::now();
     st.check_model(&req.model)?;
     let parsed = req.params()?;
-    let prompts = parsed.inputs;
-    let job = Job {
-        endpoint: Endpoint::Completions,
-        params: parsed.params,
-        stream: parsed.stream,
-        include_usage: parsed.include_usage,
+    run(
+        st,
+        Endpoint::Completions,
         arrived,
-    };
-    run(st, job, move |llm, params| {
-        prompts
-            .into_iter()
-            .map(|p: Prompt| llm.generate_async(p, params))
-            .collect()
-    })
+        parsed,
+        |llm, params, prompts| {
+            prompts
+                .into_iter()
+                .map(|p| llm.generate_async(p, params))
+                .collect()
+        },
+    )
     .await
 }
 
@@ -155,56 +153,54 @@ pub async fn chat(
     st.check_model(&req.model)?;
     let max_seq_len = st.llm.executor().engine_config().build.max_seq_len;
     let parsed = req.params(max_seq_len)?;
-    let messages: Vec<ChatMessage> = parsed.inputs;
-    let job = Job {
-        endpoint: Endpoint::Chat,
-        params: parsed.params,
-        stream: parsed.stream,
-        include_usage: parsed.include_usage,
+    run(
+        st,
+        Endpoint::Chat,
         arrived,
-    };
-    run(st, job, move |llm, params| {
-        Ok(vec![llm.chat_async(&messages, params)?])
-    })
+        parsed,
+        |llm, params, messages| Ok(vec![llm.chat_async(&messages, params)?]),
+    )
     .await
 }
 
-struct Job {
-    endpoint: Endpoint,
-    params: SamplingParams,
-    stream: bool,
-    include_usage: bool,
-    arrived: Instant,
-}
-
-async fn run(
+/// Admits the request, submits its inputs on a blocking thread (tokenizing and templating are
+/// CPU work), then collects or streams the result.
+async fn run<T: Send + 'static>(
     st: Arc<AppState>,
-    job: Job,
-    submit: impl FnOnce(&trtllm_api::LLM, &SamplingParams) -> trtllm_api::Result<Vec<RequestStream>>
+    endpoint: Endpoint,
+    arrived: Instant,
+    parsed: Parsed<T>,
+    submit: impl FnOnce(&LLM, &SamplingParams, T) -> trtllm_api::Result<Vec<RequestStream>>
         + Send
         + 'static,
 ) -> AppResult {
+    let Parsed {
+        params,
+        inputs,
+        stream: streamed,
+        include_usage,
+    } = parsed;
     let admission = st.admit()?;
     let llm = st.llm.clone();
-    let params = job.params.clone();
-    let streams = tokio::task::spawn_blocking(move || submit(&llm, &params))
+    let submitted = params.clone();
+    let streams = tokio::task::spawn_blocking(move || submit(&llm, &submitted, inputs))
         .await
         .map_err(|e| ServeError::Internal(e.to_string()))??;
     let first_id = streams.first().map_or(0, RequestStream::request_id);
-    let gen = Generation::start(admission, streams, job.params.n, job.arrived);
-    let prefix = match job.endpoint {
+    let gen = Generation::start(admission, streams, params.n, arrived);
+    let prefix = match endpoint {
         Endpoint::Completions => "cmpl",
         Endpoint::Chat => "chatcmpl",
     };
     let fmt = Formatter {
-        endpoint: job.endpoint,
+        endpoint,
         id: format!("{prefix}-{:x}-{first_id}", st.created),
         model: st.config.served_model_name.clone(),
         created: crate::state::unix_time(),
-        want_logprobs: job.params.logprobs.is_some(),
+        want_logprobs: params.logprobs.is_some(),
     };
-    if job.stream {
-        Ok(stream(st, gen, fmt, job.include_usage).into_response())
+    if streamed {
+        Ok(stream(st, gen, fmt, include_usage).into_response())
     } else {
         collect(st, gen, fmt).await
     }

@@ -84,19 +84,19 @@ pub fn serve(llm: LLM, config: ServeConfig) -> Result<(), ServeError> {
         .build()
         .map_err(|e| ServeError::Internal(format!("tokio runtime: {e}")))?;
     rt.block_on(async move {
-        let bind_err = |e| ServeError::Bind {
-            path: addr.clone(),
+        let listen_err = |e| ServeError::Listen {
+            addr: addr.clone(),
             source: e,
         };
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
-            .map_err(bind_err)?;
-        let local = listener.local_addr().map_err(bind_err)?;
+            .map_err(listen_err)?;
+        let local = listener.local_addr().map_err(listen_err)?;
         eprintln!("listening on http://{local}");
         axum::serve(listener, router(llm, config))
             .with_graceful_shutdown(shutdown_signal())
             .await
-            .map_err(bind_err)
+            .map_err(listen_err)
     })
 }
 

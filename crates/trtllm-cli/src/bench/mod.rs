@@ -7,7 +7,7 @@ mod report;
 mod workload;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -104,11 +104,16 @@ fn drive(
     concurrency: usize,
 ) -> Result<Vec<backend::Timing>> {
     let next = AtomicUsize::new(0);
+    // After a failure no new request starts; those in flight finish.
+    let failed = AtomicBool::new(false);
     let results = Mutex::new(Vec::with_capacity(workload.requests.len()));
     let first_error = Mutex::new(None);
     std::thread::scope(|s| {
         for _ in 0..concurrency {
             s.spawn(|| loop {
+                if failed.load(Ordering::Relaxed) {
+                    return;
+                }
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(req) = workload.requests.get(i) else {
                     return;
@@ -120,8 +125,7 @@ fn drive(
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .get_or_insert(e);
-                        // Stop handing out work; requests in flight finish.
-                        next.store(usize::MAX / 2, Ordering::Relaxed);
+                        failed.store(true, Ordering::Relaxed);
                     }
                 }
             });
