@@ -8,7 +8,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::matmul::{Elem, OutPtr, Problem};
+use super::matmul::{Elem, OutPtr, Problem, Rows};
 
 const NR: usize = 16;
 const MR: usize = 6;
@@ -21,7 +21,7 @@ const MR: usize = 6;
 /// accumulators in registers. Weight rows are read once, front to back, whatever the number of
 /// rows; each output is one FMA chain over k, independent of the other rows.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn columns<E: Elem>(p: &Problem<'_>, w: &[E], cols: Range<usize>, out: OutPtr) {
+pub(super) unsafe fn columns<W: Rows>(p: &Problem<'_>, w: &W, cols: Range<usize>, out: OutPtr) {
     let mut packed = vec![0f32; NR * p.k];
     // Rows split into equal tiles of at most MR (32 rows: 6,6,5,5,5,5, not 6×5 + 2), so no
     // tile is too short to hide the FMA latency.
@@ -29,7 +29,7 @@ pub(super) unsafe fn columns<E: Elem>(p: &Problem<'_>, w: &[E], cols: Range<usiz
     let mut j = cols.start;
     while j < cols.end {
         let nr = NR.min(cols.end - j);
-        pack(w, p.k, j..j + nr, &mut packed);
+        w.pack(p.k, j..j + nr, &mut packed);
         let mut i = 0;
         for t in 0..tiles {
             let mr = p.m / tiles + usize::from(t < p.m % tiles);
@@ -50,7 +50,7 @@ pub(super) unsafe fn columns<E: Elem>(p: &Problem<'_>, w: &[E], cols: Range<usiz
 /// `packed[kk][c] = w[cols.start + c][kk]` for one panel of at most 16 columns, zero past
 /// the last column. Full 8×8 blocks go through registers (8 row loads, a transpose, 8 stores).
 #[inline(always)]
-unsafe fn pack<E: Elem>(w: &[E], k: usize, cols: Range<usize>, packed: &mut [f32]) {
+pub(super) unsafe fn pack<E: Elem>(w: &[E], k: usize, cols: Range<usize>, packed: &mut [f32]) {
     let nr = cols.len();
     let full_k = k / 8 * 8;
     let full_c = nr / 8 * 8;
@@ -74,6 +74,23 @@ unsafe fn pack<E: Elem>(w: &[E], k: usize, cols: Range<usize>, packed: &mut [f32
     }
     for kk in 0..k {
         for c in nr..NR {
+            packed[kk * NR + c] = 0.0;
+        }
+    }
+}
+
+/// [`pack`] for formats without a vector widening: each row is dequantized once into a
+/// scratch row, then scattered into the panel.
+pub(super) fn pack_rows<W: Rows + ?Sized>(w: &W, k: usize, cols: Range<usize>, packed: &mut [f32]) {
+    let mut row = vec![0f32; k];
+    for (c, j) in cols.clone().enumerate() {
+        w.row_to_f32(j, k, &mut row);
+        for (kk, &v) in row.iter().enumerate() {
+            packed[kk * NR + c] = v;
+        }
+    }
+    for kk in 0..k {
+        for c in cols.len()..NR {
             packed[kk * NR + c] = 0.0;
         }
     }

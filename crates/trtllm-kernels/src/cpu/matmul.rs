@@ -6,8 +6,11 @@
 //! worker and a broadcast tile runs over them (`gemm_packed`). Output columns are split over the
 //! rayon pool.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
+use super::quant::{w8a8, Fp8Weights, Int4Weights, Int8Weights, Nvfp4Weights, QuantRows};
 use super::simd::simd_available;
 use crate::error::check_len;
 use crate::Result;
@@ -18,18 +21,30 @@ pub enum WeightData<'a> {
     F32(&'a [f32]),
     Bf16(&'a [u16]),
     F16(&'a [u16]),
+    Int8(Int8Weights<'a>),
+    Int4(Int4Weights<'a>),
+    Fp8(Fp8Weights<'a>),
+    Nvfp4(Nvfp4Weights<'a>),
+    /// Per-channel int8 weights whose activations are quantized per token as well.
+    W8A8(Int8Weights<'a>),
 }
 
 impl WeightData<'_> {
-    pub fn len(&self) -> usize {
+    /// Checks the storage against a `rows × cols` matrix.
+    fn check(&self, rows: usize, cols: usize) -> Result<()> {
+        let dense = |len| check_len("MatRef", "weight", len, rows * cols);
         match self {
-            WeightData::F32(d) => d.len(),
-            WeightData::Bf16(d) | WeightData::F16(d) => d.len(),
+            WeightData::F32(d) => dense(d.len()),
+            WeightData::Bf16(d) | WeightData::F16(d) => dense(d.len()),
+            WeightData::Int8(w) => w.check(rows, cols),
+            WeightData::W8A8(w) => {
+                w.check(rows, cols)?;
+                check_len("W8A8 weights", "scales (one per row)", w.scales.len(), rows)
+            }
+            WeightData::Int4(w) => w.check(rows, cols),
+            WeightData::Fp8(w) => w.check(rows, cols),
+            WeightData::Nvfp4(w) => w.check(rows, cols),
         }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -43,7 +58,7 @@ pub struct MatRef<'a> {
 
 impl<'a> MatRef<'a> {
     pub fn new(data: WeightData<'a>, rows: usize, cols: usize) -> Result<Self> {
-        check_len("MatRef", "weight", data.len(), rows * cols)?;
+        data.check(rows, cols)?;
         Ok(Self { data, rows, cols })
     }
 
@@ -59,21 +74,17 @@ impl<'a> MatRef<'a> {
         self.data
     }
 
-    /// Writes row `r` widened to f32 into `out` (`out.len() == cols`).
+    /// Writes row `r` widened (or dequantized) to f32 into `out` (`out.len() == cols`).
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
-        let range = r * self.cols..(r + 1) * self.cols;
+        let k = self.cols;
         match self.data {
-            WeightData::F32(d) => out.copy_from_slice(&d[range]),
-            WeightData::Bf16(d) => {
-                for (o, &b) in out.iter_mut().zip(&d[range]) {
-                    *o = Elem::to_f32(Bf16Bits(b));
-                }
-            }
-            WeightData::F16(d) => {
-                for (o, &b) in out.iter_mut().zip(&d[range]) {
-                    *o = Elem::to_f32(F16Bits(b));
-                }
-            }
+            WeightData::F32(d) => Dense(d).row_to_f32(r, k, out),
+            WeightData::Bf16(d) => Dense(as_bf16(d)).row_to_f32(r, k, out),
+            WeightData::F16(d) => Dense(as_f16(d)).row_to_f32(r, k, out),
+            WeightData::Int8(w) | WeightData::W8A8(w) => QuantRows::row_to_f32(&w, r, k, out),
+            WeightData::Int4(w) => QuantRows::row_to_f32(&w, r, k, out),
+            WeightData::Fp8(w) => QuantRows::row_to_f32(&w, r, k, out),
+            WeightData::Nvfp4(w) => QuantRows::row_to_f32(&w, r, k, out),
         }
     }
 }
@@ -95,9 +106,14 @@ pub fn linear(
     let problem = Problem { x, m, k, n, bias };
     let out = OutPtr(y.as_mut_ptr());
     match w.data {
-        WeightData::F32(d) => run(&problem, d, out),
-        WeightData::Bf16(d) => run(&problem, as_bf16(d), out),
-        WeightData::F16(d) => run(&problem, as_f16(d), out),
+        WeightData::F32(d) => run(&problem, &Dense(d), out),
+        WeightData::Bf16(d) => run(&problem, &Dense(as_bf16(d)), out),
+        WeightData::F16(d) => run(&problem, &Dense(as_f16(d)), out),
+        WeightData::Int8(q) => run(&problem, &q, out),
+        WeightData::Int4(q) => run(&problem, &q, out),
+        WeightData::Fp8(q) => run(&problem, &q, out),
+        WeightData::Nvfp4(q) => run(&problem, &q, out),
+        WeightData::W8A8(q) => w8a8::linear(x, m, &q, (n, k), bias, y),
     }
     Ok(())
 }
@@ -120,7 +136,55 @@ pub(crate) struct OutPtr(pub *mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-fn run<E: Elem>(p: &Problem<'_>, w: &[E], out: OutPtr) {
+/// A weight matrix in some storage format, as the three paths of `linear` read it.
+pub(crate) trait Rows: Sync {
+    /// Row `r` of a `k`-wide matrix as f32.
+    fn row_to_f32(&self, r: usize, k: usize, out: &mut [f32]);
+    /// The decode path: columns `cols` of the output, reading the stored format directly.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn gemv(&self, p: &Problem<'_>, cols: Range<usize>, out: OutPtr);
+    /// Fills a k-major panel of up to 16 columns for the packed GEMM (zero past the last).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn pack(&self, k: usize, cols: Range<usize>, packed: &mut [f32]) {
+        super::gemm_packed::pack_rows(self, k, cols, packed)
+    }
+}
+
+/// Dense rows of one element type.
+pub(crate) struct Dense<'a, E>(pub &'a [E]);
+
+impl<E: Elem> Rows for Dense<'_, E> {
+    fn row_to_f32(&self, r: usize, k: usize, out: &mut [f32]) {
+        for (o, &e) in out.iter_mut().zip(&self.0[r * k..(r + 1) * k]) {
+            *o = e.to_f32();
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn gemv(&self, p: &Problem<'_>, cols: Range<usize>, out: OutPtr) {
+        avx::columns(p, self.0, cols, out)
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn pack(&self, k: usize, cols: Range<usize>, packed: &mut [f32]) {
+        super::gemm_packed::pack(self.0, k, cols, packed)
+    }
+}
+
+macro_rules! quant_rows {
+    ($($t:ident),*) => {$(
+        impl Rows for $t<'_> {
+            fn row_to_f32(&self, r: usize, k: usize, out: &mut [f32]) {
+                QuantRows::row_to_f32(self, r, k, out)
+            }
+            #[cfg(target_arch = "x86_64")]
+            unsafe fn gemv(&self, p: &Problem<'_>, cols: Range<usize>, out: OutPtr) {
+                super::quant::gemv::columns(self, p, cols, out)
+            }
+        }
+    )*};
+}
+quant_rows!(Int8Weights, Int4Weights, Fp8Weights, Nvfp4Weights);
+
+fn run<W: Rows>(p: &Problem<'_>, w: &W, out: OutPtr) {
     // Enough chunks for load balance, each a multiple of 16 columns so tiles and packed panels
     // stay full.
     let threads = rayon::current_num_threads().max(1);
@@ -137,7 +201,7 @@ fn run<E: Elem>(p: &Problem<'_>, w: &[E], out: OutPtr) {
                 if p.m >= PACKED_MIN_ROWS {
                     super::gemm_packed::columns(p, w, cols, out)
                 } else {
-                    avx::columns(p, w, cols, out)
+                    w.gemv(p, cols, out)
                 }
             };
             return;
@@ -151,12 +215,10 @@ fn run<E: Elem>(p: &Problem<'_>, w: &[E], out: OutPtr) {
     }
 }
 
-fn portable_columns<E: Elem>(p: &Problem<'_>, w: &[E], cols: std::ops::Range<usize>, out: OutPtr) {
+fn portable_columns<W: Rows>(p: &Problem<'_>, w: &W, cols: Range<usize>, out: OutPtr) {
     let mut row = vec![0f32; p.k];
     for j in cols {
-        for (r, &e) in row.iter_mut().zip(&w[j * p.k..(j + 1) * p.k]) {
-            *r = e.to_f32();
-        }
+        w.row_to_f32(j, p.k, &mut row);
         let b = p.bias.map_or(0.0, |b| b[j]);
         for i in 0..p.m {
             let v = super::simd::dot_portable(&p.x[i * p.k..(i + 1) * p.k], &row) + b;

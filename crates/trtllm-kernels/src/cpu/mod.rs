@@ -7,6 +7,7 @@ mod elementwise;
 mod gemm_packed;
 mod matmul;
 mod norm;
+mod quant;
 mod rope;
 mod simd;
 
@@ -15,6 +16,9 @@ pub use attention::{paged_attention, AttentionSeq, AttentionShape, PagedKv};
 pub use elementwise::{add_inplace, embedding_gather, softmax_inplace};
 pub use matmul::{linear, MatRef, WeightData};
 pub use norm::{layer_norm, rms_norm};
+pub use quant::{
+    e4m3_to_f32, Fp8Weights, Int4Weights, Int8Weights, Nvfp4Weights, E2M1_VALUES, E4M3_MAX,
+};
 pub use rope::{apply_rope, RopeScaling, RopeTable};
 pub use simd::{force_portable, simd_available};
 

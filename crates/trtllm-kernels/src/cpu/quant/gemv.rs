@@ -1,0 +1,263 @@
+//! Decode-time matrix-vector products over packed weights (AVX2). Codes are widened to f32 in
+//! registers block by block and multiplied against f32 activations, so activations are never
+//! quantized and no dequantized copy of the weights exists.
+//!
+//! A row is a run of scale groups, each a run of blocks. Per group, four rows accumulate their
+//! raw `x · code` sums side by side (four independent FMA chains sharing the activation loads),
+//! then fold them in with the group's scale: `acc += scale · Σ x·code`. Formats with an offset
+//! (int4 with a zero point, or symmetric int4 as `−8·scale`) add `offset · Σ x` per group.
+
+#![cfg(target_arch = "x86_64")]
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::{groups, Fp8Weights, Int4Weights, Int8Weights, Nvfp4Weights, QuantRows};
+use crate::cpu::matmul::{OutPtr, Problem};
+use crate::cpu::simd::avx::hsum;
+
+/// What the tile driver needs of a format beyond [`QuantRows`].
+pub(crate) trait BlockDot: QuantRows {
+    /// Whether [`BlockDot::offset`] can be non-zero.
+    const HAS_OFFSET: bool;
+    /// Blocks per scale group in a `cols`-wide row.
+    fn group_blocks(&self, cols: usize) -> usize;
+    /// `acc + Σ x[i] · code_i` over block `b` of row `r` (codes in the units `scale` expects).
+    unsafe fn block_dot(
+        &self,
+        r: usize,
+        cols: usize,
+        b: usize,
+        x: *const f32,
+        acc: __m256,
+    ) -> __m256;
+    /// Scale of group `g` of row `r`.
+    fn scale(&self, r: usize, cols: usize, g: usize) -> f32;
+    /// Offset of group `g` of row `r`, multiplied by the group's activation sum.
+    fn offset(&self, _r: usize, _cols: usize, _g: usize) -> f32 {
+        0.0
+    }
+}
+
+const R: usize = 4;
+
+/// Columns `cols` of `y = x · Wᵀ + bias` for every activation row.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn columns<W: BlockDot>(w: &W, p: &Problem<'_>, cols: Range<usize>, out: OutPtr) {
+    let k = p.k;
+    let gb = w.group_blocks(k);
+    let ng = (k / W::BLOCK).div_ceil(gb);
+    let mut xsum = vec![0f32; if W::HAS_OFFSET { ng } else { 0 }];
+    for i in 0..p.m {
+        let x = &p.x[i * k..(i + 1) * k];
+        for (g, s) in xsum.iter_mut().enumerate() {
+            let span = g * gb * W::BLOCK..((g + 1) * gb * W::BLOCK).min(k);
+            *s = x[span].iter().sum();
+        }
+        let mut j = cols.start;
+        while j + R <= cols.end {
+            tile::<W, R>(w, p, x, &xsum, i, j, out);
+            j += R;
+        }
+        for j in j..cols.end {
+            tile::<W, 1>(w, p, x, &xsum, i, j, out);
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn tile<W: BlockDot, const N: usize>(
+    w: &W,
+    p: &Problem<'_>,
+    x: &[f32],
+    xsum: &[f32],
+    i: usize,
+    j: usize,
+    out: OutPtr,
+) {
+    let k = p.k;
+    let nb = k / W::BLOCK;
+    let gb = w.group_blocks(k);
+    let xp = x.as_ptr();
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut off = [0f32; N];
+    let mut b = 0;
+    let mut g = 0;
+    while b < nb {
+        let end = (b + gb).min(nb);
+        let mut part = [_mm256_setzero_ps(); N];
+        for blk in b..end {
+            let xb = xp.add(blk * W::BLOCK);
+            for (r, a) in part.iter_mut().enumerate() {
+                *a = w.block_dot(j + r, k, blk, xb, *a);
+            }
+        }
+        for r in 0..N {
+            acc[r] = _mm256_fmadd_ps(part[r], _mm256_set1_ps(w.scale(j + r, k, g)), acc[r]);
+            if W::HAS_OFFSET {
+                off[r] += w.offset(j + r, k, g) * xsum[g];
+            }
+        }
+        b = end;
+        g += 1;
+    }
+    for r in 0..N {
+        let bias = p.bias.map_or(0.0, |bias| bias[j + r]);
+        *out.0.add(i * p.n + j + r) = hsum(acc[r]) + off[r] + bias;
+    }
+}
+
+#[inline(always)]
+unsafe fn widen_i8(v: __m128i) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
+}
+
+#[inline(always)]
+unsafe fn widen_u8(v: __m128i) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
+}
+
+impl BlockDot for Int8Weights<'_> {
+    const HAS_OFFSET: bool = false;
+    fn group_blocks(&self, _cols: usize) -> usize {
+        self.group / 32
+    }
+    #[inline(always)]
+    unsafe fn block_dot(
+        &self,
+        r: usize,
+        cols: usize,
+        b: usize,
+        x: *const f32,
+        acc: __m256,
+    ) -> __m256 {
+        let q = self.q.as_ptr().add(r * cols + b * 32);
+        let mut acc = acc;
+        for o in [0, 8, 16, 24] {
+            let codes = widen_i8(_mm_loadl_epi64(q.add(o).cast()));
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(o)), codes, acc);
+        }
+        acc
+    }
+    #[inline(always)]
+    fn scale(&self, r: usize, cols: usize, g: usize) -> f32 {
+        self.scales[r * groups(cols, self.group) + g]
+    }
+}
+
+impl BlockDot for Int4Weights<'_> {
+    const HAS_OFFSET: bool = true;
+    fn group_blocks(&self, _cols: usize) -> usize {
+        self.group / 32
+    }
+    #[inline(always)]
+    unsafe fn block_dot(
+        &self,
+        r: usize,
+        cols: usize,
+        b: usize,
+        x: *const f32,
+        acc: __m256,
+    ) -> __m256 {
+        let v = _mm_loadu_si128(self.q.as_ptr().add(r * cols / 2 + b * 16).cast());
+        let mask = _mm_set1_epi8(0x0f);
+        let lo = _mm_and_si128(v, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), mask);
+        let mut acc = _mm256_fmadd_ps(_mm256_loadu_ps(x), widen_u8(lo), acc);
+        acc = _mm256_fmadd_ps(
+            _mm256_loadu_ps(x.add(8)),
+            widen_u8(_mm_srli_si128::<8>(lo)),
+            acc,
+        );
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(16)), widen_u8(hi), acc);
+        _mm256_fmadd_ps(
+            _mm256_loadu_ps(x.add(24)),
+            widen_u8(_mm_srli_si128::<8>(hi)),
+            acc,
+        )
+    }
+    #[inline(always)]
+    fn scale(&self, r: usize, cols: usize, g: usize) -> f32 {
+        self.scales[r * groups(cols, self.group) + g]
+    }
+    #[inline(always)]
+    fn offset(&self, r: usize, cols: usize, g: usize) -> f32 {
+        let at = r * groups(cols, self.group) + g;
+        match self.offsets {
+            Some(o) => o[at],
+            None => -8.0 * self.scales[at],
+        }
+    }
+}
+
+impl BlockDot for Fp8Weights<'_> {
+    const HAS_OFFSET: bool = false;
+    fn group_blocks(&self, cols: usize) -> usize {
+        (cols / 32).max(1)
+    }
+    /// Sixteen codes at a time: sign-extended to 16 bits, shifted into f16 position (the sign
+    /// copy that lands in the f16 exponent's top bit is masked off), widened by F16C.
+    #[inline(always)]
+    unsafe fn block_dot(
+        &self,
+        r: usize,
+        cols: usize,
+        b: usize,
+        x: *const f32,
+        acc: __m256,
+    ) -> __m256 {
+        let q = self.q.as_ptr().add(r * cols + b * 32);
+        let mut acc = acc;
+        for o in [0, 16] {
+            let v = _mm256_cvtepi8_epi16(_mm_loadu_si128(q.add(o).cast()));
+            let h = _mm256_and_si256(
+                _mm256_slli_epi16::<7>(v),
+                _mm256_set1_epi16(0xbf80u16 as i16),
+            );
+            let lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+            let hi = _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(h));
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(o)), lo, acc);
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(o + 8)), hi, acc);
+        }
+        acc
+    }
+    /// The f16 widening leaves values 2⁸ too small.
+    #[inline(always)]
+    fn scale(&self, r: usize, _cols: usize, _g: usize) -> f32 {
+        self.scales[r] * 256.0
+    }
+}
+
+impl BlockDot for Nvfp4Weights<'_> {
+    const HAS_OFFSET: bool = false;
+    fn group_blocks(&self, _cols: usize) -> usize {
+        1
+    }
+    /// A byte shuffle maps each E2M1 code to twice its value as an i8.
+    #[inline(always)]
+    unsafe fn block_dot(
+        &self,
+        r: usize,
+        cols: usize,
+        b: usize,
+        x: *const f32,
+        acc: __m256,
+    ) -> __m256 {
+        let v = _mm_loadl_epi64(self.q.as_ptr().add(r * cols / 2 + b * 8).cast());
+        let mask = _mm_set1_epi8(0x0f);
+        let lo = _mm_and_si128(v, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), mask);
+        let lut = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+        let vals = _mm_shuffle_epi8(lut, _mm_unpacklo_epi64(lo, hi));
+        let acc = _mm256_fmadd_ps(_mm256_loadu_ps(x), widen_i8(vals), acc);
+        _mm256_fmadd_ps(
+            _mm256_loadu_ps(x.add(8)),
+            widen_i8(_mm_srli_si128::<8>(vals)),
+            acc,
+        )
+    }
+    #[inline(always)]
+    fn scale(&self, r: usize, cols: usize, g: usize) -> f32 {
+        super::e4m3_to_f32(self.block_scales[r * cols / 16 + g]) * self.global_scale * 0.5
+    }
+}
