@@ -14,6 +14,21 @@ pub enum QuantError {
     Misaligned { what: String, align: usize },
     #[error("GGML type {0} is not supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)")]
     UnsupportedGgmlType(u32),
+    #[error("unknown quantization algorithm '{0}' (expected one of w8a16, w4a16, w4a16_awq, w4a16_gptq, w8a16_gptq, w8a8_sq, fp8, nvfp4; KV cache: int8, fp8)")]
+    UnknownAlgo(String),
+    #[error("quant config: {field}: {msg}")]
+    InvalidConfig { field: &'static str, msg: String },
+    #[error("quant config for layer '{layer}': {source}")]
+    Layer {
+        layer: String,
+        source: Box<QuantError>,
+    },
+    #[error("exclude_modules: '{pattern}' matches no module of this model (modules are named like {examples})")]
+    UnknownModule { pattern: String, examples: String },
+    #[error("{0}")]
+    Shape(String),
+    #[error(transparent)]
+    Kernel(#[from] trtllm_kernels::KernelError),
     #[error(
         "GGML tensor with {elements} elements is not a whole number of {block}-element blocks"
     )]

@@ -1,15 +1,20 @@
-//! Weight storage formats of trtllm-rs: the element types an engine stores weights in, how f32
-//! values are encoded into them, how stored bytes are viewed as the slices the kernels read, and
-//! the GGML block formats that GGUF checkpoints arrive in.
+//! Weight storage and quantization for trtllm-rs: the element types and packed formats an engine
+//! stores weights in, the quantization configs and algorithms (RTN, AWQ, GPTQ, SmoothQuant, FP8,
+//! NVFP4) that produce them, calibration statistics, and the GGML block formats of GGUF files.
 //!
 //! Architecture invariant: this crate knows storage, not models. It never sees a layer name.
 
+pub mod codec;
+mod config;
 mod dtype;
 mod error;
+mod format;
 pub mod ggml;
 
+pub use config::{LayerQuantConfig, QuantAlgo, QuantConfig, QuantMode, KV_CACHE_QUANT_ALGOS};
 pub use dtype::DType;
 pub use error::QuantError;
+pub use format::{pack_int, quantize_rtn, GroupParams, PackedRef, PackedWeight, WeightFormat};
 pub use trtllm_kernels as kernels;
 
 pub type Result<T> = std::result::Result<T, QuantError>;
