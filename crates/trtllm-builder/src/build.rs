@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use trtllm_runtime::engine::{names, EngineConfig, EngineWriter};
-use trtllm_runtime::quant::DType;
+use trtllm_runtime::quant::{DType, PackedWeight, Quantizer, LM_HEAD};
 use trtllm_runtime::{BuildConfig, ModelConfig, PositionKind};
 
 use crate::checkpoint::SafetensorsCheckpoint;
@@ -140,30 +140,36 @@ fn write_engine(
     let build = resolve(config, &model, ck.native_dtype())?;
     let dtype = build.dtype.unwrap_or(DType::F32);
     let total = spec.layers.len() + 2;
-    let mut w = EngineWriter::create(output)?;
+    let (up_part, up_rows) = model.mlp_in();
+    let parts = [names::QKV, names::O, up_part, names::DOWN];
+    let modules: Vec<String> = (0..spec.layers.len())
+        .flat_map(|i| parts.map(|p| format!("layers.{i}.{p}")))
+        .chain([LM_HEAD.to_string()])
+        .collect();
+    let mut out = Out {
+        ck,
+        w: EngineWriter::create(output)?,
+        dtype,
+        quantizer: Quantizer::new(&build.quant, &modules)?,
+        keep: build.keep_quantized,
+    };
     let h = model.hidden_size;
 
     progress(0, total, "embeddings");
-    write_matrix(
-        ck,
-        &mut w,
-        &spec.embed,
-        names::EMBED,
+    // With tied embeddings the table is also the output head, quantized as `lm_head`.
+    let embed_module = model.tie_word_embeddings.then_some(LM_HEAD);
+    let embed = [spec.embed.as_str()];
+    out.matrix(
+        &embed,
+        names::EMBED_PREFIX,
+        embed_module,
         [model.vocab_size, h],
-        dtype,
     )?;
     if let Some(pe) = &spec.pos_embed {
-        write_matrix(
-            ck,
-            &mut w,
-            pe,
-            names::POS_EMBED,
-            [model.max_position_embeddings, h],
-            dtype,
-        )?;
+        let shape = [model.max_position_embeddings, h];
+        out.matrix(&[pe.as_str()], names::POS_EMBED_PREFIX, None, shape)?;
     }
     let inter = model.intermediate_size;
-    let (up_part, up_rows) = model.mlp_in();
     for (i, layer) in spec.layers.iter().enumerate() {
         progress(i + 1, total, "layers");
         let linears: [(&str, &LinearSpec, usize, usize); 4] = [
@@ -173,52 +179,177 @@ fn write_engine(
             (names::DOWN, &layer.down, h, inter),
         ];
         for (part, lin, rows, cols) in linears {
-            let (weight, bias) = linear(ck, lin, rows, cols)?;
-            w.add(
-                &names::layer(i, part, "weight"),
-                dtype,
-                &[rows, cols],
-                &dtype.encode(&weight),
-            )?;
-            if let Some(b) = bias {
-                w.add(
-                    &names::layer(i, part, "bias"),
-                    DType::F32,
-                    &[rows],
-                    &DType::F32.encode(&b),
-                )?;
-            }
+            out.linear(&format!("layers.{i}.{part}"), lin, rows, cols)?;
         }
+        let w = &mut out.w;
         write_norm(
             ck,
-            &mut w,
+            w,
             &layer.attn_norm,
             &format!("layers.{i}.{}", names::ATTN_NORM),
             h,
         )?;
         write_norm(
             ck,
-            &mut w,
+            w,
             &layer.mlp_norm,
             &format!("layers.{i}.{}", names::MLP_NORM),
             h,
         )?;
     }
     progress(total - 1, total, "output head");
-    write_norm(ck, &mut w, &spec.final_norm, names::FINAL_NORM, h)?;
+    write_norm(ck, &mut out.w, &spec.final_norm, names::FINAL_NORM, h)?;
     if !model.tie_word_embeddings {
-        write_matrix(
-            ck,
-            &mut w,
-            &spec.lm_head,
-            names::LM_HEAD,
+        let head = [spec.lm_head.as_str()];
+        out.matrix(
+            &head,
+            names::LM_HEAD_PREFIX,
+            Some(LM_HEAD),
             [model.vocab_size, h],
-            dtype,
         )?;
     }
-    let engine = w.finish(model, build)?;
+    let engine = out.w.finish(model, build)?;
     progress(total, total, "done");
     Ok(engine)
+}
+
+/// Where matrices go: float in `dtype`, packed by the quantizer, or packed as the checkpoint
+/// stored them (`keep`).
+struct Out<'a> {
+    ck: &'a dyn Checkpoint,
+    w: EngineWriter,
+    dtype: DType,
+    quantizer: Quantizer<'a>,
+    keep: bool,
+}
+
+impl Out<'_> {
+    /// A plain matrix stacked from checkpoint tensors `srcs`, written as `{prefix}.weight`;
+    /// `module` names it to the quantizer (None: never quantized).
+    fn matrix(
+        &mut self,
+        srcs: &[&str],
+        prefix: &str,
+        module: Option<&str>,
+        shape: [usize; 2],
+    ) -> Result<()> {
+        if self.keep {
+            if let Some(p) = self.kept(srcs.iter().map(|s| (*s, None)), shape)? {
+                return Ok(self.w.add_packed(prefix, &p)?);
+            }
+        }
+        let t = self.ck.require(srcs[0])?;
+        check_shape(self.ck, srcs[0], &t.shape, &shape)?;
+        self.weight(prefix, module, t.data, shape)
+    }
+
+    fn linear(&mut self, module: &str, lin: &LinearSpec, rows: usize, cols: usize) -> Result<()> {
+        let kept = match self.keep && lin.iter().all(|p| !p.transposed) {
+            true => self.kept(
+                lin.iter().map(|p| (p.weight.as_str(), p.unpermute_heads)),
+                [rows, cols],
+            )?,
+            false => None,
+        };
+        let (weight, bias) = linear(self.ck, lin, rows, cols, kept.is_none())?;
+        match kept {
+            Some(p) => self.w.add_packed(module, &p)?,
+            None => self.weight(module, Some(module), weight, [rows, cols])?,
+        }
+        if let Some(b) = bias {
+            let name = format!("{module}.bias");
+            self.w
+                .add(&name, DType::F32, &[rows], &DType::F32.encode(&b))?;
+        }
+        Ok(())
+    }
+
+    fn weight(
+        &mut self,
+        prefix: &str,
+        module: Option<&str>,
+        data: Vec<f32>,
+        shape: [usize; 2],
+    ) -> Result<()> {
+        let [rows, cols] = shape;
+        let q = match module {
+            Some(m) => self.quantizer.quantize(m, &data, rows, cols)?,
+            None => None,
+        };
+        let Some(q) = q else {
+            let name = format!("{prefix}.weight");
+            return Ok(self
+                .w
+                .add(&name, self.dtype, &shape, &self.dtype.encode(&data))?);
+        };
+        self.w.add_packed(prefix, &q.weight)?;
+        if let Some(s) = &q.pre_quant_scale {
+            let name = format!("{prefix}.pre_quant_scale");
+            self.w
+                .add(&name, DType::F32, &[cols], &DType::F32.encode(s))?;
+        }
+        if let Some(s) = q.input_scale {
+            let name = format!("{prefix}.input_scale");
+            self.w
+                .add(&name, DType::F32, &[1], &DType::F32.encode(&[s]))?;
+        }
+        Ok(())
+    }
+
+    /// The checkpoint's own packed parts stacked into one `rows × cols` matrix, when every part
+    /// is stored in the same packed format (otherwise None: the float path is lossless too).
+    fn kept<'s>(
+        &self,
+        parts: impl Iterator<Item = (&'s str, Option<usize>)>,
+        [rows, cols]: [usize; 2],
+    ) -> Result<Option<PackedWeight>> {
+        let mut stacked: Option<PackedWeight> = None;
+        for (name, heads) in parts {
+            let Some(mut p) = self.ck.packed(name)? else {
+                return Ok(None);
+            };
+            if p.cols != cols {
+                return Err(BuildError::TensorShape {
+                    path: self.ck.path().into(),
+                    name: name.into(),
+                    expected: vec![0, cols],
+                    got: vec![p.rows, p.cols],
+                });
+            }
+            if let Some(heads) = heads {
+                unpermute_packed(&mut p, heads);
+            }
+            match &mut stacked {
+                None => stacked = Some(p),
+                Some(s) if s.format == p.format => {
+                    s.rows += p.rows;
+                    s.codes.extend(p.codes);
+                    s.scales.extend(p.scales);
+                    if let (Some(a), Some(b)) = (s.offsets.as_mut(), p.offsets) {
+                        a.extend(b);
+                    }
+                }
+                Some(_) => return Ok(None),
+            }
+        }
+        Ok(stacked.filter(|s| s.rows == rows))
+    }
+}
+
+/// [`unpermute_rows`] for a packed matrix: codes, scales and offsets move with their row.
+fn unpermute_packed(p: &mut PackedWeight, heads: usize) {
+    let code_row = p.format.code_bytes(p.cols);
+    let spr = p.format.scales_per_row(p.cols);
+    let perm = |data: &[f32], width: usize| unpermute_rows(data, heads, width);
+    let codes: Vec<f32> = p.codes.iter().map(|&b| b as f32).collect();
+    p.codes = perm(&codes, code_row)
+        .into_iter()
+        .map(|v| v as u8)
+        .collect();
+    p.scales = perm(&p.scales, spr);
+    if let Some(o) = &p.offsets {
+        p.offsets = Some(perm(o, spr));
+    }
 }
 
 fn check_shape(ck: &dyn Checkpoint, name: &str, got: &[usize], expected: &[usize]) -> Result<()> {
@@ -232,21 +363,6 @@ fn check_shape(ck: &dyn Checkpoint, name: &str, got: &[usize], expected: &[usize
             got: got.into(),
         })
     }
-}
-
-/// Copies checkpoint matrix `src` (`shape`) into the engine as `dst`, stored as `dtype`.
-fn write_matrix(
-    ck: &dyn Checkpoint,
-    w: &mut EngineWriter,
-    src: &str,
-    dst: &str,
-    shape: [usize; 2],
-    dtype: DType,
-) -> Result<()> {
-    let t = ck.require(src)?;
-    check_shape(ck, src, &t.shape, &shape)?;
-    w.add(dst, dtype, &shape, &dtype.encode(&t.data))?;
-    Ok(())
 }
 
 fn write_norm(
@@ -277,16 +393,34 @@ fn write_norm(
 }
 
 /// Stacks the parts of a fused linear layer into `[rows × cols]` plus a bias if any part has one.
+/// With `weights` false only the bias is assembled (the weight comes packed from elsewhere).
 fn linear(
     ck: &dyn Checkpoint,
     parts: &LinearSpec,
     rows: usize,
     cols: usize,
+    weights: bool,
 ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
     let mut weight = Vec::with_capacity(rows * cols);
     let mut bias: Vec<f32> = Vec::new();
     let mut any_bias = false;
     for p in parts {
+        if !weights {
+            let b = ck.tensor(&p.bias)?;
+            any_bias |= b.is_some();
+            let b = match b {
+                Some(b) => b.data,
+                None => {
+                    let out = ck.packed(&p.weight)?.map_or(0, |w| w.rows);
+                    vec![0.0; out]
+                }
+            };
+            bias.extend(match p.unpermute_heads {
+                Some(heads) => unpermute_rows(&b, heads, 1),
+                None => b,
+            });
+            continue;
+        }
         let t = ck.require(&p.weight)?;
         if t.shape.len() != 2 {
             return Err(BuildError::TensorShape {
@@ -318,7 +452,7 @@ fn linear(
         weight.extend(data);
         bias.extend(b);
     }
-    if weight.len() != rows * cols {
+    if weights && weight.len() != rows * cols {
         let name = parts
             .iter()
             .map(|p| p.weight.as_str())

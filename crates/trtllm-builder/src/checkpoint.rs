@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 use safetensors::SafeTensors;
-use trtllm_runtime::quant::DType;
+use trtllm_runtime::quant::{DType, PackedWeight};
 
 use crate::{BuildError, Result};
 
@@ -24,6 +24,12 @@ pub trait Checkpoint {
     fn tensor(&self, name: &str) -> Result<Option<Tensor>>;
     /// The storage type most weights are in, when it is one an engine can keep losslessly.
     fn native_dtype(&self) -> Option<DType>;
+
+    /// The tensor in a native packed format when the checkpoint stores it quantized (GGUF
+    /// Q8_0 / Q4_0 / Q4_1); None for float tensors and checkpoints without quantized storage.
+    fn packed(&self, _name: &str) -> Result<Option<PackedWeight>> {
+        Ok(None)
+    }
 
     fn require(&self, name: &str) -> Result<Tensor> {
         self.tensor(name)?.ok_or_else(|| BuildError::MissingTensor {

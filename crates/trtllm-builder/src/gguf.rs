@@ -6,7 +6,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
-use trtllm_runtime::quant::{ggml::GgmlType, DType};
+use trtllm_runtime::quant::{ggml::GgmlType, DType, PackedWeight};
 use trtllm_runtime::{MlpKind, ModelConfig, NormKind, PositionKind, RopeScaling};
 
 use crate::family::{Family, SUPPORTED};
@@ -365,6 +365,18 @@ impl Checkpoint for GgufFile {
 
     fn native_dtype(&self) -> Option<DType> {
         None
+    }
+
+    fn packed(&self, name: &str) -> Result<Option<PackedWeight>> {
+        let Some(t) = self.tensors.get(name) else {
+            return Ok(None);
+        };
+        let [rows, cols] = t.shape[..] else {
+            return Ok(None);
+        };
+        let bytes = self.tensor_bytes(name, t)?;
+        t.ty.to_packed(bytes, rows, cols)
+            .map_err(|e| BuildError::checkpoint(&self.path, format!("tensor '{name}': {e}")))
     }
 
     fn tensor(&self, name: &str) -> Result<Option<Tensor>> {

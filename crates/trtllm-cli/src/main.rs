@@ -11,7 +11,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use trtllm_api::builder::{self, BuildConfig};
 use trtllm_api::executor::ExecutorConfig;
-use trtllm_api::runtime::{quant::DType, Session};
+use trtllm_api::runtime::quant::{DType, LayerQuantConfig, QuantAlgo, QuantConfig};
+use trtllm_api::runtime::Session;
 
 #[derive(Parser)]
 #[command(name = "trtllm", version, about = "Build and run LLM engines")]
@@ -53,6 +54,22 @@ struct BuildArgs {
     max_seq_len: usize,
     #[arg(long, default_value_t = 8192)]
     max_num_tokens: usize,
+    /// Weight quantization: w8a16, w4a16, w4a16_awq, w4a16_gptq, w8a16_gptq, w8a8_sq, fp8,
+    /// nvfp4, or keep (a GGUF's own Q8_0/Q4_0/Q4_1 weights, without loss).
+    #[arg(long)]
+    quant: Option<String>,
+    /// Values per scale group of 4-bit weights (default 128).
+    #[arg(long)]
+    group_size: Option<usize>,
+    /// KV-cache quantization: int8 or fp8.
+    #[arg(long)]
+    kv_cache_quant: Option<String>,
+    /// Calibration text for AWQ, GPTQ and SmoothQuant.
+    #[arg(long)]
+    calib_text: Option<PathBuf>,
+    /// Modules to leave unquantized: any whose name contains one of these (e.g. lm_head,layers.0.).
+    #[arg(long, value_delimiter = ',')]
+    exclude_modules: Vec<String>,
 }
 
 #[derive(Args)]
@@ -94,11 +111,14 @@ fn build(a: BuildArgs) -> Result<()> {
         .map(DType::parse)
         .transpose()
         .context("--dtype")?;
+    let (quant, keep_quantized) = quant_config(&a)?;
     let config = BuildConfig {
         max_batch_size: a.max_batch_size,
         max_seq_len: a.max_seq_len,
         max_num_tokens: a.max_num_tokens,
         dtype,
+        quant,
+        keep_quantized,
         ..BuildConfig::default()
     };
     let bar = indicatif::ProgressBar::new(0);
@@ -131,6 +151,27 @@ fn build(a: BuildArgs) -> Result<()> {
         start.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+fn quant_config(a: &BuildArgs) -> Result<(LayerQuantConfig, bool)> {
+    let keep = a.quant.as_deref() == Some("keep");
+    let algo = match a.quant.as_deref() {
+        None | Some("keep") => QuantAlgo::NoQuant,
+        Some(q) => QuantAlgo::parse(q).context("--quant")?,
+    };
+    let mut c = QuantConfig::for_algo(algo);
+    if let Some(g) = a.group_size {
+        c.group_size = g;
+    }
+    if let Some(kv) = &a.kv_cache_quant {
+        c.kv_cache_quant_algo = QuantAlgo::parse(kv).context("--kv-cache-quant")?;
+    }
+    c.calib_dataset = a.calib_text.as_ref().map(|p| p.display().to_string());
+    if !a.exclude_modules.is_empty() {
+        c.exclude_modules = Some(a.exclude_modules.clone());
+    }
+    c.validate()?;
+    Ok((LayerQuantConfig::uniform(c), keep))
 }
 
 fn perplexity(a: PerplexityArgs) -> Result<()> {
@@ -170,27 +211,31 @@ fn inspect(engine: &Path) -> Result<()> {
         serde_json::to_string_pretty(&serde_json::json!({"model": cfg.model, "build": cfg.build}))?
     );
     let tensors = session.tensors();
-    let params: usize = tensors
-        .iter()
-        .map(|t| t.shape.iter().product::<usize>())
-        .sum();
     println!(
-        "\n{:<32} {:<9} {:>16} {:>12}",
-        "tensor", "dtype", "shape", "bytes"
+        "\n{:<36} {:<16} {:>16} {:>12}",
+        "tensor", "format", "shape", "bytes"
     );
+    let mut packed = 0;
+    let mut matrices = 0;
     for t in &tensors {
+        let format = t
+            .format
+            .map_or_else(|| t.dtype.name().to_string(), |f| f.describe());
+        packed += usize::from(t.format.is_some());
+        matrices += usize::from(t.name.ends_with(".weight") && t.shape.len() == 2);
         println!(
-            "{:<32} {:<9} {:>16} {:>12}",
+            "{:<36} {:<16} {:>16} {:>12}",
             t.name,
-            t.dtype.name(),
+            format,
             format!("{:?}", t.shape),
             t.bytes
         );
     }
+    let weight_bytes: usize = tensors.iter().map(|t| t.bytes).sum();
     println!(
-        "\n{} tensors, {:.2} M parameters, engine file {:.1} MiB",
+        "\n{} tensors, {packed}/{matrices} weight matrices quantized, {:.1} MiB of weights, engine file {:.1} MiB",
         tensors.len(),
-        params as f64 / 1e6,
+        weight_bytes as f64 / (1 << 20) as f64,
         session.engine_bytes() as f64 / (1 << 20) as f64
     );
     Ok(())

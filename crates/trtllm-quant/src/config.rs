@@ -68,18 +68,6 @@ impl QuantAlgo {
         serde_json::from_value(serde_json::Value::String(up))
             .map_err(|_| QuantError::UnknownAlgo(s.to_string()))
     }
-
-    /// Whether calibration activations are needed.
-    pub fn needs_calibration(self) -> bool {
-        matches!(
-            self,
-            QuantAlgo::W4A16Awq
-                | QuantAlgo::W4A16Gptq
-                | QuantAlgo::W8A16Gptq
-                | QuantAlgo::W8A8SqPerChannel
-                | QuantAlgo::Fp8
-        )
-    }
 }
 
 impl std::fmt::Display for QuantAlgo {
@@ -250,7 +238,7 @@ impl QuantConfig {
                 format!("must be in [0, 1], got {}", self.smoothquant_val),
             );
         }
-        if self.quant_algo.needs_calibration() && self.calib_size == 0 {
+        if self.needs_calibration() && self.calib_size == 0 {
             return bad("calib_size", "must be positive".into());
         }
         Ok(())
@@ -286,6 +274,16 @@ impl QuantConfig {
             _ => {}
         }
         mode
+    }
+
+    /// Whether quantizing needs calibration activations: AWQ and GPTQ search with them,
+    /// SmoothQuant migrates activation ranges into the weights.
+    pub fn needs_calibration(&self) -> bool {
+        match self.quant_algo {
+            QuantAlgo::W4A16Awq | QuantAlgo::W4A16Gptq | QuantAlgo::W8A16Gptq => true,
+            QuantAlgo::W8A8SqPerChannel => self.pre_quant_scale,
+            _ => false,
+        }
     }
 
     /// Whether module `name` is excluded.

@@ -14,6 +14,9 @@ pub enum DType {
     BF16,
     #[serde(rename = "float16")]
     F16,
+    /// Raw bytes: packed quantized codes and NVFP4 block scales (see `WeightFormat`).
+    #[serde(rename = "uint8")]
+    U8,
 }
 
 impl DType {
@@ -32,6 +35,7 @@ impl DType {
             DType::F32 => "float32",
             DType::BF16 => "bfloat16",
             DType::F16 => "float16",
+            DType::U8 => "uint8",
         }
     }
 
@@ -39,6 +43,7 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::BF16 | DType::F16 => 2,
+            DType::U8 => 1,
         }
     }
 
@@ -60,6 +65,7 @@ impl DType {
                     .collect();
                 bytemuck::cast_slice(&v).to_vec()
             }
+            DType::U8 => values.iter().map(|&x| x as u8).collect(),
         }
     }
 
@@ -80,6 +86,7 @@ impl DType {
                 .map(|b| half::bf16::from_bits(b).to_f32())
                 .collect(),
             DType::F16 => halves().map(|b| half::f16::from_bits(b).to_f32()).collect(),
+            DType::U8 => bytes.iter().map(|&b| b as f32).collect(),
         })
     }
 
@@ -99,6 +106,11 @@ impl DType {
             }
             DType::F16 => {
                 WeightData::F16(bytemuck::try_cast_slice(bytes).map_err(|_| misaligned())?)
+            }
+            DType::U8 => {
+                return Err(QuantError::Shape(format!(
+                    "{what}: uint8 data is a packed format, not a float matrix"
+                )))
             }
         })
     }

@@ -8,7 +8,7 @@
 
 use half::f16;
 
-use crate::{QuantError, Result};
+use crate::{PackedWeight, QuantError, Result, WeightFormat};
 
 /// The GGML element types this engine imports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,6 +114,58 @@ impl GgmlType {
     }
 }
 
+impl GgmlType {
+    /// The same values in the engine's native packed format, without loss: Q8_0 → int8 group
+    /// 32, Q4_0 → symmetric int4 group 32, Q4_1 → int4 group 32 with zero point. None for the
+    /// float types. `bytes` hold a `rows × cols` matrix, row by row.
+    pub fn to_packed(self, bytes: &[u8], rows: usize, cols: usize) -> Result<Option<PackedWeight>> {
+        let format = match self {
+            GgmlType::Q8_0 => WeightFormat::Int8 { group: 32 },
+            GgmlType::Q4_0 => WeightFormat::Int4 {
+                group: 32,
+                zero_point: false,
+            },
+            GgmlType::Q4_1 => WeightFormat::Int4 {
+                group: 32,
+                zero_point: true,
+            },
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => return Ok(None),
+        };
+        let expected = self.byte_len(rows * cols)?;
+        if bytes.len() != expected || !cols.is_multiple_of(32) {
+            return Err(QuantError::ByteLength {
+                what: format!("GGML {self:?} matrix {rows}×{cols}"),
+                expected,
+                got: bytes.len(),
+            });
+        }
+        let blocks = rows * cols / 32;
+        let scale =
+            |b: &[u8], at: usize| f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32();
+        let mut p = PackedWeight {
+            format,
+            rows,
+            cols,
+            codes: Vec::with_capacity(rows * format.code_bytes(cols)),
+            scales: Vec::with_capacity(blocks),
+            offsets: (self == GgmlType::Q4_1).then(|| Vec::with_capacity(blocks)),
+            block_scales: Vec::new(),
+            global_scale: 1.0,
+        };
+        for b in bytes.chunks_exact(self.block_bytes()) {
+            p.scales.push(scale(b, 0));
+            match (self, p.offsets.as_mut()) {
+                (GgmlType::Q4_1, Some(o)) => {
+                    o.push(scale(b, 2));
+                    p.codes.extend_from_slice(&b[4..]);
+                }
+                _ => p.codes.extend_from_slice(&b[2..]),
+            }
+        }
+        Ok(Some(p))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,6 +199,33 @@ mod tests {
         b.extend((0..32).map(|i| (i as i8 - 16) as u8));
         let v = GgmlType::Q8_0.dequantize(&b, 32).unwrap();
         assert_eq!((v[0], v[31]), (-4.0, 3.75));
+    }
+
+    /// Packed imports stand for exactly the values the reference dequantizer produces.
+    #[test]
+    fn packed_import_is_lossless() {
+        let mut q41 = Vec::new();
+        let mut q40 = Vec::new();
+        let mut q80 = Vec::new();
+        for blk in 0..4u8 {
+            q41.extend(h(0.25 + blk as f32));
+            q41.extend(h(-1.5));
+            q41.extend((0..16u8).map(|i| i.wrapping_mul(7 + blk)));
+            q40.extend(h(0.5 - blk as f32));
+            q40.extend((0..16u8).map(|i| i.wrapping_mul(11 + blk)));
+            q80.extend(h(0.125 * (blk + 1) as f32));
+            q80.extend((0..32u8).map(|i| i.wrapping_mul(37 + blk)));
+        }
+        for (ty, bytes) in [
+            (GgmlType::Q4_1, q41),
+            (GgmlType::Q4_0, q40),
+            (GgmlType::Q8_0, q80),
+        ] {
+            let reference = ty.dequantize(&bytes, 128).unwrap();
+            let packed = ty.to_packed(&bytes, 2, 64).unwrap().unwrap();
+            assert_eq!(packed.dequantize().unwrap(), reference, "{ty:?}");
+        }
+        assert!(GgmlType::F16.to_packed(&[0; 4], 1, 2).unwrap().is_none());
     }
 
     #[test]

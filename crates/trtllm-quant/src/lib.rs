@@ -10,11 +10,13 @@ mod dtype;
 mod error;
 mod format;
 pub mod ggml;
+mod quantize;
 
 pub use config::{LayerQuantConfig, QuantAlgo, QuantConfig, QuantMode, KV_CACHE_QUANT_ALGOS};
 pub use dtype::DType;
 pub use error::QuantError;
 pub use format::{pack_int, quantize_rtn, GroupParams, PackedRef, PackedWeight, WeightFormat};
+pub use quantize::{QuantReport, QuantizedLinear, Quantizer, LM_HEAD};
 pub use trtllm_kernels as kernels;
 
 pub type Result<T> = std::result::Result<T, QuantError>;

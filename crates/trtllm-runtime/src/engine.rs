@@ -6,9 +6,14 @@
 //! DIR/rank0.engine  "TRTLLMRS" | u32 version | u32 0 | u64 index_len | index JSON | pad |
 //!                   tensor data, each tensor at a 64-byte aligned offset from the data start
 //! ```
-//! The index lists `{ name, dtype, shape, offset, bytes }`. Weights are already in the layout the
-//! kernels read (QKV and gate/up fused, `[out × in]` rows), so the runtime maps the file and
-//! reads in place. Opening an engine checks the version, the file size and its CRC-32.
+//! The index lists `{ name, dtype, shape, offset, bytes, format? }`. Weights are already in the
+//! layout the kernels read (QKV and gate/up fused, `[out × in]` rows), so the runtime maps the
+//! file and reads in place. A quantized weight `P.weight` is stored as uint8 codes
+//! `[rows × code bytes]` tagged with its `format`, beside `P.weight_scale` (f32 per group),
+//! `P.weight_offset` (zero points), `P.weight_block_scale` / `P.weight_global_scale` (NVFP4),
+//! and optionally `P.pre_quant_scale` (per input channel, multiplied into the activations) and
+//! `P.input_scale` (static FP8 activation scale). Opening an engine checks the version, the file
+//! size and its CRC-32.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -18,12 +23,14 @@ use std::sync::Arc;
 
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
-use trtllm_quant::DType;
+use trtllm_quant::{DType, LayerQuantConfig, PackedWeight, WeightFormat};
 
 use crate::{ModelConfig, Result, RuntimeError};
 
 /// Bumped whenever the layout of config.json or rank files changes incompatibly.
-pub const ENGINE_FORMAT_VERSION: u32 = 1;
+/// Version 2 added packed quantized tensors; version 1 engines read unchanged.
+pub const ENGINE_FORMAT_VERSION: u32 = 2;
+const READABLE_VERSIONS: std::ops::RangeInclusive<u32> = 1..=ENGINE_FORMAT_VERSION;
 const MAGIC: &[u8; 8] = b"TRTLLMRS";
 const ALIGN: usize = 64;
 
@@ -38,8 +45,12 @@ pub struct BuildConfig {
     pub max_seq_len: usize,
     /// Most tokens processed in one forward pass.
     pub max_num_tokens: usize,
-    /// Storage type of the weights; None keeps the checkpoint's own (lossless).
+    /// Storage type of the unquantized weights; None keeps the checkpoint's own (lossless).
     pub dtype: Option<DType>,
+    /// Weight and KV-cache quantization.
+    pub quant: LayerQuantConfig,
+    /// Keep the checkpoint's own quantized weights (GGUF Q8_0 / Q4_0 / Q4_1) as they are.
+    pub keep_quantized: bool,
 }
 
 impl Default for BuildConfig {
@@ -50,6 +61,8 @@ impl Default for BuildConfig {
             max_seq_len: 0,
             max_num_tokens: 8192,
             dtype: None,
+            quant: LayerQuantConfig::default(),
+            keep_quantized: false,
         }
     }
 }
@@ -121,7 +134,7 @@ impl EngineConfig {
                     "missing field format_version: not a trtllm engine directory",
                 )
             })?;
-        if version != ENGINE_FORMAT_VERSION as u64 {
+        if !READABLE_VERSIONS.contains(&(version as u32)) {
             return Err(RuntimeError::FormatVersion {
                 path,
                 found: version as u32,
@@ -142,6 +155,9 @@ pub struct TensorInfo {
     pub shape: Vec<usize>,
     pub offset: usize,
     pub bytes: usize,
+    /// Set on the codes of a quantized weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<WeightFormat>,
 }
 
 /// Streams tensors into a rank file and writes config.json when finished.
@@ -189,8 +205,56 @@ impl EngineWriter {
             shape: shape.to_vec(),
             offset: self.written,
             bytes: bytes.len(),
+            format: None,
         });
         self.written += bytes.len();
+        Ok(())
+    }
+
+    /// Writes a quantized weight as `{prefix}.weight` (codes, tagged with the format) and its
+    /// scale tensors.
+    pub fn add_packed(&mut self, prefix: &str, p: &PackedWeight) -> Result<()> {
+        let weight = format!("{prefix}.weight");
+        let code_bytes = p.format.code_bytes(p.cols);
+        self.add(&weight, DType::U8, &[p.rows, code_bytes], &p.codes)?;
+        if let Some(last) = self.index.last_mut() {
+            last.format = Some(p.format);
+        }
+        let spr = p.format.scales_per_row(p.cols);
+        if spr > 0 {
+            let scale = DType::F32.encode(&p.scales);
+            self.add(
+                &format!("{prefix}.weight_scale"),
+                DType::F32,
+                &[p.rows, spr],
+                &scale,
+            )?;
+        }
+        if let Some(o) = &p.offsets {
+            let off = DType::F32.encode(o);
+            self.add(
+                &format!("{prefix}.weight_offset"),
+                DType::F32,
+                &[p.rows, spr],
+                &off,
+            )?;
+        }
+        if p.format == WeightFormat::Nvfp4 {
+            let shape = [p.rows, p.cols / 16];
+            self.add(
+                &format!("{prefix}.weight_block_scale"),
+                DType::U8,
+                &shape,
+                &p.block_scales,
+            )?;
+            let g = DType::F32.encode(&[p.global_scale]);
+            self.add(
+                &format!("{prefix}.weight_global_scale"),
+                DType::F32,
+                &[1],
+                &g,
+            )?;
+        }
         Ok(())
     }
 
@@ -287,7 +351,7 @@ impl EngineFile {
             ));
         }
         let version = u32::from_le_bytes(mmap[8..12].try_into().expect("4 bytes"));
-        if version != ENGINE_FORMAT_VERSION {
+        if !READABLE_VERSIONS.contains(&version) {
             return Err(RuntimeError::FormatVersion {
                 path,
                 found: version,
@@ -349,6 +413,10 @@ impl EngineFile {
 
 /// Tensor names inside an engine, shared by the builder (writer) and the decoder (reader).
 pub mod names {
+    /// Matrices are `{prefix}.weight` (plus scale tensors when quantized).
+    pub const EMBED_PREFIX: &str = "embed";
+    pub const POS_EMBED_PREFIX: &str = "pos_embed";
+    pub const LM_HEAD_PREFIX: &str = "lm_head";
     pub const EMBED: &str = "embed.weight";
     pub const POS_EMBED: &str = "pos_embed.weight";
     pub const FINAL_NORM: &str = "final_norm";

@@ -13,6 +13,7 @@ mod kv_cache;
 mod model;
 mod sampling;
 mod session;
+mod weights;
 
 pub use config::{MlpKind, ModelConfig, NormKind, PositionKind};
 pub use engine::{BuildConfig, EngineConfig, EngineWriter, ENGINE_FORMAT_VERSION};

@@ -3,11 +3,12 @@
 
 use std::sync::Arc;
 
-use trtllm_quant::kernels::cpu::{self, AttentionSeq, AttentionShape, MatRef, RopeTable};
+use trtllm_quant::kernels::cpu::{self, AttentionSeq, AttentionShape, RopeTable};
 use trtllm_quant::DType;
 
 use crate::engine::{names, EngineFile, TensorInfo};
 use crate::kv_cache::{BlockId, KvPool};
+use crate::weights::{f32s, optional_f32, tensor, Linear, Weight};
 use crate::{MlpKind, ModelConfig, NormKind, PositionKind, Result, RuntimeError};
 
 /// Which positions the forward pass computes logits for.
@@ -31,11 +32,6 @@ pub struct SeqChunk<'a> {
     pub logits: LogitsMode,
 }
 
-struct Linear {
-    w: TensorInfo,
-    b: Option<TensorInfo>,
-}
-
 struct Norm {
     w: TensorInfo,
     b: Option<TensorInfo>,
@@ -53,36 +49,22 @@ struct Layer {
 pub(crate) struct Decoder {
     cfg: ModelConfig,
     file: Arc<EngineFile>,
-    embed: TensorInfo,
-    pos_embed: Option<TensorInfo>,
+    embed: Weight,
+    pos_embed: Option<Weight>,
     layers: Vec<Layer>,
     final_norm: Norm,
-    lm_head: TensorInfo,
+    lm_head: Weight,
     rope: Option<RopeTable>,
 }
 
 impl Decoder {
     pub fn new(cfg: ModelConfig, file: Arc<EngineFile>) -> Result<Self> {
         let h = cfg.hidden_size;
-        let look = |name: &str, shape: &[usize]| -> Result<TensorInfo> {
-            let t = file
-                .info(name)
-                .ok_or_else(|| RuntimeError::MissingTensor(name.into()))?;
-            if t.shape != shape {
-                return Err(RuntimeError::TensorShape {
-                    name: name.into(),
-                    expected: shape.to_vec(),
-                    got: t.shape.clone(),
-                });
-            }
-            Ok(t.clone())
-        };
-        let optional =
-            |name: &str, shape: &[usize]| file.info(name).map(|_| look(name, shape)).transpose();
+        let f = &*file;
         let norm = |prefix: &str| -> Result<Norm> {
-            let w = look(&format!("{prefix}.weight"), &[h])?;
-            let b = optional(&format!("{prefix}.bias"), &[h])?;
-            if w.dtype != DType::F32 || b.as_ref().is_some_and(|b| b.dtype != DType::F32) {
+            let w = tensor(f, &format!("{prefix}.weight"), &[h])?;
+            let b = optional_f32(f, &format!("{prefix}.bias"), &[h])?;
+            if w.dtype != DType::F32 {
                 return Err(RuntimeError::InvalidConfig(format!(
                     "norm '{prefix}' must be stored as float32"
                 )));
@@ -92,17 +74,8 @@ impl Decoder {
             }
             Ok(Norm { w, b })
         };
-        let linear = |i: usize, part: &str, out: usize, inp: usize| -> Result<Linear> {
-            let bias = optional(&names::layer(i, part, "bias"), &[out])?;
-            if bias.as_ref().is_some_and(|b| b.dtype != DType::F32) {
-                return Err(RuntimeError::InvalidConfig(format!(
-                    "bias of layer {i} {part} must be float32"
-                )));
-            }
-            Ok(Linear {
-                w: look(&names::layer(i, part, "weight"), &[out, inp])?,
-                b: bias,
-            })
+        let linear = |i: usize, part: &str, out: usize, inp: usize| {
+            Linear::load(f, &format!("layers.{i}.{part}"), out, inp)
         };
         let inter = cfg.intermediate_size;
         let layers = (0..cfg.num_layers)
@@ -118,16 +91,19 @@ impl Decoder {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let embed = look(names::EMBED, &[cfg.vocab_size, h])?;
+        let embed = Weight::load(f, names::EMBED_PREFIX, cfg.vocab_size, h)?;
         let lm_head = if cfg.tie_word_embeddings {
             embed.clone()
         } else {
-            look(names::LM_HEAD, &[cfg.vocab_size, h])?
+            Weight::load(f, names::LM_HEAD_PREFIX, cfg.vocab_size, h)?
         };
         let pos_embed = match cfg.position {
-            PositionKind::Learned => {
-                Some(look(names::POS_EMBED, &[cfg.max_position_embeddings, h])?)
-            }
+            PositionKind::Learned => Some(Weight::load(
+                f,
+                names::POS_EMBED_PREFIX,
+                cfg.max_position_embeddings,
+                h,
+            )?),
             PositionKind::Rope { .. } => None,
         };
         let rope = match &cfg.position {
@@ -155,27 +131,12 @@ impl Decoder {
         &self.cfg
     }
 
-    fn mat(&self, t: &TensorInfo) -> Result<MatRef<'_>> {
-        let data = t.dtype.view(self.file.bytes(t), &t.name)?;
-        Ok(MatRef::new(data, t.shape[0], t.shape[1])?)
-    }
-
     fn f32s(&self, t: &TensorInfo) -> Result<&[f32]> {
-        match t.dtype.view(self.file.bytes(t), &t.name)? {
-            cpu::WeightData::F32(d) => Ok(d),
-            _ => Err(RuntimeError::InvalidConfig(format!(
-                "{} must be float32",
-                t.name
-            ))),
-        }
+        f32s(&self.file, t)
     }
 
     fn linear(&self, l: &Linear, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        let w = self.mat(&l.w)?;
-        let bias = l.b.as_ref().map(|b| self.f32s(b)).transpose()?;
-        let mut y = vec![0f32; rows * w.rows()];
-        cpu::linear(x, rows, w, bias, &mut y)?;
-        Ok(y)
+        l.forward(&self.file, x, rows)
     }
 
     fn norm(&self, n: &Norm, x: &mut [f32]) -> Result<()> {
@@ -202,11 +163,11 @@ impl Decoder {
         }
         let n = tokens.len();
         let mut hidden = vec![0f32; n * h];
-        cpu::embedding_gather(self.mat(&self.embed)?, &tokens, &mut hidden)?;
+        cpu::embedding_gather(self.embed.mat(&self.file)?, &tokens, &mut hidden)?;
         if let Some(pe) = &self.pos_embed {
             let mut pos = vec![0f32; n * h];
             let ids: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
-            cpu::embedding_gather(self.mat(pe)?, &ids, &mut pos)?;
+            cpu::embedding_gather(pe.mat(&self.file)?, &ids, &mut pos)?;
             cpu::add_inplace(&mut hidden, &pos)?;
         }
         for (i, layer) in self.layers.iter().enumerate() {
@@ -233,7 +194,7 @@ impl Decoder {
             .flat_map(|&r| hidden[r * h..(r + 1) * h].iter().copied())
             .collect();
         self.norm(&self.final_norm, &mut x)?;
-        let head = self.mat(&self.lm_head)?;
+        let head = self.lm_head.mat(&self.file)?;
         let mut logits = vec![0f32; rows.len() * self.cfg.vocab_size];
         cpu::linear(&x, rows.len(), head, None, &mut logits)?;
         Ok(logits)

@@ -1,0 +1,214 @@
+//! Weight matrices and linear layers as the engine stores them: float, or packed codes plus
+//! their scale tensors (see the engine format in [`crate::engine`]). Everything is validated
+//! when the engine opens, so a forward pass never meets an inconsistent tensor.
+
+use trtllm_quant::codec::f32_to_e4m3;
+use trtllm_quant::kernels::cpu::{self, e4m3_to_f32, MatRef, WeightData};
+use trtllm_quant::{DType, PackedRef, WeightFormat};
+
+use crate::engine::{EngineFile, TensorInfo};
+use crate::{Result, RuntimeError};
+
+/// Looks up `name`, which must have `shape`.
+pub(crate) fn tensor(file: &EngineFile, name: &str, shape: &[usize]) -> Result<TensorInfo> {
+    let t = file
+        .info(name)
+        .ok_or_else(|| RuntimeError::MissingTensor(name.into()))?;
+    if t.shape != shape {
+        return Err(RuntimeError::TensorShape {
+            name: name.into(),
+            expected: shape.to_vec(),
+            got: t.shape.clone(),
+        });
+    }
+    Ok(t.clone())
+}
+
+/// Like [`tensor`], but absent is fine; present tensors must be float32.
+pub(crate) fn optional_f32(
+    file: &EngineFile,
+    name: &str,
+    shape: &[usize],
+) -> Result<Option<TensorInfo>> {
+    let Some(_) = file.info(name) else {
+        return Ok(None);
+    };
+    let t = tensor(file, name, shape)?;
+    if t.dtype != DType::F32 {
+        return Err(RuntimeError::InvalidConfig(format!(
+            "{name} must be float32, is {}",
+            t.dtype
+        )));
+    }
+    Ok(Some(t))
+}
+
+pub(crate) fn f32s<'a>(file: &'a EngineFile, t: &TensorInfo) -> Result<&'a [f32]> {
+    match t.dtype.view(file.bytes(t), &t.name)? {
+        WeightData::F32(d) => Ok(d),
+        _ => Err(RuntimeError::InvalidConfig(format!(
+            "{} must be float32",
+            t.name
+        ))),
+    }
+}
+
+fn bytes_of<'a>(file: &'a EngineFile, t: &Option<TensorInfo>) -> &'a [u8] {
+    t.as_ref().map_or(&[][..], |t| file.bytes(t))
+}
+
+/// The scale tensors of a packed weight.
+#[derive(Clone, Debug)]
+struct Packed {
+    format: WeightFormat,
+    scale: Option<TensorInfo>,
+    offset: Option<TensorInfo>,
+    block_scale: Option<TensorInfo>,
+    global_scale: Option<TensorInfo>,
+}
+
+/// A `[rows × cols]` matrix of the engine.
+#[derive(Clone, Debug)]
+pub(crate) struct Weight {
+    data: TensorInfo,
+    rows: usize,
+    cols: usize,
+    packed: Option<Packed>,
+}
+
+impl Weight {
+    /// Loads `{prefix}.weight` (and its scales when it is packed) and checks it is a valid
+    /// `rows × cols` matrix.
+    pub fn load(file: &EngineFile, prefix: &str, rows: usize, cols: usize) -> Result<Self> {
+        let name = format!("{prefix}.weight");
+        let info = file
+            .info(&name)
+            .ok_or_else(|| RuntimeError::MissingTensor(name.clone()))?;
+        let packed = match info.format {
+            None => None,
+            Some(format) => {
+                format.check_cols(cols)?;
+                let spr = format.scales_per_row(cols);
+                let need = |suffix: &str, shape: &[usize]| {
+                    tensor(file, &format!("{prefix}.{suffix}"), shape).map(Some)
+                };
+                let zero_point = matches!(
+                    format,
+                    WeightFormat::Int4 {
+                        zero_point: true,
+                        ..
+                    }
+                );
+                let nvfp4 = format == WeightFormat::Nvfp4;
+                Some(Packed {
+                    format,
+                    scale: if spr > 0 {
+                        need("weight_scale", &[rows, spr])?
+                    } else {
+                        None
+                    },
+                    offset: if zero_point {
+                        need("weight_offset", &[rows, spr])?
+                    } else {
+                        None
+                    },
+                    block_scale: if nvfp4 {
+                        need("weight_block_scale", &[rows, cols / 16])?
+                    } else {
+                        None
+                    },
+                    global_scale: if nvfp4 {
+                        need("weight_global_scale", &[1])?
+                    } else {
+                        None
+                    },
+                })
+            }
+        };
+        let shape = match &packed {
+            Some(p) => [rows, p.format.code_bytes(cols)],
+            None => [rows, cols],
+        };
+        let w = Self {
+            data: tensor(file, &name, &shape)?,
+            rows,
+            cols,
+            packed,
+        };
+        w.mat(file)?;
+        Ok(w)
+    }
+
+    pub fn mat<'a>(&self, file: &'a EngineFile) -> Result<MatRef<'a>> {
+        let data = match &self.packed {
+            None => self
+                .data
+                .dtype
+                .view(file.bytes(&self.data), &self.data.name)?,
+            Some(p) => {
+                let floats = |t: &Option<TensorInfo>| -> Result<Option<&'a [f32]>> {
+                    t.as_ref().map(|t| f32s(file, t)).transpose()
+                };
+                PackedRef {
+                    format: p.format,
+                    codes: file.bytes(&self.data),
+                    scales: floats(&p.scale)?.unwrap_or(&[]),
+                    offsets: floats(&p.offset)?,
+                    block_scales: bytes_of(file, &p.block_scale),
+                    global_scale: floats(&p.global_scale)?.map_or(1.0, |g| g[0]),
+                }
+                .view()
+            }
+        };
+        Ok(MatRef::new(data, self.rows, self.cols)?)
+    }
+}
+
+/// `y = (x ∘ pre_quant_scale) · Wᵀ + bias`, with FP8 activation quantization when the layer
+/// has a static `input_scale`.
+#[derive(Clone, Debug)]
+pub(crate) struct Linear {
+    pub weight: Weight,
+    bias: Option<TensorInfo>,
+    pre_quant_scale: Option<TensorInfo>,
+    input_scale: Option<TensorInfo>,
+}
+
+impl Linear {
+    pub fn load(file: &EngineFile, prefix: &str, rows: usize, cols: usize) -> Result<Self> {
+        Ok(Self {
+            weight: Weight::load(file, prefix, rows, cols)?,
+            bias: optional_f32(file, &format!("{prefix}.bias"), &[rows])?,
+            pre_quant_scale: optional_f32(file, &format!("{prefix}.pre_quant_scale"), &[cols])?,
+            input_scale: optional_f32(file, &format!("{prefix}.input_scale"), &[1])?,
+        })
+    }
+
+    pub fn forward(&self, file: &EngineFile, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let w = self.weight.mat(file)?;
+        let bias = self.bias.as_ref().map(|b| f32s(file, b)).transpose()?;
+        let mut scaled;
+        let mut x = x;
+        if let Some(s) = &self.pre_quant_scale {
+            let s = f32s(file, s)?;
+            scaled = x.to_vec();
+            for row in scaled.chunks_exact_mut(s.len()) {
+                for (v, m) in row.iter_mut().zip(s) {
+                    *v *= m;
+                }
+            }
+            x = &scaled;
+        }
+        if let Some(s) = &self.input_scale {
+            let s = f32s(file, s)?[0];
+            scaled = x
+                .iter()
+                .map(|&v| e4m3_to_f32(f32_to_e4m3(v / s)) * s)
+                .collect();
+            x = &scaled;
+        }
+        let mut y = vec![0f32; rows * w.rows()];
+        cpu::linear(x, rows, w, bias, &mut y)?;
+        Ok(y)
+    }
+}
