@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::Result;
 use trtllm_api::builder::{build, BuildConfig};
 use trtllm_api::runtime::{
-    argmax, quant::DType, KvPool, LogitsMode, ModelRunner, SeqChunk, Session,
+    argmax, quant::DType, KvPool, KvStorage, LogitsMode, ModelRunner, SeqChunk, Session,
 };
 use trtllm_tests::{fixtures, read_json, smollm2_gguf, SmolGolden};
 
@@ -44,7 +44,8 @@ fn batched_decode_rate(runner: &ModelRunner, text: &[u32]) -> Result<f64> {
     const PROMPT: usize = 128;
     let bs = 32;
     let per_seq = (PROMPT + DECODE).div_ceil(bs);
-    let mut pool = KvPool::new(runner.model(), bs, BATCH * per_seq);
+    let storage = KvStorage::of(&runner.engine_config().build);
+    let mut pool = KvPool::new(runner.model(), storage, bs, BATCH * per_seq);
     let tables: Vec<Vec<u32>> = (0..BATCH)
         .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
         .collect();

@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use trtllm_builder::runtime::{
     EngineConfig, GenerationParams, KvCacheEvent, KvCacheManager, KvCacheSummary, KvPool,
-    RuntimeError, Sampler, Session,
+    KvStorage, RuntimeError, Sampler, Session,
 };
 
 use crate::active::ActiveRequest;
@@ -62,7 +62,12 @@ impl GenerationExecutor {
         let (tx, rx) = unbounded::<Job>();
         let stop = Arc::new(AtomicBool::new(false));
         let engine = EngineLoop {
-            pool: KvPool::new(&config.model, block_size, total_blocks),
+            pool: KvPool::new(
+                &config.model,
+                KvStorage::of(&config.build),
+                block_size,
+                total_blocks,
+            ),
             kv: KvCacheManager::new(total_blocks, block_size, cfg.kv_cache.enable_block_reuse),
             runner,
             scheduler: Scheduler {

@@ -1,7 +1,7 @@
 //! Quick GFLOP/s probe of the linear kernel: `cargo run --release -p trtllm-kernels --example linear_bench`.
 use std::time::Instant;
 use trtllm_kernels::cpu::{
-    linear, paged_attention, AttentionSeq, AttentionShape, MatRef, PagedKv, WeightData,
+    linear, paged_attention, AttentionSeq, AttentionShape, KvData, MatRef, PagedKv, WeightData,
 };
 
 fn main() {
@@ -51,8 +51,8 @@ fn main() {
             n_new: len,
         };
         let kv = PagedKv {
-            k: &kv,
-            v: &kv,
+            k: KvData::F32(&kv),
+            v: KvData::F32(&kv),
             block_size: 32,
         };
         paged_attention(&q, kv, &[seq], s, &mut out).unwrap();

@@ -21,6 +21,7 @@ pub use error::RuntimeError;
 pub use generation::{FinishReason, GenerationOutput, GenerationParams};
 pub use kv_cache::{
     BlockId, KvCache, KvCacheConfig, KvCacheEvent, KvCacheManager, KvCacheSummary, KvPool,
+    KvStorage,
 };
 pub use model::{LogitsMode, SeqChunk};
 pub use sampling::{argmax, SampledToken, Sampler, SamplingConfig, TokenLogprobs, MAX_LOGPROBS};

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::engine::{EngineConfig, EngineFile, TensorInfo};
-use crate::kv_cache::{KvCache, KvPool};
+use crate::kv_cache::{KvCache, KvPool, KvStorage};
 use crate::model::{Decoder, LogitsMode, SeqChunk};
 use crate::{ModelConfig, Result, RuntimeError};
 
@@ -83,7 +83,8 @@ impl ModelRunner {
 
     /// A cache able to hold `max_len` positions (capped at the engine's max_seq_len).
     pub fn new_cache(&self, max_len: usize) -> KvCache {
-        KvCache::new(self.model(), max_len.min(self.max_seq_len()))
+        let storage = KvStorage::of(&self.engine_config().build);
+        KvCache::new(self.model(), storage, max_len.min(self.max_seq_len()))
     }
 
     /// Runs `tokens` after what `cache` holds, in chunks of at most max_num_tokens.

@@ -20,9 +20,60 @@ pub struct AttentionShape {
 /// One layer's key and value pools, `[num_blocks × block_size × n_kv_heads × head_dim]` each.
 #[derive(Clone, Copy, Debug)]
 pub struct PagedKv<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+    pub k: KvData<'a>,
+    pub v: KvData<'a>,
     pub block_size: usize,
+}
+
+/// How a pool stores its values. Quantized pools keep one f32 scale per (slot, KV head):
+/// `scales[slot · n_kv_heads + head]`, value = `code · scale`.
+#[derive(Clone, Copy, Debug)]
+pub enum KvData<'a> {
+    F32(&'a [f32]),
+    Int8 { q: &'a [i8], scales: &'a [f32] },
+    Fp8 { q: &'a [u8], scales: &'a [f32] },
+}
+
+impl KvData<'_> {
+    fn len(&self) -> usize {
+        match self {
+            KvData::F32(d) => d.len(),
+            KvData::Int8 { q, .. } => q.len(),
+            KvData::Fp8 { q, .. } => q.len(),
+        }
+    }
+
+    fn scales_len(&self) -> Option<usize> {
+        match self {
+            KvData::F32(_) => None,
+            KvData::Int8 { scales, .. } | KvData::Fp8 { scales, .. } => Some(scales.len()),
+        }
+    }
+
+    /// Rows `slot0..slot0 + n` of head `head` as f32 rows `stride` apart: the pool itself for
+    /// f32, else dequantized into `buf`.
+    fn head_rows<'b>(
+        &'b self,
+        (slot0, n): (usize, usize),
+        (head, head_dim, n_kv_heads): (usize, usize, usize),
+        buf: &'b mut Vec<f32>,
+    ) -> (&'b [f32], usize) {
+        let kv_row = n_kv_heads * head_dim;
+        let dequant = |buf: &'b mut Vec<f32>, code: &dyn Fn(usize) -> f32, scales: &[f32]| {
+            buf.clear();
+            for slot in slot0..slot0 + n {
+                let s = scales[slot * n_kv_heads + head];
+                let base = slot * kv_row + head * head_dim;
+                buf.extend((base..base + head_dim).map(|i| code(i) * s));
+            }
+            (&buf[..], head_dim)
+        };
+        match self {
+            KvData::F32(d) => (&d[slot0 * kv_row + head * head_dim..], kv_row),
+            KvData::Int8 { q, scales } => dequant(buf, &|i| q[i] as f32, scales),
+            KvData::Fp8 { q, scales } => dequant(buf, &|i| super::e4m3_to_f32(q[i]), scales),
+        }
+    }
 }
 
 /// One sequence of a batched attention call: `n_new` query rows at positions
@@ -64,6 +115,11 @@ pub fn paged_attention(
     check_len("attention", "q", q.len(), rows * row)?;
     check_len("attention", "out", out.len(), q.len())?;
     check_len("attention", "v pool", kv.v.len(), kv.k.len())?;
+    for (what, data) in [("k scales", kv.k), ("v scales", kv.v)] {
+        if let Some(n) = data.scales_len() {
+            check_len("attention", what, n, kv.k.len() / head_dim.max(1))?;
+        }
+    }
     if block_floats == 0 || !kv.k.len().is_multiple_of(block_floats) {
         return Err(KernelError::ShapeMismatch {
             op: "attention",
@@ -103,15 +159,19 @@ pub fn paged_attention(
             let qh = &q[idx * head_dim..(idx + 1) * head_dim];
             let n_keys = s.past + t + 1;
             let mut scores = vec![0f32; n_keys];
+            let mut buf = Vec::new();
+            let head = (kvh, head_dim, n_kv_heads);
             for (chunk, &b) in scores.chunks_mut(kv.block_size).zip(s.blocks) {
-                let base = b as usize * block_floats + kvh * head_dim;
-                key_scores(qh, &kv.k[base..], kv_row, scale, chunk);
+                let slots = (b as usize * kv.block_size, chunk.len());
+                let (keys, stride) = kv.k.head_rows(slots, head, &mut buf);
+                key_scores(qh, keys, stride, scale, chunk);
             }
             softmax_inplace(&mut scores);
             o.fill(0.0);
             for (chunk, &b) in scores.chunks(kv.block_size).zip(s.blocks) {
-                let base = b as usize * block_floats + kvh * head_dim;
-                weighted_rows(chunk, &kv.v[base..], kv_row, o);
+                let slots = (b as usize * kv.block_size, chunk.len());
+                let (values, stride) = kv.v.head_rows(slots, head, &mut buf);
+                weighted_rows(chunk, values, stride, o);
             }
         });
     Ok(())
@@ -232,8 +292,8 @@ mod tests {
                 })
                 .collect();
             let kv = PagedKv {
-                k: &pool_k,
-                v: &pool_v,
+                k: KvData::F32(&pool_k),
+                v: KvData::F32(&pool_v),
                 block_size: bs,
             };
             both_paths(|| {
@@ -254,8 +314,8 @@ mod tests {
         };
         let pool = [0f32; 8];
         let kv = PagedKv {
-            k: &pool,
-            v: &pool,
+            k: KvData::F32(&pool),
+            v: KvData::F32(&pool),
             block_size: 2,
         };
         let mut out = [0f32; 2];
@@ -271,5 +331,95 @@ mod tests {
             n_new: 1,
         }];
         assert!(paged_attention(&[0.0; 2], kv, &bad, s, &mut out).is_err());
+    }
+}
+
+#[cfg(test)]
+mod quantized_kv_tests {
+    use super::*;
+    use crate::cpu::testutil::{assert_close, both_paths, rand_vec};
+
+    /// Codes and per-(slot, head) scales for `vals`, plus the values they stand for.
+    fn quantize(vals: &[f32], head_dim: usize, fp8: bool) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
+        let (mut q, mut scales, mut deq) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, head) in vals.chunks(head_dim).enumerate() {
+            let s = 0.01 + (i % 5) as f32 * 0.003;
+            scales.push(s);
+            for &v in head {
+                let code = if fp8 {
+                    // Any finite E4M3 code: take the byte pattern of a small integer.
+                    ((v.abs() * 40.0) as u8 & 0x77) | if v < 0.0 { 0x80 } else { 0 }
+                } else {
+                    (v * 127.0).round() as i8 as u8
+                };
+                q.push(code);
+                let value = if fp8 {
+                    crate::cpu::e4m3_to_f32(code)
+                } else {
+                    code as i8 as f32
+                };
+                deq.push(value * s);
+            }
+        }
+        (q, scales, deq)
+    }
+
+    #[test]
+    fn int8_and_fp8_pools_match_their_dequantized_f32_pool() {
+        let (nh, nkv, hd, bs) = (6, 2, 16, 4);
+        let s = AttentionShape {
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            scale: 0.25,
+        };
+        let blocks = [2u32, 0, 3, 1];
+        let (past, n_new) = (9, 3);
+        let pool = rand_vec(4 * bs * nkv * hd, 1);
+        let q = rand_vec(n_new * nh * hd, 2);
+        let seq = [AttentionSeq {
+            blocks: &blocks,
+            past,
+            n_new,
+        }];
+        for fp8 in [false, true] {
+            let (codes, scales, deq) = quantize(&pool, hd, fp8);
+            let f = PagedKv {
+                k: KvData::F32(&deq),
+                v: KvData::F32(&deq),
+                block_size: bs,
+            };
+            let mut expect = vec![0f32; q.len()];
+            paged_attention(&q, f, &seq, s, &mut expect).unwrap();
+            let i8s: Vec<i8> = codes.iter().map(|&c| c as i8).collect();
+            let data = if fp8 {
+                KvData::Fp8 {
+                    q: &codes,
+                    scales: &scales,
+                }
+            } else {
+                KvData::Int8 {
+                    q: &i8s,
+                    scales: &scales,
+                }
+            };
+            let kv = PagedKv {
+                k: data,
+                v: data,
+                block_size: bs,
+            };
+            both_paths(|| {
+                let mut out = vec![0f32; q.len()];
+                paged_attention(&q, kv, &seq, s, &mut out).unwrap();
+                assert_close(&out, &expect, 1e-6);
+            });
+            let short = KvData::Int8 {
+                q: &i8s,
+                scales: &scales[1..],
+            };
+            let bad = PagedKv { k: short, ..kv };
+            let mut out = vec![0f32; q.len()];
+            assert!(paged_attention(&q, bad, &seq, s, &mut out).is_err());
+        }
     }
 }

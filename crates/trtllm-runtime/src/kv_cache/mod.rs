@@ -10,7 +10,7 @@ mod sequence;
 use serde::{Deserialize, Serialize};
 
 pub use manager::{KvCacheEvent, KvCacheManager, KvCacheSummary};
-pub use pool::KvPool;
+pub use pool::{KvPool, KvStorage};
 pub use sequence::KvCache;
 
 use crate::engine::BuildConfig;
@@ -77,7 +77,7 @@ impl KvCacheConfig {
             Some(t) => t,
             None => {
                 let wanted = build.max_batch_size.max(1) * build.max_seq_len;
-                let bytes_per_token = KvPool::bytes_per_token(model);
+                let bytes_per_token = KvPool::bytes_per_token(model, KvStorage::of(build));
                 match available_memory() {
                     Some(avail) => {
                         let fit = (avail as f64 * self.memory_fraction) as usize / bytes_per_token;

@@ -1,44 +1,157 @@
-//! Storage of the paged cache: per layer, keys and values `[num_blocks × block_size × kv_dim]`.
+//! Storage of the paged cache: per layer, keys and values `[num_blocks × block_size × kv_dim]`,
+//! in f32 or quantized to INT8 / FP8 E4M3 with one scale per (slot, KV head), computed from that
+//! head's values when they are written (dynamic, so no calibration is needed).
 
-use trtllm_quant::kernels::cpu::PagedKv;
+use trtllm_quant::codec::f32_to_e4m3;
+use trtllm_quant::kernels::cpu::{KvData, PagedKv, E4M3_MAX};
+use trtllm_quant::QuantAlgo;
 
 use super::BlockId;
-use crate::ModelConfig;
+use crate::{BuildConfig, ModelConfig};
+
+/// How the pool stores keys and values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvStorage {
+    F32,
+    Int8,
+    Fp8,
+}
+
+impl KvStorage {
+    /// The storage an engine was built for (`kv_cache_quant_algo`).
+    pub fn of(build: &BuildConfig) -> Self {
+        match build.quant.base.kv_cache_quant_algo {
+            QuantAlgo::Int8 => KvStorage::Int8,
+            QuantAlgo::Fp8 => KvStorage::Fp8,
+            _ => KvStorage::F32,
+        }
+    }
+}
+
+/// One layer's keys or values.
+enum Store {
+    F32(Vec<f32>),
+    Int8 { q: Vec<i8>, scales: Vec<f32> },
+    Fp8 { q: Vec<u8>, scales: Vec<f32> },
+}
+
+impl Store {
+    fn new(storage: KvStorage, values: usize, heads: usize) -> Self {
+        match storage {
+            KvStorage::F32 => Store::F32(vec![0.0; values]),
+            KvStorage::Int8 => Store::Int8 {
+                q: vec![0; values],
+                scales: vec![0.0; heads],
+            },
+            KvStorage::Fp8 => Store::Fp8 {
+                q: vec![0; values],
+                scales: vec![0.0; heads],
+            },
+        }
+    }
+
+    fn data(&self) -> KvData<'_> {
+        match self {
+            Store::F32(d) => KvData::F32(d),
+            Store::Int8 { q, scales } => KvData::Int8 { q, scales },
+            Store::Fp8 { q, scales } => KvData::Fp8 { q, scales },
+        }
+    }
+
+    /// Stores the row of `slot` (`x.len()` values, `head_dim` per head).
+    fn write(&mut self, slot: usize, x: &[f32], head_dim: usize) {
+        let at = slot * x.len();
+        let heads = x.len() / head_dim;
+        match self {
+            Store::F32(d) => d[at..at + x.len()].copy_from_slice(x),
+            Store::Int8 { q, scales } => {
+                for (h, vals) in x.chunks_exact(head_dim).enumerate() {
+                    let s = scale_for(vals, 127.0);
+                    scales[slot * heads + h] = s;
+                    let out = &mut q[at + h * head_dim..at + (h + 1) * head_dim];
+                    for (o, &v) in out.iter_mut().zip(vals) {
+                        *o = (v / s).round().clamp(-127.0, 127.0) as i8;
+                    }
+                }
+            }
+            Store::Fp8 { q, scales } => {
+                for (h, vals) in x.chunks_exact(head_dim).enumerate() {
+                    let s = scale_for(vals, E4M3_MAX);
+                    scales[slot * heads + h] = s;
+                    let out = &mut q[at + h * head_dim..at + (h + 1) * head_dim];
+                    for (o, &v) in out.iter_mut().zip(vals) {
+                        *o = f32_to_e4m3(v / s);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn scale_for(vals: &[f32], max_code: f32) -> f32 {
+    let amax = vals.iter().fold(0f32, |a, v| a.max(v.abs()));
+    if amax > 0.0 {
+        amax / max_code
+    } else {
+        1.0
+    }
+}
 
 pub struct KvPool {
-    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    layers: Vec<(Store, Store)>,
     block_size: usize,
-    kv_dim: usize,
+    head_dim: usize,
+    storage: KvStorage,
 }
 
 impl KvPool {
     /// Zeroed pages come from the OS lazily, so an unused pool costs address space, not memory.
-    pub fn new(model: &ModelConfig, block_size: usize, num_blocks: usize) -> Self {
-        let kv_dim = model.kv_dim();
-        let floats = num_blocks * block_size * kv_dim;
+    pub fn new(
+        model: &ModelConfig,
+        storage: KvStorage,
+        block_size: usize,
+        num_blocks: usize,
+    ) -> Self {
+        let slots = num_blocks * block_size;
+        let values = slots * model.kv_dim();
+        let heads = slots * model.num_kv_heads;
         let layers = (0..model.num_layers)
-            .map(|_| (vec![0f32; floats], vec![0f32; floats]))
+            .map(|_| {
+                (
+                    Store::new(storage, values, heads),
+                    Store::new(storage, values, heads),
+                )
+            })
             .collect();
         Self {
             layers,
             block_size,
-            kv_dim,
+            head_dim: model.head_dim,
+            storage,
         }
     }
 
-    pub fn bytes_per_token(model: &ModelConfig) -> usize {
-        2 * model.num_layers * model.kv_dim() * std::mem::size_of::<f32>()
+    pub fn bytes_per_token(model: &ModelConfig, storage: KvStorage) -> usize {
+        let per_layer = match storage {
+            KvStorage::F32 => model.kv_dim() * 4,
+            KvStorage::Int8 | KvStorage::Fp8 => model.kv_dim() + model.num_kv_heads * 4,
+        };
+        2 * model.num_layers * per_layer
     }
 
     pub fn block_size(&self) -> usize {
         self.block_size
     }
 
+    pub fn storage(&self) -> KvStorage {
+        self.storage
+    }
+
     pub fn layer(&self, i: usize) -> PagedKv<'_> {
         let (k, v) = &self.layers[i];
         PagedKv {
-            k,
-            v,
+            k: k.data(),
+            v: v.data(),
             block_size: self.block_size,
         }
     }
@@ -53,9 +166,8 @@ impl KvPool {
         v: &[f32],
     ) {
         let slot = blocks[pos / self.block_size] as usize * self.block_size + pos % self.block_size;
-        let range = slot * self.kv_dim..(slot + 1) * self.kv_dim;
         let (kl, vl) = &mut self.layers[layer];
-        kl[range.clone()].copy_from_slice(k);
-        vl[range].copy_from_slice(v);
+        kl.write(slot, k, self.head_dim);
+        vl.write(slot, v, self.head_dim);
     }
 }

@@ -1,7 +1,7 @@
 //! A private paged cache for one sequence, its blocks numbered in order: what scoring,
 //! benchmarks and tests use when no scheduler shares a pool.
 
-use super::{BlockId, KvPool};
+use super::{BlockId, KvPool, KvStorage};
 use crate::{ModelConfig, Result, RuntimeError};
 
 const BLOCK: usize = 64;
@@ -14,10 +14,10 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(model: &ModelConfig, max_len: usize) -> Self {
+    pub fn new(model: &ModelConfig, storage: KvStorage, max_len: usize) -> Self {
         let num_blocks = max_len.div_ceil(BLOCK);
         Self {
-            pool: KvPool::new(model, BLOCK, num_blocks),
+            pool: KvPool::new(model, storage, BLOCK, num_blocks),
             blocks: (0..num_blocks as BlockId).collect(),
             len: 0,
             max_len,
