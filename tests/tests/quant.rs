@@ -1,0 +1,153 @@
+//! Quantized engines of SmolLM2-135M-Instruct, measured as perplexity on the golden perplexity
+//! ids (Apache-2.0 license text) relative to the float32 engine built from the same GGUF.
+
+use anyhow::Result;
+use trtllm_api::builder::BuildConfig;
+use trtllm_api::runtime::quant::{LayerQuantConfig, QuantAlgo, QuantConfig};
+use trtllm_api::{LlmArgs, Prompt, SamplingParams, LLM};
+use trtllm_tests::{build_smollm2, fixtures, read_json, SmolGolden};
+
+fn golden() -> SmolGolden {
+    read_json(&fixtures().join("smollm2-135m-instruct.json")).expect("golden file")
+}
+
+fn config(quant: QuantConfig, keep_quantized: bool) -> BuildConfig {
+    BuildConfig {
+        max_seq_len: 2048,
+        quant: LayerQuantConfig::uniform(quant),
+        keep_quantized,
+        ..BuildConfig::default()
+    }
+}
+
+/// Mean NLL of the golden perplexity ids under an engine built with `config`, and the engine.
+fn nll(config: &BuildConfig) -> Result<(f64, LLM, tempfile::TempDir)> {
+    let dir = build_smollm2(config)?;
+    let llm = LLM::new(LlmArgs {
+        model: dir.path().into(),
+        ..Default::default()
+    })?;
+    let p = llm.perplexity(&golden().perplexity.input_ids)?;
+    Ok((p.mean_nll, llm, dir))
+}
+
+fn weights(algo: QuantAlgo) -> BuildConfig {
+    config(QuantConfig::for_algo(algo), false)
+}
+
+fn kv(algo: QuantAlgo) -> BuildConfig {
+    config(
+        QuantConfig {
+            kv_cache_quant_algo: algo,
+            ..QuantConfig::default()
+        },
+        false,
+    )
+}
+
+/// `--quant keep` stores the GGUF's own Q4_1 / Q8_0 weights; they stand for exactly the float
+/// engine's weights, so perplexity agrees and greedy decoding (through the packed int4/int8
+/// matrix-vector kernels) reproduces transformers' golden ids.
+#[test]
+fn keep_matches_float_engine_and_golden_greedy_ids() -> Result<()> {
+    let (f32_nll, _, _f) = nll(&BuildConfig::default())?;
+    let (keep_nll, llm, _k) = nll(&config(QuantConfig::default(), true))?;
+    eprintln!("mean NLL f32 {f32_nll:.6}, keep {keep_nll:.6}");
+    assert!((keep_nll - f32_nll).abs() < 1e-4, "{keep_nll} vs {f32_nll}");
+    for (i, case) in golden().cases.iter().enumerate() {
+        let params = SamplingParams {
+            max_tokens: case.greedy_ids.len(),
+            ..Default::default()
+        };
+        let out = llm.generate(&[Prompt::TokenIds(case.input_ids.clone())], &params)?;
+        assert_eq!(out[0].outputs[0].token_ids, case.greedy_ids, "case {i}");
+    }
+    Ok(())
+}
+
+#[test]
+fn quantized_perplexity_within_limits_of_float32() -> Result<()> {
+    let (base, _, _d) = nll(&BuildConfig::default())?;
+    let rel = |c: &BuildConfig| -> Result<f64> { Ok(nll(c)?.0 / base - 1.0) };
+    let limits = [
+        ("W8A16", weights(QuantAlgo::W8A16), 0.005),
+        ("INT8 KV cache", kv(QuantAlgo::Int8), 0.01),
+        ("FP8 KV cache", kv(QuantAlgo::Fp8), 0.02),
+    ];
+    for (name, c, limit) in limits {
+        let r = rel(&c)?;
+        eprintln!(
+            "{name}: mean NLL {:+.3}% vs float32 (limit {:+.1}%)",
+            r * 100.0,
+            limit * 100.0
+        );
+        assert!(r < limit, "{name}: {r}");
+    }
+    // Reported, with sanity bounds: each costs some accuracy, none destroys the model.
+    for (name, algo) in [
+        ("W4A16 g128 RTN", QuantAlgo::W4A16),
+        ("FP8 weights", QuantAlgo::Fp8),
+        ("NVFP4", QuantAlgo::Nvfp4),
+    ] {
+        let r = rel(&weights(algo))?;
+        eprintln!("{name}: mean NLL {:+.3}% vs float32", r * 100.0);
+        assert!(r > 0.0 && r < 0.5, "{name}: {r}");
+    }
+    Ok(())
+}
+
+/// Bad quantization settings fail the build with the field and the limit named.
+#[test]
+fn bad_quant_configs_are_clear_errors() {
+    let tiny = fixtures().join("tiny-llama");
+    let build = |q: QuantConfig| {
+        let out = tempfile::tempdir().expect("tempdir");
+        let c = config(q, false);
+        trtllm_api::builder::build(&tiny, out.path(), &c, &mut |_, _, _| {})
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    let e = build(QuantConfig {
+        group_size: 96,
+        ..QuantConfig::for_algo(QuantAlgo::W4A16Awq)
+    });
+    assert!(e.contains("group_size") && e.contains("64 or 128"), "{e}");
+    let e = build(QuantConfig {
+        kv_cache_quant_algo: QuantAlgo::W4A16,
+        ..QuantConfig::default()
+    });
+    assert!(
+        e.contains("kv_cache_quant_algo") && e.contains("W4A16"),
+        "{e}"
+    );
+    let e = build(QuantConfig {
+        exclude_modules: Some(vec!["lm_head".into(), "mlp.gate_nope".into()]),
+        ..QuantConfig::for_algo(QuantAlgo::W8A16)
+    });
+    assert!(
+        e.contains("mlp.gate_nope") && e.contains("layers.0.qkv"),
+        "{e}"
+    );
+}
+
+/// Excluded modules stay float; the rest are packed.
+#[test]
+fn exclude_modules_keep_float_weights() -> Result<()> {
+    let tiny = fixtures().join("tiny-llama");
+    let out = tempfile::tempdir()?;
+    let q = QuantConfig {
+        exclude_modules: Some(vec!["lm_head".into(), "layers.0.".into()]),
+        ..QuantConfig::for_algo(QuantAlgo::W8A16)
+    };
+    trtllm_api::builder::build(&tiny, out.path(), &config(q, false), &mut |_, _, _| {})?;
+    let session = trtllm_api::runtime::Session::open(out.path())?;
+    for t in session.tensors() {
+        let packed = t.format.is_some();
+        let excluded = t.name.starts_with("layers.0.") || t.name.starts_with("lm_head");
+        if t.name.starts_with("layers.") && t.name.ends_with(".weight") && t.shape.len() == 2 {
+            assert_eq!(packed, !excluded, "{}", t.name);
+        }
+    }
+    Ok(())
+}
