@@ -7,7 +7,9 @@ use std::time::Instant;
 use anyhow::Result;
 use trtllm_api::builder::{build, BuildConfig};
 use trtllm_api::runtime::{
-    argmax, quant::DType, KvPool, KvStorage, LogitsMode, ModelRunner, SeqChunk, Session,
+    argmax,
+    quant::{DType, LayerQuantConfig, QuantAlgo, QuantConfig},
+    KvPool, KvStorage, LogitsMode, ModelRunner, SeqChunk, Session,
 };
 use trtllm_tests::{fixtures, read_json, smollm2_gguf, SmolGolden};
 
@@ -89,34 +91,53 @@ fn main() -> Result<()> {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     println!(
-        "{:<10} {:>12} {:>16} {:>16} {:>18}",
-        "dtype", "engine MiB", "prefill tok/s", "decode tok/s", "decode x32 tok/s"
+        "{:<14} {:>12} {:>16} {:>16} {:>18}",
+        "weights", "engine MiB", "prefill tok/s", "decode tok/s", "decode x32 tok/s"
     );
-    for dtype in [DType::F32, DType::BF16, DType::F16] {
-        let dir = tempfile::tempdir()?;
-        build(
-            &gguf,
-            dir.path(),
-            &BuildConfig {
-                dtype: Some(dtype),
+    let float = |dtype| BuildConfig {
+        dtype: Some(dtype),
+        ..Default::default()
+    };
+    let quant = |algo, group_size| BuildConfig {
+        quant: LayerQuantConfig::uniform(QuantConfig {
+            group_size,
+            ..QuantConfig::for_algo(algo)
+        }),
+        ..Default::default()
+    };
+    let variants = [
+        ("float32", float(DType::F32)),
+        ("bfloat16", float(DType::BF16)),
+        ("W8A16", quant(QuantAlgo::W8A16, 128)),
+        ("W4A16 g128", quant(QuantAlgo::W4A16, 128)),
+        ("W4A16 g32", quant(QuantAlgo::W4A16, 32)),
+        (
+            "keep (Q4_1)",
+            BuildConfig {
+                keep_quantized: true,
                 ..Default::default()
             },
-            &mut |_, _, _| {},
-        )?;
+        ),
+        ("FP8", quant(QuantAlgo::Fp8, 128)),
+        ("NVFP4", quant(QuantAlgo::Nvfp4, 128)),
+    ];
+    let only = std::env::var("TRTLLM_BENCH_WEIGHTS").ok();
+    for (name, config) in variants {
+        if only
+            .as_deref()
+            .is_some_and(|o| !o.split(',').any(|w| w == name))
+        {
+            continue;
+        }
+        let dir = tempfile::tempdir()?;
+        build(&gguf, dir.path(), &config, &mut |_, _, _| {})?;
         let session = Session::open(dir.path())?;
         let runner = session.model_runner()?;
         let prefill = prefill_rate(&runner, ids)?;
         let decode = decode_rate(&runner, &ids[..8])?;
         let batched = batched_decode_rate(&runner, &golden.perplexity.input_ids)?;
         let mib = session.engine_bytes() as f64 / (1 << 20) as f64;
-        println!(
-            "{:<10} {:>12.0} {:>16.1} {:>16.1} {:>18.1}",
-            dtype.name(),
-            mib,
-            prefill,
-            decode,
-            batched
-        );
+        println!("{name:<14} {mib:>12.0} {prefill:>16.1} {decode:>16.1} {batched:>18.1}");
     }
     Ok(())
 }

@@ -142,11 +142,20 @@ fn build(a: BuildArgs) -> Result<()> {
     );
     bar.finish_and_clear();
     let engine = engine?;
+    let quant = &engine.build.quant;
+    let weights = match (engine.build.keep_quantized, quant.quant_algo()) {
+        (true, _) => "checkpoint's quantized weights kept".to_string(),
+        (false, QuantAlgo::NoQuant) => engine.build.dtype.map_or("float32", DType::name).into(),
+        (false, algo) => algo.to_string(),
+    };
     eprintln!(
-        "built {} ({} layers, {}) into {} in {:.1}s",
+        "built {} ({} layers, {weights}, KV cache {}) into {} in {:.1}s",
         engine.model.architecture,
         engine.model.num_layers,
-        engine.build.dtype.map_or("float32", DType::name),
+        match quant.base.kv_cache_quant_algo {
+            QuantAlgo::NoQuant => "float32".to_string(),
+            kv => kv.to_string(),
+        },
         a.output.display(),
         start.elapsed().as_secs_f64()
     );
