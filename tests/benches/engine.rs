@@ -1,6 +1,6 @@
 //! `cargo bench -p trtllm-tests --bench engine` (or `cargo xtask bench`): SmolLM2-135M prefill
 //! tokens/s for a 512-token prompt, batch-1 decode tokens/s and the decode tokens/s of 32 sequences
-//! stepped together through `forward_batch`, per weight dtype.
+//! stepped together through `forward_batch`, per weight format (float, quantized, kept GGUF).
 
 use std::time::Instant;
 

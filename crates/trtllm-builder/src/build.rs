@@ -208,8 +208,9 @@ fn write_engine(
             [model.vocab_size, h],
         )?;
     }
+    let report = out.quantizer.into_report();
     let engine = out.w.finish(model, build)?;
-    progress(total, total, "done");
+    progress(total, total, &format!("done: {report}"));
     Ok(engine)
 }
 
@@ -340,15 +341,10 @@ impl Out<'_> {
 fn unpermute_packed(p: &mut PackedWeight, heads: usize) {
     let code_row = p.format.code_bytes(p.cols);
     let spr = p.format.scales_per_row(p.cols);
-    let perm = |data: &[f32], width: usize| unpermute_rows(data, heads, width);
-    let codes: Vec<f32> = p.codes.iter().map(|&b| b as f32).collect();
-    p.codes = perm(&codes, code_row)
-        .into_iter()
-        .map(|v| v as u8)
-        .collect();
-    p.scales = perm(&p.scales, spr);
+    p.codes = unpermute_rows(&p.codes, heads, code_row);
+    p.scales = unpermute_rows(&p.scales, heads, spr);
     if let Some(o) = &p.offsets {
-        p.offsets = Some(perm(o, spr));
+        p.offsets = Some(unpermute_rows(o, heads, spr));
     }
 }
 
@@ -480,11 +476,11 @@ fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 /// Undoes llama.cpp's rotary permutation: within each head, row `2i + s` of the file is row
 /// `s·(head_dim/2) + i` of the original.
-fn unpermute_rows(data: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+fn unpermute_rows<T: Copy + Default>(data: &[T], heads: usize, cols: usize) -> Vec<T> {
     let rows = data.len() / cols;
     let head_dim = rows / heads;
     let half = head_dim / 2;
-    let mut out = vec![0f32; data.len()];
+    let mut out = vec![T::default(); data.len()];
     for h in 0..heads {
         for i in 0..half {
             for s in 0..2 {

@@ -130,6 +130,7 @@ fn build(a: BuildArgs) -> Result<()> {
         .progress_chars("=> "),
     );
     let start = std::time::Instant::now();
+    let mut last = String::new();
     let engine = builder::build(
         &a.checkpoint,
         &a.output,
@@ -138,6 +139,7 @@ fn build(a: BuildArgs) -> Result<()> {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
             bar.set_message(what.to_string());
+            last = what.to_string();
         },
     );
     bar.finish_and_clear();
@@ -146,7 +148,8 @@ fn build(a: BuildArgs) -> Result<()> {
     let weights = match (engine.build.keep_quantized, quant.quant_algo()) {
         (true, _) => "checkpoint's quantized weights kept".to_string(),
         (false, QuantAlgo::NoQuant) => engine.build.dtype.map_or("float32", DType::name).into(),
-        (false, algo) => algo.to_string(),
+        // The builder's last message is its quantization report.
+        (false, algo) => format!("{algo}, {}", last.trim_start_matches("done: ")),
     };
     eprintln!(
         "built {} ({} layers, {weights}, KV cache {}) into {} in {:.1}s",

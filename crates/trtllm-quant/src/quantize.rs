@@ -34,20 +34,6 @@ impl std::fmt::Display for QuantReport {
     }
 }
 
-/// Clamps a group to the row: `usize::MAX` (or anything wider) means one group per row.
-fn per_row_groups(f: WeightFormat, cols: usize) -> WeightFormat {
-    match f {
-        WeightFormat::Int8 { group } => WeightFormat::Int8 {
-            group: group.min(cols),
-        },
-        WeightFormat::Int4 { group, zero_point } => WeightFormat::Int4 {
-            group: group.min(cols),
-            zero_point,
-        },
-        other => other,
-    }
-}
-
 /// The module name of the output head; with tied embeddings it is also the embedding table.
 pub const LM_HEAD: &str = "lm_head";
 
@@ -95,8 +81,7 @@ impl<'a> Quantizer<'a> {
         self.report.total += 1;
         let mode = self.config.layer_quant_mode(name);
         let cfg = self.config.layer_config(name);
-        let Some(format) = Self::format_for(name, cfg, mode).map(|f| per_row_groups(f, cols))
-        else {
+        let Some(format) = Self::format_for(name, cfg, mode, cols) else {
             let why = if mode.is_empty() {
                 "not quantized"
             } else {
@@ -131,27 +116,28 @@ impl<'a> Quantizer<'a> {
 
     /// The storage format for a module. The output head keeps 8 bits under 4-bit algorithms,
     /// as llama.cpp keeps its output tensor at 6–8 bits: it is the most sensitive matrix.
-    fn format_for(name: &str, cfg: &QuantConfig, mode: QuantMode) -> Option<WeightFormat> {
+    fn format_for(
+        name: &str,
+        cfg: &QuantConfig,
+        mode: QuantMode,
+        cols: usize,
+    ) -> Option<WeightFormat> {
         if cfg.excludes(name) || mode.is_empty() {
             return None;
         }
         let head = name == LM_HEAD;
         Some(match cfg.quant_algo {
             QuantAlgo::Fp8 => WeightFormat::Fp8,
-            _ if head => WeightFormat::Int8 { group: usize::MAX },
+            _ if head => WeightFormat::Int8 { group: cols },
             QuantAlgo::W4A16 | QuantAlgo::W4A16Awq | QuantAlgo::W4A16Gptq => WeightFormat::Int4 {
-                group: cfg.group_size,
+                group: cfg.group_size.min(cols),
                 zero_point: cfg.has_zero_point,
             },
-            QuantAlgo::W8A16 | QuantAlgo::W8A16Gptq => WeightFormat::Int8 { group: usize::MAX },
+            QuantAlgo::W8A16 | QuantAlgo::W8A16Gptq => WeightFormat::Int8 { group: cols },
             QuantAlgo::W8A8SqPerChannel => WeightFormat::W8A8,
             QuantAlgo::Nvfp4 => WeightFormat::Nvfp4,
             QuantAlgo::NoQuant | QuantAlgo::Int8 | QuantAlgo::MixedPrecision => return None,
         })
-    }
-
-    pub fn report(&self) -> &QuantReport {
-        &self.report
     }
 
     pub fn into_report(self) -> QuantReport {

@@ -62,34 +62,49 @@ fn packed_formats_match_dequantized_reference_on_awkward_shapes() {
         let offsets = rand_vec(n * g, 6);
         let row_scales = positive(n, 7);
         let formats = [
-            WeightData::Int8(Int8Weights {
-                q: &q8,
-                scales: &scales,
-                group,
-            }),
-            WeightData::Int4(Int4Weights {
-                q: &q4,
-                scales: &scales,
-                offsets: None,
-                group,
-            }),
-            WeightData::Int4(Int4Weights {
-                q: &q4,
-                scales: &scales,
-                offsets: Some(&offsets),
-                group,
-            }),
-            WeightData::Fp8(Fp8Weights {
-                q: &q_fp8,
-                scales: &row_scales,
-            }),
-            WeightData::Nvfp4(Nvfp4Weights {
-                q: &q4,
-                block_scales: &block_scales,
-                global_scale: 0.37,
-            }),
+            (
+                "int8",
+                WeightData::Int8(Int8Weights {
+                    q: &q8,
+                    scales: &scales,
+                    group,
+                }),
+            ),
+            (
+                "int4 symmetric",
+                WeightData::Int4(Int4Weights {
+                    q: &q4,
+                    scales: &scales,
+                    offsets: None,
+                    group,
+                }),
+            ),
+            (
+                "int4 zero point",
+                WeightData::Int4(Int4Weights {
+                    q: &q4,
+                    scales: &scales,
+                    offsets: Some(&offsets),
+                    group,
+                }),
+            ),
+            (
+                "fp8",
+                WeightData::Fp8(Fp8Weights {
+                    q: &q_fp8,
+                    scales: &row_scales,
+                }),
+            ),
+            (
+                "nvfp4",
+                WeightData::Nvfp4(Nvfp4Weights {
+                    q: &q4,
+                    block_scales: &block_scales,
+                    global_scale: 0.37,
+                }),
+            ),
         ];
-        for data in formats {
+        for (name, data) in formats {
             let w = MatRef::new(data, n, k).unwrap();
             for m in [1, 2, 3, 5, 37] {
                 let x = rand_vec(m * k, 10 + m as u64);
@@ -98,8 +113,8 @@ fn packed_formats_match_dequantized_reference_on_awkward_shapes() {
                 both_paths(|| {
                     let mut y = vec![0f32; m * n];
                     linear(&x, m, w, Some(&bias), &mut y).unwrap();
-                    let what = format!("{data:?}", data = std::mem::discriminant(&data));
-                    assert_within_rounding(&y, &expect, &mag, &format!("{what} n={n} k={k} m={m}"));
+                    let what = format!("{name} n={n} k={k} m={m}");
+                    assert_within_rounding(&y, &expect, &mag, &what);
                 });
             }
         }
