@@ -3,9 +3,10 @@
 use std::path::Path;
 
 use trtllm_runtime::engine::{names, EngineConfig, EngineWriter};
-use trtllm_runtime::quant::{DType, PackedWeight, Quantizer, LM_HEAD};
+use trtllm_runtime::quant::{Calibration, DType, PackedWeight, Quantizer, LM_HEAD};
 use trtllm_runtime::{BuildConfig, ModelConfig, PositionKind};
 
+use crate::calibrate::{calibrate, CalibrationInput};
 use crate::checkpoint::SafetensorsCheckpoint;
 use crate::family::{self, LinearSpec, ModelSpec, NormSpec};
 use crate::gguf::GgufFile;
@@ -36,13 +37,37 @@ pub fn build(
             std::io::Error::new(std::io::ErrorKind::NotFound, "checkpoint not found"),
         ));
     }
+    // Before calibration, which takes a while: a bad config fails at once.
+    config.quant.validate()?;
     if checkpoint.is_dir() {
         let hf = hf_config::read(checkpoint)?;
         let mut model = hf.model;
         model.eos_token_ids = merge_generation_eos(checkpoint, model.eos_token_ids);
         let ck = SafetensorsCheckpoint::open(checkpoint, hf.dtype)?;
         let spec = family::hf_spec(hf.family, &model);
-        let engine = write_engine(&ck, &spec, model, config, output, progress)?;
+        let tok_path = checkpoint.join("tokenizer.json");
+        let calibration = match config.quant.needs_calibration() {
+            true => {
+                let json = std::fs::read(&tok_path).map_err(|e| BuildError::io(&tok_path, e))?;
+                let input = CalibrationInput {
+                    tokenizer_json: &json,
+                    tokenizer_path: &tok_path,
+                };
+                Some(calibrate(
+                    &ck, &spec, &model, config, input, output, progress,
+                )?)
+            }
+            false => None,
+        };
+        let engine = write_engine(
+            &ck,
+            &spec,
+            model,
+            config,
+            output,
+            calibration.as_ref(),
+            progress,
+        )?;
         for name in CARRIED_FILES {
             let src = checkpoint.join(name);
             if src.exists() {
@@ -55,8 +80,29 @@ pub fn build(
         let gguf = GgufFile::open(checkpoint)?;
         let (family, model) = gguf.model_config()?;
         let spec = family::gguf_spec(family, &model);
-        let engine = write_engine(&gguf, &spec, model, config, output, progress)?;
         let (tokenizer, tok_config) = gguf_tokenizer::convert(&gguf)?;
+        let calibration = match config.quant.needs_calibration() {
+            true => {
+                let json = tokenizer.to_string();
+                let input = CalibrationInput {
+                    tokenizer_json: json.as_bytes(),
+                    tokenizer_path: checkpoint,
+                };
+                Some(calibrate(
+                    &gguf, &spec, &model, config, input, output, progress,
+                )?)
+            }
+            false => None,
+        };
+        let engine = write_engine(
+            &gguf,
+            &spec,
+            model,
+            config,
+            output,
+            calibration.as_ref(),
+            progress,
+        )?;
         write_json(&output.join("tokenizer.json"), &tokenizer)?;
         write_json(&output.join("tokenizer_config.json"), &tok_config)?;
         Ok(engine)
@@ -129,12 +175,15 @@ fn resolve(
     Ok(c)
 }
 
-fn write_engine(
+/// Writes the engine; `calibration` holds the float model's activation statistics when the
+/// quantization needs them.
+pub(crate) fn write_engine(
     ck: &dyn Checkpoint,
     spec: &ModelSpec,
     model: ModelConfig,
     config: &BuildConfig,
     output: &Path,
+    calibration: Option<&Calibration>,
     progress: BuildProgress,
 ) -> Result<EngineConfig> {
     let build = resolve(config, &model, ck.native_dtype())?;
@@ -150,7 +199,7 @@ fn write_engine(
         ck,
         w: EngineWriter::create(output)?,
         dtype,
-        quantizer: Quantizer::new(&build.quant, &modules)?,
+        quantizer: Quantizer::new(&build.quant, &modules, calibration)?,
         keep: build.keep_quantized,
     };
     let h = model.hidden_size;

@@ -7,6 +7,7 @@
 //! and a table of weight names ([`family`]) — never a copy of the decoder.
 
 mod build;
+mod calibrate;
 mod checkpoint;
 mod error;
 pub mod family;

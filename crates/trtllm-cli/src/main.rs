@@ -64,9 +64,19 @@ struct BuildArgs {
     /// KV-cache quantization: int8 or fp8.
     #[arg(long)]
     kv_cache_quant: Option<String>,
-    /// Calibration text for AWQ, GPTQ and SmoothQuant.
+    /// Calibration text for AWQ, GPTQ, SmoothQuant and FP8 (default: a built-in English text).
     #[arg(long)]
     calib_text: Option<PathBuf>,
+    /// Calibrate on at most this many sequences of --calib-max-seq-len tokens (default 64).
+    #[arg(long)]
+    calib_size: Option<usize>,
+    /// Tokens per calibration sequence (default 512).
+    #[arg(long)]
+    calib_max_seq_len: Option<usize>,
+    /// Skip the per-channel activation scaling step (AWQ/SmoothQuant scales, FP8 and NVFP4
+    /// scale search): plain W8A8, FP8 or NVFP4.
+    #[arg(long)]
+    no_pre_quant_scale: bool,
     /// Modules to leave unquantized: any whose name contains one of these (e.g. lm_head,layers.0.).
     #[arg(long, value_delimiter = ',')]
     exclude_modules: Vec<String>,
@@ -179,6 +189,15 @@ fn quant_config(a: &BuildArgs) -> Result<(LayerQuantConfig, bool)> {
         c.kv_cache_quant_algo = QuantAlgo::parse(kv).context("--kv-cache-quant")?;
     }
     c.calib_dataset = a.calib_text.as_ref().map(|p| p.display().to_string());
+    if let Some(n) = a.calib_size {
+        c.calib_size = n;
+    }
+    if let Some(n) = a.calib_max_seq_len {
+        c.calib_max_seq_length = n;
+    }
+    if a.no_pre_quant_scale {
+        c.pre_quant_scale = false;
+    }
     if !a.exclude_modules.is_empty() {
         c.exclude_modules = Some(a.exclude_modules.clone());
     }

@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use trtllm_kernels::cpu::{e4m3_to_f32, E2M1_VALUES};
+use trtllm_kernels::cpu::{e4m3_to_f32, E2M1_VALUES, E4M3_MAX};
 
 /// Nearest code among `codes` (ascending non-negative values with their code), ties to even.
 fn nearest(table: &[(f32, u8)], a: f32) -> u8 {
@@ -24,19 +24,34 @@ fn nearest(table: &[(f32, u8)], a: f32) -> u8 {
     }
 }
 
-fn e4m3_table() -> &'static [(f32, u8)] {
-    static T: OnceLock<Vec<(f32, u8)>> = OnceLock::new();
-    // 0x7f is NaN in E4M3fn; every other non-negative code is finite and they ascend.
-    T.get_or_init(|| (0u8..0x7f).map(|c| (e4m3_to_f32(c), c)).collect())
+/// Rounds activations through FP8 with a static per-tensor `scale` (quantize, dequantize),
+/// as an FP8 GEMM sees them.
+pub fn fp8_qdq(x: &mut [f32], scale: f32) {
+    for v in x {
+        *v = e4m3_to_f32(f32_to_e4m3(*v / scale)) * scale;
+    }
 }
 
-/// f32 → FP8 E4M3 (saturating; NaN becomes 0).
+/// f32 → FP8 E4M3 (saturating; NaN becomes 0). Rounds the f32 mantissa to 3 bits with ties to
+/// even in the integer domain (a carry moves into the exponent by itself); below 2⁻⁶ the codes
+/// are the subnormal multiples of 2⁻⁹.
 pub fn f32_to_e4m3(x: f32) -> u8 {
     if x.is_nan() {
         return 0;
     }
-    let sign = if x.is_sign_negative() { 0x80 } else { 0 };
-    sign | nearest(e4m3_table(), x.abs())
+    let sign = ((x.to_bits() >> 24) & 0x80) as u8;
+    let a = x.abs();
+    if a >= E4M3_MAX {
+        return sign | 0x7e;
+    }
+    if a < 1.0 / 64.0 {
+        // Exact: scaling by a power of two; 8 · 2⁻⁹ is code 0x08, the smallest normal.
+        return sign | (a * 512.0).round_ties_even() as u8;
+    }
+    let bits = a.to_bits();
+    let r = (bits + 0x7_ffff + ((bits >> 20) & 1)) >> 20;
+    let exp = (r >> 3) + 7 - 127;
+    sign | ((exp << 3) | (r & 7)) as u8
 }
 
 /// f32 → FP4 E2M1 code (saturating at ±6).
@@ -66,6 +81,20 @@ mod tests {
         assert_eq!(f32_to_e4m3(1.07), 0x39);
         assert_eq!(f32_to_e4m3(1e6), 0x7e);
         assert_eq!(f32_to_e4m3(-1e6), 0xfe);
+        assert_eq!(f32_to_e4m3(f32::INFINITY), 0x7e);
+    }
+
+    #[test]
+    fn e4m3_encoder_is_the_nearest_code_everywhere() {
+        // 0x7f is NaN in E4M3fn; every other non-negative code is finite and they ascend.
+        let table: Vec<(f32, u8)> = (0u8..0x7f).map(|c| (e4m3_to_f32(c), c)).collect();
+        // Every 97th f32 from 0 to 512, both signs: subnormals, every binade, saturation.
+        for bits in (0..0x4400_0000u32).step_by(97) {
+            for x in [f32::from_bits(bits), -f32::from_bits(bits)] {
+                let want = ((x.to_bits() >> 24) & 0x80) as u8 | nearest(&table, x.abs());
+                assert_eq!(f32_to_e4m3(x), want, "{x:e}");
+            }
+        }
     }
 
     #[test]

@@ -190,7 +190,13 @@ impl QuantConfig {
     pub fn for_algo(algo: QuantAlgo) -> Self {
         Self {
             quant_algo: algo,
-            pre_quant_scale: matches!(algo, QuantAlgo::W4A16Awq | QuantAlgo::W8A8SqPerChannel),
+            pre_quant_scale: matches!(
+                algo,
+                QuantAlgo::W4A16Awq
+                    | QuantAlgo::W8A8SqPerChannel
+                    | QuantAlgo::Fp8
+                    | QuantAlgo::Nvfp4
+            ),
             ..Self::default()
         }
     }
@@ -241,6 +247,9 @@ impl QuantConfig {
         if self.needs_calibration() && self.calib_size == 0 {
             return bad("calib_size", "must be positive".into());
         }
+        if self.needs_calibration() && self.calib_max_seq_length == 0 {
+            return bad("calib_max_seq_length", "must be positive".into());
+        }
         Ok(())
     }
 
@@ -277,11 +286,14 @@ impl QuantConfig {
     }
 
     /// Whether quantizing needs calibration activations: AWQ and GPTQ search with them,
-    /// SmoothQuant migrates activation ranges into the weights.
+    /// SmoothQuant migrates activation ranges into the weights, FP8 takes its static activation
+    /// scale from them, NVFP4 with `pre_quant_scale` searches AWQ-style scales.
     pub fn needs_calibration(&self) -> bool {
         match self.quant_algo {
-            QuantAlgo::W4A16Awq | QuantAlgo::W4A16Gptq | QuantAlgo::W8A16Gptq => true,
-            QuantAlgo::W8A8SqPerChannel => self.pre_quant_scale,
+            QuantAlgo::W4A16Awq | QuantAlgo::W4A16Gptq | QuantAlgo::W8A16Gptq | QuantAlgo::Fp8 => {
+                true
+            }
+            QuantAlgo::W8A8SqPerChannel | QuantAlgo::Nvfp4 => self.pre_quant_scale,
             _ => false,
         }
     }
@@ -347,6 +359,12 @@ impl LayerQuantConfig {
         } else {
             QuantAlgo::MixedPrecision
         }
+    }
+
+    pub fn needs_calibration(&self) -> bool {
+        std::iter::once(&self.base)
+            .chain(self.quantized_layers.values())
+            .any(QuantConfig::needs_calibration)
     }
 
     pub fn validate(&self) -> Result<()> {

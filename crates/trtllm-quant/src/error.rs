@@ -27,6 +27,8 @@ pub enum QuantError {
     UnknownModule { pattern: String, examples: String },
     #[error("{0}")]
     Shape(String),
+    #[error("module '{module}' has no calibration {what}: the calibration run never reached it")]
+    Uncalibrated { module: String, what: &'static str },
     #[error(transparent)]
     Kernel(#[from] trtllm_kernels::KernelError),
     #[error(

@@ -4,18 +4,23 @@
 //!
 //! Architecture invariant: this crate knows storage, not models. It never sees a layer name.
 
+mod calib;
 pub mod codec;
 mod config;
 mod dtype;
 mod error;
 mod format;
 pub mod ggml;
+mod gptq;
 mod quantize;
+mod scaling;
 
+pub use calib::{ActStats, CalibNeeds, Calibration};
 pub use config::{LayerQuantConfig, QuantAlgo, QuantConfig, QuantMode, KV_CACHE_QUANT_ALGOS};
 pub use dtype::DType;
 pub use error::QuantError;
 pub use format::{pack_int, quantize_rtn, GroupParams, PackedRef, PackedWeight, WeightFormat};
+pub use gptq::quantize_gptq;
 pub use quantize::{QuantReport, QuantizedLinear, Quantizer, LM_HEAD};
 pub use trtllm_kernels as kernels;
 

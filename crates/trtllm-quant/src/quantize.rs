@@ -3,8 +3,11 @@
 //! module's [`QuantMode`] (excluded modules stay float), converts the weights and counts
 //! quantized / total modules for the report.
 
+use crate::calib::{ActStats, Calibration};
 use crate::config::{LayerQuantConfig, QuantAlgo, QuantConfig, QuantMode};
 use crate::format::{quantize_rtn, PackedWeight, WeightFormat};
+use crate::gptq::quantize_gptq;
+use crate::scaling::{fp8_static, search_scales, smooth};
 use crate::{QuantError, Result};
 
 /// A quantized linear module: its packed weight and the activation-side tensors.
@@ -39,13 +42,28 @@ pub const LM_HEAD: &str = "lm_head";
 
 pub struct Quantizer<'a> {
     config: &'a LayerQuantConfig,
+    calibration: Option<&'a Calibration>,
     report: QuantReport,
 }
 
 impl<'a> Quantizer<'a> {
-    /// Validates `config`, and checks each exclude pattern against `modules`.
-    pub fn new(config: &'a LayerQuantConfig, modules: &[String]) -> Result<Self> {
+    /// Validates `config`, and checks each exclude pattern against `modules`. Configs that
+    /// need calibration need `calibration`: statistics of the float model's activations.
+    pub fn new(
+        config: &'a LayerQuantConfig,
+        modules: &[String],
+        calibration: Option<&'a Calibration>,
+    ) -> Result<Self> {
         config.validate()?;
+        if config.needs_calibration() && calibration.is_none() {
+            return Err(QuantError::InvalidConfig {
+                field: "calib_dataset",
+                msg: format!(
+                    "{} needs calibration statistics; none were collected",
+                    config.quant_algo()
+                ),
+            });
+        }
         for c in std::iter::once(&config.base).chain(config.quantized_layers.values()) {
             c.check_excludes(modules.iter().map(String::as_str))?;
         }
@@ -66,6 +84,7 @@ impl<'a> Quantizer<'a> {
         }
         Ok(Self {
             config,
+            calibration,
             report: QuantReport::default(),
         })
     }
@@ -94,24 +113,65 @@ impl<'a> Quantizer<'a> {
             self.report.kept_float.push((name.into(), e.to_string()));
             return Ok(None);
         }
-        if cfg.needs_calibration() {
-            return Err(QuantError::InvalidConfig {
-                field: "quant_algo",
-                msg: format!(
-                    "{} needs calibration, which this build does not implement yet \
-                     (available: W8A16, W4A16, FP8, NVFP4, W8A8 with pre_quant_scale off)",
-                    cfg.quant_algo
-                ),
-            });
-        }
-        let weight = quantize_rtn(format, w, rows, cols)?;
+        let q = self.convert(name, cfg, format, w, [rows, cols])?;
         self.report.quantized += 1;
         self.report.formats.push((name.into(), format.describe()));
-        Ok(Some(QuantizedLinear {
-            weight,
-            pre_quant_scale: None,
-            input_scale: None,
-        }))
+        Ok(Some(q))
+    }
+
+    /// The algorithm's conversion. The output head is weight-only and never observed, so it
+    /// is always rounded to nearest.
+    fn convert(
+        &self,
+        name: &str,
+        cfg: &QuantConfig,
+        format: WeightFormat,
+        w: &[f32],
+        shape: [usize; 2],
+    ) -> Result<QuantizedLinear> {
+        let [rows, cols] = shape;
+        if name == LM_HEAD || !cfg.needs_calibration() {
+            return Ok(QuantizedLinear {
+                weight: quantize_rtn(format, w, rows, cols)?,
+                pre_quant_scale: None,
+                input_scale: None,
+            });
+        }
+        let stats = self.stats(name)?;
+        let pre = cfg.pre_quant_scale;
+        match cfg.quant_algo {
+            QuantAlgo::W4A16Awq => search_scales(format, w, shape, stats, false),
+            QuantAlgo::Nvfp4 if pre => search_scales(format, w, shape, stats, false),
+            QuantAlgo::Fp8 if pre => search_scales(format, w, shape, stats, true),
+            QuantAlgo::Fp8 => fp8_static(format, w, shape, stats),
+            QuantAlgo::W8A8SqPerChannel if pre => {
+                smooth(format, w, shape, stats, cfg.smoothquant_val)
+            }
+            QuantAlgo::W4A16Gptq | QuantAlgo::W8A16Gptq => {
+                let h = stats.hessian().ok_or_else(|| QuantError::Uncalibrated {
+                    module: name.into(),
+                    what: "a Hessian",
+                })?;
+                Ok(QuantizedLinear {
+                    weight: quantize_gptq(format, w, rows, cols, &h)?,
+                    pre_quant_scale: None,
+                    input_scale: None,
+                })
+            }
+            algo => Err(QuantError::InvalidConfig {
+                field: "quant_algo",
+                msg: format!("{algo} has no calibrated conversion"),
+            }),
+        }
+    }
+
+    fn stats(&self, name: &str) -> Result<&ActStats> {
+        self.calibration
+            .and_then(|c| c.get(name))
+            .ok_or_else(|| QuantError::Uncalibrated {
+                module: name.into(),
+                what: "activation statistics",
+            })
     }
 
     /// The storage format for a module. The output head keeps 8 bits under 4-bit algorithms,

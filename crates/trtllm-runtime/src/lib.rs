@@ -23,7 +23,7 @@ pub use kv_cache::{
     BlockId, KvCache, KvCacheConfig, KvCacheEvent, KvCacheManager, KvCacheSummary, KvPool,
     KvStorage,
 };
-pub use model::{LogitsMode, SeqChunk};
+pub use model::{ActivationObserver, LogitsMode, SeqChunk};
 pub use sampling::{argmax, SampledToken, Sampler, SamplingConfig, TokenLogprobs, MAX_LOGPROBS};
 pub use session::{ModelRunner, Session};
 pub use trtllm_quant as quant;

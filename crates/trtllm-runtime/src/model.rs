@@ -11,6 +11,28 @@ use crate::kv_cache::{BlockId, KvPool};
 use crate::weights::{f32s, optional_f32, tensor, Linear, Weight};
 use crate::{MlpKind, ModelConfig, NormKind, PositionKind, Result, RuntimeError};
 
+/// Sees the input of every linear module during a forward pass, by module name
+/// (`layers.{i}.{part}`, the names quantization configs use): how calibration watches the
+/// float model.
+pub trait ActivationObserver {
+    fn observe(&mut self, module: &str, x: &[f32], rows: usize) -> Result<()>;
+}
+
+impl ActivationObserver for trtllm_quant::Calibration {
+    fn observe(&mut self, module: &str, x: &[f32], rows: usize) -> Result<()> {
+        Ok(trtllm_quant::Calibration::observe(self, module, x, rows)?)
+    }
+}
+
+/// The observer of ordinary forward passes.
+pub(crate) struct NoObserver;
+
+impl ActivationObserver for NoObserver {
+    fn observe(&mut self, _: &str, _: &[f32], _: usize) -> Result<()> {
+        Ok(())
+    }
+}
+
 /// Which positions the forward pass computes logits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogitsMode {
@@ -30,6 +52,13 @@ pub struct SeqChunk<'a> {
     pub past: usize,
     pub blocks: &'a [BlockId],
     pub logits: LogitsMode,
+}
+
+/// The whole batch's tokens, as each layer sees them.
+#[derive(Clone, Copy)]
+struct Step<'a> {
+    batch: &'a [SeqChunk<'a>],
+    positions: &'a [usize],
 }
 
 struct Norm {
@@ -135,7 +164,14 @@ impl Decoder {
         f32s(&self.file, t)
     }
 
-    fn linear(&self, l: &Linear, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+    fn linear(
+        &self,
+        l: &Linear,
+        x: &[f32],
+        rows: usize,
+        obs: &mut dyn ActivationObserver,
+    ) -> Result<Vec<f32>> {
+        obs.observe(&l.name, x, rows)?;
         l.forward(&self.file, x, rows)
     }
 
@@ -152,8 +188,13 @@ impl Decoder {
 
     /// Runs a batch of sequence chunks through the model in one pass, writing their keys and
     /// values into `pool` through each chunk's block table. Returns the logits rows the chunks
-    /// ask for, chunk by chunk, `[rows × vocab]`.
-    pub fn forward_batch(&self, batch: &[SeqChunk<'_>], pool: &mut KvPool) -> Result<Vec<f32>> {
+    /// ask for, chunk by chunk, `[rows × vocab]`. `obs` sees every linear module's input.
+    pub fn forward_batch(
+        &self,
+        batch: &[SeqChunk<'_>],
+        pool: &mut KvPool,
+        obs: &mut dyn ActivationObserver,
+    ) -> Result<Vec<f32>> {
         let h = self.cfg.hidden_size;
         let mut tokens = Vec::new();
         let mut positions = Vec::new();
@@ -171,8 +212,12 @@ impl Decoder {
             cpu::add_inplace(&mut hidden, &pos)?;
         }
         for (i, layer) in self.layers.iter().enumerate() {
-            self.attention_block(i, layer, &mut hidden, batch, &positions, pool)?;
-            self.mlp_block(layer, &mut hidden, n)?;
+            let step = Step {
+                batch,
+                positions: &positions,
+            };
+            self.attention_block(i, layer, &mut hidden, step, pool, obs)?;
+            self.mlp_block(layer, &mut hidden, n, obs)?;
         }
 
         let mut rows = Vec::new();
@@ -205,16 +250,16 @@ impl Decoder {
         i: usize,
         layer: &Layer,
         hidden: &mut [f32],
-        batch: &[SeqChunk<'_>],
-        positions: &[usize],
+        Step { batch, positions }: Step<'_>,
         pool: &mut KvPool,
+        obs: &mut dyn ActivationObserver,
     ) -> Result<()> {
         let c = &self.cfg;
         let n = positions.len();
         let (qd, kvd) = (c.q_dim(), c.kv_dim());
         let mut x = hidden.to_vec();
         self.norm(&layer.attn_norm, &mut x)?;
-        let qkv = self.linear(&layer.qkv, &x, n)?;
+        let qkv = self.linear(&layer.qkv, &x, n, obs)?;
         let mut q = Vec::with_capacity(n * qd);
         let mut k = Vec::with_capacity(n * kvd);
         for row in qkv.chunks_exact(c.qkv_dim()) {
@@ -249,15 +294,21 @@ impl Decoder {
         };
         let mut attn = vec![0f32; n * qd];
         cpu::paged_attention(&q, pool.layer(i), &seqs, shape, &mut attn)?;
-        let o = self.linear(&layer.o, &attn, n)?;
+        let o = self.linear(&layer.o, &attn, n, obs)?;
         cpu::add_inplace(hidden, &o)?;
         Ok(())
     }
 
-    fn mlp_block(&self, layer: &Layer, hidden: &mut [f32], n: usize) -> Result<()> {
+    fn mlp_block(
+        &self,
+        layer: &Layer,
+        hidden: &mut [f32],
+        n: usize,
+        obs: &mut dyn ActivationObserver,
+    ) -> Result<()> {
         let mut x = hidden.to_vec();
         self.norm(&layer.mlp_norm, &mut x)?;
-        let up = self.linear(&layer.up, &x, n)?;
+        let up = self.linear(&layer.up, &x, n, obs)?;
         let act = match self.cfg.mlp {
             MlpKind::GatedSilu => {
                 let mut a = vec![0f32; n * self.cfg.intermediate_size];
@@ -270,7 +321,7 @@ impl Decoder {
                 a
             }
         };
-        let down = self.linear(&layer.down, &act, n)?;
+        let down = self.linear(&layer.down, &act, n, obs)?;
         cpu::add_inplace(hidden, &down)?;
         Ok(())
     }

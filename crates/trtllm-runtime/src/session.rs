@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::engine::{EngineConfig, EngineFile, TensorInfo};
 use crate::kv_cache::{KvCache, KvPool, KvStorage};
-use crate::model::{Decoder, LogitsMode, SeqChunk};
+use crate::model::{ActivationObserver, Decoder, LogitsMode, NoObserver, SeqChunk};
 use crate::{ModelConfig, Result, RuntimeError};
 
 /// A loaded engine: its config and its memory-mapped weights.
@@ -94,6 +94,24 @@ impl ModelRunner {
         cache: &mut KvCache,
         mode: LogitsMode,
     ) -> Result<Vec<f32>> {
+        self.forward_observed(tokens, cache, mode, &mut NoObserver)
+    }
+
+    /// Runs one sequence `tokens` with `obs` watching every linear module's input
+    /// (calibration); computes no logits.
+    pub fn observe(&self, tokens: &[u32], obs: &mut dyn ActivationObserver) -> Result<()> {
+        let mut cache = self.new_cache(tokens.len());
+        self.forward_observed(tokens, &mut cache, LogitsMode::Skip, obs)?;
+        Ok(())
+    }
+
+    fn forward_observed(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        mode: LogitsMode,
+        obs: &mut dyn ActivationObserver,
+    ) -> Result<Vec<f32>> {
         self.config.check_ids(tokens)?;
         cache.check_room(tokens.len())?;
         let chunk = self.config.build.max_num_tokens.max(1);
@@ -110,7 +128,7 @@ impl ModelRunner {
                 blocks: &cache.blocks,
                 logits: logits_mode,
             };
-            logits.extend(self.decoder.forward_batch(&[step], &mut cache.pool)?);
+            logits.extend(self.decoder.forward_batch(&[step], &mut cache.pool, obs)?);
             cache.advance(part.len());
         }
         Ok(logits)
@@ -142,7 +160,7 @@ impl ModelRunner {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        self.decoder.forward_batch(batch, pool)
+        self.decoder.forward_batch(batch, pool, &mut NoObserver)
     }
 
     /// Negative log-likelihood of each of `ids[1..]` given the tokens before it.

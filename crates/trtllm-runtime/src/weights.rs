@@ -2,8 +2,8 @@
 //! their scale tensors (see the engine format in [`crate::engine`]). Everything is validated
 //! when the engine opens, so a forward pass never meets an inconsistent tensor.
 
-use trtllm_quant::codec::f32_to_e4m3;
-use trtllm_quant::kernels::cpu::{self, e4m3_to_f32, MatRef, WeightData};
+use trtllm_quant::codec::fp8_qdq;
+use trtllm_quant::kernels::cpu::{self, MatRef, WeightData};
 use trtllm_quant::{DType, PackedRef, WeightFormat};
 
 use crate::engine::{EngineFile, TensorInfo};
@@ -168,6 +168,8 @@ impl Weight {
 /// has a static `input_scale`.
 #[derive(Clone, Debug)]
 pub(crate) struct Linear {
+    /// The module name (the tensor prefix).
+    pub name: String,
     pub weight: Weight,
     bias: Option<TensorInfo>,
     pre_quant_scale: Option<TensorInfo>,
@@ -177,6 +179,7 @@ pub(crate) struct Linear {
 impl Linear {
     pub fn load(file: &EngineFile, prefix: &str, rows: usize, cols: usize) -> Result<Self> {
         Ok(Self {
+            name: prefix.to_string(),
             weight: Weight::load(file, prefix, rows, cols)?,
             bias: optional_f32(file, &format!("{prefix}.bias"), &[rows])?,
             pre_quant_scale: optional_f32(file, &format!("{prefix}.pre_quant_scale"), &[cols])?,
@@ -201,10 +204,8 @@ impl Linear {
         }
         if let Some(s) = &self.input_scale {
             let s = f32s(file, s)?[0];
-            scaled = x
-                .iter()
-                .map(|&v| e4m3_to_f32(f32_to_e4m3(v / s)) * s)
-                .collect();
+            scaled = x.to_vec();
+            fp8_qdq(&mut scaled, s);
             x = &scaled;
         }
         let mut y = vec![0f32; rows * w.rows()];
