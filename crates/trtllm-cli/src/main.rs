@@ -73,10 +73,10 @@ struct BuildArgs {
     /// Tokens per calibration sequence (default 512).
     #[arg(long)]
     calib_max_seq_len: Option<usize>,
-    /// Skip the per-channel activation scaling step (AWQ/SmoothQuant scales, FP8 and NVFP4
-    /// scale search): plain W8A8, FP8 or NVFP4.
+    /// Per-channel activation scaling (AWQ/SmoothQuant scales, an AWQ-style scale search for
+    /// FP8 and NVFP4). Default: on for w4a16_awq, w8a8_sq and nvfp4; false gives plain W8A8/NVFP4.
     #[arg(long)]
-    no_pre_quant_scale: bool,
+    pre_quant_scale: Option<bool>,
     /// Modules to leave unquantized: any whose name contains one of these (e.g. lm_head,layers.0.).
     #[arg(long, value_delimiter = ',')]
     exclude_modules: Vec<String>,
@@ -195,8 +195,8 @@ fn quant_config(a: &BuildArgs) -> Result<(LayerQuantConfig, bool)> {
     if let Some(n) = a.calib_max_seq_len {
         c.calib_max_seq_length = n;
     }
-    if a.no_pre_quant_scale {
-        c.pre_quant_scale = false;
+    if let Some(on) = a.pre_quant_scale {
+        c.pre_quant_scale = on;
     }
     if !a.exclude_modules.is_empty() {
         c.exclude_modules = Some(a.exclude_modules.clone());

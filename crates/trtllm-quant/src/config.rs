@@ -192,10 +192,7 @@ impl QuantConfig {
             quant_algo: algo,
             pre_quant_scale: matches!(
                 algo,
-                QuantAlgo::W4A16Awq
-                    | QuantAlgo::W8A8SqPerChannel
-                    | QuantAlgo::Fp8
-                    | QuantAlgo::Nvfp4
+                QuantAlgo::W4A16Awq | QuantAlgo::W8A8SqPerChannel | QuantAlgo::Nvfp4
             ),
             ..Self::default()
         }
