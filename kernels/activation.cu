@@ -1,0 +1,28 @@
+// Gated and plain activations of the MLP.
+#include "common.cuh"
+
+// gate_up: [rows × 2·inter] (gate columns, then up columns); out: [rows × inter] = silu(gate)·up.
+extern "C" __global__ void silu_mul_f32(const float* __restrict__ gate_up, float* __restrict__ out,
+                                        int rows, int inter) {
+    const size_t n = (size_t)rows * inter;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / inter, c = i % inter;
+        const float g = gate_up[r * 2 * inter + c], u = gate_up[r * 2 * inter + inter + c];
+        out[i] = g / (1.0f + expf(-g)) * u;
+    }
+}
+
+// GELU, tanh approximation (GPT-2's "gelu_new"), in place.
+extern "C" __global__ void gelu_tanh_f32(float* __restrict__ x, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        const float v = x[i];
+        const float inner = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+        x[i] = 0.5f * v * (1.0f + tanhf(inner));
+    }
+}
+
+// x += y, elementwise (the residual add where it is not fused into a norm).
+extern "C" __global__ void add_f32(float* __restrict__ x, const float* __restrict__ y, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) x[i] += y[i];
+}
