@@ -147,6 +147,19 @@ pub fn build_kernels() -> Result<()> {
     Ok(())
 }
 
+/// The NVIDIA driver lists each GPU under /proc/driver/nvidia/gpus.
+pub fn require_gpu() -> Result<()> {
+    let gpus = Path::new("/proc/driver/nvidia/gpus");
+    let listed = std::fs::read_dir(gpus).is_ok_and(|mut d| d.next().is_some());
+    match listed {
+        true => Ok(()),
+        false => bail!(
+            "no CUDA device: {} lists no GPU (is the NVIDIA driver loaded?)",
+            gpus.display()
+        ),
+    }
+}
+
 fn ptx_name(cu: &Path, arch: &str) -> Result<String> {
     let stem = cu
         .file_stem()

@@ -29,6 +29,9 @@ enum Task {
     /// Compile kernels/*.cu to PTX for sm_80 and sm_90 and report registers, shared memory and
     /// spills (fails on any warning or spill).
     BuildKernels,
+    /// Build the kernels, then run every CUDA kernel against its CPU kernel on the GPU (fails
+    /// with "no CUDA device" where there is none).
+    TestGpu,
     /// Internal: the NVRTC half of build-kernels, run with the NVRTC library on LD_LIBRARY_PATH.
     #[command(hide = true)]
     NvrtcCompile {
@@ -62,6 +65,20 @@ fn main() -> Result<()> {
             cargo(&["bench", "-p", "trtllm-tests"])
         }
         Task::BuildKernels => kernels::build_kernels(),
+        Task::TestGpu => {
+            kernels::require_gpu()?;
+            kernels::build_kernels()?;
+            cargo(&[
+                "test",
+                "-p",
+                "trtllm-kernels",
+                "--features",
+                "cuda",
+                "--",
+                "--ignored",
+                "cuda::",
+            ])
+        }
         Task::NvrtcCompile {
             include,
             out,

@@ -17,6 +17,9 @@ pub enum KernelError {
         index: usize,
         limit: usize,
     },
+    /// The CUDA driver, a device or a launch failed (the message says which and why).
+    #[error("CUDA: {0}")]
+    Cuda(String),
 }
 
 /// Checks that a buffer has exactly the length a kernel needs.

@@ -8,6 +8,8 @@
 //! summation order. Work is split over all cores with rayon.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod error;
 
 pub use error::KernelError;

@@ -1,0 +1,142 @@
+//! CUDA kernels (the PTX of `kernels/*.cu`, embedded at build time) launched through cudarc.
+//!
+//! cudarc loads the driver with dlopen, so this module builds everywhere; [`CudaDevice::new`]
+//! reports a missing driver or GPU as [`KernelError::Cuda`] instead of the loader's panic.
+//! Launchers check shapes like the CPU kernels do and leave the work queued on the device's
+//! stream; reading a result back ([`CudaDevice::download`]) waits for it.
+
+mod ops;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits,
+};
+use cudarc::nvrtc::Ptx;
+
+pub use ops::SampleParams;
+
+use crate::{KernelError, Result};
+
+/// One `kernels/NAME.cu` compiled for `compute_ARCH`.
+pub(crate) struct PtxModule {
+    pub name: &'static str,
+    pub arch: u32,
+    pub ptx: &'static str,
+}
+
+include!(concat!(env!("OUT_DIR"), "/ptx_modules.rs"));
+
+fn cuda_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> KernelError + '_ {
+    move |e| KernelError::Cuda(format!("{what}: {e}"))
+}
+
+/// A GPU with every kernel loaded, and the stream they run on.
+pub struct CudaDevice {
+    stream: Arc<CudaStream>,
+    functions: HashMap<String, CudaFunction>,
+    name: String,
+    compute_capability: (i32, i32),
+}
+
+impl CudaDevice {
+    /// Opens GPU `ordinal` and loads, per kernel source, the PTX of the highest architecture the
+    /// GPU runs.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        // SAFETY: only probes whether the driver library can be opened.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(KernelError::Cuda(
+                "no CUDA device: the NVIDIA driver library (libcuda.so) is not installed".into(),
+            ));
+        }
+        let count = CudaContext::device_count().map_err(cuda_err("no CUDA device"))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(KernelError::Cuda(format!(
+                "no CUDA device {ordinal}: the driver sees {count}"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(cuda_err("opening the CUDA device"))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(cuda_err("compute capability"))?;
+        let name = ctx.name().map_err(cuda_err("device name"))?;
+        let cc = (major * 10 + minor) as u32;
+        let mut functions = HashMap::new();
+        let mut sources: Vec<&str> = MODULES.iter().map(|m| m.name).collect();
+        sources.dedup();
+        for source in sources {
+            let module = MODULES
+                .iter()
+                .filter(|m| m.name == source && m.arch <= cc)
+                .max_by_key(|m| m.arch)
+                .ok_or_else(|| {
+                    KernelError::Cuda(format!(
+                        "{name} (compute capability {major}.{minor}) is older than every \
+                         architecture {source}.cu was built for (sm_80 and newer)"
+                    ))
+                })?;
+            let loaded = ctx
+                .load_module(Ptx::from_src(module.ptx))
+                .map_err(cuda_err(source))?;
+            for f in ptx_entries(module.ptx) {
+                let func = loaded.load_function(f).map_err(cuda_err(f))?;
+                functions.insert(f.to_string(), func);
+            }
+        }
+        Ok(Self {
+            stream: ctx.default_stream(),
+            functions,
+            name,
+            compute_capability: (major, minor),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
+    }
+
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.stream
+            .clone_htod(host)
+            .map_err(cuda_err("copy to device"))
+    }
+
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.stream
+            .alloc_zeros(n)
+            .map_err(cuda_err("device allocation"))
+    }
+
+    /// Waits for the queued work and copies `d` back.
+    pub fn download<T: DeviceRepr>(&self, d: &CudaSlice<T>) -> Result<Vec<T>> {
+        self.stream
+            .clone_dtoh(d)
+            .map_err(cuda_err("copy from device"))
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(cuda_err("synchronize"))
+    }
+
+    fn function(&self, name: &str) -> Result<&CudaFunction> {
+        self.functions
+            .get(name)
+            .ok_or_else(|| KernelError::Cuda(format!("kernel {name} is not in the embedded PTX")))
+    }
+}
+
+/// The kernel names a PTX module defines (`.visible .entry NAME(`).
+fn ptx_entries(ptx: &str) -> impl Iterator<Item = &str> {
+    ptx.lines().filter_map(|l| {
+        l.trim_start()
+            .strip_prefix(".visible .entry ")
+            .map(|rest| rest.split('(').next().unwrap_or(rest).trim())
+    })
+}

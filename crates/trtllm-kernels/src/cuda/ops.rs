@@ -1,0 +1,431 @@
+//! Typed launchers, one per kernel family, with the CPU kernels' shape checks.
+
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
+
+use super::{cuda_err, CudaDevice};
+use crate::error::check_len;
+use crate::{KernelError, Result};
+
+/// Threads per block of the row-wise kernels (norms, softmax, sampling).
+const ROW_THREADS: u32 = 256;
+/// `gemv_*`: output features per block (one warp each); `gemm_*`: 64 × 64 tiles.
+const GEMV_WARPS: usize = 4;
+const TILE: usize = 64;
+/// Up to this many activation rows go through the matrix-vector kernels.
+const GEMV_MAX_ROWS: usize = 8;
+
+fn int(what: &'static str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| KernelError::OutOfRange {
+        op: "cuda launch",
+        what,
+        index: v,
+        limit: i32::MAX as usize,
+    })
+}
+
+fn grid(blocks: usize, threads: u32) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (int("grid", blocks)? as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// Sampling parameters of one row, laid out as `SampleParams` in kernels/sampling.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SampleParams {
+    pub temperature: f32,
+    /// 1..=1024; a disabled top-k (0) is the maximum.
+    pub top_k: i32,
+    pub top_p: f32,
+    pub min_p: f32,
+}
+// SAFETY: plain-old-data with the C layout the kernel reads.
+unsafe impl DeviceRepr for SampleParams {}
+
+/// A packed weight matrix on the device, in the CPU formats' layouts.
+pub enum DeviceWeights {
+    Int8 {
+        q: CudaSlice<i8>,
+        scales: CudaSlice<f32>,
+        group: usize,
+    },
+    Int4 {
+        q: CudaSlice<u8>,
+        scales: CudaSlice<f32>,
+        offsets: Option<CudaSlice<f32>>,
+        group: usize,
+    },
+    Fp8 {
+        q: CudaSlice<u8>,
+        scales: CudaSlice<f32>,
+    },
+    Nvfp4 {
+        q: CudaSlice<u8>,
+        block_scales: CudaSlice<u8>,
+        global_scale: f32,
+    },
+}
+
+impl CudaDevice {
+    fn builder(&self, name: &str) -> Result<LaunchArgs<'_>> {
+        Ok(self.stream.launch_builder(self.function(name)?))
+    }
+
+    /// `out = rms_norm(x)` per row; `residual`, when given, first gets `x` added and is normed.
+    pub fn rms_norm(
+        &self,
+        x: &CudaSlice<f32>,
+        residual: Option<&mut CudaSlice<f32>>,
+        w: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        eps: f32,
+    ) -> Result<()> {
+        let cols = w.len();
+        let rows = check_rows("rms_norm", x.len(), cols)?;
+        check_len("rms_norm", "out", out.len(), x.len())?;
+        let c = int("cols", cols)?;
+        let cfg = grid(rows, ROW_THREADS)?;
+        match residual {
+            None => {
+                let mut b = self.builder("rms_norm_f32")?;
+                b.arg(x).arg(w).arg(out).arg(&c).arg(&eps);
+                launch(b, cfg, "rms_norm_f32")
+            }
+            Some(r) => {
+                check_len("rms_norm", "residual", r.len(), x.len())?;
+                {
+                    let mut b = self.builder("add_rms_norm_f32")?;
+                    b.arg(x).arg(r).arg(w).arg(out).arg(&c).arg(&eps);
+                    launch(b, cfg, "add_rms_norm_f32")
+                }
+            }
+        }
+    }
+
+    /// LayerNorm, optionally fused with the residual add like [`Self::rms_norm`].
+    pub fn layer_norm(
+        &self,
+        x: &CudaSlice<f32>,
+        residual: Option<&mut CudaSlice<f32>>,
+        (w, bias): (&CudaSlice<f32>, &CudaSlice<f32>),
+        out: &mut CudaSlice<f32>,
+        eps: f32,
+    ) -> Result<()> {
+        let cols = w.len();
+        check_len("layer_norm", "bias", bias.len(), cols)?;
+        let rows = check_rows("layer_norm", x.len(), cols)?;
+        check_len("layer_norm", "out", out.len(), x.len())?;
+        let c = int("cols", cols)?;
+        let cfg = grid(rows, ROW_THREADS)?;
+        match residual {
+            None => {
+                let mut b = self.builder("layer_norm_f32")?;
+                b.arg(x).arg(w).arg(bias).arg(out).arg(&c).arg(&eps);
+                launch(b, cfg, "layer_norm_f32")
+            }
+            Some(r) => {
+                check_len("layer_norm", "residual", r.len(), x.len())?;
+                {
+                    let mut b = self.builder("add_layer_norm_f32")?;
+                    b.arg(x).arg(r).arg(w).arg(bias).arg(out).arg(&c).arg(&eps);
+                    launch(b, cfg, "add_layer_norm_f32")
+                }
+            }
+        }
+    }
+
+    /// Rotates `x` (`[tokens × n_heads × head_dim]`) in place; `inv_freq` has rotary_dim / 2 entries.
+    pub fn rope(
+        &self,
+        x: &mut CudaSlice<f32>,
+        positions: &CudaSlice<i32>,
+        inv_freq: &CudaSlice<f32>,
+        n_heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        check_len("rope", "x", x.len(), positions.len() * n_heads * head_dim)?;
+        if 2 * inv_freq.len() > head_dim {
+            return Err(KernelError::ShapeMismatch {
+                op: "rope",
+                what: "rotary dim (≤ head_dim)",
+                expected: head_dim,
+                got: 2 * inv_freq.len(),
+            });
+        }
+        let (h, d, half) = (
+            int("heads", n_heads)?,
+            int("head_dim", head_dim)?,
+            int("half", inv_freq.len())?,
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (int("tokens", positions.len())? as u32, h as u32, 1),
+            block_dim: (64, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        {
+            let mut b = self.builder("rope_f32")?;
+            b.arg(x)
+                .arg(positions)
+                .arg(inv_freq)
+                .arg(&h)
+                .arg(&d)
+                .arg(&half);
+            launch(b, cfg, "rope_f32")
+        }
+    }
+
+    /// `out[rows × inter] = silu(gate) · up` from `gate_up[rows × 2·inter]`.
+    pub fn silu_mul(
+        &self,
+        gate_up: &CudaSlice<f32>,
+        rows: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check_len("silu_mul", "gate_up", gate_up.len(), 2 * out.len())?;
+        let inter = check_rows("silu_mul", out.len(), rows.max(1))?;
+        let (r, i) = (int("rows", rows)?, int("inter", inter)?);
+        let cfg = elementwise(out.len())?;
+        {
+            let mut b = self.builder("silu_mul_f32")?;
+            b.arg(gate_up).arg(out).arg(&r).arg(&i);
+            launch(b, cfg, "silu_mul_f32")
+        }
+    }
+
+    pub fn gelu_tanh(&self, x: &mut CudaSlice<f32>) -> Result<()> {
+        let (n, cfg) = (int("n", x.len())?, elementwise(x.len())?);
+        {
+            let mut b = self.builder("gelu_tanh_f32")?;
+            b.arg(x).arg(&n);
+            launch(b, cfg, "gelu_tanh_f32")
+        }
+    }
+
+    /// `x += y`.
+    pub fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>) -> Result<()> {
+        check_len("add", "y", y.len(), x.len())?;
+        let (n, cfg) = (int("n", x.len())?, elementwise(x.len())?);
+        {
+            let mut b = self.builder("add_f32")?;
+            b.arg(x).arg(y).arg(&n);
+            launch(b, cfg, "add_f32")
+        }
+    }
+
+    /// `out[t] = table[ids[t]]` for an f32 table of `cols`-wide rows.
+    pub fn embedding(
+        &self,
+        table: &CudaSlice<f32>,
+        ids: &CudaSlice<u32>,
+        cols: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let vocab = check_rows("embedding", table.len(), cols)?;
+        check_len("embedding", "out", out.len(), ids.len() * cols)?;
+        let (v, c) = (int("vocab", vocab)?, int("cols", cols)?);
+        {
+            let mut b = self.builder("embedding_f32")?;
+            b.arg(table).arg(ids).arg(out).arg(&v).arg(&c);
+            launch(b, grid(ids.len(), 128)?, "embedding_f32")
+        }
+    }
+
+    /// Row-wise softmax of `cols`-wide rows, in place.
+    pub fn softmax(&self, x: &mut CudaSlice<f32>, cols: usize) -> Result<()> {
+        let rows = check_rows("softmax", x.len(), cols)?;
+        let c = int("cols", cols)?;
+        {
+            let mut b = self.builder("softmax_f32")?;
+            b.arg(x).arg(&c);
+            launch(b, grid(rows, ROW_THREADS)?, "softmax_f32")
+        }
+    }
+
+    /// `y[m × n] = x[m × k] · Wᵀ (+ bias)` reading the packed weights directly.
+    pub fn linear(
+        &self,
+        w: &DeviceWeights,
+        x: &CudaSlice<f32>,
+        (n, k): (usize, usize),
+        bias: Option<&CudaSlice<f32>>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        if k == 0 || !k.is_multiple_of(32) {
+            return Err(KernelError::ShapeMismatch {
+                op: "cuda linear",
+                what: "k (a positive multiple of 32)",
+                expected: k.next_multiple_of(32).max(32),
+                got: k,
+            });
+        }
+        let m = check_rows("cuda linear", x.len(), k)?;
+        check_len("cuda linear", "y", y.len(), m * n)?;
+        if let Some(b) = bias {
+            check_len("cuda linear", "bias", b.len(), n)?;
+        }
+        check_weights(w, n, k)?;
+        let (mi, ni, ki) = (int("m", m)?, int("n", n)?, int("k", k)?);
+        let (prefix, cfg) = if m <= GEMV_MAX_ROWS {
+            (
+                "gemv",
+                grid(n.div_ceil(GEMV_WARPS), (GEMV_WARPS * 32) as u32)?,
+            )
+        } else {
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    int("tiles", n.div_ceil(TILE))? as u32,
+                    int("tiles", m.div_ceil(TILE))? as u32,
+                    1,
+                ),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            ("gemm", cfg)
+        };
+        let (kind, group) = match w {
+            DeviceWeights::Int8 { group, .. } => ("int8", *group),
+            DeviceWeights::Int4 { group, .. } => ("int4", *group),
+            DeviceWeights::Fp8 { .. } => ("fp8", 0),
+            DeviceWeights::Nvfp4 { .. } => ("nvfp4", 0),
+        };
+        let (g, null) = (int("group", group)?, 0u64);
+        let name = format!("{prefix}_{kind}");
+        let mut b = self.builder(&name)?;
+        match w {
+            DeviceWeights::Int8 { q, scales, .. } => b.arg(q).arg(scales).arg(&g),
+            DeviceWeights::Int4 {
+                q, scales, offsets, ..
+            } => {
+                b.arg(q).arg(scales);
+                match offsets {
+                    Some(o) => b.arg(o),
+                    None => b.arg(&null),
+                };
+                b.arg(&g)
+            }
+            DeviceWeights::Fp8 { q, scales } => b.arg(q).arg(scales),
+            DeviceWeights::Nvfp4 {
+                q,
+                block_scales,
+                global_scale,
+            } => b.arg(q).arg(block_scales).arg(global_scale),
+        };
+        b.arg(x);
+        match bias {
+            Some(bias) => b.arg(bias),
+            None => b.arg(&null),
+        };
+        b.arg(y).arg(&mi).arg(&ni).arg(&ki);
+        launch(b, cfg, &name)
+    }
+
+    /// `out[r] = argmax(logits[r])`, first maximum on ties.
+    pub fn argmax(
+        &self,
+        logits: &CudaSlice<f32>,
+        vocab: usize,
+        out: &mut CudaSlice<u32>,
+    ) -> Result<()> {
+        let rows = check_rows("argmax", logits.len(), vocab)?;
+        check_len("argmax", "out", out.len(), rows)?;
+        let v = int("vocab", vocab)?;
+        {
+            let mut b = self.builder("argmax_f32")?;
+            b.arg(logits).arg(out).arg(&v);
+            launch(b, grid(rows, ROW_THREADS)?, "argmax_f32")
+        }
+    }
+
+    /// One token per row from temperature / top-k / top-p / min-p sampling, drawn with the
+    /// row's `uniform` value in [0, 1).
+    pub fn sample(
+        &self,
+        logits: &CudaSlice<f32>,
+        vocab: usize,
+        params: &CudaSlice<SampleParams>,
+        uniform: &CudaSlice<f32>,
+        out: &mut CudaSlice<u32>,
+    ) -> Result<()> {
+        let rows = check_rows("sample", logits.len(), vocab)?;
+        check_len("sample", "params", params.len(), rows)?;
+        check_len("sample", "uniform", uniform.len(), rows)?;
+        check_len("sample", "out", out.len(), rows)?;
+        let v = int("vocab", vocab)?;
+        {
+            let mut b = self.builder("sample_top_k_top_p_f32")?;
+            b.arg(logits).arg(params).arg(uniform).arg(out).arg(&v);
+            launch(b, grid(rows, ROW_THREADS)?, "sample_top_k_top_p_f32")
+        }
+    }
+}
+
+/// Grid-stride elementwise kernels: 256 threads, at most 4096 blocks.
+fn elementwise(n: usize) -> Result<LaunchConfig> {
+    grid(n.div_ceil(256).clamp(1, 4096), 256)
+}
+
+fn launch(mut b: LaunchArgs<'_>, cfg: LaunchConfig, name: &str) -> Result<()> {
+    // SAFETY: every launcher checks its buffers' lengths against the kernel's indexing and
+    // pushes the arguments in the kernel's order and types.
+    unsafe { b.launch(cfg) }.map(|_| ()).map_err(cuda_err(name))
+}
+
+/// Rows of a `cols`-wide buffer of `len` values.
+fn check_rows(op: &'static str, len: usize, cols: usize) -> Result<usize> {
+    if cols == 0 || !len.is_multiple_of(cols) {
+        return Err(KernelError::ShapeMismatch {
+            op,
+            what: "buffer (whole rows)",
+            expected: len.next_multiple_of(cols.max(1)),
+            got: len,
+        });
+    }
+    Ok(len / cols)
+}
+
+fn check_weights(w: &DeviceWeights, n: usize, k: usize) -> Result<()> {
+    let op = "cuda linear";
+    let groups = |g: usize| {
+        if g == 0 || !g.is_multiple_of(32) {
+            Err(KernelError::ShapeMismatch {
+                op,
+                what: "group size (a positive multiple of 32)",
+                expected: 32,
+                got: g,
+            })
+        } else {
+            Ok(n * k.div_ceil(g))
+        }
+    };
+    match w {
+        DeviceWeights::Int8 { q, scales, group } => {
+            check_len(op, "int8 codes", q.len(), n * k)?;
+            check_len(op, "int8 scales", scales.len(), groups(*group)?)
+        }
+        DeviceWeights::Int4 {
+            q,
+            scales,
+            offsets,
+            group,
+        } => {
+            check_len(op, "int4 codes", q.len(), n * k / 2)?;
+            let g = groups(*group)?;
+            check_len(op, "int4 scales", scales.len(), g)?;
+            offsets
+                .as_ref()
+                .map_or(Ok(()), |o| check_len(op, "int4 offsets", o.len(), g))
+        }
+        DeviceWeights::Fp8 { q, scales } => {
+            check_len(op, "fp8 codes", q.len(), n * k)?;
+            check_len(op, "fp8 scales", scales.len(), n)
+        }
+        DeviceWeights::Nvfp4 {
+            q, block_scales, ..
+        } => {
+            check_len(op, "nvfp4 codes", q.len(), n * k / 2)?;
+            check_len(op, "nvfp4 block scales", block_scales.len(), n * k / 16)
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! Each CUDA kernel against the CPU kernel on random inputs of awkward sizes. They need a GPU, so
+//! they are ignored by `cargo test`; `cargo xtask test-gpu` runs them (and fails without one).
+
+use super::ops::DeviceWeights;
+use super::{CudaDevice, SampleParams};
+use crate::cpu::{self, testutil::rand_vec, MatRef, WeightData};
+
+const GPU: &str = "needs a CUDA GPU: cargo xtask test-gpu";
+
+fn device() -> CudaDevice {
+    CudaDevice::new(0).expect("a CUDA device")
+}
+
+fn assert_close(gpu: &[f32], cpu: &[f32], tol: f32, what: &str) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: length");
+    for (i, (a, b)) in gpu.iter().zip(cpu).enumerate() {
+        assert!(
+            (a - b).abs() <= tol * (1.0 + b.abs()),
+            "{what}[{i}]: gpu {a} vs cpu {b}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo xtask test-gpu"]
+fn norms_match_cpu() {
+    let _ = GPU;
+    let d = device();
+    let (rows, cols) = (5, 1000);
+    let x = rand_vec(rows * cols, 1);
+    let r = rand_vec(rows * cols, 2);
+    let w = rand_vec(cols, 3);
+    let b = rand_vec(cols, 4);
+    let (xd, wd, bd) = (
+        d.upload(&x).unwrap(),
+        d.upload(&w).unwrap(),
+        d.upload(&b).unwrap(),
+    );
+    let mut out = d.zeros::<f32>(rows * cols).unwrap();
+    let mut want = x.clone();
+    d.rms_norm(&xd, None, &wd, &mut out, 1e-5).unwrap();
+    cpu::rms_norm(&mut want, &w, 1e-5).unwrap();
+    assert_close(&d.download(&out).unwrap(), &want, 1e-5, "rms_norm");
+    let mut rd = d.upload(&r).unwrap();
+    d.rms_norm(&xd, Some(&mut rd), &wd, &mut out, 1e-5).unwrap();
+    let mut sum: Vec<f32> = x.iter().zip(&r).map(|(a, b)| a + b).collect();
+    assert_close(&d.download(&rd).unwrap(), &sum, 0.0, "residual");
+    cpu::rms_norm(&mut sum, &w, 1e-5).unwrap();
+    assert_close(&d.download(&out).unwrap(), &sum, 1e-5, "add_rms_norm");
+    let mut want = x.clone();
+    d.layer_norm(&xd, None, (&wd, &bd), &mut out, 1e-5).unwrap();
+    cpu::layer_norm(&mut want, &w, &b, 1e-5).unwrap();
+    assert_close(&d.download(&out).unwrap(), &want, 1e-5, "layer_norm");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo xtask test-gpu"]
+fn rope_activations_softmax_and_embedding_match_cpu() {
+    let d = device();
+    let (heads, hd) = (3, 64);
+    let positions = [0usize, 1, 17, 4000];
+    let table = cpu::RopeTable::new(hd, 10000.0, &cpu::RopeScaling::None);
+    let x = rand_vec(positions.len() * heads * hd, 5);
+    let mut xd = d.upload(&x).unwrap();
+    let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+    d.rope(
+        &mut xd,
+        &d.upload(&pos).unwrap(),
+        &d.upload(table.inv_freq()).unwrap(),
+        heads,
+        hd,
+    )
+    .unwrap();
+    let mut want = x.clone();
+    cpu::apply_rope(&mut want, &positions, heads, hd, &table).unwrap();
+    assert_close(&d.download(&xd).unwrap(), &want, 1e-5, "rope");
+
+    let (rows, inter) = (3, 333);
+    let gu = rand_vec(rows * 2 * inter, 6);
+    let mut out = d.zeros::<f32>(rows * inter).unwrap();
+    d.silu_mul(&d.upload(&gu).unwrap(), rows, &mut out).unwrap();
+    let mut want = vec![0f32; rows * inter];
+    cpu::silu_mul(&gu, rows, &mut want).unwrap();
+    assert_close(&d.download(&out).unwrap(), &want, 1e-5, "silu_mul");
+
+    let mut xd = d.upload(&gu).unwrap();
+    d.gelu_tanh(&mut xd).unwrap();
+    let mut want = gu.clone();
+    cpu::gelu_tanh(&mut want);
+    assert_close(&d.download(&xd).unwrap(), &want, 1e-5, "gelu");
+
+    let cols = 1001;
+    let logits: Vec<f32> = rand_vec(2 * cols, 7).iter().map(|v| v * 10.0).collect();
+    let mut xd = d.upload(&logits).unwrap();
+    d.softmax(&mut xd, cols).unwrap();
+    let mut want = logits.clone();
+    want.chunks_exact_mut(cols).for_each(cpu::softmax_inplace);
+    assert_close(&d.download(&xd).unwrap(), &want, 1e-5, "softmax");
+
+    let (vocab, dim) = (50, 96);
+    let t = rand_vec(vocab * dim, 8);
+    let ids = [3u32, 0, 49, 3];
+    let mut out = d.zeros::<f32>(ids.len() * dim).unwrap();
+    d.embedding(
+        &d.upload(&t).unwrap(),
+        &d.upload(&ids).unwrap(),
+        dim,
+        &mut out,
+    )
+    .unwrap();
+    let mut want = vec![0f32; ids.len() * dim];
+    cpu::embedding_gather(
+        MatRef::new(WeightData::F32(&t), vocab, dim).unwrap(),
+        &ids,
+        &mut want,
+    )
+    .unwrap();
+    assert_close(&d.download(&out).unwrap(), &want, 0.0, "embedding");
+}
+
+/// Random codes and scales for an `n × k` matrix in each packed format, on the host and device.
+fn packed_cases(
+    d: &CudaDevice,
+    n: usize,
+    k: usize,
+) -> Vec<(&'static str, Vec<f32>, DeviceWeights)> {
+    let bytes = |len: usize, seed: u64| -> Vec<u8> {
+        rand_vec(len, seed)
+            .iter()
+            .map(|v| ((v + 1.0) * 127.9) as u8)
+            .collect()
+    };
+    let scales = |len: usize, seed: u64| -> Vec<f32> {
+        rand_vec(len, seed)
+            .iter()
+            .map(|v| 0.01 + v.abs() * 0.02)
+            .collect()
+    };
+    let dense = |data: WeightData<'_>| -> Vec<f32> {
+        let m = MatRef::new(data, n, k).unwrap();
+        let mut out = vec![0f32; n * k];
+        for r in 0..n {
+            m.row_to_f32(r, &mut out[r * k..(r + 1) * k]);
+        }
+        out
+    };
+    let group = 64;
+    let g = n * k.div_ceil(group);
+    let q8: Vec<i8> = bytes(n * k, 10).iter().map(|&b| b as i8).collect();
+    let s8 = scales(g, 11);
+    let q4 = bytes(n * k / 2, 12);
+    let (s4, o4) = (scales(g, 13), rand_vec(g, 14));
+    let qf = bytes(n * k, 15)
+        .iter()
+        .map(|&b| if b & 0x7f == 0x7f { 0x7e } else { b })
+        .collect::<Vec<_>>();
+    let sf = scales(n, 16);
+    let qn = bytes(n * k / 2, 17);
+    let bn: Vec<u8> = bytes(n * k / 16, 18)
+        .iter()
+        .map(|&b| 0x30 + b % 0x20)
+        .collect();
+    let int8 = cpu::Int8Weights {
+        q: &q8,
+        scales: &s8,
+        group,
+    };
+    let int4 = cpu::Int4Weights {
+        q: &q4,
+        scales: &s4,
+        offsets: Some(&o4),
+        group,
+    };
+    let int4s = cpu::Int4Weights {
+        offsets: None,
+        ..int4
+    };
+    let fp8 = cpu::Fp8Weights {
+        q: &qf,
+        scales: &sf,
+    };
+    let nvfp4 = cpu::Nvfp4Weights {
+        q: &qn,
+        block_scales: &bn,
+        global_scale: 0.7,
+    };
+    let up = |v: &[f32]| d.upload(v).unwrap();
+    let upb = |v: &[u8]| d.upload(v).unwrap();
+    vec![
+        (
+            "int8 g64",
+            dense(WeightData::Int8(int8)),
+            DeviceWeights::Int8 {
+                q: d.upload(&q8).unwrap(),
+                scales: up(&s8),
+                group,
+            },
+        ),
+        (
+            "int4 g64 zp",
+            dense(WeightData::Int4(int4)),
+            DeviceWeights::Int4 {
+                q: upb(&q4),
+                scales: up(&s4),
+                offsets: Some(up(&o4)),
+                group,
+            },
+        ),
+        (
+            "int4 g64 sym",
+            dense(WeightData::Int4(int4s)),
+            DeviceWeights::Int4 {
+                q: upb(&q4),
+                scales: up(&s4),
+                offsets: None,
+                group,
+            },
+        ),
+        (
+            "fp8",
+            dense(WeightData::Fp8(fp8)),
+            DeviceWeights::Fp8 {
+                q: upb(&qf),
+                scales: up(&sf),
+            },
+        ),
+        (
+            "nvfp4",
+            dense(WeightData::Nvfp4(nvfp4)),
+            DeviceWeights::Nvfp4 {
+                q: upb(&qn),
+                block_scales: upb(&bn),
+                global_scale: 0.7,
+            },
+        ),
+    ]
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo xtask test-gpu"]
+fn packed_linear_matches_dequantized_reference() {
+    let d = device();
+    let (n, k) = (203, 352);
+    let bias = rand_vec(n, 20);
+    for (name, dense, w) in packed_cases(&d, n, k) {
+        // m = 3 runs the matrix-vector kernels, m = 77 the tiled GEMM.
+        for m in [1, 3, 77] {
+            let x = rand_vec(m * k, 21);
+            let mut y = d.zeros::<f32>(m * n).unwrap();
+            d.linear(
+                &w,
+                &d.upload(&x).unwrap(),
+                (n, k),
+                Some(&d.upload(&bias).unwrap()),
+                &mut y,
+            )
+            .unwrap();
+            let mut want = vec![0f32; m * n];
+            let wm = MatRef::new(WeightData::F32(&dense), n, k).unwrap();
+            cpu::linear(&x, m, wm, Some(&bias), &mut want).unwrap();
+            assert_close(
+                &d.download(&y).unwrap(),
+                &want,
+                1e-4,
+                &format!("{name} m={m}"),
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo xtask test-gpu"]
+fn argmax_and_sampling_follow_the_cpu_rules() {
+    let d = device();
+    let vocab = 5003;
+    let mut logits = rand_vec(3 * vocab, 30);
+    logits[vocab + 17] = 9.0;
+    logits[vocab + 4000] = 9.0; // a tie: the lower id wins
+    let ld = d.upload(&logits).unwrap();
+    let mut out = d.zeros::<u32>(3).unwrap();
+    d.argmax(&ld, vocab, &mut out).unwrap();
+    let want: Vec<u32> = logits
+        .chunks_exact(vocab)
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .fold(0, |b, (i, &v)| if v > r[b] { i } else { b }) as u32
+        })
+        .collect();
+    assert_eq!(d.download(&out).unwrap(), want);
+    // top_k = 1 is greedy at any temperature and uniform draw.
+    let greedy = SampleParams {
+        temperature: 0.8,
+        top_k: 1,
+        top_p: 1.0,
+        min_p: 0.0,
+    };
+    d.sample(
+        &ld,
+        vocab,
+        &d.upload(&[greedy; 3]).unwrap(),
+        &d.upload(&[0.99f32, 0.5, 0.0]).unwrap(),
+        &mut out,
+    )
+    .unwrap();
+    assert_eq!(d.download(&out).unwrap(), want);
+    // Over two candidates with p ≈ 0.73 / 0.27: a draw below 0.73 picks the first.
+    let mut two = vec![-1e9f32; vocab];
+    two[5] = 1.0;
+    two[9] = 0.0;
+    let td = d.upload(&two).unwrap();
+    let p = SampleParams {
+        temperature: 1.0,
+        top_k: 50,
+        top_p: 1.0,
+        min_p: 0.0,
+    };
+    let mut one = d.zeros::<u32>(1).unwrap();
+    for (u, want) in [(0.5f32, 5u32), (0.9, 9)] {
+        d.sample(
+            &td,
+            vocab,
+            &d.upload(&[p]).unwrap(),
+            &d.upload(&[u]).unwrap(),
+            &mut one,
+        )
+        .unwrap();
+        assert_eq!(d.download(&one).unwrap(), vec![want], "u = {u}");
+    }
+    // top_p = 0.5 keeps the first candidate alone.
+    let p = SampleParams { top_p: 0.5, ..p };
+    d.sample(
+        &td,
+        vocab,
+        &d.upload(&[p]).unwrap(),
+        &d.upload(&[0.9f32]).unwrap(),
+        &mut one,
+    )
+    .unwrap();
+    assert_eq!(d.download(&one).unwrap(), vec![5]);
+}
