@@ -21,28 +21,28 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Block-wide reductions; `scratch` holds 32 floats of shared memory. Every thread gets the result.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+// Block-wide reduction with `warp_op`, `identity` for absent warps; `scratch` holds 32 floats of
+// shared memory. Every thread gets the result.
+template <typename WarpOp>
+__device__ __forceinline__ float block_reduce(float v, float* scratch, float identity, WarpOp warp_op) {
     const int lane = threadIdx.x % TRT_WARP, warp = threadIdx.x / TRT_WARP;
     const int warps = (blockDim.x + TRT_WARP - 1) / TRT_WARP;
-    v = warp_sum(v);
-    __syncthreads();
+    v = warp_op(v);
+    __syncthreads();  // scratch may still be read by a previous reduction
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    v = lane < warps ? scratch[lane] : 0.0f;
-    return warp_sum(v);
+    return warp_op(lane < warps ? scratch[lane] : identity);
 }
 
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-    const int lane = threadIdx.x % TRT_WARP, warp = threadIdx.x / TRT_WARP;
-    const int warps = (blockDim.x + TRT_WARP - 1) / TRT_WARP;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = lane < warps ? scratch[lane] : TRT_NEG_INF;
-    return warp_max(v);
-}
+struct WarpSum {
+    __device__ float operator()(float v) const { return warp_sum(v); }
+};
+struct WarpMax {
+    __device__ float operator()(float v) const { return warp_max(v); }
+};
+
+__device__ __forceinline__ float block_sum(float v, float* scratch) { return block_reduce(v, scratch, 0.0f, WarpSum{}); }
+__device__ __forceinline__ float block_max(float v, float* scratch) { return block_reduce(v, scratch, TRT_NEG_INF, WarpMax{}); }
 
 // FP8 E4M3 (the `fn` variant: no infinities, 0x7f/0xff NaN) to f32, as the CPU's `e4m3_to_f32`.
 __device__ __forceinline__ float e4m3_to_f32(unsigned char b) {

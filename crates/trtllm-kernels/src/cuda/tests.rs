@@ -5,8 +5,6 @@ use super::ops::DeviceWeights;
 use super::{CudaDevice, SampleParams};
 use crate::cpu::{self, testutil::rand_vec, MatRef, WeightData};
 
-const GPU: &str = "needs a CUDA GPU: cargo xtask test-gpu";
-
 fn device() -> CudaDevice {
     CudaDevice::new(0).expect("a CUDA device")
 }
@@ -24,7 +22,6 @@ fn assert_close(gpu: &[f32], cpu: &[f32], tol: f32, what: &str) {
 #[test]
 #[ignore = "needs a CUDA GPU: cargo xtask test-gpu"]
 fn norms_match_cpu() {
-    let _ = GPU;
     let d = device();
     let (rows, cols) = (5, 1000);
     let x = rand_vec(rows * cols, 1);
