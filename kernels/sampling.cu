@@ -113,12 +113,14 @@ extern "C" __global__ void sample_top_k_top_p_f32(const float* __restrict__ logi
     const float top = cand_v[0] * inv_tf;
     double total = 0.0;
     for (int i = 0; i < n; ++i) total += exp((double)(cand_v[i] * inv_tf - top));
-    // top-p: the shortest prefix whose renormalised mass reaches top_p.
+    // Candidate i's probability within the top-k, in f64 as the CPU sampler computes it.
+    auto prob = [&](int i) { return exp((double)(cand_v[i] * inv_tf - top)) / total; };
+    // top-p: the shortest prefix whose mass reaches top_p.
     int keep = n;
     if (p.top_p < 1.0f) {
         double acc = 0.0;
         for (int i = 0; i < n; ++i) {
-            acc += exp((double)(cand_v[i] * inv_tf - top)) / total;
+            acc += prob(i);
             if (acc >= (double)p.top_p) {
                 keep = i + 1;
                 break;
@@ -126,17 +128,17 @@ extern "C" __global__ void sample_top_k_top_p_f32(const float* __restrict__ logi
         }
     }
     if (p.min_p > 0.0f) {
-        const double floor = (double)p.min_p / total;  // p(first) · min_p, p(first) = 1 / total
+        const double floor = prob(0) * (double)p.min_p;
         int m = 0;
-        while (m < keep && exp((double)(cand_v[m] * inv_tf - top)) / total >= floor) ++m;
+        while (m < keep && prob(m) >= floor) ++m;
         keep = max(m, 1);
     }
     double kept = 0.0;
-    for (int i = 0; i < keep; ++i) kept += exp((double)(cand_v[i] * inv_tf - top)) / total;
+    for (int i = 0; i < keep; ++i) kept += prob(i);
     double r = (double)uniform[blockIdx.x] * kept;
     unsigned pick = cand_id[keep - 1];
     for (int i = 0; i < keep; ++i) {
-        r -= exp((double)(cand_v[i] * inv_tf - top)) / total;
+        r -= prob(i);
         if (r <= 0.0) {
             pick = cand_id[i];
             break;

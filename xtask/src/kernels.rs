@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use crate::{cache_root, run};
 
 /// Virtual architectures compiled for; the driver JITs the highest one a GPU supports.
-pub const ARCHS: [&str; 2] = ["80", "90"];
+const ARCHS: [&str; 2] = ["80", "90"];
 
 /// Pinned so a new CUDA release cannot change a build; cudarc's `cuda-12090` matches.
 const WHEELS: [&str; 3] = [
@@ -21,7 +21,7 @@ const WHEELS: [&str; 3] = [
     "nvidia-cuda-nvcc-cu12==12.9.86",
 ];
 
-pub fn kernels_dir() -> PathBuf {
+fn kernels_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernels")
 }
 

@@ -185,8 +185,9 @@ impl Default for QuantConfig {
 }
 
 impl QuantConfig {
-    /// A config for `algo` with the defaults its algorithm expects (AWQ and SmoothQuant scale
-    /// activations per channel; SmoothQuant and FP8 have no groups).
+    /// A config for `algo` with the defaults its algorithm expects (AWQ, SmoothQuant and NVFP4
+    /// scale activations per channel, FP8 only with its static scale; SmoothQuant and FP8 have no
+    /// groups).
     pub fn for_algo(algo: QuantAlgo) -> Self {
         Self {
             quant_algo: algo,

@@ -7,7 +7,7 @@ mod elementwise;
 mod gemm_packed;
 mod matmul;
 mod norm;
-mod quant;
+pub(crate) mod quant;
 mod rope;
 mod simd;
 

@@ -9,7 +9,7 @@ mod ops;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use cudarc::driver::{
@@ -65,8 +65,7 @@ impl CudaDevice {
         let name = ctx.name().map_err(cuda_err("device name"))?;
         let cc = (major * 10 + minor) as u32;
         let mut functions = HashMap::new();
-        let mut sources: Vec<&str> = MODULES.iter().map(|m| m.name).collect();
-        sources.dedup();
+        let sources: BTreeSet<&str> = MODULES.iter().map(|m| m.name).collect();
         for source in sources {
             let module = MODULES
                 .iter()

@@ -3,6 +3,7 @@
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
 
 use super::{cuda_err, CudaDevice};
+use crate::cpu::quant::{check_blocks, check_group, groups};
 use crate::error::check_len;
 use crate::{KernelError, Result};
 
@@ -95,11 +96,9 @@ impl CudaDevice {
             }
             Some(r) => {
                 check_len("rms_norm", "residual", r.len(), x.len())?;
-                {
-                    let mut b = self.builder("add_rms_norm_f32")?;
-                    b.arg(x).arg(r).arg(w).arg(out).arg(&c).arg(&eps);
-                    launch(b, cfg, "add_rms_norm_f32")
-                }
+                let mut b = self.builder("add_rms_norm_f32")?;
+                b.arg(x).arg(r).arg(w).arg(out).arg(&c).arg(&eps);
+                launch(b, cfg, "add_rms_norm_f32")
             }
         }
     }
@@ -127,11 +126,9 @@ impl CudaDevice {
             }
             Some(r) => {
                 check_len("layer_norm", "residual", r.len(), x.len())?;
-                {
-                    let mut b = self.builder("add_layer_norm_f32")?;
-                    b.arg(x).arg(r).arg(w).arg(bias).arg(out).arg(&c).arg(&eps);
-                    launch(b, cfg, "add_layer_norm_f32")
-                }
+                let mut b = self.builder("add_layer_norm_f32")?;
+                b.arg(x).arg(r).arg(w).arg(bias).arg(out).arg(&c).arg(&eps);
+                launch(b, cfg, "add_layer_norm_f32")
             }
         }
     }
@@ -164,16 +161,14 @@ impl CudaDevice {
             block_dim: (64, 1, 1),
             shared_mem_bytes: 0,
         };
-        {
-            let mut b = self.builder("rope_f32")?;
-            b.arg(x)
-                .arg(positions)
-                .arg(inv_freq)
-                .arg(&h)
-                .arg(&d)
-                .arg(&half);
-            launch(b, cfg, "rope_f32")
-        }
+        let mut b = self.builder("rope_f32")?;
+        b.arg(x)
+            .arg(positions)
+            .arg(inv_freq)
+            .arg(&h)
+            .arg(&d)
+            .arg(&half);
+        launch(b, cfg, "rope_f32")
     }
 
     /// `out[rows × inter] = silu(gate) · up` from `gate_up[rows × 2·inter]`.
@@ -187,31 +182,25 @@ impl CudaDevice {
         let inter = check_rows("silu_mul", out.len(), rows.max(1))?;
         let (r, i) = (int("rows", rows)?, int("inter", inter)?);
         let cfg = elementwise(out.len())?;
-        {
-            let mut b = self.builder("silu_mul_f32")?;
-            b.arg(gate_up).arg(out).arg(&r).arg(&i);
-            launch(b, cfg, "silu_mul_f32")
-        }
+        let mut b = self.builder("silu_mul_f32")?;
+        b.arg(gate_up).arg(out).arg(&r).arg(&i);
+        launch(b, cfg, "silu_mul_f32")
     }
 
     pub fn gelu_tanh(&self, x: &mut CudaSlice<f32>) -> Result<()> {
         let (n, cfg) = (int("n", x.len())?, elementwise(x.len())?);
-        {
-            let mut b = self.builder("gelu_tanh_f32")?;
-            b.arg(x).arg(&n);
-            launch(b, cfg, "gelu_tanh_f32")
-        }
+        let mut b = self.builder("gelu_tanh_f32")?;
+        b.arg(x).arg(&n);
+        launch(b, cfg, "gelu_tanh_f32")
     }
 
     /// `x += y`.
     pub fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>) -> Result<()> {
         check_len("add", "y", y.len(), x.len())?;
         let (n, cfg) = (int("n", x.len())?, elementwise(x.len())?);
-        {
-            let mut b = self.builder("add_f32")?;
-            b.arg(x).arg(y).arg(&n);
-            launch(b, cfg, "add_f32")
-        }
+        let mut b = self.builder("add_f32")?;
+        b.arg(x).arg(y).arg(&n);
+        launch(b, cfg, "add_f32")
     }
 
     /// `out[t] = table[ids[t]]` for an f32 table of `cols`-wide rows.
@@ -225,22 +214,18 @@ impl CudaDevice {
         let vocab = check_rows("embedding", table.len(), cols)?;
         check_len("embedding", "out", out.len(), ids.len() * cols)?;
         let (v, c) = (int("vocab", vocab)?, int("cols", cols)?);
-        {
-            let mut b = self.builder("embedding_f32")?;
-            b.arg(table).arg(ids).arg(out).arg(&v).arg(&c);
-            launch(b, grid(ids.len(), 128)?, "embedding_f32")
-        }
+        let mut b = self.builder("embedding_f32")?;
+        b.arg(table).arg(ids).arg(out).arg(&v).arg(&c);
+        launch(b, grid(ids.len(), 128)?, "embedding_f32")
     }
 
     /// Row-wise softmax of `cols`-wide rows, in place.
     pub fn softmax(&self, x: &mut CudaSlice<f32>, cols: usize) -> Result<()> {
         let rows = check_rows("softmax", x.len(), cols)?;
         let c = int("cols", cols)?;
-        {
-            let mut b = self.builder("softmax_f32")?;
-            b.arg(x).arg(&c);
-            launch(b, grid(rows, ROW_THREADS)?, "softmax_f32")
-        }
+        let mut b = self.builder("softmax_f32")?;
+        b.arg(x).arg(&c);
+        launch(b, grid(rows, ROW_THREADS)?, "softmax_f32")
     }
 
     /// `y[m × n] = x[m × k] · Wᵀ (+ bias)` reading the packed weights directly.
@@ -252,14 +237,7 @@ impl CudaDevice {
         bias: Option<&CudaSlice<f32>>,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        if k == 0 || !k.is_multiple_of(32) {
-            return Err(KernelError::ShapeMismatch {
-                op: "cuda linear",
-                what: "k (a positive multiple of 32)",
-                expected: k.next_multiple_of(32).max(32),
-                got: k,
-            });
-        }
+        check_blocks("cuda linear", k, 32)?;
         let m = check_rows("cuda linear", x.len(), k)?;
         check_len("cuda linear", "y", y.len(), m * n)?;
         if let Some(b) = bias {
@@ -331,11 +309,9 @@ impl CudaDevice {
         let rows = check_rows("argmax", logits.len(), vocab)?;
         check_len("argmax", "out", out.len(), rows)?;
         let v = int("vocab", vocab)?;
-        {
-            let mut b = self.builder("argmax_f32")?;
-            b.arg(logits).arg(out).arg(&v);
-            launch(b, grid(rows, ROW_THREADS)?, "argmax_f32")
-        }
+        let mut b = self.builder("argmax_f32")?;
+        b.arg(logits).arg(out).arg(&v);
+        launch(b, grid(rows, ROW_THREADS)?, "argmax_f32")
     }
 
     /// One token per row from temperature / top-k / top-p / min-p sampling, drawn with the
@@ -353,11 +329,9 @@ impl CudaDevice {
         check_len("sample", "uniform", uniform.len(), rows)?;
         check_len("sample", "out", out.len(), rows)?;
         let v = int("vocab", vocab)?;
-        {
-            let mut b = self.builder("sample_top_k_top_p_f32")?;
-            b.arg(logits).arg(params).arg(uniform).arg(out).arg(&v);
-            launch(b, grid(rows, ROW_THREADS)?, "sample_top_k_top_p_f32")
-        }
+        let mut b = self.builder("sample_top_k_top_p_f32")?;
+        b.arg(logits).arg(params).arg(uniform).arg(out).arg(&v);
+        launch(b, grid(rows, ROW_THREADS)?, "sample_top_k_top_p_f32")
     }
 }
 
@@ -387,18 +361,7 @@ fn check_rows(op: &'static str, len: usize, cols: usize) -> Result<usize> {
 
 fn check_weights(w: &DeviceWeights, n: usize, k: usize) -> Result<()> {
     let op = "cuda linear";
-    let groups = |g: usize| {
-        if g == 0 || !g.is_multiple_of(32) {
-            Err(KernelError::ShapeMismatch {
-                op,
-                what: "group size (a positive multiple of 32)",
-                expected: 32,
-                got: g,
-            })
-        } else {
-            Ok(n * k.div_ceil(g))
-        }
-    };
+    let groups = |g: usize| check_group(op, g).map(|_| n * groups(k, g));
     match w {
         DeviceWeights::Int8 { q, scales, group } => {
             check_len(op, "int8 codes", q.len(), n * k)?;

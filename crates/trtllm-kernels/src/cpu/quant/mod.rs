@@ -79,7 +79,7 @@ pub(crate) trait QuantRows: Sync {
     fn row_to_f32(&self, r: usize, cols: usize, out: &mut [f32]);
 }
 
-fn check_blocks(op: &'static str, cols: usize, block: usize) -> Result<()> {
+pub(crate) fn check_blocks(op: &'static str, cols: usize, block: usize) -> Result<()> {
     if cols.is_multiple_of(block) {
         Ok(())
     } else {
@@ -92,7 +92,7 @@ fn check_blocks(op: &'static str, cols: usize, block: usize) -> Result<()> {
     }
 }
 
-fn check_group(op: &'static str, group: usize) -> Result<()> {
+pub(crate) fn check_group(op: &'static str, group: usize) -> Result<()> {
     if group > 0 && group.is_multiple_of(32) {
         Ok(())
     } else {
