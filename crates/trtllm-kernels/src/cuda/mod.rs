@@ -5,6 +5,7 @@
 //! Launchers check shapes like the CPU kernels do and leave the work queued on the device's
 //! stream; reading a result back ([`CudaDevice::download`]) waits for it.
 
+mod attention;
 mod ops;
 #[cfg(test)]
 mod tests;
@@ -17,7 +18,8 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
-pub use ops::SampleParams;
+pub use attention::{DeviceKv, KvSide};
+pub use ops::{DeviceWeights, SampleParams};
 
 use crate::{KernelError, Result};
 

@@ -15,7 +15,7 @@ const TILE: usize = 64;
 /// Up to this many activation rows go through the matrix-vector kernels.
 const GEMV_MAX_ROWS: usize = 8;
 
-fn int(what: &'static str, v: usize) -> Result<i32> {
+pub(super) fn int(what: &'static str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| KernelError::OutOfRange {
         op: "cuda launch",
         what,
@@ -70,7 +70,7 @@ pub enum DeviceWeights {
 }
 
 impl CudaDevice {
-    fn builder(&self, name: &str) -> Result<LaunchArgs<'_>> {
+    pub(super) fn builder(&self, name: &str) -> Result<LaunchArgs<'_>> {
         Ok(self.stream.launch_builder(self.function(name)?))
     }
 
@@ -340,7 +340,7 @@ fn elementwise(n: usize) -> Result<LaunchConfig> {
     grid(n.div_ceil(256).clamp(1, 4096), 256)
 }
 
-fn launch(mut b: LaunchArgs<'_>, cfg: LaunchConfig, name: &str) -> Result<()> {
+pub(super) fn launch(mut b: LaunchArgs<'_>, cfg: LaunchConfig, name: &str) -> Result<()> {
     // SAFETY: every launcher checks its buffers' lengths against the kernel's indexing and
     // pushes the arguments in the kernel's order and types.
     unsafe { b.launch(cfg) }.map(|_| ()).map_err(cuda_err(name))
