@@ -12,6 +12,7 @@ mod rope;
 mod simd;
 
 pub use activation::{gelu_tanh, silu_mul};
+#[cfg(feature = "cuda")]
 pub(crate) use attention::{check_batch, PoolShape};
 pub use attention::{paged_attention, AttentionSeq, AttentionShape, KvData, PagedKv};
 pub use elementwise::{add_inplace, embedding_gather, softmax_inplace};
