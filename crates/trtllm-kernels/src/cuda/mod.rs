@@ -11,8 +11,9 @@ mod ops;
 mod tests;
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits,
 };
@@ -40,6 +41,8 @@ fn cuda_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> KernelError +
 pub struct CudaDevice {
     stream: Arc<CudaStream>,
     functions: HashMap<String, CudaFunction>,
+    /// cuBLAS for dense GEMMs, created on first use (the library is only needed then).
+    blas: OnceLock<CudaBlas>,
     name: String,
     compute_capability: (i32, i32),
 }
@@ -90,6 +93,7 @@ impl CudaDevice {
         Ok(Self {
             stream: ctx.default_stream(),
             functions,
+            blas: OnceLock::new(),
             name,
             compute_capability: (major, minor),
         })
@@ -124,6 +128,21 @@ impl CudaDevice {
 
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(cuda_err("synchronize"))
+    }
+
+    fn blas(&self) -> Result<&CudaBlas> {
+        if let Some(b) = self.blas.get() {
+            return Ok(b);
+        }
+        // SAFETY: only probes whether the library can be opened.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(KernelError::Cuda(
+                "cuBLAS (libcublas.so) is not installed; dense layers need it".into(),
+            ));
+        }
+        let blas = CudaBlas::new(self.stream.clone())
+            .map_err(|e| KernelError::Cuda(format!("creating a cuBLAS handle: {e:?}")))?;
+        Ok(self.blas.get_or_init(|| blas))
     }
 
     fn function(&self, name: &str) -> Result<&CudaFunction> {

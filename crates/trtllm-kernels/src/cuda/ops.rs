@@ -1,5 +1,6 @@
 //! Typed launchers, one per kernel family, with the CPU kernels' shape checks.
 
+use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
 
 use super::{cuda_err, CudaDevice};
@@ -297,6 +298,48 @@ impl CudaDevice {
         };
         b.arg(y).arg(&mi).arg(&ni).arg(&ki);
         launch(b, cfg, &name)
+    }
+
+    /// `y[m × n] = x[m × k] · Wᵀ (+ bias)` for a dense f32 `w` (`[n × k]`, row-major), through
+    /// cuBLAS: row-major `y` is column-major `yᵀ = W · xᵀ`, so `W` goes in transposed.
+    pub fn dense_linear(
+        &self,
+        w: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        (n, k): (usize, usize),
+        bias: Option<&CudaSlice<f32>>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check_len("cuda dense linear", "weight", w.len(), n * k)?;
+        let m = check_rows("cuda dense linear", x.len(), k)?;
+        check_len("cuda dense linear", "y", y.len(), m * n)?;
+        let (mi, ni, ki) = (int("m", m)?, int("n", n)?, int("k", k)?);
+        let beta = match bias {
+            Some(bias) => {
+                check_len("cuda dense linear", "bias", bias.len(), n)?;
+                let cfg = elementwise(m * n)?;
+                let mut b = self.builder("bias_rows_f32")?;
+                b.arg(&mut *y).arg(bias).arg(&mi).arg(&ni);
+                launch(b, cfg, "bias_rows_f32")?;
+                1.0
+            }
+            None => 0.0,
+        };
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: ni,
+            n: mi,
+            k: ki,
+            alpha: 1.0f32,
+            lda: ki,
+            ldb: ki,
+            beta,
+            ldc: ni,
+        };
+        // SAFETY: the lengths were checked against m, n and k above.
+        unsafe { self.blas()?.gemm(cfg, w, x, y) }
+            .map_err(|e| KernelError::Cuda(format!("cuBLAS sgemm: {e:?}")))
     }
 
     /// `out[r] = argmax(logits[r])`, first maximum on ties.

@@ -466,3 +466,33 @@ fn paged_attention_and_kv_writes_match_cpu() {
         assert_close(&gpu, &want, 1e-4, &format!("{storage} attention"));
     }
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo xtask test-gpu"]
+fn dense_linear_through_cublas_matches_cpu() {
+    let d = device();
+    let (n, k) = (131, 96);
+    let w = rand_vec(n * k, 50);
+    let bias = rand_vec(n, 51);
+    let wd = d.upload(&w).unwrap();
+    let bd = d.upload(&bias).unwrap();
+    for m in [1, 77] {
+        let x = rand_vec(m * k, 52);
+        let xd = d.upload(&x).unwrap();
+        for with_bias in [false, true] {
+            let b = with_bias.then_some(&bias[..]);
+            let mut y = d.upload(&vec![f32::NAN; m * n]).unwrap();
+            d.dense_linear(&wd, &xd, (n, k), with_bias.then_some(&bd), &mut y)
+                .unwrap();
+            let mut want = vec![0f32; m * n];
+            let wm = MatRef::new(WeightData::F32(&w), n, k).unwrap();
+            cpu::linear(&x, m, wm, b, &mut want).unwrap();
+            assert_close(
+                &d.download(&y).unwrap(),
+                &want,
+                1e-4,
+                &format!("dense m={m} bias={with_bias}"),
+            );
+        }
+    }
+}
