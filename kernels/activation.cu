@@ -21,15 +21,3 @@ extern "C" __global__ void gelu_tanh_f32(float* __restrict__ x, int n) {
         x[i] = 0.5f * v * (1.0f + tanhf(inner));
     }
 }
-
-// x += y, elementwise (the residual add where it is not fused into a norm).
-extern "C" __global__ void add_f32(float* __restrict__ x, const float* __restrict__ y, int n) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) x[i] += y[i];
-}
-
-// y[r] = bias for each of `rows` rows of `n` (the C of a GEMM that then accumulates into it).
-extern "C" __global__ void bias_rows_f32(float* __restrict__ y, const float* __restrict__ bias, int rows, int n) {
-    const size_t total = (size_t)rows * n;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x)
-        y[i] = bias[i % n];
-}

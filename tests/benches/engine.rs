@@ -19,7 +19,7 @@ const DECODE: usize = 128;
 fn prefill_rate(runner: &ModelRunner, ids: &[u32]) -> Result<f64> {
     let mut best = f64::MAX;
     for _ in 0..3 {
-        let mut cache = runner.new_cache(ids.len());
+        let mut cache = runner.new_cache(ids.len())?;
         let t = Instant::now();
         runner.forward(ids, &mut cache, LogitsMode::Last)?;
         best = best.min(t.elapsed().as_secs_f64());
@@ -28,7 +28,7 @@ fn prefill_rate(runner: &ModelRunner, ids: &[u32]) -> Result<f64> {
 }
 
 fn decode_rate(runner: &ModelRunner, prompt: &[u32]) -> Result<f64> {
-    let mut cache = runner.new_cache(prompt.len() + DECODE + 1);
+    let mut cache = runner.new_cache(prompt.len() + DECODE + 1)?;
     runner.forward(prompt, &mut cache, LogitsMode::Last)?;
     let t = Instant::now();
     let mut tok = prompt[prompt.len() - 1];

@@ -75,7 +75,7 @@ fn last_prompt_top10_logits() -> Result<()> {
     let session = Session::open(engine_dir())?;
     let runner = session.model_runner()?;
     for (i, case) in golden.cases.iter().enumerate() {
-        let mut cache = runner.new_cache(case.input_ids.len());
+        let mut cache = runner.new_cache(case.input_ids.len())?;
         let logits = runner.forward(&case.input_ids, &mut cache, LogitsMode::Last)?;
         for &(id, gold) in &case.last_prompt_top10 {
             let d = (logits[id as usize] - gold).abs();

@@ -26,7 +26,7 @@ fn check_fixture(name: &str) -> Result<()> {
         let ids = llm.tokenizer()?.encode(&case.prompt, false)?;
         assert_eq!(ids, case.input_ids, "{name} case {ci}: tokenizer ids");
 
-        let mut cache = runner.new_cache(case.input_ids.len() + 8);
+        let mut cache = runner.new_cache(case.input_ids.len() + 8)?;
         let logits = runner.forward(&case.input_ids, &mut cache, LogitsMode::All)?;
         for (pos, (row, gold)) in logits.chunks(vocab).zip(&case.prompt_logits).enumerate() {
             let d = max_abs_diff(row, gold);
@@ -106,7 +106,7 @@ fn dtype_conversion_at_build_time() -> Result<()> {
         assert!(session.tensors().iter().any(|t| t.dtype == dtype));
         let runner = session.model_runner()?;
         let case = &golden.cases[0];
-        let mut cache = runner.new_cache(64);
+        let mut cache = runner.new_cache(64)?;
         let logits = runner.forward(&case.input_ids, &mut cache, LogitsMode::Last)?;
         let d = max_abs_diff(&logits, case.prompt_logits.last().expect("logits"));
         assert!(d < tol, "{name} as {dtype}: max |Δlogit| = {d}");

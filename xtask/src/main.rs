@@ -29,8 +29,9 @@ enum Task {
     /// Compile kernels/*.cu to PTX for sm_80 and sm_90 and report registers, shared memory and
     /// spills (fails on any warning or spill).
     BuildKernels,
-    /// Build the kernels, then run every CUDA kernel against its CPU kernel on the GPU (fails
-    /// with "no CUDA device" where there is none).
+    /// Build the kernels, run every CUDA kernel against its CPU kernel on the GPU, then SmolLM2's
+    /// golden cases and quantized engines end to end there (fails with "no CUDA device" where
+    /// there is none).
     TestGpu,
     /// Internal: the NVRTC half of build-kernels, run with the NVRTC library on LD_LIBRARY_PATH.
     #[command(hide = true)]

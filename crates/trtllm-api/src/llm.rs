@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use trtllm_executor::builder::{self, BuildConfig};
 
+use trtllm_executor::runtime::Device;
 use trtllm_executor::{ExecutorConfig, GenerationExecutor, GenerationRequest};
 
 use crate::chat::ChatMessage;
@@ -28,6 +29,8 @@ pub struct LlmArgs {
     pub engine_cache_dir: Option<PathBuf>,
     /// Scheduler policy, batch limits and KV-cache pool.
     pub executor_config: ExecutorConfig,
+    /// Where the model and its KV cache live (`Device::Cuda` needs the `cuda` feature and a GPU).
+    pub device: Device,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -60,7 +63,8 @@ pub struct LLM {
 impl LLM {
     pub fn new(args: LlmArgs) -> Result<Self> {
         let engine_dir = resolve_engine(&args)?;
-        let executor = GenerationExecutor::with_config(&engine_dir, args.executor_config.clone())?;
+        let executor =
+            GenerationExecutor::on_device(&engine_dir, args.executor_config.clone(), args.device)?;
         let tokenizer = if args.skip_tokenizer_init {
             None
         } else {

@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use trtllm_api::builder::{self, BuildConfig};
 use trtllm_api::executor::ExecutorConfig;
 use trtllm_api::runtime::quant::{DType, LayerQuantConfig, QuantAlgo, QuantConfig};
-use trtllm_api::runtime::Session;
+use trtllm_api::runtime::{Device, Session};
 
 #[derive(Parser)]
 #[command(name = "trtllm", version, about = "Build and run LLM engines")]
@@ -91,6 +91,9 @@ struct PerplexityArgs {
     /// Token ids separated by whitespace or commas.
     #[arg(long, group = "src")]
     input_ids_file: Option<PathBuf>,
+    /// Where the model runs: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
 }
 
 fn main() -> ExitCode {
@@ -206,7 +209,7 @@ fn quant_config(a: &BuildArgs) -> Result<(LayerQuantConfig, bool)> {
 }
 
 fn perplexity(a: PerplexityArgs) -> Result<()> {
-    let llm = run::open(&a.engine, ExecutorConfig::default())?;
+    let llm = run::open(&a.engine, ExecutorConfig::default(), a.device)?;
     let ids = match (&a.text_file, &a.input_ids_file) {
         (Some(f), _) => {
             let text = std::fs::read_to_string(f).with_context(|| f.display().to_string())?;

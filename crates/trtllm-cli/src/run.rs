@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use trtllm_api::executor::{CapacitySchedulerPolicy, ExecutorConfig};
+use trtllm_api::runtime::Device;
 use trtllm_api::{ChatMessage, LlmArgs, Prompt, SamplingParams, LLM};
 
 #[derive(Args)]
@@ -113,6 +114,9 @@ pub struct ExecutorArgs {
     /// Do not share KV blocks between prompts with a common prefix.
     #[arg(long)]
     disable_block_reuse: bool,
+    /// Where the model runs: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -137,10 +141,11 @@ impl ExecutorArgs {
 }
 
 /// Opens an engine (building a checkpoint into the cache first if that is what `model` is).
-pub fn open(model: &Path, executor_config: ExecutorConfig) -> Result<LLM> {
+pub fn open(model: &Path, executor_config: ExecutorConfig, device: Device) -> Result<LLM> {
     Ok(LLM::new(LlmArgs {
         model: model.to_path_buf(),
         executor_config,
+        device,
         ..LlmArgs::default()
     })?)
 }
@@ -166,7 +171,7 @@ pub fn generate(a: RunArgs) -> Result<()> {
     if prompts.is_empty() && chat.is_none() {
         bail!("one of --prompt, --prompts-file, --chat or --input-ids is required");
     }
-    let llm = open(&a.engine, a.executor.config())?;
+    let llm = open(&a.engine, a.executor.config(), a.executor.device)?;
     if a.json || params.n > 1 || prompts.len() > 1 {
         let outs = match &chat {
             Some(messages) => vec![llm.chat(messages, &params)?],

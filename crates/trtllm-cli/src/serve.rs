@@ -40,7 +40,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             .file_name()
             .map_or("model".into(), |n| n.to_string_lossy().into_owned())
     });
-    let llm = open(&a.model, a.executor.config())?;
+    let llm = open(&a.model, a.executor.config(), a.executor.device)?;
     trtllm_serve::serve(
         llm,
         ServeConfig {

@@ -9,8 +9,8 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use trtllm_builder::runtime::{
-    EngineConfig, GenerationParams, KvCacheEvent, KvCacheManager, KvCacheSummary, KvPool,
-    KvStorage, RuntimeError, Sampler, Session,
+    Device, EngineConfig, GenerationParams, KvCacheEvent, KvCacheManager, KvCacheSummary,
+    RuntimeError, Sampler, Session,
 };
 
 use crate::active::ActiveRequest;
@@ -43,10 +43,15 @@ impl GenerationExecutor {
         Self::with_config(dir, ExecutorConfig::default())
     }
 
-    /// Opens the engine in `dir`, sizes the KV pool and starts the engine loop.
+    /// Opens the engine in `dir` on the CPU, sizes the KV pool and starts the engine loop.
     pub fn with_config(dir: &Path, cfg: ExecutorConfig) -> Result<Self> {
+        Self::on_device(dir, cfg, Device::Cpu)
+    }
+
+    /// As [`Self::with_config`], with the model and its KV pool on `device`.
+    pub fn on_device(dir: &Path, cfg: ExecutorConfig, device: Device) -> Result<Self> {
         let session = Session::open(dir)?;
-        let runner = session.model_runner()?;
+        let runner = session.model_runner_on(device)?;
         let config = runner.engine_config().clone();
         let limits = cfg.scheduler.limits(&config.build)?;
         let block_size = cfg.kv_cache.tokens_per_block;
@@ -62,12 +67,7 @@ impl GenerationExecutor {
         let (tx, rx) = unbounded::<Job>();
         let stop = Arc::new(AtomicBool::new(false));
         let engine = EngineLoop {
-            pool: KvPool::new(
-                &config.model,
-                KvStorage::of(&config.build),
-                block_size,
-                total_blocks,
-            ),
+            pool: runner.new_pool(block_size, total_blocks)?,
             kv: KvCacheManager::new(total_blocks, block_size, cfg.kv_cache.enable_block_reuse),
             runner,
             scheduler: Scheduler {

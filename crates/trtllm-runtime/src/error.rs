@@ -55,6 +55,8 @@ pub enum RuntimeError {
     },
     #[error("KV cache exhausted: {needed} more blocks needed, {available} available")]
     OutOfKvBlocks { needed: usize, available: usize },
+    #[error("device {0}")]
+    InvalidDevice(String),
     #[error(transparent)]
     Kernel(#[from] trtllm_quant::kernels::KernelError),
     #[error(transparent)]

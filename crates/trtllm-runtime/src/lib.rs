@@ -6,6 +6,9 @@
 //! memory-mapped; nothing copies them.
 
 mod config;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod device;
 pub mod engine;
 mod error;
 mod generation;
@@ -16,6 +19,7 @@ mod session;
 mod weights;
 
 pub use config::{MlpKind, ModelConfig, NormKind, PositionKind};
+pub use device::Device;
 pub use engine::{BuildConfig, EngineConfig, EngineWriter, ENGINE_FORMAT_VERSION};
 pub use error::RuntimeError;
 pub use generation::{FinishReason, GenerationOutput, GenerationParams};

@@ -61,29 +61,31 @@ struct Step<'a> {
     positions: &'a [usize],
 }
 
-struct Norm {
-    w: TensorInfo,
-    b: Option<TensorInfo>,
+pub(crate) struct Norm {
+    pub w: TensorInfo,
+    pub b: Option<TensorInfo>,
 }
 
-struct Layer {
-    attn_norm: Norm,
-    qkv: Linear,
-    o: Linear,
-    mlp_norm: Norm,
-    up: Linear,
-    down: Linear,
+pub(crate) struct Layer {
+    pub attn_norm: Norm,
+    pub qkv: Linear,
+    pub o: Linear,
+    pub mlp_norm: Norm,
+    pub up: Linear,
+    pub down: Linear,
 }
 
+/// The model's tensors, as the engine file holds them, and its forward pass on the CPU (the
+/// CUDA decoder uploads these same tensors).
 pub(crate) struct Decoder {
-    cfg: ModelConfig,
-    file: Arc<EngineFile>,
-    embed: Weight,
-    pos_embed: Option<Weight>,
-    layers: Vec<Layer>,
-    final_norm: Norm,
-    lm_head: Weight,
-    rope: Option<RopeTable>,
+    pub cfg: ModelConfig,
+    pub file: Arc<EngineFile>,
+    pub embed: Weight,
+    pub pos_embed: Option<Weight>,
+    pub layers: Vec<Layer>,
+    pub final_norm: Norm,
+    pub lm_head: Weight,
+    pub rope: Option<RopeTable>,
 }
 
 impl Decoder {
@@ -274,7 +276,7 @@ impl Decoder {
         for chunk in batch {
             for pos in chunk.past..chunk.past + chunk.tokens.len() {
                 let v = &qkv[r * c.qkv_dim() + qd + kvd..(r + 1) * c.qkv_dim()];
-                pool.write(i, chunk.blocks, pos, &k[r * kvd..(r + 1) * kvd], v);
+                pool.write(i, chunk.blocks, pos, &k[r * kvd..(r + 1) * kvd], v)?;
                 r += 1;
             }
         }
@@ -293,7 +295,7 @@ impl Decoder {
             scale: 1.0 / (c.head_dim as f32).sqrt(),
         };
         let mut attn = vec![0f32; n * qd];
-        cpu::paged_attention(&q, pool.layer(i), &seqs, shape, &mut attn)?;
+        cpu::paged_attention(&q, pool.layer(i)?, &seqs, shape, &mut attn)?;
         let o = self.linear(&layer.o, &attn, n, obs)?;
         cpu::add_inplace(hidden, &o)?;
         Ok(())

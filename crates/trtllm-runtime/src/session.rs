@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::engine::{EngineConfig, EngineFile, TensorInfo};
-use crate::kv_cache::{KvCache, KvPool, KvStorage};
+use crate::kv_cache::{KvCache, KvPool, KvStorage, KV_CACHE_BLOCK};
 use crate::model::{ActivationObserver, Decoder, LogitsMode, NoObserver, SeqChunk};
-use crate::{ModelConfig, Result, RuntimeError};
+use crate::{Device, ModelConfig, Result, RuntimeError};
 
 /// A loaded engine: its config and its memory-mapped weights.
 pub struct Session {
@@ -53,10 +53,28 @@ impl Session {
         self.file.len()
     }
 
+    /// A runner on the CPU.
     pub fn model_runner(&self) -> Result<ModelRunner> {
+        self.model_runner_on(Device::Cpu)
+    }
+
+    /// A runner with the weights on `device` (a CUDA device needs the `cuda` feature and a GPU).
+    pub fn model_runner_on(&self, device: Device) -> Result<ModelRunner> {
         let decoder = Decoder::new(self.config.model.clone(), self.file.clone())?;
+        let backend = match device {
+            Device::Cpu => Backend::Cpu(decoder),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => Backend::Cuda(crate::cuda::CudaDecoder::new(decoder, n)?),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => {
+                return Err(RuntimeError::InvalidDevice(format!(
+                    "{device}: this build of trtllm has no CUDA support; rebuild with \
+                     `--features cuda` (after `cargo xtask build-kernels`)"
+                )))
+            }
+        };
         Ok(ModelRunner {
-            decoder,
+            backend,
             config: self.config.clone(),
         })
     }
@@ -64,13 +82,44 @@ impl Session {
 
 /// Executes the model: forward passes, prompt validation and scoring.
 pub struct ModelRunner {
-    decoder: Decoder,
+    backend: Backend,
     config: EngineConfig,
+}
+
+/// The decoder, on the device the runner was opened for. One runner exists per engine, so the
+/// variants' size difference costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
+enum Backend {
+    Cpu(Decoder),
+    #[cfg(feature = "cuda")]
+    Cuda(crate::cuda::CudaDecoder),
 }
 
 impl ModelRunner {
     pub fn model(&self) -> &ModelConfig {
-        self.decoder.config()
+        match &self.backend {
+            Backend::Cpu(d) => d.config(),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(d) => d.config(),
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match &self.backend {
+            Backend::Cpu(_) => Device::Cpu,
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(d) => Device::Cuda(d.ordinal()),
+        }
+    }
+
+    /// A zeroed KV pool of `num_blocks` blocks on the runner's device, in the engine's KV storage.
+    pub fn new_pool(&self, block_size: usize, num_blocks: usize) -> Result<KvPool> {
+        let storage = KvStorage::of(&self.config.build);
+        match &self.backend {
+            Backend::Cpu(_) => Ok(KvPool::new(self.model(), storage, block_size, num_blocks)),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(d) => d.new_pool(storage, block_size, num_blocks),
+        }
     }
 
     pub fn engine_config(&self) -> &EngineConfig {
@@ -82,9 +131,10 @@ impl ModelRunner {
     }
 
     /// A cache able to hold `max_len` positions (capped at the engine's max_seq_len).
-    pub fn new_cache(&self, max_len: usize) -> KvCache {
-        let storage = KvStorage::of(&self.engine_config().build);
-        KvCache::new(self.model(), storage, max_len.min(self.max_seq_len()))
+    pub fn new_cache(&self, max_len: usize) -> Result<KvCache> {
+        let max_len = max_len.min(self.max_seq_len());
+        let pool = self.new_pool(KV_CACHE_BLOCK, max_len.div_ceil(KV_CACHE_BLOCK))?;
+        Ok(KvCache::new(pool, max_len))
     }
 
     /// Runs `tokens` after what `cache` holds, in chunks of at most max_num_tokens.
@@ -100,7 +150,13 @@ impl ModelRunner {
     /// Runs one sequence `tokens` with `obs` watching every linear module's input
     /// (calibration); computes no logits.
     pub fn observe(&self, tokens: &[u32], obs: &mut dyn ActivationObserver) -> Result<()> {
-        let mut cache = self.new_cache(tokens.len());
+        if self.device() != Device::Cpu {
+            return Err(RuntimeError::InvalidDevice(format!(
+                "{}: calibration observes activations on the CPU; open the runner with Device::Cpu",
+                self.device()
+            )));
+        }
+        let mut cache = self.new_cache(tokens.len())?;
         self.forward_observed(tokens, &mut cache, LogitsMode::Skip, obs)?;
         Ok(())
     }
@@ -128,7 +184,7 @@ impl ModelRunner {
                 blocks: &cache.blocks,
                 logits: logits_mode,
             };
-            logits.extend(self.decoder.forward_batch(&[step], &mut cache.pool, obs)?);
+            logits.extend(self.run(&[step], &mut cache.pool, obs)?);
             cache.advance(part.len());
         }
         Ok(logits)
@@ -160,7 +216,21 @@ impl ModelRunner {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        self.decoder.forward_batch(batch, pool, &mut NoObserver)
+        self.run(batch, pool, &mut NoObserver)
+    }
+
+    fn run(
+        &self,
+        batch: &[SeqChunk<'_>],
+        pool: &mut KvPool,
+        obs: &mut dyn ActivationObserver,
+    ) -> Result<Vec<f32>> {
+        match &self.backend {
+            Backend::Cpu(d) => d.forward_batch(batch, pool, obs),
+            // Only `observe` passes a real observer, and it refuses a CUDA runner.
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(d) => d.forward_batch(batch, pool),
+        }
     }
 
     /// Negative log-likelihood of each of `ids[1..]` given the tokens before it.
@@ -181,7 +251,7 @@ impl ModelRunner {
         }
         self.config.check_ids(ids)?;
         let vocab = self.model().vocab_size;
-        let mut cache = self.new_cache(ids.len());
+        let mut cache = self.new_cache(ids.len())?;
         let chunk = self.config.build.max_num_tokens.clamp(1, 512);
         let mut nll = Vec::with_capacity(ids.len() - 1);
         for start in (0..ids.len() - 1).step_by(chunk) {

@@ -171,9 +171,9 @@ pub(crate) struct Linear {
     /// The module name (the tensor prefix).
     pub name: String,
     pub weight: Weight,
-    bias: Option<TensorInfo>,
-    pre_quant_scale: Option<TensorInfo>,
-    input_scale: Option<TensorInfo>,
+    pub bias: Option<TensorInfo>,
+    pub pre_quant_scale: Option<TensorInfo>,
+    pub input_scale: Option<TensorInfo>,
 }
 
 impl Linear {

@@ -5,9 +5,9 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::run::ExecutorArgs;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use trtllm_api::executor::ExecutorConfig;
 use trtllm_api::{Prompt, SamplingParams, LLM};
 
 use super::workload::{BenchRequest, Input};
@@ -73,9 +73,9 @@ pub struct InProcess {
 }
 
 impl InProcess {
-    pub fn open(model: &Path, config: ExecutorConfig) -> Result<Self> {
+    pub fn open(model: &Path, executor: &ExecutorArgs) -> Result<Self> {
         Ok(Self {
-            llm: crate::run::open(model, config)?,
+            llm: crate::run::open(model, executor.config(), executor.device)?,
             path: model.display().to_string(),
         })
     }

@@ -59,7 +59,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Latency(a) => ("latency", a),
     };
     let backend: Box<dyn Backend> = match (&a.model, &a.url) {
-        (Some(model), _) => Box::new(InProcess::open(model, a.executor.config())?),
+        (Some(model), _) => Box::new(InProcess::open(model, &a.executor)?),
         (None, Some(url)) => Box::new(HttpBackend::connect(
             url,
             a.served_model_name.clone(),

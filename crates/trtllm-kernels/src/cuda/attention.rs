@@ -1,6 +1,5 @@
 //! Paged attention and KV-cache writes on the GPU, with the CPU kernel's batch description
-//! ([`AttentionSeq`]) and checks; the per-call index arrays (each row's sequence and position,
-//! the block tables) are uploaded by the launcher.
+//! ([`AttentionSeq`]) and checks; a pass's index arrays are uploaded once ([`AttentionBatch`]).
 
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
@@ -98,18 +97,32 @@ struct AttnArgs {
 // buffers they come from outlive it on the one stream).
 unsafe impl DeviceRepr for AttnArgs {}
 
+/// One forward pass's attention indices on the device, uploaded once and shared by every
+/// layer: each new row's sequence and position, the block tables, and each new token's pool slot.
+pub struct AttentionBatch {
+    row_seq: CudaSlice<i32>,
+    row_pos: CudaSlice<i32>,
+    tables: CudaSlice<i32>,
+    table_start: CudaSlice<i32>,
+    slots: CudaSlice<i32>,
+    rows: usize,
+    /// The pool shape the tables were checked against.
+    pool: (usize, usize),
+    shape: AttentionShape,
+}
+
 impl CudaDevice {
-    /// Causal attention of every sequence's new rows over its paged keys and values, as
-    /// [`crate::cpu::paged_attention`] computes it.
-    pub fn paged_attention(
+    /// Checks `seqs` against a pool of `kv`'s shape (every layer's pool has it) and uploads
+    /// their indices.
+    pub fn attention_batch(
         &self,
-        q: &CudaSlice<f32>,
-        (kv, block_size): (&DeviceKv, usize),
         seqs: &[AttentionSeq<'_>],
+        (kv, block_size): (&DeviceKv, usize),
         shape: AttentionShape,
-        out: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        check_batch((q.len(), out.len()), kv.shape(block_size), seqs, shape)?;
+    ) -> Result<AttentionBatch> {
+        let rows: usize = seqs.iter().map(|s| s.n_new).sum();
+        let q_len = rows * shape.n_heads * shape.head_dim;
+        check_batch((q_len, q_len), kv.shape(block_size), seqs, shape)?;
         if shape.head_dim > ATTN_MAX_HEAD_DIM {
             return Err(KernelError::OutOfRange {
                 op: "cuda attention",
@@ -118,44 +131,86 @@ impl CudaDevice {
                 limit: ATTN_MAX_HEAD_DIM + 1,
             });
         }
-        let mut row_seq = Vec::new();
-        let mut row_pos = Vec::new();
-        let mut tables = Vec::new();
-        let mut table_start = Vec::new();
+        let (mut row_seq, mut row_pos, mut slots) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut tables, mut table_start) = (Vec::new(), Vec::new());
         for (i, s) in seqs.iter().enumerate() {
             table_start.push(int("block table offset", tables.len())?);
             for &b in s.blocks {
                 tables.push(int("block id", b as usize)?);
             }
-            for t in 0..s.n_new {
+            for pos in s.past..s.past + s.n_new {
                 row_seq.push(int("sequence", i)?);
-                row_pos.push(int("position", s.past + t)?);
+                row_pos.push(int("position", pos)?);
+                let slot = s.blocks[pos / block_size] as usize * block_size + pos % block_size;
+                slots.push(int("slot", slot)?);
             }
         }
-        if row_seq.is_empty() {
+        // Empty uploads are fine for cudarc but not for every driver: keep one entry.
+        let at_least_one = |mut v: Vec<i32>| {
+            if v.is_empty() {
+                v.push(0);
+            }
+            v
+        };
+        Ok(AttentionBatch {
+            row_seq: self.upload(&at_least_one(row_seq))?,
+            row_pos: self.upload(&at_least_one(row_pos))?,
+            tables: self.upload(&at_least_one(tables))?,
+            table_start: self.upload(&at_least_one(table_start))?,
+            slots: self.upload(&at_least_one(slots))?,
+            rows,
+            pool: (kv.len(), block_size),
+            shape,
+        })
+    }
+
+    fn check_pool(&self, kv: &DeviceKv, batch: &AttentionBatch) -> Result<()> {
+        check_len(
+            "cuda attention",
+            "pool (as the batch was checked against)",
+            kv.len(),
+            batch.pool.0,
+        )
+    }
+
+    /// Causal attention of every sequence's new rows over its paged keys and values, as
+    /// [`crate::cpu::paged_attention`] computes it.
+    pub fn paged_attention(
+        &self,
+        q: &CudaSlice<f32>,
+        kv: &DeviceKv,
+        batch: &AttentionBatch,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let shape = batch.shape;
+        self.check_pool(kv, batch)?;
+        check_len(
+            "cuda attention",
+            "q",
+            q.len(),
+            batch.rows * shape.n_heads * shape.head_dim,
+        )?;
+        check_len("cuda attention", "out", out.len(), q.len())?;
+        if batch.rows == 0 {
             return Ok(());
         }
-        let row_seq = self.upload(&row_seq)?;
-        let row_pos = self.upload(&row_pos)?;
-        let tables = self.upload(&tables)?;
-        let table_start = self.upload(&table_start)?;
         let stream = &self.stream;
         let (out_ptr, _out_sync) = out.device_ptr_mut(stream);
         let args = AttnArgs {
             q: q.device_ptr(stream).0,
             out: out_ptr,
-            row_seq: row_seq.device_ptr(stream).0,
-            row_pos: row_pos.device_ptr(stream).0,
-            tables: tables.device_ptr(stream).0,
-            table_start: table_start.device_ptr(stream).0,
+            row_seq: batch.row_seq.device_ptr(stream).0,
+            row_pos: batch.row_pos.device_ptr(stream).0,
+            tables: batch.tables.device_ptr(stream).0,
+            table_start: batch.table_start.device_ptr(stream).0,
             n_heads: int("n_heads", shape.n_heads)?,
             n_kv_heads: int("n_kv_heads", shape.n_kv_heads)?,
             head_dim: int("head_dim", shape.head_dim)?,
-            block_size: int("block_size", block_size)?,
+            block_size: int("block_size", batch.pool.1)?,
             scale: shape.scale,
         };
         let cfg = LaunchConfig {
-            grid_dim: (int("rows", row_pos.len())? as u32, args.n_heads as u32, 1),
+            grid_dim: (int("rows", batch.rows)? as u32, args.n_heads as u32, 1),
             block_dim: (ATTN_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -186,49 +241,34 @@ impl CudaDevice {
                 ("paged_attention_fp8", b)
             }
         };
-        launch(b, cfg, name)?;
-        // The index arrays must outlive the queued launch: wait before they drop.
-        self.synchronize()
+        launch(b, cfg, name)
     }
 
-    /// Stores rows `x` (`[slots.len() × n_kv_heads × head_dim]`) of keys or values at `slots`,
-    /// quantizing per (slot, head) for INT8/FP8 pools as the CPU pool does.
+    /// Stores the batch's new keys or values `x` (`[rows × n_kv_heads × head_dim]`) at their
+    /// slots, quantizing per (slot, head) for INT8/FP8 pools as the CPU pool does.
     pub fn kv_write(
         &self,
         (kv, side): (&mut DeviceKv, KvSide),
         x: &CudaSlice<f32>,
-        slots: &[usize],
-        (n_kv_heads, head_dim): (usize, usize),
+        batch: &AttentionBatch,
     ) -> Result<()> {
-        let kv_row = n_kv_heads * head_dim;
-        check_len("cuda kv write", "rows", x.len(), slots.len() * kv_row)?;
-        let pool_slots = kv.len() / kv_row.max(1);
-        if let Some(&s) = slots.iter().find(|&&s| s >= pool_slots) {
-            return Err(KernelError::OutOfRange {
-                op: "cuda kv write",
-                what: "slot",
-                index: s,
-                limit: pool_slots,
-            });
-        }
-        if slots.is_empty() {
+        self.check_pool(kv, batch)?;
+        let (nkv, hd) = (batch.shape.n_kv_heads, batch.shape.head_dim);
+        check_len("cuda kv write", "rows", x.len(), batch.rows * nkv * hd)?;
+        if batch.rows == 0 {
             return Ok(());
         }
-        let slots: Vec<i32> = slots
-            .iter()
-            .map(|&s| int("slot", s))
-            .collect::<Result<_>>()?;
-        let slots = self.upload(&slots)?;
-        let (h, d) = (int("n_kv_heads", n_kv_heads)?, int("head_dim", head_dim)?);
+        let (h, d) = (int("n_kv_heads", nkv)?, int("head_dim", hd)?);
         let cfg = LaunchConfig {
-            grid_dim: (int("rows", slots.len())? as u32, h as u32, 1),
-            block_dim: (32 * head_dim.div_ceil(32).clamp(1, 8) as u32, 1, 1),
+            grid_dim: (int("rows", batch.rows)? as u32, h as u32, 1),
+            block_dim: (32 * hd.div_ceil(32).clamp(1, 8) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
+        let slots = &batch.slots;
         let (name, b) = match kv {
             DeviceKv::F32 { k, v } => {
                 let mut b = self.builder("kv_write_f32")?;
-                b.arg(x).arg(&slots).arg(pick(side, k, v)).arg(&h).arg(&d);
+                b.arg(x).arg(slots).arg(pick(side, k, v)).arg(&h).arg(&d);
                 ("kv_write_f32", b)
             }
             DeviceKv::Int8 {
@@ -239,7 +279,7 @@ impl CudaDevice {
             } => {
                 let (pool, scales) = pick(side, (k, k_scales), (v, v_scales));
                 let mut b = self.builder("kv_write_int8")?;
-                b.arg(x).arg(&slots).arg(pool).arg(scales).arg(&h).arg(&d);
+                b.arg(x).arg(slots).arg(pool).arg(scales).arg(&h).arg(&d);
                 ("kv_write_int8", b)
             }
             DeviceKv::Fp8 {
@@ -250,12 +290,11 @@ impl CudaDevice {
             } => {
                 let (pool, scales) = pick(side, (k, k_scales), (v, v_scales));
                 let mut b = self.builder("kv_write_fp8")?;
-                b.arg(x).arg(&slots).arg(pool).arg(scales).arg(&h).arg(&d);
+                b.arg(x).arg(slots).arg(pool).arg(scales).arg(&h).arg(&d);
                 ("kv_write_fp8", b)
             }
         };
-        launch(b, cfg, name)?;
-        self.synchronize()
+        launch(b, cfg, name)
     }
 }
 

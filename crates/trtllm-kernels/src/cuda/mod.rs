@@ -6,6 +6,7 @@
 //! stream; reading a result back ([`CudaDevice::download`]) waits for it.
 
 mod attention;
+mod matrix;
 mod ops;
 #[cfg(test)]
 mod tests;
@@ -14,12 +15,12 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, OnceLock};
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits,
-};
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DeviceRepr, ValidAsZeroBits};
 use cudarc::nvrtc::Ptx;
 
-pub use attention::{DeviceKv, KvSide};
+pub use attention::{AttentionBatch, DeviceKv, KvSide};
+pub use cudarc::driver::CudaSlice;
+pub use matrix::{DeviceData, DeviceMatrix};
 pub use ops::{DeviceWeights, SampleParams};
 
 use crate::{KernelError, Result};
@@ -111,6 +112,11 @@ impl CudaDevice {
         self.stream
             .clone_htod(host)
             .map_err(cuda_err("copy to device"))
+    }
+
+    /// A device copy of `d`.
+    pub fn copy<T: DeviceRepr>(&self, d: &CudaSlice<T>) -> Result<CudaSlice<T>> {
+        self.stream.clone_dtod(d).map_err(cuda_err("device copy"))
     }
 
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {

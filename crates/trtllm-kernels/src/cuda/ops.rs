@@ -204,6 +204,56 @@ impl CudaDevice {
         launch(b, cfg, "add_f32")
     }
 
+    /// `x[r][c] *= s[c]` for rows of `s.len()` values (a layer's pre_quant_scale).
+    pub fn scale_cols(&self, x: &mut CudaSlice<f32>, s: &CudaSlice<f32>) -> Result<()> {
+        let rows = check_rows("scale_cols", x.len(), s.len())?;
+        let (r, c, cfg) = (
+            int("rows", rows)?,
+            int("cols", s.len())?,
+            elementwise(x.len())?,
+        );
+        let mut b = self.builder("scale_cols_f32")?;
+        b.arg(x).arg(s).arg(&r).arg(&c);
+        launch(b, cfg, "scale_cols_f32")
+    }
+
+    /// `x = e4m3(x / scale) · scale`: activations through FP8 with a static scale.
+    pub fn fp8_qdq(&self, x: &mut CudaSlice<f32>, scale: f32) -> Result<()> {
+        let (n, cfg) = (int("n", x.len())?, elementwise(x.len())?);
+        let mut b = self.builder("fp8_qdq_f32")?;
+        b.arg(x).arg(&scale).arg(&n);
+        launch(b, cfg, "fp8_qdq_f32")
+    }
+
+    /// `dst[r] = src[r][col0..col0 + cols]` for `src_cols`-wide rows, `cols = dst.len() / rows`.
+    pub fn copy_cols(
+        &self,
+        (src, src_cols): (&CudaSlice<f32>, usize),
+        col0: usize,
+        dst: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let rows = check_rows("copy_cols", src.len(), src_cols)?;
+        let cols = check_rows("copy_cols", dst.len(), rows.max(1))?;
+        if col0 + cols > src_cols {
+            return Err(KernelError::OutOfRange {
+                op: "copy_cols",
+                what: "last column",
+                index: col0 + cols,
+                limit: src_cols + 1,
+            });
+        }
+        let (r, sc, c0, c) = (
+            int("rows", rows)?,
+            int("src_cols", src_cols)?,
+            int("col0", col0)?,
+            int("cols", cols)?,
+        );
+        let cfg = elementwise(dst.len())?;
+        let mut b = self.builder("copy_cols_f32")?;
+        b.arg(src).arg(dst).arg(&r).arg(&sc).arg(&c0).arg(&c);
+        launch(b, cfg, "copy_cols_f32")
+    }
+
     /// `out[t] = table[ids[t]]` for an f32 table of `cols`-wide rows.
     pub fn embedding(
         &self,

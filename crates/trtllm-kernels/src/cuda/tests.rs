@@ -392,12 +392,23 @@ fn paged_attention_and_kv_writes_match_cpu() {
                 v_scales: d.zeros(scales).unwrap(),
             },
         };
+        // Every position written as if the sequences were prefilled whole, then attention for
+        // the new rows only.
+        let whole: Vec<AttentionSeq<'_>> = (0..2)
+            .map(|s| AttentionSeq {
+                blocks: &tables[s],
+                past: 0,
+                n_new: past[s] + n_new[s],
+            })
+            .collect();
+        let fill = d.attention_batch(&whole, (&kv, bs), shape).unwrap();
         for (side, rows) in [(KvSide::Key, &k_rows), (KvSide::Value, &v_rows)] {
-            d.kv_write((&mut kv, side), &d.upload(rows).unwrap(), &slots, (nkv, hd))
+            d.kv_write((&mut kv, side), &d.upload(rows).unwrap(), &fill)
                 .unwrap();
         }
+        let batch = d.attention_batch(&seqs, (&kv, bs), shape).unwrap();
         let mut out = d.zeros::<f32>(q.len()).unwrap();
-        d.paged_attention(&d.upload(&q).unwrap(), (&kv, bs), &seqs, shape, &mut out)
+        d.paged_attention(&d.upload(&q).unwrap(), &kv, &batch, &mut out)
             .unwrap();
         let gpu = d.download(&out).unwrap();
         let mut want = vec![0f32; q.len()];
@@ -494,5 +505,46 @@ fn dense_linear_through_cublas_matches_cpu() {
                 &format!("dense m={m} bias={with_bias}"),
             );
         }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo xtask test-gpu"]
+fn glue_kernels_scale_copy_and_round_through_fp8() {
+    let d = device();
+    let (rows, cols) = (3, 70);
+    let x = rand_vec(rows * cols, 60);
+    let s = rand_vec(cols, 61);
+    let mut xd = d.upload(&x).unwrap();
+    d.scale_cols(&mut xd, &d.upload(&s).unwrap()).unwrap();
+    let want: Vec<f32> = x.iter().enumerate().map(|(i, v)| v * s[i % cols]).collect();
+    assert_close(&d.download(&xd).unwrap(), &want, 0.0, "scale_cols");
+
+    let mut part = d.zeros::<f32>(rows * 20).unwrap();
+    d.copy_cols((&d.upload(&x).unwrap(), cols), 33, &mut part)
+        .unwrap();
+    let want: Vec<f32> = x
+        .chunks_exact(cols)
+        .flat_map(|r| r[33..53].to_vec())
+        .collect();
+    assert_close(&d.download(&part).unwrap(), &want, 0.0, "copy_cols");
+
+    // Every value comes back as scale × an E4M3 code, within half a step of the original.
+    let scale = 0.01;
+    let mut xd = d.upload(&x).unwrap();
+    d.fp8_qdq(&mut xd, scale).unwrap();
+    let codes: Vec<f32> = (0u8..=255)
+        .filter(|b| b & 0x7f != 0x7f)
+        .map(cpu::e4m3_to_f32)
+        .collect();
+    for (got, v) in d.download(&xd).unwrap().iter().zip(&x) {
+        assert!(
+            codes.iter().any(|c| (c * scale - got).abs() < 1e-9),
+            "{got} is not a code"
+        );
+        assert!(
+            (got - v).abs() <= v.abs() / 16.0 + scale / 1024.0,
+            "{got} vs {v}"
+        );
     }
 }

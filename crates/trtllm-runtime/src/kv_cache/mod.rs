@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 pub use manager::{KvCacheEvent, KvCacheManager, KvCacheSummary};
 pub use pool::{KvPool, KvStorage};
 pub use sequence::KvCache;
+pub(crate) use sequence::KV_CACHE_BLOCK;
 
 use crate::engine::BuildConfig;
 use crate::{ModelConfig, Result, RuntimeError};

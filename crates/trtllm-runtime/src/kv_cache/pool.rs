@@ -7,7 +7,7 @@ use trtllm_quant::kernels::cpu::{KvData, PagedKv, E4M3_MAX};
 use trtllm_quant::QuantAlgo;
 
 use super::BlockId;
-use crate::{BuildConfig, ModelConfig};
+use crate::{BuildConfig, ModelConfig, Result};
 
 /// How the pool stores keys and values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,8 +97,15 @@ fn scale_for(vals: &[f32], max_code: f32) -> f32 {
     }
 }
 
+/// Every layer's pools, in host memory or on a GPU (where the model runs).
+enum Layers {
+    Host(Vec<(Store, Store)>),
+    #[cfg(feature = "cuda")]
+    Device(Vec<trtllm_quant::kernels::cuda::DeviceKv>),
+}
+
 pub struct KvPool {
-    layers: Vec<(Store, Store)>,
+    layers: Layers,
     block_size: usize,
     head_dim: usize,
     storage: KvStorage,
@@ -124,7 +131,7 @@ impl KvPool {
             })
             .collect();
         Self {
-            layers,
+            layers: Layers::Host(layers),
             block_size,
             head_dim: model.head_dim,
             storage,
@@ -147,12 +154,21 @@ impl KvPool {
         self.storage
     }
 
-    pub fn layer(&self, i: usize) -> PagedKv<'_> {
-        let (k, v) = &self.layers[i];
-        PagedKv {
+    /// Layer `i`'s pools in host memory.
+    pub fn layer(&self, i: usize) -> Result<PagedKv<'_>> {
+        let (k, v) = &self.host()?[i];
+        Ok(PagedKv {
             k: k.data(),
             v: v.data(),
             block_size: self.block_size,
+        })
+    }
+
+    fn host(&self) -> Result<&Vec<(Store, Store)>> {
+        match &self.layers {
+            Layers::Host(l) => Ok(l),
+            #[cfg(feature = "cuda")]
+            Layers::Device(_) => Err(on_other_device()),
         }
     }
 
@@ -164,10 +180,83 @@ impl KvPool {
         pos: usize,
         k: &[f32],
         v: &[f32],
-    ) {
+    ) -> Result<()> {
         let slot = blocks[pos / self.block_size] as usize * self.block_size + pos % self.block_size;
-        let (kl, vl) = &mut self.layers[layer];
+        let (kl, vl) = match &mut self.layers {
+            Layers::Host(l) => &mut l[layer],
+            #[cfg(feature = "cuda")]
+            Layers::Device(_) => return Err(on_other_device()),
+        };
         kl.write(slot, k, self.head_dim);
         vl.write(slot, v, self.head_dim);
+        Ok(())
+    }
+}
+
+/// A pool and a model on different devices: the caller created the pool elsewhere than through
+/// its runner's `new_pool`.
+#[cfg(feature = "cuda")]
+fn on_other_device() -> crate::RuntimeError {
+    crate::RuntimeError::InvalidDevice(
+        "the KV pool is not on the model's device: create it with ModelRunner::new_pool".into(),
+    )
+}
+
+#[cfg(feature = "cuda")]
+mod device {
+    use trtllm_quant::kernels::cuda::{CudaDevice, DeviceKv};
+
+    use super::{KvPool, KvStorage, Layers};
+    use crate::{ModelConfig, Result};
+
+    impl KvPool {
+        /// A zeroed pool of `num_blocks` blocks per layer in `dev`'s memory.
+        pub(crate) fn on_device(
+            model: &ModelConfig,
+            storage: KvStorage,
+            (block_size, num_blocks): (usize, usize),
+            dev: &CudaDevice,
+        ) -> Result<Self> {
+            let slots = num_blocks * block_size;
+            let (values, heads) = (slots * model.kv_dim(), slots * model.num_kv_heads);
+            let layer = || -> Result<DeviceKv> {
+                Ok(match storage {
+                    KvStorage::F32 => DeviceKv::F32 {
+                        k: dev.zeros(values)?,
+                        v: dev.zeros(values)?,
+                    },
+                    KvStorage::Int8 => DeviceKv::Int8 {
+                        k: dev.zeros(values)?,
+                        k_scales: dev.zeros(heads)?,
+                        v: dev.zeros(values)?,
+                        v_scales: dev.zeros(heads)?,
+                    },
+                    KvStorage::Fp8 => DeviceKv::Fp8 {
+                        k: dev.zeros(values)?,
+                        k_scales: dev.zeros(heads)?,
+                        v: dev.zeros(values)?,
+                        v_scales: dev.zeros(heads)?,
+                    },
+                })
+            };
+            Ok(Self {
+                layers: Layers::Device(
+                    (0..model.num_layers)
+                        .map(|_| layer())
+                        .collect::<Result<_>>()?,
+                ),
+                block_size,
+                head_dim: model.head_dim,
+                storage,
+            })
+        }
+
+        /// Layer `i`'s pools on the device.
+        pub(crate) fn device_layer(&mut self, i: usize) -> Result<&mut DeviceKv> {
+            match &mut self.layers {
+                Layers::Device(l) => Ok(&mut l[i]),
+                Layers::Host(_) => Err(super::on_other_device()),
+            }
+        }
     }
 }

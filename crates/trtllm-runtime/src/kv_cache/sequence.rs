@@ -1,10 +1,11 @@
 //! A private paged cache for one sequence, its blocks numbered in order: what scoring,
 //! benchmarks and tests use when no scheduler shares a pool.
 
-use super::{BlockId, KvPool, KvStorage};
-use crate::{ModelConfig, Result, RuntimeError};
+use super::{BlockId, KvPool};
+use crate::{Result, RuntimeError};
 
-const BLOCK: usize = 64;
+/// Tokens per block of a private cache.
+pub(crate) const KV_CACHE_BLOCK: usize = 64;
 
 pub struct KvCache {
     pub(crate) pool: KvPool,
@@ -14,10 +15,11 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(model: &ModelConfig, storage: KvStorage, max_len: usize) -> Self {
-        let num_blocks = max_len.div_ceil(BLOCK);
+    /// A cache of up to `max_len` positions over all of `pool`'s blocks, in order.
+    pub(crate) fn new(pool: KvPool, max_len: usize) -> Self {
+        let num_blocks = max_len.div_ceil(pool.block_size());
         Self {
-            pool: KvPool::new(model, storage, BLOCK, num_blocks),
+            pool,
             blocks: (0..num_blocks as BlockId).collect(),
             len: 0,
             max_len,

@@ -1,0 +1,306 @@
+//! The decoder on an NVIDIA GPU: the CPU decoder's tensors uploaded once (packed formats stay
+//! packed), the same forward pass through the CUDA kernels, keys and values in a device pool.
+//! Embedding rows are gathered on the host from the memory-mapped table (a few rows per step)
+//! and uploaded, so any table format works without a device copy of the vocabulary.
+
+use trtllm_quant::kernels::cpu::{self, AttentionSeq, AttentionShape};
+use trtllm_quant::kernels::cuda::{AttentionBatch, CudaDevice, CudaSlice, DeviceMatrix, KvSide};
+
+use crate::config::{MlpKind, NormKind};
+use crate::engine::{EngineFile, TensorInfo};
+use crate::kv_cache::{KvPool, KvStorage};
+use crate::model::{Decoder, LogitsMode, Norm, SeqChunk};
+use crate::weights::{f32s, Linear};
+use crate::{ModelConfig, Result};
+
+struct DeviceNorm {
+    w: CudaSlice<f32>,
+    b: Option<CudaSlice<f32>>,
+}
+
+struct DeviceLinear {
+    w: DeviceMatrix,
+    bias: Option<CudaSlice<f32>>,
+    pre_quant_scale: Option<CudaSlice<f32>>,
+    input_scale: Option<f32>,
+}
+
+struct DeviceLayer {
+    attn_norm: DeviceNorm,
+    qkv: DeviceLinear,
+    o: DeviceLinear,
+    mlp_norm: DeviceNorm,
+    up: DeviceLinear,
+    down: DeviceLinear,
+}
+
+pub(crate) struct CudaDecoder {
+    /// The host decoder: configuration, the embedding tables it gathers from.
+    host: Decoder,
+    dev: CudaDevice,
+    ordinal: usize,
+    layers: Vec<DeviceLayer>,
+    final_norm: DeviceNorm,
+    lm_head: DeviceLinear,
+    inv_freq: Option<CudaSlice<f32>>,
+}
+
+impl CudaDecoder {
+    pub fn new(host: Decoder, ordinal: usize) -> Result<Self> {
+        let dev = CudaDevice::new(ordinal)?;
+        let file = &*host.file;
+        let up = |t: &TensorInfo| -> Result<CudaSlice<f32>> { Ok(dev.upload(f32s(file, t)?)?) };
+        let norm = |n: &Norm| -> Result<DeviceNorm> {
+            Ok(DeviceNorm {
+                w: up(&n.w)?,
+                b: n.b.as_ref().map(up).transpose()?,
+            })
+        };
+        let linear = |l: &Linear| -> Result<DeviceLinear> {
+            let scale = |t: &TensorInfo| f32s(file, t).map(|s| s[0]);
+            Ok(DeviceLinear {
+                w: dev.upload_matrix(l.weight.mat(file)?)?,
+                bias: l.bias.as_ref().map(up).transpose()?,
+                pre_quant_scale: l.pre_quant_scale.as_ref().map(up).transpose()?,
+                input_scale: l.input_scale.as_ref().map(scale).transpose()?,
+            })
+        };
+        let layers = host
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(DeviceLayer {
+                    attn_norm: norm(&l.attn_norm)?,
+                    qkv: linear(&l.qkv)?,
+                    o: linear(&l.o)?,
+                    mlp_norm: norm(&l.mlp_norm)?,
+                    up: linear(&l.up)?,
+                    down: linear(&l.down)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = DeviceLinear {
+            w: dev.upload_matrix(host.lm_head.mat(file)?)?,
+            bias: None,
+            pre_quant_scale: None,
+            input_scale: None,
+        };
+        let inv_freq = host
+            .rope
+            .as_ref()
+            .map(|r| dev.upload(r.inv_freq()))
+            .transpose()?;
+        Ok(Self {
+            final_norm: norm(&host.final_norm)?,
+            layers,
+            lm_head,
+            inv_freq,
+            dev,
+            ordinal,
+            host,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.host.cfg
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    pub fn new_pool(
+        &self,
+        storage: KvStorage,
+        block_size: usize,
+        num_blocks: usize,
+    ) -> Result<KvPool> {
+        KvPool::on_device(self.config(), storage, (block_size, num_blocks), &self.dev)
+    }
+
+    fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
+        Ok(self.dev.zeros(n)?)
+    }
+
+    fn norm(&self, n: &DeviceNorm, x: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        let mut out = self.zeros(x.len())?;
+        let eps = self.config().norm_eps;
+        match (self.config().norm, &n.b) {
+            (NormKind::LayerNorm, Some(b)) => {
+                self.dev.layer_norm(x, None, (&n.w, b), &mut out, eps)?
+            }
+            _ => self.dev.rms_norm(x, None, &n.w, &mut out, eps)?,
+        }
+        Ok(out)
+    }
+
+    /// `(x ∘ pre_quant_scale)`, through FP8 when the layer has a static input scale, times Wᵀ.
+    fn linear(&self, l: &DeviceLinear, x: &CudaSlice<f32>, rows: usize) -> Result<CudaSlice<f32>> {
+        let mut scaled = None;
+        if let Some(s) = &l.pre_quant_scale {
+            let mut c = self.dev.copy(x)?;
+            self.dev.scale_cols(&mut c, s)?;
+            scaled = Some(c);
+        }
+        if let Some(s) = l.input_scale {
+            let mut c = match scaled.take() {
+                Some(c) => c,
+                None => self.dev.copy(x)?,
+            };
+            self.dev.fp8_qdq(&mut c, s)?;
+            scaled = Some(c);
+        }
+        let mut y = self.zeros(rows * l.w.rows)?;
+        self.dev
+            .matmul(&l.w, scaled.as_ref().unwrap_or(x), l.bias.as_ref(), &mut y)?;
+        Ok(y)
+    }
+
+    /// The host embedding rows of `ids` in `table`, uploaded.
+    fn gather(&self, table: &crate::weights::Weight, ids: &[u32]) -> Result<CudaSlice<f32>> {
+        let file: &EngineFile = &self.host.file;
+        let mut rows = vec![0f32; ids.len() * self.config().hidden_size];
+        cpu::embedding_gather(table.mat(file)?, ids, &mut rows)?;
+        Ok(self.dev.upload(&rows)?)
+    }
+
+    /// As [`Decoder::forward_batch`], on the device, with `pool` in device memory.
+    pub fn forward_batch(&self, batch: &[SeqChunk<'_>], pool: &mut KvPool) -> Result<Vec<f32>> {
+        let c = self.config();
+        let h = c.hidden_size;
+        let tokens: Vec<u32> = batch
+            .iter()
+            .flat_map(|s| s.tokens.iter().copied())
+            .collect();
+        let positions: Vec<usize> = batch
+            .iter()
+            .flat_map(|s| s.past..s.past + s.tokens.len())
+            .collect();
+        let n = tokens.len();
+        let mut hidden = self.gather(&self.host.embed, &tokens)?;
+        if let Some(pe) = &self.host.pos_embed {
+            let ids: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+            self.dev.add(&mut hidden, &self.gather(pe, &ids)?)?;
+        }
+        let seqs: Vec<AttentionSeq<'_>> = batch
+            .iter()
+            .map(|s| AttentionSeq {
+                blocks: s.blocks,
+                past: s.past,
+                n_new: s.tokens.len(),
+            })
+            .collect();
+        let shape = AttentionShape {
+            n_heads: c.num_heads,
+            n_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+        };
+        let block_size = pool.block_size();
+        let step = DeviceStep {
+            attention: self.dev.attention_batch(
+                &seqs,
+                (pool.device_layer(0)?, block_size),
+                shape,
+            )?,
+            positions: self
+                .dev
+                .upload(&positions.iter().map(|&p| p as i32).collect::<Vec<_>>())?,
+            n,
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            self.attention_block(i, layer, &mut hidden, &step, pool)?;
+            self.mlp_block(layer, &mut hidden, n)?;
+        }
+        let mut rows = Vec::new();
+        let mut start = 0u32;
+        for s in batch {
+            let len = s.tokens.len() as u32;
+            match s.logits {
+                LogitsMode::Skip => {}
+                LogitsMode::Last => rows.push(start + len - 1),
+                LogitsMode::All => rows.extend(start..start + len),
+            }
+            start += len;
+        }
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The embedding gather doubles as a row gather from the hidden states.
+        let mut x = self.zeros(rows.len() * h)?;
+        self.dev
+            .embedding(&hidden, &self.dev.upload(&rows)?, h, &mut x)?;
+        let x = self.norm(&self.final_norm, &x)?;
+        let logits = self.linear(&self.lm_head, &x, rows.len())?;
+        Ok(self.dev.download(&logits)?)
+    }
+
+    fn attention_block(
+        &self,
+        i: usize,
+        layer: &DeviceLayer,
+        hidden: &mut CudaSlice<f32>,
+        step: &DeviceStep,
+        pool: &mut KvPool,
+    ) -> Result<()> {
+        let c = self.config();
+        let n = step.n;
+        let (qd, kvd, qkvd) = (c.q_dim(), c.kv_dim(), c.qkv_dim());
+        let x = self.norm(&layer.attn_norm, hidden)?;
+        let qkv = self.linear(&layer.qkv, &x, n)?;
+        let (mut q, mut k, mut v) = (
+            self.zeros(n * qd)?,
+            self.zeros(n * kvd)?,
+            self.zeros(n * kvd)?,
+        );
+        self.dev.copy_cols((&qkv, qkvd), 0, &mut q)?;
+        self.dev.copy_cols((&qkv, qkvd), qd, &mut k)?;
+        self.dev.copy_cols((&qkv, qkvd), qd + kvd, &mut v)?;
+        if let Some(inv_freq) = &self.inv_freq {
+            self.dev
+                .rope(&mut q, &step.positions, inv_freq, c.num_heads, c.head_dim)?;
+            self.dev.rope(
+                &mut k,
+                &step.positions,
+                inv_freq,
+                c.num_kv_heads,
+                c.head_dim,
+            )?;
+        }
+        let kv = pool.device_layer(i)?;
+        self.dev.kv_write((kv, KvSide::Key), &k, &step.attention)?;
+        self.dev
+            .kv_write((kv, KvSide::Value), &v, &step.attention)?;
+        let mut attn = self.zeros(n * qd)?;
+        self.dev
+            .paged_attention(&q, kv, &step.attention, &mut attn)?;
+        let o = self.linear(&layer.o, &attn, n)?;
+        Ok(self.dev.add(hidden, &o)?)
+    }
+
+    fn mlp_block(&self, layer: &DeviceLayer, hidden: &mut CudaSlice<f32>, n: usize) -> Result<()> {
+        let x = self.norm(&layer.mlp_norm, hidden)?;
+        let up = self.linear(&layer.up, &x, n)?;
+        let act = match self.config().mlp {
+            MlpKind::GatedSilu => {
+                let mut a = self.zeros(n * self.config().intermediate_size)?;
+                self.dev.silu_mul(&up, n, &mut a)?;
+                a
+            }
+            MlpKind::GeluTanh => {
+                let mut a = up;
+                self.dev.gelu_tanh(&mut a)?;
+                a
+            }
+        };
+        let down = self.linear(&layer.down, &act, n)?;
+        Ok(self.dev.add(hidden, &down)?)
+    }
+}
+
+/// What every layer of one forward pass shares.
+struct DeviceStep {
+    attention: AttentionBatch,
+    positions: CudaSlice<i32>,
+    n: usize,
+}

@@ -1,0 +1,32 @@
+// Elementwise and layout kernels the decoder's glue needs: residual add, bias broadcast,
+// per-column activation scaling, FP8 activation quantize-dequantize, column-range copies.
+#include "common.cuh"
+
+#define GRID_STRIDE(i, total) \
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (total); i += (size_t)gridDim.x * blockDim.x)
+
+// x += y, elementwise (the residual add where it is not fused into a norm).
+extern "C" __global__ void add_f32(float* __restrict__ x, const float* __restrict__ y, int n) {
+    GRID_STRIDE(i, (size_t)n) x[i] += y[i];
+}
+
+// y[r] = bias for each of `rows` rows of `n` (the C of a GEMM that then accumulates into it).
+extern "C" __global__ void bias_rows_f32(float* __restrict__ y, const float* __restrict__ bias, int rows, int n) {
+    GRID_STRIDE(i, (size_t)rows * n) y[i] = bias[i % n];
+}
+
+// x[r][c] *= s[c] (AWQ / SmoothQuant pre_quant_scale), in place.
+extern "C" __global__ void scale_cols_f32(float* __restrict__ x, const float* __restrict__ s, int rows, int cols) {
+    GRID_STRIDE(i, (size_t)rows * cols) x[i] *= s[i % cols];
+}
+
+// x = e4m3(x / scale) · scale: activations through FP8 with a static scale, as the CPU's fp8_qdq.
+extern "C" __global__ void fp8_qdq_f32(float* __restrict__ x, float scale, int n) {
+    GRID_STRIDE(i, (size_t)n) x[i] = e4m3_to_f32(f32_to_e4m3(x[i] / scale)) * scale;
+}
+
+// dst[r][c] = src[r][col0 + c] for c < cols: one part of a fused projection (q, k or v of qkv).
+extern "C" __global__ void copy_cols_f32(const float* __restrict__ src, float* __restrict__ dst, int rows,
+                                         int src_cols, int col0, int cols) {
+    GRID_STRIDE(i, (size_t)rows * cols) dst[i] = src[(i / cols) * src_cols + col0 + i % cols];
+}

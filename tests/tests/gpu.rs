@@ -1,0 +1,91 @@
+//! SmolLM2 end to end on a CUDA GPU against transformers' golden outputs and against the same
+//! engine on the CPU. Built only with `--features cuda`, and ignored by `cargo test`: run by
+//! `cargo xtask test-gpu`, which needs a GPU.
+#![cfg(feature = "cuda")]
+
+use anyhow::Result;
+use trtllm_api::builder::BuildConfig;
+use trtllm_api::runtime::quant::{LayerQuantConfig, QuantAlgo, QuantConfig};
+use trtllm_api::runtime::Device;
+use trtllm_api::{LlmArgs, Prompt, SamplingParams, LLM};
+use trtllm_tests::{build_smollm2, fixtures, read_json, SmolGolden};
+
+fn golden() -> SmolGolden {
+    read_json(&fixtures().join("smollm2-135m-instruct.json")).expect("golden file")
+}
+
+fn llm(dir: &std::path::Path, device: Device) -> Result<LLM> {
+    Ok(LLM::new(LlmArgs {
+        model: dir.into(),
+        device,
+        ..Default::default()
+    })?)
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: cargo xtask test-gpu"]
+fn golden_greedy_ids_and_perplexity_on_the_gpu() -> Result<()> {
+    let golden = golden();
+    let dir = build_smollm2(&BuildConfig::default())?;
+    let gpu = llm(dir.path(), Device::Cuda(0))?;
+    for (i, case) in golden.cases.iter().enumerate() {
+        let params = SamplingParams {
+            max_tokens: case.greedy_ids.len(),
+            ..Default::default()
+        };
+        let out = gpu.generate(&[Prompt::TokenIds(case.input_ids.clone())], &params)?;
+        assert_eq!(out[0].outputs[0].token_ids, case.greedy_ids, "case {i}");
+    }
+    let p = gpu.perplexity(&golden.perplexity.input_ids)?;
+    let rel = (p.mean_nll - golden.perplexity.mean_nll).abs() / golden.perplexity.mean_nll;
+    assert!(
+        rel < 2e-3,
+        "mean NLL {} vs golden {}",
+        p.mean_nll,
+        golden.perplexity.mean_nll
+    );
+    Ok(())
+}
+
+/// Packed weights, activation scales and a quantized KV cache through the CUDA kernels give
+/// the CPU engine's perplexity.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo xtask test-gpu"]
+fn quantized_engines_match_the_cpu() -> Result<()> {
+    let ids = golden().perplexity.input_ids;
+    let quant = |algo, kv| BuildConfig {
+        quant: LayerQuantConfig::uniform(QuantConfig {
+            kv_cache_quant_algo: kv,
+            calib_size: 4,
+            ..QuantConfig::for_algo(algo)
+        }),
+        ..Default::default()
+    };
+    let builds = [
+        (
+            "W4A16 AWQ + INT8 KV",
+            quant(QuantAlgo::W4A16Awq, QuantAlgo::Int8),
+        ),
+        ("W8A16 + FP8 KV", quant(QuantAlgo::W8A16, QuantAlgo::Fp8)),
+        ("FP8", quant(QuantAlgo::Fp8, QuantAlgo::NoQuant)),
+        ("NVFP4", quant(QuantAlgo::Nvfp4, QuantAlgo::NoQuant)),
+        (
+            "keep (Q4_1)",
+            BuildConfig {
+                keep_quantized: true,
+                ..Default::default()
+            },
+        ),
+    ];
+    for (name, config) in builds {
+        let dir = build_smollm2(&config)?;
+        let cpu = llm(dir.path(), Device::Cpu)?.perplexity(&ids)?.mean_nll;
+        let gpu = llm(dir.path(), Device::Cuda(0))?.perplexity(&ids)?.mean_nll;
+        eprintln!("{name}: mean NLL cpu {cpu:.6}, gpu {gpu:.6}");
+        assert!(
+            (cpu - gpu).abs() < 1e-3 * cpu,
+            "{name}: cpu {cpu} vs gpu {gpu}"
+        );
+    }
+    Ok(())
+}
