@@ -1,6 +1,7 @@
 //! `cargo bench -p trtllm-tests --bench engine` (or `cargo xtask bench`): SmolLM2-135M prefill
 //! tokens/s for a 512-token prompt, batch-1 decode tokens/s and the decode tokens/s of 32 sequences
-//! stepped together through `forward_batch`, per weight format (float, quantized, kept GGUF).
+//! stepped together through `forward_batch`, per weight format (float, quantized, kept GGUF), on
+//! the CPU or (`TRTLLM_BENCH_DEVICE=cuda`, built with `--features cuda`) a GPU.
 
 use std::time::Instant;
 
@@ -9,7 +10,7 @@ use trtllm_api::builder::{build, BuildConfig};
 use trtllm_api::runtime::{
     argmax,
     quant::{DType, LayerQuantConfig, QuantAlgo, QuantConfig},
-    KvPool, KvStorage, LogitsMode, ModelRunner, SeqChunk, Session,
+    Device, LogitsMode, ModelRunner, SeqChunk, Session,
 };
 use trtllm_tests::{fixtures, read_json, smollm2_gguf, SmolGolden};
 
@@ -46,8 +47,7 @@ fn batched_decode_rate(runner: &ModelRunner, text: &[u32]) -> Result<f64> {
     const PROMPT: usize = 128;
     let bs = 32;
     let per_seq = (PROMPT + DECODE).div_ceil(bs);
-    let storage = KvStorage::of(&runner.engine_config().build);
-    let mut pool = KvPool::new(runner.model(), storage, bs, BATCH * per_seq);
+    let mut pool = runner.new_pool(bs, BATCH * per_seq)?;
     let tables: Vec<Vec<u32>> = (0..BATCH)
         .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
         .collect();
@@ -86,8 +86,12 @@ fn main() -> Result<()> {
     let gguf = smollm2_gguf()?;
     let golden: SmolGolden = read_json(&fixtures().join("smollm2-135m-instruct.json"))?;
     let ids = &golden.perplexity.input_ids[..PREFILL];
+    // `TRTLLM_BENCH_DEVICE=cuda` (what `cargo xtask bench-gpu` sets) runs on the GPU.
+    let device: Device = std::env::var("TRTLLM_BENCH_DEVICE")
+        .unwrap_or_else(|_| "cpu".into())
+        .parse()?;
     println!(
-        "SmolLM2-135M-Instruct, {} threads",
+        "SmolLM2-135M-Instruct on {device}, {} CPU threads",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     println!(
@@ -132,7 +136,7 @@ fn main() -> Result<()> {
         let dir = tempfile::tempdir()?;
         build(&gguf, dir.path(), &config, &mut |_, _, _| {})?;
         let session = Session::open(dir.path())?;
-        let runner = session.model_runner()?;
+        let runner = session.model_runner_on(device)?;
         let prefill = prefill_rate(&runner, ids)?;
         let decode = decode_rate(&runner, &ids[..8])?;
         let batched = batched_decode_rate(&runner, &golden.perplexity.input_ids)?;

@@ -33,6 +33,9 @@ enum Task {
     /// golden cases and quantized engines end to end there (fails with "no CUDA device" where
     /// there is none).
     TestGpu,
+    /// Decode and prefill tokens/s of SmolLM2 per weight format on the GPU (the engine bench with
+    /// TRTLLM_BENCH_DEVICE=cuda).
+    BenchGpu,
     /// Internal: the NVRTC half of build-kernels, run with the NVRTC library on LD_LIBRARY_PATH.
     #[command(hide = true)]
     NvrtcCompile {
@@ -79,6 +82,23 @@ fn main() -> Result<()> {
                 "--ignored",
                 "cuda::",
             ])
+        }
+        Task::BenchGpu => {
+            kernels::require_gpu()?;
+            kernels::build_kernels()?;
+            fetch_demo_model()?;
+            let mut cmd = cargo_command();
+            cmd.args([
+                "bench",
+                "-p",
+                "trtllm-tests",
+                "--features",
+                "cuda",
+                "--bench",
+                "engine",
+            ])
+            .env("TRTLLM_BENCH_DEVICE", "cuda");
+            run(&mut cmd)
         }
         Task::NvrtcCompile {
             include,
