@@ -2,7 +2,7 @@
 //! is nothing but a mapping from its checkpoint config onto this struct; the builder does that.
 
 use serde::{Deserialize, Serialize};
-use trtllm_quant::kernels::cpu::RopeScaling;
+use trtllm_quant::kernels::cpu::{AttentionShape, RopeScaling};
 
 use crate::{Result, RuntimeError};
 
@@ -92,6 +92,16 @@ impl ModelConfig {
             }
         }
         Ok(())
+    }
+
+    /// Heads and the softmax scale 1/√head_dim of every attention layer.
+    pub fn attention_shape(&self) -> AttentionShape {
+        AttentionShape {
+            n_heads: self.num_heads,
+            n_kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            scale: 1.0 / (self.head_dim as f32).sqrt(),
+        }
     }
 
     pub fn q_dim(&self) -> usize {

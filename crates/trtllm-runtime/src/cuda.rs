@@ -1,15 +1,14 @@
 //! The decoder on an NVIDIA GPU: the CPU decoder's tensors uploaded once (packed formats stay
 //! packed), the same forward pass through the CUDA kernels, keys and values in a device pool.
-//! Embedding rows are gathered on the host from the memory-mapped table (a few rows per step)
-//! and uploaded, so any table format works without a device copy of the vocabulary.
+//! Embedding rows are gathered on the host from the memory-mapped table by the CPU decoder (a few
+//! rows per step) and uploaded, so any table format works without a device copy of it.
 
-use trtllm_quant::kernels::cpu::{self, AttentionSeq, AttentionShape};
 use trtllm_quant::kernels::cuda::{AttentionBatch, CudaDevice, CudaSlice, DeviceMatrix, KvSide};
 
 use crate::config::{MlpKind, NormKind};
-use crate::engine::{EngineFile, TensorInfo};
+use crate::engine::TensorInfo;
 use crate::kv_cache::{KvPool, KvStorage};
-use crate::model::{Decoder, LogitsMode, Norm, SeqChunk};
+use crate::model::{attention_seqs, BatchLayout, Decoder, Norm, SeqChunk};
 use crate::weights::{f32s, Linear};
 use crate::{ModelConfig, Result};
 
@@ -156,77 +155,39 @@ impl CudaDecoder {
         Ok(y)
     }
 
-    /// The host embedding rows of `ids` in `table`, uploaded.
-    fn gather(&self, table: &crate::weights::Weight, ids: &[u32]) -> Result<CudaSlice<f32>> {
-        let file: &EngineFile = &self.host.file;
-        let mut rows = vec![0f32; ids.len() * self.config().hidden_size];
-        cpu::embedding_gather(table.mat(file)?, ids, &mut rows)?;
-        Ok(self.dev.upload(&rows)?)
-    }
-
     /// As [`Decoder::forward_batch`], on the device, with `pool` in device memory.
     pub fn forward_batch(&self, batch: &[SeqChunk<'_>], pool: &mut KvPool) -> Result<Vec<f32>> {
-        let c = self.config();
-        let h = c.hidden_size;
-        let tokens: Vec<u32> = batch
-            .iter()
-            .flat_map(|s| s.tokens.iter().copied())
-            .collect();
-        let positions: Vec<usize> = batch
-            .iter()
-            .flat_map(|s| s.past..s.past + s.tokens.len())
-            .collect();
-        let n = tokens.len();
-        let mut hidden = self.gather(&self.host.embed, &tokens)?;
-        if let Some(pe) = &self.host.pos_embed {
-            let ids: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
-            self.dev.add(&mut hidden, &self.gather(pe, &ids)?)?;
-        }
-        let seqs: Vec<AttentionSeq<'_>> = batch
-            .iter()
-            .map(|s| AttentionSeq {
-                blocks: s.blocks,
-                past: s.past,
-                n_new: s.tokens.len(),
-            })
-            .collect();
-        let shape = AttentionShape {
-            n_heads: c.num_heads,
-            n_kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-            scale: 1.0 / (c.head_dim as f32).sqrt(),
-        };
         let block_size = pool.block_size();
+        let layout = BatchLayout::of(batch);
+        let n = layout.tokens.len();
+        let mut hidden = self.dev.upload(&self.host.embed(&layout)?)?;
+        let seqs = attention_seqs(batch);
+        let first = pool.device_layer(0)?;
         let step = DeviceStep {
             attention: self.dev.attention_batch(
                 &seqs,
-                (pool.device_layer(0)?, block_size),
-                shape,
+                (first, block_size),
+                self.config().attention_shape(),
             )?,
-            positions: self
-                .dev
-                .upload(&positions.iter().map(|&p| p as i32).collect::<Vec<_>>())?,
+            positions: self.dev.upload(
+                &layout
+                    .positions
+                    .iter()
+                    .map(|&p| p as i32)
+                    .collect::<Vec<_>>(),
+            )?,
             n,
         };
         for (i, layer) in self.layers.iter().enumerate() {
             self.attention_block(i, layer, &mut hidden, &step, pool)?;
             self.mlp_block(layer, &mut hidden, n)?;
         }
-        let mut rows = Vec::new();
-        let mut start = 0u32;
-        for s in batch {
-            let len = s.tokens.len() as u32;
-            match s.logits {
-                LogitsMode::Skip => {}
-                LogitsMode::Last => rows.push(start + len - 1),
-                LogitsMode::All => rows.extend(start..start + len),
-            }
-            start += len;
-        }
+        let rows: Vec<u32> = layout.logits_rows.iter().map(|&r| r as u32).collect();
         if rows.is_empty() {
             return Ok(Vec::new());
         }
         // The embedding gather doubles as a row gather from the hidden states.
+        let h = self.config().hidden_size;
         let mut x = self.zeros(rows.len() * h)?;
         self.dev
             .embedding(&hidden, &self.dev.upload(&rows)?, h, &mut x)?;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use trtllm_quant::kernels::cpu::{self, AttentionSeq, AttentionShape, RopeTable};
+use trtllm_quant::kernels::cpu::{self, AttentionSeq, RopeTable};
 use trtllm_quant::DType;
 
 use crate::engine::{names, EngineFile, TensorInfo};
@@ -52,6 +52,48 @@ pub struct SeqChunk<'a> {
     pub past: usize,
     pub blocks: &'a [BlockId],
     pub logits: LogitsMode,
+}
+
+/// A batch flattened: every chunk's tokens and positions back to back, and the rows (indices
+/// into them) whose logits the chunks ask for.
+pub(crate) struct BatchLayout {
+    pub tokens: Vec<u32>,
+    pub positions: Vec<usize>,
+    pub logits_rows: Vec<usize>,
+}
+
+impl BatchLayout {
+    pub fn of(batch: &[SeqChunk<'_>]) -> Self {
+        let mut l = BatchLayout {
+            tokens: Vec::new(),
+            positions: Vec::new(),
+            logits_rows: Vec::new(),
+        };
+        for c in batch {
+            let start = l.tokens.len();
+            let len = c.tokens.len();
+            l.tokens.extend_from_slice(c.tokens);
+            l.positions.extend(c.past..c.past + len);
+            match c.logits {
+                LogitsMode::Skip => {}
+                LogitsMode::Last => l.logits_rows.push(start + len - 1),
+                LogitsMode::All => l.logits_rows.extend(start..start + len),
+            }
+        }
+        l
+    }
+}
+
+/// Each chunk as the attention kernels see it.
+pub(crate) fn attention_seqs<'a>(batch: &[SeqChunk<'a>]) -> Vec<AttentionSeq<'a>> {
+    batch
+        .iter()
+        .map(|c| AttentionSeq {
+            blocks: c.blocks,
+            past: c.past,
+            n_new: c.tokens.len(),
+        })
+        .collect()
 }
 
 /// The whole batch's tokens, as each layer sees them.
@@ -198,41 +240,18 @@ impl Decoder {
         obs: &mut dyn ActivationObserver,
     ) -> Result<Vec<f32>> {
         let h = self.cfg.hidden_size;
-        let mut tokens = Vec::new();
-        let mut positions = Vec::new();
-        for c in batch {
-            tokens.extend_from_slice(c.tokens);
-            positions.extend(c.past..c.past + c.tokens.len());
-        }
-        let n = tokens.len();
-        let mut hidden = vec![0f32; n * h];
-        cpu::embedding_gather(self.embed.mat(&self.file)?, &tokens, &mut hidden)?;
-        if let Some(pe) = &self.pos_embed {
-            let mut pos = vec![0f32; n * h];
-            let ids: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
-            cpu::embedding_gather(pe.mat(&self.file)?, &ids, &mut pos)?;
-            cpu::add_inplace(&mut hidden, &pos)?;
-        }
+        let layout = BatchLayout::of(batch);
+        let n = layout.tokens.len();
+        let mut hidden = self.embed(&layout)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let step = Step {
                 batch,
-                positions: &positions,
+                positions: &layout.positions,
             };
             self.attention_block(i, layer, &mut hidden, step, pool, obs)?;
             self.mlp_block(layer, &mut hidden, n, obs)?;
         }
-
-        let mut rows = Vec::new();
-        let mut start = 0;
-        for c in batch {
-            let len = c.tokens.len();
-            match c.logits {
-                LogitsMode::Skip => {}
-                LogitsMode::Last => rows.push(start + len - 1),
-                LogitsMode::All => rows.extend(start..start + len),
-            }
-            start += len;
-        }
+        let rows = &layout.logits_rows;
         if rows.is_empty() {
             return Ok(Vec::new());
         }
@@ -245,6 +264,21 @@ impl Decoder {
         let mut logits = vec![0f32; rows.len() * self.cfg.vocab_size];
         cpu::linear(&x, rows.len(), head, None, &mut logits)?;
         Ok(logits)
+    }
+
+    /// The token embeddings of a batch (plus learned position embeddings), gathered from the
+    /// mapped tables.
+    pub fn embed(&self, layout: &BatchLayout) -> Result<Vec<f32>> {
+        let n = layout.tokens.len();
+        let mut hidden = vec![0f32; n * self.cfg.hidden_size];
+        cpu::embedding_gather(self.embed.mat(&self.file)?, &layout.tokens, &mut hidden)?;
+        if let Some(pe) = &self.pos_embed {
+            let mut pos = vec![0f32; hidden.len()];
+            let ids: Vec<u32> = layout.positions.iter().map(|&p| p as u32).collect();
+            cpu::embedding_gather(pe.mat(&self.file)?, &ids, &mut pos)?;
+            cpu::add_inplace(&mut hidden, &pos)?;
+        }
+        Ok(hidden)
     }
 
     fn attention_block(
@@ -280,22 +314,9 @@ impl Decoder {
                 r += 1;
             }
         }
-        let seqs: Vec<AttentionSeq> = batch
-            .iter()
-            .map(|chunk| AttentionSeq {
-                blocks: chunk.blocks,
-                past: chunk.past,
-                n_new: chunk.tokens.len(),
-            })
-            .collect();
-        let shape = AttentionShape {
-            n_heads: c.num_heads,
-            n_kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-            scale: 1.0 / (c.head_dim as f32).sqrt(),
-        };
+        let seqs = attention_seqs(batch);
         let mut attn = vec![0f32; n * qd];
-        cpu::paged_attention(&q, pool.layer(i)?, &seqs, shape, &mut attn)?;
+        cpu::paged_attention(&q, pool.layer(i)?, &seqs, c.attention_shape(), &mut attn)?;
         let o = self.linear(&layer.o, &attn, n, obs)?;
         cpu::add_inplace(hidden, &o)?;
         Ok(())
