@@ -1,5 +1,6 @@
 // Elementwise and layout kernels the decoder's glue needs: residual add, bias broadcast,
-// per-column activation scaling, FP8 activation quantize-dequantize, column-range copies.
+// per-column activation scaling, FP8 activation quantize-dequantize, column-range copies, f32 to
+// bf16 / f16 (the activations of a half-precision cuBLAS GEMM).
 #include "common.cuh"
 
 #define GRID_STRIDE(i, total) \
@@ -30,3 +31,16 @@ extern "C" __global__ void copy_cols_f32(const float* __restrict__ src, float* _
                                          int src_cols, int col0, int cols) {
     GRID_STRIDE(i, (size_t)rows * cols) dst[i] = src[(i / cols) * src_cols + col0 + i % cols];
 }
+
+// out = x rounded to nearest even in bf16 (BF16 = true) or f16.
+template <bool BF16>
+__device__ void to_half(const float* __restrict__ x, unsigned short* __restrict__ out, int n) {
+    GRID_STRIDE(i, (size_t)n) {
+        unsigned short h;
+        if (BF16) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(x[i]));
+        else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x[i]));
+        out[i] = h;
+    }
+}
+extern "C" __global__ void f32_to_bf16(const float* x, unsigned short* out, int n) { to_half<true>(x, out, n); }
+extern "C" __global__ void f32_to_f16(const float* x, unsigned short* out, int n) { to_half<false>(x, out, n); }

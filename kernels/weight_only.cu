@@ -1,6 +1,7 @@
-// Weight-only quantized linear layers, y[m × n] = x[m × k] · Wᵀ (+ bias), reading the packed
-// codes directly: int8 (per-group scales), int4 (GGML block layout, with or without zero point),
-// FP8 E4M3 (per-row scale) and NVFP4 (E2M1, E4M3 scale per 16, f32 global scale).
+// Weight-only linear layers, y[m × n] = x[m × k] · Wᵀ (+ bias), reading the stored weights
+// directly: int8 (per-group scales), int4 (GGML block layout, with or without zero point), FP8
+// E4M3 (per-row scale), NVFP4 (E2M1, E4M3 scale per 16, f32 global scale), and for decode bf16 /
+// f16 (half the bytes of widening them; larger batches of those go through cuBLAS).
 //
 // Each format exposes `load4(row, c, out)`: values c..c+3 of a row, dequantized exactly as the
 // CPU format's scalar `row_to_f32` (the definition). k is a multiple of 32 (checked by the
@@ -60,6 +61,20 @@ struct Nvfp4W {
         const float s = e4m3_to_f32(block_scales[((size_t)r * k + c) / 16]) * global_scale;
 #pragma unroll
         for (int j = 0; j < 4; ++j) o[j] = e2m1_to_f32((bytes >> (8 * j + 4 * hi)) & 0xf) * s;
+    }
+};
+
+// bf16 or f16 bits, converted as the CPU's Bf16Bits / F16Bits.
+template <bool BF16>
+struct HalfW {
+    const unsigned short* w;
+    int k;
+    __device__ void load4(int r, int c, float* o) const {
+        const uint2 v = *reinterpret_cast<const uint2*>(w + (size_t)r * k + c);
+        const unsigned short h[4] = {(unsigned short)(v.x & 0xffff), (unsigned short)(v.x >> 16),
+                                     (unsigned short)(v.y & 0xffff), (unsigned short)(v.y >> 16)};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) o[j] = BF16 ? bf16_to_f32(h[j]) : f16_to_f32(h[j]);
     }
 };
 
@@ -148,21 +163,24 @@ __device__ void gemm(const W& w, const float* __restrict__ x, const float* __res
 
 // Entry points. gemv_*: grid ceil(n / GEMV_WARPS), block GEMV_WARPS · 32.
 // gemm_*: grid (ceil(n / 64), ceil(m / 64)), block 256.
-#define ENTRY(FMT, PARAMS, MAKE)                                                                  \
+#define GEMV_ENTRY(FMT, MAKE, ...)                                                                \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * TRT_WARP)                           \
-        gemv_##FMT(PARAMS, const float* x, const float* bias, float* y, int m, int n, int k) {    \
+        gemv_##FMT(__VA_ARGS__, const float* x, const float* bias, float* y, int m, int n, int k) {\
         gemv(MAKE, x, bias, y, m, n, k);                                                          \
-    }                                                                                             \
+    }
+#define ENTRY(FMT, MAKE, ...)                                                                     \
+    GEMV_ENTRY(FMT, MAKE, __VA_ARGS__)                                                            \
     extern "C" __global__ void __launch_bounds__(256)                                             \
-        gemm_##FMT(PARAMS, const float* x, const float* bias, float* y, int m, int n, int k) {    \
+        gemm_##FMT(__VA_ARGS__, const float* x, const float* bias, float* y, int m, int n, int k) {\
         gemm(MAKE, x, bias, y, m, n, k);                                                          \
     }
 
-#define COMMA ,
-ENTRY(int8, const signed char* q COMMA const float* scales COMMA int group,
-      (Int8W{q, scales, k, group, (k + group - 1) / group}))
-ENTRY(int4, const unsigned char* q COMMA const float* scales COMMA const float* offsets COMMA int group,
-      (Int4W{q, scales, offsets, k, group, (k + group - 1) / group}))
-ENTRY(fp8, const unsigned char* q COMMA const float* scales, (Fp8W{q, scales, k}))
-ENTRY(nvfp4, const unsigned char* q COMMA const unsigned char* block_scales COMMA float global_scale,
-      (Nvfp4W{q, block_scales, global_scale, k}))
+ENTRY(int8, (Int8W{q, scales, k, group, (k + group - 1) / group}), const signed char* q, const float* scales,
+      int group)
+ENTRY(int4, (Int4W{q, scales, offsets, k, group, (k + group - 1) / group}), const unsigned char* q,
+      const float* scales, const float* offsets, int group)
+ENTRY(fp8, (Fp8W{q, scales, k}), const unsigned char* q, const float* scales)
+ENTRY(nvfp4, (Nvfp4W{q, block_scales, global_scale, k}), const unsigned char* q, const unsigned char* block_scales,
+      float global_scale)
+GEMV_ENTRY(bf16, (HalfW<true>{w, k}), const unsigned short* w)
+GEMV_ENTRY(f16, (HalfW<false>{w, k}), const unsigned short* w)

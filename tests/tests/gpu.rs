@@ -5,7 +5,7 @@
 
 use anyhow::Result;
 use trtllm_api::builder::BuildConfig;
-use trtllm_api::runtime::quant::{LayerQuantConfig, QuantAlgo, QuantConfig};
+use trtllm_api::runtime::quant::{DType, LayerQuantConfig, QuantAlgo, QuantConfig};
 use trtllm_api::runtime::Device;
 use trtllm_api::{LlmArgs, Prompt, SamplingParams, LLM};
 use trtllm_tests::{build_smollm2, fixtures, read_json, SmolGolden};
@@ -47,8 +47,8 @@ fn golden_greedy_ids_and_perplexity_on_the_gpu() -> Result<()> {
     Ok(())
 }
 
-/// Packed weights, activation scales and a quantized KV cache through the CUDA kernels give
-/// the CPU engine's perplexity.
+/// Packed and 16-bit weights, activation quantization and a quantized KV cache through the
+/// CUDA kernels give the CPU engine's perplexity.
 #[test]
 #[ignore = "needs a CUDA GPU: cargo xtask test-gpu"]
 fn quantized_engines_match_the_cpu() -> Result<()> {
@@ -61,29 +61,51 @@ fn quantized_engines_match_the_cpu() -> Result<()> {
         }),
         ..Default::default()
     };
+    // Relative NLL tolerance: 0.1 % where the GPU does the CPU's arithmetic in another order;
+    // bf16 prefill rounds activations to bf16 for cuBLAS (TensorRT's numerics), and Hopper's FP8
+    // tensor cores accumulate in fewer bits.
     let builds = [
         (
             "W4A16 AWQ + INT8 KV",
             quant(QuantAlgo::W4A16Awq, QuantAlgo::Int8),
+            1e-3,
         ),
-        ("W8A16 + FP8 KV", quant(QuantAlgo::W8A16, QuantAlgo::Fp8)),
-        ("FP8", quant(QuantAlgo::Fp8, QuantAlgo::NoQuant)),
-        ("NVFP4", quant(QuantAlgo::Nvfp4, QuantAlgo::NoQuant)),
+        (
+            "W8A16 + FP8 KV",
+            quant(QuantAlgo::W8A16, QuantAlgo::Fp8),
+            1e-3,
+        ),
+        (
+            "W8A8 SmoothQuant",
+            quant(QuantAlgo::W8A8SqPerChannel, QuantAlgo::NoQuant),
+            1e-3,
+        ),
+        ("FP8", quant(QuantAlgo::Fp8, QuantAlgo::NoQuant), 3e-3),
+        ("NVFP4", quant(QuantAlgo::Nvfp4, QuantAlgo::NoQuant), 1e-3),
+        (
+            "bf16",
+            BuildConfig {
+                dtype: Some(DType::BF16),
+                ..Default::default()
+            },
+            1e-2,
+        ),
         (
             "keep (Q4_1)",
             BuildConfig {
                 keep_quantized: true,
                 ..Default::default()
             },
+            1e-3,
         ),
     ];
-    for (name, config) in builds {
+    for (name, config, tol) in builds {
         let dir = build_smollm2(&config)?;
         let cpu = llm(dir.path(), Device::Cpu)?.perplexity(&ids)?.mean_nll;
         let gpu = llm(dir.path(), Device::Cuda(0))?.perplexity(&ids)?.mean_nll;
         eprintln!("{name}: mean NLL cpu {cpu:.6}, gpu {gpu:.6}");
         assert!(
-            (cpu - gpu).abs() < 1e-3 * cpu,
+            (cpu - gpu).abs() < tol * cpu,
             "{name}: cpu {cpu} vs gpu {gpu}"
         );
     }

@@ -18,10 +18,10 @@ struct DeviceNorm {
 }
 
 struct DeviceLinear {
+    /// Carries the layer's FP8 input scale: the kernels layer picks how to apply it.
     w: DeviceMatrix,
     bias: Option<CudaSlice<f32>>,
     pre_quant_scale: Option<CudaSlice<f32>>,
-    input_scale: Option<f32>,
 }
 
 struct DeviceLayer {
@@ -57,11 +57,11 @@ impl CudaDecoder {
         };
         let linear = |l: &Linear| -> Result<DeviceLinear> {
             let scale = |t: &TensorInfo| f32s(file, t).map(|s| s[0]);
+            let input_scale = l.input_scale.as_ref().map(scale).transpose()?;
             Ok(DeviceLinear {
-                w: dev.upload_matrix(l.weight.mat(file)?)?,
+                w: dev.upload_matrix(l.weight.mat(file)?, input_scale)?,
                 bias: l.bias.as_ref().map(up).transpose()?,
                 pre_quant_scale: l.pre_quant_scale.as_ref().map(up).transpose()?,
-                input_scale: l.input_scale.as_ref().map(scale).transpose()?,
             })
         };
         let layers = host
@@ -79,10 +79,9 @@ impl CudaDecoder {
             })
             .collect::<Result<Vec<_>>>()?;
         let lm_head = DeviceLinear {
-            w: dev.upload_matrix(host.lm_head.mat(file)?)?,
+            w: dev.upload_matrix(host.lm_head.mat(file)?, None)?,
             bias: None,
             pre_quant_scale: None,
-            input_scale: None,
         };
         let inv_freq = host
             .rope
@@ -133,22 +132,16 @@ impl CudaDecoder {
         Ok(out)
     }
 
-    /// `(x ∘ pre_quant_scale)`, through FP8 when the layer has a static input scale, times Wᵀ.
+    /// `(x ∘ pre_quant_scale) · Wᵀ + bias` (through FP8 when the layer has an input scale).
     fn linear(&self, l: &DeviceLinear, x: &CudaSlice<f32>, rows: usize) -> Result<CudaSlice<f32>> {
-        let mut scaled = None;
-        if let Some(s) = &l.pre_quant_scale {
-            let mut c = self.dev.copy(x)?;
-            self.dev.scale_cols(&mut c, s)?;
-            scaled = Some(c);
-        }
-        if let Some(s) = l.input_scale {
-            let mut c = match scaled.take() {
-                Some(c) => c,
-                None => self.dev.copy(x)?,
-            };
-            self.dev.fp8_qdq(&mut c, s)?;
-            scaled = Some(c);
-        }
+        let scaled = match &l.pre_quant_scale {
+            Some(s) => {
+                let mut c = self.dev.copy(x)?;
+                self.dev.scale_cols(&mut c, s)?;
+                Some(c)
+            }
+            None => None,
+        };
         let mut y = self.zeros(rows * l.w.rows)?;
         self.dev
             .matmul(&l.w, scaled.as_ref().unwrap_or(x), l.bias.as_ref(), &mut y)?;

@@ -6,6 +6,7 @@
 //! stream; reading a result back ([`CudaDevice::download`]) waits for it.
 
 mod attention;
+mod linear;
 mod matrix;
 mod ops;
 #[cfg(test)]
@@ -20,8 +21,9 @@ use cudarc::nvrtc::Ptx;
 
 pub use attention::{AttentionBatch, DeviceKv, KvSide};
 pub use cudarc::driver::CudaSlice;
+pub use linear::{DeviceWeights, Half};
 pub use matrix::{DeviceData, DeviceMatrix};
-pub use ops::{DeviceWeights, SampleParams};
+pub use ops::SampleParams;
 
 use crate::{KernelError, Result};
 

@@ -1,20 +1,13 @@
 //! Typed launchers, one per kernel family, with the CPU kernels' shape checks.
 
-use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
 
 use super::{cuda_err, CudaDevice};
-use crate::cpu::quant::{check_blocks, check_group, groups};
 use crate::error::check_len;
 use crate::{KernelError, Result};
 
 /// Threads per block of the row-wise kernels (norms, softmax, sampling).
-const ROW_THREADS: u32 = 256;
-/// `gemv_*`: output features per block (one warp each); `gemm_*`: 64 × 64 tiles.
-const GEMV_WARPS: usize = 4;
-const TILE: usize = 64;
-/// Up to this many activation rows go through the matrix-vector kernels.
-const GEMV_MAX_ROWS: usize = 8;
+pub(super) const ROW_THREADS: u32 = 256;
 
 pub(super) fn int(what: &'static str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| KernelError::OutOfRange {
@@ -25,7 +18,7 @@ pub(super) fn int(what: &'static str, v: usize) -> Result<i32> {
     })
 }
 
-fn grid(blocks: usize, threads: u32) -> Result<LaunchConfig> {
+pub(super) fn grid(blocks: usize, threads: u32) -> Result<LaunchConfig> {
     Ok(LaunchConfig {
         grid_dim: (int("grid", blocks)? as u32, 1, 1),
         block_dim: (threads, 1, 1),
@@ -45,30 +38,6 @@ pub struct SampleParams {
 }
 // SAFETY: plain-old-data with the C layout the kernel reads.
 unsafe impl DeviceRepr for SampleParams {}
-
-/// A packed weight matrix on the device, in the CPU formats' layouts.
-pub enum DeviceWeights {
-    Int8 {
-        q: CudaSlice<i8>,
-        scales: CudaSlice<f32>,
-        group: usize,
-    },
-    Int4 {
-        q: CudaSlice<u8>,
-        scales: CudaSlice<f32>,
-        offsets: Option<CudaSlice<f32>>,
-        group: usize,
-    },
-    Fp8 {
-        q: CudaSlice<u8>,
-        scales: CudaSlice<f32>,
-    },
-    Nvfp4 {
-        q: CudaSlice<u8>,
-        block_scales: CudaSlice<u8>,
-        global_scale: f32,
-    },
-}
 
 impl CudaDevice {
     pub(super) fn builder(&self, name: &str) -> Result<LaunchArgs<'_>> {
@@ -279,119 +248,6 @@ impl CudaDevice {
         launch(b, grid(rows, ROW_THREADS)?, "softmax_f32")
     }
 
-    /// `y[m × n] = x[m × k] · Wᵀ (+ bias)` reading the packed weights directly.
-    pub fn linear(
-        &self,
-        w: &DeviceWeights,
-        x: &CudaSlice<f32>,
-        (n, k): (usize, usize),
-        bias: Option<&CudaSlice<f32>>,
-        y: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        check_blocks("cuda linear", k, 32)?;
-        let m = check_rows("cuda linear", x.len(), k)?;
-        check_len("cuda linear", "y", y.len(), m * n)?;
-        if let Some(b) = bias {
-            check_len("cuda linear", "bias", b.len(), n)?;
-        }
-        check_weights(w, n, k)?;
-        let (mi, ni, ki) = (int("m", m)?, int("n", n)?, int("k", k)?);
-        let (prefix, cfg) = if m <= GEMV_MAX_ROWS {
-            (
-                "gemv",
-                grid(n.div_ceil(GEMV_WARPS), (GEMV_WARPS * 32) as u32)?,
-            )
-        } else {
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    int("tiles", n.div_ceil(TILE))? as u32,
-                    int("tiles", m.div_ceil(TILE))? as u32,
-                    1,
-                ),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            ("gemm", cfg)
-        };
-        let (kind, group) = match w {
-            DeviceWeights::Int8 { group, .. } => ("int8", *group),
-            DeviceWeights::Int4 { group, .. } => ("int4", *group),
-            DeviceWeights::Fp8 { .. } => ("fp8", 0),
-            DeviceWeights::Nvfp4 { .. } => ("nvfp4", 0),
-        };
-        let (g, null) = (int("group", group)?, 0u64);
-        let name = format!("{prefix}_{kind}");
-        let mut b = self.builder(&name)?;
-        match w {
-            DeviceWeights::Int8 { q, scales, .. } => b.arg(q).arg(scales).arg(&g),
-            DeviceWeights::Int4 {
-                q, scales, offsets, ..
-            } => {
-                b.arg(q).arg(scales);
-                match offsets {
-                    Some(o) => b.arg(o),
-                    None => b.arg(&null),
-                };
-                b.arg(&g)
-            }
-            DeviceWeights::Fp8 { q, scales } => b.arg(q).arg(scales),
-            DeviceWeights::Nvfp4 {
-                q,
-                block_scales,
-                global_scale,
-            } => b.arg(q).arg(block_scales).arg(global_scale),
-        };
-        b.arg(x);
-        match bias {
-            Some(bias) => b.arg(bias),
-            None => b.arg(&null),
-        };
-        b.arg(y).arg(&mi).arg(&ni).arg(&ki);
-        launch(b, cfg, &name)
-    }
-
-    /// `y[m × n] = x[m × k] · Wᵀ (+ bias)` for a dense f32 `w` (`[n × k]`, row-major), through
-    /// cuBLAS: row-major `y` is column-major `yᵀ = W · xᵀ`, so `W` goes in transposed.
-    pub fn dense_linear(
-        &self,
-        w: &CudaSlice<f32>,
-        x: &CudaSlice<f32>,
-        (n, k): (usize, usize),
-        bias: Option<&CudaSlice<f32>>,
-        y: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        check_len("cuda dense linear", "weight", w.len(), n * k)?;
-        let m = check_rows("cuda dense linear", x.len(), k)?;
-        check_len("cuda dense linear", "y", y.len(), m * n)?;
-        let (mi, ni, ki) = (int("m", m)?, int("n", n)?, int("k", k)?);
-        let beta = match bias {
-            Some(bias) => {
-                check_len("cuda dense linear", "bias", bias.len(), n)?;
-                let cfg = elementwise(m * n)?;
-                let mut b = self.builder("bias_rows_f32")?;
-                b.arg(&mut *y).arg(bias).arg(&mi).arg(&ni);
-                launch(b, cfg, "bias_rows_f32")?;
-                1.0
-            }
-            None => 0.0,
-        };
-        let cfg = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_T,
-            transb: cublasOperation_t::CUBLAS_OP_N,
-            m: ni,
-            n: mi,
-            k: ki,
-            alpha: 1.0f32,
-            lda: ki,
-            ldb: ki,
-            beta,
-            ldc: ni,
-        };
-        // SAFETY: the lengths were checked against m, n and k above.
-        unsafe { self.blas()?.gemm(cfg, w, x, y) }
-            .map_err(|e| KernelError::Cuda(format!("cuBLAS sgemm: {e:?}")))
-    }
-
     /// `out[r] = argmax(logits[r])`, first maximum on ties.
     pub fn argmax(
         &self,
@@ -429,7 +285,7 @@ impl CudaDevice {
 }
 
 /// Grid-stride elementwise kernels: 256 threads, at most 4096 blocks.
-fn elementwise(n: usize) -> Result<LaunchConfig> {
+pub(super) fn elementwise(n: usize) -> Result<LaunchConfig> {
     grid(n.div_ceil(256).clamp(1, 4096), 256)
 }
 
@@ -440,7 +296,7 @@ pub(super) fn launch(mut b: LaunchArgs<'_>, cfg: LaunchConfig, name: &str) -> Re
 }
 
 /// Rows of a `cols`-wide buffer of `len` values.
-fn check_rows(op: &'static str, len: usize, cols: usize) -> Result<usize> {
+pub(super) fn check_rows(op: &'static str, len: usize, cols: usize) -> Result<usize> {
     if cols == 0 || !len.is_multiple_of(cols) {
         return Err(KernelError::ShapeMismatch {
             op,
@@ -450,38 +306,4 @@ fn check_rows(op: &'static str, len: usize, cols: usize) -> Result<usize> {
         });
     }
     Ok(len / cols)
-}
-
-fn check_weights(w: &DeviceWeights, n: usize, k: usize) -> Result<()> {
-    let op = "cuda linear";
-    let groups = |g: usize| check_group(op, g).map(|_| n * groups(k, g));
-    match w {
-        DeviceWeights::Int8 { q, scales, group } => {
-            check_len(op, "int8 codes", q.len(), n * k)?;
-            check_len(op, "int8 scales", scales.len(), groups(*group)?)
-        }
-        DeviceWeights::Int4 {
-            q,
-            scales,
-            offsets,
-            group,
-        } => {
-            check_len(op, "int4 codes", q.len(), n * k / 2)?;
-            let g = groups(*group)?;
-            check_len(op, "int4 scales", scales.len(), g)?;
-            offsets
-                .as_ref()
-                .map_or(Ok(()), |o| check_len(op, "int4 offsets", o.len(), g))
-        }
-        DeviceWeights::Fp8 { q, scales } => {
-            check_len(op, "fp8 codes", q.len(), n * k)?;
-            check_len(op, "fp8 scales", scales.len(), n)
-        }
-        DeviceWeights::Nvfp4 {
-            q, block_scales, ..
-        } => {
-            check_len(op, "nvfp4 codes", q.len(), n * k / 2)?;
-            check_len(op, "nvfp4 block scales", block_scales.len(), n * k / 16)
-        }
-    }
 }

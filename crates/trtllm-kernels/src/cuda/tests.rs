@@ -1,15 +1,14 @@
 //! Each CUDA kernel against the CPU kernel on random inputs of awkward sizes. They need a GPU, so
 //! they are ignored by `cargo test`; `cargo xtask test-gpu` runs them (and fails without one).
 
-use super::ops::DeviceWeights;
 use super::{CudaDevice, SampleParams};
 use crate::cpu::{self, testutil::rand_vec, MatRef, WeightData};
 
-fn device() -> CudaDevice {
+pub(super) fn device() -> CudaDevice {
     CudaDevice::new(0).expect("a CUDA device")
 }
 
-fn assert_close(gpu: &[f32], cpu: &[f32], tol: f32, what: &str) {
+pub(super) fn assert_close(gpu: &[f32], cpu: &[f32], tol: f32, what: &str) {
     assert_eq!(gpu.len(), cpu.len(), "{what}: length");
     for (i, (a, b)) in gpu.iter().zip(cpu).enumerate() {
         assert!(
@@ -113,156 +112,6 @@ fn rope_activations_softmax_and_embedding_match_cpu() {
     )
     .unwrap();
     assert_close(&d.download(&out).unwrap(), &want, 0.0, "embedding");
-}
-
-/// Random codes and scales for an `n × k` matrix in each packed format, on the host and device.
-fn packed_cases(
-    d: &CudaDevice,
-    n: usize,
-    k: usize,
-) -> Vec<(&'static str, Vec<f32>, DeviceWeights)> {
-    let bytes = |len: usize, seed: u64| -> Vec<u8> {
-        rand_vec(len, seed)
-            .iter()
-            .map(|v| ((v + 1.0) * 127.9) as u8)
-            .collect()
-    };
-    let scales = |len: usize, seed: u64| -> Vec<f32> {
-        rand_vec(len, seed)
-            .iter()
-            .map(|v| 0.01 + v.abs() * 0.02)
-            .collect()
-    };
-    let dense = |data: WeightData<'_>| -> Vec<f32> {
-        let m = MatRef::new(data, n, k).unwrap();
-        let mut out = vec![0f32; n * k];
-        for r in 0..n {
-            m.row_to_f32(r, &mut out[r * k..(r + 1) * k]);
-        }
-        out
-    };
-    let group = 64;
-    let g = n * k.div_ceil(group);
-    let q8: Vec<i8> = bytes(n * k, 10).iter().map(|&b| b as i8).collect();
-    let s8 = scales(g, 11);
-    let q4 = bytes(n * k / 2, 12);
-    let (s4, o4) = (scales(g, 13), rand_vec(g, 14));
-    let qf = bytes(n * k, 15)
-        .iter()
-        .map(|&b| if b & 0x7f == 0x7f { 0x7e } else { b })
-        .collect::<Vec<_>>();
-    let sf = scales(n, 16);
-    let qn = bytes(n * k / 2, 17);
-    let bn: Vec<u8> = bytes(n * k / 16, 18)
-        .iter()
-        .map(|&b| 0x30 + b % 0x20)
-        .collect();
-    let int8 = cpu::Int8Weights {
-        q: &q8,
-        scales: &s8,
-        group,
-    };
-    let int4 = cpu::Int4Weights {
-        q: &q4,
-        scales: &s4,
-        offsets: Some(&o4),
-        group,
-    };
-    let int4s = cpu::Int4Weights {
-        offsets: None,
-        ..int4
-    };
-    let fp8 = cpu::Fp8Weights {
-        q: &qf,
-        scales: &sf,
-    };
-    let nvfp4 = cpu::Nvfp4Weights {
-        q: &qn,
-        block_scales: &bn,
-        global_scale: 0.7,
-    };
-    let up = |v: &[f32]| d.upload(v).unwrap();
-    let upb = |v: &[u8]| d.upload(v).unwrap();
-    vec![
-        (
-            "int8 g64",
-            dense(WeightData::Int8(int8)),
-            DeviceWeights::Int8 {
-                q: d.upload(&q8).unwrap(),
-                scales: up(&s8),
-                group,
-            },
-        ),
-        (
-            "int4 g64 zp",
-            dense(WeightData::Int4(int4)),
-            DeviceWeights::Int4 {
-                q: upb(&q4),
-                scales: up(&s4),
-                offsets: Some(up(&o4)),
-                group,
-            },
-        ),
-        (
-            "int4 g64 sym",
-            dense(WeightData::Int4(int4s)),
-            DeviceWeights::Int4 {
-                q: upb(&q4),
-                scales: up(&s4),
-                offsets: None,
-                group,
-            },
-        ),
-        (
-            "fp8",
-            dense(WeightData::Fp8(fp8)),
-            DeviceWeights::Fp8 {
-                q: upb(&qf),
-                scales: up(&sf),
-            },
-        ),
-        (
-            "nvfp4",
-            dense(WeightData::Nvfp4(nvfp4)),
-            DeviceWeights::Nvfp4 {
-                q: upb(&qn),
-                block_scales: upb(&bn),
-                global_scale: 0.7,
-            },
-        ),
-    ]
-}
-
-#[test]
-#[ignore = "needs a CUDA GPU: cargo xtask test-gpu"]
-fn packed_linear_matches_dequantized_reference() {
-    let d = device();
-    let (n, k) = (203, 352);
-    let bias = rand_vec(n, 20);
-    for (name, dense, w) in packed_cases(&d, n, k) {
-        // m = 3 runs the matrix-vector kernels, m = 77 the tiled GEMM.
-        for m in [1, 3, 77] {
-            let x = rand_vec(m * k, 21);
-            let mut y = d.zeros::<f32>(m * n).unwrap();
-            d.linear(
-                &w,
-                &d.upload(&x).unwrap(),
-                (n, k),
-                Some(&d.upload(&bias).unwrap()),
-                &mut y,
-            )
-            .unwrap();
-            let mut want = vec![0f32; m * n];
-            let wm = MatRef::new(WeightData::F32(&dense), n, k).unwrap();
-            cpu::linear(&x, m, wm, Some(&bias), &mut want).unwrap();
-            assert_close(
-                &d.download(&y).unwrap(),
-                &want,
-                1e-4,
-                &format!("{name} m={m}"),
-            );
-        }
-    }
 }
 
 #[test]
@@ -475,36 +324,6 @@ fn paged_attention_and_kv_writes_match_cpu() {
         };
         cpu::paged_attention(&q, paged, &seqs, shape, &mut want).unwrap();
         assert_close(&gpu, &want, 1e-4, &format!("{storage} attention"));
-    }
-}
-
-#[test]
-#[ignore = "needs a CUDA GPU: cargo xtask test-gpu"]
-fn dense_linear_through_cublas_matches_cpu() {
-    let d = device();
-    let (n, k) = (131, 96);
-    let w = rand_vec(n * k, 50);
-    let bias = rand_vec(n, 51);
-    let wd = d.upload(&w).unwrap();
-    let bd = d.upload(&bias).unwrap();
-    for m in [1, 77] {
-        let x = rand_vec(m * k, 52);
-        let xd = d.upload(&x).unwrap();
-        for with_bias in [false, true] {
-            let b = with_bias.then_some(&bias[..]);
-            let mut y = d.upload(&vec![f32::NAN; m * n]).unwrap();
-            d.dense_linear(&wd, &xd, (n, k), with_bias.then_some(&bd), &mut y)
-                .unwrap();
-            let mut want = vec![0f32; m * n];
-            let wm = MatRef::new(WeightData::F32(&w), n, k).unwrap();
-            cpu::linear(&x, m, wm, b, &mut want).unwrap();
-            assert_close(
-                &d.download(&y).unwrap(),
-                &want,
-                1e-4,
-                &format!("dense m={m} bias={with_bias}"),
-            );
-        }
     }
 }
 
