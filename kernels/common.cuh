@@ -5,6 +5,12 @@
 // reduces over a row runs one block of `blockDim.x` threads (a multiple of 32, at most 1024) per row.
 #pragma once
 
+#ifdef TRT_EMULATE
+#include "emu/cuda_emu.h"
+#else
+#include "ptx.cuh"
+#endif
+
 #define TRT_WARP 32
 // -inf without <math.h> (NVRTC compiles without the host headers).
 #define TRT_NEG_INF __int_as_float(0xff800000)
@@ -81,8 +87,4 @@ __device__ __forceinline__ float e2m1_to_f32(unsigned code) {
 // bf16 / f16 bit patterns to f32 without the fp16 headers.
 __device__ __forceinline__ float bf16_to_f32(unsigned short h) { return __uint_as_float((unsigned)h << 16); }
 
-__device__ __forceinline__ float f16_to_f32(unsigned short h) {
-    float f;
-    asm("{ .reg .b16 t; mov.b16 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "h"(h));
-    return f;
-}
+__device__ __forceinline__ float f16_to_f32(unsigned short h) { return cvt_f32_f16(h); }

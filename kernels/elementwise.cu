@@ -35,12 +35,7 @@ extern "C" __global__ void copy_cols_f32(const float* __restrict__ src, float* _
 // out = x rounded to nearest even in bf16 (BF16 = true) or f16.
 template <bool BF16>
 __device__ void to_half(const float* __restrict__ x, unsigned short* __restrict__ out, int n) {
-    GRID_STRIDE(i, (size_t)n) {
-        unsigned short h;
-        if (BF16) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(x[i]));
-        else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x[i]));
-        out[i] = h;
-    }
+    GRID_STRIDE(i, (size_t)n) out[i] = BF16 ? cvt_rn_bf16_f32(x[i]) : cvt_rn_f16_f32(x[i]);
 }
 extern "C" __global__ void f32_to_bf16(const float* x, unsigned short* out, int n) { to_half<true>(x, out, n); }
 extern "C" __global__ void f32_to_f16(const float* x, unsigned short* out, int n) { to_half<false>(x, out, n); }

@@ -7,10 +7,8 @@
 //   scale per output channel, f32 accumulation. Needs sm_89+, so the sm_80 PTX leaves it out and
 //   the launcher falls back to the weight-only FP8 kernels there.
 //
-// The tensor-core kernels use mma.sync.m16n8k32 (row-major A, column-major B: both operands are
-// read k-contiguous, which is how activations and weights are stored). Fragment layout, lane =
-// 4 · g + t: A regs {row g | g + 8} × {k 4t..4t+3 | 16 + 4t..}, B regs {k 4t.. | 16 + 4t..} of
-// column g, C/D regs (row g | g + 8, columns 2t, 2t + 1).
+// The tensor-core kernels use mma.sync.m16n8k32 (ptx.cuh: row-major A, column-major B, so both
+// operands are read k-contiguous, which is how activations and weights are stored).
 #include "common.cuh"
 
 // ---- activation quantization ----
@@ -75,25 +73,13 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * TRT_WARP)
 
 struct MmaInt8 {
     typedef int Acc;
-    __device__ static void run(int* d, const unsigned* a, const unsigned* b) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};"
-            : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    }
+    __device__ static void run(int* d, const unsigned* a, const unsigned* b) { mma_s8_16x8x32(d, a, b); }
 };
 
 #if __CUDA_ARCH__ >= 890
 struct MmaE4m3 {
     typedef float Acc;
-    __device__ static void run(float* d, const unsigned* a, const unsigned* b) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    }
+    __device__ static void run(float* d, const unsigned* a, const unsigned* b) { mma_e4m3_16x8x32(d, a, b); }
 };
 #endif
 

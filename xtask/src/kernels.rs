@@ -21,7 +21,7 @@ const WHEELS: [&str; 3] = [
     "nvidia-cuda-nvcc-cu12==12.9.86",
 ];
 
-fn kernels_dir() -> PathBuf {
+pub fn kernels_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernels")
 }
 

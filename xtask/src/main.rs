@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask <task>`.
 
+mod emulate;
 mod kernels;
 
 use std::path::{Path, PathBuf};
@@ -21,16 +22,19 @@ enum Task {
     FetchDemoModel,
     /// Fetch the demo model, build an engine from it and chat with it.
     Demo,
-    /// Fetch the demo model, install the `openai` Python client (for the server tests) and run
-    /// every test of the workspace.
+    /// Run the CUDA kernels under host emulation, fetch the demo model, install the `openai`
+    /// Python client (for the server tests) and run every test of the workspace.
     Test,
     /// Fetch the demo model and run the benchmarks (prefill/decode tokens/s, batched throughput).
     Bench,
+    /// Execute every CUDA kernel on the host (kernels/emu, built with g++) against a plain
+    /// reference: the kernels' logic, tested without a GPU.
+    EmulateKernels,
     /// Compile kernels/*.cu to PTX for sm_80 and sm_90 and report registers, shared memory and
     /// spills (fails on any warning or spill).
     BuildKernels,
     /// Build the kernels, run every CUDA kernel against its CPU kernel on the GPU, then SmolLM2's
-    /// golden cases and quantized engines end to end there (fails with "no CUDA device" where
+    /// golden cases and every engine format end to end there (fails with "no CUDA device" where
     /// there is none).
     TestGpu,
     /// Decode and prefill tokens/s of SmolLM2 per weight format on the GPU (the engine bench with
@@ -58,6 +62,7 @@ fn main() -> Result<()> {
         Task::FetchDemoModel => fetch_demo_model().map(|p| println!("{}", p.display())),
         Task::Demo => demo(),
         Task::Test => {
+            emulate::emulate_kernels()?;
             fetch_demo_model()?;
             let python = openai_venv()?;
             run(cargo_command()
@@ -68,6 +73,7 @@ fn main() -> Result<()> {
             fetch_demo_model()?;
             cargo(&["bench", "-p", "trtllm-tests"])
         }
+        Task::EmulateKernels => emulate::emulate_kernels(),
         Task::BuildKernels => kernels::build_kernels(),
         Task::TestGpu => {
             kernels::require_gpu()?;
@@ -81,6 +87,18 @@ fn main() -> Result<()> {
                 "--",
                 "--ignored",
                 "cuda::",
+            ])?;
+            fetch_demo_model()?;
+            cargo(&[
+                "test",
+                "-p",
+                "trtllm-tests",
+                "--features",
+                "cuda",
+                "--test",
+                "gpu",
+                "--",
+                "--ignored",
             ])
         }
         Task::BenchGpu => {

@@ -1,0 +1,473 @@
+// Every kernel family executed on the host (cuda_emu.h) against a plain reference written from
+// the format and op definitions, on awkward sizes: partial tiles, partial warps, GQA, block
+// tables out of order, ties. `cargo xtask emulate-kernels` builds and runs this; it exits 1 on
+// the first family with a mismatch. The GPU tests (`cargo xtask test-gpu`) compare the same
+// kernels with the CPU kernels on real hardware; this checks the kernels' logic everywhere.
+#include "../activation.cu"
+#include "../attention.cu"
+#include "../elementwise.cu"
+#include "../embedding.cu"
+#include "../gemm_8bit.cu"
+#include "../norm.cu"
+#include "../rope.cu"
+#include "../sampling.cu"
+#include "../softmax.cu"
+#include "../weight_only.cu"
+
+#include <chrono>
+#include <cstdio>
+#include <random>
+#include <string>
+
+namespace {
+
+int failures = 0;
+
+std::vector<float> rand_vec(size_t n, unsigned seed, float lo = -1.0f, float hi = 1.0f) {
+    std::mt19937 rng(seed);
+    std::uniform_real_distribution<float> d(lo, hi);
+    std::vector<float> v(n);
+    for (auto& x : v) x = d(rng);
+    return v;
+}
+
+std::vector<uint8_t> rand_bytes(size_t n, unsigned seed) {
+    std::mt19937 rng(seed);
+    std::vector<uint8_t> v(n);
+    for (auto& x : v) x = (uint8_t)(rng() & 0xff);
+    return v;
+}
+
+// |got − want| ≤ tol · (1 + |want|) everywhere; reports the first miss.
+void check(const std::string& what, const std::vector<float>& got, const std::vector<double>& want, double tol) {
+    for (size_t i = 0; i < want.size(); ++i) {
+        if (!(std::fabs(got[i] - want[i]) <= tol * (1.0 + std::fabs(want[i])))) {
+            std::printf("FAIL %s[%zu]: got %.9g want %.9g\n", what.c_str(), i, got[i], want[i]);
+            ++failures;
+            return;
+        }
+    }
+    std::printf("ok   %s\n", what.c_str());
+}
+
+template <typename T>
+void check_eq(const std::string& what, const std::vector<T>& got, const std::vector<T>& want) {
+    for (size_t i = 0; i < want.size(); ++i) {
+        if (!(got[i] == want[i])) {
+            std::printf("FAIL %s[%zu]: got %g want %g\n", what.c_str(), i, (double)got[i], (double)want[i]);
+            ++failures;
+            return;
+        }
+    }
+    std::printf("ok   %s\n", what.c_str());
+}
+
+emu::Dim dim(unsigned x, unsigned y = 1) { return {x, y, 1}; }
+
+void norms() {
+    const int rows = 3, cols = 333;  // 333: partial warps in a 256-thread block
+    auto x = rand_vec(rows * cols, 1), r = rand_vec(rows * cols, 2), w = rand_vec(cols, 3), b = rand_vec(cols, 4);
+    const float eps = 1e-5f;
+    auto rms = [&](const std::vector<float>& in) {
+        std::vector<double> out(in.size());
+        for (int i = 0; i < rows; ++i) {
+            double ss = 0;
+            for (int c = 0; c < cols; ++c) ss += (double)in[i * cols + c] * in[i * cols + c];
+            const double inv = 1.0 / std::sqrt(ss / cols + eps);
+            for (int c = 0; c < cols; ++c) out[i * cols + c] = in[i * cols + c] * inv * w[c];
+        }
+        return out;
+    };
+    auto ln = [&](const std::vector<float>& in) {
+        std::vector<double> out(in.size());
+        for (int i = 0; i < rows; ++i) {
+            double mean = 0, var = 0;
+            for (int c = 0; c < cols; ++c) mean += in[i * cols + c];
+            mean /= cols;
+            for (int c = 0; c < cols; ++c) var += (in[i * cols + c] - mean) * (in[i * cols + c] - mean);
+            const double inv = 1.0 / std::sqrt(var / cols + eps);
+            for (int c = 0; c < cols; ++c) out[i * cols + c] = (in[i * cols + c] - mean) * inv * w[c] + b[c];
+        }
+        return out;
+    };
+    std::vector<float> out(rows * cols), sum(rows * cols);
+    for (int i = 0; i < rows * cols; ++i) sum[i] = x[i] + r[i];
+    emu::launch(dim(rows), dim(256), [&] { rms_norm_f32(x.data(), w.data(), out.data(), cols, eps); });
+    check("rms_norm", out, rms(x), 1e-5);
+    auto res = r;
+    emu::launch(dim(rows), dim(256), [&] { add_rms_norm_f32(x.data(), res.data(), w.data(), out.data(), cols, eps); });
+    check("add_rms_norm", out, rms(sum), 1e-5);
+    check_eq("add_rms_norm residual", res, sum);
+    emu::launch(dim(rows), dim(256), [&] { layer_norm_f32(x.data(), w.data(), b.data(), out.data(), cols, eps); });
+    check("layer_norm", out, ln(x), 1e-5);
+    res = r;
+    emu::launch(dim(rows), dim(256),
+                [&] { add_layer_norm_f32(x.data(), res.data(), w.data(), b.data(), out.data(), cols, eps); });
+    check("add_layer_norm", out, ln(sum), 1e-5);
+}
+
+void pointwise() {
+    const int rows = 2, cols = 300;
+    auto x = rand_vec(rows * cols, 5, -4.0f, 4.0f);
+    std::vector<double> want(x.size());
+    auto y = x;
+    emu::launch(dim(rows), dim(128), [&] { softmax_f32(y.data(), cols); });
+    for (int i = 0; i < rows; ++i) {
+        double m = -INFINITY, s = 0;
+        for (int c = 0; c < cols; ++c) m = std::max(m, (double)x[i * cols + c]);
+        for (int c = 0; c < cols; ++c) s += std::exp(x[i * cols + c] - m);
+        for (int c = 0; c < cols; ++c) want[i * cols + c] = std::exp(x[i * cols + c] - m) / s;
+    }
+    check("softmax", y, want, 1e-6);
+
+    const int inter = cols / 2;
+    std::vector<float> act(rows * inter);
+    emu::launch(dim(2), dim(64), [&] { silu_mul_f32(x.data(), act.data(), rows, inter); });
+    std::vector<double> want_act(rows * inter);
+    for (int i = 0; i < rows; ++i)
+        for (int c = 0; c < inter; ++c) {
+            const double g = x[i * cols + c], u = x[i * cols + inter + c];
+            want_act[i * inter + c] = g / (1.0 + std::exp(-g)) * u;
+        }
+    check("silu_mul", act, want_act, 1e-6);
+
+    // RoPE: position 4000 at head_dim 64, rotate-half pairs.
+    const int heads = 3, hd = 64, half = hd / 2;
+    std::vector<int> pos = {0, 1, 17, 4000};
+    std::vector<float> inv_freq(half);
+    for (int j = 0; j < half; ++j) inv_freq[j] = (float)std::pow(10000.0, -2.0 * j / hd);
+    auto q = rand_vec(pos.size() * heads * hd, 6);
+    auto rq = q;
+    emu::launch(dim(pos.size(), heads), dim(32), [&] { rope_f32(rq.data(), pos.data(), inv_freq.data(), heads, hd, half); });
+    std::vector<double> want_q(q.size());
+    for (size_t t = 0; t < pos.size(); ++t)
+        for (int h = 0; h < heads; ++h)
+            for (int j = 0; j < half; ++j) {
+                const size_t o = (t * heads + h) * hd;
+                const double a = (double)((float)pos[t] * inv_freq[j]);
+                want_q[o + j] = q[o + j] * std::cos(a) - q[o + j + half] * std::sin(a);
+                want_q[o + j + half] = q[o + j + half] * std::cos(a) + q[o + j] * std::sin(a);
+            }
+    check("rope", rq, want_q, 1e-6);
+
+    // bf16 round trip: within half a bf16 step, and exact on representable values.
+    std::vector<unsigned short> h(x.size());
+    emu::launch(dim(2), dim(256), [&] { f32_to_bf16(x.data(), h.data(), (int)x.size()); });
+    std::vector<float> back(3 * cols);
+    std::vector<unsigned> ids = {3, 0, 1};
+    emu::launch(dim(3), dim(64), [&] { embedding_bf16(h.data(), ids.data(), back.data(), rows, cols); });
+    std::vector<double> want_e(3 * cols);
+    for (int t = 0; t < 3; ++t)
+        for (int c = 0; c < cols; ++c) want_e[t * cols + c] = ids[t] < (unsigned)rows ? x[ids[t] * cols + c] : 0.0;
+    check("f32_to_bf16 + embedding_bf16 (id 3 out of range)", back, want_e, 1.0 / 256);
+    emu::launch(dim(2), dim(256), [&] { f32_to_f16(x.data(), h.data(), (int)x.size()); });
+    emu::launch(dim(3), dim(64), [&] { embedding_f16(h.data(), ids.data(), back.data(), rows, cols); });
+    check("f32_to_f16 + embedding_f16", back, want_e, 1.0 / 2048);
+}
+
+// y = x · Wᵀ + bias with W given as dense values.
+std::vector<double> ref_linear(const std::vector<float>& x, const std::vector<double>& w, const std::vector<float>& bias,
+                               int m, int n, int k) {
+    std::vector<double> y(m * n);
+    for (int i = 0; i < m; ++i)
+        for (int j = 0; j < n; ++j) {
+            double s = bias[j];
+            for (int c = 0; c < k; ++c) s += (double)x[i * k + c] * w[(size_t)j * k + c];
+            y[i * n + j] = s;
+        }
+    return y;
+}
+
+void weight_only() {
+    const int n = 75, k = 160, group = 64, groups = (k + group - 1) / group;  // partial last group
+    auto bias = rand_vec(n, 10);
+    auto q8 = rand_bytes(n * k, 11);
+    auto s = rand_vec(n * groups, 12, 0.01f, 0.03f);
+    auto off = rand_vec(n * groups, 13);
+    auto q4 = rand_bytes(n * k / 2, 14);
+    auto qf = rand_bytes(n * k, 15);
+    for (auto& b : qf) if ((b & 0x7f) == 0x7f) b = 0x7e;
+    auto sf = rand_vec(n, 16, 0.01f, 0.03f);
+    auto bs = rand_bytes(n * k / 16, 17);
+    for (auto& b : bs) b = 0x30 + b % 0x20;
+    auto hw = rand_bytes(2 * n * k, 18);
+    std::vector<unsigned short> bf(n * k), f16(n * k);
+    for (int i = 0; i < n * k; ++i) {
+        bf[i] = (unsigned short)(hw[2 * i] | (hw[2 * i + 1] & 0x3f) << 8);  // |v| < 2
+        f16[i] = (unsigned short)(hw[2 * i] | (hw[2 * i + 1] & 0xbb) << 8);
+    }
+    // Dense values from the formats' definitions.
+    std::vector<double> w8(n * k), w4(n * k), w4s(n * k), wf(n * k), wn(n * k), wb(n * k), wh(n * k);
+    for (int r = 0; r < n; ++r)
+        for (int c = 0; c < k; ++c) {
+            const int i = r * k + c, g = r * groups + c / group;
+            w8[i] = (double)(signed char)q8[i] * s[g];
+            const int blk = (r * k + c) / 32, in = c % 32;
+            const uint8_t byte = q4[blk * 16 + in % 16];
+            const int code = in < 16 ? byte & 0xf : byte >> 4;
+            w4[i] = (double)s[g] * code + off[g];
+            w4s[i] = (double)s[g] * (code - 8);
+            wf[i] = (double)e4m3_to_f32(qf[i]) * sf[r];
+            const int b16 = (r * k + c) / 16, in16 = c % 16;
+            const uint8_t nb = q4[b16 * 8 + in16 % 8];
+            wn[i] = (double)e2m1_to_f32(in16 < 8 ? nb & 0xf : nb >> 4) * e4m3_to_f32(bs[b16]) * 0.7;
+            wb[i] = bf16_to_f32(bf[i]);
+            wh[i] = cvt_f32_f16(f16[i]);
+        }
+    const auto* q8p = reinterpret_cast<const signed char*>(q8.data());
+    for (int m : {1, 5, 70}) {  // 5: the GEMV's second row group; 70: partial 64-row tiles
+        auto x = rand_vec(m * k, 20 + m);
+        std::vector<float> y(m * n);
+        const bool gemv = m <= 8;
+        auto run = [&](const char* name, const std::vector<double>& w, auto gemv_k, auto gemm_k) {
+            std::fill(y.begin(), y.end(), NAN);
+            if (gemv) emu::launch(dim((n + 3) / 4), dim(128), gemv_k);
+            else emu::launch(dim((n + 63) / 64, (m + 63) / 64), dim(256), gemm_k);
+            check(std::string(name) + " m=" + std::to_string(m), y, ref_linear(x, w, bias, m, n, k), 1e-4);
+        };
+        const float* xp = x.data();
+        const float* bp = bias.data();
+        float* yp = y.data();
+        run("int8", w8, [&] { gemv_int8(q8p, s.data(), group, xp, bp, yp, m, n, k); },
+            [&] { gemm_int8(q8p, s.data(), group, xp, bp, yp, m, n, k); });
+        run("int4 zp", w4, [&] { gemv_int4(q4.data(), s.data(), off.data(), group, xp, bp, yp, m, n, k); },
+            [&] { gemm_int4(q4.data(), s.data(), off.data(), group, xp, bp, yp, m, n, k); });
+        run("int4 sym", w4s, [&] { gemv_int4(q4.data(), s.data(), nullptr, group, xp, bp, yp, m, n, k); },
+            [&] { gemm_int4(q4.data(), s.data(), nullptr, group, xp, bp, yp, m, n, k); });
+        run("fp8", wf, [&] { gemv_fp8(qf.data(), sf.data(), xp, bp, yp, m, n, k); },
+            [&] { gemm_fp8(qf.data(), sf.data(), xp, bp, yp, m, n, k); });
+        run("nvfp4", wn, [&] { gemv_nvfp4(q4.data(), bs.data(), 0.7f, xp, bp, yp, m, n, k); },
+            [&] { gemm_nvfp4(q4.data(), bs.data(), 0.7f, xp, bp, yp, m, n, k); });
+        if (gemv) {
+            run("bf16", wb, [&] { gemv_bf16(bf.data(), xp, bp, yp, m, n, k); }, [] {});
+            run("f16", wh, [&] { gemv_f16(f16.data(), xp, bp, yp, m, n, k); }, [] {});
+        }
+    }
+}
+
+void eight_bit() {
+    const int n = 75, k = 192;
+    auto bias = rand_vec(n, 30);
+    auto wq = rand_bytes(n * k, 31);
+    for (auto& b : wq) if (b == 0x80) b = 0x81;  // int8 weights are symmetric: −127..127
+    auto ws = rand_vec(n, 32, 0.001f, 0.01f);
+    const auto* wqs = reinterpret_cast<const signed char*>(wq.data());
+    for (int m : {1, 7, 9, 70}) {
+        auto x = rand_vec(m * k, 33 + m);
+        std::fill(x.begin(), x.begin() + k, 0.0f);  // an all-zero row: scale 1, codes 0
+        // The CPU's W8A8 arithmetic, step for step.
+        std::vector<signed char> xq(m * k);
+        std::vector<float> xs(m), y(m * n);
+        std::vector<float> want(m * n);
+        std::vector<signed char> want_q(m * k);
+        std::vector<float> want_s(m);
+        for (int i = 0; i < m; ++i) {
+            float amax = 0;
+            for (int c = 0; c < k; ++c) amax = std::max(amax, std::fabs(x[i * k + c]));
+            const float sc = amax > 0 ? amax / 127.0f : 1.0f, inv = 1.0f / sc;
+            want_s[i] = sc;
+            for (int c = 0; c < k; ++c)
+                want_q[i * k + c] = (signed char)std::clamp(std::round(x[i * k + c] * inv), -127.0f, 127.0f);
+        }
+        for (int i = 0; i < m; ++i)
+            for (int j = 0; j < n; ++j) {
+                int d = 0;
+                for (int c = 0; c < k; ++c) d += want_q[i * k + c] * wqs[j * k + c];
+                want[i * n + j] = (float)d * want_s[i] * ws[j] + bias[j];
+            }
+        emu::launch(dim(m), dim(256), [&] { quantize_rows_int8(x.data(), xq.data(), xs.data(), k); });
+        const std::string tag = " m=" + std::to_string(m);
+        check_eq("quantize_rows_int8 codes" + tag, xq, want_q);
+        check_eq("quantize_rows_int8 scales" + tag, xs, want_s);
+        std::fill(y.begin(), y.end(), NAN);
+        if (m <= 8)
+            emu::launch(dim((n + 3) / 4), dim(128),
+                        [&] { gemv_w8a8(xq.data(), xs.data(), wqs, ws.data(), bias.data(), y.data(), m, n, k); });
+        else
+            emu::launch(dim((n + 63) / 64, (m + 63) / 64), dim(128),
+                        [&] { gemm_w8a8(xq.data(), xs.data(), wqs, ws.data(), bias.data(), y.data(), m, n, k); });
+        check_eq(std::string(m <= 8 ? "gemv_w8a8" : "gemm_w8a8 (int8 mma)") + tag, y, want);
+
+        // FP8: codes of x / input_scale, E4M3 × E4M3 summed, scaled by input_scale · w_scale.
+        const float input_scale = 0.004f;
+        auto wf = wq;
+        for (auto& b : wf) if ((b & 0x7f) == 0x7f) b = 0x7e;
+        std::vector<uint8_t> xf(m * k);
+        emu::launch(dim(4), dim(256), [&] { quantize_fp8(x.data(), xf.data(), input_scale, m * k); });
+        std::vector<uint8_t> want_f(m * k);
+        for (int i = 0; i < m * k; ++i) want_f[i] = f32_to_e4m3(x[i] / input_scale);
+        check_eq("quantize_fp8" + tag, xf, want_f);
+        if (m <= 8) continue;
+        std::vector<double> wd(n * k);
+        std::vector<float> xd(m * k);
+        for (int i = 0; i < n * k; ++i) wd[i] = (double)e4m3_to_f32(wf[i]) * ws[i / k];
+        for (int i = 0; i < m * k; ++i) xd[i] = e4m3_to_f32(xf[i]) * input_scale;
+        std::fill(y.begin(), y.end(), NAN);
+        emu::launch(dim((n + 63) / 64, (m + 63) / 64), dim(128), [&] {
+            gemm_fp8_e4m3(xf.data(), input_scale, wf.data(), ws.data(), bias.data(), y.data(), m, n, k);
+        });
+        check("gemm_fp8_e4m3 (e4m3 mma)" + tag, y, ref_linear(xd, wd, bias, m, n, k), 1e-5);
+    }
+}
+
+void attention() {
+    // GQA 6 query heads over 2 KV heads, block size 4, two sequences with shuffled block tables:
+    // sequence 0 has 7 cached positions and 3 new rows (prefill chunk), sequence 1 one decode row.
+    const int n_heads = 6, n_kv = 2, hd = 40, bs = 4, num_blocks = 8;
+    std::vector<int> tables = {5, 2, 7, 0, 3, 6}, table_start = {0, 3};
+    const std::vector<int> row_seq = {0, 0, 0, 1}, row_pos = {7, 8, 9, 10};
+    const int rows = (int)row_seq.size();
+    auto slot = [&](int seq, int pos) { return tables[table_start[seq] + pos / bs] * bs + pos % bs; };
+    const size_t pool_len = (size_t)num_blocks * bs * n_kv * hd;
+    auto kf = rand_vec(pool_len, 40), vf = rand_vec(pool_len, 41);
+    auto q = rand_vec(rows * n_heads * hd, 42);
+    const float scale = 1.0f / std::sqrt((float)hd);
+
+    // Write each row's own key/value through the kernels, as a forward pass does.
+    auto knew = rand_vec(rows * n_kv * hd, 43), vnew = rand_vec(rows * n_kv * hd, 44);
+    std::vector<int> slots(rows);
+    for (int r = 0; r < rows; ++r) slots[r] = slot(row_seq[r], row_pos[r]);
+    emu::launch(dim(rows, n_kv), dim(32), [&] { kv_write_f32(knew.data(), slots.data(), kf.data(), n_kv, hd); });
+    emu::launch(dim(rows, n_kv), dim(32), [&] { kv_write_f32(vnew.data(), slots.data(), vf.data(), n_kv, hd); });
+
+    // Int8 pool written from the f32 pool, head by head, with per-(slot, head) scales.
+    std::vector<signed char> k8(pool_len), v8(pool_len);
+    std::vector<float> ks(num_blocks * bs * n_kv), vs(num_blocks * bs * n_kv);
+    std::vector<int> all_slots(num_blocks * bs);
+    for (int i = 0; i < num_blocks * bs; ++i) all_slots[i] = i;
+    emu::launch(dim(num_blocks * bs, n_kv), dim(32),
+                [&] { kv_write_int8(kf.data(), all_slots.data(), k8.data(), ks.data(), n_kv, hd); });
+    emu::launch(dim(num_blocks * bs, n_kv), dim(32),
+                [&] { kv_write_int8(vf.data(), all_slots.data(), v8.data(), vs.data(), n_kv, hd); });
+    std::vector<double> deq_k(pool_len), deq_v(pool_len);
+    bool codes_ok = true;
+    for (size_t i = 0; i < pool_len; ++i) {
+        const size_t sh = i / hd;  // (slot, head)
+        deq_k[i] = (double)k8[i] * ks[sh];
+        deq_v[i] = (double)v8[i] * vs[sh];
+        codes_ok &= std::fabs(deq_k[i] - kf[i]) <= ks[sh] * 0.5001 && std::fabs(deq_v[i] - vf[i]) <= vs[sh] * 0.5001;
+    }
+    if (!codes_ok) {
+        std::printf("FAIL kv_write_int8: a code is more than half a step off\n");
+        ++failures;
+    } else {
+        std::printf("ok   kv_write_int8\n");
+    }
+
+    auto reference = [&](auto key, auto value) {
+        std::vector<double> out(rows * n_heads * hd);
+        for (int r = 0; r < rows; ++r)
+            for (int h = 0; h < n_heads; ++h) {
+                const int kvh = h / (n_heads / n_kv);
+                const float* qr = &q[(r * n_heads + h) * hd];
+                std::vector<double> logits(row_pos[r] + 1);
+                double mx = -INFINITY, den = 0;
+                for (int p = 0; p <= row_pos[r]; ++p) {
+                    const size_t base = ((size_t)slot(row_seq[r], p) * n_kv + kvh) * hd;
+                    double d = 0;
+                    for (int c = 0; c < hd; ++c) d += (double)(qr[c] * scale) * key(base + c);
+                    logits[p] = d;
+                    mx = std::max(mx, d);
+                }
+                for (auto& l : logits) den += (l = std::exp(l - mx));
+                for (int c = 0; c < hd; ++c) {
+                    double s = 0;
+                    for (int p = 0; p <= row_pos[r]; ++p)
+                        s += logits[p] * value(((size_t)slot(row_seq[r], p) * n_kv + kvh) * hd + c);
+                    out[(r * n_heads + h) * hd + c] = s / den;
+                }
+            }
+        return out;
+    };
+    AttnArgs a{q.data(), nullptr, row_seq.data(), row_pos.data(), tables.data(), table_start.data(),
+               n_heads, n_kv, hd, bs, scale};
+    std::vector<float> out(rows * n_heads * hd, NAN);
+    a.out = out.data();
+    emu::launch(dim(rows, n_heads), dim(128), [&] { paged_attention_f32(a, kf.data(), vf.data()); });
+    check("paged_attention_f32 (GQA, prefill + decode rows)", out,
+          reference([&](size_t i) { return (double)kf[i]; }, [&](size_t i) { return (double)vf[i]; }), 1e-5);
+    std::fill(out.begin(), out.end(), NAN);
+    emu::launch(dim(rows, n_heads), dim(128),
+                [&] { paged_attention_int8(a, k8.data(), ks.data(), v8.data(), vs.data()); });
+    check("paged_attention_int8", out,
+          reference([&](size_t i) { return deq_k[i]; }, [&](size_t i) { return deq_v[i]; }), 1e-5);
+}
+
+void sampling() {
+    const int vocab = 3001, rows = 3;
+    auto logits = rand_vec(rows * vocab, 50, -3.0f, 3.0f);
+    logits[vocab + 17] = 9.0f;
+    logits[vocab + 2500] = 9.0f;  // a tie: the lower id wins
+    std::vector<unsigned> out(rows);
+    emu::launch(dim(rows), dim(256), [&] { argmax_f32(logits.data(), out.data(), vocab); });
+    std::vector<unsigned> want(rows);
+    for (int r = 0; r < rows; ++r) {
+        int best = 0;
+        for (int i = 1; i < vocab; ++i)
+            if (logits[r * vocab + i] > logits[r * vocab + best]) best = i;
+        want[r] = best;
+    }
+    check_eq("argmax_f32 (ties to the lower id)", out, want);
+
+    // The inverse CDF over the top-k / top-p / min-p survivors, drawn at several uniforms. Each
+    // candidate costs the kernel one pass over the row, so k stays modest under emulation; 64
+    // threads (the launcher uses 256) keep a round's barriers cheap without changing the logic.
+    const SampleParams cases[] = {{1.0f, 1, 1.0f, 0.0f}, {0.7f, 40, 0.9f, 0.0f}, {1.3f, 200, 1.0f, 0.05f}};
+    for (const SampleParams& p : cases)
+        for (float u : {0.0f, 0.37f, 0.999f}) {
+            std::vector<SampleParams> ps(rows, p);
+            std::vector<float> us(rows, u);
+            emu::launch(dim(rows), dim(64), [&] { sample_top_k_top_p_f32(logits.data(), ps.data(), us.data(), out.data(), vocab); });
+            for (int r = 0; r < rows; ++r) {
+                std::vector<int> ids(vocab);
+                for (int i = 0; i < vocab; ++i) ids[i] = i;
+                const float* row = &logits[r * vocab];
+                std::stable_sort(ids.begin(), ids.end(), [&](int a, int b) { return row[a] > row[b]; });
+                const int kk = std::min(p.top_k, vocab);
+                std::vector<double> pr(kk);
+                double tot = 0;
+                const float top = row[ids[0]] * (1.0f / p.temperature);
+                for (int i = 0; i < kk; ++i) tot += (pr[i] = std::exp((double)(row[ids[i]] * (1.0f / p.temperature) - top)));
+                for (auto& v : pr) v /= tot;
+                int keep = kk;
+                if (p.top_p < 1.0f) {
+                    double acc = 0;
+                    for (int i = 0; i < kk; ++i)
+                        if ((acc += pr[i]) >= p.top_p) { keep = i + 1; break; }
+                }
+                if (p.min_p > 0.0f) {
+                    int m = 0;
+                    while (m < keep && pr[m] >= pr[0] * p.min_p) ++m;
+                    keep = std::max(m, 1);
+                }
+                double kept = 0;
+                for (int i = 0; i < keep; ++i) kept += pr[i];
+                double x = u * kept;
+                unsigned pick = ids[keep - 1];
+                for (int i = 0; i < keep; ++i)
+                    if ((x -= pr[i]) <= 0) { pick = ids[i]; break; }
+                want[r] = pick;
+            }
+            char tag[96];
+            std::snprintf(tag, sizeof tag, "sample (T %.1f, k %d, p %.2f, min_p %.2f) u=%.3f", p.temperature, p.top_k,
+                          p.top_p, p.min_p, u);
+            check_eq(tag, out, want);
+        }
+}
+
+}  // namespace
+
+int main() {
+    using Family = std::pair<const char*, void (*)()>;
+    const Family families[] = {{"norms", norms},   {"pointwise", pointwise}, {"weight-only", weight_only},
+                               {"8-bit", eight_bit}, {"attention", attention}, {"sampling", sampling}};
+    for (auto [name, family] : families) {
+        const auto t0 = std::chrono::steady_clock::now();
+        family();
+        const std::chrono::duration<double> dt = std::chrono::steady_clock::now() - t0;
+        std::printf("--   %s: %.1f s\n", name, dt.count());
+    }
+    if (failures) std::printf("%d kernel check(s) failed\n", failures);
+    else std::printf("every kernel matches its reference under emulation\n");
+    return failures ? 1 : 0;
+}
