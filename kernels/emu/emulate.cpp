@@ -409,15 +409,14 @@ void sampling() {
     }
     check_eq("argmax_f32 (ties to the lower id)", out, want);
 
-    // The inverse CDF over the top-k / top-p / min-p survivors, drawn at several uniforms. Each
-    // candidate costs the kernel one pass over the row, so k stays modest under emulation; 64
-    // threads (the launcher uses 256) keep a round's barriers cheap without changing the logic.
-    const SampleParams cases[] = {{1.0f, 1, 1.0f, 0.0f}, {0.7f, 40, 0.9f, 0.0f}, {1.3f, 200, 1.0f, 0.05f}};
+    // The inverse CDF over the top-k / top-p / min-p survivors, drawn at several uniforms; k up
+    // to the kernel's maximum (a disabled top-k).
+    const SampleParams cases[] = {{1.0f, 1, 1.0f, 0.0f}, {0.7f, 40, 0.9f, 0.0f}, {1.3f, 1024, 1.0f, 0.05f}};
     for (const SampleParams& p : cases)
         for (float u : {0.0f, 0.37f, 0.999f}) {
             std::vector<SampleParams> ps(rows, p);
             std::vector<float> us(rows, u);
-            emu::launch(dim(rows), dim(64), [&] { sample_top_k_top_p_f32(logits.data(), ps.data(), us.data(), out.data(), vocab); });
+            emu::launch(dim(rows), dim(256), [&] { sample_top_k_top_p_f32(logits.data(), ps.data(), us.data(), out.data(), vocab); });
             for (int r = 0; r < rows; ++r) {
                 std::vector<int> ids(vocab);
                 for (int i = 0; i < vocab; ++i) ids[i] = i;

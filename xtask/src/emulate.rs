@@ -1,43 +1,99 @@
-//! `cargo xtask emulate-kernels`: every CUDA kernel executed on the host against a plain reference
-//! (kernels/emu), so the kernels' logic is tested on machines without a GPU. The sources compile
-//! as C++ with `TRT_EMULATE`, which swaps the CUDA built-ins and the PTX helpers for host versions.
+//! Host emulation of the CUDA path, for machines without a GPU. The kernel sources compile as
+//! C++ with `TRT_EMULATE`, which swaps the CUDA built-ins and the PTX helpers for host versions
+//! (kernels/emu/cuda_emu.h):
+//! - `cargo xtask emulate-kernels` runs every kernel against a plain reference (emulate.cpp);
+//! - `cargo xtask emulate-gpu` builds an emulated driver (driver.cpp: the CUDA driver API and the
+//!   cuBLAS calls cudarc makes, over host memory and those kernels) as libcuda.so / libcublas.so
+//!   and runs the Rust GPU tests through it, so the launchers, device matrices and decoder execute
+//!   unchanged. Neither says anything about GPU speed, and neither stands in for `test-gpu`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result};
 
-use crate::run;
+use crate::{cargo_command, run};
 
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
+fn out_dir() -> Result<PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let out = target.join("cuda-emulation");
+    std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
+    Ok(out)
+}
+
+/// Compiles `kernels/emu/<source>` for the host into `out`.
+fn compile(source: &str, out: &Path, extra: &[&str]) -> Result<()> {
+    let src = crate::kernels::kernels_dir().join("emu").join(source);
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
+    let mut cmd = Command::new(&cxx);
+    cmd.args(["-std=c++20", "-O2", "-pthread", "-DTRT_EMULATE"])
+        // The kernels' arithmetic as the GPU does it: no contraction the source does not ask for.
+        .args(["-ffp-contract=off", "-fno-strict-aliasing"])
+        .args(["-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas"])
+        .args(extra)
+        .args(["-x", "c++"])
+        .arg(&src)
+        .arg("-o")
+        .arg(out);
+    run(&mut cmd).with_context(|| format!("compiling {} with {cxx} (set CXX)", src.display()))
 }
 
 pub fn emulate_kernels() -> Result<()> {
-    let src = crate::kernels::kernels_dir().join("emu/emulate.cpp");
-    let out = target_dir().join("emulate-kernels");
-    std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
-    let exe = out.join("emulate");
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
-    let mut compile = Command::new(&cxx);
-    compile
-        .args(["-std=c++20", "-O2", "-pthread", "-DTRT_EMULATE"])
-        // The kernels' arithmetic as the GPU does it: no contraction the source does not ask for.
-        .args(["-ffp-contract=off", "-fno-strict-aliasing"])
-        .args([
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-Wno-unknown-pragmas",
-            "-x",
-            "c++",
-        ])
-        .arg(&src)
-        .arg("-o")
-        .arg(&exe);
-    run(&mut compile)
-        .with_context(|| format!("compiling the kernel emulation with {cxx} (set CXX)"))?;
+    let exe = out_dir()?.join("emulate");
+    compile("emulate.cpp", &exe, &[])?;
     run(&mut Command::new(&exe))
+}
+
+/// `full`: every GPU test (SmolLM2's golden cases and all engine formats, minutes under
+/// emulation) instead of the kernel tests and the tiny fixtures.
+pub fn emulate_gpu(full: bool) -> Result<()> {
+    crate::kernels::build_kernels()?; // the PTX the cuda feature embeds
+    let lib = out_dir()?.join("lib");
+    std::fs::create_dir_all(&lib).with_context(|| lib.display().to_string())?;
+    // Built beside and renamed over, so a process still using the old library keeps its copy.
+    let built = lib.join("libcuda.so.new");
+    compile("driver.cpp", &built, &["-shared", "-fPIC"])?;
+    std::fs::rename(&built, lib.join("libcuda.so"))?;
+    let cublas = lib.join("libcublas.so");
+    if !cublas.exists() {
+        std::os::unix::fs::symlink("libcuda.so", &cublas)
+            .with_context(|| cublas.display().to_string())?;
+    }
+    eprintln!(
+        "CUDA tests through the emulated driver in {} (host emulation, not a GPU)",
+        lib.display()
+    );
+    let test = |args: &[&str]| {
+        run(cargo_command()
+            .arg("test")
+            .args(args)
+            .env("LD_LIBRARY_PATH", &lib))
+    };
+    test(&[
+        "-p",
+        "trtllm-kernels",
+        "--features",
+        "cuda",
+        "--",
+        "--ignored",
+        "cuda::",
+    ])?;
+    let gpu = [
+        "-p",
+        "trtllm-tests",
+        "--features",
+        "cuda",
+        "--test",
+        "gpu",
+        "--",
+        "--ignored",
+    ];
+    if full {
+        crate::fetch_demo_model()?;
+        test(&gpu)
+    } else {
+        test(&[&gpu[..], &["tiny_fixtures"]].concat())
+    }
 }

@@ -30,6 +30,14 @@ enum Task {
     /// Execute every CUDA kernel on the host (kernels/emu, built with g++) against a plain
     /// reference: the kernels' logic, tested without a GPU.
     EmulateKernels,
+    /// Run the CUDA kernel tests and the tiny fixtures' GPU test through an emulated driver
+    /// (kernels/emu/driver.cpp as libcuda.so and libcublas.so): the Rust CUDA path executed
+    /// without a GPU.
+    EmulateGpu {
+        /// Every GPU test, SmolLM2's included (slow under emulation).
+        #[arg(long)]
+        full: bool,
+    },
     /// Compile kernels/*.cu to PTX for sm_80 and sm_90 and report registers, shared memory and
     /// spills (fails on any warning or spill).
     BuildKernels,
@@ -74,6 +82,7 @@ fn main() -> Result<()> {
             cargo(&["bench", "-p", "trtllm-tests"])
         }
         Task::EmulateKernels => emulate::emulate_kernels(),
+        Task::EmulateGpu { full } => emulate::emulate_gpu(full),
         Task::BuildKernels => kernels::build_kernels(),
         Task::TestGpu => {
             kernels::require_gpu()?;
