@@ -120,14 +120,20 @@ impl CudaDecoder {
         Ok(self.dev.zeros(n)?)
     }
 
-    fn norm(&self, n: &DeviceNorm, x: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+    /// `norm(x)`; with `residual`, first `residual += x` and `norm(residual)` (one kernel).
+    fn norm(
+        &self,
+        n: &DeviceNorm,
+        x: &CudaSlice<f32>,
+        residual: Option<&mut CudaSlice<f32>>,
+    ) -> Result<CudaSlice<f32>> {
         let mut out = self.zeros(x.len())?;
         let eps = self.config().norm_eps;
         match (self.config().norm, &n.b) {
             (NormKind::LayerNorm, Some(b)) => {
-                self.dev.layer_norm(x, None, (&n.w, b), &mut out, eps)?
+                self.dev.layer_norm(x, residual, (&n.w, b), &mut out, eps)?
             }
-            _ => self.dev.rms_norm(x, None, &n.w, &mut out, eps)?,
+            _ => self.dev.rms_norm(x, residual, &n.w, &mut out, eps)?,
         }
         Ok(out)
     }
@@ -171,37 +177,47 @@ impl CudaDecoder {
             )?,
             n,
         };
+        // Each block's output is added to the residual stream by the next norm's kernel; the
+        // final norm runs over every row (the CPU norms only the logits rows: same values).
+        let norm_after = |i: usize| {
+            self.layers
+                .get(i)
+                .map_or(&self.final_norm, |l| &l.attn_norm)
+        };
+        let mut x = self.norm(norm_after(0), &hidden, None)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            self.attention_block(i, layer, &mut hidden, &step, pool)?;
-            self.mlp_block(layer, &mut hidden, n)?;
+            let o = self.attention_block(i, layer, &x, &step, pool)?;
+            x = self.norm(&layer.mlp_norm, &o, Some(&mut hidden))?;
+            let down = self.mlp_block(layer, &x, n)?;
+            x = self.norm(norm_after(i + 1), &down, Some(&mut hidden))?;
         }
         let rows: Vec<u32> = layout.logits_rows.iter().map(|&r| r as u32).collect();
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        // The embedding gather doubles as a row gather from the hidden states.
+        // The embedding gather doubles as a row gather from the normed hidden states.
         let h = self.config().hidden_size;
-        let mut x = self.zeros(rows.len() * h)?;
+        let mut last = self.zeros(rows.len() * h)?;
         self.dev
-            .embedding(&hidden, &self.dev.upload(&rows)?, h, &mut x)?;
-        let x = self.norm(&self.final_norm, &x)?;
-        let logits = self.linear(&self.lm_head, &x, rows.len())?;
+            .embedding(&x, &self.dev.upload(&rows)?, h, &mut last)?;
+        let logits = self.linear(&self.lm_head, &last, rows.len())?;
         Ok(self.dev.download(&logits)?)
     }
 
+    /// The attention block's output for the normed hidden states `x` (not yet added to the
+    /// residual stream).
     fn attention_block(
         &self,
         i: usize,
         layer: &DeviceLayer,
-        hidden: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
         step: &DeviceStep,
         pool: &mut KvPool,
-    ) -> Result<()> {
+    ) -> Result<CudaSlice<f32>> {
         let c = self.config();
         let n = step.n;
         let (qd, kvd, qkvd) = (c.q_dim(), c.kv_dim(), c.qkv_dim());
-        let x = self.norm(&layer.attn_norm, hidden)?;
-        let qkv = self.linear(&layer.qkv, &x, n)?;
+        let qkv = self.linear(&layer.qkv, x, n)?;
         let (mut q, mut k, mut v) = (
             self.zeros(n * qd)?,
             self.zeros(n * kvd)?,
@@ -228,13 +244,17 @@ impl CudaDecoder {
         let mut attn = self.zeros(n * qd)?;
         self.dev
             .paged_attention(&q, kv, &step.attention, &mut attn)?;
-        let o = self.linear(&layer.o, &attn, n)?;
-        Ok(self.dev.add(hidden, &o)?)
+        self.linear(&layer.o, &attn, n)
     }
 
-    fn mlp_block(&self, layer: &DeviceLayer, hidden: &mut CudaSlice<f32>, n: usize) -> Result<()> {
-        let x = self.norm(&layer.mlp_norm, hidden)?;
-        let up = self.linear(&layer.up, &x, n)?;
+    /// The MLP block's output for the normed hidden states `x`.
+    fn mlp_block(
+        &self,
+        layer: &DeviceLayer,
+        x: &CudaSlice<f32>,
+        n: usize,
+    ) -> Result<CudaSlice<f32>> {
+        let up = self.linear(&layer.up, x, n)?;
         let act = match self.config().mlp {
             MlpKind::GatedSilu => {
                 let mut a = self.zeros(n * self.config().intermediate_size)?;
@@ -247,8 +267,7 @@ impl CudaDecoder {
                 a
             }
         };
-        let down = self.linear(&layer.down, &act, n)?;
-        Ok(self.dev.add(hidden, &down)?)
+        self.linear(&layer.down, &act, n)
     }
 }
 
