@@ -116,8 +116,9 @@ impl CudaDecoder {
         KvPool::on_device(self.config(), storage, (block_size, num_blocks), &self.dev)
     }
 
-    fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
-        Ok(self.dev.zeros(n)?)
+    /// An activation buffer the next kernel writes in full.
+    fn output(&self, n: usize) -> Result<CudaSlice<f32>> {
+        Ok(self.dev.output(n)?)
     }
 
     /// `norm(x)`; with `residual`, first `residual += x` and `norm(residual)` (one kernel).
@@ -127,7 +128,7 @@ impl CudaDecoder {
         x: &CudaSlice<f32>,
         residual: Option<&mut CudaSlice<f32>>,
     ) -> Result<CudaSlice<f32>> {
-        let mut out = self.zeros(x.len())?;
+        let mut out = self.output(x.len())?;
         let eps = self.config().norm_eps;
         match (self.config().norm, &n.b) {
             (NormKind::LayerNorm, Some(b)) => {
@@ -148,7 +149,7 @@ impl CudaDecoder {
             }
             None => None,
         };
-        let mut y = self.zeros(rows * l.w.rows)?;
+        let mut y = self.output(rows * l.w.rows)?;
         self.dev
             .matmul(&l.w, scaled.as_ref().unwrap_or(x), l.bias.as_ref(), &mut y)?;
         Ok(y)
@@ -197,7 +198,7 @@ impl CudaDecoder {
         }
         // The embedding gather doubles as a row gather from the normed hidden states.
         let h = self.config().hidden_size;
-        let mut last = self.zeros(rows.len() * h)?;
+        let mut last = self.output(rows.len() * h)?;
         self.dev
             .embedding(&x, &self.dev.upload(&rows)?, h, &mut last)?;
         let logits = self.linear(&self.lm_head, &last, rows.len())?;
@@ -219,9 +220,9 @@ impl CudaDecoder {
         let (qd, kvd, qkvd) = (c.q_dim(), c.kv_dim(), c.qkv_dim());
         let qkv = self.linear(&layer.qkv, x, n)?;
         let (mut q, mut k, mut v) = (
-            self.zeros(n * qd)?,
-            self.zeros(n * kvd)?,
-            self.zeros(n * kvd)?,
+            self.output(n * qd)?,
+            self.output(n * kvd)?,
+            self.output(n * kvd)?,
         );
         self.dev.copy_cols((&qkv, qkvd), 0, &mut q)?;
         self.dev.copy_cols((&qkv, qkvd), qd, &mut k)?;
@@ -241,7 +242,7 @@ impl CudaDecoder {
         self.dev.kv_write((kv, KvSide::Key), &k, &step.attention)?;
         self.dev
             .kv_write((kv, KvSide::Value), &v, &step.attention)?;
-        let mut attn = self.zeros(n * qd)?;
+        let mut attn = self.output(n * qd)?;
         self.dev
             .paged_attention(&q, kv, &step.attention, &mut attn)?;
         self.linear(&layer.o, &attn, n)
@@ -257,7 +258,7 @@ impl CudaDecoder {
         let up = self.linear(&layer.up, x, n)?;
         let act = match self.config().mlp {
             MlpKind::GatedSilu => {
-                let mut a = self.zeros(n * self.config().intermediate_size)?;
+                let mut a = self.output(n * self.config().intermediate_size)?;
                 self.dev.silu_mul(&up, n, &mut a)?;
                 a
             }

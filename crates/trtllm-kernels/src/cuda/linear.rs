@@ -200,7 +200,7 @@ impl CudaDevice {
             b.arg(y).arg(&mi).arg(&ni).arg(&ki);
             return launch(b, gemv_grid(n)?, &name);
         }
-        let mut xh = self.zeros::<u16>(x.len())?;
+        let mut xh = self.output::<u16>(x.len())?;
         let name = format!("f32_to_{}", half.name());
         let count = int("n", x.len())?;
         let mut b = self.builder(&name)?;
@@ -284,7 +284,7 @@ impl CudaDevice {
         check_len(op, "scales (one per row)", scales.len(), n)?;
         let m = check_problem(op, x, (n, k), bias, y)?;
         let (mi, ni, ki) = (int("m", m)?, int("n", n)?, int("k", k)?);
-        let (mut xq, mut xs) = (self.zeros::<i8>(m * k)?, self.zeros::<f32>(m)?);
+        let (mut xq, mut xs) = (self.output::<i8>(m * k)?, self.output::<f32>(m)?);
         let mut b = self.builder("quantize_rows_int8")?;
         b.arg(x).arg(&mut xq).arg(&mut xs).arg(&ki);
         launch(b, grid(m, ROW_THREADS)?, "quantize_rows_int8")?;
@@ -327,7 +327,7 @@ impl CudaDevice {
         check_len(op, "fp8 scales", scales.len(), n)?;
         let m = check_problem(op, x, (n, k), bias, y)?;
         let (mi, ni, ki) = (int("m", m)?, int("n", n)?, int("k", k)?);
-        let mut xq = self.zeros::<u8>(m * k)?;
+        let mut xq = self.output::<u8>(m * k)?;
         let count = int("n", x.len())?;
         let mut b = self.builder("quantize_fp8")?;
         b.arg(x).arg(&mut xq).arg(&input_scale).arg(&count);

@@ -121,6 +121,14 @@ impl CudaDevice {
         self.stream.clone_dtod(d).map_err(cuda_err("device copy"))
     }
 
+    /// A buffer for a kernel that writes every element, without the memset [`Self::zeros`] pays
+    /// for (a launch per buffer).
+    pub fn output<T: DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: device memory is never read by the host before a kernel fills it; callers pass
+        // the buffer only as an output every element of which the kernel writes.
+        unsafe { self.stream.alloc(n) }.map_err(cuda_err("device allocation"))
+    }
+
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
         self.stream
             .alloc_zeros(n)
