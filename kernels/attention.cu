@@ -1,5 +1,6 @@
-// Causal attention over a paged KV cache (MHA, GQA, MQA), for prefill and decode rows alike,
-// and the write of new keys/values into the pool.
+// Causal attention over a paged KV cache (MHA, GQA, MQA): a block per (row, head) for decode
+// rows, tiles of rows sharing key tiles for prefill chunks; and the write of new keys/values into
+// the pool.
 //
 // Pools are [num_blocks × block_size × n_kv_heads × head_dim]; a position's slot is
 // `block_table[pos / block_size] · block_size + pos % block_size`. Quantized pools keep one f32
@@ -121,6 +122,122 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * TRT_WARP)
     paged_attention_fp8(AttnArgs a, const unsigned char* k, const float* ks, const unsigned char* v,
                         const float* vs) {
     attention_row(a, KvFp8{k, ks}, KvFp8{v, vs});
+}
+
+// ---- prefill: tiles of up to ATTN_TILE_ROWS rows of one sequence share each key tile ----
+//
+// A block takes `count` rows of one sequence (tiles[2·b], tiles[2·b + 1]: first row, count) for
+// one head, and walks that sequence's keys ATTN_TILE_KEYS at a time through shared memory, so a
+// prefill chunk reads each key and value once per tile of rows instead of once per row. Warp w
+// owns rows w, w + 4, ...; in a key tile lane j scores key j, the row's online softmax advances by
+// one warp max and one warp sum, and each lane accumulates its head dimensions. head_dim ≤
+// ATTN_TILE_MAX_HEAD_DIM (the launcher falls back to attention_row above it).
+#define ATTN_TILE_ROWS 16
+#define ATTN_TILE_KEYS 32
+#define ATTN_TILE_MAX_HEAD_DIM 128
+#define ATTN_TILE_ROWS_PER_WARP (ATTN_TILE_ROWS / ATTN_WARPS)
+#define ATTN_TILE_DIMS_PER_LANE (ATTN_TILE_MAX_HEAD_DIM / TRT_WARP)
+
+template <typename Kv>
+__device__ void attention_tile(const AttnArgs& a, const int* tiles, Kv k, Kv v) {
+    __shared__ float q_s[ATTN_TILE_ROWS][ATTN_TILE_MAX_HEAD_DIM];
+    __shared__ float k_s[ATTN_TILE_KEYS][ATTN_TILE_MAX_HEAD_DIM + 1];  // +1: lanes read rows
+    __shared__ float v_s[ATTN_TILE_KEYS][ATTN_TILE_MAX_HEAD_DIM + 1];
+    __shared__ float p_s[ATTN_WARPS][ATTN_TILE_KEYS];
+    const int first = tiles[2 * blockIdx.x], count = tiles[2 * blockIdx.x + 1];
+    const int h = blockIdx.y, hd = a.head_dim, kvh = h / (a.n_heads / a.n_kv_heads);
+    const int lane = threadIdx.x % TRT_WARP, warp = threadIdx.x / TRT_WARP;
+    for (int i = threadIdx.x; i < count * hd; i += blockDim.x) {
+        const int r = i / hd, d = i % hd;
+        q_s[r][d] = a.q[((size_t)(first + r) * a.n_heads + h) * hd + d] * a.scale;
+    }
+    const int* table = a.tables + a.table_start[a.row_seq[first]];
+    const size_t kv_row = (size_t)a.n_kv_heads * hd;
+    int last = 0, pos[ATTN_TILE_ROWS_PER_WARP];
+    float m[ATTN_TILE_ROWS_PER_WARP], l[ATTN_TILE_ROWS_PER_WARP];
+    float acc[ATTN_TILE_ROWS_PER_WARP][ATTN_TILE_DIMS_PER_LANE];
+    for (int r = 0; r < count; ++r) last = max(last, a.row_pos[first + r]);
+#pragma unroll
+    for (int j = 0; j < ATTN_TILE_ROWS_PER_WARP; ++j) {
+        const int r = warp + ATTN_WARPS * j;
+        pos[j] = r < count ? a.row_pos[first + r] : -1;
+        m[j] = TRT_NEG_INF;
+        l[j] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < ATTN_TILE_DIMS_PER_LANE; ++i) acc[j][i] = 0.0f;
+    }
+    for (int t0 = 0; t0 <= last; t0 += ATTN_TILE_KEYS) {
+        __syncthreads();  // q_s written, or the previous tile consumed
+        for (int i = threadIdx.x; i < ATTN_TILE_KEYS * hd; i += blockDim.x) {
+            const int key = i / hd, d = i % hd, p = t0 + key;
+            float kv = 0.0f, vv = 0.0f;
+            if (p <= last) {
+                const size_t slot = (size_t)table[p / a.block_size] * a.block_size + p % a.block_size;
+                const size_t at = slot * kv_row + (size_t)kvh * hd + d;
+                kv = k.get(at, k.scale(slot, a.n_kv_heads, kvh));
+                vv = v.get(at, v.scale(slot, a.n_kv_heads, kvh));
+            }
+            k_s[key][d] = kv;
+            v_s[key][d] = vv;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int j = 0; j < ATTN_TILE_ROWS_PER_WARP; ++j) {
+            if (pos[j] < t0) continue;  // warp-uniform: no key of this tile is visible to the row
+            const float* q = q_s[warp + ATTN_WARPS * j];
+            float s = TRT_NEG_INF;
+            if (t0 + lane <= pos[j]) {
+                s = 0.0f;
+                for (int d = 0; d < hd; ++d) s += q[d] * k_s[lane][d];
+            }
+            // Key t0 ≤ pos[j] is visible, so the tile maximum and m_new are finite.
+            const float m_new = fmaxf(m[j], warp_max(s));
+            const float correction = expf(m[j] - m_new);
+            const float p = s == TRT_NEG_INF ? 0.0f : expf(s - m_new);
+            l[j] = l[j] * correction + warp_sum(p);
+            p_s[warp][lane] = p;
+            __syncwarp();
+#pragma unroll
+            for (int i = 0; i < ATTN_TILE_DIMS_PER_LANE; ++i) {
+                const int d = lane + i * TRT_WARP;
+                if (d >= hd) break;
+                float sum = 0.0f;
+                for (int key = 0; key < ATTN_TILE_KEYS; ++key) sum += p_s[warp][key] * v_s[key][d];
+                acc[j][i] = acc[j][i] * correction + sum;
+            }
+            __syncwarp();  // p_s is rewritten for the warp's next row
+            m[j] = m_new;
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < ATTN_TILE_ROWS_PER_WARP; ++j) {
+        const int r = warp + ATTN_WARPS * j;
+        if (r >= count) break;
+        float* o = a.out + ((size_t)(first + r) * a.n_heads + h) * hd;
+#pragma unroll
+        for (int i = 0; i < ATTN_TILE_DIMS_PER_LANE; ++i) {
+            const int d = lane + i * TRT_WARP;
+            if (d < hd) o[d] = acc[j][i] / l[j];
+        }
+    }
+}
+
+// Grid: (tiles, n_heads); block: ATTN_WARPS warps.
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * TRT_WARP)
+    paged_attention_tiled_f32(AttnArgs a, const int* tiles, const float* k, const float* v) {
+    attention_tile(a, tiles, KvF32{k}, KvF32{v});
+}
+
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * TRT_WARP)
+    paged_attention_tiled_int8(AttnArgs a, const int* tiles, const signed char* k, const float* ks,
+                               const signed char* v, const float* vs) {
+    attention_tile(a, tiles, KvInt8{k, ks}, KvInt8{v, vs});
+}
+
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * TRT_WARP)
+    paged_attention_tiled_fp8(AttnArgs a, const int* tiles, const unsigned char* k, const float* ks,
+                              const unsigned char* v, const float* vs) {
+    attention_tile(a, tiles, KvFp8{k, ks}, KvFp8{v, vs});
 }
 
 // New keys or values into the pool: x is [rows × n_kv_heads × head_dim], row r goes to slots[r].

@@ -264,6 +264,7 @@ inline void exchange(const uint32_t* words, int n, Read read) {
 #define gridDim (emu::worker->gridDim)
 
 inline void __syncthreads() { emu::wait(emu::worker->all); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::wait(emu::worker->warps[emu::current->warp]); }
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned, T v, int mask) {

@@ -48,6 +48,7 @@ const std::map<std::string, Kernel>& kernels() {
     static const std::map<std::string, Kernel> all = {
         K(silu_mul_f32), K(gelu_tanh_f32),
         K(paged_attention_f32), K(paged_attention_int8), K(paged_attention_fp8),
+        K(paged_attention_tiled_f32), K(paged_attention_tiled_int8), K(paged_attention_tiled_fp8),
         K(kv_write_f32), K(kv_write_int8), K(kv_write_fp8),
         K(add_f32), K(bias_rows_f32), K(scale_cols_f32), K(fp8_qdq_f32), K(copy_cols_f32),
         K(f32_to_bf16), K(f32_to_f16),

@@ -311,11 +311,15 @@ void eight_bit() {
 }
 
 void attention() {
-    // GQA 6 query heads over 2 KV heads, block size 4, two sequences with shuffled block tables:
-    // sequence 0 has 7 cached positions and 3 new rows (prefill chunk), sequence 1 one decode row.
-    const int n_heads = 6, n_kv = 2, hd = 40, bs = 4, num_blocks = 8;
-    std::vector<int> tables = {5, 2, 7, 0, 3, 6}, table_start = {0, 3};
-    const std::vector<int> row_seq = {0, 0, 0, 1}, row_pos = {7, 8, 9, 10};
+    // GQA 6 query heads over 2 KV heads, block size 4, shuffled block tables: sequence 0 is a
+    // prefill chunk of 20 rows after 30 cached positions (two row tiles, two key tiles), sequence 1
+    // one decode row at position 10.
+    const int n_heads = 6, n_kv = 2, hd = 40, bs = 4, num_blocks = 16;
+    std::vector<int> tables = {5, 2, 7, 0, 3, 6, 1, 15, 9, 12, 8, 14, 10, 4, 13, 11}, table_start = {0, 13};
+    std::vector<int> row_seq, row_pos;
+    for (int p = 30; p < 50; ++p) row_seq.push_back(0), row_pos.push_back(p);
+    row_seq.push_back(1), row_pos.push_back(10);
+    const std::vector<int> tiles = {0, 16, 16, 4, 20, 1};
     const int rows = (int)row_seq.size();
     auto slot = [&](int seq, int pos) { return tables[table_start[seq] + pos / bs] * bs + pos % bs; };
     const size_t pool_len = (size_t)num_blocks * bs * n_kv * hd;
@@ -381,16 +385,26 @@ void attention() {
     };
     AttnArgs a{q.data(), nullptr, row_seq.data(), row_pos.data(), tables.data(), table_start.data(),
                n_heads, n_kv, hd, bs, scale};
-    std::vector<float> out(rows * n_heads * hd, NAN);
+    std::vector<float> out(rows * n_heads * hd);
     a.out = out.data();
+    const auto want_f32 = reference([&](size_t i) { return (double)kf[i]; }, [&](size_t i) { return (double)vf[i]; });
+    const auto want_int8 = reference([&](size_t i) { return deq_k[i]; }, [&](size_t i) { return deq_v[i]; });
+    const unsigned n_tiles = tiles.size() / 2;
+    std::fill(out.begin(), out.end(), NAN);
     emu::launch(dim(rows, n_heads), dim(128), [&] { paged_attention_f32(a, kf.data(), vf.data()); });
-    check("paged_attention_f32 (GQA, prefill + decode rows)", out,
-          reference([&](size_t i) { return (double)kf[i]; }, [&](size_t i) { return (double)vf[i]; }), 1e-5);
+    check("paged_attention_f32 (GQA, prefill + decode rows)", out, want_f32, 1e-5);
     std::fill(out.begin(), out.end(), NAN);
     emu::launch(dim(rows, n_heads), dim(128),
                 [&] { paged_attention_int8(a, k8.data(), ks.data(), v8.data(), vs.data()); });
-    check("paged_attention_int8", out,
-          reference([&](size_t i) { return deq_k[i]; }, [&](size_t i) { return deq_v[i]; }), 1e-5);
+    check("paged_attention_int8", out, want_int8, 1e-5);
+    std::fill(out.begin(), out.end(), NAN);
+    emu::launch(dim(n_tiles, n_heads), dim(128), [&] { paged_attention_tiled_f32(a, tiles.data(), kf.data(), vf.data()); });
+    check("paged_attention_tiled_f32 (row tiles of 16 + 4 + 1, two key tiles)", out, want_f32, 1e-5);
+    std::fill(out.begin(), out.end(), NAN);
+    emu::launch(dim(n_tiles, n_heads), dim(128), [&] {
+        paged_attention_tiled_int8(a, tiles.data(), k8.data(), ks.data(), v8.data(), vs.data());
+    });
+    check("paged_attention_tiled_int8", out, want_int8, 1e-5);
 }
 
 void sampling() {

@@ -12,6 +12,9 @@ use crate::{KernelError, Result};
 /// Threads of an attention block (kernels/attention.cu: ATTN_WARPS warps).
 const ATTN_THREADS: u32 = 128;
 const ATTN_MAX_HEAD_DIM: usize = 256;
+/// The tiled prefill kernel: rows of one sequence per block, and its head_dim limit.
+const ATTN_TILE_ROWS: usize = 16;
+const ATTN_TILE_MAX_HEAD_DIM: usize = 128;
 
 /// One layer's key and value pools on the device, `[num_blocks × block_size × n_kv_heads ×
 /// head_dim]`; quantized pools carry one scale per (slot, KV head).
@@ -105,6 +108,9 @@ pub struct AttentionBatch {
     tables: CudaSlice<i32>,
     table_start: CudaSlice<i32>,
     slots: CudaSlice<i32>,
+    /// (first row, rows) of up to ATTN_TILE_ROWS rows of one sequence, for the tiled kernel.
+    tiles: CudaSlice<i32>,
+    n_tiles: usize,
     rows: usize,
     /// The pool shape the tables were checked against.
     pool: (usize, usize),
@@ -132,8 +138,12 @@ impl CudaDevice {
             });
         }
         let (mut row_seq, mut row_pos, mut slots) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut tables, mut table_start) = (Vec::new(), Vec::new());
+        let (mut tables, mut table_start, mut tiles) = (Vec::new(), Vec::new(), Vec::new());
         for (i, s) in seqs.iter().enumerate() {
+            for first in (0..s.n_new).step_by(ATTN_TILE_ROWS) {
+                tiles.push(int("row", row_seq.len() + first)?);
+                tiles.push(int("rows", (s.n_new - first).min(ATTN_TILE_ROWS))?);
+            }
             table_start.push(int("block table offset", tables.len())?);
             for &b in s.blocks {
                 tables.push(int("block id", b as usize)?);
@@ -158,6 +168,8 @@ impl CudaDevice {
             tables: self.upload(&at_least_one(tables))?,
             table_start: self.upload(&at_least_one(table_start))?,
             slots: self.upload(&at_least_one(slots))?,
+            n_tiles: tiles.len() / 2,
+            tiles: self.upload(&at_least_one(tiles))?,
             rows,
             pool: (kv.len(), block_size),
             shape,
@@ -209,39 +221,38 @@ impl CudaDevice {
             block_size: int("block_size", batch.pool.1)?,
             scale: shape.scale,
         };
+        // Prefill chunks share key tiles across rows; decode rows (one per sequence) split their
+        // positions across the block's warps instead.
+        let tiled = batch.n_tiles < batch.rows && shape.head_dim <= ATTN_TILE_MAX_HEAD_DIM;
+        let blocks = if tiled { batch.n_tiles } else { batch.rows };
         let cfg = LaunchConfig {
-            grid_dim: (int("rows", batch.rows)? as u32, args.n_heads as u32, 1),
+            grid_dim: (int("blocks", blocks)? as u32, args.n_heads as u32, 1),
             block_dim: (ATTN_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (name, b) = match kv {
-            DeviceKv::F32 { k, v } => {
-                let mut b = self.builder("paged_attention_f32")?;
-                b.arg(&args).arg(k).arg(v);
-                ("paged_attention_f32", b)
-            }
-            DeviceKv::Int8 {
-                k,
-                k_scales,
-                v,
-                v_scales,
-            } => {
-                let mut b = self.builder("paged_attention_int8")?;
-                b.arg(&args).arg(k).arg(k_scales).arg(v).arg(v_scales);
-                ("paged_attention_int8", b)
-            }
-            DeviceKv::Fp8 {
-                k,
-                k_scales,
-                v,
-                v_scales,
-            } => {
-                let mut b = self.builder("paged_attention_fp8")?;
-                b.arg(&args).arg(k).arg(k_scales).arg(v).arg(v_scales);
-                ("paged_attention_fp8", b)
-            }
+        let (storage, k, v) = match kv {
+            DeviceKv::F32 { k, v } => ("f32", k.device_ptr(stream).0, v.device_ptr(stream).0),
+            DeviceKv::Int8 { k, v, .. } => ("int8", k.device_ptr(stream).0, v.device_ptr(stream).0),
+            DeviceKv::Fp8 { k, v, .. } => ("fp8", k.device_ptr(stream).0, v.device_ptr(stream).0),
         };
-        launch(b, cfg, name)
+        let name = match tiled {
+            true => format!("paged_attention_tiled_{storage}"),
+            false => format!("paged_attention_{storage}"),
+        };
+        let mut b = self.builder(&name)?;
+        b.arg(&args);
+        if tiled {
+            b.arg(&batch.tiles);
+        }
+        b.arg(&k);
+        if let DeviceKv::Int8 { k_scales, .. } | DeviceKv::Fp8 { k_scales, .. } = kv {
+            b.arg(k_scales);
+        }
+        b.arg(&v);
+        if let DeviceKv::Int8 { v_scales, .. } | DeviceKv::Fp8 { v_scales, .. } = kv {
+            b.arg(v_scales);
+        }
+        launch(b, cfg, &name)
     }
 
     /// Stores the batch's new keys or values `x` (`[rows × n_kv_heads × head_dim]`) at their

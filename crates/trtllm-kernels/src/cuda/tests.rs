@@ -194,7 +194,7 @@ fn paged_attention_and_kv_writes_match_cpu() {
     use super::{DeviceKv, KvSide};
     use cpu::{AttentionSeq, AttentionShape, KvData, PagedKv};
     let d = device();
-    let (bs, nkv, hd, blocks) = (4, 2, 40, 12);
+    let (bs, nkv, hd, blocks) = (4, 2, 40, 16);
     let shape = AttentionShape {
         n_heads: 6,
         n_kv_heads: nkv,
@@ -202,24 +202,21 @@ fn paged_attention_and_kv_writes_match_cpu() {
         scale: 1.0 / (hd as f32).sqrt(),
     };
     let kv_row = nkv * hd;
-    let tables = [vec![7u32, 2], vec![0, 9]];
-    let (past, n_new) = ([5usize, 0], [3usize, 6]);
+    let tables = [
+        vec![7u32, 2, 11, 4, 13, 1, 15, 3, 8, 10],
+        vec![0, 9, 5, 12, 6],
+    ];
+    let lens = [40usize, 20];
     let slots: Vec<usize> = (0..2)
         .flat_map(|s| {
             let t = &tables[s];
-            (0..past[s] + n_new[s]).map(move |p| t[p / bs] as usize * bs + p % bs)
+            (0..lens[s]).map(move |p| t[p / bs] as usize * bs + p % bs)
         })
         .collect();
     let k_rows = rand_vec(slots.len() * kv_row, 40);
     let v_rows = rand_vec(slots.len() * kv_row, 41);
-    let q = rand_vec((n_new[0] + n_new[1]) * shape.n_heads * hd, 42);
-    let seqs: Vec<AttentionSeq<'_>> = (0..2)
-        .map(|s| AttentionSeq {
-            blocks: &tables[s],
-            past: past[s],
-            n_new: n_new[s],
-        })
-        .collect();
+    // A prefill pass (row tiles of 16 and 4, keys in two tiles) and a decode pass.
+    let passes = [([37usize, 0], [3usize, 20]), ([39, 19], [1, 1])];
     let values = blocks * bs * kv_row;
     let scales = blocks * bs * nkv;
     for storage in ["f32", "int8", "fp8"] {
@@ -247,7 +244,7 @@ fn paged_attention_and_kv_writes_match_cpu() {
             .map(|s| AttentionSeq {
                 blocks: &tables[s],
                 past: 0,
-                n_new: past[s] + n_new[s],
+                n_new: lens[s],
             })
             .collect();
         let fill = d.attention_batch(&whole, (&kv, bs), shape).unwrap();
@@ -255,75 +252,90 @@ fn paged_attention_and_kv_writes_match_cpu() {
             d.kv_write((&mut kv, side), &d.upload(rows).unwrap(), &fill)
                 .unwrap();
         }
-        let batch = d.attention_batch(&seqs, (&kv, bs), shape).unwrap();
-        let mut out = d.zeros::<f32>(q.len()).unwrap();
-        d.paged_attention(&d.upload(&q).unwrap(), &kv, &batch, &mut out)
-            .unwrap();
-        let gpu = d.download(&out).unwrap();
-        let mut want = vec![0f32; q.len()];
-        // The CPU kernel reads the very codes and scales the GPU wrote.
-        let (kq, ks, vq, vs);
-        let (k8, v8);
-        let (kf, vf);
-        let pool = match &kv {
-            DeviceKv::F32 { k, v } => {
-                (kf, vf) = (d.download(k).unwrap(), d.download(v).unwrap());
-                (KvData::F32(&kf), KvData::F32(&vf))
-            }
-            DeviceKv::Int8 {
-                k,
-                k_scales,
-                v,
-                v_scales,
-            } => {
-                (k8, ks, v8, vs) = (
-                    d.download(k).unwrap(),
-                    d.download(k_scales).unwrap(),
-                    d.download(v).unwrap(),
-                    d.download(v_scales).unwrap(),
-                );
-                (
-                    KvData::Int8 {
-                        q: &k8,
-                        scales: &ks,
-                    },
-                    KvData::Int8 {
-                        q: &v8,
-                        scales: &vs,
-                    },
-                )
-            }
-            DeviceKv::Fp8 {
-                k,
-                k_scales,
-                v,
-                v_scales,
-            } => {
-                (kq, ks, vq, vs) = (
-                    d.download(k).unwrap(),
-                    d.download(k_scales).unwrap(),
-                    d.download(v).unwrap(),
-                    d.download(v_scales).unwrap(),
-                );
-                (
-                    KvData::Fp8 {
-                        q: &kq,
-                        scales: &ks,
-                    },
-                    KvData::Fp8 {
-                        q: &vq,
-                        scales: &vs,
-                    },
-                )
-            }
-        };
-        let paged = PagedKv {
-            k: pool.0,
-            v: pool.1,
-            block_size: bs,
-        };
-        cpu::paged_attention(&q, paged, &seqs, shape, &mut want).unwrap();
-        assert_close(&gpu, &want, 1e-4, &format!("{storage} attention"));
+        for (past, n_new) in passes {
+            let seqs: Vec<AttentionSeq<'_>> = (0..2)
+                .map(|s| AttentionSeq {
+                    blocks: &tables[s],
+                    past: past[s],
+                    n_new: n_new[s],
+                })
+                .collect();
+            let q = rand_vec((n_new[0] + n_new[1]) * shape.n_heads * hd, 42);
+            let batch = d.attention_batch(&seqs, (&kv, bs), shape).unwrap();
+            let mut out = d.zeros::<f32>(q.len()).unwrap();
+            d.paged_attention(&d.upload(&q).unwrap(), &kv, &batch, &mut out)
+                .unwrap();
+            let gpu = d.download(&out).unwrap();
+            let mut want = vec![0f32; q.len()];
+            // The CPU kernel reads the very codes and scales the GPU wrote.
+            let (kq, ks, vq, vs);
+            let (k8, v8);
+            let (kf, vf);
+            let pool = match &kv {
+                DeviceKv::F32 { k, v } => {
+                    (kf, vf) = (d.download(k).unwrap(), d.download(v).unwrap());
+                    (KvData::F32(&kf), KvData::F32(&vf))
+                }
+                DeviceKv::Int8 {
+                    k,
+                    k_scales,
+                    v,
+                    v_scales,
+                } => {
+                    (k8, ks, v8, vs) = (
+                        d.download(k).unwrap(),
+                        d.download(k_scales).unwrap(),
+                        d.download(v).unwrap(),
+                        d.download(v_scales).unwrap(),
+                    );
+                    (
+                        KvData::Int8 {
+                            q: &k8,
+                            scales: &ks,
+                        },
+                        KvData::Int8 {
+                            q: &v8,
+                            scales: &vs,
+                        },
+                    )
+                }
+                DeviceKv::Fp8 {
+                    k,
+                    k_scales,
+                    v,
+                    v_scales,
+                } => {
+                    (kq, ks, vq, vs) = (
+                        d.download(k).unwrap(),
+                        d.download(k_scales).unwrap(),
+                        d.download(v).unwrap(),
+                        d.download(v_scales).unwrap(),
+                    );
+                    (
+                        KvData::Fp8 {
+                            q: &kq,
+                            scales: &ks,
+                        },
+                        KvData::Fp8 {
+                            q: &vq,
+                            scales: &vs,
+                        },
+                    )
+                }
+            };
+            let paged = PagedKv {
+                k: pool.0,
+                v: pool.1,
+                block_size: bs,
+            };
+            cpu::paged_attention(&q, paged, &seqs, shape, &mut want).unwrap();
+            assert_close(
+                &gpu,
+                &want,
+                1e-4,
+                &format!("{storage} attention, {n_new:?} new rows"),
+            );
+        }
     }
 }
 
