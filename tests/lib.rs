@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
+use trtllm_api::runtime::{LogitsMode, ModelRunner};
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
@@ -24,6 +25,36 @@ pub struct FixtureCase {
     pub greedy_ids: Vec<u32>,
     pub greedy_top2_margins: Vec<f32>,
     pub greedy_step_logits_first4: Vec<Vec<f32>>,
+}
+
+/// One fixture case through `runner`: the prompt's logits at every position, then the first
+/// greedy decode steps (which read the KV cache the prompt wrote), each within `tol` of
+/// transformers' logits.
+pub fn check_case_logits(
+    runner: &ModelRunner,
+    case: &FixtureCase,
+    tol: f32,
+    what: &str,
+) -> Result<()> {
+    let vocab = runner.model().vocab_size;
+    let mut cache = runner.new_cache(case.input_ids.len() + 8)?;
+    let logits = runner.forward(&case.input_ids, &mut cache, LogitsMode::All)?;
+    for (pos, (row, gold)) in logits.chunks(vocab).zip(&case.prompt_logits).enumerate() {
+        let d = max_abs_diff(row, gold);
+        if d >= tol {
+            bail!("{what} prompt position {pos}: max |Δlogit| = {d}");
+        }
+    }
+    // Step 0 is the last prompt position, then one greedy token at a time.
+    let mut step = logits[logits.len() - vocab..].to_vec();
+    for (s, gold) in case.greedy_step_logits_first4.iter().enumerate() {
+        let d = max_abs_diff(&step, gold);
+        if d >= tol {
+            bail!("{what} decode step {s}: max |Δlogit| = {d}");
+        }
+        step = runner.forward(&[case.greedy_ids[s]], &mut cache, LogitsMode::Last)?;
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]

