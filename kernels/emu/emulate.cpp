@@ -1,7 +1,7 @@
 // Every kernel family executed on the host (cuda_emu.h) against a plain reference written from
 // the format and op definitions, on awkward sizes: partial tiles, partial warps, GQA, block
-// tables out of order, ties. `cargo xtask emulate-kernels` builds and runs this; it exits 1 on
-// the first family with a mismatch. The GPU tests (`cargo xtask test-gpu`) compare the same
+// tables out of order, ties. `cargo xtask emulate-kernels` builds and runs this; it reports every
+// mismatch and exits 1 if there was one. The GPU tests (`cargo xtask test-gpu`) compare the same
 // kernels with the CPU kernels on real hardware; this checks the kernels' logic everywhere.
 #include "../activation.cu"
 #include "../attention.cu"

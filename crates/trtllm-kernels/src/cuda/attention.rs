@@ -1,7 +1,9 @@
 //! Paged attention and KV-cache writes on the GPU, with the CPU kernel's batch description
 //! ([`AttentionSeq`]) and checks; a pass's index arrays are uploaded once ([`AttentionBatch`]).
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 
 use super::ops::{int, launch};
 use super::CudaDevice;
@@ -51,6 +53,42 @@ impl DeviceKv {
             DeviceKv::F32 { k, .. } => k.len(),
             DeviceKv::Int8 { k, .. } => k.len(),
             DeviceKv::Fp8 { k, .. } => k.len(),
+        }
+    }
+
+    /// The storage's kernel-name suffix.
+    fn storage(&self) -> &'static str {
+        match self {
+            DeviceKv::F32 { .. } => "f32",
+            DeviceKv::Int8 { .. } => "int8",
+            DeviceKv::Fp8 { .. } => "fp8",
+        }
+    }
+
+    /// One side's pool as a device address (the kernels take it untyped per storage) and its
+    /// per-(slot, head) scales, which quantized pools have. Kernels write through the address too:
+    /// every launch is on the device's one stream, which orders it after earlier uses.
+    fn side(&self, side: KvSide, stream: &CudaStream) -> (u64, Option<&CudaSlice<f32>>) {
+        match self {
+            DeviceKv::F32 { k, v } => (pick(side, k, v).device_ptr(stream).0, None),
+            DeviceKv::Int8 {
+                k,
+                k_scales,
+                v,
+                v_scales,
+            } => {
+                let (pool, scales) = pick(side, (k, k_scales), (v, v_scales));
+                (pool.device_ptr(stream).0, Some(scales))
+            }
+            DeviceKv::Fp8 {
+                k,
+                k_scales,
+                v,
+                v_scales,
+            } => {
+                let (pool, scales) = pick(side, (k, k_scales), (v, v_scales));
+                (pool.device_ptr(stream).0, Some(scales))
+            }
         }
     }
 
@@ -230,27 +268,21 @@ impl CudaDevice {
             block_dim: (ATTN_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (storage, k, v) = match kv {
-            DeviceKv::F32 { k, v } => ("f32", k.device_ptr(stream).0, v.device_ptr(stream).0),
-            DeviceKv::Int8 { k, v, .. } => ("int8", k.device_ptr(stream).0, v.device_ptr(stream).0),
-            DeviceKv::Fp8 { k, v, .. } => ("fp8", k.device_ptr(stream).0, v.device_ptr(stream).0),
-        };
         let name = match tiled {
-            true => format!("paged_attention_tiled_{storage}"),
-            false => format!("paged_attention_{storage}"),
+            true => format!("paged_attention_tiled_{}", kv.storage()),
+            false => format!("paged_attention_{}", kv.storage()),
         };
         let mut b = self.builder(&name)?;
         b.arg(&args);
         if tiled {
             b.arg(&batch.tiles);
         }
-        b.arg(&k);
-        if let DeviceKv::Int8 { k_scales, .. } | DeviceKv::Fp8 { k_scales, .. } = kv {
-            b.arg(k_scales);
-        }
-        b.arg(&v);
-        if let DeviceKv::Int8 { v_scales, .. } | DeviceKv::Fp8 { v_scales, .. } = kv {
-            b.arg(v_scales);
+        let sides = [kv.side(KvSide::Key, stream), kv.side(KvSide::Value, stream)];
+        for (pool, scales) in &sides {
+            b.arg(pool);
+            if let Some(scales) = scales {
+                b.arg(*scales);
+            }
         }
         launch(b, cfg, &name)
     }
@@ -275,37 +307,15 @@ impl CudaDevice {
             block_dim: (32 * hd.div_ceil(32).clamp(1, 8) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let slots = &batch.slots;
-        let (name, b) = match kv {
-            DeviceKv::F32 { k, v } => {
-                let mut b = self.builder("kv_write_f32")?;
-                b.arg(x).arg(slots).arg(pick(side, k, v)).arg(&h).arg(&d);
-                ("kv_write_f32", b)
-            }
-            DeviceKv::Int8 {
-                k,
-                k_scales,
-                v,
-                v_scales,
-            } => {
-                let (pool, scales) = pick(side, (k, k_scales), (v, v_scales));
-                let mut b = self.builder("kv_write_int8")?;
-                b.arg(x).arg(slots).arg(pool).arg(scales).arg(&h).arg(&d);
-                ("kv_write_int8", b)
-            }
-            DeviceKv::Fp8 {
-                k,
-                k_scales,
-                v,
-                v_scales,
-            } => {
-                let (pool, scales) = pick(side, (k, k_scales), (v, v_scales));
-                let mut b = self.builder("kv_write_fp8")?;
-                b.arg(x).arg(slots).arg(pool).arg(scales).arg(&h).arg(&d);
-                ("kv_write_fp8", b)
-            }
-        };
-        launch(b, cfg, name)
+        let name = format!("kv_write_{}", kv.storage());
+        let (pool, scales) = kv.side(side, &self.stream);
+        let mut b = self.builder(&name)?;
+        b.arg(x).arg(&batch.slots).arg(&pool);
+        if let Some(scales) = scales {
+            b.arg(scales);
+        }
+        b.arg(&h).arg(&d);
+        launch(b, cfg, &name)
     }
 }
 

@@ -99,6 +99,22 @@ fn tile_grid(m: usize, n: usize, threads: u32) -> Result<LaunchConfig> {
     })
 }
 
+/// `[m, n, k]` as the kernels' `int`s.
+fn dims(m: usize, n: usize, k: usize) -> Result<[i32; 3]> {
+    Ok([int("m", m)?, int("n", n)?, int("k", k)?])
+}
+
+/// Pushes the arguments every linear kernel ends with: `bias` (or null), `y`, `m`, `n`, `k`.
+fn arg_out<'a>(
+    b: &mut LaunchArgs<'a>,
+    bias: Option<&'a CudaSlice<f32>>,
+    y: &'a mut CudaSlice<f32>,
+    [m, n, k]: &'a [i32; 3],
+) {
+    arg_opt(b, bias);
+    b.arg(y).arg(m).arg(n).arg(k);
+}
+
 /// Pushes an optional buffer (a bias, int4 offsets), or a null pointer for none.
 fn arg_opt<'a>(b: &mut LaunchArgs<'a>, buf: Option<&'a CudaSlice<f32>>) {
     const NULL: u64 = 0;
@@ -121,7 +137,7 @@ impl CudaDevice {
         check_blocks("cuda linear", k, 32)?;
         let m = check_problem("cuda linear", x, (n, k), bias, y)?;
         check_weights(w, n, k)?;
-        let (mi, ni, ki) = (int("m", m)?, int("n", n)?, int("k", k)?);
+        let dims = dims(m, n, k)?;
         let (prefix, cfg) = match m <= GEMV_MAX_ROWS {
             true => ("gemv", gemv_grid(n)?),
             false => ("gemm", tile_grid(m, n, 256)?),
@@ -152,8 +168,7 @@ impl CudaDevice {
             } => b.arg(q).arg(block_scales).arg(global_scale),
         };
         b.arg(x);
-        arg_opt(&mut b, bias);
-        b.arg(y).arg(&mi).arg(&ni).arg(&ki);
+        arg_out(&mut b, bias, y, &dims);
         launch(b, cfg, &name)
     }
 
@@ -193,11 +208,10 @@ impl CudaDevice {
         let m = check_problem("cuda half linear", x, (n, k), bias, y)?;
         if m <= GEMV_MAX_ROWS {
             let name = format!("gemv_{}", half.name());
-            let (mi, ni, ki) = (int("m", m)?, int("n", n)?, int("k", k)?);
+            let dims = dims(m, n, k)?;
             let mut b = self.builder(&name)?;
             b.arg(w).arg(x);
-            arg_opt(&mut b, bias);
-            b.arg(y).arg(&mi).arg(&ni).arg(&ki);
+            arg_out(&mut b, bias, y, &dims);
             return launch(b, gemv_grid(n)?, &name);
         }
         let mut xh = self.output::<u16>(x.len())?;
@@ -224,7 +238,7 @@ impl CudaDevice {
         bias: Option<&CudaSlice<f32>>,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let (mi, ni, ki) = (int("m", m)?, int("n", n)?, int("k", k)?);
+        let [mi, ni, ki] = dims(m, n, k)?;
         let beta: f32 = match bias {
             Some(bias) => {
                 let mut b = self.builder("bias_rows_f32")?;
@@ -283,10 +297,10 @@ impl CudaDevice {
         check_len(op, "int8 codes", q.len(), n * k)?;
         check_len(op, "scales (one per row)", scales.len(), n)?;
         let m = check_problem(op, x, (n, k), bias, y)?;
-        let (mi, ni, ki) = (int("m", m)?, int("n", n)?, int("k", k)?);
+        let dims = dims(m, n, k)?;
         let (mut xq, mut xs) = (self.output::<i8>(m * k)?, self.output::<f32>(m)?);
         let mut b = self.builder("quantize_rows_int8")?;
-        b.arg(x).arg(&mut xq).arg(&mut xs).arg(&ki);
+        b.arg(x).arg(&mut xq).arg(&mut xs).arg(&dims[2]);
         launch(b, grid(m, ROW_THREADS)?, "quantize_rows_int8")?;
         let (name, cfg) = match m <= GEMV_MAX_ROWS {
             true => ("gemv_w8a8", gemv_grid(n)?),
@@ -294,8 +308,7 @@ impl CudaDevice {
         };
         let mut b = self.builder(name)?;
         b.arg(&xq).arg(&xs).arg(q).arg(scales);
-        arg_opt(&mut b, bias);
-        b.arg(y).arg(&mi).arg(&ni).arg(&ki);
+        arg_out(&mut b, bias, y, &dims);
         launch(b, cfg, name)
     }
 
@@ -326,7 +339,7 @@ impl CudaDevice {
         check_len(op, "fp8 codes", q.len(), n * k)?;
         check_len(op, "fp8 scales", scales.len(), n)?;
         let m = check_problem(op, x, (n, k), bias, y)?;
-        let (mi, ni, ki) = (int("m", m)?, int("n", n)?, int("k", k)?);
+        let dims = dims(m, n, k)?;
         let mut xq = self.output::<u8>(m * k)?;
         let count = int("n", x.len())?;
         let mut b = self.builder("quantize_fp8")?;
@@ -334,8 +347,7 @@ impl CudaDevice {
         launch(b, elementwise(x.len())?, "quantize_fp8")?;
         let mut b = self.builder(FP8_GEMM)?;
         b.arg(&xq).arg(&input_scale).arg(q).arg(scales);
-        arg_opt(&mut b, bias);
-        b.arg(y).arg(&mi).arg(&ni).arg(&ki);
+        arg_out(&mut b, bias, y, &dims);
         launch(b, tile_grid(m, n, 128)?, FP8_GEMM)
     }
 }
