@@ -49,7 +49,11 @@ pub(super) unsafe fn columns<W: Rows>(p: &Problem<'_>, w: &W, cols: Range<usize>
 
 /// `packed[kk][c] = w[cols.start + c][kk]` for one panel of at most 16 columns, zero past
 /// the last column. Full 8×8 blocks go through registers (8 row loads, a transpose, 8 stores).
-#[inline(always)]
+///
+/// Its own `target_feature`, not `inline(always)`: it is reached through the `Rows::pack` trait
+/// method, which has none, and an intrinsic inlined into a function without the feature becomes
+/// an out-of-line call per instruction (a 10× slowdown of every batched step, once).
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn pack<E: Elem>(w: &[E], k: usize, cols: Range<usize>, packed: &mut [f32]) {
     let nr = cols.len();
     let full_k = k / 8 * 8;

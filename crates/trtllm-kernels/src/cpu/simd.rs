@@ -259,3 +259,32 @@ pub(crate) fn weighted_rows(w: &[f32], v: &[f32], stride: usize, out: &mut [f32]
         }
     }
 }
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    /// Every intrinsic must be inlined into a function compiled with its feature. One reached
+    /// from a function without the `target_feature` (a trait method, a closure) is compiled as a
+    /// call per instruction; that made batched decode 10× slower once, and only a symbol table
+    /// shows it. This test binary is built with the kernels' optimisation level (see the
+    /// workspace's dev profile), so its symbols are the release build's.
+    #[test]
+    fn no_intrinsic_is_called_out_of_line() {
+        let exe = std::env::current_exe().expect("test binary path");
+        let out = std::process::Command::new("nm")
+            .arg("--demangle")
+            .arg(&exe)
+            .output()
+            .expect("`nm` (binutils, installed with gcc) is needed to read the symbol table");
+        assert!(out.status.success(), "nm failed on {}", exe.display());
+        let symbols = String::from_utf8_lossy(&out.stdout);
+        let out_of_line: Vec<&str> = symbols
+            .lines()
+            .filter(|l| l.contains("core::core_arch::x86") && l.contains("::_mm"))
+            .collect();
+        assert!(
+            out_of_line.is_empty(),
+            "intrinsics compiled as functions (a caller lacks #[target_feature]):\n{}",
+            out_of_line.join("\n")
+        );
+    }
+}
