@@ -2,6 +2,7 @@
 
 mod emulate;
 mod kernels;
+mod vs_llama_cpp;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,7 +27,12 @@ enum Task {
     /// Python client (for the server tests) and run every test of the workspace.
     Test,
     /// Fetch the demo model and run the benchmarks (prefill/decode tokens/s, batched throughput).
-    Bench,
+    Bench {
+        /// Instead: trtllm-rs and llama.cpp side by side on this machine (builds llama.cpp from
+        /// PyPI's llama-cpp-python source through ../shared/tools; several minutes).
+        #[arg(long)]
+        vs_llama_cpp: bool,
+    },
     /// Execute every CUDA kernel on the host (kernels/emu, built with g++) against a plain
     /// reference: the kernels' logic, tested without a GPU.
     EmulateKernels,
@@ -99,7 +105,10 @@ fn main() -> Result<()> {
                 .args(["test", "--workspace"])
                 .env("TRTLLM_TEST_PYTHON", python))
         }
-        Task::Bench => {
+        Task::Bench { vs_llama_cpp: true } => vs_llama_cpp::bench(),
+        Task::Bench {
+            vs_llama_cpp: false,
+        } => {
             fetch_demo_model()?;
             cargo(&["bench", "-p", "trtllm-tests"])
         }

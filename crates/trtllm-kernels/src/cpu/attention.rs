@@ -235,7 +235,7 @@ fn key_scores(q: &[f32], k: &[f32], stride: usize, scale: f32, scores: &mut [f32
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::testutil::{assert_close, both_paths, rand_vec};
+    use crate::cpu::testutil::{assert_close, every_path, rand_vec};
 
     /// Contiguous `[len × nkv × hd]` keys/values, f64 accumulation.
     fn reference(q: &[f32], k: &[f32], v: &[f32], past: usize, s: AttentionShape) -> Vec<f32> {
@@ -338,7 +338,7 @@ mod tests {
                 v: KvData::F32(&pool_v),
                 block_size: bs,
             };
-            both_paths(|| {
+            every_path(|| {
                 let mut out = vec![0f32; q.len()];
                 paged_attention(&q, kv, &seqs, s, &mut out).unwrap();
                 assert_close(&out, &expect, 1e-5);
@@ -379,7 +379,7 @@ mod tests {
 #[cfg(test)]
 mod quantized_kv_tests {
     use super::*;
-    use crate::cpu::testutil::{assert_close, both_paths, rand_vec};
+    use crate::cpu::testutil::{assert_close, every_path, rand_vec};
 
     /// Codes and per-(slot, head) scales for `vals`, plus the values they stand for.
     fn quantize(vals: &[f32], head_dim: usize, fp8: bool) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
@@ -450,7 +450,7 @@ mod quantized_kv_tests {
                 v: data,
                 block_size: bs,
             };
-            both_paths(|| {
+            every_path(|| {
                 let mut out = vec![0f32; q.len()];
                 paged_attention(&q, kv, &seq, s, &mut out).unwrap();
                 assert_close(&out, &expect, 1e-6);

@@ -57,12 +57,12 @@ pub fn embedding_gather(table: MatRef<'_>, ids: &[u32], out: &mut [f32]) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::testutil::{assert_close, both_paths, rand_vec};
+    use crate::cpu::testutil::{assert_close, every_path, rand_vec};
     use crate::cpu::WeightData;
 
     #[test]
     fn softmax_sums_to_one_and_handles_masked_rows() {
-        both_paths(|| {
+        every_path(|| {
             let mut x = [1.0f32, 2.0, 3.0, f32::NEG_INFINITY, 0.5];
             softmax_inplace(&mut x);
             assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
@@ -81,7 +81,7 @@ mod tests {
             let e: Vec<f64> = x.iter().map(|&v| (v as f64 - m).exp()).collect();
             let s: f64 = e.iter().sum();
             let expect: Vec<f32> = e.iter().map(|v| (v / s) as f32).collect();
-            both_paths(|| {
+            every_path(|| {
                 let mut y = x.clone();
                 softmax_inplace(&mut y);
                 assert_close(&y, &expect, 1e-6);

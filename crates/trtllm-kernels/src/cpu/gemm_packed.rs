@@ -8,23 +8,55 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
+use super::lanes::{Avx2, Avx512, Lanes};
 use super::matmul::{Elem, OutPtr, Problem, Rows};
+use super::simd::Isa;
 
 const NR: usize = 16;
-const MR: usize = 6;
 
-/// Computes columns `cols` of the output for all rows. `cols.start` must be a multiple of 16
-/// or the end of the output (the caller splits work in multiples of 16).
-///
+/// Computes columns `cols` of the output for all rows, on the AVX-512 tile when `isa` allows.
+/// `cols.start` must be a multiple of 16 or the end of the output (the caller splits work in
+/// multiples of 16).
+pub(super) unsafe fn columns<W: Rows>(
+    isa: Isa,
+    p: &Problem<'_>,
+    w: &W,
+    cols: Range<usize>,
+    out: OutPtr,
+) {
+    match isa {
+        Isa::Avx512 => columns_avx512(p, w, cols, out),
+        _ => columns_avx2(p, w, cols, out),
+    }
+}
+
+/// 6 rows × 16 columns: 12 accumulators, two panel vectors and a broadcast of the 16 registers.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn columns_avx2<W: Rows>(p: &Problem<'_>, w: &W, cols: Range<usize>, out: OutPtr) {
+    panels::<Avx2, W, 6>(p, w, cols, out)
+}
+
+/// 12 rows × 16 columns: one 16-lane accumulator per row, so each panel load feeds 12 FMAs
+/// with the activation broadcast folded into the FMA (twice the AVX2 tile's work per load).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+unsafe fn columns_avx512<W: Rows>(p: &Problem<'_>, w: &W, cols: Range<usize>, out: OutPtr) {
+    panels::<Avx512, W, 12>(p, w, cols, out)
+}
+
 /// One 16-column panel at a time is packed over the whole depth (16×k f32: 36 KiB for k = 576,
 /// L1/L2-resident) just before use, then every row tile runs the full depth against it with its
 /// accumulators in registers. Weight rows are read once, front to back, whatever the number of
 /// rows; each output is one FMA chain over k, independent of the other rows.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn columns<W: Rows>(p: &Problem<'_>, w: &W, cols: Range<usize>, out: OutPtr) {
+#[inline(always)]
+unsafe fn panels<L: Lanes, W: Rows, const MR: usize>(
+    p: &Problem<'_>,
+    w: &W,
+    cols: Range<usize>,
+    out: OutPtr,
+) {
     let mut packed = vec![0f32; NR * p.k];
-    // Rows split into equal tiles of at most MR (32 rows: 6,6,5,5,5,5, not 6×5 + 2), so no
-    // tile is too short to hide the FMA latency.
+    // Rows split into equal tiles of at most MR (32 rows at MR 6: 6,6,5,5,5,5, not 6×5 + 2), so
+    // no tile is too short to hide the FMA latency.
     let tiles = p.m.div_ceil(MR);
     let mut j = cols.start;
     while j < cols.end {
@@ -33,13 +65,20 @@ pub(super) unsafe fn columns<W: Rows>(p: &Problem<'_>, w: &W, cols: Range<usize>
         let mut i = 0;
         for t in 0..tiles {
             let mr = p.m / tiles + usize::from(t < p.m % tiles);
+            let tile = Tile { i, j, nr };
             match mr {
-                6 => tile::<6>(p, &packed, i, j, nr, out),
-                5 => tile::<5>(p, &packed, i, j, nr, out),
-                4 => tile::<4>(p, &packed, i, j, nr, out),
-                3 => tile::<3>(p, &packed, i, j, nr, out),
-                2 => tile::<2>(p, &packed, i, j, nr, out),
-                _ => tile::<1>(p, &packed, i, j, nr, out),
+                12 => tile.run::<L, 12>(p, &packed, out),
+                11 => tile.run::<L, 11>(p, &packed, out),
+                10 => tile.run::<L, 10>(p, &packed, out),
+                9 => tile.run::<L, 9>(p, &packed, out),
+                8 => tile.run::<L, 8>(p, &packed, out),
+                7 => tile.run::<L, 7>(p, &packed, out),
+                6 => tile.run::<L, 6>(p, &packed, out),
+                5 => tile.run::<L, 5>(p, &packed, out),
+                4 => tile.run::<L, 4>(p, &packed, out),
+                3 => tile.run::<L, 3>(p, &packed, out),
+                2 => tile.run::<L, 2>(p, &packed, out),
+                _ => tile.run::<L, 1>(p, &packed, out),
             }
             i += mr;
         }
@@ -63,7 +102,7 @@ pub(super) unsafe fn pack<E: Elem>(w: &[E], k: usize, cols: Range<usize>, packed
     for c0 in (0..full_c).step_by(8) {
         let src = wp.add((cols.start + c0) * k);
         for kk in (0..full_k).step_by(8) {
-            let rows: [__m256; 8] = std::array::from_fn(|r| E::load8(src.add(r * k + kk)));
+            let rows: [__m256; 8] = std::array::from_fn(|r| E::load::<Avx2>(src.add(r * k + kk)));
             for (t, v) in transpose8(rows).into_iter().enumerate() {
                 _mm256_storeu_ps(dst.add((kk + t) * NR + c0), v);
             }
@@ -131,46 +170,48 @@ unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
     ]
 }
 
-/// `y[i..i+R][j..j+nr] = bias + x[i..i+R] · panel`, the whole depth in registers.
-#[inline(always)]
-unsafe fn tile<const R: usize>(
-    p: &Problem<'_>,
-    b: &[f32],
+/// Where a tile writes: rows from `i`, the `nr` columns from `j`.
+struct Tile {
     i: usize,
     j: usize,
     nr: usize,
-    out: OutPtr,
-) {
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    let x = p.x.as_ptr().add(i * p.k);
-    let bp = b.as_ptr();
-    for kk in 0..p.k {
-        let b0 = _mm256_loadu_ps(bp.add(kk * NR));
-        let b1 = _mm256_loadu_ps(bp.add(kk * NR + 8));
-        for (r, a) in acc.iter_mut().enumerate() {
-            let xv = _mm256_broadcast_ss(&*x.add(r * p.k + kk));
-            a[0] = _mm256_fmadd_ps(xv, b0, a[0]);
-            a[1] = _mm256_fmadd_ps(xv, b1, a[1]);
+}
+
+impl Tile {
+    /// `y[i..i+R][j..j+nr] = bias + x[i..i+R] · panel`, the whole depth in registers: `16 / L::N`
+    /// vectors per row.
+    #[inline(always)]
+    unsafe fn run<L: Lanes, const R: usize>(&self, p: &Problem<'_>, b: &[f32], out: OutPtr) {
+        let Tile { i, j, nr } = *self;
+        let nv = NR / L::N;
+        // Offset of the second vector of a 16-wide row (AVX2); with 16 lanes it is unused.
+        let second = if nv == 2 { L::N } else { 0 };
+        let mut acc = [[L::zero(); 2]; R];
+        let x = p.x.as_ptr().add(i * p.k);
+        let bp = b.as_ptr();
+        for kk in 0..p.k {
+            let panel = [L::load(bp.add(kk * NR)), L::load(bp.add(kk * NR + second))];
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xv = L::splat(*x.add(r * p.k + kk));
+                for v in 0..nv {
+                    a[v] = L::fmadd(xv, panel[v], a[v]);
+                }
+            }
         }
-    }
-    let mut tmp = [0f32; NR];
-    if let Some(bias) = p.bias {
-        tmp[..nr].copy_from_slice(&bias[j..j + nr]);
-    }
-    let (bias0, bias1) = (
-        _mm256_loadu_ps(tmp.as_ptr()),
-        _mm256_loadu_ps(tmp.as_ptr().add(8)),
-    );
-    for (r, a) in acc.iter().enumerate() {
-        let y = out.0.add((i + r) * p.n + j);
-        let (v0, v1) = (_mm256_add_ps(bias0, a[0]), _mm256_add_ps(bias1, a[1]));
-        if nr == NR {
-            _mm256_storeu_ps(y, v0);
-            _mm256_storeu_ps(y.add(8), v1);
-        } else {
-            _mm256_storeu_ps(tmp.as_mut_ptr(), v0);
-            _mm256_storeu_ps(tmp.as_mut_ptr().add(8), v1);
-            std::ptr::copy_nonoverlapping(tmp.as_ptr(), y, nr);
+        let mut tmp = [0f32; NR];
+        if let Some(bias) = p.bias {
+            tmp[..nr].copy_from_slice(&bias[j..j + nr]);
+        }
+        let bias = [L::load(tmp.as_ptr()), L::load(tmp.as_ptr().add(second))];
+        for (r, a) in acc.iter().enumerate() {
+            let y = out.0.add((i + r) * p.n + j);
+            let dst = if nr == NR { y } else { tmp.as_mut_ptr() };
+            for v in 0..nv {
+                L::store(dst.add(v * L::N), L::add(bias[v], a[v]));
+            }
+            if nr < NR {
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), y, nr);
+            }
         }
     }
 }

@@ -10,8 +10,10 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::lanes::Lanes;
 use super::quant::{w8a8, Fp8Weights, Int4Weights, Int8Weights, Nvfp4Weights, QuantRows};
-use super::simd::simd_available;
+use super::simd::{isa, Isa};
 use crate::error::check_len;
 use crate::Result;
 
@@ -140,9 +142,10 @@ unsafe impl Sync for OutPtr {}
 pub(crate) trait Rows: Sync {
     /// Row `r` of a `k`-wide matrix as f32.
     fn row_to_f32(&self, r: usize, k: usize, out: &mut [f32]);
-    /// The decode path: columns `cols` of the output, reading the stored format directly.
+    /// The decode path: columns `cols` of the output, reading the stored format directly, on
+    /// the path of `isa` (AVX2 or better; the caller checked it is available).
     #[cfg(target_arch = "x86_64")]
-    unsafe fn gemv(&self, p: &Problem<'_>, cols: Range<usize>, out: OutPtr);
+    unsafe fn gemv(&self, isa: Isa, p: &Problem<'_>, cols: Range<usize>, out: OutPtr);
     /// Fills a k-major panel of up to 16 columns for the packed GEMM (zero past the last).
     #[cfg(target_arch = "x86_64")]
     unsafe fn pack(&self, k: usize, cols: Range<usize>, packed: &mut [f32]) {
@@ -160,8 +163,11 @@ impl<E: Elem> Rows for Dense<'_, E> {
         }
     }
     #[cfg(target_arch = "x86_64")]
-    unsafe fn gemv(&self, p: &Problem<'_>, cols: Range<usize>, out: OutPtr) {
-        avx::columns(p, self.0, cols, out)
+    unsafe fn gemv(&self, isa: Isa, p: &Problem<'_>, cols: Range<usize>, out: OutPtr) {
+        match isa {
+            Isa::Avx512 => gemv::columns_avx512(p, self.0, cols, out),
+            _ => gemv::columns_avx2(p, self.0, cols, out),
+        }
     }
     #[cfg(target_arch = "x86_64")]
     unsafe fn pack(&self, k: usize, cols: Range<usize>, packed: &mut [f32]) {
@@ -176,8 +182,8 @@ macro_rules! quant_rows {
                 QuantRows::row_to_f32(self, r, k, out)
             }
             #[cfg(target_arch = "x86_64")]
-            unsafe fn gemv(&self, p: &Problem<'_>, cols: Range<usize>, out: OutPtr) {
-                super::quant::gemv::columns(self, p, cols, out)
+            unsafe fn gemv(&self, isa: Isa, p: &Problem<'_>, cols: Range<usize>, out: OutPtr) {
+                super::quant::gemv::columns(isa, self, p, cols, out)
             }
         }
     )*};
@@ -192,16 +198,18 @@ fn run<W: Rows>(p: &Problem<'_>, w: &W, out: OutPtr) {
     let chunks = if work < 1 << 15 { 1 } else { threads * 4 };
     let chunk = p.n.div_ceil(chunks).next_multiple_of(16).max(16);
     let nchunks = p.n.div_ceil(chunk);
+    let isa = isa();
     let body = |c: usize| {
         let cols = c * chunk..((c + 1) * chunk).min(p.n);
         #[cfg(target_arch = "x86_64")]
-        if simd_available() {
-            // SAFETY: features detected at run time; `cols` is in bounds and disjoint per worker.
+        if isa >= Isa::Avx2 {
+            // SAFETY: `isa` is at most what was detected at run time; `cols` is in bounds and
+            // disjoint per worker.
             unsafe {
                 if p.m >= PACKED_MIN_ROWS {
-                    super::gemm_packed::columns(p, w, cols, out)
+                    super::gemm_packed::columns(isa, p, w, cols, out)
                 } else {
-                    w.gemv(p, cols, out)
+                    w.gemv(isa, p, cols, out)
                 }
             };
             return;
@@ -231,9 +239,9 @@ fn portable_columns<W: Rows>(p: &Problem<'_>, w: &W, cols: Range<usize>, out: Ou
 /// A weight element type the kernels can widen to f32.
 pub(crate) trait Elem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
-    /// Loads 8 consecutive elements widened to f32.
+    /// Loads `L::N` consecutive elements widened to f32.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    unsafe fn load<L: Lanes>(p: *const Self) -> L::V;
 }
 
 #[derive(Clone, Copy)]
@@ -260,8 +268,8 @@ impl Elem for f32 {
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
-        std::arch::x86_64::_mm256_loadu_ps(p)
+    unsafe fn load<L: Lanes>(p: *const Self) -> L::V {
+        L::load(p)
     }
 }
 
@@ -272,10 +280,8 @@ impl Elem for Bf16Bits {
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
-        use std::arch::x86_64::*;
-        let h = _mm_loadu_si128(p.cast());
-        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+    unsafe fn load<L: Lanes>(p: *const Self) -> L::V {
+        L::load_bf16(p.cast())
     }
 }
 
@@ -286,25 +292,44 @@ impl Elem for F16Bits {
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
-        use std::arch::x86_64::*;
-        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    unsafe fn load<L: Lanes>(p: *const Self) -> L::V {
+        L::load_f16(p.cast())
     }
 }
 
 /// The decode path of `linear` (fewer than `PACKED_MIN_ROWS` activation rows): one row at a time,
-/// eight weight rows per register tile so eight independent FMA chains hide latency.
+/// eight weight rows per register tile so eight independent FMA chains (and eight weight streams)
+/// are in flight.
 #[cfg(target_arch = "x86_64")]
-mod avx {
+mod gemv {
     use super::{Elem, OutPtr, Problem};
-    use crate::cpu::simd::avx::hsum;
-    use std::arch::x86_64::*;
+    use crate::cpu::lanes::{Avx2, Avx512, Lanes};
     use std::ops::Range;
 
     const NR: usize = 8;
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn columns<E: Elem>(
+    pub(super) unsafe fn columns_avx2<E: Elem>(
+        p: &Problem<'_>,
+        w: &[E],
+        cols: Range<usize>,
+        out: OutPtr,
+    ) {
+        columns::<Avx2, E>(p, w, cols, out)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    pub(super) unsafe fn columns_avx512<E: Elem>(
+        p: &Problem<'_>,
+        w: &[E],
+        cols: Range<usize>,
+        out: OutPtr,
+    ) {
+        columns::<Avx512, E>(p, w, cols, out)
+    }
+
+    #[inline(always)]
+    unsafe fn columns<L: Lanes, E: Elem>(
         p: &Problem<'_>,
         w: &[E],
         cols: Range<usize>,
@@ -313,18 +338,18 @@ mod avx {
         for i in 0..p.m {
             let mut j = cols.start;
             while j + NR <= cols.end {
-                tile::<E, NR>(p, w, i, j, out);
+                tile::<L, E, NR>(p, w, i, j, out);
                 j += NR;
             }
             for j in j..cols.end {
-                tile::<E, 1>(p, w, i, j, out);
+                tile::<L, E, 1>(p, w, i, j, out);
             }
         }
     }
 
     /// `out[i][j..j+R] = x[i] · w[j..j+R]ᵀ (+ bias)`.
     #[inline(always)]
-    unsafe fn tile<E: Elem, const R: usize>(
+    unsafe fn tile<L: Lanes, E: Elem, const R: usize>(
         p: &Problem<'_>,
         w: &[E],
         i: usize,
@@ -334,17 +359,17 @@ mod avx {
         let k = p.k;
         let x = p.x.as_ptr().add(i * k);
         let wp = w.as_ptr().add(j * k);
-        let mut acc = [_mm256_setzero_ps(); R];
+        let mut acc = [L::zero(); R];
         let mut q = 0;
-        while q + 8 <= k {
-            let xv = _mm256_loadu_ps(x.add(q));
+        while q + L::N <= k {
+            let xv = L::load(x.add(q));
             for (c, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(xv, E::load8(wp.add(c * k + q)), *a);
+                *a = L::fmadd(xv, E::load::<L>(wp.add(c * k + q)), *a);
             }
-            q += 8;
+            q += L::N;
         }
         for (c, a) in acc.iter().enumerate() {
-            let mut s = hsum(*a);
+            let mut s = L::hsum(*a);
             for t in q..k {
                 s += *x.add(t) * (*wp.add(c * k + t)).to_f32();
             }
@@ -359,7 +384,7 @@ mod avx {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::testutil::{assert_close, both_paths, rand_vec};
+    use crate::cpu::testutil::{assert_close, every_path, rand_vec};
 
     fn reference(
         x: &[f32],
@@ -421,7 +446,7 @@ mod tests {
             ] {
                 for b in [None, Some(bias.as_slice())] {
                     let expect = reference(&x, m, wref, n, k, b);
-                    both_paths(|| {
+                    every_path(|| {
                         let mut y = vec![0f32; m * n];
                         linear(&x, m, MatRef::new(data, n, k).unwrap(), b, &mut y).unwrap();
                         assert_close(&y, &expect, 1e-4);

@@ -1,10 +1,12 @@
-//! CPU kernels. Every public function validates its shapes, then dispatches to the AVX2+FMA
-//! implementation when [`simd_available`] and to a portable one otherwise.
+//! CPU kernels. Every public function validates its shapes, then dispatches on [`isa`]: to the
+//! AVX-512 path where a kernel has one and the processor runs it, to the AVX2+FMA path, or to a
+//! portable one.
 
 mod activation;
 mod attention;
 mod elementwise;
 mod gemm_packed;
+mod lanes;
 mod matmul;
 mod norm;
 pub(crate) mod quant;
@@ -22,7 +24,7 @@ pub use quant::{
     e4m3_to_f32, Fp8Weights, Int4Weights, Int8Weights, Nvfp4Weights, E2M1_VALUES, E4M3_MAX,
 };
 pub use rope::{apply_rope, RopeScaling, RopeTable};
-pub use simd::{force_portable, simd_available};
+pub use simd::{detected_isa, isa, limit_isa, simd_available, Isa};
 
 #[cfg(test)]
 pub(crate) mod testutil {
@@ -35,14 +37,24 @@ pub(crate) mod testutil {
 
     static PATH_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-    /// Runs `f` once on the SIMD path and once on the portable path.
-    pub fn both_paths(mut f: impl FnMut()) {
+    /// Runs `f` once on every path this processor has (portable, AVX2, AVX-512); a path it
+    /// lacks is named as skipped, with the features it needs, never passed silently.
+    pub fn every_path(mut f: impl FnMut()) {
+        use crate::cpu::{detected_isa, limit_isa, Isa};
         let _guard = PATH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        for portable in [false, true] {
-            crate::cpu::force_portable(portable);
+        for isa in Isa::ALL {
+            if isa > detected_isa() {
+                eprintln!(
+                    "skipped the {} path: this CPU lacks {}",
+                    isa.name(),
+                    isa.features()
+                );
+                continue;
+            }
+            limit_isa(Some(isa));
             f();
         }
-        crate::cpu::force_portable(false);
+        limit_isa(None);
     }
 
     pub fn assert_close(a: &[f32], b: &[f32], tol: f32) {

@@ -1,36 +1,113 @@
-//! Run-time selection of the SIMD path.
+//! Run-time selection of the instruction set the kernels use.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
-static FORCE_PORTABLE: AtomicBool = AtomicBool::new(false);
-
-/// True when the AVX2+FMA(+F16C) kernels can run on this processor and have not been disabled.
-pub fn simd_available() -> bool {
-    static DETECTED: OnceLock<bool> = OnceLock::new();
-    let detected = *DETECTED.get_or_init(detect);
-    detected && !FORCE_PORTABLE.load(Ordering::Relaxed)
+/// The instruction sets the kernels have paths for, in increasing order: a kernel takes the
+/// best path at or below [`isa`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Isa {
+    /// Plain Rust, any processor.
+    Portable,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX-512 F/BW/VL/DQ on top of AVX2 (16 f32 lanes, 32 registers).
+    Avx512,
 }
 
-/// Makes every kernel take its portable path (for tests and for comparing the two paths).
-/// Also set by the environment variable `TRTLLM_NO_SIMD=1`.
-pub fn force_portable(on: bool) {
-    FORCE_PORTABLE.store(on, Ordering::Relaxed);
+impl Isa {
+    pub const ALL: [Isa; 3] = [Isa::Portable, Isa::Avx2, Isa::Avx512];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    /// The processor features this path needs.
+    pub fn features(self) -> &'static str {
+        match self {
+            Isa::Portable => "none",
+            Isa::Avx2 => "avx2, fma, f16c",
+            Isa::Avx512 => "avx512f, avx512bw, avx512vl, avx512dq (and avx2, fma, f16c)",
+        }
+    }
+}
+
+impl std::str::FromStr for Isa {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Isa::ALL
+            .into_iter()
+            .find(|i| i.name() == s)
+            .ok_or_else(|| format!("unknown instruction set {s:?} (portable, avx2, avx512)"))
+    }
+}
+
+/// No limit set by [`limit_isa`].
+const UNLIMITED: u8 = u8::MAX;
+static LIMIT: AtomicU8 = AtomicU8::new(UNLIMITED);
+
+/// The best path this processor supports, capped by `TRTLLM_ISA=portable|avx2|avx512`
+/// (`TRTLLM_NO_SIMD=1` is `portable`).
+pub fn detected_isa() -> Isa {
+    static DETECTED: OnceLock<Isa> = OnceLock::new();
+    *DETECTED.get_or_init(|| {
+        let hw = detect();
+        let env = if std::env::var_os("TRTLLM_NO_SIMD").is_some_and(|v| v == "1") {
+            Some(Isa::Portable)
+        } else {
+            std::env::var("TRTLLM_ISA")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        };
+        env.map_or(hw, |cap| cap.min(hw))
+    })
+}
+
+/// The path kernels take now: [`detected_isa`], or less under [`limit_isa`].
+#[inline]
+pub fn isa() -> Isa {
+    let detected = detected_isa();
+    match LIMIT.load(Ordering::Relaxed) {
+        UNLIMITED => detected,
+        l => Isa::ALL[l as usize].min(detected),
+    }
+}
+
+/// Caps the path every kernel takes (`None`: the best the processor has), for tests and for
+/// comparing paths on one machine.
+pub fn limit_isa(limit: Option<Isa>) {
+    LIMIT.store(limit.map_or(UNLIMITED, |i| i as u8), Ordering::Relaxed);
+}
+
+/// True when the AVX2 (or better) kernels run.
+#[inline]
+pub fn simd_available() -> bool {
+    isa() >= Isa::Avx2
 }
 
 #[cfg(target_arch = "x86_64")]
-fn detect() -> bool {
-    if std::env::var_os("TRTLLM_NO_SIMD").is_some_and(|v| v == "1") {
-        return false;
-    }
-    is_x86_feature_detected!("avx2")
+fn detect() -> Isa {
+    let avx2 = is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
-        && is_x86_feature_detected!("f16c")
+        && is_x86_feature_detected!("f16c");
+    let avx512 = is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512dq");
+    match (avx2, avx512) {
+        (true, true) => Isa::Avx512,
+        (true, false) => Isa::Avx2,
+        _ => Isa::Portable,
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn detect() -> bool {
-    false
+fn detect() -> Isa {
+    Isa::Portable
 }
 
 #[cfg(target_arch = "x86_64")]

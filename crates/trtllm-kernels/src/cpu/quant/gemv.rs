@@ -1,6 +1,7 @@
-//! Decode-time matrix-vector products over packed weights (AVX2). Codes are widened to f32 in
-//! registers block by block and multiplied against f32 activations, so activations are never
-//! quantized and no dequantized copy of the weights exists.
+//! Decode-time matrix-vector products over packed weights (AVX2 and AVX-512, one body generic
+//! over [`Lanes`]). Codes are widened to f32 in registers block by block and multiplied against
+//! f32 activations, so activations are never quantized and no dequantized copy of the weights
+//! exists.
 //!
 //! A row is a run of scale groups, each a run of blocks. Per group, four rows accumulate their
 //! raw `x · code` sums side by side (four independent FMA chains sharing the activation loads),
@@ -13,8 +14,9 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::{groups, Fp8Weights, Int4Weights, Int8Weights, Nvfp4Weights, QuantRows};
+use crate::cpu::lanes::{Avx2, Avx512, Lanes};
 use crate::cpu::matmul::{OutPtr, Problem};
-use crate::cpu::simd::avx::hsum;
+use crate::cpu::simd::Isa;
 
 /// What the tile driver needs of a format beyond [`QuantRows`].
 pub(crate) trait BlockDot: QuantRows {
@@ -23,14 +25,14 @@ pub(crate) trait BlockDot: QuantRows {
     /// Blocks per scale group in a `cols`-wide row.
     fn group_blocks(&self, cols: usize) -> usize;
     /// `acc + Σ x[i] · code_i` over block `b` of row `r` (codes in the units `scale` expects).
-    unsafe fn block_dot(
+    unsafe fn block_dot<L: Lanes>(
         &self,
         r: usize,
         cols: usize,
         b: usize,
         x: *const f32,
-        acc: __m256,
-    ) -> __m256;
+        acc: L::V,
+    ) -> L::V;
     /// Scale of group `g` of row `r`.
     fn scale(&self, r: usize, cols: usize, g: usize) -> f32;
     /// Offset of group `g` of row `r`, multiplied by the group's activation sum.
@@ -41,9 +43,33 @@ pub(crate) trait BlockDot: QuantRows {
 
 const R: usize = 4;
 
-/// Columns `cols` of `y = x · Wᵀ + bias` for every activation row.
+/// Columns `cols` of `y = x · Wᵀ + bias` for every activation row, on the path of `isa` (AVX2
+/// or better, checked by the caller).
+pub(crate) unsafe fn columns<W: BlockDot>(
+    isa: Isa,
+    w: &W,
+    p: &Problem<'_>,
+    cols: Range<usize>,
+    out: OutPtr,
+) {
+    match isa {
+        Isa::Avx512 => columns_avx512(w, p, cols, out),
+        _ => columns_avx2(w, p, cols, out),
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn columns<W: BlockDot>(w: &W, p: &Problem<'_>, cols: Range<usize>, out: OutPtr) {
+unsafe fn columns_avx2<W: BlockDot>(w: &W, p: &Problem<'_>, cols: Range<usize>, out: OutPtr) {
+    rows::<Avx2, W>(w, p, cols, out)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+unsafe fn columns_avx512<W: BlockDot>(w: &W, p: &Problem<'_>, cols: Range<usize>, out: OutPtr) {
+    rows::<Avx512, W>(w, p, cols, out)
+}
+
+#[inline(always)]
+unsafe fn rows<L: Lanes, W: BlockDot>(w: &W, p: &Problem<'_>, cols: Range<usize>, out: OutPtr) {
     let k = p.k;
     let gb = w.group_blocks(k);
     let ng = (k / W::BLOCK).div_ceil(gb);
@@ -56,17 +82,17 @@ pub(crate) unsafe fn columns<W: BlockDot>(w: &W, p: &Problem<'_>, cols: Range<us
         }
         let mut j = cols.start;
         while j + R <= cols.end {
-            tile::<W, R>(w, p, x, &xsum, i, j, out);
+            tile::<L, W, R>(w, p, x, &xsum, i, j, out);
             j += R;
         }
         for j in j..cols.end {
-            tile::<W, 1>(w, p, x, &xsum, i, j, out);
+            tile::<L, W, 1>(w, p, x, &xsum, i, j, out);
         }
     }
 }
 
 #[inline(always)]
-unsafe fn tile<W: BlockDot, const N: usize>(
+unsafe fn tile<L: Lanes, W: BlockDot, const N: usize>(
     w: &W,
     p: &Problem<'_>,
     x: &[f32],
@@ -79,21 +105,21 @@ unsafe fn tile<W: BlockDot, const N: usize>(
     let nb = k / W::BLOCK;
     let gb = w.group_blocks(k);
     let xp = x.as_ptr();
-    let mut acc = [_mm256_setzero_ps(); N];
+    let mut acc = [L::zero(); N];
     let mut off = [0f32; N];
     let mut b = 0;
     let mut g = 0;
     while b < nb {
         let end = (b + gb).min(nb);
-        let mut part = [_mm256_setzero_ps(); N];
+        let mut part = [L::zero(); N];
         for blk in b..end {
             let xb = xp.add(blk * W::BLOCK);
             for (r, a) in part.iter_mut().enumerate() {
-                *a = w.block_dot(j + r, k, blk, xb, *a);
+                *a = w.block_dot::<L>(j + r, k, blk, xb, *a);
             }
         }
         for r in 0..N {
-            acc[r] = _mm256_fmadd_ps(part[r], _mm256_set1_ps(w.scale(j + r, k, g)), acc[r]);
+            acc[r] = L::fmadd(part[r], L::splat(w.scale(j + r, k, g)), acc[r]);
             if W::HAS_OFFSET {
                 off[r] += w.offset(j + r, k, g) * xsum[g];
             }
@@ -103,18 +129,8 @@ unsafe fn tile<W: BlockDot, const N: usize>(
     }
     for r in 0..N {
         let bias = p.bias.map_or(0.0, |bias| bias[j + r]);
-        *out.0.add(i * p.n + j + r) = hsum(acc[r]) + off[r] + bias;
+        *out.0.add(i * p.n + j + r) = L::hsum(acc[r]) + off[r] + bias;
     }
-}
-
-#[inline(always)]
-unsafe fn widen_i8(v: __m128i) -> __m256 {
-    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
-}
-
-#[inline(always)]
-unsafe fn widen_u8(v: __m128i) -> __m256 {
-    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
 }
 
 impl BlockDot for Int8Weights<'_> {
@@ -123,21 +139,17 @@ impl BlockDot for Int8Weights<'_> {
         self.group / 32
     }
     #[inline(always)]
-    unsafe fn block_dot(
+    unsafe fn block_dot<L: Lanes>(
         &self,
         r: usize,
         cols: usize,
         b: usize,
         x: *const f32,
-        acc: __m256,
-    ) -> __m256 {
+        acc: L::V,
+    ) -> L::V {
         let q = self.q.as_ptr().add(r * cols + b * 32);
-        let mut acc = acc;
-        for o in [0, 8, 16, 24] {
-            let codes = widen_i8(_mm_loadl_epi64(q.add(o).cast()));
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(o)), codes, acc);
-        }
-        acc
+        let acc = L::dot_i8x16(x, _mm_loadu_si128(q.cast()), acc);
+        L::dot_i8x16(x.add(16), _mm_loadu_si128(q.add(16).cast()), acc)
     }
     #[inline(always)]
     fn scale(&self, r: usize, cols: usize, g: usize) -> f32 {
@@ -151,30 +163,19 @@ impl BlockDot for Int4Weights<'_> {
         self.group / 32
     }
     #[inline(always)]
-    unsafe fn block_dot(
+    unsafe fn block_dot<L: Lanes>(
         &self,
         r: usize,
         cols: usize,
         b: usize,
         x: *const f32,
-        acc: __m256,
-    ) -> __m256 {
+        acc: L::V,
+    ) -> L::V {
         let v = _mm_loadu_si128(self.q.as_ptr().add(r * cols / 2 + b * 16).cast());
         let mask = _mm_set1_epi8(0x0f);
         let lo = _mm_and_si128(v, mask);
         let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), mask);
-        let mut acc = _mm256_fmadd_ps(_mm256_loadu_ps(x), widen_u8(lo), acc);
-        acc = _mm256_fmadd_ps(
-            _mm256_loadu_ps(x.add(8)),
-            widen_u8(_mm_srli_si128::<8>(lo)),
-            acc,
-        );
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(16)), widen_u8(hi), acc);
-        _mm256_fmadd_ps(
-            _mm256_loadu_ps(x.add(24)),
-            widen_u8(_mm_srli_si128::<8>(hi)),
-            acc,
-        )
+        L::dot_u8x16(x.add(16), hi, L::dot_u8x16(x, lo, acc))
     }
     #[inline(always)]
     fn scale(&self, r: usize, cols: usize, g: usize) -> f32 {
@@ -198,14 +199,14 @@ impl BlockDot for Fp8Weights<'_> {
     /// Sixteen codes at a time: sign-extended to 16 bits, shifted into f16 position (the sign
     /// copy that lands in the f16 exponent's top bit is masked off), widened by F16C.
     #[inline(always)]
-    unsafe fn block_dot(
+    unsafe fn block_dot<L: Lanes>(
         &self,
         r: usize,
         cols: usize,
         b: usize,
         x: *const f32,
-        acc: __m256,
-    ) -> __m256 {
+        acc: L::V,
+    ) -> L::V {
         let q = self.q.as_ptr().add(r * cols + b * 32);
         let mut acc = acc;
         for o in [0, 16] {
@@ -214,10 +215,7 @@ impl BlockDot for Fp8Weights<'_> {
                 _mm256_slli_epi16::<7>(v),
                 _mm256_set1_epi16(0xbf80u16 as i16),
             );
-            let lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
-            let hi = _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(h));
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(o)), lo, acc);
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(o + 8)), hi, acc);
+            acc = L::dot_f16x16(x.add(o), h, acc);
         }
         acc
     }
@@ -235,26 +233,21 @@ impl BlockDot for Nvfp4Weights<'_> {
     }
     /// A byte shuffle maps each E2M1 code to twice its value as an i8.
     #[inline(always)]
-    unsafe fn block_dot(
+    unsafe fn block_dot<L: Lanes>(
         &self,
         r: usize,
         cols: usize,
         b: usize,
         x: *const f32,
-        acc: __m256,
-    ) -> __m256 {
+        acc: L::V,
+    ) -> L::V {
         let v = _mm_loadl_epi64(self.q.as_ptr().add(r * cols / 2 + b * 8).cast());
         let mask = _mm_set1_epi8(0x0f);
         let lo = _mm_and_si128(v, mask);
         let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), mask);
         let lut = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
         let vals = _mm_shuffle_epi8(lut, _mm_unpacklo_epi64(lo, hi));
-        let acc = _mm256_fmadd_ps(_mm256_loadu_ps(x), widen_i8(vals), acc);
-        _mm256_fmadd_ps(
-            _mm256_loadu_ps(x.add(8)),
-            widen_i8(_mm_srli_si128::<8>(vals)),
-            acc,
-        )
+        L::dot_i8x16(x, vals, acc)
     }
     #[inline(always)]
     fn scale(&self, r: usize, cols: usize, g: usize) -> f32 {

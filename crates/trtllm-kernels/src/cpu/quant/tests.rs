@@ -1,6 +1,6 @@
 use super::*;
 
-use crate::cpu::testutil::{assert_close, both_paths, rand_vec};
+use crate::cpu::testutil::{assert_close, every_path, rand_vec};
 use crate::cpu::{linear, MatRef, WeightData};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -110,7 +110,7 @@ fn packed_formats_match_dequantized_reference_on_awkward_shapes() {
                 let x = rand_vec(m * k, 10 + m as u64);
                 let bias = rand_vec(n, 11);
                 let (expect, mag) = reference(&x, m, w, &bias);
-                both_paths(|| {
+                every_path(|| {
                     let mut y = vec![0f32; m * n];
                     linear(&x, m, w, Some(&bias), &mut y).unwrap();
                     let what = format!("{name} n={n} k={k} m={m}");
@@ -151,7 +151,7 @@ fn w8a8_matches_integer_reference() {
                 expect[i * n + j] = d as f32 * sx * scales[j];
             }
         }
-        both_paths(|| {
+        every_path(|| {
             let mut y = vec![0f32; m * n];
             linear(&x, m, w, None, &mut y).unwrap();
             assert_close(&y, &expect, 1e-5);

@@ -1,0 +1,173 @@
+//! f32 vectors of one x86 instruction set ([`Avx2`]: 8 lanes, [`Avx512`]: 16), so a kernel body
+//! is written once, generic over [`Lanes`], and compiled once per instruction set.
+//!
+//! Every method is `inline(always)` and must only be reached from a function compiled with the
+//! matching `#[target_feature]` (the `*_avx2` / `*_avx512` entry points of each kernel);
+//! anywhere else the intrinsics become out-of-line calls (the symbol-table test in `simd`
+//! catches that).
+
+#![cfg(target_arch = "x86_64")]
+
+use std::arch::x86_64::*;
+
+/// A vector of `N` f32 lanes and the operations the kernels need on it.
+pub(crate) trait Lanes: Copy + Send + Sync + 'static {
+    const N: usize;
+    type V: Copy;
+    unsafe fn zero() -> Self::V;
+    unsafe fn splat(x: f32) -> Self::V;
+    unsafe fn load(p: *const f32) -> Self::V;
+    unsafe fn store(p: *mut f32, v: Self::V);
+    /// `a · b + c`.
+    unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn hsum(v: Self::V) -> f32;
+    /// `N` bf16 bit patterns widened.
+    unsafe fn load_bf16(p: *const u16) -> Self::V;
+    /// `N` f16 bit patterns widened.
+    unsafe fn load_f16(p: *const u16) -> Self::V;
+    /// `acc + Σ x[i] · codes[i]` over 16 signed bytes.
+    unsafe fn dot_i8x16(x: *const f32, codes: __m128i, acc: Self::V) -> Self::V;
+    /// `acc + Σ x[i] · codes[i]` over 16 unsigned bytes.
+    unsafe fn dot_u8x16(x: *const f32, codes: __m128i, acc: Self::V) -> Self::V;
+    /// `acc + Σ x[i] · h[i]` over 16 f16 bit patterns.
+    unsafe fn dot_f16x16(x: *const f32, h: __m256i, acc: Self::V) -> Self::V;
+}
+
+#[derive(Clone, Copy)]
+pub(crate) struct Avx2;
+
+#[derive(Clone, Copy)]
+pub(crate) struct Avx512;
+
+impl Lanes for Avx2 {
+    const N: usize = 8;
+    type V = __m256;
+    #[inline(always)]
+    unsafe fn zero() -> __m256 {
+        _mm256_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> __m256 {
+        _mm256_set1_ps(x)
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: __m256) {
+        _mm256_storeu_ps(p, v)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
+        _mm256_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m256, b: __m256) -> __m256 {
+        _mm256_add_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        super::simd::avx::hsum(v)
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> __m256 {
+        let h = _mm_loadu_si128(p.cast());
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    }
+    #[inline(always)]
+    unsafe fn dot_i8x16(x: *const f32, codes: __m128i, acc: __m256) -> __m256 {
+        let lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes));
+        let hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(codes)));
+        _mm256_fmadd_ps(
+            _mm256_loadu_ps(x.add(8)),
+            hi,
+            _mm256_fmadd_ps(_mm256_loadu_ps(x), lo, acc),
+        )
+    }
+    #[inline(always)]
+    unsafe fn dot_u8x16(x: *const f32, codes: __m128i, acc: __m256) -> __m256 {
+        let lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes));
+        let hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(codes)));
+        _mm256_fmadd_ps(
+            _mm256_loadu_ps(x.add(8)),
+            hi,
+            _mm256_fmadd_ps(_mm256_loadu_ps(x), lo, acc),
+        )
+    }
+    #[inline(always)]
+    unsafe fn dot_f16x16(x: *const f32, h: __m256i, acc: __m256) -> __m256 {
+        let lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+        let hi = _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(h));
+        _mm256_fmadd_ps(
+            _mm256_loadu_ps(x.add(8)),
+            hi,
+            _mm256_fmadd_ps(_mm256_loadu_ps(x), lo, acc),
+        )
+    }
+}
+
+impl Lanes for Avx512 {
+    const N: usize = 16;
+    type V = __m512;
+    #[inline(always)]
+    unsafe fn zero() -> __m512 {
+        _mm512_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> __m512 {
+        _mm512_set1_ps(x)
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m512 {
+        _mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: __m512) {
+        _mm512_storeu_ps(p, v)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
+        _mm512_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m512, b: __m512) -> __m512 {
+        _mm512_add_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn hsum(v: __m512) -> f32 {
+        // The two halves first, then the 8-lane reduction: the same pairing as the AVX2 path
+        // would do on the same values, not the sequential sum `_mm512_reduce_add_ps` does.
+        let lo = _mm512_castps512_ps256(v);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        super::simd::avx::hsum(_mm256_add_ps(lo, hi))
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> __m512 {
+        let h = _mm256_loadu_si256(p.cast());
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+    }
+    #[inline(always)]
+    unsafe fn dot_i8x16(x: *const f32, codes: __m128i, acc: __m512) -> __m512 {
+        let v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
+        _mm512_fmadd_ps(_mm512_loadu_ps(x), v, acc)
+    }
+    #[inline(always)]
+    unsafe fn dot_u8x16(x: *const f32, codes: __m128i, acc: __m512) -> __m512 {
+        let v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes));
+        _mm512_fmadd_ps(_mm512_loadu_ps(x), v, acc)
+    }
+    #[inline(always)]
+    unsafe fn dot_f16x16(x: *const f32, h: __m256i, acc: __m512) -> __m512 {
+        _mm512_fmadd_ps(_mm512_loadu_ps(x), _mm512_cvtph_ps(h), acc)
+    }
+}
