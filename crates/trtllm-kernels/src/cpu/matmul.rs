@@ -304,6 +304,8 @@ impl Elem for F16Bits {
 mod gemv {
     use super::{Elem, OutPtr, Problem};
     use crate::cpu::lanes::{Avx2, Avx512, Lanes};
+    use crate::cpu::quant::gemv::PREFETCH_ROWS;
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
     use std::ops::Range;
 
     const NR: usize = 8;
@@ -364,6 +366,9 @@ mod gemv {
         while q + L::N <= k {
             let xv = L::load(x.add(q));
             for (c, a) in acc.iter_mut().enumerate() {
+                // The same row distance as the quantized GEMV (bf16 decode 34 → 56 tok/s).
+                let ahead = wp.wrapping_add((c + PREFETCH_ROWS) * k + q);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
                 *a = L::fmadd(xv, E::load::<L>(wp.add(c * k + q)), *a);
             }
             q += L::N;
