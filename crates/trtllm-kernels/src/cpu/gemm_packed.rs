@@ -1,7 +1,8 @@
 //! The prefill and batched-decode path of `linear` (several activation rows): weights are packed
-//! into k-major panels of 16 output columns, widened to f32 once per panel, then a 6×16 register
-//! tile broadcasts activations against panel vectors (BLIS-style). No horizontal sums, and the
-//! bf16/f16 conversion cost is shared by every activation row.
+//! into k-major panels of two vectors' width (16 output columns with AVX2, 32 with AVX-512),
+//! widened to f32 once per panel, then a register tile (6×16, 12×32) broadcasts activations
+//! against panel vectors (BLIS-style). No horizontal sums, and the bf16/f16 conversion cost is
+//! shared by every activation row.
 
 #![cfg(target_arch = "x86_64")]
 
@@ -12,11 +13,11 @@ use super::lanes::{Avx2, Avx512, Lanes};
 use super::matmul::{Elem, OutPtr, Problem, Rows};
 use super::simd::Isa;
 
-const NR: usize = 16;
+/// Widest panel (AVX-512); the caller splits columns in multiples of it.
+pub(super) const MAX_PANEL: usize = 32;
 
 /// Computes columns `cols` of the output for all rows, on the AVX-512 tile when `isa` allows.
-/// `cols.start` must be a multiple of 16 or the end of the output (the caller splits work in
-/// multiples of 16).
+/// `cols.start` must be a multiple of [`MAX_PANEL`] or the end of the output.
 pub(super) unsafe fn columns<W: Rows>(
     isa: Isa,
     p: &Problem<'_>,
@@ -30,21 +31,22 @@ pub(super) unsafe fn columns<W: Rows>(
     }
 }
 
-/// 6 rows × 16 columns: 12 accumulators, two panel vectors and a broadcast of the 16 registers.
+/// 6 rows × 16 columns: 12 accumulators, two panel vectors and a broadcast: 15 of the 16
+/// registers.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn columns_avx2<W: Rows>(p: &Problem<'_>, w: &W, cols: Range<usize>, out: OutPtr) {
     panels::<Avx2, W, 6>(p, w, cols, out)
 }
 
-/// 12 rows × 16 columns: one 16-lane accumulator per row, so each panel load feeds 12 FMAs
-/// with the activation broadcast folded into the FMA (twice the AVX2 tile's work per load).
+/// 12 rows × 32 columns: 24 accumulators, two panel vectors and a broadcast of the 32
+/// registers; each broadcast (folded into the FMA) feeds two FMAs of 16 lanes.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 unsafe fn columns_avx512<W: Rows>(p: &Problem<'_>, w: &W, cols: Range<usize>, out: OutPtr) {
     panels::<Avx512, W, 12>(p, w, cols, out)
 }
 
-/// One 16-column panel at a time is packed over the whole depth (16×k f32: 36 KiB for k = 576,
-/// L1/L2-resident) just before use, then every row tile runs the full depth against it with its
+/// One panel at a time is packed over the whole depth (32×k f32: 72 KiB for k = 576,
+/// L2-resident) just before use, then every row tile runs the full depth against it with its
 /// accumulators in registers. Weight rows are read once, front to back, whatever the number of
 /// rows; each output is one FMA chain over k, independent of the other rows.
 #[inline(always)]
@@ -54,14 +56,15 @@ unsafe fn panels<L: Lanes, W: Rows, const MR: usize>(
     cols: Range<usize>,
     out: OutPtr,
 ) {
-    let mut packed = vec![0f32; NR * p.k];
+    let width = 2 * L::N;
+    let mut packed = vec![0f32; width * p.k];
     // Rows split into equal tiles of at most MR (32 rows at MR 6: 6,6,5,5,5,5, not 6×5 + 2), so
     // no tile is too short to hide the FMA latency.
     let tiles = p.m.div_ceil(MR);
     let mut j = cols.start;
     while j < cols.end {
-        let nr = NR.min(cols.end - j);
-        w.pack(p.k, j..j + nr, &mut packed);
+        let nr = width.min(cols.end - j);
+        w.pack(p.k, j..j + nr, width, &mut packed);
         let mut i = 0;
         for t in 0..tiles {
             let mr = p.m / tiles + usize::from(t < p.m % tiles);
@@ -86,14 +89,20 @@ unsafe fn panels<L: Lanes, W: Rows, const MR: usize>(
     }
 }
 
-/// `packed[kk][c] = w[cols.start + c][kk]` for one panel of at most 16 columns, zero past
-/// the last column. Full 8×8 blocks go through registers (8 row loads, a transpose, 8 stores).
+/// `packed[kk · width + c] = w[cols.start + c][kk]` for one panel of at most `width` columns,
+/// zero past the last column. Full 8×8 blocks go through registers (8 row loads, a transpose, 8 stores).
 ///
 /// Its own `target_feature`, not `inline(always)`: it is reached through the `Rows::pack` trait
 /// method, which has none, and an intrinsic inlined into a function without the feature becomes
 /// an out-of-line call per instruction (a 10× slowdown of every batched step, once).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn pack<E: Elem>(w: &[E], k: usize, cols: Range<usize>, packed: &mut [f32]) {
+pub(super) unsafe fn pack<E: Elem>(
+    w: &[E],
+    k: usize,
+    cols: Range<usize>,
+    width: usize,
+    packed: &mut [f32],
+) {
     let nr = cols.len();
     let full_k = k / 8 * 8;
     let full_c = nr / 8 * 8;
@@ -104,7 +113,7 @@ pub(super) unsafe fn pack<E: Elem>(w: &[E], k: usize, cols: Range<usize>, packed
         for kk in (0..full_k).step_by(8) {
             let rows: [__m256; 8] = std::array::from_fn(|r| E::load::<Avx2>(src.add(r * k + kk)));
             for (t, v) in transpose8(rows).into_iter().enumerate() {
-                _mm256_storeu_ps(dst.add((kk + t) * NR + c0), v);
+                _mm256_storeu_ps(dst.add((kk + t) * width + c0), v);
             }
         }
     }
@@ -112,29 +121,36 @@ pub(super) unsafe fn pack<E: Elem>(w: &[E], k: usize, cols: Range<usize>, packed
         let row = &w[j * k..(j + 1) * k];
         let from = if c < full_c { full_k } else { 0 };
         for (kk, &v) in row.iter().enumerate().skip(from) {
-            *packed.get_unchecked_mut(kk * NR + c) = v.to_f32();
+            *packed.get_unchecked_mut(kk * width + c) = v.to_f32();
         }
     }
-    for kk in 0..k {
-        for c in nr..NR {
-            packed[kk * NR + c] = 0.0;
-        }
-    }
+    zero_tail(k, nr, width, packed);
 }
 
 /// [`pack`] for formats without a vector widening: each row is dequantized once into a
 /// scratch row, then scattered into the panel.
-pub(super) fn pack_rows<W: Rows + ?Sized>(w: &W, k: usize, cols: Range<usize>, packed: &mut [f32]) {
+pub(super) fn pack_rows<W: Rows + ?Sized>(
+    w: &W,
+    k: usize,
+    cols: Range<usize>,
+    width: usize,
+    packed: &mut [f32],
+) {
     let mut row = vec![0f32; k];
     for (c, j) in cols.clone().enumerate() {
         w.row_to_f32(j, k, &mut row);
         for (kk, &v) in row.iter().enumerate() {
-            packed[kk * NR + c] = v;
+            packed[kk * width + c] = v;
         }
     }
-    for kk in 0..k {
-        for c in cols.len()..NR {
-            packed[kk * NR + c] = 0.0;
+    zero_tail(k, cols.len(), width, packed);
+}
+
+/// Zeroes the columns of a panel past its last weight row.
+fn zero_tail(k: usize, nr: usize, width: usize, packed: &mut [f32]) {
+    if nr < width {
+        for row in packed.chunks_exact_mut(width).take(k) {
+            row[nr..].fill(0.0);
         }
     }
 }
@@ -178,38 +194,37 @@ struct Tile {
 }
 
 impl Tile {
-    /// `y[i..i+R][j..j+nr] = bias + x[i..i+R] · panel`, the whole depth in registers: `16 / L::N`
+    /// `y[i..i+R][j..j+nr] = bias + x[i..i+R] · panel`, the whole depth in registers: two
     /// vectors per row.
     #[inline(always)]
     unsafe fn run<L: Lanes, const R: usize>(&self, p: &Problem<'_>, b: &[f32], out: OutPtr) {
         let Tile { i, j, nr } = *self;
-        let nv = NR / L::N;
-        // Offset of the second vector of a 16-wide row (AVX2); with 16 lanes it is unused.
-        let second = if nv == 2 { L::N } else { 0 };
+        let width = 2 * L::N;
         let mut acc = [[L::zero(); 2]; R];
         let x = p.x.as_ptr().add(i * p.k);
         let bp = b.as_ptr();
         for kk in 0..p.k {
-            let panel = [L::load(bp.add(kk * NR)), L::load(bp.add(kk * NR + second))];
+            let panel = [
+                L::load(bp.add(kk * width)),
+                L::load(bp.add(kk * width + L::N)),
+            ];
             for (r, a) in acc.iter_mut().enumerate() {
                 let xv = L::splat(*x.add(r * p.k + kk));
-                for v in 0..nv {
-                    a[v] = L::fmadd(xv, panel[v], a[v]);
-                }
+                a[0] = L::fmadd(xv, panel[0], a[0]);
+                a[1] = L::fmadd(xv, panel[1], a[1]);
             }
         }
-        let mut tmp = [0f32; NR];
+        let mut tmp = [0f32; MAX_PANEL];
         if let Some(bias) = p.bias {
             tmp[..nr].copy_from_slice(&bias[j..j + nr]);
         }
-        let bias = [L::load(tmp.as_ptr()), L::load(tmp.as_ptr().add(second))];
+        let bias = [L::load(tmp.as_ptr()), L::load(tmp.as_ptr().add(L::N))];
         for (r, a) in acc.iter().enumerate() {
             let y = out.0.add((i + r) * p.n + j);
-            let dst = if nr == NR { y } else { tmp.as_mut_ptr() };
-            for v in 0..nv {
-                L::store(dst.add(v * L::N), L::add(bias[v], a[v]));
-            }
-            if nr < NR {
+            let dst = if nr == width { y } else { tmp.as_mut_ptr() };
+            L::store(dst, L::add(bias[0], a[0]));
+            L::store(dst.add(L::N), L::add(bias[1], a[1]));
+            if nr < width {
                 std::ptr::copy_nonoverlapping(tmp.as_ptr(), y, nr);
             }
         }

@@ -120,6 +120,11 @@ pub fn linear(
     Ok(())
 }
 
+#[cfg(target_arch = "x86_64")]
+use super::gemm_packed::MAX_PANEL;
+#[cfg(not(target_arch = "x86_64"))]
+const MAX_PANEL: usize = 32;
+
 /// From this many activation rows on, packing weight panels pays for itself.
 const PACKED_MIN_ROWS: usize = 4;
 
@@ -146,10 +151,10 @@ pub(crate) trait Rows: Sync {
     /// the path of `isa` (AVX2 or better; the caller checked it is available).
     #[cfg(target_arch = "x86_64")]
     unsafe fn gemv(&self, isa: Isa, p: &Problem<'_>, cols: Range<usize>, out: OutPtr);
-    /// Fills a k-major panel of up to 16 columns for the packed GEMM (zero past the last).
+    /// Fills a k-major panel of up to `width` columns for the packed GEMM (zero past the last).
     #[cfg(target_arch = "x86_64")]
-    unsafe fn pack(&self, k: usize, cols: Range<usize>, packed: &mut [f32]) {
-        super::gemm_packed::pack_rows(self, k, cols, packed)
+    unsafe fn pack(&self, k: usize, cols: Range<usize>, width: usize, packed: &mut [f32]) {
+        super::gemm_packed::pack_rows(self, k, cols, width, packed)
     }
 }
 
@@ -170,8 +175,8 @@ impl<E: Elem> Rows for Dense<'_, E> {
         }
     }
     #[cfg(target_arch = "x86_64")]
-    unsafe fn pack(&self, k: usize, cols: Range<usize>, packed: &mut [f32]) {
-        super::gemm_packed::pack(self.0, k, cols, packed)
+    unsafe fn pack(&self, k: usize, cols: Range<usize>, width: usize, packed: &mut [f32]) {
+        super::gemm_packed::pack(self.0, k, cols, width, packed)
     }
 }
 
@@ -191,12 +196,12 @@ macro_rules! quant_rows {
 quant_rows!(Int8Weights, Int4Weights, Fp8Weights, Nvfp4Weights);
 
 fn run<W: Rows>(p: &Problem<'_>, w: &W, out: OutPtr) {
-    // Enough chunks for load balance, each a multiple of 16 columns so tiles and packed panels
-    // stay full.
+    // Enough chunks for load balance, each a whole number of the widest panel so tiles and
+    // packed panels stay full.
     let threads = rayon::current_num_threads().max(1);
     let work = p.m * p.n * p.k;
     let chunks = if work < 1 << 15 { 1 } else { threads * 4 };
-    let chunk = p.n.div_ceil(chunks).next_multiple_of(16).max(16);
+    let chunk = p.n.div_ceil(chunks).next_multiple_of(MAX_PANEL);
     let nchunks = p.n.div_ceil(chunk);
     let isa = isa();
     let body = |c: usize| {
