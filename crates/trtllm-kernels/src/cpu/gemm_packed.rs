@@ -127,25 +127,6 @@ pub(super) unsafe fn pack<E: Elem>(
     zero_tail(k, nr, width, packed);
 }
 
-/// [`pack`] for formats without a vector widening: each row is dequantized once into a
-/// scratch row, then scattered into the panel.
-pub(super) fn pack_rows<W: Rows + ?Sized>(
-    w: &W,
-    k: usize,
-    cols: Range<usize>,
-    width: usize,
-    packed: &mut [f32],
-) {
-    let mut row = vec![0f32; k];
-    for (c, j) in cols.clone().enumerate() {
-        w.row_to_f32(j, k, &mut row);
-        for (kk, &v) in row.iter().enumerate() {
-            packed[kk * width + c] = v;
-        }
-    }
-    zero_tail(k, cols.len(), width, packed);
-}
-
 /// Zeroes the columns of a panel past its last weight row.
 fn zero_tail(k: usize, nr: usize, width: usize, packed: &mut [f32]) {
     if nr < width {

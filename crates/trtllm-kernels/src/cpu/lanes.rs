@@ -32,6 +32,12 @@ pub(crate) trait Lanes: Copy + Send + Sync + 'static {
     unsafe fn dot_u8x16(x: *const f32, codes: __m128i, acc: Self::V) -> Self::V;
     /// `acc + Σ x[i] · h[i]` over 16 f16 bit patterns.
     unsafe fn dot_f16x16(x: *const f32, h: __m256i, acc: Self::V) -> Self::V;
+    /// `dst[i] = codes[i] · scale + offset` for 16 signed bytes.
+    unsafe fn dequant_i8x16(dst: *mut f32, codes: __m128i, scale: f32, offset: f32);
+    /// `dst[i] = codes[i] · scale + offset` for 16 unsigned bytes.
+    unsafe fn dequant_u8x16(dst: *mut f32, codes: __m128i, scale: f32, offset: f32);
+    /// `dst[i] = h[i] · scale` for 16 f16 bit patterns.
+    unsafe fn dequant_f16x16(dst: *mut f32, h: __m256i, scale: f32);
 }
 
 #[derive(Clone, Copy)]
@@ -110,6 +116,30 @@ impl Lanes for Avx2 {
             _mm256_fmadd_ps(_mm256_loadu_ps(x), lo, acc),
         )
     }
+    #[inline(always)]
+    unsafe fn dequant_i8x16(dst: *mut f32, codes: __m128i, scale: f32, offset: f32) {
+        let (s, o) = (_mm256_set1_ps(scale), _mm256_set1_ps(offset));
+        let lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes));
+        let hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(codes)));
+        _mm256_storeu_ps(dst, _mm256_fmadd_ps(lo, s, o));
+        _mm256_storeu_ps(dst.add(8), _mm256_fmadd_ps(hi, s, o));
+    }
+    #[inline(always)]
+    unsafe fn dequant_u8x16(dst: *mut f32, codes: __m128i, scale: f32, offset: f32) {
+        let (s, o) = (_mm256_set1_ps(scale), _mm256_set1_ps(offset));
+        let lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes));
+        let hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(codes)));
+        _mm256_storeu_ps(dst, _mm256_fmadd_ps(lo, s, o));
+        _mm256_storeu_ps(dst.add(8), _mm256_fmadd_ps(hi, s, o));
+    }
+    #[inline(always)]
+    unsafe fn dequant_f16x16(dst: *mut f32, h: __m256i, scale: f32) {
+        let s = _mm256_set1_ps(scale);
+        let lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+        let hi = _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(h));
+        _mm256_storeu_ps(dst, _mm256_mul_ps(lo, s));
+        _mm256_storeu_ps(dst.add(8), _mm256_mul_ps(hi, s));
+    }
 }
 
 impl Lanes for Avx512 {
@@ -169,5 +199,28 @@ impl Lanes for Avx512 {
     #[inline(always)]
     unsafe fn dot_f16x16(x: *const f32, h: __m256i, acc: __m512) -> __m512 {
         _mm512_fmadd_ps(_mm512_loadu_ps(x), _mm512_cvtph_ps(h), acc)
+    }
+    #[inline(always)]
+    unsafe fn dequant_i8x16(dst: *mut f32, codes: __m128i, scale: f32, offset: f32) {
+        let v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
+        _mm512_storeu_ps(
+            dst,
+            _mm512_fmadd_ps(v, _mm512_set1_ps(scale), _mm512_set1_ps(offset)),
+        );
+    }
+    #[inline(always)]
+    unsafe fn dequant_u8x16(dst: *mut f32, codes: __m128i, scale: f32, offset: f32) {
+        let v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes));
+        _mm512_storeu_ps(
+            dst,
+            _mm512_fmadd_ps(v, _mm512_set1_ps(scale), _mm512_set1_ps(offset)),
+        );
+    }
+    #[inline(always)]
+    unsafe fn dequant_f16x16(dst: *mut f32, h: __m256i, scale: f32) {
+        _mm512_storeu_ps(
+            dst,
+            _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(scale)),
+        );
     }
 }

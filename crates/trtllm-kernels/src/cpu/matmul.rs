@@ -153,9 +153,7 @@ pub(crate) trait Rows: Sync {
     unsafe fn gemv(&self, isa: Isa, p: &Problem<'_>, cols: Range<usize>, out: OutPtr);
     /// Fills a k-major panel of up to `width` columns for the packed GEMM (zero past the last).
     #[cfg(target_arch = "x86_64")]
-    unsafe fn pack(&self, k: usize, cols: Range<usize>, width: usize, packed: &mut [f32]) {
-        super::gemm_packed::pack_rows(self, k, cols, width, packed)
-    }
+    unsafe fn pack(&self, k: usize, cols: Range<usize>, width: usize, packed: &mut [f32]);
 }
 
 /// Dense rows of one element type.
@@ -189,6 +187,10 @@ macro_rules! quant_rows {
             #[cfg(target_arch = "x86_64")]
             unsafe fn gemv(&self, isa: Isa, p: &Problem<'_>, cols: Range<usize>, out: OutPtr) {
                 super::quant::gemv::columns(isa, self, p, cols, out)
+            }
+            #[cfg(target_arch = "x86_64")]
+            unsafe fn pack(&self, k: usize, cols: Range<usize>, width: usize, packed: &mut [f32]) {
+                super::quant::gemv::pack(self, k, cols, width, packed)
             }
         }
     )*};

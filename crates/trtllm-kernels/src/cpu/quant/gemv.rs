@@ -24,15 +24,8 @@ pub(crate) trait BlockDot: QuantRows {
     const HAS_OFFSET: bool;
     /// Blocks per scale group in a `cols`-wide row.
     fn group_blocks(&self, cols: usize) -> usize;
-    /// `acc + Σ x[i] · code_i` over block `b` of row `r` (codes in the units `scale` expects).
-    unsafe fn block_dot<L: Lanes>(
-        &self,
-        r: usize,
-        cols: usize,
-        b: usize,
-        x: *const f32,
-        acc: L::V,
-    ) -> L::V;
+    /// Hands block `b` of row `r` to `v` as vectors of codes, in the units `scale` expects.
+    unsafe fn visit_block<V: Visit>(&self, r: usize, cols: usize, b: usize, v: &mut V);
     /// Address of block `b` of row `r`, for prefetching only: it may lie past the matrix.
     fn block_addr(&self, r: usize, cols: usize, b: usize) -> *const u8;
     /// Scale of group `g` of row `r`, in a matrix of `ng` groups per row (passed in, not
@@ -44,6 +37,60 @@ pub(crate) trait BlockDot: QuantRows {
     }
 }
 
+/// What is done with a block's codes, 16 at a time from value `at` of the block: a dot product
+/// with activations ([`Dot`]) or a dequantization ([`Dequant`]).
+pub(crate) trait Visit {
+    unsafe fn i8x16(&mut self, at: usize, codes: __m128i);
+    unsafe fn u8x16(&mut self, at: usize, codes: __m128i);
+    unsafe fn f16x16(&mut self, at: usize, h: __m256i);
+}
+
+/// `acc + Σ x[i] · code_i` over a block.
+struct Dot<L: Lanes> {
+    x: *const f32,
+    acc: L::V,
+}
+
+impl<L: Lanes> Visit for Dot<L> {
+    #[inline(always)]
+    unsafe fn i8x16(&mut self, at: usize, codes: __m128i) {
+        self.acc = L::dot_i8x16(self.x.add(at), codes, self.acc);
+    }
+    #[inline(always)]
+    unsafe fn u8x16(&mut self, at: usize, codes: __m128i) {
+        self.acc = L::dot_u8x16(self.x.add(at), codes, self.acc);
+    }
+    #[inline(always)]
+    unsafe fn f16x16(&mut self, at: usize, h: __m256i) {
+        self.acc = L::dot_f16x16(self.x.add(at), h, self.acc);
+    }
+}
+
+/// `out[i] = code_i · scale + offset` over a block.
+struct Dequant<L> {
+    out: *mut f32,
+    scale: f32,
+    offset: f32,
+    lanes: std::marker::PhantomData<L>,
+}
+
+impl<L: Lanes> Visit for Dequant<L> {
+    #[inline(always)]
+    unsafe fn i8x16(&mut self, at: usize, codes: __m128i) {
+        L::dequant_i8x16(self.out.add(at), codes, self.scale, self.offset);
+    }
+    #[inline(always)]
+    unsafe fn u8x16(&mut self, at: usize, codes: __m128i) {
+        L::dequant_u8x16(self.out.add(at), codes, self.scale, self.offset);
+    }
+    #[inline(always)]
+    unsafe fn f16x16(&mut self, at: usize, h: __m256i) {
+        // Formats with f16 codes have no offset.
+        L::dequant_f16x16(self.out.add(at), h, self.scale);
+    }
+}
+
+/// Rows per tile.
 const R: usize = 4;
 
 /// How far ahead the weight stream is prefetched, in rows (two tiles): without it a tile's four
@@ -126,7 +173,9 @@ unsafe fn tile<L: Lanes, W: BlockDot, const N: usize>(
             for (r, a) in part.iter_mut().enumerate() {
                 let ahead = w.block_addr(j + r + PREFETCH_ROWS, k, blk);
                 _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
-                *a = w.block_dot::<L>(j + r, k, blk, xb, *a);
+                let mut dot = Dot::<L> { x: xb, acc: *a };
+                w.visit_block(j + r, k, blk, &mut dot);
+                *a = dot.acc;
             }
         }
         for r in 0..N {
@@ -154,17 +203,10 @@ impl BlockDot for Int8Weights<'_> {
         self.group / 32
     }
     #[inline(always)]
-    unsafe fn block_dot<L: Lanes>(
-        &self,
-        r: usize,
-        cols: usize,
-        b: usize,
-        x: *const f32,
-        acc: L::V,
-    ) -> L::V {
+    unsafe fn visit_block<V: Visit>(&self, r: usize, cols: usize, b: usize, v: &mut V) {
         let q = self.q.as_ptr().add(r * cols + b * 32);
-        let acc = L::dot_i8x16(x, _mm_loadu_si128(q.cast()), acc);
-        L::dot_i8x16(x.add(16), _mm_loadu_si128(q.add(16).cast()), acc)
+        v.i8x16(0, _mm_loadu_si128(q.cast()));
+        v.i8x16(16, _mm_loadu_si128(q.add(16).cast()));
     }
     #[inline(always)]
     fn scale(&self, r: usize, ng: usize, g: usize) -> f32 {
@@ -182,19 +224,11 @@ impl BlockDot for Int4Weights<'_> {
         self.group / 32
     }
     #[inline(always)]
-    unsafe fn block_dot<L: Lanes>(
-        &self,
-        r: usize,
-        cols: usize,
-        b: usize,
-        x: *const f32,
-        acc: L::V,
-    ) -> L::V {
-        let v = _mm_loadu_si128(self.q.as_ptr().add(r * cols / 2 + b * 16).cast());
+    unsafe fn visit_block<V: Visit>(&self, r: usize, cols: usize, b: usize, v: &mut V) {
+        let bytes = _mm_loadu_si128(self.q.as_ptr().add(r * cols / 2 + b * 16).cast());
         let mask = _mm_set1_epi8(0x0f);
-        let lo = _mm_and_si128(v, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), mask);
-        L::dot_u8x16(x.add(16), hi, L::dot_u8x16(x, lo, acc))
+        v.u8x16(0, _mm_and_si128(bytes, mask));
+        v.u8x16(16, _mm_and_si128(_mm_srli_epi16::<4>(bytes), mask));
     }
     #[inline(always)]
     fn scale(&self, r: usize, ng: usize, g: usize) -> f32 {
@@ -222,25 +256,16 @@ impl BlockDot for Fp8Weights<'_> {
     /// Sixteen codes at a time: sign-extended to 16 bits, shifted into f16 position (the sign
     /// copy that lands in the f16 exponent's top bit is masked off), widened by F16C.
     #[inline(always)]
-    unsafe fn block_dot<L: Lanes>(
-        &self,
-        r: usize,
-        cols: usize,
-        b: usize,
-        x: *const f32,
-        acc: L::V,
-    ) -> L::V {
+    unsafe fn visit_block<V: Visit>(&self, r: usize, cols: usize, b: usize, v: &mut V) {
         let q = self.q.as_ptr().add(r * cols + b * 32);
-        let mut acc = acc;
-        for o in [0, 16] {
-            let v = _mm256_cvtepi8_epi16(_mm_loadu_si128(q.add(o).cast()));
+        for at in [0, 16] {
+            let wide = _mm256_cvtepi8_epi16(_mm_loadu_si128(q.add(at).cast()));
             let h = _mm256_and_si256(
-                _mm256_slli_epi16::<7>(v),
+                _mm256_slli_epi16::<7>(wide),
                 _mm256_set1_epi16(0xbf80u16 as i16),
             );
-            acc = L::dot_f16x16(x.add(o), h, acc);
+            v.f16x16(at, h);
         }
-        acc
     }
     /// The f16 widening leaves values 2⁸ too small.
     #[inline(always)]
@@ -260,24 +285,52 @@ impl BlockDot for Nvfp4Weights<'_> {
     }
     /// A byte shuffle maps each E2M1 code to twice its value as an i8.
     #[inline(always)]
-    unsafe fn block_dot<L: Lanes>(
-        &self,
-        r: usize,
-        cols: usize,
-        b: usize,
-        x: *const f32,
-        acc: L::V,
-    ) -> L::V {
-        let v = _mm_loadl_epi64(self.q.as_ptr().add(r * cols / 2 + b * 8).cast());
+    unsafe fn visit_block<V: Visit>(&self, r: usize, cols: usize, b: usize, v: &mut V) {
+        let bytes = _mm_loadl_epi64(self.q.as_ptr().add(r * cols / 2 + b * 8).cast());
         let mask = _mm_set1_epi8(0x0f);
-        let lo = _mm_and_si128(v, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), mask);
+        let lo = _mm_and_si128(bytes, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), mask);
         let lut = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
-        let vals = _mm_shuffle_epi8(lut, _mm_unpacklo_epi64(lo, hi));
-        L::dot_i8x16(x, vals, acc)
+        v.i8x16(0, _mm_shuffle_epi8(lut, _mm_unpacklo_epi64(lo, hi)));
     }
     #[inline(always)]
     fn scale(&self, r: usize, ng: usize, g: usize) -> f32 {
         super::e4m3_to_f32(self.block_scales[r * ng + g]) * self.global_scale * 0.5
     }
+}
+
+/// Fills a panel of the packed GEMM from quantized rows `cols`: each row dequantized block by
+/// block in registers into a scratch matrix, then transposed by the dense f32 pack.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn pack<W: BlockDot>(
+    w: &W,
+    k: usize,
+    cols: Range<usize>,
+    width: usize,
+    packed: &mut [f32],
+) {
+    let nb = k / W::BLOCK;
+    let gb = w.group_blocks(k);
+    let ng = nb.div_ceil(gb);
+    let mut rows = vec![0f32; cols.len() * k];
+    for (c, r) in cols.clone().enumerate() {
+        let row = rows.as_mut_ptr().add(c * k);
+        for g in 0..ng {
+            let mut dq = Dequant::<Avx2> {
+                out: row,
+                scale: w.scale(r, ng, g),
+                offset: if W::HAS_OFFSET {
+                    w.offset(r, ng, g)
+                } else {
+                    0.0
+                },
+                lanes: std::marker::PhantomData,
+            };
+            for b in g * gb..((g + 1) * gb).min(nb) {
+                dq.out = row.add(b * W::BLOCK);
+                w.visit_block(r, k, b, &mut dq);
+            }
+        }
+    }
+    crate::cpu::gemm_packed::pack(&rows, k, 0..cols.len(), width, packed)
 }
