@@ -1,10 +1,13 @@
 //! `y = x · Wᵀ (+ bias)`: the linear layer, for f32 activations over f32, bf16 or f16 weights.
 //!
-//! Weights keep the checkpoint's `[out_features, in_features]` row layout. With few activation rows
-//! (decode) every output is a dot product of two contiguous rows, bf16/f16 widened in registers, so
-//! no widened copy of the weights exists ([`avx`]); with more rows, weight panels are packed per
-//! worker and a broadcast tile runs over them (`gemm_packed`). Output columns are split over the
-//! rayon pool.
+//! Weights keep the checkpoint's `[out_features, in_features]` row layout. With 1–3 activation
+//! rows (decode) every output is a dot product of two contiguous rows, bf16/f16 widened in
+//! registers, so no widened copy of the weights exists (`gemv`, and `quant::gemv` for packed
+//! formats); up to 32 rows (batched decode) dense weights are read in place by register tiles of
+//! rows × rows (`gemm_direct`); with more rows, or quantized weights, panels are packed per
+//! worker and a broadcast tile runs over them (`gemm_packed`). Each path exists for AVX2 and
+//! AVX-512 (one body over `lanes::Lanes`) beside the portable one. Output columns are split over
+//! the rayon pool.
 
 use std::ops::Range;
 
@@ -125,7 +128,7 @@ use super::gemm_packed::MAX_PANEL;
 #[cfg(not(target_arch = "x86_64"))]
 const MAX_PANEL: usize = 32;
 
-/// From this many activation rows on, packing weight panels pays for itself.
+/// From this many activation rows on, a GEMM tile (direct or packed) beats one GEMV per row.
 const PACKED_MIN_ROWS: usize = 4;
 
 pub(crate) struct Problem<'a> {
@@ -151,6 +154,18 @@ pub(crate) trait Rows: Sync {
     /// the path of `isa` (AVX2 or better; the caller checked it is available).
     #[cfg(target_arch = "x86_64")]
     unsafe fn gemv(&self, isa: Isa, p: &Problem<'_>, cols: Range<usize>, out: OutPtr);
+    /// The batched path for up to `DIRECT_MAX_ROWS` rows where the format reads its rows in
+    /// place (dense weights); false, having done nothing, for formats that must be packed.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn gemm_direct(
+        &self,
+        _isa: Isa,
+        _p: &Problem<'_>,
+        _cols: Range<usize>,
+        _out: OutPtr,
+    ) -> bool {
+        false
+    }
     /// Fills a k-major panel of up to `width` columns for the packed GEMM (zero past the last).
     #[cfg(target_arch = "x86_64")]
     unsafe fn pack(&self, k: usize, cols: Range<usize>, width: usize, packed: &mut [f32]);
@@ -171,6 +186,17 @@ impl<E: Elem> Rows for Dense<'_, E> {
             Isa::Avx512 => gemv::columns_avx512(p, self.0, cols, out),
             _ => gemv::columns_avx2(p, self.0, cols, out),
         }
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn gemm_direct(
+        &self,
+        isa: Isa,
+        p: &Problem<'_>,
+        cols: Range<usize>,
+        out: OutPtr,
+    ) -> bool {
+        super::gemm_direct::columns(isa, p, self.0, cols, out);
+        true
     }
     #[cfg(target_arch = "x86_64")]
     unsafe fn pack(&self, k: usize, cols: Range<usize>, width: usize, packed: &mut [f32]) {
@@ -213,10 +239,12 @@ fn run<W: Rows>(p: &Problem<'_>, w: &W, out: OutPtr) {
             // SAFETY: `isa` is at most what was detected at run time; `cols` is in bounds and
             // disjoint per worker.
             unsafe {
-                if p.m >= PACKED_MIN_ROWS {
-                    super::gemm_packed::columns(isa, p, w, cols, out)
-                } else {
+                if p.m < PACKED_MIN_ROWS {
                     w.gemv(isa, p, cols, out)
+                } else if p.m > super::gemm_direct::DIRECT_MAX_ROWS
+                    || !w.gemm_direct(isa, p, cols.clone(), out)
+                {
+                    super::gemm_packed::columns(isa, p, w, cols, out)
                 }
             };
             return;

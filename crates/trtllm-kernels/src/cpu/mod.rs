@@ -5,6 +5,7 @@
 mod activation;
 mod attention;
 mod elementwise;
+mod gemm_direct;
 mod gemm_packed;
 mod lanes;
 mod matmul;
