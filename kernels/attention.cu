@@ -4,7 +4,8 @@
 //
 // Pools are [num_blocks × block_size × n_kv_heads × head_dim]; a position's slot is
 // `block_table[pos / block_size] · block_size + pos % block_size`. Quantized pools keep one f32
-// scale per (slot, KV head) at `scales[slot · n_kv_heads + head]`: value = code · scale.
+// scale per (slot, KV head) at `scales[slot · n_kv_heads + head]`: value = code · scale. 16-bit
+// pools hold bf16 or f16 bit patterns, rounded to nearest even when written.
 #include "common.cuh"
 
 #define ATTN_WARPS 4
@@ -14,6 +15,16 @@
 struct KvF32 {
     const float* p;
     __device__ float get(size_t i, float) const { return p[i]; }
+    __device__ float scale(size_t, int, int) const { return 1.0f; }
+};
+struct KvBf16 {
+    const unsigned short* p;
+    __device__ float get(size_t i, float) const { return bf16_to_f32(p[i]); }
+    __device__ float scale(size_t, int, int) const { return 1.0f; }
+};
+struct KvF16 {
+    const unsigned short* p;
+    __device__ float get(size_t i, float) const { return f16_to_f32(p[i]); }
     __device__ float scale(size_t, int, int) const { return 1.0f; }
 };
 struct KvInt8 {
@@ -110,6 +121,16 @@ __device__ void attention_row(const AttnArgs& a, Kv k, Kv v) {
 extern "C" __global__ void __launch_bounds__(ATTN_WARPS * TRT_WARP)
     paged_attention_f32(AttnArgs a, const float* k, const float* v) {
     attention_row(a, KvF32{k}, KvF32{v});
+}
+
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * TRT_WARP)
+    paged_attention_bf16(AttnArgs a, const unsigned short* k, const unsigned short* v) {
+    attention_row(a, KvBf16{k}, KvBf16{v});
+}
+
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * TRT_WARP)
+    paged_attention_f16(AttnArgs a, const unsigned short* k, const unsigned short* v) {
+    attention_row(a, KvF16{k}, KvF16{v});
 }
 
 extern "C" __global__ void __launch_bounds__(ATTN_WARPS * TRT_WARP)
@@ -229,6 +250,18 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * TRT_WARP)
 }
 
 extern "C" __global__ void __launch_bounds__(ATTN_WARPS * TRT_WARP)
+    paged_attention_tiled_bf16(AttnArgs a, const int* tiles, const unsigned short* k,
+                               const unsigned short* v) {
+    attention_tile(a, tiles, KvBf16{k}, KvBf16{v});
+}
+
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * TRT_WARP)
+    paged_attention_tiled_f16(AttnArgs a, const int* tiles, const unsigned short* k,
+                              const unsigned short* v) {
+    attention_tile(a, tiles, KvF16{k}, KvF16{v});
+}
+
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * TRT_WARP)
     paged_attention_tiled_int8(AttnArgs a, const int* tiles, const signed char* k, const float* ks,
                                const signed char* v, const float* vs) {
     attention_tile(a, tiles, KvInt8{k, ks}, KvInt8{v, vs});
@@ -242,11 +275,37 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * TRT_WARP)
 
 // New keys or values into the pool: x is [rows × n_kv_heads × head_dim], row r goes to slots[r].
 // Grid: (rows, n_kv_heads); block: one warp or more.
-extern "C" __global__ void kv_write_f32(const float* __restrict__ x, const int* __restrict__ slots,
-                                        float* __restrict__ pool, int n_kv_heads, int head_dim) {
+template <typename T, typename Convert>
+__device__ void kv_write_float(const float* x, const int* slots, T* pool, int n_kv_heads, int head_dim,
+                               Convert convert) {
     const size_t src = ((size_t)blockIdx.x * n_kv_heads + blockIdx.y) * head_dim;
     const size_t dst = ((size_t)slots[blockIdx.x] * n_kv_heads + blockIdx.y) * head_dim;
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) pool[dst + d] = x[src + d];
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) pool[dst + d] = convert(x[src + d]);
+}
+
+struct Identity {
+    __device__ float operator()(float v) const { return v; }
+};
+struct ToBf16 {
+    __device__ unsigned short operator()(float v) const { return cvt_rn_bf16_f32(v); }
+};
+struct ToF16 {
+    __device__ unsigned short operator()(float v) const { return cvt_rn_f16_f32(v); }
+};
+
+extern "C" __global__ void kv_write_f32(const float* __restrict__ x, const int* __restrict__ slots,
+                                        float* __restrict__ pool, int n_kv_heads, int head_dim) {
+    kv_write_float(x, slots, pool, n_kv_heads, head_dim, Identity{});
+}
+
+extern "C" __global__ void kv_write_bf16(const float* __restrict__ x, const int* __restrict__ slots,
+                                         unsigned short* __restrict__ pool, int n_kv_heads, int head_dim) {
+    kv_write_float(x, slots, pool, n_kv_heads, head_dim, ToBf16{});
+}
+
+extern "C" __global__ void kv_write_f16(const float* __restrict__ x, const int* __restrict__ slots,
+                                        unsigned short* __restrict__ pool, int n_kv_heads, int head_dim) {
+    kv_write_float(x, slots, pool, n_kv_heads, head_dim, ToF16{});
 }
 
 // Quantized pools: per (slot, head) scale = amax / max code (1 for an all-zero head), as the

@@ -47,9 +47,11 @@ const std::map<std::string, Kernel>& kernels() {
 #define K(name) {#name, kernel(name)}
     static const std::map<std::string, Kernel> all = {
         K(silu_mul_f32), K(gelu_tanh_f32),
-        K(paged_attention_f32), K(paged_attention_int8), K(paged_attention_fp8),
-        K(paged_attention_tiled_f32), K(paged_attention_tiled_int8), K(paged_attention_tiled_fp8),
-        K(kv_write_f32), K(kv_write_int8), K(kv_write_fp8),
+        K(paged_attention_f32), K(paged_attention_bf16), K(paged_attention_f16),
+        K(paged_attention_int8), K(paged_attention_fp8),
+        K(paged_attention_tiled_f32), K(paged_attention_tiled_bf16), K(paged_attention_tiled_f16),
+        K(paged_attention_tiled_int8), K(paged_attention_tiled_fp8),
+        K(kv_write_f32), K(kv_write_bf16), K(kv_write_f16), K(kv_write_int8), K(kv_write_fp8),
         K(add_f32), K(bias_rows_f32), K(scale_cols_f32), K(fp8_qdq_f32), K(copy_cols_f32),
         K(f32_to_bf16), K(f32_to_f16),
         K(embedding_f32), K(embedding_bf16), K(embedding_f16), K(embedding_int8),

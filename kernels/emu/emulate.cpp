@@ -405,6 +405,43 @@ void attention() {
         paged_attention_tiled_int8(a, tiles.data(), k8.data(), ks.data(), v8.data(), vs.data());
     });
     check("paged_attention_tiled_int8", out, want_int8, 1e-5);
+
+    // 16-bit pools written from the f32 pool (each value within half an ulp: 2^-8 relative for
+    // bf16, 2^-11 for f16), then both attention kernels against the widened values.
+    auto half_pool = [&](const char* name, bool bf16) {
+        std::vector<unsigned short> k16(pool_len), v16(pool_len);
+        auto write = [&](const float* x, unsigned short* pool) {
+            emu::launch(dim(num_blocks * bs, n_kv), dim(32), [&] {
+                if (bf16) kv_write_bf16(x, all_slots.data(), pool, n_kv, hd);
+                else kv_write_f16(x, all_slots.data(), pool, n_kv, hd);
+            });
+        };
+        write(kf.data(), k16.data());
+        write(vf.data(), v16.data());
+        auto widen = [&](unsigned short h) { return (double)(bf16 ? bf16_to_f32(h) : f16_to_f32(h)); };
+        const double rel = bf16 ? 1.0 / 256 : 1.0 / 2048;
+        bool ok = true;
+        for (size_t i = 0; i < pool_len; ++i)
+            ok &= std::fabs(widen(k16[i]) - kf[i]) <= std::fabs(kf[i]) * rel + 1e-7 &&
+                  std::fabs(widen(v16[i]) - vf[i]) <= std::fabs(vf[i]) * rel + 1e-7;
+        std::printf("%s kv_write_%s\n", ok ? "ok  " : "FAIL", name);
+        failures += !ok;
+        const auto want = reference([&](size_t i) { return widen(k16[i]); }, [&](size_t i) { return widen(v16[i]); });
+        std::fill(out.begin(), out.end(), NAN);
+        emu::launch(dim(rows, n_heads), dim(128), [&] {
+            if (bf16) paged_attention_bf16(a, k16.data(), v16.data());
+            else paged_attention_f16(a, k16.data(), v16.data());
+        });
+        check(std::string("paged_attention_") + name, out, want, 1e-5);
+        std::fill(out.begin(), out.end(), NAN);
+        emu::launch(dim(n_tiles, n_heads), dim(128), [&] {
+            if (bf16) paged_attention_tiled_bf16(a, tiles.data(), k16.data(), v16.data());
+            else paged_attention_tiled_f16(a, tiles.data(), k16.data(), v16.data());
+        });
+        check(std::string("paged_attention_tiled_") + name, out, want, 1e-5);
+    };
+    half_pool("bf16", true);
+    half_pool("f16", false);
 }
 
 void sampling() {

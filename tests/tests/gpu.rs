@@ -115,6 +115,22 @@ fn quantized_engines_match_the_cpu() -> Result<()> {
             1e-2,
         ),
         (
+            "bf16 KV",
+            BuildConfig {
+                kv_cache_dtype: Some(DType::BF16),
+                ..Default::default()
+            },
+            1e-3,
+        ),
+        (
+            "f16 KV",
+            BuildConfig {
+                kv_cache_dtype: Some(DType::F16),
+                ..Default::default()
+            },
+            1e-3,
+        ),
+        (
             "keep (Q4_1)",
             BuildConfig {
                 keep_quantized: true,

@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use trtllm_api::builder::{self, BuildConfig};
 use trtllm_api::executor::ExecutorConfig;
 use trtllm_api::runtime::quant::{DType, LayerQuantConfig, QuantAlgo, QuantConfig};
-use trtllm_api::runtime::{Device, Session};
+use trtllm_api::runtime::{Device, KvStorage, Session};
 
 #[derive(Parser)]
 #[command(name = "trtllm", version, about = "Build and run LLM engines")]
@@ -64,6 +64,9 @@ struct BuildArgs {
     /// KV-cache quantization: int8 or fp8.
     #[arg(long)]
     kv_cache_quant: Option<String>,
+    /// Float storage of an unquantized KV cache: float32 (default), bfloat16 or float16.
+    #[arg(long)]
+    kv_cache_dtype: Option<String>,
     /// Calibration text for AWQ, GPTQ, SmoothQuant and FP8 (default: a built-in English text).
     #[arg(long)]
     calib_text: Option<PathBuf>,
@@ -124,6 +127,12 @@ fn build(a: BuildArgs) -> Result<()> {
         .map(DType::parse)
         .transpose()
         .context("--dtype")?;
+    let kv_cache_dtype = a
+        .kv_cache_dtype
+        .as_deref()
+        .map(DType::parse)
+        .transpose()
+        .context("--kv-cache-dtype")?;
     let (quant, keep_quantized) = quant_config(&a)?;
     let config = BuildConfig {
         max_batch_size: a.max_batch_size,
@@ -132,6 +141,7 @@ fn build(a: BuildArgs) -> Result<()> {
         dtype,
         quant,
         keep_quantized,
+        kv_cache_dtype,
         ..BuildConfig::default()
     };
     let bar = indicatif::ProgressBar::new(0);
@@ -168,10 +178,7 @@ fn build(a: BuildArgs) -> Result<()> {
         "built {} ({} layers, {weights}, KV cache {}) into {} in {:.1}s",
         engine.model.architecture,
         engine.model.num_layers,
-        match quant.base.kv_cache_quant_algo {
-            QuantAlgo::NoQuant => "float32".to_string(),
-            kv => kv.to_string(),
-        },
+        KvStorage::of(&engine.build).name(),
         a.output.display(),
         start.elapsed().as_secs_f64()
     );

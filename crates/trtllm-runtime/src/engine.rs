@@ -51,6 +51,9 @@ pub struct BuildConfig {
     pub quant: LayerQuantConfig,
     /// Keep the checkpoint's own quantized weights (GGUF Q8_0 / Q4_0 / Q4_1) as they are.
     pub keep_quantized: bool,
+    /// Float storage of the KV cache when it is not quantized: float32 (`None`, and engines
+    /// written before this field), bfloat16 or float16 (half the KV memory and attention reads).
+    pub kv_cache_dtype: Option<DType>,
 }
 
 impl Default for BuildConfig {
@@ -63,6 +66,7 @@ impl Default for BuildConfig {
             dtype: None,
             quant: LayerQuantConfig::default(),
             keep_quantized: false,
+            kv_cache_dtype: None,
         }
     }
 }

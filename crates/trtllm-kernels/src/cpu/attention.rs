@@ -26,10 +26,13 @@ pub struct PagedKv<'a> {
 }
 
 /// How a pool stores its values. Quantized pools keep one f32 scale per (slot, KV head):
-/// `scales[slot · n_kv_heads + head]`, value = `code · scale`.
+/// `scales[slot · n_kv_heads + head]`, value = `code · scale`; 16-bit pools hold bf16 or f16
+/// bit patterns.
 #[derive(Clone, Copy, Debug)]
 pub enum KvData<'a> {
     F32(&'a [f32]),
+    Bf16(&'a [u16]),
+    F16(&'a [u16]),
     Int8 { q: &'a [i8], scales: &'a [f32] },
     Fp8 { q: &'a [u8], scales: &'a [f32] },
 }
@@ -38,6 +41,7 @@ impl KvData<'_> {
     fn len(&self) -> usize {
         match self {
             KvData::F32(d) => d.len(),
+            KvData::Bf16(d) | KvData::F16(d) => d.len(),
             KvData::Int8 { q, .. } => q.len(),
             KvData::Fp8 { q, .. } => q.len(),
         }
@@ -45,13 +49,13 @@ impl KvData<'_> {
 
     fn scales_len(&self) -> Option<usize> {
         match self {
-            KvData::F32(_) => None,
+            KvData::F32(_) | KvData::Bf16(_) | KvData::F16(_) => None,
             KvData::Int8 { scales, .. } | KvData::Fp8 { scales, .. } => Some(scales.len()),
         }
     }
 
     /// Rows `slot0..slot0 + n` of head `head` as f32 rows `stride` apart: the pool itself for
-    /// f32, else dequantized into `buf`.
+    /// f32, else widened or dequantized into `buf`.
     fn head_rows<'b>(
         &'b self,
         (slot0, n): (usize, usize),
@@ -59,21 +63,49 @@ impl KvData<'_> {
         buf: &'b mut Vec<f32>,
     ) -> (&'b [f32], usize) {
         let kv_row = n_kv_heads * head_dim;
-        let dequant = |buf: &'b mut Vec<f32>, code: &dyn Fn(usize) -> f32, scales: &[f32]| {
-            buf.clear();
-            for slot in slot0..slot0 + n {
-                let s = scales[slot * n_kv_heads + head];
-                let base = slot * kv_row + head * head_dim;
-                buf.extend((base..base + head_dim).map(|i| code(i) * s));
-            }
-            (&buf[..], head_dim)
-        };
+        let base = |slot: usize| slot * kv_row + head * head_dim;
+        let slots = slot0..slot0 + n;
+        let scale = |scales: &[f32], slot: usize| scales[slot * n_kv_heads + head];
         match self {
-            KvData::F32(d) => (&d[slot0 * kv_row + head * head_dim..], kv_row),
-            KvData::Int8 { q, scales } => dequant(buf, &|i| q[i] as f32, scales),
-            KvData::Fp8 { q, scales } => dequant(buf, &|i| super::e4m3_to_f32(q[i]), scales),
+            KvData::F32(d) => (&d[base(slot0)..], kv_row),
+            KvData::Bf16(d) => gather(buf, slots, head_dim, |slot, out| {
+                for (o, &b) in out.iter_mut().zip(&d[base(slot)..]) {
+                    *o = f32::from_bits((b as u32) << 16);
+                }
+            }),
+            KvData::F16(d) => gather(buf, slots, head_dim, |slot, out| {
+                for (o, &b) in out.iter_mut().zip(&d[base(slot)..]) {
+                    *o = half::f16::from_bits(b).to_f32();
+                }
+            }),
+            KvData::Int8 { q, scales } => gather(buf, slots, head_dim, |slot, out| {
+                let s = scale(scales, slot);
+                for (o, &c) in out.iter_mut().zip(&q[base(slot)..]) {
+                    *o = c as f32 * s;
+                }
+            }),
+            KvData::Fp8 { q, scales } => gather(buf, slots, head_dim, |slot, out| {
+                let s = scale(scales, slot);
+                for (o, &c) in out.iter_mut().zip(&q[base(slot)..]) {
+                    *o = super::e4m3_to_f32(c) * s;
+                }
+            }),
         }
     }
+}
+
+/// `head_dim` floats per slot written by `row(slot, out)` into `buf`, as rows `head_dim` apart.
+fn gather(
+    buf: &mut Vec<f32>,
+    slots: std::ops::Range<usize>,
+    head_dim: usize,
+    mut row: impl FnMut(usize, &mut [f32]),
+) -> (&[f32], usize) {
+    buf.resize(slots.len() * head_dim, 0.0);
+    for (slot, out) in slots.zip(buf.chunks_exact_mut(head_dim)) {
+        row(slot, out);
+    }
+    (&buf[..], head_dim)
 }
 
 /// One sequence of a batched attention call: `n_new` query rows at positions
@@ -462,6 +494,80 @@ mod quantized_kv_tests {
             let bad = PagedKv { k: short, ..kv };
             let mut out = vec![0f32; q.len()];
             assert!(paged_attention(&q, bad, &seq, s, &mut out).is_err());
+        }
+    }
+
+    #[test]
+    fn bf16_and_f16_pools_match_their_widened_f32_pool() {
+        let (nh, nkv, hd, bs) = (4, 2, 24, 4);
+        let s = AttentionShape {
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            scale: 0.2,
+        };
+        let blocks = [1u32, 3, 0];
+        let seq = [AttentionSeq {
+            blocks: &blocks,
+            past: 7,
+            n_new: 3,
+        }];
+        let k = rand_vec(4 * bs * nkv * hd, 3);
+        let v = rand_vec(4 * bs * nkv * hd, 4);
+        let q = rand_vec(3 * nh * hd, 5);
+        let bf = |x: &[f32]| -> Vec<u16> {
+            x.iter()
+                .map(|&f| half::bf16::from_f32(f).to_bits())
+                .collect()
+        };
+        let hf = |x: &[f32]| -> Vec<u16> {
+            x.iter()
+                .map(|&f| half::f16::from_f32(f).to_bits())
+                .collect()
+        };
+        let (kb, vb, kh, vh) = (bf(&k), bf(&v), hf(&k), hf(&v));
+        let widen_bf = |b: &[u16]| -> Vec<f32> {
+            b.iter()
+                .map(|&x| half::bf16::from_bits(x).to_f32())
+                .collect()
+        };
+        let widen_hf = |b: &[u16]| -> Vec<f32> {
+            b.iter()
+                .map(|&x| half::f16::from_bits(x).to_f32())
+                .collect()
+        };
+        let cases = [
+            (
+                KvData::Bf16(&kb),
+                KvData::Bf16(&vb),
+                widen_bf(&kb),
+                widen_bf(&vb),
+            ),
+            (
+                KvData::F16(&kh),
+                KvData::F16(&vh),
+                widen_hf(&kh),
+                widen_hf(&vh),
+            ),
+        ];
+        for (kd, vd, kf, vf) in &cases {
+            let f = PagedKv {
+                k: KvData::F32(kf),
+                v: KvData::F32(vf),
+                block_size: bs,
+            };
+            let mut expect = vec![0f32; q.len()];
+            paged_attention(&q, f, &seq, s, &mut expect).unwrap();
+            let kv = PagedKv {
+                k: *kd,
+                v: *vd,
+                block_size: bs,
+            };
+            every_path(|| {
+                let mut out = vec![0f32; q.len()];
+                paged_attention(&q, kv, &seq, s, &mut out).unwrap();
+                assert_close(&out, &expect, 1e-6);
+            });
         }
     }
 }

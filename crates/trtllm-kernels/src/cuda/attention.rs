@@ -19,11 +19,20 @@ const ATTN_TILE_ROWS: usize = 16;
 const ATTN_TILE_MAX_HEAD_DIM: usize = 128;
 
 /// One layer's key and value pools on the device, `[num_blocks × block_size × n_kv_heads ×
-/// head_dim]`; quantized pools carry one scale per (slot, KV head).
+/// head_dim]`; 16-bit pools hold bf16 or f16 bit patterns, quantized pools carry one scale per
+/// (slot, KV head).
 pub enum DeviceKv {
     F32 {
         k: CudaSlice<f32>,
         v: CudaSlice<f32>,
+    },
+    Bf16 {
+        k: CudaSlice<u16>,
+        v: CudaSlice<u16>,
+    },
+    F16 {
+        k: CudaSlice<u16>,
+        v: CudaSlice<u16>,
     },
     Int8 {
         k: CudaSlice<i8>,
@@ -51,6 +60,7 @@ impl DeviceKv {
     fn len(&self) -> usize {
         match self {
             DeviceKv::F32 { k, .. } => k.len(),
+            DeviceKv::Bf16 { k, .. } | DeviceKv::F16 { k, .. } => k.len(),
             DeviceKv::Int8 { k, .. } => k.len(),
             DeviceKv::Fp8 { k, .. } => k.len(),
         }
@@ -60,6 +70,8 @@ impl DeviceKv {
     fn storage(&self) -> &'static str {
         match self {
             DeviceKv::F32 { .. } => "f32",
+            DeviceKv::Bf16 { .. } => "bf16",
+            DeviceKv::F16 { .. } => "f16",
             DeviceKv::Int8 { .. } => "int8",
             DeviceKv::Fp8 { .. } => "fp8",
         }
@@ -71,6 +83,9 @@ impl DeviceKv {
     fn side(&self, side: KvSide, stream: &CudaStream) -> (u64, Option<&CudaSlice<f32>>) {
         match self {
             DeviceKv::F32 { k, v } => (pick(side, k, v).device_ptr(stream).0, None),
+            DeviceKv::Bf16 { k, v } | DeviceKv::F16 { k, v } => {
+                (pick(side, k, v).device_ptr(stream).0, None)
+            }
             DeviceKv::Int8 {
                 k,
                 k_scales,
@@ -95,6 +110,7 @@ impl DeviceKv {
     fn shape(&self, block_size: usize) -> PoolShape {
         let (k, v, scales) = match self {
             DeviceKv::F32 { k, v } => (k.len(), v.len(), None),
+            DeviceKv::Bf16 { k, v } | DeviceKv::F16 { k, v } => (k.len(), v.len(), None),
             DeviceKv::Int8 {
                 k,
                 v,
@@ -288,7 +304,8 @@ impl CudaDevice {
     }
 
     /// Stores the batch's new keys or values `x` (`[rows × n_kv_heads × head_dim]`) at their
-    /// slots, quantizing per (slot, head) for INT8/FP8 pools as the CPU pool does.
+    /// slots, rounding to bf16/f16 or quantizing per (slot, head) for INT8/FP8 pools as the CPU
+    /// pool does.
     pub fn kv_write(
         &self,
         (kv, side): (&mut DeviceKv, KvSide),

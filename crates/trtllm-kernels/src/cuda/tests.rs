@@ -219,9 +219,17 @@ fn paged_attention_and_kv_writes_match_cpu() {
     let passes = [([37usize, 0], [3usize, 20]), ([39, 19], [1, 1])];
     let values = blocks * bs * kv_row;
     let scales = blocks * bs * nkv;
-    for storage in ["f32", "int8", "fp8"] {
+    for storage in ["f32", "bf16", "f16", "int8", "fp8"] {
         let mut kv = match storage {
             "f32" => DeviceKv::F32 {
+                k: d.zeros(values).unwrap(),
+                v: d.zeros(values).unwrap(),
+            },
+            "bf16" => DeviceKv::Bf16 {
+                k: d.zeros(values).unwrap(),
+                v: d.zeros(values).unwrap(),
+            },
+            "f16" => DeviceKv::F16 {
                 k: d.zeros(values).unwrap(),
                 v: d.zeros(values).unwrap(),
             },
@@ -271,10 +279,19 @@ fn paged_attention_and_kv_writes_match_cpu() {
             let (kq, ks, vq, vs);
             let (k8, v8);
             let (kf, vf);
+            let (kh, vh);
             let pool = match &kv {
                 DeviceKv::F32 { k, v } => {
                     (kf, vf) = (d.download(k).unwrap(), d.download(v).unwrap());
                     (KvData::F32(&kf), KvData::F32(&vf))
+                }
+                DeviceKv::Bf16 { k, v } => {
+                    (kh, vh) = (d.download(k).unwrap(), d.download(v).unwrap());
+                    (KvData::Bf16(&kh), KvData::Bf16(&vh))
+                }
+                DeviceKv::F16 { k, v } => {
+                    (kh, vh) = (d.download(k).unwrap(), d.download(v).unwrap());
+                    (KvData::F16(&kh), KvData::F16(&vh))
                 }
                 DeviceKv::Int8 {
                     k,

@@ -1,10 +1,11 @@
 //! Storage of the paged cache: per layer, keys and values `[num_blocks × block_size × kv_dim]`,
-//! in f32 or quantized to INT8 / FP8 E4M3 with one scale per (slot, KV head), computed from that
-//! head's values when they are written (dynamic, so no calibration is needed).
+//! in f32, bf16 or f16 (rounded to nearest even when written), or quantized to INT8 / FP8 E4M3
+//! with one scale per (slot, KV head), computed from that head's values when they are written
+//! (dynamic, so no calibration is needed).
 
 use trtllm_quant::codec::f32_to_e4m3;
 use trtllm_quant::kernels::cpu::{KvData, PagedKv, E4M3_MAX};
-use trtllm_quant::QuantAlgo;
+use trtllm_quant::{DType, QuantAlgo};
 
 use super::BlockId;
 use crate::{BuildConfig, ModelConfig, Result};
@@ -13,17 +14,33 @@ use crate::{BuildConfig, ModelConfig, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KvStorage {
     F32,
+    Bf16,
+    F16,
     Int8,
     Fp8,
 }
 
 impl KvStorage {
-    /// The storage an engine was built for (`kv_cache_quant_algo`).
+    /// The storage an engine was built for (`kv_cache_quant_algo`, else `kv_cache_dtype`).
     pub fn of(build: &BuildConfig) -> Self {
         match build.quant.base.kv_cache_quant_algo {
             QuantAlgo::Int8 => KvStorage::Int8,
             QuantAlgo::Fp8 => KvStorage::Fp8,
-            _ => KvStorage::F32,
+            _ => match build.kv_cache_dtype {
+                Some(DType::BF16) => KvStorage::Bf16,
+                Some(DType::F16) => KvStorage::F16,
+                _ => KvStorage::F32,
+            },
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvStorage::F32 => "float32",
+            KvStorage::Bf16 => "bfloat16",
+            KvStorage::F16 => "float16",
+            KvStorage::Int8 => "int8",
+            KvStorage::Fp8 => "fp8",
         }
     }
 }
@@ -31,6 +48,8 @@ impl KvStorage {
 /// One layer's keys or values.
 enum Store {
     F32(Vec<f32>),
+    Bf16(Vec<u16>),
+    F16(Vec<u16>),
     Int8 { q: Vec<i8>, scales: Vec<f32> },
     Fp8 { q: Vec<u8>, scales: Vec<f32> },
 }
@@ -39,6 +58,8 @@ impl Store {
     fn new(storage: KvStorage, values: usize, heads: usize) -> Self {
         match storage {
             KvStorage::F32 => Store::F32(vec![0.0; values]),
+            KvStorage::Bf16 => Store::Bf16(vec![0; values]),
+            KvStorage::F16 => Store::F16(vec![0; values]),
             KvStorage::Int8 => Store::Int8 {
                 q: vec![0; values],
                 scales: vec![0.0; heads],
@@ -53,6 +74,8 @@ impl Store {
     fn data(&self) -> KvData<'_> {
         match self {
             Store::F32(d) => KvData::F32(d),
+            Store::Bf16(d) => KvData::Bf16(d),
+            Store::F16(d) => KvData::F16(d),
             Store::Int8 { q, scales } => KvData::Int8 { q, scales },
             Store::Fp8 { q, scales } => KvData::Fp8 { q, scales },
         }
@@ -64,6 +87,16 @@ impl Store {
         let heads = x.len() / head_dim;
         match self {
             Store::F32(d) => d[at..at + x.len()].copy_from_slice(x),
+            Store::Bf16(d) => {
+                for (o, &v) in d[at..at + x.len()].iter_mut().zip(x) {
+                    *o = half::bf16::from_f32(v).to_bits();
+                }
+            }
+            Store::F16(d) => {
+                for (o, &v) in d[at..at + x.len()].iter_mut().zip(x) {
+                    *o = half::f16::from_f32(v).to_bits();
+                }
+            }
             Store::Int8 { q, scales } => {
                 for (h, vals) in x.chunks_exact(head_dim).enumerate() {
                     let s = scale_for(vals, 127.0);
@@ -141,6 +174,7 @@ impl KvPool {
     pub fn bytes_per_token(model: &ModelConfig, storage: KvStorage) -> usize {
         let per_layer = match storage {
             KvStorage::F32 => model.kv_dim() * 4,
+            KvStorage::Bf16 | KvStorage::F16 => model.kv_dim() * 2,
             KvStorage::Int8 | KvStorage::Fp8 => model.kv_dim() + model.num_kv_heads * 4,
         };
         2 * model.num_layers * per_layer
@@ -222,6 +256,14 @@ mod device {
             let layer = || -> Result<DeviceKv> {
                 Ok(match storage {
                     KvStorage::F32 => DeviceKv::F32 {
+                        k: dev.zeros(values)?,
+                        v: dev.zeros(values)?,
+                    },
+                    KvStorage::Bf16 => DeviceKv::Bf16 {
+                        k: dev.zeros(values)?,
+                        v: dev.zeros(values)?,
+                    },
+                    KvStorage::F16 => DeviceKv::F16 {
                         k: dev.zeros(values)?,
                         v: dev.zeros(values)?,
                     },
