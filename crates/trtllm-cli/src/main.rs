@@ -121,18 +121,9 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn build(a: BuildArgs) -> Result<()> {
-    let dtype = a
-        .dtype
-        .as_deref()
-        .map(DType::parse)
-        .transpose()
-        .context("--dtype")?;
-    let kv_cache_dtype = a
-        .kv_cache_dtype
-        .as_deref()
-        .map(DType::parse)
-        .transpose()
-        .context("--kv-cache-dtype")?;
+    let parse = |v: &Option<String>, flag| v.as_deref().map(DType::parse).transpose().context(flag);
+    let dtype = parse(&a.dtype, "--dtype")?;
+    let kv_cache_dtype = parse(&a.kv_cache_dtype, "--kv-cache-dtype")?;
     let (quant, keep_quantized) = quant_config(&a)?;
     let config = BuildConfig {
         max_batch_size: a.max_batch_size,

@@ -515,40 +515,29 @@ mod quantized_kv_tests {
         let k = rand_vec(4 * bs * nkv * hd, 3);
         let v = rand_vec(4 * bs * nkv * hd, 4);
         let q = rand_vec(3 * nh * hd, 5);
-        let bf = |x: &[f32]| -> Vec<u16> {
-            x.iter()
-                .map(|&f| half::bf16::from_f32(f).to_bits())
-                .collect()
+        // Bit patterns of `x` in bf16 or f16, and the values they stand for.
+        let round = |x: &[f32], bf16: bool| -> (Vec<u16>, Vec<f32>) {
+            let bits: Vec<u16> = x
+                .iter()
+                .map(|&f| match bf16 {
+                    true => half::bf16::from_f32(f).to_bits(),
+                    false => half::f16::from_f32(f).to_bits(),
+                })
+                .collect();
+            let widened = bits
+                .iter()
+                .map(|&b| match bf16 {
+                    true => half::bf16::from_bits(b).to_f32(),
+                    false => half::f16::from_bits(b).to_f32(),
+                })
+                .collect();
+            (bits, widened)
         };
-        let hf = |x: &[f32]| -> Vec<u16> {
-            x.iter()
-                .map(|&f| half::f16::from_f32(f).to_bits())
-                .collect()
-        };
-        let (kb, vb, kh, vh) = (bf(&k), bf(&v), hf(&k), hf(&v));
-        let widen_bf = |b: &[u16]| -> Vec<f32> {
-            b.iter()
-                .map(|&x| half::bf16::from_bits(x).to_f32())
-                .collect()
-        };
-        let widen_hf = |b: &[u16]| -> Vec<f32> {
-            b.iter()
-                .map(|&x| half::f16::from_bits(x).to_f32())
-                .collect()
-        };
+        let (kb, vb) = (round(&k, true), round(&v, true));
+        let (kh, vh) = (round(&k, false), round(&v, false));
         let cases = [
-            (
-                KvData::Bf16(&kb),
-                KvData::Bf16(&vb),
-                widen_bf(&kb),
-                widen_bf(&vb),
-            ),
-            (
-                KvData::F16(&kh),
-                KvData::F16(&vh),
-                widen_hf(&kh),
-                widen_hf(&vh),
-            ),
+            (KvData::Bf16(&kb.0), KvData::Bf16(&vb.0), &kb.1, &vb.1),
+            (KvData::F16(&kh.0), KvData::F16(&vh.0), &kh.1, &vh.1),
         ];
         for (kd, vd, kf, vf) in &cases {
             let f = PagedKv {
