@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use trtllm_api::builder::{self, BuildConfig};
 use trtllm_api::executor::ExecutorConfig;
 use trtllm_api::runtime::quant::{DType, LayerQuantConfig, QuantAlgo, QuantConfig};
-use trtllm_api::runtime::{Device, KvStorage, Session};
+use trtllm_api::runtime::{Device, KvStorage, Session, TimingCache};
 
 #[derive(Parser)]
 #[command(name = "trtllm", version, about = "Build and run LLM engines")]
@@ -67,6 +67,11 @@ struct BuildArgs {
     /// Float storage of an unquantized KV cache: float32 (default), bfloat16 or float16.
     #[arg(long)]
     kv_cache_dtype: Option<String>,
+    /// Time the CPU kernels' tactics for this engine on this machine into this timing cache
+    /// (created if missing; entries it has are reused). `run`/`serve`/`bench --timing-cache`
+    /// read it.
+    #[arg(long)]
+    timing_cache: Option<PathBuf>,
     /// Calibration text for AWQ, GPTQ, SmoothQuant and FP8 (default: a built-in English text).
     #[arg(long)]
     calib_text: Option<PathBuf>,
@@ -172,6 +177,30 @@ fn build(a: BuildArgs) -> Result<()> {
         KvStorage::of(&engine.build).name(),
         a.output.display(),
         start.elapsed().as_secs_f64()
+    );
+    if let Some(path) = &a.timing_cache {
+        tune(&a.output, path)?;
+    }
+    Ok(())
+}
+
+/// Times the CPU kernels' tactics for the engine in `dir` on this machine into the timing cache
+/// at `path` (entries it already has are reused).
+fn tune(dir: &Path, path: &Path) -> Result<()> {
+    let mut cache = TimingCache::open(path)?;
+    let mut runner = Session::open(dir)?.model_runner()?;
+    let r = runner.tune(&mut cache, trtllm_api::executor::TUNE_BUDGET)?;
+    cache.save()?;
+    eprintln!(
+        "timing cache {}: {} entries timed in {:.1}s, {} reused{}",
+        path.display(),
+        r.tuned,
+        r.seconds,
+        r.cached,
+        match r.skipped {
+            0 => String::new(),
+            n => format!(", {n} left at the default (time budget spent)"),
+        }
     );
     Ok(())
 }

@@ -117,6 +117,10 @@ pub struct ExecutorArgs {
     /// Where the model runs: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: Device,
+    /// A timing cache (as `trtllm build --timing-cache` writes): the CPU kernels take its
+    /// tactics for this machine; what it lacks is timed at start and added to it.
+    #[arg(long)]
+    timing_cache: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -136,6 +140,7 @@ impl ExecutorArgs {
         };
         cfg.kv_cache.max_tokens = self.kv_cache_tokens;
         cfg.kv_cache.enable_block_reuse = !self.disable_block_reuse;
+        cfg.timing_cache = self.timing_cache.clone();
         cfg
     }
 }

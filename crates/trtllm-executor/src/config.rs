@@ -35,7 +35,13 @@ pub struct ExecutorConfig {
     pub kv_cache: KvCacheConfig,
     /// How many iteration stats and KV events are kept for `latest_*` readers.
     pub history: usize,
+    /// A timing cache: the CPU kernels take its tactics for this machine, and what it lacks is
+    /// timed at start (at most [`TUNE_BUDGET`]) and written back.
+    pub timing_cache: Option<std::path::PathBuf>,
 }
+
+/// The most time tuning may take when an executor starts.
+pub const TUNE_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Default for ExecutorConfig {
     fn default() -> Self {
@@ -43,6 +49,7 @@ impl Default for ExecutorConfig {
             scheduler: SchedulerConfig::default(),
             kv_cache: KvCacheConfig::default(),
             history: 1000,
+            timing_cache: None,
         }
     }
 }

@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use trtllm_builder::runtime::{
     Device, EngineConfig, GenerationParams, KvCacheEvent, KvCacheManager, KvCacheSummary,
-    RuntimeError, Sampler, Session,
+    RuntimeError, Sampler, Session, TimingCache,
 };
 
 use crate::active::ActiveRequest;
@@ -51,7 +51,13 @@ impl GenerationExecutor {
     /// As [`Self::with_config`], with the model and its KV pool on `device`.
     pub fn on_device(dir: &Path, cfg: ExecutorConfig, device: Device) -> Result<Self> {
         let session = Session::open(dir)?;
-        let runner = session.model_runner_on(device)?;
+        let mut runner = session.model_runner_on(device)?;
+        if let Some(path) = &cfg.timing_cache {
+            let mut cache = TimingCache::open(path)?;
+            if runner.tune(&mut cache, crate::config::TUNE_BUDGET)?.tuned > 0 {
+                cache.save()?;
+            }
+        }
         let config = runner.engine_config().clone();
         let limits = cfg.scheduler.limits(&config.build)?;
         let block_size = cfg.kv_cache.tokens_per_block;

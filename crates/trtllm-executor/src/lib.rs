@@ -17,7 +17,7 @@ mod request;
 mod scheduler;
 mod stats;
 
-pub use config::{CapacitySchedulerPolicy, ExecutorConfig, SchedulerConfig};
+pub use config::{CapacitySchedulerPolicy, ExecutorConfig, SchedulerConfig, TUNE_BUDGET};
 pub use error::ExecutorError;
 pub use executor::GenerationExecutor;
 pub use request::{GenerationRequest, GenerationResult, RequestEvent};

@@ -16,6 +16,7 @@ mod kv_cache;
 mod model;
 mod sampling;
 mod session;
+mod tuning;
 mod weights;
 
 pub use config::{MlpKind, ModelConfig, NormKind, PositionKind};
@@ -32,5 +33,6 @@ pub use sampling::{argmax, SampledToken, Sampler, SamplingConfig, TokenLogprobs,
 pub use session::{ModelRunner, Session};
 pub use trtllm_quant as quant;
 pub use trtllm_quant::kernels::cpu::RopeScaling;
+pub use tuning::{TimingCache, TuneReport};
 
 pub type Result<T> = std::result::Result<T, RuntimeError>;

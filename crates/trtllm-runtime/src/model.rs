@@ -2,12 +2,14 @@
 //! MLP with residual connections, shaped by [`ModelConfig`] and the tensors the engine holds.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use trtllm_quant::kernels::cpu::{self, AttentionSeq, RopeTable};
 use trtllm_quant::DType;
 
 use crate::engine::{names, EngineFile, TensorInfo};
 use crate::kv_cache::{BlockId, KvPool};
+use crate::tuning::{self, Tactics, TimingCache, TuneReport};
 use crate::weights::{f32s, optional_f32, tensor, Linear, Weight};
 use crate::{MlpKind, ModelConfig, NormKind, PositionKind, Result, RuntimeError};
 
@@ -128,6 +130,8 @@ pub(crate) struct Decoder {
     pub final_norm: Norm,
     pub lm_head: Weight,
     pub rope: Option<RopeTable>,
+    /// The linear kernels' tactic per weight shape (defaults until [`Decoder::tune`]).
+    tactics: Tactics,
 }
 
 impl Decoder {
@@ -197,11 +201,28 @@ impl Decoder {
             final_norm,
             lm_head,
             rope,
+            tactics: Tactics::default(),
         })
     }
 
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
+    }
+
+    /// Chooses the linear kernels' tactics for this engine's weights on this machine: from
+    /// `cache`, else timed within `budget` and added to it.
+    pub fn tune(&mut self, cache: &mut TimingCache, budget: Duration) -> Result<TuneReport> {
+        let file = self.file.clone();
+        let mut mats = Vec::with_capacity(self.layers.len() * 4 + 1);
+        for l in &self.layers {
+            for lin in [&l.qkv, &l.o, &l.up, &l.down] {
+                mats.push(lin.weight.mat(&file)?);
+            }
+        }
+        mats.push(self.lm_head.mat(&file)?);
+        let (tactics, report) = tuning::tune(&mats, cache, budget);
+        self.tactics = tactics;
+        Ok(report)
     }
 
     fn f32s(&self, t: &TensorInfo) -> Result<&[f32]> {
@@ -216,7 +237,7 @@ impl Decoder {
         obs: &mut dyn ActivationObserver,
     ) -> Result<Vec<f32>> {
         obs.observe(&l.name, x, rows)?;
-        l.forward(&self.file, x, rows)
+        l.forward(&self.file, x, rows, &self.tactics)
     }
 
     fn norm(&self, n: &Norm, x: &mut [f32]) -> Result<()> {
@@ -262,7 +283,8 @@ impl Decoder {
         self.norm(&self.final_norm, &mut x)?;
         let head = self.lm_head.mat(&self.file)?;
         let mut logits = vec![0f32; rows.len() * self.cfg.vocab_size];
-        cpu::linear(&x, rows.len(), head, None, &mut logits)?;
+        let tactic = self.tactics.get(&head, rows.len());
+        cpu::linear_with(&x, rows.len(), head, None, &mut logits, &tactic)?;
         Ok(logits)
     }
 

@@ -2,10 +2,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::engine::{EngineConfig, EngineFile, TensorInfo};
 use crate::kv_cache::{KvCache, KvPool, KvStorage, KV_CACHE_BLOCK};
 use crate::model::{ActivationObserver, Decoder, LogitsMode, NoObserver, SeqChunk};
+use crate::tuning::{TimingCache, TuneReport};
 use crate::{Device, ModelConfig, Result, RuntimeError};
 
 /// A loaded engine: its config and its memory-mapped weights.
@@ -124,6 +126,17 @@ impl ModelRunner {
 
     pub fn engine_config(&self) -> &EngineConfig {
         &self.config
+    }
+
+    /// Chooses the CPU linear kernels' tactics for this engine on this machine from `cache`,
+    /// timing (within `budget`) what it lacks and adding it there. On a GPU the kernels are
+    /// fixed and nothing is timed.
+    pub fn tune(&mut self, cache: &mut TimingCache, budget: Duration) -> Result<TuneReport> {
+        match &mut self.backend {
+            Backend::Cpu(d) => d.tune(cache, budget),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(_) => Ok(TuneReport::default()),
+        }
     }
 
     pub fn max_seq_len(&self) -> usize {

@@ -7,6 +7,7 @@ use trtllm_quant::kernels::cpu::{self, MatRef, WeightData};
 use trtllm_quant::{DType, PackedRef, WeightFormat};
 
 use crate::engine::{EngineFile, TensorInfo};
+use crate::tuning::Tactics;
 use crate::{Result, RuntimeError};
 
 /// Looks up `name`, which must have `shape`.
@@ -187,7 +188,13 @@ impl Linear {
         })
     }
 
-    pub fn forward(&self, file: &EngineFile, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+    pub fn forward(
+        &self,
+        file: &EngineFile,
+        x: &[f32],
+        rows: usize,
+        tactics: &Tactics,
+    ) -> Result<Vec<f32>> {
         let w = self.weight.mat(file)?;
         let bias = self.bias.as_ref().map(|b| f32s(file, b)).transpose()?;
         let mut scaled;
@@ -209,7 +216,7 @@ impl Linear {
             x = &scaled;
         }
         let mut y = vec![0f32; rows * w.rows()];
-        cpu::linear(x, rows, w, bias, &mut y)?;
+        cpu::linear_with(x, rows, w, bias, &mut y, &tactics.get(&w, rows))?;
         Ok(y)
     }
 }

@@ -1,5 +1,5 @@
 //! The batched-decode path of `linear` over dense weights (from `PACKED_MIN_ROWS` up to
-//! [`DIRECT_MAX_ROWS`] activation rows): register tiles of activation rows × weight rows, each output a dot
+//! `DIRECT_MAX_ROWS` activation rows): register tiles of activation rows × weight rows, each output a dot
 //! product along k, reading the row-major weights in place. At 32 rows the packed GEMM spends a
 //! quarter of its time transposing panels that only 32 rows then use; here each weight row is
 //! read once from memory per column tile (then from L1 for the other row tiles), with nothing
@@ -12,13 +12,7 @@ use std::ops::Range;
 
 use super::lanes::{Avx2, Avx512, Lanes};
 use super::matmul::{Elem, OutPtr, Problem};
-use super::quant::gemv::PREFETCH_ROWS;
 use super::simd::Isa;
-
-/// Up to this many activation rows the direct tiles beat packing: `linear_bench` on SmolLM2's
-/// shapes, 2 Xeon cores (AVX-512), GFLOP/s direct vs packed: 97 vs 55 at 8 rows, 136 vs 94 at
-/// 16, 149–155 vs 130–135 at 32, 161 vs 187 at 64.
-pub(super) const DIRECT_MAX_ROWS: usize = 32;
 
 /// Columns `cols` of the output for all rows, on the path of `isa` (AVX2 or better).
 pub(super) unsafe fn columns<E: Elem>(
@@ -88,7 +82,7 @@ unsafe fn tile<L: Lanes, E: Elem, const MR: usize, const NR: usize>(
     while q + L::N <= k {
         if prefetch {
             for &row in &wr {
-                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(PREFETCH_ROWS * k + q).cast());
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(p.prefetch * k + q).cast());
             }
         }
         let wv: [L::V; NR] = std::array::from_fn(|c| E::load::<L>(wr[c].add(q)));

@@ -13,19 +13,21 @@ mod norm;
 pub(crate) mod quant;
 mod rope;
 mod simd;
+mod tactic;
 
 pub use activation::{gelu_tanh, silu_mul};
 #[cfg(feature = "cuda")]
 pub(crate) use attention::{check_batch, PoolShape};
 pub use attention::{paged_attention, AttentionSeq, AttentionShape, KvData, PagedKv};
 pub use elementwise::{add_inplace, embedding_gather, softmax_inplace};
-pub use matmul::{linear, MatRef, WeightData};
+pub use matmul::{linear, linear_with, MatRef, WeightData};
 pub use norm::{layer_norm, rms_norm};
 pub use quant::{
     e4m3_to_f32, Fp8Weights, Int4Weights, Int8Weights, Nvfp4Weights, E2M1_VALUES, E4M3_MAX,
 };
 pub use rope::{apply_rope, RopeScaling, RopeTable};
 pub use simd::{detected_isa, isa, limit_isa, simd_available, Isa};
+pub use tactic::{Regime, Tactic, MAX_CHUNKS, MAX_PREFETCH};
 
 #[cfg(test)]
 pub(crate) mod testutil {

@@ -5,7 +5,10 @@ use std::sync::OnceLock;
 
 /// The instruction sets the kernels have paths for, in increasing order: a kernel takes the
 /// best path at or below [`isa`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Isa {
     /// Plain Rust, any processor.
     Portable,

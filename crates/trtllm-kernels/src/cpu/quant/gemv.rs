@@ -93,11 +93,6 @@ impl<L: Lanes> Visit for Dequant<L> {
 /// Rows per tile.
 const R: usize = 4;
 
-/// How far ahead the weight stream is prefetched, in rows (two tiles): without it a tile's four
-/// row streams leave too few loads in flight for a server core and decode reads ~6 GB/s of the
-/// machine's 15–20 (SmolLM2 W8A16 on a Xeon: 48 → 83 tok/s; 4 rows gave 79, 16 the same as 8).
-pub(crate) const PREFETCH_ROWS: usize = 8;
-
 /// Columns `cols` of `y = x · Wᵀ + bias` for every activation row, on the path of `isa` (AVX2
 /// or better, checked by the caller).
 pub(crate) unsafe fn columns<W: BlockDot>(
@@ -171,7 +166,7 @@ unsafe fn tile<L: Lanes, W: BlockDot, const N: usize>(
         for blk in b..end {
             let xb = xp.add(blk * W::BLOCK);
             for (r, a) in part.iter_mut().enumerate() {
-                let ahead = w.block_addr(j + r + PREFETCH_ROWS, k, blk);
+                let ahead = w.block_addr(j + r + p.prefetch, k, blk);
                 _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
                 let mut dot = Dot::<L> { x: xb, acc: *a };
                 w.visit_block(j + r, k, blk, &mut dot);
