@@ -4,6 +4,7 @@
 
 mod activation;
 mod attention;
+mod attention_rows;
 mod elementwise;
 mod gemm_direct;
 mod gemm_packed;

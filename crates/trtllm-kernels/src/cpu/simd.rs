@@ -238,71 +238,6 @@ pub(crate) mod avx {
             *v /= sum;
         }
     }
-
-    /// `out[p] = scale · q·k_p` for keys `k_p = k[p·stride ..][..q.len()]`, four keys at a time so
-    /// one horizontal reduction serves four dot products.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn scaled_dots(q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
-        let d = q.len();
-        let n = out.len();
-        let (qp, kp) = (q.as_ptr(), k.as_ptr());
-        let mut p = 0;
-        if d.is_multiple_of(8) {
-            while p + 4 <= n {
-                let mut acc = [_mm256_setzero_ps(); 4];
-                let mut i = 0;
-                while i < d {
-                    let qv = _mm256_loadu_ps(qp.add(i));
-                    for (j, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp.add((p + j) * stride + i)), *a);
-                    }
-                    i += 8;
-                }
-                let h = _mm256_hadd_ps(
-                    _mm256_hadd_ps(acc[0], acc[1]),
-                    _mm256_hadd_ps(acc[2], acc[3]),
-                );
-                let s4 = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-                _mm_storeu_ps(out.as_mut_ptr().add(p), _mm_mul_ps(s4, _mm_set1_ps(scale)));
-                p += 4;
-            }
-        }
-        for (j, o) in out.iter_mut().enumerate().skip(p) {
-            *o = dot(q, &k[j * stride..j * stride + d]) * scale;
-        }
-    }
-
-    /// `out[d] += Σ_p w[p] · v[p·stride + d]`, eight columns per register; up to 64 columns
-    /// stay in registers across all rows, so `out` is loaded and stored once, not once per row.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn weighted_rows(w: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
-        let d = out.len();
-        let vp = v.as_ptr();
-        let mut c0 = 0;
-        while c0 + 8 <= d {
-            let lanes = ((d - c0) / 8).min(8);
-            let mut acc = [_mm256_setzero_ps(); 8];
-            for (l, a) in acc.iter_mut().enumerate().take(lanes) {
-                *a = _mm256_loadu_ps(out.as_ptr().add(c0 + l * 8));
-            }
-            for (p, &wp) in w.iter().enumerate() {
-                let wv = _mm256_set1_ps(wp);
-                let row = vp.add(p * stride + c0);
-                for (l, a) in acc.iter_mut().enumerate().take(lanes) {
-                    *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(l * 8)), *a);
-                }
-            }
-            for (l, a) in acc.iter().enumerate().take(lanes) {
-                _mm256_storeu_ps(out.as_mut_ptr().add(c0 + l * 8), *a);
-            }
-            c0 += lanes * 8;
-        }
-        for (p, &wp) in w.iter().enumerate() {
-            for (c, o) in out.iter_mut().enumerate().skip(c0) {
-                *o += wp * v[p * stride + c];
-            }
-        }
-    }
 }
 
 /// Scalar dot product (the portable path and the test reference).
@@ -330,8 +265,9 @@ pub(crate) fn weighted_rows(w: &[f32], v: &[f32], stride: usize, out: &mut [f32]
     }
     #[cfg(target_arch = "x86_64")]
     if simd_available() {
-        // SAFETY: the features were detected at run time; the extent of `v` was checked.
-        return unsafe { avx::weighted_rows(w, v, stride, out) };
+        // SAFETY: `isa()` is at most what was detected at run time; the extent of `v` was
+        // checked.
+        return unsafe { super::attention_rows::weighted_rows(isa(), w, (v, stride), out) };
     }
     for (p, &wp) in w.iter().enumerate() {
         for (o, &x) in out.iter_mut().zip(&v[p * stride..]) {
