@@ -269,8 +269,9 @@ pub(crate) fn tune(
     (tactics, report)
 }
 
-/// A coordinate search from the default: the instruction set, then the prefetch distance
-/// (decode kernels), the batched GEMM (dense weights), then the column split. A candidate must
+/// A coordinate search from the default: the instruction set, then the prefetch distance and
+/// the quantized GEMV's tile (decode kernels), the batched GEMM (dense weights), then the
+/// column split. A candidate must
 /// beat the incumbent by 5 % to replace it, so timing noise keeps the hand-tuned defaults.
 fn search(mats: &[MatRef<'_>], regime: Regime) -> Entry {
     let m = regime.sample_rows();
@@ -323,6 +324,10 @@ fn search(mats: &[MatRef<'_>], regime: Regime) -> Entry {
                 &mut best_us,
             );
         }
+    }
+    if regime == Regime::Decode && mats.iter().any(|w| !ShapeKey::of(w).dense()) {
+        let wide_tiles = !best.wide_tiles;
+        consider(Tactic { wide_tiles, ..best }, &mut best, &mut best_us);
     }
     if regime == Regime::Batched && mats.iter().any(|w| ShapeKey::of(w).dense()) {
         let direct = !best.direct;

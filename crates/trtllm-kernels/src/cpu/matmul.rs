@@ -129,6 +129,7 @@ pub fn linear_with(
         n,
         bias,
         prefetch: tactic.prefetch_rows,
+        wide_tiles: tactic.wide_tiles,
     };
     let out = OutPtr(y.as_mut_ptr());
     match w.data {
@@ -165,6 +166,8 @@ pub(crate) struct Problem<'a> {
     pub bias: Option<&'a [f32]>,
     /// Weight rows ahead that the decode kernels prefetch.
     pub prefetch: usize,
+    /// The quantized GEMV takes 8 rows per tile, not 4.
+    pub wide_tiles: bool,
 }
 
 /// The output pointer shared by the workers; each writes a disjoint set of columns.
@@ -542,6 +545,7 @@ mod tests {
                     prefetch_rows,
                     direct,
                     chunks_per_thread,
+                    wide_tiles: direct,
                 });
             }
         }

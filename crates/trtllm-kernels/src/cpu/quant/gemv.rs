@@ -90,7 +90,7 @@ impl<L: Lanes> Visit for Dequant<L> {
     }
 }
 
-/// Rows per tile.
+/// Rows per tile (8 with `Tactic::wide_tiles`: more loads in flight, more registers).
 const R: usize = 4;
 
 /// Columns `cols` of `y = x · Wᵀ + bias` for every activation row, on the path of `isa` (AVX2
@@ -131,6 +131,12 @@ unsafe fn rows<L: Lanes, W: BlockDot>(w: &W, p: &Problem<'_>, cols: Range<usize>
             *s = x[span].iter().sum();
         }
         let mut j = cols.start;
+        if p.wide_tiles {
+            while j + 8 <= cols.end {
+                tile::<L, W, 8>(w, p, x, &xsum, i, j, out);
+                j += 8;
+            }
+        }
         while j + R <= cols.end {
             tile::<L, W, R>(w, p, x, &xsum, i, j, out);
             j += R;

@@ -1,7 +1,7 @@
 use super::*;
 
 use crate::cpu::testutil::{assert_close, every_path, rand_vec};
-use crate::cpu::{linear, MatRef, WeightData};
+use crate::cpu::{linear, linear_with, MatRef, Tactic, WeightData};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 fn bytes(n: usize, seed: u64) -> Vec<u8> {
@@ -52,6 +52,7 @@ fn packed_formats_match_dequantized_reference_on_awkward_shapes() {
         (13, 160, 128),
         (33, 608, 128),
         (5, 64, 32),
+        (21, 64, 32),
     ] {
         let g = groups(k, group);
         let q8: Vec<i8> = bytes(n * k, 1).into_iter().map(|b| b as i8).collect();
@@ -115,6 +116,14 @@ fn packed_formats_match_dequantized_reference_on_awkward_shapes() {
                     linear(&x, m, w, Some(&bias), &mut y).unwrap();
                     let what = format!("{name} n={n} k={k} m={m}");
                     assert_within_rounding(&y, &expect, &mag, &what);
+                    // The GEMV's 8-row tiles (a tuned tactic) and no prefetch.
+                    let wide = Tactic {
+                        wide_tiles: true,
+                        prefetch_rows: 0,
+                        ..Tactic::default()
+                    };
+                    linear_with(&x, m, w, Some(&bias), &mut y, &wide).unwrap();
+                    assert_within_rounding(&y, &expect, &mag, &format!("{what} wide tiles"));
                 });
             }
         }
