@@ -3,10 +3,13 @@
 //! f32 activations, so activations are never quantized and no dequantized copy of the weights
 //! exists.
 //!
-//! A row is a run of scale groups, each a run of blocks. Per group, four rows accumulate their
-//! raw `x · code` sums side by side (four independent FMA chains sharing the activation loads),
-//! then fold them in with the group's scale: `acc += scale · Σ x·code`. Formats with an offset
-//! (int4 with a zero point, or symmetric int4 as `−8·scale`) add `offset · Σ x` per group.
+//! A row is a run of scale groups, each a run of blocks. Per group, four (or, as a tactic, eight)
+//! rows accumulate their raw `x · code` sums side by side (independent FMA chains sharing the
+//! activation loads), then fold them in with the group's scale: `acc += scale · Σ x·code`.
+//! Formats with an offset (int4 with a zero point, or symmetric int4 as `−8·scale`) add
+//! `offset · Σ x` per group. The weight stream is prefetched `Tactic::prefetch_rows` rows ahead:
+//! without it a tile's row streams leave too few loads in flight for a server core (SmolLM2
+//! W8A16 decode on a Xeon: 48 → 83 tok/s).
 
 #![cfg(target_arch = "x86_64")]
 
