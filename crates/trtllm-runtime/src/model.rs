@@ -283,7 +283,7 @@ impl Decoder {
         self.norm(&self.final_norm, &mut x)?;
         let head = self.lm_head.mat(&self.file)?;
         let mut logits = vec![0f32; rows.len() * self.cfg.vocab_size];
-        let tactic = self.tactics.get(&head, rows.len());
+        let tactic = self.tactics.get(rows.len());
         cpu::linear_with(&x, rows.len(), head, None, &mut logits, &tactic)?;
         Ok(logits)
     }

@@ -5,7 +5,7 @@
 //! or run on the same machine reuses them and a cache from another machine is never applied.
 //! Without an entry the defaults run (the kernels' hand-tuned constants).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -123,7 +123,7 @@ fn machine() -> String {
     )
 }
 
-/// A weight matrix's storage and shape: the unit tactics are tuned for.
+/// A weight matrix's storage and shape: an engine's set of them names its cache entries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) struct ShapeKey {
     format: Format,
@@ -192,16 +192,13 @@ impl ShapeKey {
     }
 }
 
-/// The tactic of every (shape, regime) the decoder runs; the default where none was tuned.
+/// The decoder's tactic per row regime; the default where none was tuned.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct Tactics(HashMap<(ShapeKey, Regime), Tactic>);
+pub(crate) struct Tactics([Option<Tactic>; 3]);
 
 impl Tactics {
-    pub fn get(&self, w: &MatRef<'_>, rows: usize) -> Tactic {
-        self.0
-            .get(&(ShapeKey::of(w), Regime::of(rows)))
-            .copied()
-            .unwrap_or_default()
+    pub fn get(&self, rows: usize) -> Tactic {
+        self.0[Regime::of(rows) as usize].unwrap_or_default()
     }
 }
 
@@ -261,9 +258,7 @@ pub(crate) fn tune(
                 continue;
             }
         };
-        for key in &shapes {
-            tactics.0.insert((*key, regime), tactic);
-        }
+        tactics.0[regime as usize] = Some(tactic);
     }
     report.seconds = start.elapsed().as_secs_f64();
     (tactics, report)
@@ -271,8 +266,8 @@ pub(crate) fn tune(
 
 /// A coordinate search from the default: the instruction set, then the prefetch distance and
 /// the quantized GEMV's tile (decode kernels), the batched GEMM (dense weights), then the
-/// column split. A candidate must
-/// beat the incumbent by 5 % to replace it, so timing noise keeps the hand-tuned defaults.
+/// column split. A candidate must beat the incumbent by 5 % to replace it, so timing noise keeps
+/// the hand-tuned defaults.
 fn search(mats: &[MatRef<'_>], regime: Regime) -> Entry {
     let m = regime.sample_rows();
     let k = mats.iter().map(MatRef::cols).max().unwrap_or(0);
@@ -293,6 +288,7 @@ fn search(mats: &[MatRef<'_>], regime: Regime) -> Entry {
         s.elapsed().as_secs_f64() * 1e6
     };
     let mut best = Tactic::default();
+    // A first pass pages the weights in and starts the pool's threads.
     pass(&best);
     let mut best_us = f64::MAX;
     // Incumbent and candidate alternate, best of 4 passes each, so a machine whose speed drifts

@@ -216,7 +216,7 @@ impl Linear {
             x = &scaled;
         }
         let mut y = vec![0f32; rows * w.rows()];
-        cpu::linear_with(x, rows, w, bias, &mut y, &tactics.get(&w, rows))?;
+        cpu::linear_with(x, rows, w, bias, &mut y, &tactics.get(rows))?;
         Ok(y)
     }
 }
