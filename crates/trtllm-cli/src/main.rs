@@ -4,6 +4,7 @@ mod bench;
 mod run;
 mod serve;
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -107,11 +108,20 @@ struct PerplexityArgs {
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`| head`): nothing is wrong with the command.
+        Err(e) if broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -267,15 +277,20 @@ fn parse_ids(path: &Path) -> Result<Vec<u32>> {
 fn inspect(engine: &Path) -> Result<()> {
     let session = Session::open(engine)?;
     let cfg = session.config();
-    println!(
+    // Written with `?`, not println!, so a closed pipe (`trtllm inspect E | head`) ends the
+    // command quietly instead of panicking.
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
         "{}",
         serde_json::to_string_pretty(&serde_json::json!({"model": cfg.model, "build": cfg.build}))?
-    );
+    )?;
     let tensors = session.tensors();
-    println!(
+    writeln!(
+        out,
         "\n{:<36} {:<16} {:>16} {:>12}",
         "tensor", "format", "shape", "bytes"
-    );
+    )?;
     let mut packed = 0;
     let mut matrices = 0;
     for t in &tensors {
@@ -284,20 +299,22 @@ fn inspect(engine: &Path) -> Result<()> {
             .map_or_else(|| t.dtype.name().to_string(), |f| f.describe());
         packed += usize::from(t.format.is_some());
         matrices += usize::from(t.name.ends_with(".weight") && t.shape.len() == 2);
-        println!(
+        writeln!(
+            out,
             "{:<36} {:<16} {:>16} {:>12}",
             t.name,
             format,
             format!("{:?}", t.shape),
             t.bytes
-        );
+        )?;
     }
     let weight_bytes: usize = tensors.iter().map(|t| t.bytes).sum();
-    println!(
+    writeln!(
+        out,
         "\n{} tensors, {packed}/{matrices} weight matrices quantized, {:.1} MiB of weights, engine file {:.1} MiB",
         tensors.len(),
         weight_bytes as f64 / (1 << 20) as f64,
         session.engine_bytes() as f64 / (1 << 20) as f64
-    );
+    )?;
     Ok(())
 }
