@@ -213,13 +213,14 @@ impl Decoder {
     /// `cache`, else timed within `budget` and added to it.
     pub fn tune(&mut self, cache: &mut TimingCache, budget: Duration) -> Result<TuneReport> {
         let file = self.file.clone();
+        let weights = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.qkv, &l.o, &l.up, &l.down]);
         let mut mats = Vec::with_capacity(self.layers.len() * 4 + 1);
-        for l in &self.layers {
-            for lin in [&l.qkv, &l.o, &l.up, &l.down] {
-                mats.push(lin.weight.mat(&file)?);
-            }
+        for w in weights.map(|l| &l.weight).chain([&self.lm_head]) {
+            mats.push((w.mat(&file)?, w.describe()));
         }
-        mats.push(self.lm_head.mat(&file)?);
         let (tactics, report) = tuning::tune(&mats, cache, budget);
         self.tactics = tactics;
         Ok(report)

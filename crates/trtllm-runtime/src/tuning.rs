@@ -123,73 +123,12 @@ fn machine() -> String {
     )
 }
 
-/// A weight matrix's storage and shape: an engine's set of them names its cache entries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub(crate) struct ShapeKey {
-    format: Format,
-    n: usize,
-    k: usize,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-enum Format {
-    F32,
-    Bf16,
-    F16,
-    Int8 {
-        group: usize,
-    },
-    Int4 {
-        group: usize,
-        zero_point: bool,
-    },
-    Fp8,
-    Nvfp4,
-    /// Its own kernel: no tactic applies.
-    W8A8,
-}
-
-impl ShapeKey {
-    pub fn of(w: &MatRef<'_>) -> Self {
-        let format = match w.data() {
-            WeightData::F32(_) => Format::F32,
-            WeightData::Bf16(_) => Format::Bf16,
-            WeightData::F16(_) => Format::F16,
-            WeightData::Int8(q) => Format::Int8 { group: q.group },
-            WeightData::Int4(q) => Format::Int4 {
-                group: q.group,
-                zero_point: q.offsets.is_some(),
-            },
-            WeightData::Fp8(_) => Format::Fp8,
-            WeightData::Nvfp4(_) => Format::Nvfp4,
-            WeightData::W8A8(_) => Format::W8A8,
-        };
-        Self {
-            format,
-            n: w.rows(),
-            k: w.cols(),
-        }
-    }
-
-    fn dense(&self) -> bool {
-        matches!(self.format, Format::F32 | Format::Bf16 | Format::F16)
-    }
-
-    fn name(&self) -> String {
-        let format = match self.format {
-            Format::F32 => "f32".to_string(),
-            Format::Bf16 => "bf16".into(),
-            Format::F16 => "f16".into(),
-            Format::Int8 { group } => format!("int8 g{group}"),
-            Format::Int4 { group, zero_point } => {
-                format!("int4 g{group}{}", if zero_point { " zp" } else { "" })
-            }
-            Format::Fp8 => "fp8".into(),
-            Format::Nvfp4 => "nvfp4".into(),
-            Format::W8A8 => "w8a8".into(),
-        };
-        format!("{format} {}x{}", self.n, self.k)
-    }
+/// Dense weights: the formats the batched path may read in place.
+fn dense(w: &MatRef<'_>) -> bool {
+    matches!(
+        w.data(),
+        WeightData::F32(_) | WeightData::Bf16(_) | WeightData::F16(_)
+    )
 }
 
 /// The decoder's tactic per row regime; the default where none was tuned.
@@ -205,7 +144,7 @@ impl Tactics {
 /// What a tuning run did.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TuneReport {
-    /// (shape, regime) entries timed now.
+    /// Regime entries timed now.
     pub tuned: usize,
     /// Entries taken from the cache.
     pub cached: usize,
@@ -214,27 +153,31 @@ pub struct TuneReport {
     pub seconds: f64,
 }
 
-/// Tactics for the engine whose linear matrices are `mats` (layer by layer, the LM head last),
-/// from `cache` where it has them, else timed (within `budget`) and added to it. One tactic per
-/// regime serves every shape: it is timed on passes over the first [`LAYERS`] layers and the
+/// Tactics for the engine whose linear matrices are `mats` (layer by layer, the LM head last,
+/// each named by `Weight::describe`), from `cache` where it has them, else timed (within
+/// `budget`) and added to it. One tactic per regime serves every shape: it is timed on passes over the first [`LAYERS`] layers and the
 /// head in the order a forward pass runs them, because a matrix timed alone, hot in the cache
 /// and with the thread pool to itself, chose tactics that lost 4–10 % inside the model.
 pub(crate) fn tune(
-    mats: &[MatRef<'_>],
+    mats: &[(MatRef<'_>, String)],
     cache: &mut TimingCache,
     budget: Duration,
 ) -> (Tactics, TuneReport) {
     let start = Instant::now();
     let machine = machine();
-    let mats: Vec<MatRef<'_>> = mats
+    // W8A8 takes its own kernel whatever the tactic.
+    let mats: Vec<&(MatRef<'_>, String)> = mats
         .iter()
-        .filter(|m| ShapeKey::of(m).format != Format::W8A8)
-        .copied()
+        .filter(|(m, _)| !matches!(m.data(), WeightData::W8A8(_)))
         .collect();
-    let mut pass: Vec<MatRef<'_>> = mats.iter().take(LAYERS * 4).copied().collect();
-    pass.extend(mats.last().filter(|_| mats.len() > LAYERS * 4));
-    let shapes: BTreeSet<ShapeKey> = mats.iter().map(ShapeKey::of).collect();
-    let signature: Vec<String> = shapes.iter().map(ShapeKey::name).collect();
+    let mut pass: Vec<MatRef<'_>> = mats.iter().take(LAYERS * 4).map(|(m, _)| *m).collect();
+    pass.extend(
+        mats.last()
+            .filter(|_| mats.len() > LAYERS * 4)
+            .map(|(m, _)| *m),
+    );
+    let shapes: BTreeSet<&str> = mats.iter().map(|(_, name)| name.as_str()).collect();
+    let signature: Vec<&str> = shapes.into_iter().collect();
     let mut tactics = Tactics::default();
     let mut report = TuneReport::default();
     for regime in Regime::ALL {
@@ -321,11 +264,11 @@ fn search(mats: &[MatRef<'_>], regime: Regime) -> Entry {
             );
         }
     }
-    if regime == Regime::Decode && mats.iter().any(|w| !ShapeKey::of(w).dense()) {
+    if regime == Regime::Decode && mats.iter().any(|w| !dense(w)) {
         let wide_tiles = !best.wide_tiles;
         consider(Tactic { wide_tiles, ..best }, &mut best, &mut best_us);
     }
-    if regime == Regime::Batched && mats.iter().any(|w| ShapeKey::of(w).dense()) {
+    if regime == Regime::Batched && mats.iter().any(dense) {
         let direct = !best.direct;
         consider(Tactic { direct, ..best }, &mut best, &mut best_us);
     }

@@ -78,6 +78,15 @@ pub(crate) struct Weight {
 }
 
 impl Weight {
+    /// Storage and shape, as `trtllm inspect` names formats (`int4 g128 zp 1536x576`).
+    pub fn describe(&self) -> String {
+        let format = self.packed.as_ref().map_or_else(
+            || self.data.dtype.name().to_string(),
+            |p| p.format.describe(),
+        );
+        format!("{format} {}x{}", self.rows, self.cols)
+    }
+
     /// Loads `{prefix}.weight` (and its scales when it is packed) and checks it is a valid
     /// `rows × cols` matrix.
     pub fn load(file: &EngineFile, prefix: &str, rows: usize, cols: usize) -> Result<Self> {

@@ -254,11 +254,15 @@ pub(crate) fn check_batch(
 /// `scores[p] = scale · q · key p`, keys `stride` floats apart starting at `k`.
 fn key_scores(q: &[f32], k: &[f32], stride: usize, scale: f32, scores: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::simd::simd_available() {
-        // SAFETY: `isa()` is at most what was detected at run time; the caller checked that the
-        // block holds `scores.len()` keys of `q.len()` floats, `stride` apart.
+    {
         let isa = super::simd::isa();
-        return unsafe { super::attention_rows::scaled_dots(isa, q, (k, stride), scale, scores) };
+        if isa >= super::simd::Isa::Avx2 {
+            // SAFETY: `isa()` is at most what was detected at run time; the caller checked that
+            // the block holds `scores.len()` keys of `q.len()` floats, `stride` apart.
+            return unsafe {
+                super::attention_rows::scaled_dots(isa, q, (k, stride), scale, scores)
+            };
+        }
     }
     for (p, s) in scores.iter_mut().enumerate() {
         *s = dot(q, &k[p * stride..p * stride + q.len()]) * scale;

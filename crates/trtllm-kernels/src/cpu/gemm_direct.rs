@@ -82,7 +82,9 @@ unsafe fn tile<L: Lanes, E: Elem, const MR: usize, const NR: usize>(
     while q + L::N <= k {
         if prefetch {
             for &row in &wr {
-                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(p.prefetch * k + q).cast());
+                _mm_prefetch::<_MM_HINT_T0>(
+                    row.wrapping_add(p.tactic.prefetch_rows * k + q).cast(),
+                );
             }
         }
         let wv: [L::V; NR] = std::array::from_fn(|c| E::load::<L>(wr[c].add(q)));

@@ -10,11 +10,8 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::lanes::{Avx2, Avx512, Lanes};
-use super::matmul::{Elem, OutPtr, Problem, Rows};
+use super::matmul::{Elem, OutPtr, Problem, Rows, MAX_PANEL};
 use super::simd::Isa;
-
-/// Widest panel (AVX-512); the caller splits columns in multiples of it.
-pub(super) const MAX_PANEL: usize = 32;
 
 /// Computes columns `cols` of the output for all rows, on the AVX-512 tile when `isa` allows.
 /// `cols.start` must be a multiple of [`MAX_PANEL`] or the end of the output.

@@ -121,34 +121,27 @@ pub fn linear_with(
     if let Some(b) = bias {
         check_len("linear", "bias", b.len(), n)?;
     }
-    let tactic = tactic.clamped();
     let problem = Problem {
         x,
         m,
         k,
         n,
         bias,
-        prefetch: tactic.prefetch_rows,
-        wide_tiles: tactic.wide_tiles,
+        tactic: tactic.clamped(),
     };
     let out = OutPtr(y.as_mut_ptr());
     match w.data {
-        WeightData::F32(d) => run(&problem, &Dense(d), out, &tactic),
-        WeightData::Bf16(d) => run(&problem, &Dense(as_bf16(d)), out, &tactic),
-        WeightData::F16(d) => run(&problem, &Dense(as_f16(d)), out, &tactic),
-        WeightData::Int8(q) => run(&problem, &q, out, &tactic),
-        WeightData::Int4(q) => run(&problem, &q, out, &tactic),
-        WeightData::Fp8(q) => run(&problem, &q, out, &tactic),
-        WeightData::Nvfp4(q) => run(&problem, &q, out, &tactic),
+        WeightData::F32(d) => run(&problem, &Dense(d), out),
+        WeightData::Bf16(d) => run(&problem, &Dense(as_bf16(d)), out),
+        WeightData::F16(d) => run(&problem, &Dense(as_f16(d)), out),
+        WeightData::Int8(q) => run(&problem, &q, out),
+        WeightData::Int4(q) => run(&problem, &q, out),
+        WeightData::Fp8(q) => run(&problem, &q, out),
+        WeightData::Nvfp4(q) => run(&problem, &q, out),
         WeightData::W8A8(q) => w8a8::linear(x, m, &q, (n, k), bias, y),
     }
     Ok(())
 }
-
-#[cfg(target_arch = "x86_64")]
-use super::gemm_packed::MAX_PANEL;
-#[cfg(not(target_arch = "x86_64"))]
-const MAX_PANEL: usize = 32;
 
 /// From this many activation rows on, a GEMM tile (direct or packed) beats one GEMV per row.
 pub(crate) const PACKED_MIN_ROWS: usize = 4;
@@ -158,16 +151,18 @@ pub(crate) const PACKED_MIN_ROWS: usize = 4;
 /// 16, 149–155 vs 130–135 at 32, 161 vs 187 at 64.
 pub(crate) const DIRECT_MAX_ROWS: usize = 32;
 
+/// Widest packed-GEMM panel (AVX-512: two 16-lane vectors); column chunks are a whole number of
+/// it so tiles and panels stay full.
+pub(crate) const MAX_PANEL: usize = 32;
+
 pub(crate) struct Problem<'a> {
     pub x: &'a [f32],
     pub m: usize,
     pub k: usize,
     pub n: usize,
     pub bias: Option<&'a [f32]>,
-    /// Weight rows ahead that the decode kernels prefetch.
-    pub prefetch: usize,
-    /// The quantized GEMV takes 8 rows per tile, not 4.
-    pub wide_tiles: bool,
+    /// How the call runs (clamped to this CPU and to valid ranges).
+    pub tactic: Tactic,
 }
 
 /// The output pointer shared by the workers; each writes a disjoint set of columns.
@@ -254,7 +249,8 @@ macro_rules! quant_rows {
 }
 quant_rows!(Int8Weights, Int4Weights, Fp8Weights, Nvfp4Weights);
 
-fn run<W: Rows>(p: &Problem<'_>, w: &W, out: OutPtr, tactic: &Tactic) {
+fn run<W: Rows>(p: &Problem<'_>, w: &W, out: OutPtr) {
+    let tactic = &p.tactic;
     // Enough chunks for load balance, each a whole number of the widest panel so tiles and
     // packed panels stay full.
     let threads = rayon::current_num_threads().max(1);
@@ -434,7 +430,7 @@ mod gemv {
         while q + L::N <= k {
             let xv = L::load(x.add(q));
             for (c, a) in acc.iter_mut().enumerate() {
-                let ahead = wp.wrapping_add((c + p.prefetch) * k + q);
+                let ahead = wp.wrapping_add((c + p.tactic.prefetch_rows) * k + q);
                 _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
                 *a = L::fmadd(xv, E::load::<L>(wp.add(c * k + q)), *a);
             }

@@ -264,10 +264,13 @@ pub(crate) fn weighted_rows(w: &[f32], v: &[f32], stride: usize, out: &mut [f32]
         );
     }
     #[cfg(target_arch = "x86_64")]
-    if simd_available() {
-        // SAFETY: `isa()` is at most what was detected at run time; the extent of `v` was
-        // checked.
-        return unsafe { super::attention_rows::weighted_rows(isa(), w, (v, stride), out) };
+    {
+        let isa = isa();
+        if isa >= Isa::Avx2 {
+            // SAFETY: `isa` is at most what was detected at run time; the extent of `v` was
+            // checked.
+            return unsafe { super::attention_rows::weighted_rows(isa, w, (v, stride), out) };
+        }
     }
     for (p, &wp) in w.iter().enumerate() {
         for (o, &x) in out.iter_mut().zip(&v[p * stride..]) {

@@ -134,7 +134,7 @@ unsafe fn rows<L: Lanes, W: BlockDot>(w: &W, p: &Problem<'_>, cols: Range<usize>
             *s = x[span].iter().sum();
         }
         let mut j = cols.start;
-        if p.wide_tiles {
+        if p.tactic.wide_tiles {
             while j + 8 <= cols.end {
                 tile::<L, W, 8>(w, p, x, &xsum, i, j, out);
                 j += 8;
@@ -175,7 +175,7 @@ unsafe fn tile<L: Lanes, W: BlockDot, const N: usize>(
         for blk in b..end {
             let xb = xp.add(blk * W::BLOCK);
             for (r, a) in part.iter_mut().enumerate() {
-                let ahead = w.block_addr(j + r + p.prefetch, k, blk);
+                let ahead = w.block_addr(j + r + p.tactic.prefetch_rows, k, blk);
                 _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
                 let mut dot = Dot::<L> { x: xb, acc: *a };
                 w.visit_block(j + r, k, blk, &mut dot);
