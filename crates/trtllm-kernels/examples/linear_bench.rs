@@ -5,6 +5,9 @@ use trtllm_kernels::cpu::{
 };
 
 fn main() {
+    if std::env::args().any(|a| a == "attention") {
+        return attention();
+    }
     for &(m, n, k) in &[
         (512usize, 1536usize, 576usize),
         (512, 576, 1536),
@@ -36,33 +39,56 @@ fn main() {
             (n * k * 4) as f64 / s / 1e9
         );
     }
-    let (nh, nkv, hd, len) = (9, 3, 64, 512);
-    let q: Vec<f32> = (0..len * nh * hd).map(|i| (i % 7) as f32 * 0.01).collect();
-    let kv: Vec<f32> = (0..len * nkv * hd).map(|i| (i % 5) as f32 * 0.01).collect();
-    let blocks: Vec<u32> = (0..(len / 32) as u32).collect();
-    let mut out = vec![0f32; q.len()];
+    attention();
+}
+
+/// One SmolLM2 layer's attention: a 512-token prefill, and a decode step of 32 sequences at
+/// 256 tokens of context.
+fn attention() {
+    let (nh, nkv, hd, bs) = (9, 3, 64, 32usize);
     let s = AttentionShape {
         n_heads: nh,
         n_kv_heads: nkv,
         head_dim: hd,
         scale: 0.125,
     };
-    let t = Instant::now();
-    for _ in 0..5 {
-        let seq = AttentionSeq {
-            blocks: &blocks,
-            past: 0,
-            n_new: len,
-        };
+    for (name, n_seqs, past, n_new) in [
+        ("prefill 512", 1usize, 0usize, 512usize),
+        ("decode 32 × 256", 32, 255, 1),
+    ] {
+        let len = past + n_new;
+        let per_seq = len.div_ceil(bs);
+        let q: Vec<f32> = (0..n_seqs * n_new * nh * hd)
+            .map(|i| (i % 7) as f32 * 0.01)
+            .collect();
+        let kv: Vec<f32> = (0..n_seqs * per_seq * bs * nkv * hd)
+            .map(|i| (i % 5) as f32 * 0.01)
+            .collect();
+        let tables: Vec<Vec<u32>> = (0..n_seqs)
+            .map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect())
+            .collect();
+        let seqs: Vec<AttentionSeq> = tables
+            .iter()
+            .map(|b| AttentionSeq {
+                blocks: b,
+                past,
+                n_new,
+            })
+            .collect();
         let kv = PagedKv {
             k: KvData::F32(&kv),
             v: KvData::F32(&kv),
-            block_size: 32,
+            block_size: bs,
         };
-        paged_attention(&q, kv, &[seq], s, &mut out).unwrap();
+        let mut out = vec![0f32; q.len()];
+        let reps = 20;
+        let t = Instant::now();
+        for _ in 0..reps {
+            paged_attention(&q, kv, &seqs, s, &mut out).unwrap();
+        }
+        println!(
+            "attention {name} (one layer): {:.2} ms",
+            t.elapsed().as_secs_f64() / reps as f64 * 1e3
+        );
     }
-    println!(
-        "attention prefill 512 (one layer): {:.2} ms",
-        t.elapsed().as_secs_f64() / 5.0 * 1e3
-    );
 }

@@ -3,10 +3,13 @@
 
 use rayon::prelude::*;
 
+pub(crate) use super::attention_check::{check_batch, PoolShape};
+#[cfg(target_arch = "x86_64")]
+use super::attention_tile;
 use super::elementwise::softmax_inplace;
+use super::matmul::OutPtr;
 use super::simd::{dot, weighted_rows};
-use crate::error::check_len;
-use crate::{KernelError, Result};
+use crate::Result;
 
 /// Head layout of one attention layer. Query head `h` reads KV head `h / (n_heads / n_kv_heads)`.
 #[derive(Clone, Copy, Debug)]
@@ -56,7 +59,7 @@ impl KvData<'_> {
 
     /// Rows `slot0..slot0 + n` of head `head` as f32 rows `stride` apart: the pool itself for
     /// f32, else widened or dequantized into `buf`.
-    fn head_rows<'b>(
+    pub(super) fn head_rows<'b>(
         &'b self,
         (slot0, n): (usize, usize),
         (head, head_dim, n_kv_heads): (usize, usize, usize),
@@ -138,117 +141,118 @@ pub fn paged_attention(
         seqs,
         shape,
     )?;
+    let isa = super::simd::isa();
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    plan(seqs, shape, isa)
+        .par_iter()
+        .for_each_init(Scratch::default, |sc, work| {
+            let base = out_ptr.get();
+            match work {
+                // SAFETY: `plan` gives every (row, head) slot of `out` to exactly one work item.
+                Work::Query { seq, t, idx } => {
+                    let hd = shape.head_dim;
+                    let o = unsafe { std::slice::from_raw_parts_mut(base.add(idx * hd), hd) };
+                    one_query(q, kv, (&seqs[*seq], *t, *idx), shape, o, &mut sc.widened);
+                }
+                // SAFETY: as above; tiles exist only where `isa` is AVX2 or better, and the
+                // batch passed `check_batch`.
+                #[cfg(target_arch = "x86_64")]
+                Work::Tile(tile) => unsafe {
+                    attention_tile::run(isa, (q, base), kv, shape, (&seqs[tile.seq], tile), sc)
+                },
+            }
+        });
+    Ok(())
+}
+
+/// What one task computes.
+enum Work {
+    /// Query `idx = row · n_heads + head`, the sequence's new row `t`.
+    Query { seq: usize, t: usize, idx: usize },
+    #[cfg(target_arch = "x86_64")]
+    Tile(attention_tile::Tile),
+}
+
+#[cfg(target_arch = "x86_64")]
+type Scratch = attention_tile::Scratch;
+
+#[cfg(not(target_arch = "x86_64"))]
+#[derive(Default)]
+struct Scratch {
+    widened: Vec<f32>,
+}
+
+/// Sequences whose new rows fill at least a vector of queries per KV head (prefill) go in
+/// tiles; the others (decode) one query per task.
+fn plan(seqs: &[AttentionSeq<'_>], shape: AttentionShape, isa: super::simd::Isa) -> Vec<Work> {
+    let group = shape.n_heads / shape.n_kv_heads;
+    let mut work = Vec::new();
+    let mut row0 = 0;
+    for (seq, s) in seqs.iter().enumerate() {
+        let per_kv_head = s.n_new * group;
+        #[cfg(target_arch = "x86_64")]
+        if isa >= super::simd::Isa::Avx2 && per_kv_head >= attention_tile::min_queries(isa) {
+            let lanes = attention_tile::tile_lanes(isa);
+            for kv_head in 0..shape.n_kv_heads {
+                for j0 in (0..per_kv_head).step_by(lanes) {
+                    work.push(Work::Tile(attention_tile::Tile {
+                        seq,
+                        row0,
+                        kv_head,
+                        js: j0..(j0 + lanes).min(per_kv_head),
+                    }));
+                }
+            }
+            row0 += s.n_new;
+            continue;
+        }
+        let _ = (isa, per_kv_head);
+        for t in 0..s.n_new {
+            for h in 0..shape.n_heads {
+                work.push(Work::Query {
+                    seq,
+                    t,
+                    idx: (row0 + t) * shape.n_heads + h,
+                });
+            }
+        }
+        row0 += s.n_new;
+    }
+    work
+}
+
+/// One query against its sequence's keys: a row of scores, its softmax, the weighted values.
+fn one_query(
+    q: &[f32],
+    kv: PagedKv<'_>,
+    (s, t, idx): (&AttentionSeq<'_>, usize, usize),
+    shape: AttentionShape,
+    o: &mut [f32],
+    buf: &mut Vec<f32>,
+) {
     let AttentionShape {
         n_heads,
         n_kv_heads,
         head_dim,
         scale,
     } = shape;
-    let row_seq: Vec<(usize, usize)> = seqs
-        .iter()
-        .enumerate()
-        .flat_map(|(i, s)| (0..s.n_new).map(move |t| (i, t)))
-        .collect();
-    let group = n_heads / n_kv_heads;
-    out.par_chunks_mut(head_dim)
-        .enumerate()
-        .for_each(|(idx, o)| {
-            let (r, h) = (idx / n_heads, idx % n_heads);
-            let (si, t) = row_seq[r];
-            let s = &seqs[si];
-            let kvh = h / group;
-            let qh = &q[idx * head_dim..(idx + 1) * head_dim];
-            let n_keys = s.past + t + 1;
-            let mut scores = vec![0f32; n_keys];
-            let mut buf = Vec::new();
-            let head = (kvh, head_dim, n_kv_heads);
-            for (chunk, &b) in scores.chunks_mut(kv.block_size).zip(s.blocks) {
-                let slots = (b as usize * kv.block_size, chunk.len());
-                let (keys, stride) = kv.k.head_rows(slots, head, &mut buf);
-                key_scores(qh, keys, stride, scale, chunk);
-            }
-            softmax_inplace(&mut scores);
-            o.fill(0.0);
-            for (chunk, &b) in scores.chunks(kv.block_size).zip(s.blocks) {
-                let slots = (b as usize * kv.block_size, chunk.len());
-                let (values, stride) = kv.v.head_rows(slots, head, &mut buf);
-                weighted_rows(chunk, values, stride, o);
-            }
-        });
-    Ok(())
-}
-
-/// Lengths of one layer's key/value pools (values, and scales for quantized pools).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct PoolShape {
-    pub k: usize,
-    pub v: usize,
-    pub k_scales: Option<usize>,
-    pub v_scales: Option<usize>,
-    pub block_size: usize,
-}
-
-/// The checks every attention backend runs before reading the pools: head counts, `q`/`out`
-/// lengths, whole blocks, scales per (slot, head), and block tables that cover each sequence
-/// with block ids inside the pool.
-pub(crate) fn check_batch(
-    (q_len, out_len): (usize, usize),
-    pool: PoolShape,
-    seqs: &[AttentionSeq<'_>],
-    shape: AttentionShape,
-) -> Result<()> {
-    let AttentionShape {
-        n_heads,
-        n_kv_heads,
-        head_dim,
-        ..
-    } = shape;
-    if n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
-        return Err(KernelError::ShapeMismatch {
-            op: "attention",
-            what: "n_heads (a multiple of n_kv_heads)",
-            expected: n_kv_heads,
-            got: n_heads,
-        });
+    let kvh = idx % n_heads / (n_heads / n_kv_heads);
+    let qh = &q[idx * head_dim..(idx + 1) * head_dim];
+    let n_keys = s.past + t + 1;
+    let mut scores = vec![0f32; n_keys];
+    let head = (kvh, head_dim, n_kv_heads);
+    for (chunk, &b) in scores.chunks_mut(kv.block_size).zip(s.blocks) {
+        let slots = (b as usize * kv.block_size, chunk.len());
+        let (keys, stride) = kv.k.head_rows(slots, head, buf);
+        key_scores(qh, keys, stride, scale, chunk);
     }
-    let kv_row = n_kv_heads * head_dim;
-    let block_floats = pool.block_size * kv_row;
-    let rows: usize = seqs.iter().map(|s| s.n_new).sum();
-    check_len("attention", "q", q_len, rows * n_heads * head_dim)?;
-    check_len("attention", "out", out_len, q_len)?;
-    check_len("attention", "v pool", pool.v, pool.k)?;
-    for (what, n) in [("k scales", pool.k_scales), ("v scales", pool.v_scales)] {
-        if let Some(n) = n {
-            check_len("attention", what, n, pool.k / head_dim.max(1))?;
-        }
+    softmax_inplace(&mut scores);
+    o.fill(0.0);
+    for (chunk, &b) in scores.chunks(kv.block_size).zip(s.blocks) {
+        let slots = (b as usize * kv.block_size, chunk.len());
+        let (values, stride) = kv.v.head_rows(slots, head, buf);
+        weighted_rows(chunk, values, stride, o);
     }
-    if block_floats == 0 || !pool.k.is_multiple_of(block_floats) {
-        return Err(KernelError::ShapeMismatch {
-            op: "attention",
-            what: "k pool (a whole number of blocks)",
-            expected: block_floats,
-            got: pool.k,
-        });
-    }
-    let num_blocks = pool.k / block_floats;
-    for s in seqs {
-        let len = s.past + s.n_new;
-        check_len(
-            "attention",
-            "block table (blocks covering past + new tokens)",
-            s.blocks.len().min(len.div_ceil(pool.block_size)),
-            len.div_ceil(pool.block_size),
-        )?;
-        if let Some(&b) = s.blocks.iter().find(|&&b| b as usize >= num_blocks) {
-            return Err(KernelError::OutOfRange {
-                op: "attention",
-                what: "block id",
-                index: b as usize,
-                limit: num_blocks,
-            });
-        }
-    }
-    Ok(())
 }
 
 /// `scores[p] = scale · q · key p`, keys `stride` floats apart starting at `k`.
@@ -453,7 +457,8 @@ mod quantized_kv_tests {
             scale: 0.25,
         };
         let blocks = [2u32, 0, 3, 1];
-        let (past, n_new) = (9, 3);
+        // 12 rows × 3 heads per KV head: the SIMD paths run tiles.
+        let (past, n_new) = (4, 12);
         let pool = rand_vec(4 * bs * nkv * hd, 1);
         let q = rand_vec(n_new * nh * hd, 2);
         let seq = [AttentionSeq {
@@ -511,15 +516,16 @@ mod quantized_kv_tests {
             head_dim: hd,
             scale: 0.2,
         };
-        let blocks = [1u32, 3, 0];
+        let blocks = [1u32, 3, 0, 2];
+        // 9 rows × 2 heads per KV head: tiles on the SIMD paths.
         let seq = [AttentionSeq {
             blocks: &blocks,
             past: 7,
-            n_new: 3,
+            n_new: 9,
         }];
         let k = rand_vec(4 * bs * nkv * hd, 3);
         let v = rand_vec(4 * bs * nkv * hd, 4);
-        let q = rand_vec(3 * nh * hd, 5);
+        let q = rand_vec(9 * nh * hd, 5);
         // Bit patterns of `x` in bf16 or f16, and the values they stand for.
         let round = |x: &[f32], bf16: bool| -> (Vec<u16>, Vec<f32>) {
             let bits: Vec<u16> = x

@@ -21,6 +21,10 @@ pub(crate) trait Lanes: Copy + Send + Sync + 'static {
     /// `a · b + c`.
     unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
+    /// e^x, relative error ≈ 2e-7; inputs below -87.3 give ≈ 1.2e-38, not 0.
+    unsafe fn exp(x: Self::V) -> Self::V;
     unsafe fn hsum(v: Self::V) -> f32;
     /// `N` bf16 bit patterns widened.
     unsafe fn load_bf16(p: *const u16) -> Self::V;
@@ -72,6 +76,18 @@ impl Lanes for Avx2 {
     #[inline(always)]
     unsafe fn add(a: __m256, b: __m256) -> __m256 {
         _mm256_add_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn sub(a: __m256, b: __m256) -> __m256 {
+        _mm256_sub_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn max(a: __m256, b: __m256) -> __m256 {
+        _mm256_max_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn exp(x: __m256) -> __m256 {
+        super::simd::avx::exp8(x)
     }
     #[inline(always)]
     unsafe fn hsum(v: __m256) -> f32 {
@@ -168,6 +184,44 @@ impl Lanes for Avx512 {
     #[inline(always)]
     unsafe fn add(a: __m512, b: __m512) -> __m512 {
         _mm512_add_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn sub(a: __m512, b: __m512) -> __m512 {
+        _mm512_sub_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn max(a: __m512, b: __m512) -> __m512 {
+        _mm512_max_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn exp(x: __m512) -> __m512 {
+        // The polynomial of `avx::exp8`, on 16 lanes.
+        let x = _mm512_min_ps(
+            _mm512_max_ps(x, _mm512_set1_ps(-87.3)),
+            _mm512_set1_ps(88.3),
+        );
+        let fx =
+            _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_fmadd_ps(
+                x,
+                _mm512_set1_ps(std::f32::consts::LOG2_E),
+                _mm512_set1_ps(0.5),
+            ));
+        let r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693_359_4), x);
+        let r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.121_944_4e-4), r);
+        let mut y = _mm512_set1_ps(1.987_569_1e-4);
+        for c in super::simd::avx::EXP_POLY {
+            y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
+        }
+        y = _mm512_fmadd_ps(
+            y,
+            _mm512_mul_ps(r, r),
+            _mm512_add_ps(r, _mm512_set1_ps(1.0)),
+        );
+        let pow2 = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+            _mm512_cvtps_epi32(fx),
+            _mm512_set1_epi32(127),
+        ));
+        _mm512_mul_ps(y, _mm512_castsi512_ps(pow2))
     }
     #[inline(always)]
     unsafe fn hsum(v: __m512) -> f32 {

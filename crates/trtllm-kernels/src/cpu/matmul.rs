@@ -165,12 +165,21 @@ pub(crate) struct Problem<'a> {
     pub tactic: Tactic,
 }
 
-/// The output pointer shared by the workers; each writes a disjoint set of columns.
+/// The output pointer shared by the workers; each writes a disjoint part (columns here, (row,
+/// head) slots in attention).
 #[derive(Clone, Copy)]
 pub(crate) struct OutPtr(pub *mut f32);
-// SAFETY: workers write disjoint column ranges of the output (see `run`).
+// SAFETY: workers write disjoint parts of the output (see `run` and `paged_attention`).
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer itself; a closure that calls this captures the whole `OutPtr` (which is
+    /// `Sync`), not the raw pointer field (which is not).
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// A weight matrix in some storage format, as the three paths of `linear` read it.
 pub(crate) trait Rows: Sync {

@@ -4,7 +4,9 @@
 
 mod activation;
 mod attention;
+mod attention_check;
 mod attention_rows;
+mod attention_tile;
 mod elementwise;
 mod gemm_direct;
 mod gemm_packed;

@@ -157,6 +157,15 @@ pub(crate) mod avx {
         s
     }
 
+    /// The Cephes coefficients of e^r on [-ln2/2, ln2/2] after the leading 1.987_569_1e-4.
+    pub const EXP_POLY: [f32; 5] = [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ];
+
     /// e^x for 8 lanes (Cephes polynomial, relative error ≈ 2e-7 over the f32 range).
     #[inline(always)]
     pub unsafe fn exp8(x: __m256) -> __m256 {
@@ -172,13 +181,7 @@ pub(crate) mod avx {
         let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
         let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), r);
         let mut y = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            0.166_666_65,
-            0.5,
-        ] {
+        for c in EXP_POLY {
             y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
         }
         y = _mm256_fmadd_ps(
