@@ -216,8 +216,12 @@ unsafe fn scores_tiles<L: Lanes, const KR: usize>(
             std::array::from_fn(|i| keys.as_ptr().add((p + i.min(kn - 1)) * stride));
         let mut acc = [[L::zero(); VECS]; KR];
         for d in 0..hd {
-            let qv: [L::V; VECS] =
-                std::array::from_fn(|v| L::load(qt.as_ptr().add(d * lanes + v * L::N)));
+            // Loops, not `array::from_fn`: a closure is compiled without this function's
+            // target features, and its intrinsics would become calls.
+            let mut qv = [L::zero(); VECS];
+            for (v, x) in qv.iter_mut().enumerate() {
+                *x = L::load(qt.as_ptr().add(d * lanes + v * L::N));
+            }
             for (a, k) in acc.iter_mut().zip(&kr) {
                 let kb = L::splat(*k.add(d));
                 for (x, &y) in a.iter_mut().zip(&qv) {
@@ -268,14 +272,17 @@ unsafe fn weighted_tiles<L: Lanes, const DR: usize>(
     while d < hd {
         let dn = DR.min(hd - d);
         let col: [*const f32; DR] = std::array::from_fn(|i| values.as_ptr().add(d + i.min(dn - 1)));
-        let mut acc: [[L::V; VECS]; DR] = std::array::from_fn(|i| {
-            std::array::from_fn(|v| {
-                L::load(ot.as_ptr().add((d + i.min(dn - 1)) * lanes + v * L::N))
-            })
-        });
+        let mut acc = [[L::zero(); VECS]; DR];
+        for (i, a) in acc.iter_mut().enumerate() {
+            for (v, x) in a.iter_mut().enumerate() {
+                *x = L::load(ot.as_ptr().add((d + i.min(dn - 1)) * lanes + v * L::N));
+            }
+        }
         for p in 0..n {
-            let wv: [L::V; VECS] =
-                std::array::from_fn(|v| L::load(w.as_ptr().add(p * lanes + v * L::N)));
+            let mut wv = [L::zero(); VECS];
+            for (v, x) in wv.iter_mut().enumerate() {
+                *x = L::load(w.as_ptr().add(p * lanes + v * L::N));
+            }
             for (a, c) in acc.iter_mut().zip(&col) {
                 let vb = L::splat(*c.add(p * stride));
                 for (x, &y) in a.iter_mut().zip(&wv) {
