@@ -4,11 +4,12 @@
 use rayon::prelude::*;
 
 pub(crate) use super::attention_check::{check_batch, PoolShape};
+use super::attention_rows::{key_scores, weighted_values};
 #[cfg(target_arch = "x86_64")]
 use super::attention_tile;
 use super::elementwise::softmax_inplace;
 use super::matmul::OutPtr;
-use super::simd::{dot, weighted_rows};
+use super::widen::{widen, Half};
 use crate::Result;
 
 /// Head layout of one attention layer. Query head `h` reads KV head `h / (n_heads / n_kv_heads)`.
@@ -72,14 +73,10 @@ impl KvData<'_> {
         match self {
             KvData::F32(d) => (&d[base(slot0)..], kv_row),
             KvData::Bf16(d) => gather(buf, slots, head_dim, |slot, out| {
-                for (o, &b) in out.iter_mut().zip(&d[base(slot)..]) {
-                    *o = f32::from_bits((b as u32) << 16);
-                }
+                widen(Half::Bf16, &d[base(slot)..][..head_dim], out)
             }),
             KvData::F16(d) => gather(buf, slots, head_dim, |slot, out| {
-                for (o, &b) in out.iter_mut().zip(&d[base(slot)..]) {
-                    *o = half::f16::from_bits(b).to_f32();
-                }
+                widen(Half::F16, &d[base(slot)..][..head_dim], out)
             }),
             KvData::Int8 { q, scales } => gather(buf, slots, head_dim, |slot, out| {
                 let s = scale(scales, slot);
@@ -149,10 +146,11 @@ pub fn paged_attention(
             let base = out_ptr.get();
             match work {
                 // SAFETY: `plan` gives every (row, head) slot of `out` to exactly one work item.
-                Work::Query { seq, t, idx } => {
+                Work::Row { seq, t, first } => {
+                    let n = (shape.n_heads / shape.n_kv_heads) * shape.head_dim;
                     let hd = shape.head_dim;
-                    let o = unsafe { std::slice::from_raw_parts_mut(base.add(idx * hd), hd) };
-                    one_query(q, kv, (&seqs[*seq], *t, *idx), shape, o, &mut sc.widened);
+                    let o = unsafe { std::slice::from_raw_parts_mut(base.add(first * hd), n) };
+                    row_group(q, kv, (&seqs[*seq], *t, *first), shape, o, &mut sc.row);
                 }
                 // SAFETY: as above; tiles exist only where `isa` is AVX2 or better, and the
                 // batch passed `check_batch`.
@@ -167,8 +165,9 @@ pub fn paged_attention(
 
 /// What one task computes.
 enum Work {
-    /// Query `idx = row · n_heads + head`, the sequence's new row `t`.
-    Query { seq: usize, t: usize, idx: usize },
+    /// The queries `first..first + group` (`row · n_heads + head`) of the sequence's new row
+    /// `t`: the heads of one KV head.
+    Row { seq: usize, t: usize, first: usize },
     #[cfg(target_arch = "x86_64")]
     Tile(attention_tile::Tile),
 }
@@ -179,7 +178,7 @@ type Scratch = attention_tile::Scratch;
 #[cfg(not(target_arch = "x86_64"))]
 #[derive(Default)]
 struct Scratch {
-    widened: Vec<f32>,
+    row: RowScratch,
 }
 
 /// Sequences whose new rows fill at least a vector of queries per KV head (prefill) go in
@@ -208,11 +207,11 @@ fn plan(seqs: &[AttentionSeq<'_>], shape: AttentionShape, isa: super::simd::Isa)
         }
         let _ = (isa, per_kv_head);
         for t in 0..s.n_new {
-            for h in 0..shape.n_heads {
-                work.push(Work::Query {
+            for kv_head in 0..shape.n_kv_heads {
+                work.push(Work::Row {
                     seq,
                     t,
-                    idx: (row0 + t) * shape.n_heads + h,
+                    first: (row0 + t) * shape.n_heads + kv_head * group,
                 });
             }
         }
@@ -221,56 +220,59 @@ fn plan(seqs: &[AttentionSeq<'_>], shape: AttentionShape, isa: super::simd::Isa)
     work
 }
 
-/// One query against its sequence's keys: a row of scores, its softmax, the weighted values.
-fn one_query(
+/// A row's queries that read one KV head, against their sequence's keys: a row of scores per
+/// query, its softmax, the weighted values, written to `o` (`group × head_dim`).
+fn row_group(
     q: &[f32],
     kv: PagedKv<'_>,
-    (s, t, idx): (&AttentionSeq<'_>, usize, usize),
+    (s, t, first): (&AttentionSeq<'_>, usize, usize),
     shape: AttentionShape,
     o: &mut [f32],
-    buf: &mut Vec<f32>,
+    sc: &mut RowScratch,
 ) {
     let AttentionShape {
         n_heads,
         n_kv_heads,
-        head_dim,
+        head_dim: hd,
         scale,
     } = shape;
-    let kvh = idx % n_heads / (n_heads / n_kv_heads);
-    let qh = &q[idx * head_dim..(idx + 1) * head_dim];
-    let n_keys = s.past + t + 1;
-    let mut scores = vec![0f32; n_keys];
-    let head = (kvh, head_dim, n_kv_heads);
-    for (chunk, &b) in scores.chunks_mut(kv.block_size).zip(s.blocks) {
-        let slots = (b as usize * kv.block_size, chunk.len());
-        let (keys, stride) = kv.k.head_rows(slots, head, buf);
-        key_scores(qh, keys, stride, scale, chunk);
+    let group = n_heads / n_kv_heads;
+    let kvh = first % n_heads / group;
+    let qs = (&q[first * hd..(first + group) * hd], hd);
+    let n = s.past + t + 1;
+    let bs = kv.block_size;
+    let head = (kvh, hd, n_kv_heads);
+    let blocks = s.blocks.iter().take(n.div_ceil(bs)).enumerate();
+    sc.scores.resize(group * n, 0.0);
+    for (i, &b) in blocks.clone() {
+        let len = bs.min(n - i * bs);
+        let (keys, stride) =
+            kv.k.head_rows((b as usize * bs, len), head, &mut sc.widened);
+        key_scores(
+            qs,
+            (keys, stride),
+            scale,
+            (&mut sc.scores[i * bs..], n),
+            len,
+        );
     }
-    softmax_inplace(&mut scores);
+    for row in sc.scores.chunks_exact_mut(n) {
+        softmax_inplace(row);
+    }
     o.fill(0.0);
-    for (chunk, &b) in scores.chunks(kv.block_size).zip(s.blocks) {
-        let slots = (b as usize * kv.block_size, chunk.len());
-        let (values, stride) = kv.v.head_rows(slots, head, buf);
-        weighted_rows(chunk, values, stride, o);
+    for (i, &b) in blocks {
+        let len = bs.min(n - i * bs);
+        let (values, stride) =
+            kv.v.head_rows((b as usize * bs, len), head, &mut sc.widened);
+        weighted_values((&sc.scores[i * bs..], n), (values, stride), len, (o, hd));
     }
 }
 
-/// `scores[p] = scale · q · key p`, keys `stride` floats apart starting at `k`.
-fn key_scores(q: &[f32], k: &[f32], stride: usize, scale: f32, scores: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let isa = super::simd::isa();
-        if isa >= super::simd::Isa::Avx2 {
-            // SAFETY: `isa()` is at most what was detected at run time; the caller checked that
-            // the block holds `scores.len()` keys of `q.len()` floats, `stride` apart.
-            return unsafe {
-                super::attention_rows::scaled_dots(isa, q, (k, stride), scale, scores)
-            };
-        }
-    }
-    for (p, s) in scores.iter_mut().enumerate() {
-        *s = dot(q, &k[p * stride..p * stride + q.len()]) * scale;
-    }
+/// The row path's buffers, reused across rows.
+#[derive(Default)]
+pub(super) struct RowScratch {
+    scores: Vec<f32>,
+    widened: Vec<f32>,
 }
 
 #[cfg(test)]

@@ -52,7 +52,9 @@ pub(super) struct Scratch {
     scores: Vec<f32>,
     sums: Vec<f32>,
     ot: Vec<f32>,
-    pub widened: Vec<f32>,
+    widened: Vec<f32>,
+    /// The row path's buffers, for the rows that are not in tiles.
+    pub row: super::attention::RowScratch,
 }
 
 /// Writes the tile's outputs into `out` (laid out as `q`).

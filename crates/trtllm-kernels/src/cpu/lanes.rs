@@ -26,6 +26,8 @@ pub(crate) trait Lanes: Copy + Send + Sync + 'static {
     /// e^x, relative error ≈ 2e-7; inputs below -87.3 give ≈ 1.2e-38, not 0.
     unsafe fn exp(x: Self::V) -> Self::V;
     unsafe fn hsum(v: Self::V) -> f32;
+    /// The lane sums of four vectors, sharing the shuffles.
+    unsafe fn hsum4(v: [Self::V; 4]) -> [f32; 4];
     /// `N` bf16 bit patterns widened.
     unsafe fn load_bf16(p: *const u16) -> Self::V;
     /// `N` f16 bit patterns widened.
@@ -92,6 +94,20 @@ impl Lanes for Avx2 {
     #[inline(always)]
     unsafe fn hsum(v: __m256) -> f32 {
         super::simd::avx::hsum(v)
+    }
+    #[inline(always)]
+    unsafe fn hsum4(v: [__m256; 4]) -> [f32; 4] {
+        // [a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, ...], then [a0..3, b0..3, c0..3, d0..3 | a4..7, ...].
+        let ab = _mm256_hadd_ps(v[0], v[1]);
+        let cd = _mm256_hadd_ps(v[2], v[3]);
+        let abcd = _mm256_hadd_ps(ab, cd);
+        let s = _mm_add_ps(
+            _mm256_castps256_ps128(abcd),
+            _mm256_extractf128_ps::<1>(abcd),
+        );
+        let mut out = [0f32; 4];
+        _mm_storeu_ps(out.as_mut_ptr(), s);
+        out
     }
     #[inline(always)]
     unsafe fn load_bf16(p: *const u16) -> __m256 {
@@ -230,6 +246,15 @@ impl Lanes for Avx512 {
         let lo = _mm512_castps512_ps256(v);
         let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
         super::simd::avx::hsum(_mm256_add_ps(lo, hi))
+    }
+    #[inline(always)]
+    unsafe fn hsum4(v: [__m512; 4]) -> [f32; 4] {
+        // No closure for the halving: it would be compiled without the target features.
+        let mut halves = [_mm256_setzero_ps(); 4];
+        for (h, &x) in halves.iter_mut().zip(&v) {
+            *h = _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps::<1>(x));
+        }
+        Avx2::hsum4(halves)
     }
     #[inline(always)]
     unsafe fn load_bf16(p: *const u16) -> __m512 {

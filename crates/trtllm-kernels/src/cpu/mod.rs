@@ -17,6 +17,7 @@ pub(crate) mod quant;
 mod rope;
 mod simd;
 mod tactic;
+mod widen;
 
 pub use activation::{gelu_tanh, silu_mul};
 #[cfg(feature = "cuda")]

@@ -128,35 +128,6 @@ pub(crate) mod avx {
         _mm_cvtss_f32(s)
     }
 
-    /// Dot product of two equal-length f32 slices.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len();
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let mut acc0 = _mm256_setzero_ps();
-        let mut acc1 = _mm256_setzero_ps();
-        let mut i = 0;
-        while i + 16 <= n {
-            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
-            acc1 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(pa.add(i + 8)),
-                _mm256_loadu_ps(pb.add(i + 8)),
-                acc1,
-            );
-            i += 16;
-        }
-        if i + 8 <= n {
-            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
-            i += 8;
-        }
-        let mut s = hsum(_mm256_add_ps(acc0, acc1));
-        while i < n {
-            s += a[i] * b[i];
-            i += 1;
-        }
-        s
-    }
-
     /// The Cephes coefficients of e^r on [-ln2/2, ln2/2] after the leading 1.987_569_1e-4.
     pub const EXP_POLY: [f32; 5] = [
         1.398_199_9e-3,
@@ -246,40 +217,6 @@ pub(crate) mod avx {
 /// Scalar dot product (the portable path and the test reference).
 pub(crate) fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if simd_available() {
-        // SAFETY: the features were detected at run time.
-        return unsafe { avx::dot(a, b) };
-    }
-    dot_portable(a, b)
-}
-
-/// `out[d] += Σ_p w[p] · v[p·stride + d]`: the rows `v` must hold `w.len()` rows of at least
-/// `out.len()` floats, `stride` apart.
-pub(crate) fn weighted_rows(w: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
-    if let Some(last) = w.len().checked_sub(1) {
-        assert!(
-            v.len() >= last * stride + out.len(),
-            "weighted_rows: v too short"
-        );
-    }
-    #[cfg(target_arch = "x86_64")]
-    {
-        let isa = isa();
-        if isa >= Isa::Avx2 {
-            // SAFETY: `isa` is at most what was detected at run time; the extent of `v` was
-            // checked.
-            return unsafe { super::attention_rows::weighted_rows(isa, w, (v, stride), out) };
-        }
-    }
-    for (p, &wp) in w.iter().enumerate() {
-        for (o, &x) in out.iter_mut().zip(&v[p * stride..]) {
-            *o += wp * x;
-        }
-    }
 }
 
 #[cfg(all(test, target_arch = "x86_64"))]
