@@ -17,7 +17,7 @@ use crate::{cargo_command, run};
 fn out_dir() -> Result<PathBuf> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+        .unwrap_or_else(|| crate::repo_root().join("target"));
     let out = target.join("cuda-emulation");
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
     Ok(out)

@@ -22,7 +22,7 @@ const WHEELS: [&str; 3] = [
 ];
 
 pub fn kernels_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernels")
+    crate::repo_root().join("kernels")
 }
 
 /// Where the CUDA tools come from.

@@ -148,6 +148,15 @@ fn main() -> Result<()> {
 }
 
 /// The rule of `trtllm_api::cache_dir`, repeated so xtask starts without building the libraries.
+/// The repository root. `cargo run` sets `CARGO_MANIFEST_DIR` when it starts xtask; the
+/// compile-time value is only a fallback, since a binary reused from a shared target directory
+/// may have been built from a checkout elsewhere.
+fn repo_root() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+        .join("..")
+}
+
 fn cache_root() -> PathBuf {
     match std::env::var_os("TRTLLM_CACHE") {
         Some(d) => PathBuf::from(d),

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use crate::{cache_root, cargo, fetch_demo_model, path_str, run};
 
 pub fn bench() -> Result<()> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = crate::repo_root();
     let tools = root.join("../shared/tools");
     if !tools.join("side-by-side.sh").exists() {
         bail!(

@@ -6,8 +6,10 @@
 //! memory-mapped; nothing copies them.
 
 mod config;
+mod cpu_backend;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod decoder;
 mod device;
 pub mod engine;
 mod error;

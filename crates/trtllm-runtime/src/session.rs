@@ -4,9 +4,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cpu_backend::CpuBackend;
+use crate::decoder::Decoder;
 use crate::engine::{EngineConfig, EngineFile, TensorInfo};
 use crate::kv_cache::{KvCache, KvPool, KvStorage, KV_CACHE_BLOCK};
-use crate::model::{ActivationObserver, Decoder, LogitsMode, NoObserver, SeqChunk};
+use crate::model::{ActivationObserver, HostModel, LogitsMode, NoObserver, SeqChunk};
 use crate::tuning::{TimingCache, TuneReport};
 use crate::{Device, ModelConfig, Result, RuntimeError};
 
@@ -62,11 +64,17 @@ impl Session {
 
     /// A runner with the weights on `device` (a CUDA device needs the `cuda` feature and a GPU).
     pub fn model_runner_on(&self, device: Device) -> Result<ModelRunner> {
-        let decoder = Decoder::new(self.config.model.clone(), self.file.clone())?;
+        let model = HostModel::new(self.config.model.clone(), self.file.clone())?;
         let backend = match device {
-            Device::Cpu => Backend::Cpu(decoder),
+            Device::Cpu => {
+                let cpu = CpuBackend::new(&model);
+                Backend::Cpu(Decoder::new(model, cpu)?)
+            }
             #[cfg(feature = "cuda")]
-            Device::Cuda(n) => Backend::Cuda(crate::cuda::CudaDecoder::new(decoder, n)?),
+            Device::Cuda(n) => {
+                let cuda = crate::cuda::CudaBackend::new(&model, n)?;
+                Backend::Cuda(Decoder::new(model, cuda)?)
+            }
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => {
                 return Err(RuntimeError::InvalidDevice(format!(
@@ -92,9 +100,9 @@ pub struct ModelRunner {
 /// variants' size difference costs nothing worth a box.
 #[allow(clippy::large_enum_variant)]
 enum Backend {
-    Cpu(Decoder),
+    Cpu(Decoder<CpuBackend>),
     #[cfg(feature = "cuda")]
-    Cuda(crate::cuda::CudaDecoder),
+    Cuda(Decoder<crate::cuda::CudaBackend>),
 }
 
 impl ModelRunner {
@@ -110,7 +118,7 @@ impl ModelRunner {
         match &self.backend {
             Backend::Cpu(_) => Device::Cpu,
             #[cfg(feature = "cuda")]
-            Backend::Cuda(d) => Device::Cuda(d.ordinal()),
+            Backend::Cuda(d) => Device::Cuda(d.backend.ordinal()),
         }
     }
 
@@ -120,7 +128,7 @@ impl ModelRunner {
         match &self.backend {
             Backend::Cpu(_) => Ok(KvPool::new(self.model(), storage, block_size, num_blocks)),
             #[cfg(feature = "cuda")]
-            Backend::Cuda(d) => d.new_pool(storage, block_size, num_blocks),
+            Backend::Cuda(d) => d.backend.new_pool(storage, block_size, num_blocks),
         }
     }
 
@@ -240,9 +248,8 @@ impl ModelRunner {
     ) -> Result<Vec<f32>> {
         match &self.backend {
             Backend::Cpu(d) => d.forward_batch(batch, pool, obs),
-            // Only `observe` passes a real observer, and it refuses a CUDA runner.
             #[cfg(feature = "cuda")]
-            Backend::Cuda(d) => d.forward_batch(batch, pool),
+            Backend::Cuda(d) => d.forward_batch(batch, pool, obs),
         }
     }
 

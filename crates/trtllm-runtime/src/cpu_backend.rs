@@ -1,0 +1,191 @@
+//! The CPU as a [`Backend`]: weights read in place from the memory-mapped engine, activations
+//! in host vectors, the kernels of `trtllm_kernels::cpu` with the tactics the tuner chose.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use trtllm_quant::kernels::cpu::{self, AttentionSeq, RopeTable};
+
+use crate::decoder::{Backend, Decoder};
+use crate::engine::EngineFile;
+use crate::kv_cache::KvPool;
+use crate::model::{
+    attention_seqs, ActivationObserver, BatchLayout, HostModel, Linear, Norm, SeqChunk,
+};
+use crate::tuning::{self, Tactics, TimingCache, TuneReport};
+use crate::weights::f32s;
+use crate::{MlpKind, ModelConfig, NormKind, Result};
+
+pub(crate) struct CpuBackend {
+    cfg: ModelConfig,
+    file: Arc<EngineFile>,
+    rope: Option<RopeTable>,
+    /// The linear kernels' tactic per weight shape (defaults until [`Decoder::tune`]).
+    tactics: Tactics,
+}
+
+impl CpuBackend {
+    pub fn new(model: &HostModel) -> Self {
+        Self {
+            cfg: model.cfg.clone(),
+            file: model.file.clone(),
+            rope: model.rope.clone(),
+            tactics: Tactics::default(),
+        }
+    }
+}
+
+impl Decoder<CpuBackend> {
+    /// Chooses the linear kernels' tactics for this engine's weights on this machine: from
+    /// `cache`, else timed within `budget` and added to it.
+    pub fn tune(&mut self, cache: &mut TimingCache, budget: Duration) -> Result<TuneReport> {
+        let (tactics, report) = tuning::tune(&self.model.matrices()?, cache, budget);
+        self.backend.tactics = tactics;
+        Ok(report)
+    }
+}
+
+/// The batch as every layer sees it.
+pub(crate) struct CpuStep<'a> {
+    batch: &'a [SeqChunk<'a>],
+    positions: Vec<usize>,
+    seqs: Vec<AttentionSeq<'a>>,
+}
+
+impl Backend for CpuBackend {
+    type Act = Vec<f32>;
+    type Linear = Linear;
+    type Norm = Norm;
+    type Step<'a> = CpuStep<'a>;
+
+    fn linear_of(&self, _: &HostModel, l: &Linear) -> Result<Linear> {
+        Ok(l.clone())
+    }
+
+    fn norm_of(&self, _: &HostModel, n: &Norm) -> Result<Norm> {
+        Ok(n.clone())
+    }
+
+    fn upload(&self, x: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(x)
+    }
+
+    fn download(&self, x: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(x)
+    }
+
+    fn step<'a>(
+        &self,
+        batch: &'a [SeqChunk<'a>],
+        layout: &BatchLayout,
+        _: &mut KvPool,
+    ) -> Result<CpuStep<'a>> {
+        Ok(CpuStep {
+            batch,
+            positions: layout.positions.clone(),
+            seqs: attention_seqs(batch),
+        })
+    }
+
+    fn norm(&self, n: &Norm, x: &Vec<f32>, residual: Option<&mut Vec<f32>>) -> Result<Vec<f32>> {
+        let mut out = match residual {
+            Some(r) => {
+                cpu::add_inplace(r, x)?;
+                r.clone()
+            }
+            None => x.clone(),
+        };
+        let w = f32s(&self.file, &n.w)?;
+        match (self.cfg.norm, &n.b) {
+            (NormKind::LayerNorm, Some(b)) => {
+                cpu::layer_norm(&mut out, w, f32s(&self.file, b)?, self.cfg.norm_eps)?
+            }
+            _ => cpu::rms_norm(&mut out, w, self.cfg.norm_eps)?,
+        }
+        Ok(out)
+    }
+
+    fn linear(&self, l: &Linear, x: &Vec<f32>, rows: usize) -> Result<Vec<f32>> {
+        l.forward(&self.file, x, rows, &self.tactics)
+    }
+
+    fn observe(
+        &self,
+        obs: &mut dyn ActivationObserver,
+        module: &str,
+        x: &Vec<f32>,
+        rows: usize,
+    ) -> Result<()> {
+        obs.observe(module, x, rows)
+    }
+
+    fn split_cols<const N: usize>(
+        &self,
+        x: &Vec<f32>,
+        total: usize,
+        widths: [usize; N],
+    ) -> Result<[Vec<f32>; N]> {
+        let rows = x.len() / total.max(1);
+        let mut parts: [Vec<f32>; N] =
+            std::array::from_fn(|i| Vec::with_capacity(rows * widths[i]));
+        for row in x.chunks_exact(total) {
+            let mut start = 0;
+            for (part, &w) in parts.iter_mut().zip(&widths) {
+                part.extend_from_slice(&row[start..start + w]);
+                start += w;
+            }
+        }
+        Ok(parts)
+    }
+
+    fn rope(&self, x: &mut Vec<f32>, heads: usize, step: &CpuStep<'_>) -> Result<()> {
+        if let Some(rope) = &self.rope {
+            cpu::apply_rope(x, &step.positions, heads, self.cfg.head_dim, rope)?;
+        }
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        layer: usize,
+        (q, k, v): (&Vec<f32>, &Vec<f32>, &Vec<f32>),
+        step: &CpuStep<'_>,
+        pool: &mut KvPool,
+    ) -> Result<Vec<f32>> {
+        let kvd = self.cfg.kv_dim();
+        let mut r = 0;
+        for chunk in step.batch {
+            for pos in chunk.past..chunk.past + chunk.tokens.len() {
+                let row = r * kvd..(r + 1) * kvd;
+                pool.write(layer, chunk.blocks, pos, &k[row.clone()], &v[row])?;
+                r += 1;
+            }
+        }
+        let mut out = vec![0f32; q.len()];
+        let shape = self.cfg.attention_shape();
+        cpu::paged_attention(q, pool.layer(layer)?, &step.seqs, shape, &mut out)?;
+        Ok(out)
+    }
+
+    fn activation(&self, mlp: MlpKind, up: Vec<f32>, rows: usize) -> Result<Vec<f32>> {
+        Ok(match mlp {
+            MlpKind::GatedSilu => {
+                let mut a = vec![0f32; rows * self.cfg.intermediate_size];
+                cpu::silu_mul(&up, rows, &mut a)?;
+                a
+            }
+            MlpKind::GeluTanh => {
+                let mut a = up;
+                cpu::gelu_tanh(&mut a);
+                a
+            }
+        })
+    }
+
+    fn gather_rows(&self, x: &Vec<f32>, rows: &[usize], width: usize) -> Result<Vec<f32>> {
+        Ok(rows
+            .iter()
+            .flat_map(|&r| x[r * width..(r + 1) * width].iter().copied())
+            .collect())
+    }
+}

@@ -1,0 +1,200 @@
+//! The one decoder every model family and every device runs: pre-norm blocks of attention and
+//! MLP around a residual stream, written once against [`Backend`], the operations a device
+//! provides. A family is a mapping onto [`ModelConfig`] (the builder's job); a device is an
+//! implementation of [`Backend`] (`cpu_backend`, `cuda`). Weights and activations are the
+//! backend's own types, so a tensor of one device cannot reach another's kernels.
+
+use crate::kv_cache::KvPool;
+use crate::model::{ActivationObserver, BatchLayout, HostModel, Layer, Linear, Norm, SeqChunk};
+use crate::{MlpKind, ModelConfig, Result};
+
+/// The operations of one device. Activations are `[rows × cols]` f32, row-major.
+pub(crate) trait Backend {
+    type Act;
+    type Linear;
+    type Norm;
+    /// What every layer of one forward pass shares (positions, attention metadata).
+    type Step<'a>;
+
+    /// A linear layer of the engine, placed on the device (packed formats stay packed).
+    fn linear_of(&self, model: &HostModel, l: &Linear) -> Result<Self::Linear>;
+    fn norm_of(&self, model: &HostModel, n: &Norm) -> Result<Self::Norm>;
+    /// Host rows (the gathered embeddings) onto the device.
+    fn upload(&self, x: Vec<f32>) -> Result<Self::Act>;
+    fn download(&self, x: Self::Act) -> Result<Vec<f32>>;
+    fn step<'a>(
+        &self,
+        batch: &'a [SeqChunk<'a>],
+        layout: &BatchLayout,
+        pool: &mut KvPool,
+    ) -> Result<Self::Step<'a>>;
+
+    /// `norm(x)`; with `residual`, first `residual += x`, then `norm(residual)`.
+    fn norm(
+        &self,
+        n: &Self::Norm,
+        x: &Self::Act,
+        residual: Option<&mut Self::Act>,
+    ) -> Result<Self::Act>;
+    /// `(x ∘ pre_quant_scale) · Wᵀ + bias`.
+    fn linear(&self, l: &Self::Linear, x: &Self::Act, rows: usize) -> Result<Self::Act>;
+    /// Lets `obs` see a linear module's input (calibration).
+    fn observe(
+        &self,
+        obs: &mut dyn ActivationObserver,
+        module: &str,
+        x: &Self::Act,
+        rows: usize,
+    ) -> Result<()>;
+    /// The columns of `x` (rows `total` wide) split into consecutive parts of `widths`.
+    fn split_cols<const N: usize>(
+        &self,
+        x: &Self::Act,
+        total: usize,
+        widths: [usize; N],
+    ) -> Result<[Self::Act; N]>;
+    /// Rotary embedding of every head (`heads` of `head_dim`) at the step's positions.
+    fn rope(&self, x: &mut Self::Act, heads: usize, step: &Self::Step<'_>) -> Result<()>;
+    /// Writes the step's keys and values into layer `layer` of `pool`, then attends `q` over
+    /// each sequence's cache.
+    fn attention(
+        &self,
+        layer: usize,
+        qkv: (&Self::Act, &Self::Act, &Self::Act),
+        step: &Self::Step<'_>,
+        pool: &mut KvPool,
+    ) -> Result<Self::Act>;
+    /// The MLP's activation of the input projection `up` (`rows` rows).
+    fn activation(&self, mlp: MlpKind, up: Self::Act, rows: usize) -> Result<Self::Act>;
+    /// Rows `rows` of `x` (`width` wide), in that order.
+    fn gather_rows(&self, x: &Self::Act, rows: &[usize], width: usize) -> Result<Self::Act>;
+}
+
+/// A layer's weights on the device, beside the host layer that names them.
+struct DeviceLayer<B: Backend> {
+    attn_norm: B::Norm,
+    qkv: B::Linear,
+    o: B::Linear,
+    mlp_norm: B::Norm,
+    up: B::Linear,
+    down: B::Linear,
+}
+
+pub(crate) struct Decoder<B: Backend> {
+    /// The engine's tensors as the file holds them: configuration, names, embedding tables.
+    pub model: HostModel,
+    pub backend: B,
+    layers: Vec<DeviceLayer<B>>,
+    final_norm: B::Norm,
+    lm_head: B::Linear,
+}
+
+impl<B: Backend> Decoder<B> {
+    pub fn new(model: HostModel, backend: B) -> Result<Self> {
+        let layer = |l: &Layer| -> Result<DeviceLayer<B>> {
+            Ok(DeviceLayer {
+                attn_norm: backend.norm_of(&model, &l.attn_norm)?,
+                qkv: backend.linear_of(&model, &l.qkv)?,
+                o: backend.linear_of(&model, &l.o)?,
+                mlp_norm: backend.norm_of(&model, &l.mlp_norm)?,
+                up: backend.linear_of(&model, &l.up)?,
+                down: backend.linear_of(&model, &l.down)?,
+            })
+        };
+        let layers = model.layers.iter().map(layer).collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            final_norm: backend.norm_of(&model, &model.final_norm)?,
+            lm_head: backend.linear_of(&model, &model.lm_head)?,
+            layers,
+            model,
+            backend,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.model.cfg
+    }
+
+    /// Runs a batch of sequence chunks through the model in one pass, writing their keys and
+    /// values into `pool` through each chunk's block table. Returns the logits rows the chunks
+    /// ask for, chunk by chunk, `[rows × vocab]`. `obs` sees every linear module's input.
+    pub fn forward_batch(
+        &self,
+        batch: &[SeqChunk<'_>],
+        pool: &mut KvPool,
+        obs: &mut dyn ActivationObserver,
+    ) -> Result<Vec<f32>> {
+        let b = &self.backend;
+        let layout = BatchLayout::of(batch);
+        let n = layout.tokens.len();
+        let step = b.step(batch, &layout, pool)?;
+        let mut hidden = b.upload(self.model.embed(&layout)?)?;
+        // Each block's output joins the residual stream in the next norm (one kernel where
+        // the device fuses them); the final norm runs over every row.
+        let norm_after = |i: usize| {
+            self.layers
+                .get(i)
+                .map_or(&self.final_norm, |l| &l.attn_norm)
+        };
+        let mut x = b.norm(norm_after(0), &hidden, None)?;
+        for (i, (layer, names)) in self.layers.iter().zip(&self.model.layers).enumerate() {
+            let o = self.attention_block(i, (layer, names), (&x, n), &step, pool, obs)?;
+            x = b.norm(&layer.mlp_norm, &o, Some(&mut hidden))?;
+            let down = self.mlp_block((layer, names), &x, n, obs)?;
+            x = b.norm(norm_after(i + 1), &down, Some(&mut hidden))?;
+        }
+        let rows = &layout.logits_rows;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let last = b.gather_rows(&x, rows, self.config().hidden_size)?;
+        b.download(b.linear(&self.lm_head, &last, rows.len())?)
+    }
+
+    fn linear(
+        &self,
+        (l, host): (&B::Linear, &Linear),
+        x: &B::Act,
+        rows: usize,
+        obs: &mut dyn ActivationObserver,
+    ) -> Result<B::Act> {
+        self.backend.observe(obs, &host.name, x, rows)?;
+        self.backend.linear(l, x, rows)
+    }
+
+    /// The attention block's output for the normed hidden states `x` (not yet added to the
+    /// residual stream).
+    fn attention_block(
+        &self,
+        i: usize,
+        (layer, names): (&DeviceLayer<B>, &Layer),
+        (x, n): (&B::Act, usize),
+        step: &B::Step<'_>,
+        pool: &mut KvPool,
+        obs: &mut dyn ActivationObserver,
+    ) -> Result<B::Act> {
+        let (b, c) = (&self.backend, self.config());
+        let qkv = self.linear((&layer.qkv, &names.qkv), x, n, obs)?;
+        let [mut q, mut k, v] =
+            b.split_cols(&qkv, c.qkv_dim(), [c.q_dim(), c.kv_dim(), c.kv_dim()])?;
+        if self.model.rope.is_some() {
+            b.rope(&mut q, c.num_heads, step)?;
+            b.rope(&mut k, c.num_kv_heads, step)?;
+        }
+        let attn = b.attention(i, (&q, &k, &v), step, pool)?;
+        self.linear((&layer.o, &names.o), &attn, n, obs)
+    }
+
+    /// The MLP block's output for the normed hidden states `x`.
+    fn mlp_block(
+        &self,
+        (layer, names): (&DeviceLayer<B>, &Layer),
+        x: &B::Act,
+        n: usize,
+        obs: &mut dyn ActivationObserver,
+    ) -> Result<B::Act> {
+        let up = self.linear((&layer.up, &names.up), x, n, obs)?;
+        let act = self.backend.activation(self.config().mlp, up, n)?;
+        self.linear((&layer.down, &names.down), &act, n, obs)
+    }
+}
