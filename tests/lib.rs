@@ -10,7 +10,13 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
 
-pub const TINY_FIXTURES: &[&str] = &["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gpt2"];
+pub const TINY_FIXTURES: &[&str] = &[
+    "tiny-llama",
+    "tiny-qwen2",
+    "tiny-mistral",
+    "tiny-gpt2",
+    "tiny-qwen3",
+];
 
 #[derive(Deserialize)]
 pub struct FixtureGolden {

@@ -69,6 +69,11 @@ fn tiny_gpt2_layernorm_learned_positions_conv1d() -> Result<()> {
     check_fixture("tiny-gpt2")
 }
 
+#[test]
+fn tiny_qwen3_qk_norm_head_dim_wider_than_hidden() -> Result<()> {
+    check_fixture("tiny-qwen3")
+}
+
 /// Converting storage type at build time is exact when widening (bf16 → f32) and stays close
 /// when narrowing (f32 → bf16).
 #[test]

@@ -260,6 +260,11 @@ pub(crate) fn write_engine(
             &format!("layers.{i}.{}", names::ATTN_NORM),
             h,
         )?;
+        if let Some((qn, kn)) = &layer.qk_norm {
+            let hd = model.head_dim;
+            write_norm(ck, w, qn, &format!("layers.{i}.{}", names::Q_NORM), hd)?;
+            write_norm(ck, w, kn, &format!("layers.{i}.{}", names::K_NORM), hd)?;
+        }
         write_norm(
             ck,
             w,

@@ -8,11 +8,13 @@ pub enum Family {
     Llama,
     Mistral,
     Qwen2,
+    /// Qwen2's layout without q/k/v biases, plus per-head q/k RMSNorms.
+    Qwen3,
     Gpt2,
 }
 
 pub const SUPPORTED: &str =
-    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel; GGUF: llama, mistral, qwen2, gpt2";
+    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GPT2LMHeadModel; GGUF: llama, mistral, qwen2, gpt2";
 
 /// One source matrix of a (possibly fused) engine linear layer.
 #[derive(Clone, Debug)]
@@ -39,6 +41,8 @@ pub struct NormSpec {
 pub struct LayerSpec {
     pub attn_norm: NormSpec,
     pub qkv: LinearSpec,
+    /// Per-head query and key norms (Qwen3).
+    pub qk_norm: Option<(NormSpec, NormSpec)>,
     pub o: LinearSpec,
     pub mlp_norm: NormSpec,
     /// `[gate ; up]` for gated MLPs, `[up]` otherwise.
@@ -77,7 +81,7 @@ fn norm(prefix: &str) -> NormSpec {
 /// Hugging Face tensor names.
 pub fn hf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
     match family {
-        Family::Llama | Family::Mistral | Family::Qwen2 => {
+        Family::Llama | Family::Mistral | Family::Qwen2 | Family::Qwen3 => {
             let layer = |i: usize| {
                 let p = |s: &str| part(format!("model.layers.{i}.{s}.weight"));
                 LayerSpec {
@@ -87,6 +91,10 @@ pub fn hf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
                         p("self_attn.k_proj"),
                         p("self_attn.v_proj"),
                     ],
+                    qk_norm: (family == Family::Qwen3).then(|| {
+                        let n = |s: &str| norm(&format!("model.layers.{i}.self_attn.{s}"));
+                        (n("q_norm"), n("k_norm"))
+                    }),
                     o: vec![p("self_attn.o_proj")],
                     mlp_norm: norm(&format!("model.layers.{i}.post_attention_layernorm")),
                     up: vec![p("mlp.gate_proj"), p("mlp.up_proj")],
@@ -110,6 +118,7 @@ pub fn hf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
                 LayerSpec {
                     attn_norm: norm(&format!("transformer.h.{i}.ln_1")),
                     qkv: vec![conv("attn.c_attn")],
+                    qk_norm: None,
                     o: vec![conv("attn.c_proj")],
                     mlp_norm: norm(&format!("transformer.h.{i}.ln_2")),
                     up: vec![conv("mlp.c_fc")],
@@ -151,6 +160,7 @@ pub fn gguf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
         LayerSpec {
             attn_norm: norm(&format!("blk.{i}.attn_norm")),
             qkv,
+            qk_norm: None,
             o: vec![p("attn_output")],
             mlp_norm: norm(&format!("blk.{i}.ffn_norm")),
             up,

@@ -348,6 +348,7 @@ impl GgufFile {
                 }
             },
             tie_word_embeddings: !self.tensors.contains_key("output.weight"),
+            qk_norm: false,
             bos_token_id: token("bos_token_id"),
             eos_token_ids: token("eos_token_id").into_iter().collect(),
         };

@@ -107,6 +107,7 @@ pub fn parse(v: &Value, path: &Path) -> Result<HfConfig> {
         "LlamaForCausalLM" | "llama" => Family::Llama,
         "MistralForCausalLM" | "mistral" => Family::Mistral,
         "Qwen2ForCausalLM" | "qwen2" => Family::Qwen2,
+        "Qwen3ForCausalLM" | "qwen3" => Family::Qwen3,
         "GPT2LMHeadModel" | "gpt2" => Family::Gpt2,
         other => {
             return Err(BuildError::UnsupportedArchitecture {
@@ -166,6 +167,7 @@ fn llama_like(f: &Fields, arch: &str, family: Family) -> Result<ModelConfig> {
             scaling: rope_scaling(f)?,
         },
         tie_word_embeddings: f.bool_or("tie_word_embeddings", false),
+        qk_norm: family == Family::Qwen3,
         bos_token_id: f.ids("bos_token_id").first().copied(),
         eos_token_ids: f.ids("eos_token_id"),
     })
@@ -183,7 +185,7 @@ fn rope_theta(f: &Fields, family: Family) -> Result<f32> {
     {
         return Ok(t as f32);
     }
-    let default = if family == Family::Qwen2 {
+    let default = if matches!(family, Family::Qwen2 | Family::Qwen3) {
         1_000_000.0
     } else {
         10_000.0
@@ -251,6 +253,7 @@ fn gpt2(f: &Fields, arch: &str) -> Result<ModelConfig> {
         mlp: MlpKind::GeluTanh,
         position: PositionKind::Learned,
         tie_word_embeddings: f.bool_or("tie_word_embeddings", true),
+        qk_norm: false,
         bos_token_id: f.ids("bos_token_id").first().copied(),
         eos_token_ids: f.ids("eos_token_id"),
     })

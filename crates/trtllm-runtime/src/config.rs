@@ -53,6 +53,9 @@ pub struct ModelConfig {
     pub mlp: MlpKind,
     pub position: PositionKind,
     pub tie_word_embeddings: bool,
+    /// An RMSNorm over each query and key head (weights `[head_dim]`) before RoPE.
+    #[serde(default)]
+    pub qk_norm: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }

@@ -74,6 +74,7 @@ pub(crate) trait Backend {
 struct DeviceLayer<B: Backend> {
     attn_norm: B::Norm,
     qkv: B::Linear,
+    qk_norm: Option<(B::Norm, B::Norm)>,
     o: B::Linear,
     mlp_norm: B::Norm,
     up: B::Linear,
@@ -95,6 +96,12 @@ impl<B: Backend> Decoder<B> {
             Ok(DeviceLayer {
                 attn_norm: backend.norm_of(&model, &l.attn_norm)?,
                 qkv: backend.linear_of(&model, &l.qkv)?,
+                qk_norm: match &l.qk_norm {
+                    Some((q, k)) => {
+                        Some((backend.norm_of(&model, q)?, backend.norm_of(&model, k)?))
+                    }
+                    None => None,
+                },
                 o: backend.linear_of(&model, &l.o)?,
                 mlp_norm: backend.norm_of(&model, &l.mlp_norm)?,
                 up: backend.linear_of(&model, &l.up)?,
@@ -177,6 +184,11 @@ impl<B: Backend> Decoder<B> {
         let qkv = self.linear((&layer.qkv, &names.qkv), x, n, obs)?;
         let [mut q, mut k, v] =
             b.split_cols(&qkv, c.qkv_dim(), [c.q_dim(), c.kv_dim(), c.kv_dim()])?;
+        if let Some((qn, kn)) = &layer.qk_norm {
+            // A norm's rows are its weight's length: here, each head.
+            q = b.norm(qn, &q, None)?;
+            k = b.norm(kn, &k, None)?;
+        }
         if self.model.rope.is_some() {
             b.rope(&mut q, c.num_heads, step)?;
             b.rope(&mut k, c.num_kv_heads, step)?;

@@ -431,6 +431,9 @@ pub mod names {
     pub const QKV: &str = "qkv";
     pub const O: &str = "o";
     pub const MLP_NORM: &str = "mlp_norm";
+    /// Per-head RMSNorms of the queries and keys (Qwen3, Gemma 3): `[head_dim]` each.
+    pub const Q_NORM: &str = "q_norm";
+    pub const K_NORM: &str = "k_norm";
     /// Fused `[gate ; up]` for gated MLPs, plain `up` otherwise.
     pub const GATE_UP: &str = "gate_up";
     pub const UP: &str = "up";

@@ -108,6 +108,8 @@ pub(crate) struct Norm {
 pub(crate) struct Layer {
     pub attn_norm: Norm,
     pub qkv: Linear,
+    /// The query and key head norms, where the config has them.
+    pub qk_norm: Option<(Norm, Norm)>,
     pub o: Linear,
     pub mlp_norm: Norm,
     pub up: Linear,
@@ -131,7 +133,7 @@ impl HostModel {
     pub fn new(cfg: ModelConfig, file: Arc<EngineFile>) -> Result<Self> {
         let h = cfg.hidden_size;
         let f = &*file;
-        let norm = |prefix: &str| -> Result<Norm> {
+        let sized_norm = |prefix: &str, h: usize| -> Result<Norm> {
             let w = tensor(f, &format!("{prefix}.weight"), &[h])?;
             let b = optional_f32(f, &format!("{prefix}.bias"), &[h])?;
             if w.dtype != DType::F32 {
@@ -144,6 +146,9 @@ impl HostModel {
             }
             Ok(Norm { w, b })
         };
+        let norm = |prefix: &str| sized_norm(prefix, h);
+        let head_norm =
+            |i: usize, part: &str| sized_norm(&format!("layers.{i}.{part}"), cfg.head_dim);
         let linear = |i: usize, part: &str, out: usize, inp: usize| {
             Linear::load(f, &format!("layers.{i}.{part}"), out, inp)
         };
@@ -154,6 +159,10 @@ impl HostModel {
                 Ok(Layer {
                     attn_norm: norm(&format!("layers.{i}.{}", names::ATTN_NORM))?,
                     qkv: linear(i, names::QKV, cfg.qkv_dim(), h)?,
+                    qk_norm: match cfg.qk_norm {
+                        true => Some((head_norm(i, names::Q_NORM)?, head_norm(i, names::K_NORM)?)),
+                        false => None,
+                    },
                     o: linear(i, names::O, h, cfg.q_dim())?,
                     mlp_norm: norm(&format!("layers.{i}.{}", names::MLP_NORM))?,
                     up: linear(i, up_name, up_rows, h)?,
