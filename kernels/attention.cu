@@ -49,7 +49,13 @@ struct AttnArgs {
     const int* table_start;  // [seqs]: where each sequence's table begins in `tables`
     int n_heads, n_kv_heads, head_dim, block_size;
     float scale;
+    int window;              // keys seen per query (sliding window); 0: all earlier ones
 };
+
+// The first position a query at `pos` sees.
+__device__ __forceinline__ int first_key(const AttnArgs& a, int pos) {
+    return a.window > 0 ? max(0, pos + 1 - a.window) : 0;
+}
 
 // Grid: (rows, n_heads); block: ATTN_WARPS warps. Each warp walks every ATTN_WARPS-th position
 // with an online softmax (lanes split head_dim); the warps' partial results are merged at the end.
@@ -70,7 +76,7 @@ __device__ void attention_row(const AttnArgs& a, Kv k, Kv v) {
     float m = TRT_NEG_INF, l = 0.0f, acc[ATTN_PER_LANE];
 #pragma unroll
     for (int i = 0; i < ATTN_PER_LANE; ++i) acc[i] = 0.0f;
-    for (int pos = warp; pos <= last; pos += ATTN_WARPS) {
+    for (int pos = first_key(a, last) + warp; pos <= last; pos += ATTN_WARPS) {
         const size_t slot = (size_t)table[pos / a.block_size] * a.block_size + pos % a.block_size;
         const size_t base = slot * kv_row + (size_t)kvh * hd;
         const float ks = k.scale(slot, a.n_kv_heads, kvh);
@@ -174,20 +180,24 @@ __device__ void attention_tile(const AttnArgs& a, const int* tiles, Kv k, Kv v) 
     }
     const int* table = a.tables + a.table_start[a.row_seq[first]];
     const size_t kv_row = (size_t)a.n_kv_heads * hd;
-    int last = 0, pos[ATTN_TILE_ROWS_PER_WARP];
+    int last = 0, lo = a.row_pos[first], pos[ATTN_TILE_ROWS_PER_WARP], from[ATTN_TILE_ROWS_PER_WARP];
     float m[ATTN_TILE_ROWS_PER_WARP], l[ATTN_TILE_ROWS_PER_WARP];
     float acc[ATTN_TILE_ROWS_PER_WARP][ATTN_TILE_DIMS_PER_LANE];
-    for (int r = 0; r < count; ++r) last = max(last, a.row_pos[first + r]);
+    for (int r = 0; r < count; ++r) {
+        last = max(last, a.row_pos[first + r]);
+        lo = min(lo, first_key(a, a.row_pos[first + r]));
+    }
 #pragma unroll
     for (int j = 0; j < ATTN_TILE_ROWS_PER_WARP; ++j) {
         const int r = warp + ATTN_WARPS * j;
         pos[j] = r < count ? a.row_pos[first + r] : -1;
+        from[j] = r < count ? first_key(a, pos[j]) : 0;
         m[j] = TRT_NEG_INF;
         l[j] = 0.0f;
 #pragma unroll
         for (int i = 0; i < ATTN_TILE_DIMS_PER_LANE; ++i) acc[j][i] = 0.0f;
     }
-    for (int t0 = 0; t0 <= last; t0 += ATTN_TILE_KEYS) {
+    for (int t0 = lo / ATTN_TILE_KEYS * ATTN_TILE_KEYS; t0 <= last; t0 += ATTN_TILE_KEYS) {
         __syncthreads();  // q_s written, or the previous tile consumed
         for (int i = threadIdx.x; i < ATTN_TILE_KEYS * hd; i += blockDim.x) {
             const int key = i / hd, d = i % hd, p = t0 + key;
@@ -204,14 +214,15 @@ __device__ void attention_tile(const AttnArgs& a, const int* tiles, Kv k, Kv v) 
         __syncthreads();
 #pragma unroll
         for (int j = 0; j < ATTN_TILE_ROWS_PER_WARP; ++j) {
-            if (pos[j] < t0) continue;  // warp-uniform: no key of this tile is visible to the row
+            // Warp-uniform: no key of this tile is visible to the row.
+            if (pos[j] < t0 || from[j] >= t0 + ATTN_TILE_KEYS) continue;
             const float* q = q_s[warp + ATTN_WARPS * j];
             float s = TRT_NEG_INF;
-            if (t0 + lane <= pos[j]) {
+            if (t0 + lane <= pos[j] && t0 + lane >= from[j]) {
                 s = 0.0f;
                 for (int d = 0; d < hd; ++d) s += q[d] * k_s[lane][d];
             }
-            // Key t0 ≤ pos[j] is visible, so the tile maximum and m_new are finite.
+            // Some key of [from, pos] lies in the tile, so the tile maximum and m_new are finite.
             const float m_new = fmaxf(m[j], warp_max(s));
             const float correction = expf(m[j] - m_new);
             const float p = s == TRT_NEG_INF ? 0.0f : expf(s - m_new);

@@ -16,6 +16,7 @@ pub const TINY_FIXTURES: &[&str] = &[
     "tiny-mistral",
     "tiny-gpt2",
     "tiny-qwen3",
+    "tiny-mistral-swa",
 ];
 
 #[derive(Deserialize)]

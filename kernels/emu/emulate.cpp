@@ -358,15 +358,17 @@ void attention() {
         std::printf("ok   kv_write_int8\n");
     }
 
-    auto reference = [&](auto key, auto value) {
+    // `window` keys per query (0: all earlier ones), as attention.cu's first_key.
+    auto reference = [&](auto key, auto value, int window = 0) {
         std::vector<double> out(rows * n_heads * hd);
         for (int r = 0; r < rows; ++r)
             for (int h = 0; h < n_heads; ++h) {
                 const int kvh = h / (n_heads / n_kv);
                 const float* qr = &q[(r * n_heads + h) * hd];
-                std::vector<double> logits(row_pos[r] + 1);
+                const int lo = window > 0 ? std::max(0, row_pos[r] + 1 - window) : 0;
+                std::vector<double> logits(row_pos[r] + 1, -INFINITY);
                 double mx = -INFINITY, den = 0;
-                for (int p = 0; p <= row_pos[r]; ++p) {
+                for (int p = lo; p <= row_pos[r]; ++p) {
                     const size_t base = ((size_t)slot(row_seq[r], p) * n_kv + kvh) * hd;
                     double d = 0;
                     for (int c = 0; c < hd; ++c) d += (double)(qr[c] * scale) * key(base + c);
@@ -376,7 +378,7 @@ void attention() {
                 for (auto& l : logits) den += (l = std::exp(l - mx));
                 for (int c = 0; c < hd; ++c) {
                     double s = 0;
-                    for (int p = 0; p <= row_pos[r]; ++p)
+                    for (int p = lo; p <= row_pos[r]; ++p)
                         s += logits[p] * value(((size_t)slot(row_seq[r], p) * n_kv + kvh) * hd + c);
                     out[(r * n_heads + h) * hd + c] = s / den;
                 }
@@ -384,7 +386,7 @@ void attention() {
         return out;
     };
     AttnArgs a{q.data(), nullptr, row_seq.data(), row_pos.data(), tables.data(), table_start.data(),
-               n_heads, n_kv, hd, bs, scale};
+               n_heads, n_kv, hd, bs, scale, 0};
     std::vector<float> out(rows * n_heads * hd);
     a.out = out.data();
     const auto want_f32 = reference([&](size_t i) { return (double)kf[i]; }, [&](size_t i) { return (double)vf[i]; });
@@ -405,6 +407,21 @@ void attention() {
         paged_attention_tiled_int8(a, tiles.data(), k8.data(), ks.data(), v8.data(), vs.data());
     });
     check("paged_attention_tiled_int8", out, want_int8, 1e-5);
+    // Sliding windows: shorter than a key tile, and crossing the first key tile's start.
+    for (int window : {7, 37}) {
+        AttnArgs w = a;
+        w.window = window;
+        const auto want = reference([&](size_t i) { return (double)kf[i]; },
+                                    [&](size_t i) { return (double)vf[i]; }, window);
+        const std::string what = " (window " + std::to_string(window) + ")";
+        std::fill(out.begin(), out.end(), NAN);
+        emu::launch(dim(rows, n_heads), dim(128), [&] { paged_attention_f32(w, kf.data(), vf.data()); });
+        check(("paged_attention_f32" + what).c_str(), out, want, 1e-5);
+        std::fill(out.begin(), out.end(), NAN);
+        emu::launch(dim(n_tiles, n_heads), dim(128),
+                    [&] { paged_attention_tiled_f32(w, tiles.data(), kf.data(), vf.data()); });
+        check(("paged_attention_tiled_f32" + what).c_str(), out, want, 1e-5);
+    }
 
     // 16-bit pools written from the f32 pool (each value within half an ulp: 2^-8 relative for
     // bf16, 2^-11 for f16), then both attention kernels against the widened values.

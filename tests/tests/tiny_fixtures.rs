@@ -74,6 +74,13 @@ fn tiny_qwen3_qk_norm_head_dim_wider_than_hidden() -> Result<()> {
     check_fixture("tiny-qwen3")
 }
 
+/// Window 8 on every layer; each case's prompt plus its 16 generated tokens crosses it, in
+/// prefill (the tile path) and decode (the row path).
+#[test]
+fn tiny_mistral_sliding_window() -> Result<()> {
+    check_fixture("tiny-mistral-swa")
+}
+
 /// Converting storage type at build time is exact when widening (bf16 → f32) and stays close
 /// when narrowing (f32 → bf16).
 #[test]

@@ -349,6 +349,12 @@ impl GgufFile {
             },
             tie_word_embeddings: !self.tensors.contains_key("output.weight"),
             qk_norm: false,
+            // llama.cpp's key for Mistral-style windows (every layer).
+            sliding_window: self
+                .get(&key("attention.sliding_window"))
+                .and_then(Value::as_u64)
+                .map(|w| w as usize),
+            sliding_layers: Vec::new(),
             bos_token_id: token("bos_token_id"),
             eos_token_ids: token("eos_token_id").into_iter().collect(),
         };

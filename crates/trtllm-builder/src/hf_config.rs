@@ -148,12 +148,14 @@ fn llama_like(f: &Fields, arch: &str, family: Family) -> Result<ModelConfig> {
     let heads = f.usize("num_attention_heads")?;
     let head_dim = f.opt_usize("head_dim")?.unwrap_or(hidden / heads.max(1));
     let partial = f.f32_or("partial_rotary_factor", 1.0)?;
+    let num_layers = f.usize("num_hidden_layers")?;
+    let (sliding_window, sliding_layers) = sliding(f, family, num_layers)?;
     Ok(ModelConfig {
         architecture: arch.into(),
         vocab_size: f.usize("vocab_size")?,
         hidden_size: hidden,
         intermediate_size: f.usize("intermediate_size")?,
-        num_layers: f.usize("num_hidden_layers")?,
+        num_layers,
         num_heads: heads,
         num_kv_heads: f.opt_usize("num_key_value_heads")?.unwrap_or(heads),
         head_dim,
@@ -168,9 +170,43 @@ fn llama_like(f: &Fields, arch: &str, family: Family) -> Result<ModelConfig> {
         },
         tie_word_embeddings: f.bool_or("tie_word_embeddings", false),
         qk_norm: family == Family::Qwen3,
+        sliding_window,
+        sliding_layers,
         bos_token_id: f.ids("bos_token_id").first().copied(),
         eos_token_ids: f.ids("eos_token_id"),
     })
+}
+
+/// The sliding window and the layers it applies to: transformers 5's `layer_types`
+/// (`sliding_attention` / `full_attention`), else Qwen2's `use_sliding_window` from layer
+/// `max_window_layers` on, else every layer (Mistral).
+fn sliding(f: &Fields, family: Family, layers: usize) -> Result<(Option<usize>, Vec<bool>)> {
+    let qwen = matches!(family, Family::Qwen2 | Family::Qwen3);
+    let Some(window) = f.opt_usize("sliding_window")? else {
+        return Ok((None, Vec::new()));
+    };
+    if qwen && !f.bool_or("use_sliding_window", false) {
+        return Ok((None, Vec::new()));
+    }
+    let flags = match f.get("layer_types") {
+        Some(Value::Array(types)) => types
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("sliding_attention") => Ok(true),
+                Some("full_attention") => Ok(false),
+                _ => Err(f.invalid(
+                    "layer_types",
+                    &format!("{t} is not supported (sliding_attention, full_attention)"),
+                )),
+            })
+            .collect::<Result<Vec<_>>>()?,
+        _ if qwen => {
+            let first = f.opt_usize("max_window_layers")?.unwrap_or(0);
+            (0..layers).map(|i| i >= first).collect()
+        }
+        _ => Vec::new(),
+    };
+    Ok((Some(window), flags))
 }
 
 /// transformers 5 nests RoPE settings in `rope_parameters`; 4 has `rope_theta` + `rope_scaling`.
@@ -254,6 +290,8 @@ fn gpt2(f: &Fields, arch: &str) -> Result<ModelConfig> {
         position: PositionKind::Learned,
         tie_word_embeddings: f.bool_or("tie_word_embeddings", true),
         qk_norm: false,
+        sliding_window: None,
+        sliding_layers: Vec::new(),
         bos_token_id: f.ids("bos_token_id").first().copied(),
         eos_token_ids: f.ids("eos_token_id"),
     })

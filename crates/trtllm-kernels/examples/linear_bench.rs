@@ -51,6 +51,7 @@ fn attention() {
         n_kv_heads: nkv,
         head_dim: hd,
         scale: 0.125,
+        window: None,
     };
     for (name, n_seqs, past, n_new) in [
         ("prefill 512", 1usize, 0usize, 512usize),

@@ -56,6 +56,14 @@ pub struct ModelConfig {
     /// An RMSNorm over each query and key head (weights `[head_dim]`) before RoPE.
     #[serde(default)]
     pub qk_norm: bool,
+    /// Sliding-window attention: a windowed layer's query at position `i` sees keys
+    /// `i + 1 - sliding_window ..= i`.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Which layers are windowed (one flag per layer); empty: every layer, when
+    /// `sliding_window` is set.
+    #[serde(default)]
+    pub sliding_layers: Vec<bool>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -86,6 +94,18 @@ impl ModelConfig {
                 self.num_heads, self.num_kv_heads
             )));
         }
+        if self.sliding_window == Some(0) {
+            return Err(RuntimeError::InvalidConfig(
+                "sliding_window must be positive".into(),
+            ));
+        }
+        if !self.sliding_layers.is_empty() && self.sliding_layers.len() != self.num_layers {
+            return Err(RuntimeError::InvalidConfig(format!(
+                "{} sliding-window layer flags for {} layers",
+                self.sliding_layers.len(),
+                self.num_layers
+            )));
+        }
         if let PositionKind::Rope { rotary_dim, .. } = self.position {
             if rotary_dim == 0 || rotary_dim % 2 != 0 || rotary_dim > self.head_dim {
                 return Err(RuntimeError::InvalidConfig(format!(
@@ -97,14 +117,21 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Heads and the softmax scale 1/√head_dim of every attention layer.
-    pub fn attention_shape(&self) -> AttentionShape {
+    /// Heads, the softmax scale 1/√head_dim and the window (if any) of attention layer `layer`.
+    pub fn attention_shape(&self, layer: usize) -> AttentionShape {
         AttentionShape {
             n_heads: self.num_heads,
             n_kv_heads: self.num_kv_heads,
             head_dim: self.head_dim,
             scale: 1.0 / (self.head_dim as f32).sqrt(),
+            window: self.window(layer),
         }
+    }
+
+    /// The sliding window of layer `layer`, if it has one.
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        let windowed = self.sliding_layers.get(layer).copied().unwrap_or(true);
+        self.sliding_window.filter(|_| windowed)
     }
 
     pub fn q_dim(&self) -> usize {

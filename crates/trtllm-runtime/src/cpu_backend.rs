@@ -162,7 +162,7 @@ impl Backend for CpuBackend {
             }
         }
         let mut out = vec![0f32; q.len()];
-        let shape = self.cfg.attention_shape();
+        let shape = self.cfg.attention_shape(layer);
         cpu::paged_attention(q, pool.layer(layer)?, &step.seqs, shape, &mut out)?;
         Ok(out)
     }

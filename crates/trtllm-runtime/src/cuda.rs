@@ -124,7 +124,8 @@ impl Backend for CudaBackend {
             attention: self.dev.attention_batch(
                 &attention_seqs(batch),
                 (first, block_size),
-                self.cfg.attention_shape(),
+                // Heads and head_dim, the same in every layer; windows go per layer.
+                self.cfg.attention_shape(0),
             )?,
             positions: self.dev.upload(&positions)?,
         })
@@ -213,7 +214,8 @@ impl Backend for CudaBackend {
         self.dev.kv_write((kv, KvSide::Key), k, &step.attention)?;
         self.dev.kv_write((kv, KvSide::Value), v, &step.attention)?;
         let mut out = self.output(q.len())?;
-        self.dev.paged_attention(q, kv, &step.attention, &mut out)?;
+        self.dev
+            .paged_attention(q, kv, (&step.attention, self.cfg.window(layer)), &mut out)?;
         Ok(out)
     }
 

@@ -19,6 +19,36 @@ pub struct AttentionShape {
     pub n_kv_heads: usize,
     pub head_dim: usize,
     pub scale: f32,
+    /// Sliding-window attention: a query at position `i` sees keys `i + 1 - window ..= i`
+    /// (transformers' `sliding_window`); `None` sees every earlier key.
+    pub window: Option<usize>,
+}
+
+impl AttentionShape {
+    /// The first key position seen by a query that sees `n` keys without a window.
+    pub fn first_key(&self, n: usize) -> usize {
+        self.window.map_or(0, |w| n.saturating_sub(w))
+    }
+}
+
+/// The parts of a block table's blocks that hold positions `lo..n`: each as (its first
+/// position, (its first pool slot, its length)).
+pub(super) fn spans(
+    blocks: &[u32],
+    block_size: usize,
+    (lo, n): (usize, usize),
+) -> impl Iterator<Item = (usize, (usize, usize))> + Clone + '_ {
+    (lo / block_size..n.div_ceil(block_size)).map(move |i| {
+        let start = (i * block_size).max(lo);
+        let end = ((i + 1) * block_size).min(n);
+        (
+            start,
+            (
+                blocks[i] as usize * block_size + start - i * block_size,
+                end - start,
+            ),
+        )
+    })
 }
 
 /// One layer's key and value pools, `[num_blocks × block_size × n_kv_heads × head_dim]` each.
@@ -235,36 +265,39 @@ fn row_group(
         n_kv_heads,
         head_dim: hd,
         scale,
+        ..
     } = shape;
     let group = n_heads / n_kv_heads;
     let kvh = first % n_heads / group;
     let qs = (&q[first * hd..(first + group) * hd], hd);
     let n = s.past + t + 1;
-    let bs = kv.block_size;
+    let lo = shape.first_key(n);
+    let m = n - lo;
     let head = (kvh, hd, n_kv_heads);
-    let blocks = s.blocks.iter().take(n.div_ceil(bs)).enumerate();
-    sc.scores.resize(group * n, 0.0);
-    for (i, &b) in blocks.clone() {
-        let len = bs.min(n - i * bs);
-        let (keys, stride) =
-            kv.k.head_rows((b as usize * bs, len), head, &mut sc.widened);
+    let spans = spans(s.blocks, kv.block_size, (lo, n));
+    sc.scores.resize(group * m, 0.0);
+    for (p, slots) in spans.clone() {
+        let (keys, stride) = kv.k.head_rows(slots, head, &mut sc.widened);
         key_scores(
             qs,
             (keys, stride),
             scale,
-            (&mut sc.scores[i * bs..], n),
-            len,
+            (&mut sc.scores[p - lo..], m),
+            slots.1,
         );
     }
-    for row in sc.scores.chunks_exact_mut(n) {
+    for row in sc.scores.chunks_exact_mut(m) {
         softmax_inplace(row);
     }
     o.fill(0.0);
-    for (i, &b) in blocks {
-        let len = bs.min(n - i * bs);
-        let (values, stride) =
-            kv.v.head_rows((b as usize * bs, len), head, &mut sc.widened);
-        weighted_values((&sc.scores[i * bs..], n), (values, stride), len, (o, hd));
+    for (p, slots) in spans {
+        let (values, stride) = kv.v.head_rows(slots, head, &mut sc.widened);
+        weighted_values(
+            (&sc.scores[p - lo..], m),
+            (values, stride),
+            slots.1,
+            (o, hd),
+        );
     }
 }
 
@@ -289,8 +322,10 @@ mod tests {
             for h in 0..nh {
                 let kvh = h * nkv / nh;
                 let qv = &q[(t * nh + h) * hd..][..hd];
-                let sc: Vec<f64> = (0..=past + t)
-                    .map(|p| {
+                let keys: Vec<usize> = (s.first_key(past + t + 1)..=past + t).collect();
+                let sc: Vec<f64> = keys
+                    .iter()
+                    .map(|&p| {
                         let kk = &k[(p * nkv + kvh) * hd..][..hd];
                         qv.iter().zip(kk).map(|(a, b)| (a * b) as f64).sum::<f64>() * s.scale as f64
                     })
@@ -302,7 +337,7 @@ mod tests {
                     let acc: f64 = e
                         .iter()
                         .enumerate()
-                        .map(|(p, w)| w / z * v[(p * nkv + kvh) * hd + d] as f64)
+                        .map(|(i, w)| w / z * v[(keys[i] * nkv + kvh) * hd + d] as f64)
                         .sum();
                     out[(t * nh + h) * hd + d] = acc as f32;
                 }
@@ -323,12 +358,16 @@ mod tests {
     /// Sequences of odd lengths scattered over a shared pool in a shuffled block order.
     #[test]
     fn batched_paged_attention_matches_contiguous_reference() {
-        for &(nh, nkv, hd, bs) in &[(4, 4, 9, 3), (6, 2, 13, 4), (5, 1, 17, 5), (9, 3, 64, 32)] {
+        let shapes = [(4, 4, 9, 3), (6, 2, 13, 4), (5, 1, 17, 5), (9, 3, 64, 32)];
+        // Windows shorter than a block, across blocks, and longer than every sequence.
+        let windows = [None, Some(2), Some(7), Some(64)];
+        for (&(nh, nkv, hd, bs), window) in shapes.iter().flat_map(|s| windows.map(|w| (s, w))) {
             let s = AttentionShape {
                 n_heads: nh,
                 n_kv_heads: nkv,
                 head_dim: hd,
                 scale: 1.0 / (hd as f32).sqrt(),
+                window,
             };
             let kv_row = nkv * hd;
             let shapes: [(usize, usize); 5] = [(0, 5), (3, 4), (11, 1), (0, 33), (40, 1)];
@@ -396,6 +435,7 @@ mod tests {
             n_kv_heads: 1,
             head_dim: 2,
             scale: 1.0,
+            window: None,
         };
         let pool = [0f32; 8];
         let kv = PagedKv {
@@ -457,6 +497,7 @@ mod quantized_kv_tests {
             n_kv_heads: nkv,
             head_dim: hd,
             scale: 0.25,
+            window: None,
         };
         let blocks = [2u32, 0, 3, 1];
         // 12 rows × 3 heads per KV head: the SIMD paths run tiles.
@@ -517,6 +558,7 @@ mod quantized_kv_tests {
             n_kv_heads: nkv,
             head_dim: hd,
             scale: 0.2,
+            window: None,
         };
         let blocks = [1u32, 3, 0, 2];
         // 9 rows × 2 heads per KV head: tiles on the SIMD paths.

@@ -12,7 +12,7 @@
 
 use std::ops::Range;
 
-use super::attention::{AttentionSeq, AttentionShape, PagedKv};
+use super::attention::{spans, AttentionSeq, AttentionShape, PagedKv};
 use super::lanes::{Avx2, Avx512, Lanes};
 use super::simd::Isa;
 
@@ -75,11 +75,11 @@ pub(super) unsafe fn run(
         n_kv_heads,
         head_dim: hd,
         scale,
+        ..
     } = shape;
     let group = n_heads / n_kv_heads;
     let lanes = tile_lanes(isa);
     let js = tile.js.clone();
-    let nq = js.len();
     let slot =
         |j: usize| ((tile.row0 + j / group) * n_heads + tile.kv_head * group + j % group) * hd;
     let valid = |j: usize| seq.past + j / group + 1;
@@ -94,32 +94,24 @@ pub(super) unsafe fn run(
         }
     }
 
-    let bs = kv.block_size;
     let head = (tile.kv_head, hd, n_kv_heads);
-    let blocks = || {
-        seq.blocks
-            .iter()
-            .enumerate()
-            .take(n_keys.div_ceil(bs))
-            .map(move |(i, &b)| {
-                let p0 = i * bs;
-                (p0, (b as usize * bs, bs.min(n_keys - p0)))
-            })
-    };
-    // Scores in the lane layout, `n_keys × lanes`.
-    sc.scores.resize(n_keys * lanes, 0.0);
-    for (p0, slots) in blocks() {
+    // The tile's keys: from the first query's window start (the earliest) to the last's.
+    let first = |j: usize| shape.first_key(valid(j));
+    let p_lo = first(js.start);
+    let spans = spans(seq.blocks, kv.block_size, (p_lo, n_keys));
+    // Scores in the lane layout, `(n_keys - p_lo) × lanes`.
+    sc.scores.resize((n_keys - p_lo) * lanes, 0.0);
+    for (p, slots) in spans.clone() {
         let (keys, stride) = kv.k.head_rows(slots, head, &mut sc.widened);
-        let block = &mut sc.scores[p0 * lanes..(p0 + slots.1) * lanes];
+        let block = &mut sc.scores[(p - p_lo) * lanes..(p - p_lo + slots.1) * lanes];
         scores(isa, &sc.qt, (keys, stride), hd, block);
     }
-    // Only the tile's last keys are hidden from some of its queries (causality).
+    // Few keys are hidden from only some of the tile's queries: the last ones (causality) and,
+    // with a window, the first ones.
     let fill_masked = |scores: &mut [f32], x: f32| {
-        for p in valid(js.start)..n_keys {
-            for (l, s) in scores[p * lanes..][..nq].iter_mut().enumerate() {
-                if p >= valid(js.start + l) {
-                    *s = x;
-                }
+        for (l, j) in js.clone().enumerate() {
+            for p in (p_lo..first(j)).chain(valid(j)..n_keys) {
+                scores[(p - p_lo) * lanes + l] = x;
             }
         }
     };
@@ -131,9 +123,9 @@ pub(super) unsafe fn run(
 
     sc.ot.clear();
     sc.ot.resize(hd * lanes, 0.0);
-    for (p0, slots) in blocks() {
+    for (p, slots) in spans {
         let (values, stride) = kv.v.head_rows(slots, head, &mut sc.widened);
-        let w = &sc.scores[p0 * lanes..(p0 + slots.1) * lanes];
+        let w = &sc.scores[(p - p_lo) * lanes..(p - p_lo + slots.1) * lanes];
         weighted(isa, w, (values, stride), hd, &mut sc.ot);
     }
     for (l, j) in js.enumerate() {
@@ -316,6 +308,7 @@ mod tests {
             n_kv_heads: 2,
             head_dim: 20,
             scale: 0.3,
+            window: None,
         };
         let (bs, len) = (8, 40);
         let kv_row = s.n_kv_heads * s.head_dim;

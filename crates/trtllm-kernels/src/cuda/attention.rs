@@ -149,6 +149,8 @@ struct AttnArgs {
     head_dim: i32,
     block_size: i32,
     scale: f32,
+    /// Keys seen per query (sliding window); 0: all earlier ones.
+    window: i32,
 }
 // SAFETY: plain-old-data in the kernel's layout; the pointers stay valid for the launch (the
 // buffers they come from outlive it on the one stream).
@@ -240,12 +242,13 @@ impl CudaDevice {
     }
 
     /// Causal attention of every sequence's new rows over its paged keys and values, as
-    /// [`crate::cpu::paged_attention`] computes it.
+    /// [`crate::cpu::paged_attention`] computes it, within `window` keys when given (layers of
+    /// one batch may differ in it).
     pub fn paged_attention(
         &self,
         q: &CudaSlice<f32>,
         kv: &DeviceKv,
-        batch: &AttentionBatch,
+        (batch, window): (&AttentionBatch, Option<usize>),
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let shape = batch.shape;
@@ -274,6 +277,7 @@ impl CudaDevice {
             head_dim: int("head_dim", shape.head_dim)?,
             block_size: int("block_size", batch.pool.1)?,
             scale: shape.scale,
+            window: int("window", window.unwrap_or(0))?,
         };
         // Prefill chunks share key tiles across rows; decode rows (one per sequence) split their
         // positions across the block's warps instead.
