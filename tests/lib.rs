@@ -17,6 +17,7 @@ pub const TINY_FIXTURES: &[&str] = &[
     "tiny-gpt2",
     "tiny-qwen3",
     "tiny-mistral-swa",
+    "tiny-phi3",
 ];
 
 #[derive(Deserialize)]

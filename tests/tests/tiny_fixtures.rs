@@ -81,6 +81,11 @@ fn tiny_mistral_sliding_window() -> Result<()> {
     check_fixture("tiny-mistral-swa")
 }
 
+#[test]
+fn tiny_phi3_fused_qkv_and_gate_up_in_the_checkpoint() -> Result<()> {
+    check_fixture("tiny-phi3")
+}
+
 /// Converting storage type at build time is exact when widening (bf16 → f32) and stays close
 /// when narrowing (f32 → bf16).
 #[test]

@@ -10,11 +10,13 @@ pub enum Family {
     Qwen2,
     /// Qwen2's layout without q/k/v biases, plus per-head q/k RMSNorms.
     Qwen3,
+    /// Llama's decoder with q/k/v and gate/up already fused in the checkpoint.
+    Phi3,
     Gpt2,
 }
 
 pub const SUPPORTED: &str =
-    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GPT2LMHeadModel; GGUF: llama, mistral, qwen2, gpt2";
+    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, GPT2LMHeadModel; GGUF: llama, mistral, qwen2, gpt2";
 
 /// One source matrix of a (possibly fused) engine linear layer.
 #[derive(Clone, Debug)]
@@ -98,6 +100,29 @@ pub fn hf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
                     o: vec![p("self_attn.o_proj")],
                     mlp_norm: norm(&format!("model.layers.{i}.post_attention_layernorm")),
                     up: vec![p("mlp.gate_proj"), p("mlp.up_proj")],
+                    down: vec![p("mlp.down_proj")],
+                }
+            };
+            ModelSpec {
+                embed: "model.embed_tokens.weight".into(),
+                pos_embed: None,
+                final_norm: norm("model.norm"),
+                lm_head: "lm_head.weight".into(),
+                layers: (0..cfg.num_layers).map(layer).collect(),
+            }
+        }
+        Family::Phi3 => {
+            let layer = |i: usize| {
+                let p = |s: &str| part(format!("model.layers.{i}.{s}.weight"));
+                LayerSpec {
+                    attn_norm: norm(&format!("model.layers.{i}.input_layernorm")),
+                    // Rows q, k, v: the engine's fused order already.
+                    qkv: vec![p("self_attn.qkv_proj")],
+                    qk_norm: None,
+                    o: vec![p("self_attn.o_proj")],
+                    mlp_norm: norm(&format!("model.layers.{i}.post_attention_layernorm")),
+                    // Rows gate, then up (Phi3MLP chunks it in that order): the engine's gate_up.
+                    up: vec![p("mlp.gate_up_proj")],
                     down: vec![p("mlp.down_proj")],
                 }
             };

@@ -108,6 +108,7 @@ pub fn parse(v: &Value, path: &Path) -> Result<HfConfig> {
         "MistralForCausalLM" | "mistral" => Family::Mistral,
         "Qwen2ForCausalLM" | "qwen2" => Family::Qwen2,
         "Qwen3ForCausalLM" | "qwen3" => Family::Qwen3,
+        "Phi3ForCausalLM" | "phi3" => Family::Phi3,
         "GPT2LMHeadModel" | "gpt2" => Family::Gpt2,
         other => {
             return Err(BuildError::UnsupportedArchitecture {
@@ -147,7 +148,14 @@ fn llama_like(f: &Fields, arch: &str, family: Family) -> Result<ModelConfig> {
     let hidden = f.usize("hidden_size")?;
     let heads = f.usize("num_attention_heads")?;
     let head_dim = f.opt_usize("head_dim")?.unwrap_or(hidden / heads.max(1));
-    let partial = f.f32_or("partial_rotary_factor", 1.0)?;
+    // transformers 5 moves it into rope_parameters.
+    let partial = match rope_params(f).and_then(|p| p.get("partial_rotary_factor")) {
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| f.invalid("partial_rotary_factor", "expected a number"))?
+            as f32,
+        None => f.f32_or("partial_rotary_factor", 1.0)?,
+    };
     let num_layers = f.usize("num_hidden_layers")?;
     let (sliding_window, sliding_layers) = sliding(f, family, num_layers)?;
     Ok(ModelConfig {
