@@ -50,7 +50,12 @@ struct AttnArgs {
     int n_heads, n_kv_heads, head_dim, block_size;
     float scale;
     int window;              // keys seen per query (sliding window); 0: all earlier ones
+    float softcap;           // scores become softcap · tanh(score / softcap); 0: none
 };
+
+__device__ __forceinline__ float capped(const AttnArgs& a, float s) {
+    return a.softcap > 0.0f ? a.softcap * tanhf(s / a.softcap) : s;
+}
 
 // The first position a query at `pos` sees.
 __device__ __forceinline__ int first_key(const AttnArgs& a, int pos) {
@@ -86,7 +91,7 @@ __device__ void attention_row(const AttnArgs& a, Kv k, Kv v) {
             const int d = lane + i * TRT_WARP;
             if (d < hd) dot += q_s[d] * k.get(base + d, ks);
         }
-        dot = warp_sum(dot);
+        dot = capped(a, warp_sum(dot));
         const float m_new = fmaxf(m, dot);
         const float correction = expf(m - m_new), p = expf(dot - m_new);
         l = l * correction + p;
@@ -221,6 +226,7 @@ __device__ void attention_tile(const AttnArgs& a, const int* tiles, Kv k, Kv v) 
             if (t0 + lane <= pos[j] && t0 + lane >= from[j]) {
                 s = 0.0f;
                 for (int d = 0; d < hd; ++d) s += q[d] * k_s[lane][d];
+                s = capped(a, s);
             }
             // Some key of [from, pos] lies in the tile, so the tile maximum and m_new are finite.
             const float m_new = fmaxf(m[j], warp_max(s));

@@ -130,6 +130,13 @@ void pointwise() {
             want_act[i * inter + c] = g / (1.0 + std::exp(-g)) * u;
         }
     check("silu_mul", act, want_act, 1e-6);
+    emu::launch(dim(2), dim(64), [&] { gelu_tanh_mul_f32(x.data(), act.data(), rows, inter); });
+    for (int i = 0; i < rows; ++i)
+        for (int c = 0; c < inter; ++c) {
+            const double g = x[i * cols + c], u = x[i * cols + inter + c];
+            want_act[i * inter + c] = 0.5 * g * (1.0 + std::tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))) * u;
+        }
+    check("gelu_tanh_mul", act, want_act, 1e-6);
 
     // RoPE: position 4000 at head_dim 64, rotate-half pairs.
     const int heads = 3, hd = 64, half = hd / 2;
@@ -359,7 +366,7 @@ void attention() {
     }
 
     // `window` keys per query (0: all earlier ones), as attention.cu's first_key.
-    auto reference = [&](auto key, auto value, int window = 0) {
+    auto reference = [&](auto key, auto value, int window = 0, double softcap = 0) {
         std::vector<double> out(rows * n_heads * hd);
         for (int r = 0; r < rows; ++r)
             for (int h = 0; h < n_heads; ++h) {
@@ -372,6 +379,7 @@ void attention() {
                     const size_t base = ((size_t)slot(row_seq[r], p) * n_kv + kvh) * hd;
                     double d = 0;
                     for (int c = 0; c < hd; ++c) d += (double)(qr[c] * scale) * key(base + c);
+                    if (softcap > 0) d = softcap * std::tanh(d / softcap);
                     logits[p] = d;
                     mx = std::max(mx, d);
                 }
@@ -386,7 +394,7 @@ void attention() {
         return out;
     };
     AttnArgs a{q.data(), nullptr, row_seq.data(), row_pos.data(), tables.data(), table_start.data(),
-               n_heads, n_kv, hd, bs, scale, 0};
+               n_heads, n_kv, hd, bs, scale, 0, 0.0f};
     std::vector<float> out(rows * n_heads * hd);
     a.out = out.data();
     const auto want_f32 = reference([&](size_t i) { return (double)kf[i]; }, [&](size_t i) { return (double)vf[i]; });
@@ -407,13 +415,17 @@ void attention() {
         paged_attention_tiled_int8(a, tiles.data(), k8.data(), ks.data(), v8.data(), vs.data());
     });
     check("paged_attention_tiled_int8", out, want_int8, 1e-5);
-    // Sliding windows: shorter than a key tile, and crossing the first key tile's start.
-    for (int window : {7, 37}) {
+    // Sliding windows: shorter than a key tile, and crossing the first key tile's start; a
+    // tight soft cap (Gemma 2's logit capping) with and without a window.
+    const std::pair<int, float> masks[] = {{7, 0.0f}, {37, 0.0f}, {0, 0.5f}, {7, 2.0f}};
+    for (auto [window, softcap] : masks) {
         AttnArgs w = a;
         w.window = window;
+        w.softcap = softcap;
         const auto want = reference([&](size_t i) { return (double)kf[i]; },
-                                    [&](size_t i) { return (double)vf[i]; }, window);
-        const std::string what = " (window " + std::to_string(window) + ")";
+                                    [&](size_t i) { return (double)vf[i]; }, window, softcap);
+        const std::string what =
+            " (window " + std::to_string(window) + ", softcap " + std::to_string(softcap) + ")";
         std::fill(out.begin(), out.end(), NAN);
         emu::launch(dim(rows, n_heads), dim(128), [&] { paged_attention_f32(w, kf.data(), vf.data()); });
         check(("paged_attention_f32" + what).c_str(), out, want, 1e-5);

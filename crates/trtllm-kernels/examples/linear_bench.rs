@@ -52,6 +52,7 @@ fn attention() {
         head_dim: hd,
         scale: 0.125,
         window: None,
+        softcap: None,
     };
     for (name, n_seqs, past, n_new) in [
         ("prefill 512", 1usize, 0usize, 512usize),

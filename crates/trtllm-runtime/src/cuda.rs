@@ -214,8 +214,12 @@ impl Backend for CudaBackend {
         self.dev.kv_write((kv, KvSide::Key), k, &step.attention)?;
         self.dev.kv_write((kv, KvSide::Value), v, &step.attention)?;
         let mut out = self.output(q.len())?;
-        self.dev
-            .paged_attention(q, kv, (&step.attention, self.cfg.window(layer)), &mut out)?;
+        self.dev.paged_attention(
+            q,
+            kv,
+            (&step.attention, &self.cfg.attention_shape(layer)),
+            &mut out,
+        )?;
         Ok(out)
     }
 

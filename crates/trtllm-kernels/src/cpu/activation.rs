@@ -6,9 +6,24 @@ use crate::Result;
 /// Gated SiLU over a fused gate/up projection of `rows` rows, each laid out `gate ‖ up`
 /// (`2·inter` values): `out[r][i] = silu(gate[r][i]) · up[r][i]`.
 pub fn silu_mul(gate_up: &[f32], rows: usize, out: &mut [f32]) -> Result<()> {
+    gated("silu_mul", gate_up, rows, out, |g| g / (1.0 + (-g).exp()))
+}
+
+/// Gated GELU-tanh (Gemma's GeGLU), laid out as [`silu_mul`]: `gelu_tanh(gate) · up`.
+pub fn gelu_tanh_mul(gate_up: &[f32], rows: usize, out: &mut [f32]) -> Result<()> {
+    gated("gelu_tanh_mul", gate_up, rows, out, gelu)
+}
+
+fn gated(
+    op: &'static str,
+    gate_up: &[f32],
+    rows: usize,
+    out: &mut [f32],
+    act: impl Fn(f32) -> f32,
+) -> Result<()> {
     let inter = out.len() / rows.max(1);
-    check_len("silu_mul", "out", out.len(), rows * inter)?;
-    check_len("silu_mul", "gate_up", gate_up.len(), 2 * rows * inter)?;
+    check_len(op, "out", out.len(), rows * inter)?;
+    check_len(op, "gate_up", gate_up.len(), 2 * rows * inter)?;
     if inter == 0 {
         return Ok(());
     }
@@ -18,18 +33,22 @@ pub fn silu_mul(gate_up: &[f32], rows: usize, out: &mut [f32]) -> Result<()> {
     {
         let (g, u) = src.split_at(inter);
         for ((o, &g), &u) in dst.iter_mut().zip(g).zip(u) {
-            *o = g / (1.0 + (-g).exp()) * u;
+            *o = act(g) * u;
         }
     }
     Ok(())
 }
 
+fn gelu(v: f32) -> f32 {
+    const C: f32 = 0.797_884_6; // sqrt(2/pi)
+    let t = (C * (v + 0.044715 * v * v * v)).tanh();
+    0.5 * v * (1.0 + t)
+}
+
 /// GELU, tanh approximation (GPT-2's `gelu_new`), in place.
 pub fn gelu_tanh(x: &mut [f32]) {
-    const C: f32 = 0.797_884_6; // sqrt(2/pi)
     for v in x.iter_mut() {
-        let t = (C * (*v + 0.044715 * *v * *v * *v)).tanh();
-        *v = 0.5 * *v * (1.0 + t);
+        *v = gelu(*v);
     }
 }
 
@@ -53,6 +72,14 @@ mod tests {
             }
         }
         assert!(silu_mul(&gu[1..], rows, &mut out).is_err());
+    }
+
+    #[test]
+    fn gelu_tanh_mul_gates_the_up_half() {
+        let gu = [1.0f32, -1.0, 2.0, 3.0];
+        let mut out = [0f32; 2];
+        gelu_tanh_mul(&gu, 1, &mut out).unwrap();
+        assert_close(&out, &[0.841_192 * 2.0, -0.158_808 * 3.0], 1e-5);
     }
 
     #[test]

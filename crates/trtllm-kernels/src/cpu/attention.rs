@@ -22,12 +22,23 @@ pub struct AttentionShape {
     /// Sliding-window attention: a query at position `i` sees keys `i + 1 - window ..= i`
     /// (transformers' `sliding_window`); `None` sees every earlier key.
     pub window: Option<usize>,
+    /// Logit soft-capping (Gemma 2): each scaled score `s` becomes `cap · tanh(s / cap)`.
+    pub softcap: Option<f32>,
 }
 
 impl AttentionShape {
     /// The first key position seen by a query that sees `n` keys without a window.
     pub fn first_key(&self, n: usize) -> usize {
         self.window.map_or(0, |w| n.saturating_sub(w))
+    }
+
+    /// Soft-caps scores in place, where the shape has a cap.
+    pub(super) fn cap(&self, scores: &mut [f32]) {
+        if let Some(cap) = self.softcap {
+            for s in scores {
+                *s = cap * (*s / cap).tanh();
+            }
+        }
     }
 }
 
@@ -287,6 +298,7 @@ fn row_group(
         );
     }
     for row in sc.scores.chunks_exact_mut(m) {
+        shape.cap(row);
         softmax_inplace(row);
     }
     o.fill(0.0);
@@ -327,7 +339,9 @@ mod tests {
                     .iter()
                     .map(|&p| {
                         let kk = &k[(p * nkv + kvh) * hd..][..hd];
-                        qv.iter().zip(kk).map(|(a, b)| (a * b) as f64).sum::<f64>() * s.scale as f64
+                        let x = qv.iter().zip(kk).map(|(a, b)| (a * b) as f64).sum::<f64>()
+                            * s.scale as f64;
+                        s.softcap.map_or(x, |c| c as f64 * (x / c as f64).tanh())
                     })
                     .collect();
                 let m = sc.iter().cloned().fold(f64::MIN, f64::max);
@@ -359,15 +373,25 @@ mod tests {
     #[test]
     fn batched_paged_attention_matches_contiguous_reference() {
         let shapes = [(4, 4, 9, 3), (6, 2, 13, 4), (5, 1, 17, 5), (9, 3, 64, 32)];
-        // Windows shorter than a block, across blocks, and longer than every sequence.
-        let windows = [None, Some(2), Some(7), Some(64)];
-        for (&(nh, nkv, hd, bs), window) in shapes.iter().flat_map(|s| windows.map(|w| (s, w))) {
+        // Windows shorter than a block, across blocks, and longer than every sequence; soft caps
+        // loose and tight.
+        let masks = [
+            (None, None),
+            (Some(2), None),
+            (Some(7), Some(5.0)),
+            (Some(64), None),
+            (None, Some(0.5)),
+        ];
+        for (&(nh, nkv, hd, bs), (window, softcap)) in
+            shapes.iter().flat_map(|s| masks.map(|m| (s, m)))
+        {
             let s = AttentionShape {
                 n_heads: nh,
                 n_kv_heads: nkv,
                 head_dim: hd,
                 scale: 1.0 / (hd as f32).sqrt(),
                 window,
+                softcap,
             };
             let kv_row = nkv * hd;
             let shapes: [(usize, usize); 5] = [(0, 5), (3, 4), (11, 1), (0, 33), (40, 1)];
@@ -436,6 +460,7 @@ mod tests {
             head_dim: 2,
             scale: 1.0,
             window: None,
+            softcap: None,
         };
         let pool = [0f32; 8];
         let kv = PagedKv {
@@ -498,6 +523,7 @@ mod quantized_kv_tests {
             head_dim: hd,
             scale: 0.25,
             window: None,
+            softcap: None,
         };
         let blocks = [2u32, 0, 3, 1];
         // 12 rows × 3 heads per KV head: the SIMD paths run tiles.
@@ -559,6 +585,7 @@ mod quantized_kv_tests {
             head_dim: hd,
             scale: 0.2,
             window: None,
+            softcap: None,
         };
         let blocks = [1u32, 3, 0, 2];
         // 9 rows × 2 heads per KV head: tiles on the SIMD paths.

@@ -105,6 +105,7 @@ pub(super) unsafe fn run(
         let (keys, stride) = kv.k.head_rows(slots, head, &mut sc.widened);
         let block = &mut sc.scores[(p - p_lo) * lanes..(p - p_lo + slots.1) * lanes];
         scores(isa, &sc.qt, (keys, stride), hd, block);
+        shape.cap(block);
     }
     // Few keys are hidden from only some of the tile's queries: the last ones (causality) and,
     // with a window, the first ones.
@@ -309,6 +310,7 @@ mod tests {
             head_dim: 20,
             scale: 0.3,
             window: None,
+            softcap: None,
         };
         let (bs, len) = (8, 40);
         let kv_row = s.n_kv_heads * s.head_dim;

@@ -19,7 +19,7 @@ mod simd;
 mod tactic;
 mod widen;
 
-pub use activation::{gelu_tanh, silu_mul};
+pub use activation::{gelu_tanh, gelu_tanh_mul, silu_mul};
 #[cfg(feature = "cuda")]
 pub(crate) use attention::{check_batch, PoolShape};
 pub use attention::{paged_attention, AttentionSeq, AttentionShape, KvData, PagedKv};

@@ -151,6 +151,8 @@ struct AttnArgs {
     scale: f32,
     /// Keys seen per query (sliding window); 0: all earlier ones.
     window: i32,
+    /// Logit soft cap; 0: none.
+    softcap: f32,
 }
 // SAFETY: plain-old-data in the kernel's layout; the pointers stay valid for the launch (the
 // buffers they come from outlive it on the one stream).
@@ -242,13 +244,13 @@ impl CudaDevice {
     }
 
     /// Causal attention of every sequence's new rows over its paged keys and values, as
-    /// [`crate::cpu::paged_attention`] computes it, within `window` keys when given (layers of
-    /// one batch may differ in it).
+    /// [`crate::cpu::paged_attention`] computes it, with the window and soft cap of `layer`
+    /// (layers of one batch may differ in them; heads and head_dim are the batch's).
     pub fn paged_attention(
         &self,
         q: &CudaSlice<f32>,
         kv: &DeviceKv,
-        (batch, window): (&AttentionBatch, Option<usize>),
+        (batch, layer): (&AttentionBatch, &AttentionShape),
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let shape = batch.shape;
@@ -277,7 +279,8 @@ impl CudaDevice {
             head_dim: int("head_dim", shape.head_dim)?,
             block_size: int("block_size", batch.pool.1)?,
             scale: shape.scale,
-            window: int("window", window.unwrap_or(0))?,
+            window: int("window", layer.window.unwrap_or(0))?,
+            softcap: layer.softcap.unwrap_or(0.0),
         };
         // Prefill chunks share key tiles across rows; decode rows (one per sequence) split their
         // positions across the block's warps instead.

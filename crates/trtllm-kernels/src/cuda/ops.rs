@@ -148,13 +148,33 @@ impl CudaDevice {
         rows: usize,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        check_len("silu_mul", "gate_up", gate_up.len(), 2 * out.len())?;
-        let inter = check_rows("silu_mul", out.len(), rows.max(1))?;
+        self.gated("silu_mul_f32", gate_up, rows, out)
+    }
+
+    /// As [`Self::silu_mul`] with GELU-tanh on the gate (GeGLU).
+    pub fn gelu_tanh_mul(
+        &self,
+        gate_up: &CudaSlice<f32>,
+        rows: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.gated("gelu_tanh_mul_f32", gate_up, rows, out)
+    }
+
+    fn gated(
+        &self,
+        name: &'static str,
+        gate_up: &CudaSlice<f32>,
+        rows: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check_len(name, "gate_up", gate_up.len(), 2 * out.len())?;
+        let inter = check_rows(name, out.len(), rows.max(1))?;
         let (r, i) = (int("rows", rows)?, int("inter", inter)?);
         let cfg = elementwise(out.len())?;
-        let mut b = self.builder("silu_mul_f32")?;
+        let mut b = self.builder(name)?;
         b.arg(gate_up).arg(out).arg(&r).arg(&i);
-        launch(b, cfg, "silu_mul_f32")
+        launch(b, cfg, name)
     }
 
     pub fn gelu_tanh(&self, x: &mut CudaSlice<f32>) -> Result<()> {

@@ -201,6 +201,7 @@ fn paged_attention_and_kv_writes_match_cpu() {
         head_dim: hd,
         scale: 1.0 / (hd as f32).sqrt(),
         window: None,
+        softcap: None,
     };
     let kv_row = nkv * hd;
     let tables = [
@@ -272,7 +273,7 @@ fn paged_attention_and_kv_writes_match_cpu() {
             let q = rand_vec((n_new[0] + n_new[1]) * shape.n_heads * hd, 42);
             let batch = d.attention_batch(&seqs, (&kv, bs), shape).unwrap();
             let mut out = d.zeros::<f32>(q.len()).unwrap();
-            d.paged_attention(&d.upload(&q).unwrap(), &kv, (&batch, None), &mut out)
+            d.paged_attention(&d.upload(&q).unwrap(), &kv, (&batch, &shape), &mut out)
                 .unwrap();
             let gpu = d.download(&out).unwrap();
             let mut want = vec![0f32; q.len()];
