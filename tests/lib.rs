@@ -18,6 +18,7 @@ pub const TINY_FIXTURES: &[&str] = &[
     "tiny-qwen3",
     "tiny-mistral-swa",
     "tiny-phi3",
+    "tiny-gemma2",
 ];
 
 #[derive(Deserialize)]

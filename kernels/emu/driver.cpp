@@ -46,7 +46,7 @@ Kernel kernel(void (*k)(A...)) {
 const std::map<std::string, Kernel>& kernels() {
 #define K(name) {#name, kernel(name)}
     static const std::map<std::string, Kernel> all = {
-        K(silu_mul_f32), K(gelu_tanh_f32),
+        K(silu_mul_f32), K(gelu_tanh_mul_f32), K(gelu_tanh_f32),
         K(paged_attention_f32), K(paged_attention_bf16), K(paged_attention_f16),
         K(paged_attention_int8), K(paged_attention_fp8),
         K(paged_attention_tiled_f32), K(paged_attention_tiled_bf16), K(paged_attention_tiled_f16),

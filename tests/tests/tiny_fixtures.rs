@@ -86,6 +86,13 @@ fn tiny_phi3_fused_qkv_and_gate_up_in_the_checkpoint() -> Result<()> {
     check_fixture("tiny-phi3")
 }
 
+/// (1 + w) norms, post-norms, GeGLU, √hidden embeddings, attention and final soft-capping,
+/// query_pre_attn_scalar, window 6 on alternate layers.
+#[test]
+fn tiny_gemma2() -> Result<()> {
+    check_fixture("tiny-gemma2")
+}
+
 /// Converting storage type at build time is exact when widening (bf16 → f32) and stays close
 /// when narrowing (f32 → bf16).
 #[test]

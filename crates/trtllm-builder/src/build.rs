@@ -260,6 +260,22 @@ pub(crate) fn write_engine(
             &format!("layers.{i}.{}", names::ATTN_NORM),
             h,
         )?;
+        if let Some((an, mn)) = &layer.post_norms {
+            write_norm(
+                ck,
+                w,
+                an,
+                &format!("layers.{i}.{}", names::POST_ATTN_NORM),
+                h,
+            )?;
+            write_norm(
+                ck,
+                w,
+                mn,
+                &format!("layers.{i}.{}", names::POST_MLP_NORM),
+                h,
+            )?;
+        }
         if let Some((qn, kn)) = &layer.qk_norm {
             let hd = model.head_dim;
             write_norm(ck, w, qn, &format!("layers.{i}.{}", names::Q_NORM), hd)?;
@@ -446,11 +462,12 @@ fn write_norm(
 ) -> Result<()> {
     let weight = ck.require(&spec.weight)?;
     check_shape(ck, &spec.weight, &weight.shape, &[dim])?;
+    let values: Vec<f32> = weight.data.iter().map(|&x| x + spec.offset).collect();
     w.add(
         &format!("{prefix}.weight"),
         DType::F32,
         &[dim],
-        &DType::F32.encode(&weight.data),
+        &DType::F32.encode(&values),
     )?;
     if let Some(b) = ck.tensor(&spec.bias)? {
         check_shape(ck, &spec.bias, &b.shape, &[dim])?;

@@ -12,11 +12,14 @@ pub enum Family {
     Qwen3,
     /// Llama's decoder with q/k/v and gate/up already fused in the checkpoint.
     Phi3,
+    /// Pre- and post-norms around attention and MLP, `(1 + w)` RMSNorm weights (stored as w),
+    /// GeGLU, soft-capping, alternating sliding windows.
+    Gemma2,
     Gpt2,
 }
 
 pub const SUPPORTED: &str =
-    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, GPT2LMHeadModel; GGUF: llama, mistral, qwen2, gpt2";
+    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, GPT2LMHeadModel; GGUF: llama, mistral, qwen2, gpt2";
 
 /// One source matrix of a (possibly fused) engine linear layer.
 #[derive(Clone, Debug)]
@@ -37,6 +40,8 @@ pub type LinearSpec = Vec<Part>;
 pub struct NormSpec {
     pub weight: String,
     pub bias: String,
+    /// Added to each weight when written: Gemma's RMSNorm multiplies by `1 + w`.
+    pub offset: f32,
 }
 
 #[derive(Clone, Debug)]
@@ -47,6 +52,8 @@ pub struct LayerSpec {
     pub qk_norm: Option<(NormSpec, NormSpec)>,
     pub o: LinearSpec,
     pub mlp_norm: NormSpec,
+    /// Norms of the attention and MLP outputs before the residual add (Gemma 2).
+    pub post_norms: Option<(NormSpec, NormSpec)>,
     /// `[gate ; up]` for gated MLPs, `[up]` otherwise.
     pub up: LinearSpec,
     pub down: LinearSpec,
@@ -77,6 +84,14 @@ fn norm(prefix: &str) -> NormSpec {
     NormSpec {
         weight: format!("{prefix}.weight"),
         bias: format!("{prefix}.bias"),
+        offset: 0.0,
+    }
+}
+
+fn gemma_norm(prefix: &str) -> NormSpec {
+    NormSpec {
+        offset: 1.0,
+        ..norm(prefix)
     }
 }
 
@@ -99,6 +114,7 @@ pub fn hf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
                     }),
                     o: vec![p("self_attn.o_proj")],
                     mlp_norm: norm(&format!("model.layers.{i}.post_attention_layernorm")),
+                    post_norms: None,
                     up: vec![p("mlp.gate_proj"), p("mlp.up_proj")],
                     down: vec![p("mlp.down_proj")],
                 }
@@ -107,6 +123,38 @@ pub fn hf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
                 embed: "model.embed_tokens.weight".into(),
                 pos_embed: None,
                 final_norm: norm("model.norm"),
+                lm_head: "lm_head.weight".into(),
+                layers: (0..cfg.num_layers).map(layer).collect(),
+            }
+        }
+        Family::Gemma2 => {
+            let layer = |i: usize| {
+                let p = |s: &str| part(format!("model.layers.{i}.{s}.weight"));
+                let n = |s: &str| gemma_norm(&format!("model.layers.{i}.{s}"));
+                LayerSpec {
+                    attn_norm: n("input_layernorm"),
+                    qkv: vec![
+                        p("self_attn.q_proj"),
+                        p("self_attn.k_proj"),
+                        p("self_attn.v_proj"),
+                    ],
+                    qk_norm: None,
+                    o: vec![p("self_attn.o_proj")],
+                    // Gemma's post_attention_layernorm norms the attention output; the MLP's
+                    // input norm is pre_feedforward_layernorm.
+                    mlp_norm: n("pre_feedforward_layernorm"),
+                    post_norms: Some((
+                        n("post_attention_layernorm"),
+                        n("post_feedforward_layernorm"),
+                    )),
+                    up: vec![p("mlp.gate_proj"), p("mlp.up_proj")],
+                    down: vec![p("mlp.down_proj")],
+                }
+            };
+            ModelSpec {
+                embed: "model.embed_tokens.weight".into(),
+                pos_embed: None,
+                final_norm: gemma_norm("model.norm"),
                 lm_head: "lm_head.weight".into(),
                 layers: (0..cfg.num_layers).map(layer).collect(),
             }
@@ -121,6 +169,7 @@ pub fn hf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
                     qk_norm: None,
                     o: vec![p("self_attn.o_proj")],
                     mlp_norm: norm(&format!("model.layers.{i}.post_attention_layernorm")),
+                    post_norms: None,
                     // Rows gate, then up (Phi3MLP chunks it in that order): the engine's gate_up.
                     up: vec![p("mlp.gate_up_proj")],
                     down: vec![p("mlp.down_proj")],
@@ -146,6 +195,7 @@ pub fn hf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
                     qk_norm: None,
                     o: vec![conv("attn.c_proj")],
                     mlp_norm: norm(&format!("transformer.h.{i}.ln_2")),
+                    post_norms: None,
                     up: vec![conv("mlp.c_fc")],
                     down: vec![conv("mlp.c_proj")],
                 }
@@ -172,7 +222,7 @@ pub fn gguf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
             ..p(s)
         };
         let (qkv, up) = match cfg.mlp {
-            MlpKind::GatedSilu => (
+            MlpKind::GatedSilu | MlpKind::GatedGeluTanh => (
                 vec![
                     rope("attn_q", cfg.num_heads),
                     rope("attn_k", cfg.num_kv_heads),
@@ -188,6 +238,7 @@ pub fn gguf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
             qk_norm: None,
             o: vec![p("attn_output")],
             mlp_norm: norm(&format!("blk.{i}.ffn_norm")),
+            post_norms: None,
             up,
             down: vec![p("ffn_down")],
         }

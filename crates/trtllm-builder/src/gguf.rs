@@ -355,6 +355,11 @@ impl GgufFile {
                 .and_then(Value::as_u64)
                 .map(|w| w as usize),
             sliding_layers: Vec::new(),
+            attn_logit_softcap: None,
+            final_logit_softcap: None,
+            query_pre_attn_scalar: None,
+            embed_scale: None,
+            post_norms: false,
             bos_token_id: token("bos_token_id"),
             eos_token_ids: token("eos_token_id").into_iter().collect(),
         };

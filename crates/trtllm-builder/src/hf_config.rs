@@ -109,6 +109,7 @@ pub fn parse(v: &Value, path: &Path) -> Result<HfConfig> {
         "Qwen2ForCausalLM" | "qwen2" => Family::Qwen2,
         "Qwen3ForCausalLM" | "qwen3" => Family::Qwen3,
         "Phi3ForCausalLM" | "phi3" => Family::Phi3,
+        "Gemma2ForCausalLM" | "gemma2" => Family::Gemma2,
         "GPT2LMHeadModel" | "gpt2" => Family::Gpt2,
         other => {
             return Err(BuildError::UnsupportedArchitecture {
@@ -138,13 +139,23 @@ pub fn parse(v: &Value, path: &Path) -> Result<HfConfig> {
 }
 
 fn llama_like(f: &Fields, arch: &str, family: Family) -> Result<ModelConfig> {
-    let act = f.str("hidden_act").unwrap_or("silu");
-    if act != "silu" {
-        return Err(f.invalid(
-            "hidden_act",
-            &format!("'{act}' is not supported for {arch} (expected silu)"),
-        ));
-    }
+    let gemma = family == Family::Gemma2;
+    // Gemma names it hidden_activation (and used hidden_act for it in early configs).
+    let (key, act) = match f.str("hidden_activation") {
+        Some(a) => ("hidden_activation", a),
+        None => ("hidden_act", f.str("hidden_act").unwrap_or("silu")),
+    };
+    let mlp = match act {
+        "silu" if !gemma => MlpKind::GatedSilu,
+        "gelu_pytorch_tanh" | "gelu_new" if gemma => MlpKind::GatedGeluTanh,
+        _ => {
+            let expected = if gemma { "gelu_pytorch_tanh" } else { "silu" };
+            return Err(f.invalid(
+                key,
+                &format!("'{act}' is not supported for {arch} (expected {expected})"),
+            ));
+        }
+    };
     let hidden = f.usize("hidden_size")?;
     let heads = f.usize("num_attention_heads")?;
     let head_dim = f.opt_usize("head_dim")?.unwrap_or(hidden / heads.max(1));
@@ -170,19 +181,34 @@ fn llama_like(f: &Fields, arch: &str, family: Family) -> Result<ModelConfig> {
         max_position_embeddings: f.usize("max_position_embeddings")?,
         norm: NormKind::RmsNorm,
         norm_eps: f.f32_or("rms_norm_eps", 1e-6)?,
-        mlp: MlpKind::GatedSilu,
+        mlp,
         position: PositionKind::Rope {
             theta: rope_theta(f, family)?,
             rotary_dim: ((head_dim as f32 * partial) as usize) & !1,
             scaling: rope_scaling(f)?,
         },
-        tie_word_embeddings: f.bool_or("tie_word_embeddings", false),
+        tie_word_embeddings: f.bool_or("tie_word_embeddings", gemma),
         qk_norm: family == Family::Qwen3,
         sliding_window,
         sliding_layers,
+        attn_logit_softcap: opt_f32(f, "attn_logit_softcapping")?,
+        final_logit_softcap: opt_f32(f, "final_logit_softcapping")?,
+        query_pre_attn_scalar: opt_f32(f, "query_pre_attn_scalar")?,
+        embed_scale: gemma.then(|| (hidden as f32).sqrt()),
+        post_norms: gemma,
         bos_token_id: f.ids("bos_token_id").first().copied(),
         eos_token_ids: f.ids("eos_token_id"),
     })
+}
+
+fn opt_f32(f: &Fields, key: &str) -> Result<Option<f32>> {
+    match f.get(key) {
+        None => Ok(None),
+        Some(v) => match v.as_f64() {
+            Some(x) if x > 0.0 => Ok(Some(x as f32)),
+            _ => Err(f.invalid(key, "expected a positive number")),
+        },
+    }
 }
 
 /// The sliding window and the layers it applies to: transformers 5's `layer_types`
@@ -300,6 +326,11 @@ fn gpt2(f: &Fields, arch: &str) -> Result<ModelConfig> {
         qk_norm: false,
         sliding_window: None,
         sliding_layers: Vec::new(),
+        attn_logit_softcap: None,
+        final_logit_softcap: None,
+        query_pre_attn_scalar: None,
+        embed_scale: None,
+        post_norms: false,
         bos_token_id: f.ids("bos_token_id").first().copied(),
         eos_token_ids: f.ids("eos_token_id"),
     })

@@ -21,6 +21,8 @@ pub enum MlpKind {
     GatedSilu,
     /// `down(gelu_tanh(up(x)))`.
     GeluTanh,
+    /// `down(gelu_tanh(gate(x)) · up(x))` (Gemma's GeGLU), gate and up fused like GatedSilu.
+    GatedGeluTanh,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -64,6 +66,22 @@ pub struct ModelConfig {
     /// `sliding_window` is set.
     #[serde(default)]
     pub sliding_layers: Vec<bool>,
+    /// Attention scores soft-capped at this value (Gemma 2): `cap · tanh(s / cap)`.
+    #[serde(default)]
+    pub attn_logit_softcap: Option<f32>,
+    /// Output logits soft-capped the same way.
+    #[serde(default)]
+    pub final_logit_softcap: Option<f32>,
+    /// The attention scale is `query_pre_attn_scalar^-½` instead of `head_dim^-½`.
+    #[serde(default)]
+    pub query_pre_attn_scalar: Option<f32>,
+    /// Token embeddings multiplied by this (Gemma: √hidden).
+    #[serde(default)]
+    pub embed_scale: Option<f32>,
+    /// A norm on the attention output and one on the MLP output before each joins the residual
+    /// stream (Gemma 2/3), besides the usual pre-norms.
+    #[serde(default)]
+    pub post_norms: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -123,8 +141,13 @@ impl ModelConfig {
             n_heads: self.num_heads,
             n_kv_heads: self.num_kv_heads,
             head_dim: self.head_dim,
-            scale: 1.0 / (self.head_dim as f32).sqrt(),
+            scale: 1.0
+                / self
+                    .query_pre_attn_scalar
+                    .unwrap_or(self.head_dim as f32)
+                    .sqrt(),
             window: self.window(layer),
+            softcap: self.attn_logit_softcap,
         }
     }
 
@@ -150,7 +173,9 @@ impl ModelConfig {
     /// fused `gate_up` (gate rows, then up rows) for gated MLPs, plain `up` otherwise.
     pub fn mlp_in(&self) -> (&'static str, usize) {
         match self.mlp {
-            MlpKind::GatedSilu => (crate::engine::names::GATE_UP, 2 * self.intermediate_size),
+            MlpKind::GatedSilu | MlpKind::GatedGeluTanh => {
+                (crate::engine::names::GATE_UP, 2 * self.intermediate_size)
+            }
             MlpKind::GeluTanh => (crate::engine::names::UP, self.intermediate_size),
         }
     }

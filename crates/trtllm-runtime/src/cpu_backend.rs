@@ -174,6 +174,11 @@ impl Backend for CpuBackend {
                 cpu::silu_mul(&up, rows, &mut a)?;
                 a
             }
+            MlpKind::GatedGeluTanh => {
+                let mut a = vec![0f32; rows * self.cfg.intermediate_size];
+                cpu::gelu_tanh_mul(&up, rows, &mut a)?;
+                a
+            }
             MlpKind::GeluTanh => {
                 let mut a = up;
                 cpu::gelu_tanh(&mut a);

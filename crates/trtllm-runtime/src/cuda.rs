@@ -230,6 +230,11 @@ impl Backend for CudaBackend {
                 self.dev.silu_mul(&up, rows, &mut a)?;
                 a
             }
+            MlpKind::GatedGeluTanh => {
+                let mut a = self.output(rows * self.cfg.intermediate_size)?;
+                self.dev.gelu_tanh_mul(&up, rows, &mut a)?;
+                a
+            }
             MlpKind::GeluTanh => {
                 let mut a = up;
                 self.dev.gelu_tanh(&mut a)?;

@@ -75,6 +75,7 @@ struct DeviceLayer<B: Backend> {
     attn_norm: B::Norm,
     qkv: B::Linear,
     qk_norm: Option<(B::Norm, B::Norm)>,
+    post_norms: Option<(B::Norm, B::Norm)>,
     o: B::Linear,
     mlp_norm: B::Norm,
     up: B::Linear,
@@ -92,16 +93,17 @@ pub(crate) struct Decoder<B: Backend> {
 
 impl<B: Backend> Decoder<B> {
     pub fn new(model: HostModel, backend: B) -> Result<Self> {
+        let pair = |p: &Option<(Norm, Norm)>| -> Result<Option<(B::Norm, B::Norm)>> {
+            p.as_ref()
+                .map(|(a, b)| Ok((backend.norm_of(&model, a)?, backend.norm_of(&model, b)?)))
+                .transpose()
+        };
         let layer = |l: &Layer| -> Result<DeviceLayer<B>> {
             Ok(DeviceLayer {
                 attn_norm: backend.norm_of(&model, &l.attn_norm)?,
                 qkv: backend.linear_of(&model, &l.qkv)?,
-                qk_norm: match &l.qk_norm {
-                    Some((q, k)) => {
-                        Some((backend.norm_of(&model, q)?, backend.norm_of(&model, k)?))
-                    }
-                    None => None,
-                },
+                qk_norm: pair(&l.qk_norm)?,
+                post_norms: pair(&l.post_norms)?,
                 o: backend.linear_of(&model, &l.o)?,
                 mlp_norm: backend.norm_of(&model, &l.mlp_norm)?,
                 up: backend.linear_of(&model, &l.up)?,
@@ -145,9 +147,15 @@ impl<B: Backend> Decoder<B> {
         };
         let mut x = b.norm(norm_after(0), &hidden, None)?;
         for (i, (layer, names)) in self.layers.iter().zip(&self.model.layers).enumerate() {
-            let o = self.attention_block(i, (layer, names), (&x, n), &step, pool, obs)?;
+            let mut o = self.attention_block(i, (layer, names), (&x, n), &step, pool, obs)?;
+            if let Some((post, _)) = &layer.post_norms {
+                o = b.norm(post, &o, None)?;
+            }
             x = b.norm(&layer.mlp_norm, &o, Some(&mut hidden))?;
-            let down = self.mlp_block((layer, names), &x, n, obs)?;
+            let mut down = self.mlp_block((layer, names), &x, n, obs)?;
+            if let Some((_, post)) = &layer.post_norms {
+                down = b.norm(post, &down, None)?;
+            }
             x = b.norm(norm_after(i + 1), &down, Some(&mut hidden))?;
         }
         let rows = &layout.logits_rows;
@@ -155,7 +163,14 @@ impl<B: Backend> Decoder<B> {
             return Ok(Vec::new());
         }
         let last = b.gather_rows(&x, rows, self.config().hidden_size)?;
-        b.download(b.linear(&self.lm_head, &last, rows.len())?)
+        let mut logits = b.download(b.linear(&self.lm_head, &last, rows.len())?)?;
+        if let Some(cap) = self.config().final_logit_softcap {
+            // On the host: every device downloads the logits rows for sampling anyway.
+            for l in &mut logits {
+                *l = cap * (*l / cap).tanh();
+            }
+        }
+        Ok(logits)
     }
 
     fn linear(

@@ -434,6 +434,9 @@ pub mod names {
     /// Per-head RMSNorms of the queries and keys (Qwen3, Gemma 3): `[head_dim]` each.
     pub const Q_NORM: &str = "q_norm";
     pub const K_NORM: &str = "k_norm";
+    /// Norms of the attention and MLP outputs before the residual add (Gemma 2/3).
+    pub const POST_ATTN_NORM: &str = "post_attn_norm";
+    pub const POST_MLP_NORM: &str = "post_mlp_norm";
     /// Fused `[gate ; up]` for gated MLPs, plain `up` otherwise.
     pub const GATE_UP: &str = "gate_up";
     pub const UP: &str = "up";

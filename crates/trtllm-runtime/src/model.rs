@@ -110,6 +110,8 @@ pub(crate) struct Layer {
     pub qkv: Linear,
     /// The query and key head norms, where the config has them.
     pub qk_norm: Option<(Norm, Norm)>,
+    /// The attention and MLP output norms, where the config has them.
+    pub post_norms: Option<(Norm, Norm)>,
     pub o: Linear,
     pub mlp_norm: Norm,
     pub up: Linear,
@@ -161,6 +163,13 @@ impl HostModel {
                     qkv: linear(i, names::QKV, cfg.qkv_dim(), h)?,
                     qk_norm: match cfg.qk_norm {
                         true => Some((head_norm(i, names::Q_NORM)?, head_norm(i, names::K_NORM)?)),
+                        false => None,
+                    },
+                    post_norms: match cfg.post_norms {
+                        true => Some((
+                            norm(&format!("layers.{i}.{}", names::POST_ATTN_NORM))?,
+                            norm(&format!("layers.{i}.{}", names::POST_MLP_NORM))?,
+                        )),
                         false => None,
                     },
                     o: linear(i, names::O, h, cfg.q_dim())?,
@@ -235,6 +244,9 @@ impl HostModel {
             let ids: Vec<u32> = layout.positions.iter().map(|&p| p as u32).collect();
             cpu::embedding_gather(pe.mat(&self.file)?, &ids, &mut pos)?;
             cpu::add_inplace(&mut hidden, &pos)?;
+        }
+        if let Some(s) = self.cfg.embed_scale {
+            hidden.iter_mut().for_each(|x| *x *= s);
         }
         Ok(hidden)
     }
