@@ -195,7 +195,9 @@ pub fn nvrtc_compile(include: &Path, out: &Path, sources: &[PathBuf]) -> Result<
             let log = unsafe { result::get_program_log(prog) }
                 .map(|l| c_chars_to_string(&l))
                 .unwrap_or_default();
+            // SAFETY: as above; the program is still alive here.
             let ptx = compiled.and_then(|_| unsafe { result::get_ptx(prog) });
+            // SAFETY: the last use of `prog`.
             unsafe { result::destroy_program(prog) }.ok();
             let log = log.trim();
             match ptx {

@@ -104,6 +104,9 @@ mod simd {
         }
     }
 
+    /// # Safety
+    /// The processor has the features enabled here (callers check `isa()` first), and
+    /// the arguments meet the contract of the body it enters.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn scores_avx2(
         q: (&[f32], usize),
@@ -115,6 +118,9 @@ mod simd {
         dots::<Avx2, 2>(q, k, scale, s, len)
     }
 
+    /// # Safety
+    /// The processor has the features enabled here (callers check `isa()` first), and
+    /// the arguments meet the contract of the body it enters.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
     unsafe fn scores_avx512(
         q: (&[f32], usize),
@@ -199,6 +205,9 @@ mod simd {
         }
     }
 
+    /// # Safety
+    /// The processor has the features enabled here (callers check `isa()` first), and
+    /// the arguments meet the contract of the body it enters.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn weighted_avx2(
         w: (&[f32], usize),
@@ -209,6 +218,9 @@ mod simd {
         weighted::<Avx2, 2>(w, v, len, o)
     }
 
+    /// # Safety
+    /// The processor has the features enabled here (callers check `isa()` first), and
+    /// the arguments meet the contract of the body it enters.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
     unsafe fn weighted_avx512(
         w: (&[f32], usize),

@@ -146,11 +146,17 @@ unsafe fn softmax(isa: Isa, scores: &mut [f32], sums: &mut [f32]) {
     }
 }
 
+/// # Safety
+/// The processor has the features enabled here (callers check `isa()` first), and
+/// the arguments meet the contract of the body it enters.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn softmax_avx2(scores: &mut [f32], sums: &mut [f32]) {
     softmax_columns::<Avx2>(scores, sums)
 }
 
+/// # Safety
+/// The processor has the features enabled here (callers check `isa()` first), and
+/// the arguments meet the contract of the body it enters.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 unsafe fn softmax_avx512(scores: &mut [f32], sums: &mut [f32]) {
     softmax_columns::<Avx512>(scores, sums)
@@ -184,11 +190,17 @@ unsafe fn scores(isa: Isa, qt: &[f32], keys: (&[f32], usize), hd: usize, out: &m
     }
 }
 
+/// # Safety
+/// The processor has the features enabled here (callers check `isa()` first), and
+/// the arguments meet the contract of the body it enters.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn scores_avx2(qt: &[f32], keys: (&[f32], usize), hd: usize, out: &mut [f32]) {
     scores_tiles::<Avx2, 4>(qt, keys, hd, out)
 }
 
+/// # Safety
+/// The processor has the features enabled here (callers check `isa()` first), and
+/// the arguments meet the contract of the body it enters.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 unsafe fn scores_avx512(qt: &[f32], keys: (&[f32], usize), hd: usize, out: &mut [f32]) {
     scores_tiles::<Avx512, 8>(qt, keys, hd, out)
@@ -242,11 +254,17 @@ unsafe fn weighted(isa: Isa, w: &[f32], values: (&[f32], usize), hd: usize, ot: 
     }
 }
 
+/// # Safety
+/// The processor has the features enabled here (callers check `isa()` first), and
+/// the arguments meet the contract of the body it enters.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn weighted_avx2(w: &[f32], values: (&[f32], usize), hd: usize, ot: &mut [f32]) {
     weighted_tiles::<Avx2, 4>(w, values, hd, ot)
 }
 
+/// # Safety
+/// The processor has the features enabled here (callers check `isa()` first), and
+/// the arguments meet the contract of the body it enters.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 unsafe fn weighted_avx512(w: &[f32], values: (&[f32], usize), hd: usize, ot: &mut [f32]) {
     weighted_tiles::<Avx512, 8>(w, values, hd, ot)

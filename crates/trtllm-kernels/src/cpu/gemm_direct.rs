@@ -29,12 +29,20 @@ pub(super) unsafe fn columns<E: Elem>(
 }
 
 /// 3 × 3 tiles: 9 accumulators, 3 weight vectors and an activation vector of the 16 registers.
+///
+/// # Safety
+/// The processor has the features enabled here (callers check `isa()` first), and
+/// the arguments meet the contract of the body it enters.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn columns_avx2<E: Elem>(p: &Problem<'_>, w: &[E], cols: Range<usize>, out: OutPtr) {
     tiles::<Avx2, E, 3, 3>(p, w, cols, out)
 }
 
 /// 4 × 4 tiles: 16 accumulators, 4 weight vectors and an activation vector of the 32 registers.
+///
+/// # Safety
+/// The processor has the features enabled here (callers check `isa()` first), and
+/// the arguments meet the contract of the body it enters.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 unsafe fn columns_avx512<E: Elem>(p: &Problem<'_>, w: &[E], cols: Range<usize>, out: OutPtr) {
     tiles::<Avx512, E, 4, 4>(p, w, cols, out)

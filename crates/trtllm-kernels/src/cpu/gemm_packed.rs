@@ -30,6 +30,10 @@ pub(super) unsafe fn columns<W: Rows>(
 
 /// 6 rows × 16 columns: 12 accumulators, two panel vectors and a broadcast: 15 of the 16
 /// registers.
+///
+/// # Safety
+/// The processor has the features enabled here (callers check `isa()` first), and
+/// the arguments meet the contract of the body it enters.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn columns_avx2<W: Rows>(p: &Problem<'_>, w: &W, cols: Range<usize>, out: OutPtr) {
     panels::<Avx2, W, 6>(p, w, cols, out)
@@ -37,6 +41,10 @@ unsafe fn columns_avx2<W: Rows>(p: &Problem<'_>, w: &W, cols: Range<usize>, out:
 
 /// 12 rows × 32 columns: 24 accumulators, two panel vectors and a broadcast of the 32
 /// registers; each broadcast (folded into the FMA) feeds two FMAs of 16 lanes.
+///
+/// # Safety
+/// The processor has the features enabled here (callers check `isa()` first), and
+/// the arguments meet the contract of the body it enters.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 unsafe fn columns_avx512<W: Rows>(p: &Problem<'_>, w: &W, cols: Range<usize>, out: OutPtr) {
     panels::<Avx512, W, 12>(p, w, cols, out)
@@ -92,6 +100,10 @@ unsafe fn panels<L: Lanes, W: Rows, const MR: usize>(
 /// Its own `target_feature`, not `inline(always)`: it is reached through the `Rows::pack` trait
 /// method, which has none, and an intrinsic inlined into a function without the feature becomes
 /// an out-of-line call per instruction (a 10× slowdown of every batched step, once).
+///
+/// # Safety
+/// The processor has the features enabled here (callers check `isa()` first), and
+/// the arguments meet the contract of the body it enters.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn pack<E: Elem>(
     w: &[E],

@@ -383,6 +383,9 @@ mod gemv {
 
     const NR: usize = 8;
 
+    /// # Safety
+    /// The processor has the features enabled here (callers check `isa()` first), and
+    /// the arguments meet the contract of the body it enters.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn columns_avx2<E: Elem>(
         p: &Problem<'_>,
@@ -393,6 +396,9 @@ mod gemv {
         columns::<Avx2, E>(p, w, cols, out)
     }
 
+    /// # Safety
+    /// The processor has the features enabled here (callers check `isa()` first), and
+    /// the arguments meet the contract of the body it enters.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
     pub(super) unsafe fn columns_avx512<E: Elem>(
         p: &Problem<'_>,

@@ -168,6 +168,10 @@ pub(crate) mod avx {
     }
 
     /// Softmax of one row in place.
+    ///
+    /// # Safety
+    /// The processor has the features enabled here (callers check `isa()` first), and
+    /// the arguments meet the contract of the body it enters.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn softmax(x: &mut [f32]) {
         let n = x.len();

@@ -47,11 +47,17 @@ mod simd {
         }
     }
 
+    /// # Safety
+    /// The processor has the features enabled here (callers check `isa()` first), and
+    /// the arguments meet the contract of the body it enters.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn widen_avx2(format: Half, src: &[u16], dst: &mut [f32]) {
         lanes::<Avx2>(format, src, dst)
     }
 
+    /// # Safety
+    /// The processor has the features enabled here (callers check `isa()` first), and
+    /// the arguments meet the contract of the body it enters.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
     unsafe fn widen_avx512(format: Half, src: &[u16], dst: &mut [f32]) {
         lanes::<Avx512>(format, src, dst)

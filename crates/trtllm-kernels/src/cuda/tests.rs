@@ -78,7 +78,8 @@ fn rope_activations_softmax_and_embedding_match_cpu() {
     let mut want = vec![0f32; rows * inter];
     cpu::silu_mul(&gu, rows, &mut want).unwrap();
     assert_close(&d.download(&out).unwrap(), &want, 1e-5, "silu_mul");
-    d.gelu_tanh_mul(&d.upload(&gu).unwrap(), rows, &mut out).unwrap();
+    d.gelu_tanh_mul(&d.upload(&gu).unwrap(), rows, &mut out)
+        .unwrap();
     cpu::gelu_tanh_mul(&gu, rows, &mut want).unwrap();
     assert_close(&d.download(&out).unwrap(), &want, 1e-5, "gelu_tanh_mul");
 

@@ -111,11 +111,17 @@ pub(crate) unsafe fn columns<W: BlockDot>(
     }
 }
 
+/// # Safety
+/// The processor has the features enabled here (callers check `isa()` first), and
+/// the arguments meet the contract of the body it enters.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn columns_avx2<W: BlockDot>(w: &W, p: &Problem<'_>, cols: Range<usize>, out: OutPtr) {
     rows::<Avx2, W>(w, p, cols, out)
 }
 
+/// # Safety
+/// The processor has the features enabled here (callers check `isa()` first), and
+/// the arguments meet the contract of the body it enters.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 unsafe fn columns_avx512<W: BlockDot>(w: &W, p: &Problem<'_>, cols: Range<usize>, out: OutPtr) {
     rows::<Avx512, W>(w, p, cols, out)
@@ -305,6 +311,10 @@ impl BlockDot for Nvfp4Weights<'_> {
 
 /// Fills a panel of the packed GEMM from quantized rows `cols`: each row dequantized block by
 /// block in registers into a scratch matrix, then transposed by the dense f32 pack.
+///
+/// # Safety
+/// The processor has the features enabled here (callers check `isa()` first), and
+/// the arguments meet the contract of the body it enters.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn pack<W: BlockDot>(
     w: &W,

@@ -76,6 +76,10 @@ mod avx {
     /// 32 products per step: `maddubs` multiplies |a| (unsigned) by b carrying a's sign, pairs
     /// summed in i16 (at most 2·127·127, no saturation since codes stay within ±127), then
     /// widened to i32 pairs by `madd` against ones.
+    ///
+    /// # Safety
+    /// The processor has the features enabled here (callers check `isa()` first), and
+    /// the arguments meet the contract of the body it enters.
     #[target_feature(enable = "avx2")]
     pub unsafe fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
         let n = a.len();
@@ -99,6 +103,10 @@ mod avx {
 
     /// As [`dot_i8`], with one `vpdpbusd` per 32 products in place of maddubs + madd + add: the
     /// same |a| × sign(b, a) trick, summed straight into i32 lanes (the same integer result).
+    ///
+    /// # Safety
+    /// The processor has the features enabled here (callers check `isa()` first), and
+    /// the arguments meet the contract of the body it enters.
     #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
     pub unsafe fn dot_i8_vnni(a: &[i8], b: &[i8]) -> i32 {
         let n = a.len();
