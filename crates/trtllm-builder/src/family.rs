@@ -98,87 +98,55 @@ fn gemma_norm(prefix: &str) -> NormSpec {
 /// Hugging Face tensor names.
 pub fn hf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
     match family {
-        Family::Llama | Family::Mistral | Family::Qwen2 | Family::Qwen3 => {
+        Family::Llama
+        | Family::Mistral
+        | Family::Qwen2
+        | Family::Qwen3
+        | Family::Phi3
+        | Family::Gemma2 => {
+            let gemma = family == Family::Gemma2;
+            let any_norm = |name: &str| if gemma { gemma_norm(name) } else { norm(name) };
             let layer = |i: usize| {
                 let p = |s: &str| part(format!("model.layers.{i}.{s}.weight"));
-                LayerSpec {
-                    attn_norm: norm(&format!("model.layers.{i}.input_layernorm")),
-                    qkv: vec![
-                        p("self_attn.q_proj"),
-                        p("self_attn.k_proj"),
-                        p("self_attn.v_proj"),
-                    ],
-                    qk_norm: (family == Family::Qwen3).then(|| {
-                        let n = |s: &str| norm(&format!("model.layers.{i}.self_attn.{s}"));
-                        (n("q_norm"), n("k_norm"))
-                    }),
-                    o: vec![p("self_attn.o_proj")],
-                    mlp_norm: norm(&format!("model.layers.{i}.post_attention_layernorm")),
-                    post_norms: None,
-                    up: vec![p("mlp.gate_proj"), p("mlp.up_proj")],
-                    down: vec![p("mlp.down_proj")],
-                }
-            };
-            ModelSpec {
-                embed: "model.embed_tokens.weight".into(),
-                pos_embed: None,
-                final_norm: norm("model.norm"),
-                lm_head: "lm_head.weight".into(),
-                layers: (0..cfg.num_layers).map(layer).collect(),
-            }
-        }
-        Family::Gemma2 => {
-            let layer = |i: usize| {
-                let p = |s: &str| part(format!("model.layers.{i}.{s}.weight"));
-                let n = |s: &str| gemma_norm(&format!("model.layers.{i}.{s}"));
+                let n = |s: &str| any_norm(&format!("model.layers.{i}.{s}"));
+                // Phi-3 stores q/k/v and gate/up fused, in the engine's row order already.
+                let (qkv, up) = match family {
+                    Family::Phi3 => (vec![p("self_attn.qkv_proj")], vec![p("mlp.gate_up_proj")]),
+                    _ => (
+                        vec![
+                            p("self_attn.q_proj"),
+                            p("self_attn.k_proj"),
+                            p("self_attn.v_proj"),
+                        ],
+                        vec![p("mlp.gate_proj"), p("mlp.up_proj")],
+                    ),
+                };
                 LayerSpec {
                     attn_norm: n("input_layernorm"),
-                    qkv: vec![
-                        p("self_attn.q_proj"),
-                        p("self_attn.k_proj"),
-                        p("self_attn.v_proj"),
-                    ],
-                    qk_norm: None,
+                    qkv,
+                    qk_norm: (family == Family::Qwen3)
+                        .then(|| (n("self_attn.q_norm"), n("self_attn.k_norm"))),
                     o: vec![p("self_attn.o_proj")],
-                    // Gemma's post_attention_layernorm norms the attention output; the MLP's
+                    // Gemma's post_attention_layernorm norms the attention output; its MLP's
                     // input norm is pre_feedforward_layernorm.
-                    mlp_norm: n("pre_feedforward_layernorm"),
-                    post_norms: Some((
-                        n("post_attention_layernorm"),
-                        n("post_feedforward_layernorm"),
-                    )),
-                    up: vec![p("mlp.gate_proj"), p("mlp.up_proj")],
+                    mlp_norm: n(match gemma {
+                        true => "pre_feedforward_layernorm",
+                        false => "post_attention_layernorm",
+                    }),
+                    post_norms: gemma.then(|| {
+                        (
+                            n("post_attention_layernorm"),
+                            n("post_feedforward_layernorm"),
+                        )
+                    }),
+                    up,
                     down: vec![p("mlp.down_proj")],
                 }
             };
             ModelSpec {
                 embed: "model.embed_tokens.weight".into(),
                 pos_embed: None,
-                final_norm: gemma_norm("model.norm"),
-                lm_head: "lm_head.weight".into(),
-                layers: (0..cfg.num_layers).map(layer).collect(),
-            }
-        }
-        Family::Phi3 => {
-            let layer = |i: usize| {
-                let p = |s: &str| part(format!("model.layers.{i}.{s}.weight"));
-                LayerSpec {
-                    attn_norm: norm(&format!("model.layers.{i}.input_layernorm")),
-                    // Rows q, k, v: the engine's fused order already.
-                    qkv: vec![p("self_attn.qkv_proj")],
-                    qk_norm: None,
-                    o: vec![p("self_attn.o_proj")],
-                    mlp_norm: norm(&format!("model.layers.{i}.post_attention_layernorm")),
-                    post_norms: None,
-                    // Rows gate, then up (Phi3MLP chunks it in that order): the engine's gate_up.
-                    up: vec![p("mlp.gate_up_proj")],
-                    down: vec![p("mlp.down_proj")],
-                }
-            };
-            ModelSpec {
-                embed: "model.embed_tokens.weight".into(),
-                pos_embed: None,
-                final_norm: norm("model.norm"),
+                final_norm: any_norm("model.norm"),
                 lm_head: "lm_head.weight".into(),
                 layers: (0..cfg.num_layers).map(layer).collect(),
             }
