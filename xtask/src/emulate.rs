@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::{cargo_command, run};
 
@@ -46,10 +46,44 @@ pub fn emulate_kernels() -> Result<()> {
     run(&mut Command::new(&exe))
 }
 
+/// Every kernel in the PTX has a host build in driver.cpp's table; otherwise module loading fails
+/// in every GPU test with only the kernel's name to go on.
+fn check_driver_table() -> Result<()> {
+    let kernels = crate::kernels::kernels_dir();
+    let driver = std::fs::read_to_string(kernels.join("emu/driver.cpp"))?;
+    let registered: std::collections::BTreeSet<&str> = driver
+        .split("K(")
+        .skip(1)
+        .filter_map(|s| s.split(')').next())
+        .collect();
+    let mut missing = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(kernels.join("ptx"))? {
+        let path = entry?.path();
+        let text = std::fs::read_to_string(&path)?;
+        for name in text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix(".visible .entry "))
+        {
+            let name = name.split('(').next().unwrap_or(name).trim();
+            if !registered.contains(name) {
+                missing.insert(name.to_string());
+            }
+        }
+    }
+    if !missing.is_empty() {
+        bail!(
+            "kernels without a host build in kernels/emu/driver.cpp (add K(name) to its table): {}",
+            missing.into_iter().collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// `full`: every GPU test (SmolLM2's golden cases and all engine formats, minutes under
 /// emulation) instead of the kernel tests and the tiny fixtures.
 pub fn emulate_gpu(full: bool) -> Result<()> {
     crate::kernels::build_kernels()?; // the PTX the cuda feature embeds
+    check_driver_table()?;
     let lib = out_dir()?.join("lib");
     std::fs::create_dir_all(&lib).with_context(|| lib.display().to_string())?;
     // Built beside and renamed over, so a process still using the old library keeps its copy.
