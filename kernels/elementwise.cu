@@ -39,3 +39,16 @@ __device__ void to_half(const float* __restrict__ x, unsigned short* __restrict_
 }
 extern "C" __global__ void f32_to_bf16(const float* x, unsigned short* out, int n) { to_half<true>(x, out, n); }
 extern "C" __global__ void f32_to_f16(const float* x, unsigned short* out, int n) { to_half<false>(x, out, n); }
+
+// out[rows[i]] += w[i] · x[i] for the n rows of x (width wide; rows distinct within a launch): a
+// mixture-of-experts layer adding one expert's outputs back to its tokens.
+extern "C" __global__ void add_rows_scaled_f32(const float* __restrict__ x, const unsigned* __restrict__ rows,
+                                               const float* __restrict__ w, float* __restrict__ out, int n,
+                                               int width) {
+    const size_t total = (size_t)n * width;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / width, c = i % width;
+        out[(size_t)rows[r] * width + c] += w[r] * x[i];
+    }
+}

@@ -19,6 +19,7 @@ pub const TINY_FIXTURES: &[&str] = &[
     "tiny-mistral-swa",
     "tiny-phi3",
     "tiny-gemma2",
+    "tiny-mixtral",
 ];
 
 #[derive(Deserialize)]

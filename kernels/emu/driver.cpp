@@ -52,7 +52,7 @@ const std::map<std::string, Kernel>& kernels() {
         K(paged_attention_tiled_f32), K(paged_attention_tiled_bf16), K(paged_attention_tiled_f16),
         K(paged_attention_tiled_int8), K(paged_attention_tiled_fp8),
         K(kv_write_f32), K(kv_write_bf16), K(kv_write_f16), K(kv_write_int8), K(kv_write_fp8),
-        K(add_f32), K(bias_rows_f32), K(scale_cols_f32), K(fp8_qdq_f32), K(copy_cols_f32),
+        K(add_f32), K(add_rows_scaled_f32), K(bias_rows_f32), K(scale_cols_f32), K(fp8_qdq_f32), K(copy_cols_f32),
         K(f32_to_bf16), K(f32_to_f16),
         K(embedding_f32), K(embedding_bf16), K(embedding_f16), K(embedding_int8),
         K(quantize_rows_int8), K(quantize_fp8), K(gemv_w8a8), K(gemm_w8a8), K(gemm_fp8_e4m3),

@@ -138,6 +138,18 @@ void pointwise() {
         }
     check("gelu_tanh_mul", act, want_act, 1e-6);
 
+    // One expert's outputs (3 rows of `inter`) added, weighted, to rows 4, 0, 2 of 5.
+    const std::vector<unsigned> moe_rows = {4, 0, 2};
+    const std::vector<float> moe_w = {0.25f, 0.5f, 2.0f};
+    auto moe_out = rand_vec(5 * inter, 7);
+    std::vector<double> want_moe(moe_out.begin(), moe_out.end());
+    for (int i = 0; i < 3; ++i)
+        for (int c = 0; c < inter; ++c) want_moe[moe_rows[i] * inter + c] += (double)moe_w[i] * x[i * inter + c];
+    emu::launch(dim(3), dim(64), [&] {
+        add_rows_scaled_f32(x.data(), moe_rows.data(), moe_w.data(), moe_out.data(), 3, inter);
+    });
+    check("add_rows_scaled", moe_out, want_moe, 1e-6);
+
     // RoPE: position 4000 at head_dim 64, rotate-half pairs.
     const int heads = 3, hd = 64, half = hd / 2;
     std::vector<int> pos = {0, 1, 17, 4000};

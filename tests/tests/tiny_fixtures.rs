@@ -93,6 +93,12 @@ fn tiny_gemma2() -> Result<()> {
     check_fixture("tiny-gemma2")
 }
 
+/// 4 experts, top-2 routing renormalized.
+#[test]
+fn tiny_mixtral_sparse_moe() -> Result<()> {
+    check_fixture("tiny-mixtral")
+}
+
 /// Converting storage type at build time is exact when widening (bf16 → f32) and stays close
 /// when narrowing (f32 → bf16).
 #[test]
@@ -126,4 +132,51 @@ fn all_fixtures_listed() {
     for name in TINY_FIXTURES {
         assert!(fixtures().join(name).join("golden.json").exists(), "{name}");
     }
+}
+
+/// 32 sequences decoding together (each step's tokens grouped by expert, every expert's weights
+/// read once for all of them) give the tokens each gives alone.
+#[test]
+fn tiny_mixtral_batch_of_32_equals_each_alone() -> Result<()> {
+    let dir = fixtures().join("tiny-mixtral");
+    let golden: FixtureGolden = read_json(&dir.join("golden.json"))?;
+    let out = tempfile::tempdir()?;
+    let cfg = BuildConfig {
+        max_batch_size: 32,
+        ..Default::default()
+    };
+    build(&dir, out.path(), &cfg, &mut |_, _, _| {})?;
+    let llm = LLM::new(LlmArgs {
+        model: out.path().into(),
+        ..Default::default()
+    })?;
+    // Prompts of 2 to 8 tokens cut from the golden prompts at different offsets.
+    let ids: Vec<u32> = golden
+        .cases
+        .iter()
+        .flat_map(|c| c.input_ids.clone())
+        .collect();
+    let prompts: Vec<Prompt> = (0..32)
+        .map(|i| {
+            Prompt::TokenIds(
+                (0..2 + i % 7)
+                    .map(|j| ids[(3 * i + j) % ids.len()])
+                    .collect(),
+            )
+        })
+        .collect();
+    let params = SamplingParams {
+        max_tokens: 12,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let together = llm.generate(&prompts, &params)?;
+    for (i, (p, t)) in prompts.iter().zip(&together).enumerate() {
+        let alone = llm.generate(std::slice::from_ref(p), &params)?;
+        assert_eq!(
+            t.outputs[0].token_ids, alone[0].outputs[0].token_ids,
+            "prompt {i}: batched tokens differ from alone"
+        );
+    }
+    Ok(())
 }

@@ -212,9 +212,21 @@ pub(crate) fn write_engine(
     let dtype = build.dtype.unwrap_or(DType::F32);
     let total = spec.layers.len() + 2;
     let (up_part, up_rows) = model.mlp_in();
-    let parts = [names::QKV, names::O, up_part, names::DOWN];
+    // The quantizable modules: the router stays float.
+    let mlp_parts: Vec<String> = match model.moe {
+        None => vec![up_part.into(), names::DOWN.into()],
+        Some(m) => (0..m.num_experts)
+            .flat_map(|e| [up_part, names::DOWN].map(|p| format!("{}.{e}.{p}", names::EXPERTS)))
+            .collect(),
+    };
     let modules: Vec<String> = (0..spec.layers.len())
-        .flat_map(|i| parts.map(|p| format!("layers.{i}.{p}")))
+        .flat_map(|i| {
+            [names::QKV, names::O]
+                .into_iter()
+                .map(String::from)
+                .chain(mlp_parts.iter().cloned())
+                .map(move |p| format!("layers.{i}.{p}"))
+        })
         .chain([LM_HEAD.to_string()])
         .collect();
     let mut out = Out {
@@ -243,12 +255,30 @@ pub(crate) fn write_engine(
     let inter = model.intermediate_size;
     for (i, layer) in spec.layers.iter().enumerate() {
         progress(i + 1, total, "layers");
-        let linears: [(&str, &LinearSpec, usize, usize); 4] = [
-            (names::QKV, &layer.qkv, model.qkv_dim(), h),
-            (names::O, &layer.o, h, model.q_dim()),
-            (up_part, &layer.up, up_rows, h),
-            (names::DOWN, &layer.down, h, inter),
+        let mut linears: Vec<(String, &LinearSpec, usize, usize)> = vec![
+            (names::QKV.into(), &layer.qkv, model.qkv_dim(), h),
+            (names::O.into(), &layer.o, h, model.q_dim()),
         ];
+        match &layer.experts {
+            None => {
+                linears.push((up_part.into(), &layer.up, up_rows, h));
+                linears.push((names::DOWN.into(), &layer.down, h, inter));
+            }
+            Some((router, experts)) => {
+                let shape = [experts.len(), h];
+                out.matrix(
+                    &[router.as_str()],
+                    &format!("layers.{i}.{}", names::ROUTER),
+                    None,
+                    shape,
+                )?;
+                for (e, (up, down)) in experts.iter().enumerate() {
+                    let part = |p: &str| format!("{}.{e}.{p}", names::EXPERTS);
+                    linears.push((part(up_part), up, up_rows, h));
+                    linears.push((part(names::DOWN), down, h, inter));
+                }
+            }
+        }
         for (part, lin, rows, cols) in linears {
             out.linear(&format!("layers.{i}.{part}"), lin, rows, cols)?;
         }

@@ -12,6 +12,8 @@ pub enum Family {
     Qwen3,
     /// Llama's decoder with q/k/v and gate/up already fused in the checkpoint.
     Phi3,
+    /// Mistral's attention with a sparse mixture of gated-SiLU experts in every layer.
+    Mixtral,
     /// Pre- and post-norms around attention and MLP, `(1 + w)` RMSNorm weights (stored as w),
     /// GeGLU, soft-capping, alternating sliding windows.
     Gemma2,
@@ -19,7 +21,7 @@ pub enum Family {
 }
 
 pub const SUPPORTED: &str =
-    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, GPT2LMHeadModel; GGUF: llama, mistral, qwen2, gpt2";
+    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, MixtralForCausalLM, GPT2LMHeadModel; GGUF: llama, mistral, qwen2, gpt2";
 
 /// One source matrix of a (possibly fused) engine linear layer.
 #[derive(Clone, Debug)]
@@ -54,9 +56,12 @@ pub struct LayerSpec {
     pub mlp_norm: NormSpec,
     /// Norms of the attention and MLP outputs before the residual add (Gemma 2).
     pub post_norms: Option<(NormSpec, NormSpec)>,
-    /// `[gate ; up]` for gated MLPs, `[up]` otherwise.
+    /// `[gate ; up]` for gated MLPs, `[up]` otherwise (empty with experts).
     pub up: LinearSpec,
     pub down: LinearSpec,
+    /// A mixture of experts instead of `up`/`down`: the router matrix and each expert's
+    /// `[gate ; up]` and down.
+    pub experts: Option<(String, Vec<(LinearSpec, LinearSpec)>)>,
 }
 
 #[derive(Clone, Debug)]
@@ -103,6 +108,7 @@ pub fn hf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
         | Family::Qwen2
         | Family::Qwen3
         | Family::Phi3
+        | Family::Mixtral
         | Family::Gemma2 => {
             let gemma = family == Family::Gemma2;
             let any_norm = |name: &str| if gemma { gemma_norm(name) } else { norm(name) };
@@ -141,6 +147,14 @@ pub fn hf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
                     }),
                     up,
                     down: vec![p("mlp.down_proj")],
+                    experts: cfg.moe.filter(|_| family == Family::Mixtral).map(|m| {
+                        let moe = format!("model.layers.{i}.block_sparse_moe");
+                        let w = |e: usize, s: &str| part(format!("{moe}.experts.{e}.{s}.weight"));
+                        let experts = (0..m.num_experts)
+                            .map(|e| (vec![w(e, "w1"), w(e, "w3")], vec![w(e, "w2")]))
+                            .collect();
+                        (format!("{moe}.gate.weight"), experts)
+                    }),
                 }
             };
             ModelSpec {
@@ -166,6 +180,7 @@ pub fn hf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
                     post_norms: None,
                     up: vec![conv("mlp.c_fc")],
                     down: vec![conv("mlp.c_proj")],
+                    experts: None,
                 }
             };
             ModelSpec {
@@ -209,6 +224,7 @@ pub fn gguf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
             post_norms: None,
             up,
             down: vec![p("ffn_down")],
+            experts: None,
         }
     };
     ModelSpec {

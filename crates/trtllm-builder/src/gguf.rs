@@ -360,6 +360,7 @@ impl GgufFile {
             query_pre_attn_scalar: None,
             embed_scale: None,
             post_norms: false,
+            moe: None,
             bos_token_id: token("bos_token_id"),
             eos_token_ids: token("eos_token_id").into_iter().collect(),
         };

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use serde_json::Value;
 use trtllm_runtime::quant::DType;
-use trtllm_runtime::{MlpKind, ModelConfig, NormKind, PositionKind, RopeScaling};
+use trtllm_runtime::{MlpKind, ModelConfig, MoeConfig, NormKind, PositionKind, RopeScaling};
 
 use crate::family::{Family, SUPPORTED};
 use crate::{BuildError, Result};
@@ -110,6 +110,7 @@ pub fn parse(v: &Value, path: &Path) -> Result<HfConfig> {
         "Qwen3ForCausalLM" | "qwen3" => Family::Qwen3,
         "Phi3ForCausalLM" | "phi3" => Family::Phi3,
         "Gemma2ForCausalLM" | "gemma2" => Family::Gemma2,
+        "MixtralForCausalLM" | "mixtral" => Family::Mixtral,
         "GPT2LMHeadModel" | "gpt2" => Family::Gpt2,
         other => {
             return Err(BuildError::UnsupportedArchitecture {
@@ -196,6 +197,14 @@ fn llama_like(f: &Fields, arch: &str, family: Family) -> Result<ModelConfig> {
         query_pre_attn_scalar: opt_f32(f, "query_pre_attn_scalar")?,
         embed_scale: gemma.then(|| (hidden as f32).sqrt()),
         post_norms: gemma,
+        moe: match family {
+            Family::Mixtral => Some(MoeConfig {
+                num_experts: f.usize("num_local_experts")?,
+                top_k: f.usize("num_experts_per_tok")?,
+                normalize_top_k: true,
+            }),
+            _ => None,
+        },
         bos_token_id: f.ids("bos_token_id").first().copied(),
         eos_token_ids: f.ids("eos_token_id"),
     })
@@ -331,6 +340,7 @@ fn gpt2(f: &Fields, arch: &str) -> Result<ModelConfig> {
         query_pre_attn_scalar: None,
         embed_scale: None,
         post_norms: false,
+        moe: None,
         bos_token_id: f.ids("bos_token_id").first().copied(),
         eos_token_ids: f.ids("eos_token_id"),
     })

@@ -38,6 +38,16 @@ pub enum PositionKind {
     Learned,
 }
 
+/// A sparse mixture of experts in place of every layer's MLP (Mixtral): each token's MLP output
+/// is the weighted sum of `top_k` of `num_experts` gated MLPs, chosen by a router.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    pub top_k: usize,
+    /// The chosen experts' softmax weights are renormalized to sum to 1.
+    pub normalize_top_k: bool,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
     /// The checkpoint's architecture name, for display.
@@ -82,6 +92,8 @@ pub struct ModelConfig {
     /// stream (Gemma 2/3), besides the usual pre-norms.
     #[serde(default)]
     pub post_norms: bool,
+    #[serde(default)]
+    pub moe: Option<MoeConfig>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -111,6 +123,14 @@ impl ModelConfig {
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 self.num_heads, self.num_kv_heads
             )));
+        }
+        if let Some(m) = self.moe {
+            if m.top_k == 0 || m.top_k > m.num_experts {
+                return Err(RuntimeError::InvalidConfig(format!(
+                    "num_experts_per_tok ({}) must be between 1 and the number of experts ({})",
+                    m.top_k, m.num_experts
+                )));
+            }
         }
         if self.sliding_window == Some(0) {
             return Err(RuntimeError::InvalidConfig(

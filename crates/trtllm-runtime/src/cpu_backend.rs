@@ -193,4 +193,23 @@ impl Backend for CpuBackend {
             .flat_map(|&r| x[r * width..(r + 1) * width].iter().copied())
             .collect())
     }
+
+    fn zeros(&self, rows: usize, width: usize) -> Result<Vec<f32>> {
+        Ok(vec![0f32; rows * width])
+    }
+
+    fn add_rows_scaled(
+        &self,
+        out: &mut Vec<f32>,
+        x: &Vec<f32>,
+        (rows, weights): (&[usize], &[f32]),
+        width: usize,
+    ) -> Result<()> {
+        for ((&r, &w), src) in rows.iter().zip(weights).zip(x.chunks_exact(width)) {
+            for (o, &v) in out[r * width..(r + 1) * width].iter_mut().zip(src) {
+                *o += w * v;
+            }
+        }
+        Ok(())
+    }
 }

@@ -256,4 +256,20 @@ impl Backend for CudaBackend {
             .embedding(x, &self.dev.upload(&ids)?, width, &mut out)?;
         Ok(out)
     }
+
+    fn zeros(&self, rows: usize, width: usize) -> Result<CudaSlice<f32>> {
+        Ok(self.dev.zeros(rows * width)?)
+    }
+
+    fn add_rows_scaled(
+        &self,
+        out: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        (rows, weights): (&[usize], &[f32]),
+        width: usize,
+    ) -> Result<()> {
+        let ids: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let (ids, w) = (self.dev.upload(&ids)?, self.dev.upload(weights)?);
+        Ok(self.dev.add_rows_scaled(out, x, (&ids, &w), width)?)
+    }
 }

@@ -5,7 +5,9 @@
 //! backend's own types, so a tensor of one device cannot reach another's kernels.
 
 use crate::kv_cache::KvPool;
-use crate::model::{ActivationObserver, BatchLayout, HostModel, Layer, Linear, Norm, SeqChunk};
+use crate::model::{
+    ActivationObserver, BatchLayout, HostModel, Layer, Linear, Mlp, Norm, SeqChunk,
+};
 use crate::{MlpKind, ModelConfig, Result};
 
 /// The operations of one device. Activations are `[rows × cols]` f32, row-major.
@@ -68,6 +70,28 @@ pub(crate) trait Backend {
     fn activation(&self, mlp: MlpKind, up: Self::Act, rows: usize) -> Result<Self::Act>;
     /// Rows `rows` of `x` (`width` wide), in that order.
     fn gather_rows(&self, x: &Self::Act, rows: &[usize], width: usize) -> Result<Self::Act>;
+    /// `rows × width` zeros.
+    fn zeros(&self, rows: usize, width: usize) -> Result<Self::Act>;
+    /// `out[rows[i]] += weights[i] · x[i]` for each row `i` of `x` (`width` wide; `rows` distinct).
+    fn add_rows_scaled(
+        &self,
+        out: &mut Self::Act,
+        x: &Self::Act,
+        routed: (&[usize], &[f32]),
+        width: usize,
+    ) -> Result<()>;
+}
+
+/// A layer's MLP on the device.
+enum DeviceMlp<B: Backend> {
+    Dense {
+        up: B::Linear,
+        down: B::Linear,
+    },
+    Experts {
+        router: B::Linear,
+        experts: Vec<(B::Linear, B::Linear)>,
+    },
 }
 
 /// A layer's weights on the device, beside the host layer that names them.
@@ -78,8 +102,7 @@ struct DeviceLayer<B: Backend> {
     post_norms: Option<(B::Norm, B::Norm)>,
     o: B::Linear,
     mlp_norm: B::Norm,
-    up: B::Linear,
-    down: B::Linear,
+    mlp: DeviceMlp<B>,
 }
 
 pub(crate) struct Decoder<B: Backend> {
@@ -106,8 +129,21 @@ impl<B: Backend> Decoder<B> {
                 post_norms: pair(&l.post_norms)?,
                 o: backend.linear_of(&model, &l.o)?,
                 mlp_norm: backend.norm_of(&model, &l.mlp_norm)?,
-                up: backend.linear_of(&model, &l.up)?,
-                down: backend.linear_of(&model, &l.down)?,
+                mlp: match &l.mlp {
+                    Mlp::Dense { up, down } => DeviceMlp::Dense {
+                        up: backend.linear_of(&model, up)?,
+                        down: backend.linear_of(&model, down)?,
+                    },
+                    Mlp::Experts { router, experts } => DeviceMlp::Experts {
+                        router: backend.linear_of(&model, router)?,
+                        experts: experts
+                            .iter()
+                            .map(|(u, d)| {
+                                Ok((backend.linear_of(&model, u)?, backend.linear_of(&model, d)?))
+                            })
+                            .collect::<Result<Vec<_>>>()?,
+                    },
+                },
             })
         };
         let layers = model.layers.iter().map(layer).collect::<Result<Vec<_>>>()?;
@@ -220,8 +256,73 @@ impl<B: Backend> Decoder<B> {
         n: usize,
         obs: &mut dyn ActivationObserver,
     ) -> Result<B::Act> {
-        let up = self.linear((&layer.up, &names.up), x, n, obs)?;
+        let b = &self.backend;
+        match (&layer.mlp, &names.mlp) {
+            (DeviceMlp::Dense { up, down }, Mlp::Dense { up: un, down: dn }) => {
+                self.one_mlp([(up, un), (down, dn)], x, n, obs)
+            }
+            (
+                DeviceMlp::Experts { router, experts },
+                Mlp::Experts {
+                    router: rn,
+                    experts: en,
+                },
+            ) => {
+                let h = self.config().hidden_size;
+                let logits = b.download(self.linear((router, rn), x, n, obs)?)?;
+                let mut out = b.zeros(n, h)?;
+                // Each expert runs once over the tokens routed to it (its weights are read once
+                // per step), in expert order, as transformers adds them.
+                for (e, (rows, weights)) in self.route(&logits, n).iter().enumerate() {
+                    if rows.is_empty() {
+                        continue;
+                    }
+                    let xe = b.gather_rows(x, rows, h)?;
+                    let (up, down) = &experts[e];
+                    let parts = [(up, &en[e].0), (down, &en[e].1)];
+                    let ye = self.one_mlp(parts, &xe, rows.len(), obs)?;
+                    b.add_rows_scaled(&mut out, &ye, (rows, weights), h)?;
+                }
+                Ok(out)
+            }
+            _ => unreachable!("device layers are made from the host layers"),
+        }
+    }
+
+    /// `down(act(up(x)))` over `n` rows.
+    fn one_mlp(
+        &self,
+        [up, down]: [(&B::Linear, &Linear); 2],
+        x: &B::Act,
+        n: usize,
+        obs: &mut dyn ActivationObserver,
+    ) -> Result<B::Act> {
+        let up = self.linear(up, x, n, obs)?;
         let act = self.backend.activation(self.config().mlp, up, n)?;
-        self.linear((&layer.down, &names.down), &act, n, obs)
+        self.linear(down, &act, n, obs)
+    }
+
+    /// Each expert's tokens and their weights: softmax over the router's logits, the top-k
+    /// experts of each token (ties to the lower index), renormalized where the config says.
+    fn route(&self, logits: &[f32], n: usize) -> Vec<(Vec<usize>, Vec<f32>)> {
+        let moe = self.config().moe.expect("an MoE layer has an MoE config");
+        let mut per_expert = vec![(Vec::new(), Vec::new()); moe.num_experts];
+        for (t, row) in logits.chunks_exact(moe.num_experts).enumerate().take(n) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = row.iter().map(|&l| (l - max).exp()).collect();
+            let z: f32 = e.iter().sum();
+            let mut order: Vec<usize> = (0..moe.num_experts).collect();
+            order.sort_by(|&a, &b| e[b].total_cmp(&e[a]).then(a.cmp(&b)));
+            let top = &order[..moe.top_k];
+            let norm = match moe.normalize_top_k {
+                true => top.iter().map(|&i| e[i] / z).sum::<f32>(),
+                false => 1.0,
+            };
+            for &i in top {
+                per_expert[i].0.push(t);
+                per_expert[i].1.push(e[i] / z / norm);
+            }
+        }
+        per_expert
     }
 }

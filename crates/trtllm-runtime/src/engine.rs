@@ -437,6 +437,10 @@ pub mod names {
     /// Norms of the attention and MLP outputs before the residual add (Gemma 2/3).
     pub const POST_ATTN_NORM: &str = "post_attn_norm";
     pub const POST_MLP_NORM: &str = "post_mlp_norm";
+    /// A mixture of experts: the router `[num_experts × hidden]` (float, never quantized) and
+    /// each expert's `experts.{e}.gate_up` / `experts.{e}.down`.
+    pub const ROUTER: &str = "router";
+    pub const EXPERTS: &str = "experts";
     /// Fused `[gate ; up]` for gated MLPs, plain `up` otherwise.
     pub const GATE_UP: &str = "gate_up";
     pub const UP: &str = "up";

@@ -114,8 +114,33 @@ pub(crate) struct Layer {
     pub post_norms: Option<(Norm, Norm)>,
     pub o: Linear,
     pub mlp_norm: Norm,
-    pub up: Linear,
-    pub down: Linear,
+    pub mlp: Mlp,
+}
+
+/// A layer's MLP: one, or a routed mixture of experts. One per layer: the variants' size
+/// difference costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Mlp {
+    Dense {
+        up: Linear,
+        down: Linear,
+    },
+    Experts {
+        router: Linear,
+        experts: Vec<(Linear, Linear)>,
+    },
+}
+
+impl Mlp {
+    /// Every linear layer in it.
+    pub fn linears(&self) -> Vec<&Linear> {
+        match self {
+            Mlp::Dense { up, down } => vec![up, down],
+            Mlp::Experts { router, experts } => std::iter::once(router)
+                .chain(experts.iter().flat_map(|(u, d)| [u, d]))
+                .collect(),
+        }
+    }
 }
 
 /// The model's tensors, as the engine file holds them (each backend places them on its device).
@@ -174,8 +199,24 @@ impl HostModel {
                     },
                     o: linear(i, names::O, h, cfg.q_dim())?,
                     mlp_norm: norm(&format!("layers.{i}.{}", names::MLP_NORM))?,
-                    up: linear(i, up_name, up_rows, h)?,
-                    down: linear(i, names::DOWN, h, inter)?,
+                    mlp: match cfg.moe {
+                        None => Mlp::Dense {
+                            up: linear(i, up_name, up_rows, h)?,
+                            down: linear(i, names::DOWN, h, inter)?,
+                        },
+                        Some(m) => Mlp::Experts {
+                            router: linear(i, names::ROUTER, m.num_experts, h)?,
+                            experts: (0..m.num_experts)
+                                .map(|e| {
+                                    let part = |p: &str| format!("{}.{e}.{p}", names::EXPERTS);
+                                    Ok((
+                                        linear(i, &part(up_name), up_rows, h)?,
+                                        linear(i, &part(names::DOWN), h, inter)?,
+                                    ))
+                                })
+                                .collect::<Result<Vec<_>>>()?,
+                        },
+                    },
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -226,7 +267,7 @@ impl HostModel {
         let linears = self
             .layers
             .iter()
-            .flat_map(|l| [&l.qkv, &l.o, &l.up, &l.down]);
+            .flat_map(|l| [&l.qkv, &l.o].into_iter().chain(l.mlp.linears()));
         linears
             .chain([&self.lm_head])
             .map(|l| Ok((l.weight.mat(&self.file)?, l.weight.describe())))

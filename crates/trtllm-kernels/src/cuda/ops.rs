@@ -184,6 +184,29 @@ impl CudaDevice {
         launch(b, cfg, "gelu_tanh_f32")
     }
 
+    /// `out[rows[i]] += w[i] · x[i]` for each row `i` of `x` (`width` wide). The rows must be
+    /// distinct (threads add without atomics) and inside `out`.
+    pub fn add_rows_scaled(
+        &self,
+        out: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        (rows, w): (&CudaSlice<u32>, &CudaSlice<f32>),
+        width: usize,
+    ) -> Result<()> {
+        let n = rows.len();
+        check_len("add_rows_scaled", "x", x.len(), n * width)?;
+        check_len("add_rows_scaled", "weights", w.len(), n)?;
+        check_rows("add_rows_scaled", out.len(), width.max(1))?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (ni, wi) = (int("rows", n)?, int("width", width)?);
+        let cfg = elementwise(x.len())?;
+        let mut b = self.builder("add_rows_scaled_f32")?;
+        b.arg(x).arg(rows).arg(w).arg(out).arg(&ni).arg(&wi);
+        launch(b, cfg, "add_rows_scaled_f32")
+    }
+
     /// `x += y`.
     pub fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>) -> Result<()> {
         check_len("add", "y", y.len(), x.len())?;
