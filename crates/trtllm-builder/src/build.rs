@@ -213,7 +213,7 @@ pub(crate) fn write_engine(
     let total = spec.layers.len() + 2;
     let (up_part, up_rows) = model.mlp_in();
     // The quantizable modules: the router stays float.
-    let mlp_parts: Vec<String> = match model.moe {
+    let mlp_parts: Vec<String> = match model.features.moe {
         None => vec![up_part.into(), names::DOWN.into()],
         Some(m) => (0..m.num_experts)
             .flat_map(|e| [up_part, names::DOWN].map(|p| format!("{}.{e}.{p}", names::EXPERTS)))

@@ -147,14 +147,19 @@ pub fn hf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
                     }),
                     up,
                     down: vec![p("mlp.down_proj")],
-                    experts: cfg.moe.filter(|_| family == Family::Mixtral).map(|m| {
-                        let moe = format!("model.layers.{i}.block_sparse_moe");
-                        let w = |e: usize, s: &str| part(format!("{moe}.experts.{e}.{s}.weight"));
-                        let experts = (0..m.num_experts)
-                            .map(|e| (vec![w(e, "w1"), w(e, "w3")], vec![w(e, "w2")]))
-                            .collect();
-                        (format!("{moe}.gate.weight"), experts)
-                    }),
+                    experts: cfg
+                        .features
+                        .moe
+                        .filter(|_| family == Family::Mixtral)
+                        .map(|m| {
+                            let moe = format!("model.layers.{i}.block_sparse_moe");
+                            let w =
+                                |e: usize, s: &str| part(format!("{moe}.experts.{e}.{s}.weight"));
+                            let experts = (0..m.num_experts)
+                                .map(|e| (vec![w(e, "w1"), w(e, "w3")], vec![w(e, "w2")]))
+                                .collect();
+                            (format!("{moe}.gate.weight"), experts)
+                        }),
                 }
             };
             ModelSpec {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 use trtllm_runtime::quant::{ggml::GgmlType, DType, PackedWeight};
-use trtllm_runtime::{MlpKind, ModelConfig, NormKind, PositionKind, RopeScaling};
+use trtllm_runtime::{Features, MlpKind, ModelConfig, NormKind, PositionKind, RopeScaling};
 
 use crate::family::{Family, SUPPORTED};
 use crate::{BuildError, Checkpoint, Result, Tensor};
@@ -348,19 +348,14 @@ impl GgufFile {
                 }
             },
             tie_word_embeddings: !self.tensors.contains_key("output.weight"),
-            qk_norm: false,
-            // llama.cpp's key for Mistral-style windows (every layer).
-            sliding_window: self
-                .get(&key("attention.sliding_window"))
-                .and_then(Value::as_u64)
-                .map(|w| w as usize),
-            sliding_layers: Vec::new(),
-            attn_logit_softcap: None,
-            final_logit_softcap: None,
-            query_pre_attn_scalar: None,
-            embed_scale: None,
-            post_norms: false,
-            moe: None,
+            features: Features {
+                // llama.cpp's key for Mistral-style windows (every layer).
+                sliding_window: self
+                    .get(&key("attention.sliding_window"))
+                    .and_then(Value::as_u64)
+                    .map(|w| w as usize),
+                ..Features::default()
+            },
             bos_token_id: token("bos_token_id"),
             eos_token_ids: token("eos_token_id").into_iter().collect(),
         };

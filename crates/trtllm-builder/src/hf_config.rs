@@ -4,7 +4,9 @@ use std::path::Path;
 
 use serde_json::Value;
 use trtllm_runtime::quant::DType;
-use trtllm_runtime::{MlpKind, ModelConfig, MoeConfig, NormKind, PositionKind, RopeScaling};
+use trtllm_runtime::{
+    Features, MlpKind, ModelConfig, MoeConfig, NormKind, PositionKind, RopeScaling,
+};
 
 use crate::family::{Family, SUPPORTED};
 use crate::{BuildError, Result};
@@ -189,21 +191,23 @@ fn llama_like(f: &Fields, arch: &str, family: Family) -> Result<ModelConfig> {
             scaling: rope_scaling(f)?,
         },
         tie_word_embeddings: f.bool_or("tie_word_embeddings", gemma),
-        qk_norm: family == Family::Qwen3,
-        sliding_window,
-        sliding_layers,
-        attn_logit_softcap: opt_f32(f, "attn_logit_softcapping")?,
-        final_logit_softcap: opt_f32(f, "final_logit_softcapping")?,
-        query_pre_attn_scalar: opt_f32(f, "query_pre_attn_scalar")?,
-        embed_scale: gemma.then(|| (hidden as f32).sqrt()),
-        post_norms: gemma,
-        moe: match family {
-            Family::Mixtral => Some(MoeConfig {
-                num_experts: f.usize("num_local_experts")?,
-                top_k: f.usize("num_experts_per_tok")?,
-                normalize_top_k: true,
-            }),
-            _ => None,
+        features: Features {
+            qk_norm: family == Family::Qwen3,
+            sliding_window,
+            sliding_layers,
+            attn_logit_softcap: opt_f32(f, "attn_logit_softcapping")?,
+            final_logit_softcap: opt_f32(f, "final_logit_softcapping")?,
+            query_pre_attn_scalar: opt_f32(f, "query_pre_attn_scalar")?,
+            embed_scale: gemma.then(|| (hidden as f32).sqrt()),
+            post_norms: gemma,
+            moe: match family {
+                Family::Mixtral => Some(MoeConfig {
+                    num_experts: f.usize("num_local_experts")?,
+                    top_k: f.usize("num_experts_per_tok")?,
+                    normalize_top_k: true,
+                }),
+                _ => None,
+            },
         },
         bos_token_id: f.ids("bos_token_id").first().copied(),
         eos_token_ids: f.ids("eos_token_id"),
@@ -332,15 +336,7 @@ fn gpt2(f: &Fields, arch: &str) -> Result<ModelConfig> {
         mlp: MlpKind::GeluTanh,
         position: PositionKind::Learned,
         tie_word_embeddings: f.bool_or("tie_word_embeddings", true),
-        qk_norm: false,
-        sliding_window: None,
-        sliding_layers: Vec::new(),
-        attn_logit_softcap: None,
-        final_logit_softcap: None,
-        query_pre_attn_scalar: None,
-        embed_scale: None,
-        post_norms: false,
-        moe: None,
+        features: Features::default(),
         bos_token_id: f.ids("bos_token_id").first().copied(),
         eos_token_ids: f.ids("eos_token_id"),
     })

@@ -149,11 +149,11 @@ fn gguf_with_bad_magic() {
 fn engine_format_version_from_the_future() {
     let e = TinyEngine::build(&[]);
     edit(&e.dir.join("config.json"), |cfg| {
-        cfg.replace("\"format_version\": 2", "\"format_version\": 99")
+        cfg.replace("\"format_version\": 3", "\"format_version\": 99")
     });
     fails_with(
         e.run(&["--input-ids", "1,2,3"]),
-        &["config.json", "version 99", "version 2"],
+        &["config.json", "version 99", "version 3"],
     );
 }
 

@@ -48,6 +48,33 @@ pub struct MoeConfig {
     pub normalize_top_k: bool,
 }
 
+/// What sets the families apart beyond sizes and kinds; everything off is Llama. Stored flat in
+/// the engine's config (older engines without a field read it as off).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Features {
+    /// An RMSNorm over each query and key head (weights `[head_dim]`) before RoPE.
+    pub qk_norm: bool,
+    /// Sliding-window attention: a windowed layer's query at position `i` sees keys
+    /// `i + 1 - sliding_window ..= i`.
+    pub sliding_window: Option<usize>,
+    /// Which layers are windowed (one flag per layer); empty: every layer, when
+    /// `sliding_window` is set.
+    pub sliding_layers: Vec<bool>,
+    /// Attention scores soft-capped at this value (Gemma 2): `cap · tanh(s / cap)`.
+    pub attn_logit_softcap: Option<f32>,
+    /// Output logits soft-capped the same way.
+    pub final_logit_softcap: Option<f32>,
+    /// The attention scale is `query_pre_attn_scalar^-½` instead of `head_dim^-½`.
+    pub query_pre_attn_scalar: Option<f32>,
+    /// Token embeddings multiplied by this (Gemma: √hidden).
+    pub embed_scale: Option<f32>,
+    /// A norm on the attention output and one on the MLP output before each joins the residual
+    /// stream (Gemma 2/3), besides the usual pre-norms.
+    pub post_norms: bool,
+    pub moe: Option<MoeConfig>,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
     /// The checkpoint's architecture name, for display.
@@ -65,35 +92,9 @@ pub struct ModelConfig {
     pub mlp: MlpKind,
     pub position: PositionKind,
     pub tie_word_embeddings: bool,
-    /// An RMSNorm over each query and key head (weights `[head_dim]`) before RoPE.
-    #[serde(default)]
-    pub qk_norm: bool,
-    /// Sliding-window attention: a windowed layer's query at position `i` sees keys
-    /// `i + 1 - sliding_window ..= i`.
-    #[serde(default)]
-    pub sliding_window: Option<usize>,
-    /// Which layers are windowed (one flag per layer); empty: every layer, when
-    /// `sliding_window` is set.
-    #[serde(default)]
-    pub sliding_layers: Vec<bool>,
-    /// Attention scores soft-capped at this value (Gemma 2): `cap · tanh(s / cap)`.
-    #[serde(default)]
-    pub attn_logit_softcap: Option<f32>,
-    /// Output logits soft-capped the same way.
-    #[serde(default)]
-    pub final_logit_softcap: Option<f32>,
-    /// The attention scale is `query_pre_attn_scalar^-½` instead of `head_dim^-½`.
-    #[serde(default)]
-    pub query_pre_attn_scalar: Option<f32>,
-    /// Token embeddings multiplied by this (Gemma: √hidden).
-    #[serde(default)]
-    pub embed_scale: Option<f32>,
-    /// A norm on the attention output and one on the MLP output before each joins the residual
-    /// stream (Gemma 2/3), besides the usual pre-norms.
-    #[serde(default)]
-    pub post_norms: bool,
-    #[serde(default)]
-    pub moe: Option<MoeConfig>,
+    /// What sets this family apart beyond sizes and kinds (all off for Llama).
+    #[serde(flatten)]
+    pub features: Features,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -124,7 +125,7 @@ impl ModelConfig {
                 self.num_heads, self.num_kv_heads
             )));
         }
-        if let Some(m) = self.moe {
+        if let Some(m) = self.features.moe {
             if m.top_k == 0 || m.top_k > m.num_experts {
                 return Err(RuntimeError::InvalidConfig(format!(
                     "num_experts_per_tok ({}) must be between 1 and the number of experts ({})",
@@ -132,15 +133,17 @@ impl ModelConfig {
                 )));
             }
         }
-        if self.sliding_window == Some(0) {
+        if self.features.sliding_window == Some(0) {
             return Err(RuntimeError::InvalidConfig(
                 "sliding_window must be positive".into(),
             ));
         }
-        if !self.sliding_layers.is_empty() && self.sliding_layers.len() != self.num_layers {
+        if !self.features.sliding_layers.is_empty()
+            && self.features.sliding_layers.len() != self.num_layers
+        {
             return Err(RuntimeError::InvalidConfig(format!(
                 "{} sliding-window layer flags for {} layers",
-                self.sliding_layers.len(),
+                self.features.sliding_layers.len(),
                 self.num_layers
             )));
         }
@@ -163,18 +166,24 @@ impl ModelConfig {
             head_dim: self.head_dim,
             scale: 1.0
                 / self
+                    .features
                     .query_pre_attn_scalar
                     .unwrap_or(self.head_dim as f32)
                     .sqrt(),
             window: self.window(layer),
-            softcap: self.attn_logit_softcap,
+            softcap: self.features.attn_logit_softcap,
         }
     }
 
     /// The sliding window of layer `layer`, if it has one.
     pub fn window(&self, layer: usize) -> Option<usize> {
-        let windowed = self.sliding_layers.get(layer).copied().unwrap_or(true);
-        self.sliding_window.filter(|_| windowed)
+        let windowed = self
+            .features
+            .sliding_layers
+            .get(layer)
+            .copied()
+            .unwrap_or(true);
+        self.features.sliding_window.filter(|_| windowed)
     }
 
     pub fn q_dim(&self) -> usize {

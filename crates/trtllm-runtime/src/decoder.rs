@@ -200,7 +200,7 @@ impl<B: Backend> Decoder<B> {
         }
         let last = b.gather_rows(&x, rows, self.config().hidden_size)?;
         let mut logits = b.download(b.linear(&self.lm_head, &last, rows.len())?)?;
-        if let Some(cap) = self.config().final_logit_softcap {
+        if let Some(cap) = self.config().features.final_logit_softcap {
             // On the host: every device downloads the logits rows for sampling anyway.
             for l in &mut logits {
                 *l = cap * (*l / cap).tanh();
@@ -305,7 +305,11 @@ impl<B: Backend> Decoder<B> {
     /// Each expert's tokens and their weights: softmax over the router's logits, the top-k
     /// experts of each token (ties to the lower index), renormalized where the config says.
     fn route(&self, logits: &[f32], n: usize) -> Vec<(Vec<usize>, Vec<f32>)> {
-        let moe = self.config().moe.expect("an MoE layer has an MoE config");
+        let moe = self
+            .config()
+            .features
+            .moe
+            .expect("an MoE layer has an MoE config");
         let mut per_expert = vec![(Vec::new(), Vec::new()); moe.num_experts];
         for (t, row) in logits.chunks_exact(moe.num_experts).enumerate().take(n) {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);

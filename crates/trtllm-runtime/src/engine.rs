@@ -28,8 +28,10 @@ use trtllm_quant::{DType, LayerQuantConfig, PackedWeight, WeightFormat};
 use crate::{ModelConfig, Result, RuntimeError};
 
 /// Bumped whenever the layout of config.json or rank files changes incompatibly.
-/// Version 2 added packed quantized tensors; version 1 engines read unchanged.
-pub const ENGINE_FORMAT_VERSION: u32 = 2;
+/// Version 2 added packed quantized tensors; version 3 the family features (q/k norms,
+/// post-norms, windows, soft caps, experts), which an older reader would silently ignore.
+/// Versions 1 and 2 read unchanged (every feature off).
+pub const ENGINE_FORMAT_VERSION: u32 = 3;
 const READABLE_VERSIONS: std::ops::RangeInclusive<u32> = 1..=ENGINE_FORMAT_VERSION;
 const MAGIC: &[u8; 8] = b"TRTLLMRS";
 const ALIGN: usize = 64;

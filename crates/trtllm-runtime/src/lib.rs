@@ -21,7 +21,7 @@ mod session;
 mod tuning;
 mod weights;
 
-pub use config::{MlpKind, ModelConfig, MoeConfig, NormKind, PositionKind};
+pub use config::{Features, MlpKind, ModelConfig, MoeConfig, NormKind, PositionKind};
 pub use device::Device;
 pub use engine::{BuildConfig, EngineConfig, EngineWriter, ENGINE_FORMAT_VERSION};
 pub use error::RuntimeError;

@@ -186,11 +186,11 @@ impl HostModel {
                 Ok(Layer {
                     attn_norm: norm(&format!("layers.{i}.{}", names::ATTN_NORM))?,
                     qkv: linear(i, names::QKV, cfg.qkv_dim(), h)?,
-                    qk_norm: match cfg.qk_norm {
+                    qk_norm: match cfg.features.qk_norm {
                         true => Some((head_norm(i, names::Q_NORM)?, head_norm(i, names::K_NORM)?)),
                         false => None,
                     },
-                    post_norms: match cfg.post_norms {
+                    post_norms: match cfg.features.post_norms {
                         true => Some((
                             norm(&format!("layers.{i}.{}", names::POST_ATTN_NORM))?,
                             norm(&format!("layers.{i}.{}", names::POST_MLP_NORM))?,
@@ -199,7 +199,7 @@ impl HostModel {
                     },
                     o: linear(i, names::O, h, cfg.q_dim())?,
                     mlp_norm: norm(&format!("layers.{i}.{}", names::MLP_NORM))?,
-                    mlp: match cfg.moe {
+                    mlp: match cfg.features.moe {
                         None => Mlp::Dense {
                             up: linear(i, up_name, up_rows, h)?,
                             down: linear(i, names::DOWN, h, inter)?,
@@ -286,7 +286,7 @@ impl HostModel {
             cpu::embedding_gather(pe.mat(&self.file)?, &ids, &mut pos)?;
             cpu::add_inplace(&mut hidden, &pos)?;
         }
-        if let Some(s) = self.cfg.embed_scale {
+        if let Some(s) = self.cfg.features.embed_scale {
             hidden.iter_mut().for_each(|x| *x *= s);
         }
         Ok(hidden)
