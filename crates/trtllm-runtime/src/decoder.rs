@@ -55,7 +55,8 @@ pub(crate) trait Backend {
         total: usize,
         widths: [usize; N],
     ) -> Result<[Self::Act; N]>;
-    /// Rotary embedding of every head (`heads` of `head_dim`) at the step's positions.
+    /// Rotary embedding of every head (`heads` of `head_dim`) at the step's positions; nothing
+    /// for a model without RoPE (learned positions).
     fn rope(&self, x: &mut Self::Act, heads: usize, step: &Self::Step<'_>) -> Result<()>;
     /// Writes the step's keys and values into layer `layer` of `pool`, then attends `q` over
     /// each sequence's cache.
@@ -240,10 +241,8 @@ impl<B: Backend> Decoder<B> {
             q = b.norm(qn, &q, None)?;
             k = b.norm(kn, &k, None)?;
         }
-        if self.model.rope.is_some() {
-            b.rope(&mut q, c.num_heads, step)?;
-            b.rope(&mut k, c.num_kv_heads, step)?;
-        }
+        b.rope(&mut q, c.num_heads, step)?;
+        b.rope(&mut k, c.num_kv_heads, step)?;
         let attn = b.attention(i, (&q, &k, &v), step, pool)?;
         self.linear((&layer.o, &names.o), &attn, n, obs)
     }

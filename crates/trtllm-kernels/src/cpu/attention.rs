@@ -231,29 +231,33 @@ fn plan(seqs: &[AttentionSeq<'_>], shape: AttentionShape, isa: super::simd::Isa)
     for (seq, s) in seqs.iter().enumerate() {
         let per_kv_head = s.n_new * group;
         #[cfg(target_arch = "x86_64")]
-        if isa >= super::simd::Isa::Avx2 && per_kv_head >= attention_tile::min_queries(isa) {
-            let lanes = attention_tile::tile_lanes(isa);
+        let tiled =
+            isa >= super::simd::Isa::Avx2 && per_kv_head >= attention_tile::min_queries(isa);
+        #[cfg(not(target_arch = "x86_64"))]
+        let tiled = {
+            let _ = (isa, per_kv_head); // no SIMD tiles off x86
+            false
+        };
+        if tiled {
+            #[cfg(target_arch = "x86_64")]
             for kv_head in 0..shape.n_kv_heads {
+                let lanes = attention_tile::tile_lanes(isa);
                 for j0 in (0..per_kv_head).step_by(lanes) {
+                    let js = j0..(j0 + lanes).min(per_kv_head);
                     work.push(Work::Tile(attention_tile::Tile {
                         seq,
                         row0,
                         kv_head,
-                        js: j0..(j0 + lanes).min(per_kv_head),
+                        js,
                     }));
                 }
             }
-            row0 += s.n_new;
-            continue;
-        }
-        let _ = (isa, per_kv_head);
-        for t in 0..s.n_new {
-            for kv_head in 0..shape.n_kv_heads {
-                work.push(Work::Row {
-                    seq,
-                    t,
-                    first: (row0 + t) * shape.n_heads + kv_head * group,
-                });
+        } else {
+            for t in 0..s.n_new {
+                for kv_head in 0..shape.n_kv_heads {
+                    let first = (row0 + t) * shape.n_heads + kv_head * group;
+                    work.push(Work::Row { seq, t, first });
+                }
             }
         }
         row0 += s.n_new;
