@@ -20,6 +20,12 @@ pub const TINY_FIXTURES: &[&str] = &[
     "tiny-phi3",
     "tiny-gemma2",
     "tiny-mixtral",
+    "tiny-llama-dynamic",
+    "tiny-qwen3-yarn",
+    "tiny-phi3-longrope",
+    "tiny-llama-rope-scaled",
+    "tiny-qwen2-linear",
+    "tiny-gemma3",
 ];
 
 #[derive(Deserialize)]

@@ -150,22 +150,32 @@ void pointwise() {
     });
     check("add_rows_scaled", moe_out, want_moe, 1e-6);
 
-    // RoPE: position 4000 at head_dim 64, rotate-half pairs.
+    // RoPE: position 4000 at head_dim 64, rotate-half pairs; tokens 2 and 3 rotate by a second
+    // frequency set (a sequence past LongRoPE's original context), cos and sin scaled.
     const int heads = 3, hd = 64, half = hd / 2;
+    const float rope_scale = 1.25f;
     std::vector<int> pos = {0, 1, 17, 4000};
-    std::vector<float> inv_freq(half);
-    for (int j = 0; j < half; ++j) inv_freq[j] = (float)std::pow(10000.0, -2.0 * j / hd);
+    std::vector<unsigned> sets = {0, 0, 1, 1};
+    std::vector<float> inv_freq(2 * half);
+    for (int j = 0; j < half; ++j) {
+        inv_freq[j] = (float)std::pow(10000.0, -2.0 * j / hd);
+        inv_freq[half + j] = inv_freq[j] / (1.0f + j);
+    }
     auto q = rand_vec(pos.size() * heads * hd, 6);
     auto rq = q;
-    emu::launch(dim(pos.size(), heads), dim(32), [&] { rope_f32(rq.data(), pos.data(), inv_freq.data(), heads, hd, half); });
+    emu::launch(dim(pos.size(), heads), dim(32), [&] {
+        rope_f32(rq.data(), pos.data(), sets.data(), inv_freq.data(), heads, hd, half, rope_scale);
+    });
     std::vector<double> want_q(q.size());
     for (size_t t = 0; t < pos.size(); ++t)
         for (int h = 0; h < heads; ++h)
             for (int j = 0; j < half; ++j) {
                 const size_t o = (t * heads + h) * hd;
-                const double a = (double)((float)pos[t] * inv_freq[j]);
-                want_q[o + j] = q[o + j] * std::cos(a) - q[o + j + half] * std::sin(a);
-                want_q[o + j + half] = q[o + j + half] * std::cos(a) + q[o + j] * std::sin(a);
+                const double a = (double)((float)pos[t] * inv_freq[sets[t] * half + j]);
+                const double c = (double)((float)std::cos(a) * rope_scale);
+                const double s = (double)((float)std::sin(a) * rope_scale);
+                want_q[o + j] = q[o + j] * c - q[o + j + half] * s;
+                want_q[o + j + half] = q[o + j + half] * c + q[o + j] * s;
             }
     check("rope", rq, want_q, 1e-6);
 

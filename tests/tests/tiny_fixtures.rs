@@ -101,6 +101,40 @@ fn tiny_mixtral_sparse_moe() -> Result<()> {
 
 /// Converting storage type at build time is exact when widening (bf16 → f32) and stays close
 /// when narrowing (f32 → bf16).
+/// Local and global layers with their own RoPE bases (the global one scaled), (1 + w) q/k norms.
+#[test]
+fn tiny_gemma3_local_global_rope_and_qk_norms() -> Result<()> {
+    check_fixture("tiny-gemma3")
+}
+
+/// Every prompt grows past max_position_embeddings (12) while it generates: the base changes at
+/// each step, and keys keep the rotation of the step that computed them.
+#[test]
+fn tiny_llama_dynamic_ntk_rope() -> Result<()> {
+    check_fixture("tiny-llama-dynamic")
+}
+
+#[test]
+fn tiny_qwen3_yarn_rope() -> Result<()> {
+    check_fixture("tiny-qwen3-yarn")
+}
+
+/// Short factors until a sequence passes 12 tokens, long ones after; partial rotary 0.75.
+#[test]
+fn tiny_phi3_longrope_partial_rotary() -> Result<()> {
+    check_fixture("tiny-phi3-longrope")
+}
+
+#[test]
+fn tiny_llama_llama3_rope_scaling() -> Result<()> {
+    check_fixture("tiny-llama-rope-scaled")
+}
+
+#[test]
+fn tiny_qwen2_linear_rope_scaling() -> Result<()> {
+    check_fixture("tiny-qwen2-linear")
+}
+
 #[test]
 fn dtype_conversion_at_build_time() -> Result<()> {
     for (name, dtype, tol) in [
@@ -178,5 +212,48 @@ fn tiny_mixtral_batch_of_32_equals_each_alone() -> Result<()> {
             "prompt {i}: batched tokens differ from alone"
         );
     }
+    Ok(())
+}
+
+/// With dynamic NTK a key's rotation depends on its sequence's length, so a long prompt never
+/// takes the cached blocks of a short one with the same start: it gives what it gives alone.
+#[test]
+fn tiny_llama_dynamic_never_shares_prefix_blocks() -> Result<()> {
+    let dir = fixtures().join("tiny-llama-dynamic");
+    let golden: FixtureGolden = read_json(&dir.join("golden.json"))?;
+    let out = tempfile::tempdir()?;
+    build(&dir, out.path(), &BuildConfig::default(), &mut |_, _, _| {})?;
+    let llm = || {
+        let mut args = LlmArgs {
+            model: out.path().into(),
+            ..Default::default()
+        };
+        args.executor_config.kv_cache.tokens_per_block = 4;
+        LLM::new(args)
+    };
+    // The short prompt is within max_position_embeddings (12); the long one starts alike and is
+    // past it.
+    let short = golden.cases[2].input_ids.clone();
+    let long: Vec<u32> = golden.cases[..3]
+        .iter()
+        .rev()
+        .flat_map(|c| c.input_ids.clone())
+        .collect();
+    assert!(short.len() >= 8 && short.len() <= 12 && long.len() > 12);
+    let params = SamplingParams {
+        max_tokens: 8,
+        ignore_eos: true,
+        logprobs: Some(0),
+        ..Default::default()
+    };
+    let run = |llm: &LLM, p: &[u32]| -> Result<(Vec<u32>, Option<f64>)> {
+        let o = llm.generate(&[Prompt::TokenIds(p.to_vec())], &params)?;
+        let c = &o[0].outputs[0];
+        Ok((c.token_ids.clone(), c.cumulative_logprob))
+    };
+    let alone = run(&llm()?, &long)?;
+    let shared = llm()?;
+    run(&shared, &short)?;
+    assert_eq!(run(&shared, &long)?, alone);
     Ok(())
 }

@@ -166,7 +166,7 @@ fn resolve(
     c.dtype = Some(c.dtype.or(native).unwrap_or(DType::F32));
     c.kv_cache_dtype = Some(kv_cache_dtype(&c)?);
     if c.max_seq_len == 0 {
-        c.max_seq_len = model.max_position_embeddings;
+        c.max_seq_len = model.context_len();
     }
     if model.position == PositionKind::Learned && c.max_seq_len > model.max_position_embeddings {
         return Err(BuildError::InvalidBuildConfig(format!(

@@ -17,11 +17,24 @@ pub enum Family {
     /// Pre- and post-norms around attention and MLP, `(1 + w)` RMSNorm weights (stored as w),
     /// GeGLU, soft-capping, alternating sliding windows.
     Gemma2,
+    /// Gemma 2's layout with (1 + w) q/k norms and its own RoPE base on sliding-window layers.
+    Gemma3,
     Gpt2,
 }
 
+impl Family {
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Family::Gemma2 | Family::Gemma3)
+    }
+
+    /// Per-head RMSNorms on queries and keys.
+    pub fn has_qk_norm(self) -> bool {
+        matches!(self, Family::Qwen3 | Family::Gemma3)
+    }
+}
+
 pub const SUPPORTED: &str =
-    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, MixtralForCausalLM, GPT2LMHeadModel; GGUF: llama, mistral, qwen2, gpt2";
+    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, MixtralForCausalLM, GPT2LMHeadModel; GGUF: llama, mistral, qwen2, gpt2";
 
 /// One source matrix of a (possibly fused) engine linear layer.
 #[derive(Clone, Debug)]
@@ -109,8 +122,9 @@ pub fn hf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
         | Family::Qwen3
         | Family::Phi3
         | Family::Mixtral
-        | Family::Gemma2 => {
-            let gemma = family == Family::Gemma2;
+        | Family::Gemma2
+        | Family::Gemma3 => {
+            let gemma = family.is_gemma();
             let any_norm = |name: &str| if gemma { gemma_norm(name) } else { norm(name) };
             let layer = |i: usize| {
                 let p = |s: &str| part(format!("model.layers.{i}.{s}.weight"));
@@ -130,7 +144,8 @@ pub fn hf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
                 LayerSpec {
                     attn_norm: n("input_layernorm"),
                     qkv,
-                    qk_norm: (family == Family::Qwen3)
+                    qk_norm: family
+                        .has_qk_norm()
                         .then(|| (n("self_attn.q_norm"), n("self_attn.k_norm"))),
                     o: vec![p("self_attn.o_proj")],
                     // Gemma's post_attention_layernorm norms the attention output; its MLP's

@@ -4,11 +4,10 @@ use std::path::Path;
 
 use serde_json::Value;
 use trtllm_runtime::quant::DType;
-use trtllm_runtime::{
-    Features, MlpKind, ModelConfig, MoeConfig, NormKind, PositionKind, RopeScaling,
-};
+use trtllm_runtime::{Features, MlpKind, ModelConfig, MoeConfig, NormKind, PositionKind};
 
 use crate::family::{Family, SUPPORTED};
+use crate::hf_rope::{self, RopeDefaults};
 use crate::{BuildError, Result};
 
 /// A parsed config: the family, the decoder's config and the stored dtype it names.
@@ -18,18 +17,18 @@ pub struct HfConfig {
     pub dtype: Option<DType>,
 }
 
-struct Fields<'a> {
+pub(crate) struct Fields<'a> {
     v: &'a Value,
     path: &'a Path,
     arch: &'a str,
 }
 
 impl Fields<'_> {
-    fn get(&self, key: &str) -> Option<&Value> {
+    pub(crate) fn get(&self, key: &str) -> Option<&Value> {
         self.v.get(key).filter(|v| !v.is_null())
     }
 
-    fn usize(&self, key: &str) -> Result<usize> {
+    pub(crate) fn usize(&self, key: &str) -> Result<usize> {
         self.opt_usize(key)?
             .ok_or_else(|| BuildError::MissingField {
                 path: self.path.to_path_buf(),
@@ -38,7 +37,7 @@ impl Fields<'_> {
             })
     }
 
-    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+    pub(crate) fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => v
@@ -48,7 +47,7 @@ impl Fields<'_> {
         }
     }
 
-    fn f32_or(&self, key: &str, default: f32) -> Result<f32> {
+    pub(crate) fn f32_or(&self, key: &str, default: f32) -> Result<f32> {
         match self.get(key) {
             None => Ok(default),
             Some(v) => v
@@ -77,7 +76,7 @@ impl Fields<'_> {
         }
     }
 
-    fn invalid(&self, key: &str, message: &str) -> BuildError {
+    pub(crate) fn invalid(&self, key: &str, message: &str) -> BuildError {
         BuildError::InvalidField {
             path: self.path.to_path_buf(),
             field: key.into(),
@@ -112,6 +111,7 @@ pub fn parse(v: &Value, path: &Path) -> Result<HfConfig> {
         "Qwen3ForCausalLM" | "qwen3" => Family::Qwen3,
         "Phi3ForCausalLM" | "phi3" => Family::Phi3,
         "Gemma2ForCausalLM" | "gemma2" => Family::Gemma2,
+        "Gemma3ForCausalLM" | "gemma3_text" => Family::Gemma3,
         "MixtralForCausalLM" | "mixtral" => Family::Mixtral,
         "GPT2LMHeadModel" | "gpt2" => Family::Gpt2,
         other => {
@@ -142,11 +142,14 @@ pub fn parse(v: &Value, path: &Path) -> Result<HfConfig> {
 }
 
 fn llama_like(f: &Fields, arch: &str, family: Family) -> Result<ModelConfig> {
-    let gemma = family == Family::Gemma2;
+    let gemma = family.is_gemma();
     // Gemma names it hidden_activation (and used hidden_act for it in early configs).
     let (key, act) = match f.str("hidden_activation") {
         Some(a) => ("hidden_activation", a),
-        None => ("hidden_act", f.str("hidden_act").unwrap_or("silu")),
+        None => {
+            let default = if gemma { "gelu_pytorch_tanh" } else { "silu" };
+            ("hidden_act", f.str("hidden_act").unwrap_or(default))
+        }
     };
     let mlp = match act {
         "silu" if !gemma => MlpKind::GatedSilu,
@@ -162,14 +165,17 @@ fn llama_like(f: &Fields, arch: &str, family: Family) -> Result<ModelConfig> {
     let hidden = f.usize("hidden_size")?;
     let heads = f.usize("num_attention_heads")?;
     let head_dim = f.opt_usize("head_dim")?.unwrap_or(hidden / heads.max(1));
-    // transformers 5 moves it into rope_parameters.
-    let partial = match rope_params(f).and_then(|p| p.get("partial_rotary_factor")) {
-        Some(v) => v
-            .as_f64()
-            .ok_or_else(|| f.invalid("partial_rotary_factor", "expected a number"))?
-            as f32,
-        None => f.f32_or("partial_rotary_factor", 1.0)?,
-    };
+    let rope = hf_rope::read(
+        f,
+        head_dim,
+        RopeDefaults {
+            theta: match family {
+                Family::Qwen2 | Family::Qwen3 | Family::Gemma3 => 1_000_000.0,
+                _ => 10_000.0,
+            },
+            local_theta: (family == Family::Gemma3).then_some(10_000.0),
+        },
+    )?;
     let num_layers = f.usize("num_hidden_layers")?;
     let (sliding_window, sliding_layers) = sliding(f, family, num_layers)?;
     Ok(ModelConfig {
@@ -185,14 +191,10 @@ fn llama_like(f: &Fields, arch: &str, family: Family) -> Result<ModelConfig> {
         norm: NormKind::RmsNorm,
         norm_eps: f.f32_or("rms_norm_eps", 1e-6)?,
         mlp,
-        position: PositionKind::Rope {
-            theta: rope_theta(f, family)?,
-            rotary_dim: ((head_dim as f32 * partial) as usize) & !1,
-            scaling: rope_scaling(f)?,
-        },
+        position: rope.position,
         tie_word_embeddings: f.bool_or("tie_word_embeddings", gemma),
         features: Features {
-            qk_norm: family == Family::Qwen3,
+            qk_norm: family.has_qk_norm(),
             sliding_window,
             sliding_layers,
             attn_logit_softcap: opt_f32(f, "attn_logit_softcapping")?,
@@ -208,6 +210,7 @@ fn llama_like(f: &Fields, arch: &str, family: Family) -> Result<ModelConfig> {
                 }),
                 _ => None,
             },
+            local_rope: rope.local,
         },
         bos_token_id: f.ids("bos_token_id").first().copied(),
         eos_token_ids: f.ids("eos_token_id"),
@@ -226,7 +229,7 @@ fn opt_f32(f: &Fields, key: &str) -> Result<Option<f32>> {
 
 /// The sliding window and the layers it applies to: transformers 5's `layer_types`
 /// (`sliding_attention` / `full_attention`), else Qwen2's `use_sliding_window` from layer
-/// `max_window_layers` on, else every layer (Mistral).
+/// `max_window_layers` on, else Gemma's `sliding_window_pattern`, else every layer (Mistral).
 fn sliding(f: &Fields, family: Family, layers: usize) -> Result<(Option<usize>, Vec<bool>)> {
     let qwen = matches!(family, Family::Qwen2 | Family::Qwen3);
     let Some(window) = f.opt_usize("sliding_window")? else {
@@ -251,64 +254,18 @@ fn sliding(f: &Fields, family: Family, layers: usize) -> Result<(Option<usize>, 
             let first = f.opt_usize("max_window_layers")?.unwrap_or(0);
             (0..layers).map(|i| i >= first).collect()
         }
+        // Older Gemma configs: every pattern-th layer global (Gemma 2 alternates).
+        _ if family.is_gemma() => {
+            let default = if family == Family::Gemma2 { 2 } else { 6 };
+            let pattern = f
+                .opt_usize("sliding_window_pattern")?
+                .unwrap_or(default)
+                .max(1);
+            (0..layers).map(|i| (i + 1) % pattern != 0).collect()
+        }
         _ => Vec::new(),
     };
     Ok((Some(window), flags))
-}
-
-/// transformers 5 nests RoPE settings in `rope_parameters`; 4 has `rope_theta` + `rope_scaling`.
-fn rope_params<'a>(f: &'a Fields) -> Option<&'a Value> {
-    f.get("rope_parameters").or_else(|| f.get("rope_scaling"))
-}
-
-fn rope_theta(f: &Fields, family: Family) -> Result<f32> {
-    if let Some(t) = rope_params(f)
-        .and_then(|p| p.get("rope_theta"))
-        .and_then(Value::as_f64)
-    {
-        return Ok(t as f32);
-    }
-    let default = if matches!(family, Family::Qwen2 | Family::Qwen3) {
-        1_000_000.0
-    } else {
-        10_000.0
-    };
-    f.f32_or("rope_theta", default)
-}
-
-fn rope_scaling(f: &Fields) -> Result<RopeScaling> {
-    let Some(p) = rope_params(f) else {
-        return Ok(RopeScaling::None);
-    };
-    let kind = p
-        .get("rope_type")
-        .or_else(|| p.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
-    let num = |k: &str| {
-        p.get(k)
-            .and_then(Value::as_f64)
-            .map(|x| x as f32)
-            .ok_or_else(|| f.invalid(&format!("rope_scaling.{k}"), "missing or not a number"))
-    };
-    Ok(match kind {
-        "default" => RopeScaling::None,
-        "linear" => RopeScaling::Linear {
-            factor: num("factor")?,
-        },
-        "llama3" => RopeScaling::Llama3 {
-            factor: num("factor")?,
-            low_freq_factor: num("low_freq_factor")?,
-            high_freq_factor: num("high_freq_factor")?,
-            original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
-        },
-        other => {
-            return Err(f.invalid(
-                "rope_scaling.rope_type",
-                &format!("'{other}' is not supported (default, linear, llama3)"),
-            ))
-        }
-    })
 }
 
 fn gpt2(f: &Fields, arch: &str) -> Result<ModelConfig> {
@@ -346,6 +303,7 @@ fn gpt2(f: &Fields, arch: &str) -> Result<ModelConfig> {
 mod tests {
     use super::*;
     use serde_json::json;
+    use trtllm_runtime::RopeScaling;
 
     fn llama() -> Value {
         json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 160,

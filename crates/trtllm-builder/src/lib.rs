@@ -14,6 +14,7 @@ pub mod family;
 pub mod gguf;
 mod gguf_tokenizer;
 pub mod hf_config;
+mod hf_rope;
 
 pub use build::{build, BuildProgress};
 pub use checkpoint::{Checkpoint, Tensor};

@@ -62,6 +62,9 @@ impl GenerationExecutor {
         let limits = cfg.scheduler.limits(&config.build)?;
         let block_size = cfg.kv_cache.tokens_per_block;
         let total_blocks = cfg.kv_cache.num_blocks(&config.model, &config.build)?;
+        // A cached key rotated for one sequence's length is wrong for another's (dynamic NTK,
+        // LongRoPE), so such models never share blocks.
+        let reuse = cfg.kv_cache.enable_block_reuse && !config.model.rope_depends_on_length();
         let spawn_err = |e| {
             ExecutorError::Runtime(RuntimeError::Io {
                 path: dir.into(),
@@ -74,7 +77,7 @@ impl GenerationExecutor {
         let stop = Arc::new(AtomicBool::new(false));
         let engine = EngineLoop {
             pool: runner.new_pool(block_size, total_blocks)?,
-            kv: KvCacheManager::new(total_blocks, block_size, cfg.kv_cache.enable_block_reuse),
+            kv: KvCacheManager::new(total_blocks, block_size, reuse),
             runner,
             scheduler: Scheduler {
                 policy: cfg.scheduler.policy,

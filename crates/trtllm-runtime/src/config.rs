@@ -73,6 +73,16 @@ pub struct Features {
     /// stream (Gemma 2/3), besides the usual pre-norms.
     pub post_norms: bool,
     pub moe: Option<MoeConfig>,
+    /// The rotary base and scaling of sliding-window layers where they differ from the global
+    /// ones (Gemma 3: local theta 10 000, global 1 000 000 and scaled).
+    pub local_rope: Option<LocalRope>,
+}
+
+/// RoPE of the sliding-window layers; the rotated dimensions are the global ones.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LocalRope {
+    pub theta: f32,
+    pub scaling: RopeScaling,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -147,6 +157,12 @@ impl ModelConfig {
                 self.num_layers
             )));
         }
+        if self.features.local_rope.is_some() && !matches!(self.position, PositionKind::Rope { .. })
+        {
+            return Err(RuntimeError::InvalidConfig(
+                "a local RoPE for sliding-window layers needs a rotary model".into(),
+            ));
+        }
         if let PositionKind::Rope { rotary_dim, .. } = self.position {
             if rotary_dim == 0 || rotary_dim % 2 != 0 || rotary_dim > self.head_dim {
                 return Err(RuntimeError::InvalidConfig(format!(
@@ -173,6 +189,29 @@ impl ModelConfig {
             window: self.window(layer),
             softcap: self.features.attn_logit_softcap,
         }
+    }
+
+    /// The longest sequence the model is meant for: `max_position_embeddings`, stretched by
+    /// RoPE scalings that extend the context past it (as vLLM derives its max_model_len).
+    pub fn context_len(&self) -> usize {
+        match &self.position {
+            PositionKind::Rope { scaling, .. } => scaling.context_len(self.max_position_embeddings),
+            PositionKind::Learned => self.max_position_embeddings,
+        }
+    }
+
+    /// Whether a key's rotation depends on its sequence's length when it was computed (dynamic
+    /// NTK, LongRoPE), so that cached keys cannot be shared between sequences.
+    pub fn rope_depends_on_length(&self) -> bool {
+        let PositionKind::Rope { scaling, .. } = &self.position else {
+            return false;
+        };
+        scaling.depends_on_length()
+            || self
+                .features
+                .local_rope
+                .as_ref()
+                .is_some_and(|l| l.scaling.depends_on_length())
     }
 
     /// The sliding window of layer `layer`, if it has one.

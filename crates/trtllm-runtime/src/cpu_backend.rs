@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use trtllm_quant::kernels::cpu::{self, AttentionSeq, RopeTable};
+use trtllm_quant::kernels::cpu::{self, AttentionSeq, RopeFreqs};
 
 use crate::decoder::{Backend, Decoder};
 use crate::engine::EngineFile;
@@ -12,6 +12,7 @@ use crate::kv_cache::KvPool;
 use crate::model::{
     attention_seqs, ActivationObserver, BatchLayout, HostModel, Linear, Norm, SeqChunk,
 };
+use crate::rope::Ropes;
 use crate::tuning::{self, Tactics, TimingCache, TuneReport};
 use crate::weights::f32s;
 use crate::{MlpKind, ModelConfig, NormKind, Result};
@@ -19,7 +20,7 @@ use crate::{MlpKind, ModelConfig, NormKind, Result};
 pub(crate) struct CpuBackend {
     cfg: ModelConfig,
     file: Arc<EngineFile>,
-    rope: Option<RopeTable>,
+    rope: Option<Ropes>,
     /// The linear kernels' tactic per weight shape (defaults until [`Decoder::tune`]).
     tactics: Tactics,
 }
@@ -49,6 +50,8 @@ impl Decoder<CpuBackend> {
 pub(crate) struct CpuStep<'a> {
     batch: &'a [SeqChunk<'a>],
     positions: Vec<usize>,
+    /// Each rotary table's frequencies for this step's tokens.
+    rope: Vec<RopeFreqs>,
     seqs: Vec<AttentionSeq<'a>>,
 }
 
@@ -83,6 +86,11 @@ impl Backend for CpuBackend {
         Ok(CpuStep {
             batch,
             positions: layout.positions.clone(),
+            rope: self
+                .rope
+                .as_ref()
+                .map(|r| r.step(batch))
+                .unwrap_or_default(),
             seqs: attention_seqs(batch),
         })
     }
@@ -138,9 +146,10 @@ impl Backend for CpuBackend {
         Ok(parts)
     }
 
-    fn rope(&self, x: &mut Vec<f32>, heads: usize, step: &CpuStep<'_>) -> Result<()> {
+    fn rope(&self, x: &mut Vec<f32>, heads: usize, layer: usize, step: &CpuStep<'_>) -> Result<()> {
         if let Some(rope) = &self.rope {
-            cpu::apply_rope(x, &step.positions, heads, self.cfg.head_dim, rope)?;
+            let freqs = &step.rope[rope.table_of(layer)];
+            cpu::apply_rope(x, &step.positions, heads, self.cfg.head_dim, freqs)?;
         }
         Ok(())
     }

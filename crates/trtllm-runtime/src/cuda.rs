@@ -3,7 +3,9 @@
 //! `trtllm_kernels::cuda`. Embedding rows are gathered on the host from the memory-mapped table
 //! (a few rows per step) and uploaded, so any table format works without a device copy of it.
 
-use trtllm_quant::kernels::cuda::{AttentionBatch, CudaDevice, CudaSlice, DeviceMatrix, KvSide};
+use trtllm_quant::kernels::cuda::{
+    AttentionBatch, CudaDevice, CudaSlice, DeviceMatrix, DeviceRopeFreqs, KvSide,
+};
 
 use crate::decoder::Backend;
 use crate::engine::TensorInfo;
@@ -11,6 +13,7 @@ use crate::kv_cache::{KvPool, KvStorage};
 use crate::model::{
     attention_seqs, ActivationObserver, BatchLayout, HostModel, Linear, Norm, SeqChunk,
 };
+use crate::rope::Ropes;
 use crate::weights::f32s;
 use crate::{MlpKind, ModelConfig, NormKind, Result};
 
@@ -30,22 +33,17 @@ pub(crate) struct CudaBackend {
     cfg: ModelConfig,
     dev: CudaDevice,
     ordinal: usize,
-    inv_freq: Option<CudaSlice<f32>>,
+    rope: Option<Ropes>,
 }
 
 impl CudaBackend {
     pub fn new(model: &HostModel, ordinal: usize) -> Result<Self> {
         let dev = CudaDevice::new(ordinal)?;
-        let inv_freq = model
-            .rope
-            .as_ref()
-            .map(|r| dev.upload(r.inv_freq()))
-            .transpose()?;
         Ok(Self {
             cfg: model.cfg.clone(),
             dev,
             ordinal,
-            inv_freq,
+            rope: model.rope.clone(),
         })
     }
 
@@ -72,6 +70,8 @@ impl CudaBackend {
 pub(crate) struct CudaStep {
     attention: AttentionBatch,
     positions: CudaSlice<i32>,
+    /// Each rotary table's frequencies for this step's tokens.
+    rope: Vec<DeviceRopeFreqs>,
 }
 
 impl Backend for CudaBackend {
@@ -128,6 +128,14 @@ impl Backend for CudaBackend {
                 self.cfg.attention_shape(0),
             )?,
             positions: self.dev.upload(&positions)?,
+            rope: match &self.rope {
+                Some(r) => r
+                    .step(batch)
+                    .iter()
+                    .map(|f| self.dev.upload_rope(f, self.cfg.head_dim))
+                    .collect::<std::result::Result<_, _>>()?,
+                None => Vec::new(),
+            },
         })
     }
 
@@ -195,10 +203,17 @@ impl Backend for CudaBackend {
             .unwrap_or_else(|_| unreachable!("one part per width")))
     }
 
-    fn rope(&self, x: &mut CudaSlice<f32>, heads: usize, step: &CudaStep) -> Result<()> {
-        if let Some(inv_freq) = &self.inv_freq {
+    fn rope(
+        &self,
+        x: &mut CudaSlice<f32>,
+        heads: usize,
+        layer: usize,
+        step: &CudaStep,
+    ) -> Result<()> {
+        if let Some(rope) = &self.rope {
+            let freqs = &step.rope[rope.table_of(layer)];
             self.dev
-                .rope(x, &step.positions, inv_freq, heads, self.cfg.head_dim)?;
+                .rope(x, &step.positions, freqs, heads, self.cfg.head_dim)?;
         }
         Ok(())
     }

@@ -55,9 +55,15 @@ pub(crate) trait Backend {
         total: usize,
         widths: [usize; N],
     ) -> Result<[Self::Act; N]>;
-    /// Rotary embedding of every head (`heads` of `head_dim`) at the step's positions; nothing
-    /// for a model without RoPE (learned positions).
-    fn rope(&self, x: &mut Self::Act, heads: usize, step: &Self::Step<'_>) -> Result<()>;
+    /// Rotary embedding of every head (`heads` of `head_dim`) at the step's positions, by layer
+    /// `layer`'s table; nothing for a model without RoPE (learned positions).
+    fn rope(
+        &self,
+        x: &mut Self::Act,
+        heads: usize,
+        layer: usize,
+        step: &Self::Step<'_>,
+    ) -> Result<()>;
     /// Writes the step's keys and values into layer `layer` of `pool`, then attends `q` over
     /// each sequence's cache.
     fn attention(
@@ -241,8 +247,8 @@ impl<B: Backend> Decoder<B> {
             q = b.norm(qn, &q, None)?;
             k = b.norm(kn, &k, None)?;
         }
-        b.rope(&mut q, c.num_heads, step)?;
-        b.rope(&mut k, c.num_kv_heads, step)?;
+        b.rope(&mut q, c.num_heads, i, step)?;
+        b.rope(&mut k, c.num_kv_heads, i, step)?;
         let attn = b.attention(i, (&q, &k, &v), step, pool)?;
         self.linear((&layer.o, &names.o), &attn, n, obs)
     }

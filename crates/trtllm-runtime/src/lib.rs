@@ -16,12 +16,13 @@ mod error;
 mod generation;
 mod kv_cache;
 mod model;
+mod rope;
 mod sampling;
 mod session;
 mod tuning;
 mod weights;
 
-pub use config::{Features, MlpKind, ModelConfig, MoeConfig, NormKind, PositionKind};
+pub use config::{Features, LocalRope, MlpKind, ModelConfig, MoeConfig, NormKind, PositionKind};
 pub use device::Device;
 pub use engine::{BuildConfig, EngineConfig, EngineWriter, ENGINE_FORMAT_VERSION};
 pub use error::RuntimeError;

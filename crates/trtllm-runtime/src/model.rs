@@ -4,11 +4,12 @@
 
 use std::sync::Arc;
 
-use trtllm_quant::kernels::cpu::{self, AttentionSeq, MatRef, RopeTable};
+use trtllm_quant::kernels::cpu::{self, AttentionSeq, MatRef};
 use trtllm_quant::DType;
 
 use crate::engine::{names, EngineFile, TensorInfo};
 use crate::kv_cache::BlockId;
+use crate::rope::Ropes;
 pub(crate) use crate::weights::Linear;
 use crate::weights::{optional_f32, tensor, Weight};
 use crate::{ModelConfig, NormKind, PositionKind, Result, RuntimeError};
@@ -153,7 +154,7 @@ pub(crate) struct HostModel {
     pub final_norm: Norm,
     /// The tied embedding table or its own matrix; never bias or activation scales.
     pub lm_head: Linear,
-    pub rope: Option<RopeTable>,
+    pub(crate) rope: Option<Ropes>,
 }
 
 impl HostModel {
@@ -241,14 +242,7 @@ impl HostModel {
             )?),
             PositionKind::Rope { .. } => None,
         };
-        let rope = match &cfg.position {
-            PositionKind::Rope {
-                theta,
-                rotary_dim,
-                scaling,
-            } => Some(RopeTable::new(*rotary_dim, *theta, scaling)),
-            PositionKind::Learned => None,
-        };
+        let rope = Ropes::of(&cfg);
         let final_norm = norm(names::FINAL_NORM)?;
         Ok(Self {
             cfg,

@@ -15,6 +15,7 @@ mod matmul;
 mod norm;
 pub(crate) mod quant;
 mod rope;
+mod rope_scaling;
 mod simd;
 mod tactic;
 mod widen;
@@ -29,7 +30,7 @@ pub use norm::{layer_norm, rms_norm};
 pub use quant::{
     e4m3_to_f32, Fp8Weights, Int4Weights, Int8Weights, Nvfp4Weights, E2M1_VALUES, E4M3_MAX,
 };
-pub use rope::{apply_rope, RopeScaling, RopeTable};
+pub use rope::{apply_rope, RopeFreqs, RopeScaling, RopeTable};
 pub use simd::{detected_isa, isa, limit_isa, simd_available, Isa};
 pub use tactic::{Regime, Tactic, MAX_CHUNKS, MAX_PREFETCH};
 

@@ -26,6 +26,15 @@ pub(super) fn grid(blocks: usize, threads: u32) -> Result<LaunchConfig> {
     })
 }
 
+/// One step's rotary frequencies (`cpu::RopeFreqs`) on the device, checked on the host before
+/// upload (every token's set exists), so the kernel never reads past the table.
+pub struct DeviceRopeFreqs {
+    sets: CudaSlice<u32>,
+    table: CudaSlice<f32>,
+    half: usize,
+    scale: f32,
+}
+
 /// Sampling parameters of one row, laid out as `SampleParams` in kernels/sampling.cu.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -103,28 +112,45 @@ impl CudaDevice {
         }
     }
 
-    /// Rotates `x` (`[tokens × n_heads × head_dim]`) in place; `inv_freq` has rotary_dim / 2 entries.
+    /// One step's rotary frequencies on the device.
+    pub fn upload_rope(
+        &self,
+        f: &crate::cpu::RopeFreqs,
+        head_dim: usize,
+    ) -> Result<DeviceRopeFreqs> {
+        f.check(f.set_of_token.len(), head_dim)?;
+        Ok(DeviceRopeFreqs {
+            sets: self.upload(&f.set_of_token)?,
+            table: self.upload(&f.table)?,
+            half: f.half,
+            scale: f.scale,
+        })
+    }
+
+    /// Rotates `x` (`[tokens × n_heads × head_dim]`) in place, token `t` at `positions[t]` by
+    /// its frequency set in `freqs`.
     pub fn rope(
         &self,
         x: &mut CudaSlice<f32>,
         positions: &CudaSlice<i32>,
-        inv_freq: &CudaSlice<f32>,
+        freqs: &DeviceRopeFreqs,
         n_heads: usize,
         head_dim: usize,
     ) -> Result<()> {
         check_len("rope", "x", x.len(), positions.len() * n_heads * head_dim)?;
-        if 2 * inv_freq.len() > head_dim {
+        check_len("rope", "frequency sets", freqs.sets.len(), positions.len())?;
+        if 2 * freqs.half > head_dim {
             return Err(KernelError::ShapeMismatch {
                 op: "rope",
                 what: "rotary dim (≤ head_dim)",
                 expected: head_dim,
-                got: 2 * inv_freq.len(),
+                got: 2 * freqs.half,
             });
         }
         let (h, d, half) = (
             int("heads", n_heads)?,
             int("head_dim", head_dim)?,
-            int("half", inv_freq.len())?,
+            int("half", freqs.half)?,
         );
         let cfg = LaunchConfig {
             grid_dim: (int("tokens", positions.len())? as u32, h as u32, 1),
@@ -134,10 +160,12 @@ impl CudaDevice {
         let mut b = self.builder("rope_f32")?;
         b.arg(x)
             .arg(positions)
-            .arg(inv_freq)
+            .arg(&freqs.sets)
+            .arg(&freqs.table)
             .arg(&h)
             .arg(&d)
-            .arg(&half);
+            .arg(&half)
+            .arg(&freqs.scale);
         launch(b, cfg, "rope_f32")
     }
 

@@ -55,20 +55,23 @@ fn rope_activations_softmax_and_embedding_match_cpu() {
     let d = device();
     let (heads, hd) = (3, 64);
     let positions = [0usize, 1, 17, 4000];
-    let table = cpu::RopeTable::new(hd, 10000.0, &cpu::RopeScaling::None);
+    // Two sequences, one past LongRoPE's original context: two frequency sets and a scale.
+    let scaling = cpu::RopeScaling::LongRope {
+        short_factor: vec![1.0; hd / 2],
+        long_factor: (0..hd / 2).map(|j| 1.0 + j as f32).collect(),
+        original_max_position_embeddings: 64,
+        attention_factor: 1.25,
+    };
+    let table = cpu::RopeTable::new(hd, 10000.0, &scaling);
+    let freqs = table.step_freqs([(2, 18), (2, 4001)]);
     let x = rand_vec(positions.len() * heads * hd, 5);
     let mut xd = d.upload(&x).unwrap();
     let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
-    d.rope(
-        &mut xd,
-        &d.upload(&pos).unwrap(),
-        &d.upload(table.inv_freq()).unwrap(),
-        heads,
-        hd,
-    )
-    .unwrap();
+    let dev_freqs = d.upload_rope(&freqs, hd).unwrap();
+    d.rope(&mut xd, &d.upload(&pos).unwrap(), &dev_freqs, heads, hd)
+        .unwrap();
     let mut want = x.clone();
-    cpu::apply_rope(&mut want, &positions, heads, hd, &table).unwrap();
+    cpu::apply_rope(&mut want, &positions, heads, hd, &freqs).unwrap();
     assert_close(&d.download(&xd).unwrap(), &want, 1e-5, "rope");
 
     let (rows, inter) = (3, 333);

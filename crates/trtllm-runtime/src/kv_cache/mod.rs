@@ -29,7 +29,8 @@ pub struct KvCacheConfig {
     /// `memory_fraction` of the memory available when the pool is created.
     pub max_tokens: Option<usize>,
     pub memory_fraction: f64,
-    /// Share full blocks between sequences whose prompts start alike.
+    /// Share full blocks between sequences whose prompts start alike (never for models whose
+    /// RoPE follows the sequence length).
     pub enable_block_reuse: bool,
 }
 
