@@ -26,6 +26,7 @@ pub const TINY_FIXTURES: &[&str] = &[
     "tiny-llama-rope-scaled",
     "tiny-qwen2-linear",
     "tiny-gemma3",
+    "tiny-qwen3-moe",
 ];
 
 #[derive(Deserialize)]

@@ -101,6 +101,13 @@ fn tiny_mixtral_sparse_moe() -> Result<()> {
 
 /// Converting storage type at build time is exact when widening (bf16 → f32) and stays close
 /// when narrowing (f32 → bf16).
+/// Experts of their own size in layers 0 and 2, a dense MLP in layer 1 (mlp_only_layers), top-2
+/// weights not renormalized.
+#[test]
+fn tiny_qwen3_moe_sparse_and_dense_layers() -> Result<()> {
+    check_fixture("tiny-qwen3-moe")
+}
+
 /// Local and global layers with their own RoPE bases (the global one scaled), (1 + w) q/k norms.
 #[test]
 fn tiny_gemma3_local_global_rope_and_qk_norms() -> Result<()> {

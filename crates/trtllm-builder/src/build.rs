@@ -211,20 +211,22 @@ pub(crate) fn write_engine(
     let build = resolve(config, &model, ck.native_dtype())?;
     let dtype = build.dtype.unwrap_or(DType::F32);
     let total = spec.layers.len() + 2;
-    let (up_part, up_rows) = model.mlp_in();
     // The quantizable modules: the router stays float.
-    let mlp_parts: Vec<String> = match model.features.moe {
-        None => vec![up_part.into(), names::DOWN.into()],
-        Some(m) => (0..m.num_experts)
-            .flat_map(|e| [up_part, names::DOWN].map(|p| format!("{}.{e}.{p}", names::EXPERTS)))
-            .collect(),
+    let mlp_parts = |i: usize| -> Vec<String> {
+        let up = model.mlp_in(i).0;
+        match model.moe(i) {
+            None => vec![up.into(), names::DOWN.into()],
+            Some(m) => (0..m.num_experts)
+                .flat_map(|e| [up, names::DOWN].map(|p| format!("{}.{e}.{p}", names::EXPERTS)))
+                .collect(),
+        }
     };
     let modules: Vec<String> = (0..spec.layers.len())
         .flat_map(|i| {
             [names::QKV, names::O]
                 .into_iter()
                 .map(String::from)
-                .chain(mlp_parts.iter().cloned())
+                .chain(mlp_parts(i))
                 .map(move |p| format!("layers.{i}.{p}"))
         })
         .chain([LM_HEAD.to_string()])
@@ -252,9 +254,10 @@ pub(crate) fn write_engine(
         let shape = [model.max_position_embeddings, h];
         out.matrix(&[pe.as_str()], names::POS_EMBED_PREFIX, None, shape)?;
     }
-    let inter = model.intermediate_size;
     for (i, layer) in spec.layers.iter().enumerate() {
         progress(i + 1, total, "layers");
+        let (up_part, up_rows) = model.mlp_in(i);
+        let inter = model.mlp_inter(i);
         let mut linears: Vec<(String, &LinearSpec, usize, usize)> = vec![
             (names::QKV.into(), &layer.qkv, model.qkv_dim(), h),
             (names::O.into(), &layer.o, h, model.q_dim()),

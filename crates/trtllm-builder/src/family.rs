@@ -14,6 +14,8 @@ pub enum Family {
     Phi3,
     /// Mistral's attention with a sparse mixture of gated-SiLU experts in every layer.
     Mixtral,
+    /// Qwen3's attention with a mixture of experts in the layers the config names.
+    Qwen3Moe,
     /// Pre- and post-norms around attention and MLP, `(1 + w)` RMSNorm weights (stored as w),
     /// GeGLU, soft-capping, alternating sliding windows.
     Gemma2,
@@ -29,12 +31,12 @@ impl Family {
 
     /// Per-head RMSNorms on queries and keys.
     pub fn has_qk_norm(self) -> bool {
-        matches!(self, Family::Qwen3 | Family::Gemma3)
+        matches!(self, Family::Qwen3 | Family::Qwen3Moe | Family::Gemma3)
     }
 }
 
 pub const SUPPORTED: &str =
-    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, MixtralForCausalLM, GPT2LMHeadModel; GGUF: llama, mistral, qwen2, gpt2";
+    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM, GPT2LMHeadModel; GGUF: llama, mistral, qwen2, gpt2";
 
 /// One source matrix of a (possibly fused) engine linear layer.
 #[derive(Clone, Debug)]
@@ -113,6 +115,20 @@ fn gemma_norm(prefix: &str) -> NormSpec {
     }
 }
 
+/// A mixture-of-experts layer's router and each expert's `[gate ; up]` and down.
+fn experts_spec(family: Family, i: usize, n: usize) -> (String, Vec<(LinearSpec, LinearSpec)>) {
+    let (block, [gate, up, down]) = match family {
+        Family::Mixtral => ("block_sparse_moe", ["w1", "w3", "w2"]),
+        _ => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+    };
+    let moe = format!("model.layers.{i}.{block}");
+    let w = |e: usize, s: &str| part(format!("{moe}.experts.{e}.{s}.weight"));
+    let experts = (0..n)
+        .map(|e| (vec![w(e, gate), w(e, up)], vec![w(e, down)]))
+        .collect();
+    (format!("{moe}.gate.weight"), experts)
+}
+
 /// Hugging Face tensor names.
 pub fn hf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
     match family {
@@ -122,6 +138,7 @@ pub fn hf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
         | Family::Qwen3
         | Family::Phi3
         | Family::Mixtral
+        | Family::Qwen3Moe
         | Family::Gemma2
         | Family::Gemma3 => {
             let gemma = family.is_gemma();
@@ -162,19 +179,7 @@ pub fn hf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
                     }),
                     up,
                     down: vec![p("mlp.down_proj")],
-                    experts: cfg
-                        .features
-                        .moe
-                        .filter(|_| family == Family::Mixtral)
-                        .map(|m| {
-                            let moe = format!("model.layers.{i}.block_sparse_moe");
-                            let w =
-                                |e: usize, s: &str| part(format!("{moe}.experts.{e}.{s}.weight"));
-                            let experts = (0..m.num_experts)
-                                .map(|e| (vec![w(e, "w1"), w(e, "w3")], vec![w(e, "w2")]))
-                                .collect();
-                            (format!("{moe}.gate.weight"), experts)
-                        }),
+                    experts: cfg.moe(i).map(|m| experts_spec(family, i, m.num_experts)),
                 }
             };
             ModelSpec {

@@ -113,6 +113,7 @@ pub fn parse(v: &Value, path: &Path) -> Result<HfConfig> {
         "Gemma2ForCausalLM" | "gemma2" => Family::Gemma2,
         "Gemma3ForCausalLM" | "gemma3_text" => Family::Gemma3,
         "MixtralForCausalLM" | "mixtral" => Family::Mixtral,
+        "Qwen3MoeForCausalLM" | "qwen3_moe" => Family::Qwen3Moe,
         "GPT2LMHeadModel" | "gpt2" => Family::Gpt2,
         other => {
             return Err(BuildError::UnsupportedArchitecture {
@@ -170,7 +171,7 @@ fn llama_like(f: &Fields, arch: &str, family: Family) -> Result<ModelConfig> {
         head_dim,
         RopeDefaults {
             theta: match family {
-                Family::Qwen2 | Family::Qwen3 | Family::Gemma3 => 1_000_000.0,
+                Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe | Family::Gemma3 => 1_000_000.0,
                 _ => 10_000.0,
             },
             local_theta: (family == Family::Gemma3).then_some(10_000.0),
@@ -202,18 +203,43 @@ fn llama_like(f: &Fields, arch: &str, family: Family) -> Result<ModelConfig> {
             query_pre_attn_scalar: opt_f32(f, "query_pre_attn_scalar")?,
             embed_scale: gemma.then(|| (hidden as f32).sqrt()),
             post_norms: gemma,
-            moe: match family {
-                Family::Mixtral => Some(MoeConfig {
-                    num_experts: f.usize("num_local_experts")?,
-                    top_k: f.usize("num_experts_per_tok")?,
-                    normalize_top_k: true,
-                }),
-                _ => None,
-            },
+            moe: moe(f, family, num_layers)?,
             local_rope: rope.local,
         },
         bos_token_id: f.ids("bos_token_id").first().copied(),
         eos_token_ids: f.ids("eos_token_id"),
+    })
+}
+
+/// Mixtral's experts in every layer; Qwen3-MoE's in every `decoder_sparse_step`-th layer not
+/// in `mlp_only_layers`, each of `moe_intermediate_size`.
+fn moe(f: &Fields, family: Family, layers: usize) -> Result<Option<MoeConfig>> {
+    Ok(match family {
+        Family::Mixtral => Some(MoeConfig {
+            num_experts: f.usize("num_local_experts")?,
+            top_k: f.usize("num_experts_per_tok")?,
+            normalize_top_k: true,
+            expert_intermediate_size: None,
+            dense_layers: Vec::new(),
+        }),
+        Family::Qwen3Moe => {
+            let step = f.opt_usize("decoder_sparse_step")?.unwrap_or(1).max(1);
+            let dense_only = f.ids("mlp_only_layers");
+            Some(MoeConfig {
+                // transformers 5 writes Mixtral's name for it.
+                num_experts: match f.opt_usize("num_local_experts")? {
+                    Some(n) => n,
+                    None => f.usize("num_experts")?,
+                },
+                top_k: f.usize("num_experts_per_tok")?,
+                normalize_top_k: f.bool_or("norm_topk_prob", false),
+                expert_intermediate_size: Some(f.usize("moe_intermediate_size")?),
+                dense_layers: (0..layers)
+                    .map(|i| dense_only.contains(&(i as u32)) || (i + 1) % step != 0)
+                    .collect(),
+            })
+        }
+        _ => None,
     })
 }
 
@@ -231,7 +257,7 @@ fn opt_f32(f: &Fields, key: &str) -> Result<Option<f32>> {
 /// (`sliding_attention` / `full_attention`), else Qwen2's `use_sliding_window` from layer
 /// `max_window_layers` on, else Gemma's `sliding_window_pattern`, else every layer (Mistral).
 fn sliding(f: &Fields, family: Family, layers: usize) -> Result<(Option<usize>, Vec<bool>)> {
-    let qwen = matches!(family, Family::Qwen2 | Family::Qwen3);
+    let qwen = matches!(family, Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe);
     let Some(window) = f.opt_usize("sliding_window")? else {
         return Ok((None, Vec::new()));
     };

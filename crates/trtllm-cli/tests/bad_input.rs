@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use tempfile::TempDir;
+use trtllm_api::runtime::ENGINE_FORMAT_VERSION;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -149,11 +150,13 @@ fn gguf_with_bad_magic() {
 fn engine_format_version_from_the_future() {
     let e = TinyEngine::build(&[]);
     edit(&e.dir.join("config.json"), |cfg| {
-        cfg.replace("\"format_version\": 3", "\"format_version\": 99")
+        let current = format!("\"format_version\": {ENGINE_FORMAT_VERSION}");
+        cfg.replace(&current, "\"format_version\": 99")
     });
+    let supported = format!("version {ENGINE_FORMAT_VERSION}");
     fails_with(
         e.run(&["--input-ids", "1,2,3"]),
-        &["config.json", "version 99", "version 3"],
+        &["config.json", "version 99", &supported],
     );
 }
 

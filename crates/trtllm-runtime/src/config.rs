@@ -38,14 +38,21 @@ pub enum PositionKind {
     Learned,
 }
 
-/// A sparse mixture of experts in place of every layer's MLP (Mixtral): each token's MLP output
+/// A sparse mixture of experts in place of the MLP (Mixtral, Qwen3-MoE): each token's MLP output
 /// is the weighted sum of `top_k` of `num_experts` gated MLPs, chosen by a router.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MoeConfig {
     pub num_experts: usize,
     pub top_k: usize,
     /// The chosen experts' softmax weights are renormalized to sum to 1.
     pub normalize_top_k: bool,
+    /// Each expert's intermediate size; `None`: the dense `intermediate_size` (Mixtral).
+    #[serde(default)]
+    pub expert_intermediate_size: Option<usize>,
+    /// Layers that keep a dense MLP of `intermediate_size` (Qwen3-MoE's `mlp_only_layers` and
+    /// `decoder_sparse_step`), one flag per layer; empty: none.
+    #[serde(default)]
+    pub dense_layers: Vec<bool>,
 }
 
 /// What sets the families apart beyond sizes and kinds; everything off is Llama. Stored flat in
@@ -135,12 +142,24 @@ impl ModelConfig {
                 self.num_heads, self.num_kv_heads
             )));
         }
-        if let Some(m) = self.features.moe {
+        if let Some(m) = &self.features.moe {
             if m.top_k == 0 || m.top_k > m.num_experts {
                 return Err(RuntimeError::InvalidConfig(format!(
                     "num_experts_per_tok ({}) must be between 1 and the number of experts ({})",
                     m.top_k, m.num_experts
                 )));
+            }
+            if !m.dense_layers.is_empty() && m.dense_layers.len() != self.num_layers {
+                return Err(RuntimeError::InvalidConfig(format!(
+                    "{} dense-MLP layer flags for {} layers",
+                    m.dense_layers.len(),
+                    self.num_layers
+                )));
+            }
+            if m.expert_intermediate_size == Some(0) {
+                return Err(RuntimeError::InvalidConfig(
+                    "moe_intermediate_size must be positive".into(),
+                ));
             }
         }
         if self.features.sliding_window == Some(0) {
@@ -214,6 +233,21 @@ impl ModelConfig {
                 .is_some_and(|l| l.scaling.depends_on_length())
     }
 
+    /// The mixture of experts of layer `layer`, unless it has a dense MLP.
+    pub fn moe(&self, layer: usize) -> Option<&MoeConfig> {
+        self.features
+            .moe
+            .as_ref()
+            .filter(|m| !m.dense_layers.get(layer).copied().unwrap_or(false))
+    }
+
+    /// The intermediate size of layer `layer`'s MLP, or of each of its experts.
+    pub fn mlp_inter(&self, layer: usize) -> usize {
+        self.moe(layer)
+            .and_then(|m| m.expert_intermediate_size)
+            .unwrap_or(self.intermediate_size)
+    }
+
     /// The sliding window of layer `layer`, if it has one.
     pub fn window(&self, layer: usize) -> Option<usize> {
         let windowed = self
@@ -237,14 +271,16 @@ impl ModelConfig {
         self.q_dim() + 2 * self.kv_dim()
     }
 
-    /// The engine tensor part holding the MLP's input projection and its row count:
-    /// fused `gate_up` (gate rows, then up rows) for gated MLPs, plain `up` otherwise.
-    pub fn mlp_in(&self) -> (&'static str, usize) {
+    /// The engine tensor part holding layer `layer`'s MLP input projection (each expert's, with
+    /// experts) and its row count: fused `gate_up` (gate rows, then up rows) for gated MLPs,
+    /// plain `up` otherwise.
+    pub fn mlp_in(&self, layer: usize) -> (&'static str, usize) {
+        let inter = self.mlp_inter(layer);
         match self.mlp {
             MlpKind::GatedSilu | MlpKind::GatedGeluTanh => {
-                (crate::engine::names::GATE_UP, 2 * self.intermediate_size)
+                (crate::engine::names::GATE_UP, 2 * inter)
             }
-            MlpKind::GeluTanh => (crate::engine::names::UP, self.intermediate_size),
+            MlpKind::GeluTanh => (crate::engine::names::UP, inter),
         }
     }
 }

@@ -179,12 +179,12 @@ impl Backend for CpuBackend {
     fn activation(&self, mlp: MlpKind, up: Vec<f32>, rows: usize) -> Result<Vec<f32>> {
         Ok(match mlp {
             MlpKind::GatedSilu => {
-                let mut a = vec![0f32; rows * self.cfg.intermediate_size];
+                let mut a = vec![0f32; up.len() / 2];
                 cpu::silu_mul(&up, rows, &mut a)?;
                 a
             }
             MlpKind::GatedGeluTanh => {
-                let mut a = vec![0f32; rows * self.cfg.intermediate_size];
+                let mut a = vec![0f32; up.len() / 2];
                 cpu::gelu_tanh_mul(&up, rows, &mut a)?;
                 a
             }

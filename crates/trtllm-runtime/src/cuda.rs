@@ -241,12 +241,12 @@ impl Backend for CudaBackend {
     fn activation(&self, mlp: MlpKind, up: CudaSlice<f32>, rows: usize) -> Result<CudaSlice<f32>> {
         Ok(match mlp {
             MlpKind::GatedSilu => {
-                let mut a = self.output(rows * self.cfg.intermediate_size)?;
+                let mut a = self.output(up.len() / 2)?;
                 self.dev.silu_mul(&up, rows, &mut a)?;
                 a
             }
             MlpKind::GatedGeluTanh => {
-                let mut a = self.output(rows * self.cfg.intermediate_size)?;
+                let mut a = self.output(up.len() / 2)?;
                 self.dev.gelu_tanh_mul(&up, rows, &mut a)?;
                 a
             }

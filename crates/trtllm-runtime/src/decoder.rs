@@ -8,7 +8,7 @@ use crate::kv_cache::KvPool;
 use crate::model::{
     ActivationObserver, BatchLayout, HostModel, Layer, Linear, Mlp, Norm, SeqChunk,
 };
-use crate::{MlpKind, ModelConfig, Result};
+use crate::{MlpKind, ModelConfig, MoeConfig, Result};
 
 /// The operations of one device. Activations are `[rows × cols]` f32, row-major.
 pub(crate) trait Backend {
@@ -73,7 +73,8 @@ pub(crate) trait Backend {
         step: &Self::Step<'_>,
         pool: &mut KvPool,
     ) -> Result<Self::Act>;
-    /// The MLP's activation of the input projection `up` (`rows` rows).
+    /// The MLP's activation of the input projection `up` (`rows` rows; gated kinds halve its
+    /// width, so that experts of any size share it).
     fn activation(&self, mlp: MlpKind, up: Self::Act, rows: usize) -> Result<Self::Act>;
     /// Rows `rows` of `x` (`width` wide), in that order.
     fn gather_rows(&self, x: &Self::Act, rows: &[usize], width: usize) -> Result<Self::Act>;
@@ -195,7 +196,7 @@ impl<B: Backend> Decoder<B> {
                 o = b.norm(post, &o, None)?;
             }
             x = b.norm(&layer.mlp_norm, &o, Some(&mut hidden))?;
-            let mut down = self.mlp_block((layer, names), &x, n, obs)?;
+            let mut down = self.mlp_block(i, (layer, names), &x, n, obs)?;
             if let Some((_, post)) = &layer.post_norms {
                 down = b.norm(post, &down, None)?;
             }
@@ -256,6 +257,7 @@ impl<B: Backend> Decoder<B> {
     /// The MLP block's output for the normed hidden states `x`.
     fn mlp_block(
         &self,
+        i: usize,
         (layer, names): (&DeviceLayer<B>, &Layer),
         x: &B::Act,
         n: usize,
@@ -274,11 +276,15 @@ impl<B: Backend> Decoder<B> {
                 },
             ) => {
                 let h = self.config().hidden_size;
+                let moe = self
+                    .config()
+                    .moe(i)
+                    .expect("an experts layer has an MoE config");
                 let logits = b.download(self.linear((router, rn), x, n, obs)?)?;
                 let mut out = b.zeros(n, h)?;
                 // Each expert runs once over the tokens routed to it (its weights are read once
                 // per step), in expert order, as transformers adds them.
-                for (e, (rows, weights)) in self.route(&logits, n).iter().enumerate() {
+                for (e, (rows, weights)) in route(moe, &logits, n).iter().enumerate() {
                     if rows.is_empty() {
                         continue;
                     }
@@ -306,32 +312,27 @@ impl<B: Backend> Decoder<B> {
         let act = self.backend.activation(self.config().mlp, up, n)?;
         self.linear(down, &act, n, obs)
     }
+}
 
-    /// Each expert's tokens and their weights: softmax over the router's logits, the top-k
-    /// experts of each token (ties to the lower index), renormalized where the config says.
-    fn route(&self, logits: &[f32], n: usize) -> Vec<(Vec<usize>, Vec<f32>)> {
-        let moe = self
-            .config()
-            .features
-            .moe
-            .expect("an MoE layer has an MoE config");
-        let mut per_expert = vec![(Vec::new(), Vec::new()); moe.num_experts];
-        for (t, row) in logits.chunks_exact(moe.num_experts).enumerate().take(n) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let e: Vec<f32> = row.iter().map(|&l| (l - max).exp()).collect();
-            let z: f32 = e.iter().sum();
-            let mut order: Vec<usize> = (0..moe.num_experts).collect();
-            order.sort_by(|&a, &b| e[b].total_cmp(&e[a]).then(a.cmp(&b)));
-            let top = &order[..moe.top_k];
-            let norm = match moe.normalize_top_k {
-                true => top.iter().map(|&i| e[i] / z).sum::<f32>(),
-                false => 1.0,
-            };
-            for &i in top {
-                per_expert[i].0.push(t);
-                per_expert[i].1.push(e[i] / z / norm);
-            }
+/// Each expert's tokens and their weights: softmax over the router's logits, the top-k
+/// experts of each token (ties to the lower index), renormalized where the config says.
+fn route(moe: &MoeConfig, logits: &[f32], n: usize) -> Vec<(Vec<usize>, Vec<f32>)> {
+    let mut per_expert = vec![(Vec::new(), Vec::new()); moe.num_experts];
+    for (t, row) in logits.chunks_exact(moe.num_experts).enumerate().take(n) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f32> = row.iter().map(|&l| (l - max).exp()).collect();
+        let z: f32 = e.iter().sum();
+        let mut order: Vec<usize> = (0..moe.num_experts).collect();
+        order.sort_by(|&a, &b| e[b].total_cmp(&e[a]).then(a.cmp(&b)));
+        let top = &order[..moe.top_k];
+        let norm = match moe.normalize_top_k {
+            true => top.iter().map(|&i| e[i] / z).sum::<f32>(),
+            false => 1.0,
+        };
+        for &i in top {
+            per_expert[i].0.push(t);
+            per_expert[i].1.push(e[i] / z / norm);
         }
-        per_expert
     }
+    per_expert
 }

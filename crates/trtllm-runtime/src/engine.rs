@@ -30,8 +30,10 @@ use crate::{ModelConfig, Result, RuntimeError};
 /// Bumped whenever the layout of config.json or rank files changes incompatibly.
 /// Version 2 added packed quantized tensors; version 3 the family features (q/k norms,
 /// post-norms, windows, soft caps, experts), which an older reader would silently ignore.
-/// Versions 1 and 2 read unchanged (every feature off).
-pub const ENGINE_FORMAT_VERSION: u32 = 3;
+/// Version 4 added RoPE scalings whose frequencies follow the sequence (dynamic, YaRN,
+/// LongRoPE), a local RoPE for sliding-window layers and experts of their own size in some
+/// layers. Versions 1 to 3 read unchanged (every feature off).
+pub const ENGINE_FORMAT_VERSION: u32 = 4;
 const READABLE_VERSIONS: std::ops::RangeInclusive<u32> = 1..=ENGINE_FORMAT_VERSION;
 const MAGIC: &[u8; 8] = b"TRTLLMRS";
 const ALIGN: usize = 64;

@@ -180,10 +180,10 @@ impl HostModel {
         let linear = |i: usize, part: &str, out: usize, inp: usize| {
             Linear::load(f, &format!("layers.{i}.{part}"), out, inp)
         };
-        let inter = cfg.intermediate_size;
         let layers = (0..cfg.num_layers)
             .map(|i| {
-                let (up_name, up_rows) = cfg.mlp_in();
+                let (up_name, up_rows) = cfg.mlp_in(i);
+                let inter = cfg.mlp_inter(i);
                 Ok(Layer {
                     attn_norm: norm(&format!("layers.{i}.{}", names::ATTN_NORM))?,
                     qkv: linear(i, names::QKV, cfg.qkv_dim(), h)?,
@@ -200,7 +200,7 @@ impl HostModel {
                     },
                     o: linear(i, names::O, h, cfg.q_dim())?,
                     mlp_norm: norm(&format!("layers.{i}.{}", names::MLP_NORM))?,
-                    mlp: match cfg.features.moe {
+                    mlp: match cfg.moe(i) {
                         None => Mlp::Dense {
                             up: linear(i, up_name, up_rows, h)?,
                             down: linear(i, names::DOWN, h, inter)?,
