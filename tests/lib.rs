@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
-use trtllm_api::runtime::{LogitsMode, ModelRunner};
+use trtllm_api::builder::{build, BuildConfig};
+use trtllm_api::runtime::{Device, LogitsMode, ModelRunner};
+use trtllm_api::{LlmArgs, Prompt, SamplingParams, LLM};
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
@@ -130,9 +132,68 @@ pub fn smollm2_gguf() -> Result<PathBuf> {
 }
 
 /// Builds the SmolLM2 demo model into a fresh temporary engine directory.
-pub fn build_smollm2(config: &trtllm_api::builder::BuildConfig) -> Result<tempfile::TempDir> {
+pub fn build_smollm2(config: &BuildConfig) -> Result<tempfile::TempDir> {
     let gguf = smollm2_gguf()?;
     let dir = tempfile::tempdir()?;
-    trtllm_api::builder::build(&gguf, dir.path(), config, &mut |_, _, _| {})?;
+    build(&gguf, dir.path(), config, &mut |_, _, _| {})?;
     Ok(dir)
+}
+
+/// Gemma 2's windowed layers (window 6) hand back the blocks their window has passed: a request
+/// of 8 + 40 tokens in blocks of 4 ends holding every block in the global layer and at most
+/// the window plus a block in the windowed ones, and still gives transformers' tokens.
+pub fn check_windowed_blocks(device: Device) -> Result<()> {
+    let dir = fixtures().join("tiny-gemma2");
+    let golden: FixtureGolden = read_json(&dir.join("golden.json"))?;
+    let out = tempfile::tempdir()?;
+    build(&dir, out.path(), &BuildConfig::default(), &mut |_, _, _| {})?;
+    let mut args = LlmArgs {
+        model: out.path().into(),
+        device,
+        ..Default::default()
+    };
+    args.executor_config.kv_cache.tokens_per_block = 4;
+    let llm = LLM::new(args)?;
+    let stats = llm.executor().subscribe_iteration_stats();
+    let case = &golden.cases[2];
+    let params = SamplingParams {
+        max_tokens: 40,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let o = llm.generate(&[Prompt::TokenIds(case.input_ids.clone())], &params)?;
+    let got = &o[0].outputs[0].token_ids;
+    if got[..case.greedy_ids.len()] != case.greedy_ids[..] {
+        bail!(
+            "{device:?}: {got:?} does not start with {:?}",
+            case.greedy_ids
+        );
+    }
+    // Stats arrive from another thread: read up to the step that finished the request (it
+    // frees the blocks), then look at the one before it.
+    let mut iters = Vec::new();
+    loop {
+        let it = stats.recv_timeout(std::time::Duration::from_secs(10))?;
+        let done = it
+            .kv_groups
+            .first()
+            .is_some_and(|g| g.blocks.used_blocks == 0);
+        iters.push(it);
+        if done {
+            break;
+        }
+    }
+    let last = &iters[iters.len().saturating_sub(2)];
+    let [global, windowed] = &last.kv_groups[..] else {
+        bail!("two KV groups expected: {:?}", last.kv_groups);
+    };
+    let len = case.input_ids.len() + 40 - 1;
+    anyhow::ensure!(global.window.is_none() && windowed.window == Some(6));
+    anyhow::ensure!(global.blocks.used_blocks == len.div_ceil(4), "{global:?}");
+    for it in &iters {
+        let used = it.kv_groups[1].blocks.used_blocks;
+        anyhow::ensure!(used <= 6usize.div_ceil(4) + 1, "{it:?}");
+    }
+    anyhow::ensure!(windowed.blocks.total_blocks < global.blocks.total_blocks);
+    Ok(())
 }

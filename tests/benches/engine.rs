@@ -10,7 +10,7 @@ use trtllm_api::builder::{build, BuildConfig};
 use trtllm_api::runtime::{
     argmax,
     quant::{DType, LayerQuantConfig, QuantAlgo, QuantConfig},
-    Device, LogitsMode, ModelRunner, SeqChunk, Session,
+    Device, KvBudget, LogitsMode, ModelRunner, SeqChunk, Session,
 };
 use trtllm_tests::{fixtures, read_json, smollm2_gguf, SmolGolden};
 
@@ -47,17 +47,19 @@ fn batched_decode_rate(runner: &ModelRunner, text: &[u32]) -> Result<f64> {
     const PROMPT: usize = 128;
     let bs = 32;
     let per_seq = (PROMPT + DECODE).div_ceil(bs);
-    let mut pool = runner.new_pool(bs, BATCH * per_seq)?;
-    let tables: Vec<Vec<u32>> = (0..BATCH)
+    let mut pool = runner.new_pool(&KvBudget::single(BATCH * per_seq, bs))?;
+    let own: Vec<Vec<u32>> = (0..BATCH)
         .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
         .collect();
+    // SmolLM2 has one KV group: one table per sequence.
+    let tables: Vec<[&[u32]; 1]> = own.iter().map(|t| [&t[..]]).collect();
     let mut next = Vec::with_capacity(BATCH);
     for (s, table) in tables.iter().enumerate() {
         let prompt = &text[s * 7..s * 7 + PROMPT];
         let chunk = SeqChunk {
             tokens: prompt,
             past: 0,
-            blocks: table,
+            blocks: &table[..],
             logits: LogitsMode::Last,
         };
         next.push(argmax(&runner.forward_batch(&[chunk], &mut pool)?));
@@ -71,7 +73,7 @@ fn batched_decode_rate(runner: &ModelRunner, text: &[u32]) -> Result<f64> {
             .map(|(tok, table)| SeqChunk {
                 tokens: tok,
                 past: PROMPT + step,
-                blocks: table,
+                blocks: &table[..],
                 logits: LogitsMode::Last,
             })
             .collect();

@@ -9,7 +9,8 @@ use trtllm_api::runtime::quant::{DType, LayerQuantConfig, QuantAlgo, QuantConfig
 use trtllm_api::runtime::{Device, Session};
 use trtllm_api::{LlmArgs, Prompt, SamplingParams, LLM};
 use trtllm_tests::{
-    build_smollm2, check_case_logits, fixtures, read_json, FixtureGolden, SmolGolden, TINY_FIXTURES,
+    build_smollm2, check_case_logits, check_windowed_blocks, fixtures, read_json, FixtureGolden,
+    SmolGolden, TINY_FIXTURES,
 };
 
 fn golden() -> SmolGolden {
@@ -42,6 +43,13 @@ fn tiny_fixtures_match_transformers_on_the_gpu() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The device attention reads a windowed group's tables, whose passed entries name no block.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo xtask test-gpu"]
+fn tiny_fixtures_windowed_layers_hold_only_their_window_on_the_gpu() -> Result<()> {
+    check_windowed_blocks(Device::Cuda(0))
 }
 
 #[test]

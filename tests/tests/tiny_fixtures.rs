@@ -3,10 +3,12 @@
 
 use anyhow::Result;
 use trtllm_api::builder::{build, BuildConfig};
+use trtllm_api::runtime::Device;
 use trtllm_api::runtime::{quant::DType, LogitsMode, Session};
 use trtllm_api::{LlmArgs, Prompt, SamplingParams, LLM};
 use trtllm_tests::{
-    check_case_logits, fixtures, max_abs_diff, read_json, FixtureGolden, TINY_FIXTURES,
+    check_case_logits, check_windowed_blocks, fixtures, max_abs_diff, read_json, FixtureGolden,
+    TINY_FIXTURES,
 };
 
 const TOL: f32 = 1e-3;
@@ -263,4 +265,10 @@ fn tiny_llama_dynamic_never_shares_prefix_blocks() -> Result<()> {
     run(&shared, &short)?;
     assert_eq!(run(&shared, &long)?, alone);
     Ok(())
+}
+
+/// Gemma 2's windowed layers (window 6) hand back the blocks their window has passed.
+#[test]
+fn tiny_gemma2_windowed_layers_hold_only_their_window() -> Result<()> {
+    check_windowed_blocks(Device::Cpu)
 }

@@ -64,11 +64,8 @@ impl EngineLoop {
                     .unwrap_or_else(|| "panic".into());
                 // The step's state is unknown: start the block accounting afresh (so releasing
                 // cannot trip over it) and fail everything in flight.
-                self.kv = KvCacheManager::new(
-                    self.kv.total_blocks(),
-                    self.kv.block_size(),
-                    self.kv.reuse_enabled(),
-                );
+                self.kv =
+                    KvCacheManager::with_budget(self.kv.budget().clone(), self.kv.reuse_enabled());
                 self.fail_all(|| ExecutorError::Step(msg.clone()));
             }
         }
@@ -168,6 +165,7 @@ impl EngineLoop {
         stats.paused_requests = self.running.len().saturating_sub(schedule.chunks.len());
         stats.queued_requests = self.waiting.len();
         stats.kv = self.kv.summary();
+        stats.kv_groups = self.kv.group_summaries();
         stats.iteration_time_ms = start.elapsed().as_secs_f64() * 1e3;
         for ev in self.kv.take_events() {
             let _ = self.kv_events.send(ev);
@@ -176,17 +174,21 @@ impl EngineLoop {
     }
 
     fn forward(&mut self, schedule: &Schedule) -> Result<Vec<f32>> {
-        let mut batch = Vec::with_capacity(schedule.chunks.len());
+        let mut running = Vec::with_capacity(schedule.chunks.len());
         for c in &schedule.chunks {
             let r =
                 self.running.iter().find(|r| r.id == c.id).ok_or_else(|| {
                     ExecutorError::Step(format!("request {} is not running", c.id))
                 })?;
-            let end = r.computed + c.n_tokens;
+            running.push((r, c.n_tokens, self.kv.block_tables(r.id)));
+        }
+        let mut batch = Vec::with_capacity(running.len());
+        for (r, n_tokens, tables) in &running {
+            let end = r.computed + n_tokens;
             batch.push(SeqChunk {
                 tokens: &r.tokens[r.computed..end],
                 past: r.computed,
-                blocks: self.kv.block_table(r.id),
+                blocks: tables,
                 logits: if end == r.tokens.len() {
                     LogitsMode::Last
                 } else {

@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use trtllm_builder::runtime::{
-    Device, EngineConfig, GenerationParams, KvCacheEvent, KvCacheManager, KvCacheSummary,
+    Device, EngineConfig, GenerationParams, KvBudget, KvCacheEvent, KvCacheManager, KvCacheSummary,
     RuntimeError, Sampler, Session, TimingCache,
 };
 
@@ -30,8 +30,8 @@ pub struct GenerationExecutor {
     /// Cancel flags of requests not yet finished, for `abort_request` by id.
     cancels: Mutex<HashMap<u64, Weak<AtomicBool>>>,
     config: EngineConfig,
-    total_blocks: usize,
-    block_size: usize,
+    /// How the KV pool is divided, to refuse at submission what could never fit.
+    kv_budget: KvBudget,
     // Declared after `worker` so they are dropped (and joined) once the loop has let go.
     stats: Dispatcher<IterationStats>,
     kv_events: Dispatcher<KvCacheEvent>,
@@ -60,8 +60,9 @@ impl GenerationExecutor {
         }
         let config = runner.engine_config().clone();
         let limits = cfg.scheduler.limits(&config.build)?;
-        let block_size = cfg.kv_cache.tokens_per_block;
-        let total_blocks = cfg.kv_cache.num_blocks(&config.model, &config.build)?;
+        let kv_budget = cfg
+            .kv_cache
+            .budget(&config.model, &config.build, limits.max_num_tokens)?;
         // A cached key rotated for one sequence's length is wrong for another's (dynamic NTK,
         // LongRoPE), so such models never share blocks.
         let reuse = cfg.kv_cache.enable_block_reuse && !config.model.rope_depends_on_length();
@@ -76,8 +77,8 @@ impl GenerationExecutor {
         let (tx, rx) = unbounded::<Job>();
         let stop = Arc::new(AtomicBool::new(false));
         let engine = EngineLoop {
-            pool: runner.new_pool(block_size, total_blocks)?,
-            kv: KvCacheManager::new(total_blocks, block_size, reuse),
+            pool: runner.new_pool(&kv_budget)?,
+            kv: KvCacheManager::with_budget(kv_budget.clone(), reuse),
             runner,
             scheduler: Scheduler {
                 policy: cfg.scheduler.policy,
@@ -102,8 +103,7 @@ impl GenerationExecutor {
             next_id: AtomicU64::new(1),
             cancels: Mutex::default(),
             config,
-            total_blocks,
-            block_size,
+            kv_budget,
             stats,
             kv_events,
         })
@@ -125,12 +125,8 @@ impl GenerationExecutor {
         let budget = request
             .params
             .budget(prompt_len, self.config.build.max_seq_len);
-        let needed = (prompt_len + budget).div_ceil(self.block_size);
-        if needed > self.total_blocks {
-            return Err(ExecutorError::RequestTooLarge {
-                needed,
-                total: self.total_blocks,
-            });
+        if let Some((needed, total)) = self.kv_budget.too_large(prompt_len + budget) {
+            return Err(ExecutorError::RequestTooLarge { needed, total });
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = unbounded();

@@ -119,20 +119,24 @@ impl Scheduler {
         kv: &KvCacheManager,
         tokens_left: usize,
     ) -> bool {
+        let budget = kv.budget();
         match self.policy {
             CapacitySchedulerPolicy::GuaranteedNoEvict => {
-                let reserved: usize = running
-                    .iter()
-                    .map(|x| {
-                        kv.blocks_for(x.final_len())
-                            .saturating_sub(kv.num_blocks_of(x.id))
-                    })
-                    .sum();
-                reserved + kv.blocks_for(r.final_len()) <= kv.available_blocks()
+                // What every running request may still take at its peak, per KV group.
+                let mut reserved = vec![0; budget.groups.len()];
+                for x in running {
+                    let peak = budget.peak_blocks(x.final_len());
+                    for ((res, p), held) in reserved.iter_mut().zip(peak).zip(kv.held_blocks(x.id))
+                    {
+                        *res += p.saturating_sub(held);
+                    }
+                }
+                kv.has_room(&reserved, &budget.peak_blocks(r.final_len()))
             }
             CapacitySchedulerPolicy::MaxUtilization => {
                 let first_chunk = r.tokens.len().min(tokens_left);
-                kv.blocks_for(first_chunk) <= kv.available_blocks()
+                let none = vec![0; budget.groups.len()];
+                kv.has_room(&none, &budget.peak_blocks(first_chunk))
             }
         }
     }

@@ -1,7 +1,7 @@
 //! What the executor reports about its steps and requests.
 
 use serde::Serialize;
-use trtllm_builder::runtime::KvCacheSummary;
+use trtllm_builder::runtime::{KvCacheSummary, KvGroupSummary};
 
 /// One engine step.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -20,6 +20,8 @@ pub struct IterationStats {
     /// Requests preempted (blocks freed, to be recomputed) in this step.
     pub preempted_requests: usize,
     pub kv: KvCacheSummary,
+    /// The same per KV group: sliding-window layers hold only the blocks their window sees.
+    pub kv_groups: Vec<KvGroupSummary>,
     /// Blocks matched from the prefix cache by requests admitted in this step.
     pub reused_blocks: usize,
     pub iteration_time_ms: f64,

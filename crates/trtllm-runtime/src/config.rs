@@ -248,6 +248,20 @@ impl ModelConfig {
             .unwrap_or(self.intermediate_size)
     }
 
+    /// The layers' KV groups: one per distinct attention span.
+    pub fn kv_groups(&self) -> crate::kv_cache::KvGroups {
+        let spans: Vec<Option<usize>> = (0..self.num_layers).map(|l| self.window(l)).collect();
+        let mut windows = spans.clone();
+        // None (every key) sorts first.
+        windows.sort();
+        windows.dedup();
+        let of_layer = spans
+            .iter()
+            .map(|s| windows.iter().position(|w| w == s).unwrap_or(0))
+            .collect();
+        crate::kv_cache::KvGroups { windows, of_layer }
+    }
+
     /// The sliding window of layer `layer`, if it has one.
     pub fn window(&self, layer: usize) -> Option<usize> {
         let windowed = self

@@ -8,6 +8,7 @@ use trtllm_quant::kernels::cpu::{self, AttentionSeq, RopeFreqs};
 
 use crate::decoder::{Backend, Decoder};
 use crate::engine::EngineFile;
+use crate::kv_cache::KvGroups;
 use crate::kv_cache::KvPool;
 use crate::model::{
     attention_seqs, ActivationObserver, BatchLayout, HostModel, Linear, Norm, SeqChunk,
@@ -21,6 +22,7 @@ pub(crate) struct CpuBackend {
     cfg: ModelConfig,
     file: Arc<EngineFile>,
     rope: Option<Ropes>,
+    groups: KvGroups,
     /// The linear kernels' tactic per weight shape (defaults until [`Decoder::tune`]).
     tactics: Tactics,
 }
@@ -31,6 +33,7 @@ impl CpuBackend {
             cfg: model.cfg.clone(),
             file: model.file.clone(),
             rope: model.rope.clone(),
+            groups: model.cfg.kv_groups(),
             tactics: Tactics::default(),
         }
     }
@@ -52,7 +55,8 @@ pub(crate) struct CpuStep<'a> {
     positions: Vec<usize>,
     /// Each rotary table's frequencies for this step's tokens.
     rope: Vec<RopeFreqs>,
-    seqs: Vec<AttentionSeq<'a>>,
+    /// The chunks as each KV group's attention sees them.
+    seqs: Vec<Vec<AttentionSeq<'a>>>,
 }
 
 impl Backend for CpuBackend {
@@ -91,7 +95,9 @@ impl Backend for CpuBackend {
                 .as_ref()
                 .map(|r| r.step(batch))
                 .unwrap_or_default(),
-            seqs: attention_seqs(batch),
+            seqs: (0..self.groups.windows.len())
+                .map(|g| attention_seqs(batch, g))
+                .collect(),
         })
     }
 
@@ -162,17 +168,18 @@ impl Backend for CpuBackend {
         pool: &mut KvPool,
     ) -> Result<Vec<f32>> {
         let kvd = self.cfg.kv_dim();
+        let group = self.groups.of_layer[layer];
         let mut r = 0;
         for chunk in step.batch {
             for pos in chunk.past..chunk.past + chunk.tokens.len() {
                 let row = r * kvd..(r + 1) * kvd;
-                pool.write(layer, chunk.blocks, pos, &k[row.clone()], &v[row])?;
+                pool.write(layer, chunk.blocks[group], pos, &k[row.clone()], &v[row])?;
                 r += 1;
             }
         }
         let mut out = vec![0f32; q.len()];
         let shape = self.cfg.attention_shape(layer);
-        cpu::paged_attention(q, pool.layer(layer)?, &step.seqs, shape, &mut out)?;
+        cpu::paged_attention(q, pool.layer(layer)?, &step.seqs[group], shape, &mut out)?;
         Ok(out)
     }
 

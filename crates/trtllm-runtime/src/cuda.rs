@@ -9,7 +9,7 @@ use trtllm_quant::kernels::cuda::{
 
 use crate::decoder::Backend;
 use crate::engine::TensorInfo;
-use crate::kv_cache::{KvPool, KvStorage};
+use crate::kv_cache::{KvBudget, KvGroups, KvPool, KvStorage};
 use crate::model::{
     attention_seqs, ActivationObserver, BatchLayout, HostModel, Linear, Norm, SeqChunk,
 };
@@ -34,6 +34,7 @@ pub(crate) struct CudaBackend {
     dev: CudaDevice,
     ordinal: usize,
     rope: Option<Ropes>,
+    groups: KvGroups,
 }
 
 impl CudaBackend {
@@ -44,6 +45,7 @@ impl CudaBackend {
             dev,
             ordinal,
             rope: model.rope.clone(),
+            groups: model.cfg.kv_groups(),
         })
     }
 
@@ -51,13 +53,8 @@ impl CudaBackend {
         self.ordinal
     }
 
-    pub fn new_pool(
-        &self,
-        storage: KvStorage,
-        block_size: usize,
-        num_blocks: usize,
-    ) -> Result<KvPool> {
-        KvPool::on_device(&self.cfg, storage, (block_size, num_blocks), &self.dev)
+    pub fn new_pool(&self, storage: KvStorage, budget: &KvBudget) -> Result<KvPool> {
+        KvPool::on_device(&self.cfg, storage, budget, &self.dev)
     }
 
     /// An activation buffer the next kernel writes in full.
@@ -68,7 +65,8 @@ impl CudaBackend {
 
 /// What every layer of one forward pass shares.
 pub(crate) struct CudaStep {
-    attention: AttentionBatch,
+    /// Each KV group's attention indices.
+    attention: Vec<AttentionBatch>,
     positions: CudaSlice<i32>,
     /// Each rotary table's frequencies for this step's tokens.
     rope: Vec<DeviceRopeFreqs>,
@@ -118,15 +116,20 @@ impl Backend for CudaBackend {
         pool: &mut KvPool,
     ) -> Result<CudaStep> {
         let block_size = pool.block_size();
-        let first = pool.device_layer(0)?;
+        let groups = &self.groups;
+        let mut attention = Vec::with_capacity(groups.windows.len());
+        for g in 0..groups.windows.len() {
+            let layer = groups.of_layer.iter().position(|&x| x == g).unwrap_or(0);
+            attention.push(self.dev.attention_batch(
+                &attention_seqs(batch, g),
+                (pool.device_layer(layer)?, block_size),
+                // The group's window; heads and head_dim are the same in every layer.
+                self.cfg.attention_shape(layer),
+            )?);
+        }
         let positions: Vec<i32> = layout.positions.iter().map(|&p| p as i32).collect();
         Ok(CudaStep {
-            attention: self.dev.attention_batch(
-                &attention_seqs(batch),
-                (first, block_size),
-                // Heads and head_dim, the same in every layer; windows go per layer.
-                self.cfg.attention_shape(0),
-            )?,
+            attention,
             positions: self.dev.upload(&positions)?,
             rope: match &self.rope {
                 Some(r) => r
@@ -226,15 +229,12 @@ impl Backend for CudaBackend {
         pool: &mut KvPool,
     ) -> Result<CudaSlice<f32>> {
         let kv = pool.device_layer(layer)?;
-        self.dev.kv_write((kv, KvSide::Key), k, &step.attention)?;
-        self.dev.kv_write((kv, KvSide::Value), v, &step.attention)?;
+        let batch = &step.attention[self.groups.of_layer[layer]];
+        self.dev.kv_write((kv, KvSide::Key), k, batch)?;
+        self.dev.kv_write((kv, KvSide::Value), v, batch)?;
         let mut out = self.output(q.len())?;
-        self.dev.paged_attention(
-            q,
-            kv,
-            (&step.attention, &self.cfg.attention_shape(layer)),
-            &mut out,
-        )?;
+        self.dev
+            .paged_attention(q, kv, (batch, &self.cfg.attention_shape(layer)), &mut out)?;
         Ok(out)
     }
 

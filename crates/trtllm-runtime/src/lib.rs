@@ -28,8 +28,8 @@ pub use engine::{BuildConfig, EngineConfig, EngineWriter, ENGINE_FORMAT_VERSION}
 pub use error::RuntimeError;
 pub use generation::{FinishReason, GenerationOutput, GenerationParams};
 pub use kv_cache::{
-    BlockId, KvCache, KvCacheConfig, KvCacheEvent, KvCacheManager, KvCacheSummary, KvPool,
-    KvStorage,
+    BlockId, GroupBudget, KvBudget, KvCache, KvCacheConfig, KvCacheEvent, KvCacheManager,
+    KvCacheSummary, KvGroupSummary, KvGroups, KvPool, KvStorage, NO_BLOCK,
 };
 pub use model::{ActivationObserver, LogitsMode, SeqChunk};
 pub use sampling::{argmax, SampledToken, Sampler, SamplingConfig, TokenLogprobs, MAX_LOGPROBS};

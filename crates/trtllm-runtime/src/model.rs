@@ -48,12 +48,13 @@ pub enum LogitsMode {
 }
 
 /// One sequence's share of a batched forward pass: `tokens` at positions `past..`, whose
-/// keys and values go to (and are read from) the pool blocks in `blocks`.
+/// keys and values go to (and are read from) the pool blocks in `blocks`: one table per KV
+/// group ([`crate::KvGroups`]), each layer using its group's.
 #[derive(Clone, Copy, Debug)]
 pub struct SeqChunk<'a> {
     pub tokens: &'a [u32],
     pub past: usize,
-    pub blocks: &'a [BlockId],
+    pub blocks: &'a [&'a [BlockId]],
     pub logits: LogitsMode,
 }
 
@@ -87,12 +88,12 @@ impl BatchLayout {
     }
 }
 
-/// Each chunk as the attention kernels see it.
-pub(crate) fn attention_seqs<'a>(batch: &[SeqChunk<'a>]) -> Vec<AttentionSeq<'a>> {
+/// Each chunk as the attention kernels of KV group `group` see it.
+pub(crate) fn attention_seqs<'a>(batch: &[SeqChunk<'a>], group: usize) -> Vec<AttentionSeq<'a>> {
     batch
         .iter()
         .map(|c| AttentionSeq {
-            blocks: c.blocks,
+            blocks: c.blocks[group],
             past: c.past,
             n_new: c.tokens.len(),
         })

@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::cpu_backend::CpuBackend;
 use crate::decoder::Decoder;
 use crate::engine::{EngineConfig, EngineFile, TensorInfo};
-use crate::kv_cache::{KvCache, KvPool, KvStorage, KV_CACHE_BLOCK};
+use crate::kv_cache::{KvBudget, KvCache, KvPool, KvStorage, KV_CACHE_BLOCK};
 use crate::model::{ActivationObserver, HostModel, LogitsMode, NoObserver, SeqChunk};
 use crate::tuning::{TimingCache, TuneReport};
 use crate::{Device, ModelConfig, Result, RuntimeError};
@@ -122,13 +122,14 @@ impl ModelRunner {
         }
     }
 
-    /// A zeroed KV pool of `num_blocks` blocks on the runner's device, in the engine's KV storage.
-    pub fn new_pool(&self, block_size: usize, num_blocks: usize) -> Result<KvPool> {
+    /// A zeroed KV pool divided as `budget` says, on the runner's device, in the engine's KV
+    /// storage.
+    pub fn new_pool(&self, budget: &KvBudget) -> Result<KvPool> {
         let storage = KvStorage::of(&self.config.build);
         match &self.backend {
-            Backend::Cpu(_) => Ok(KvPool::new(self.model(), storage, block_size, num_blocks)),
+            Backend::Cpu(_) => KvPool::new(self.model(), storage, budget),
             #[cfg(feature = "cuda")]
-            Backend::Cuda(d) => d.backend.new_pool(storage, block_size, num_blocks),
+            Backend::Cuda(d) => d.backend.new_pool(storage, budget),
         }
     }
 
@@ -154,8 +155,10 @@ impl ModelRunner {
     /// A cache able to hold `max_len` positions (capped at the engine's max_seq_len).
     pub fn new_cache(&self, max_len: usize) -> Result<KvCache> {
         let max_len = max_len.min(self.max_seq_len());
-        let pool = self.new_pool(KV_CACHE_BLOCK, max_len.div_ceil(KV_CACHE_BLOCK))?;
-        Ok(KvCache::new(pool, max_len))
+        let blocks = max_len.div_ceil(KV_CACHE_BLOCK);
+        let pool = self.new_pool(&KvBudget::uniform(self.model(), blocks, KV_CACHE_BLOCK))?;
+        let groups = self.model().kv_groups().windows.len();
+        Ok(KvCache::new(pool, max_len, groups))
     }
 
     /// Runs `tokens` after what `cache` holds, in chunks of at most max_num_tokens.
@@ -199,10 +202,11 @@ impl ModelRunner {
                 LogitsMode::Last if !last => LogitsMode::Skip,
                 m => m,
             };
+            let tables = vec![&cache.blocks[..]; cache.groups];
             let step = SeqChunk {
                 tokens: part,
                 past: cache.len(),
-                blocks: &cache.blocks,
+                blocks: &tables,
                 logits: logits_mode,
             };
             logits.extend(self.run(&[step], &mut cache.pool, obs)?);
@@ -227,11 +231,20 @@ impl ModelRunner {
                     limit: "max_seq_len",
                 });
             }
-            if c.blocks.len() * pool.block_size() < end {
-                return Err(RuntimeError::OutOfKvBlocks {
-                    needed: end.div_ceil(pool.block_size()) - c.blocks.len(),
-                    available: 0,
+            if c.blocks.len() != self.model().kv_groups().windows.len() {
+                return Err(RuntimeError::InvalidKvConfig {
+                    field: "block tables",
+                    value: format!("{} per sequence", c.blocks.len()),
+                    expected: "one per KV group of the model",
                 });
+            }
+            for table in c.blocks {
+                if table.len() * pool.block_size() < end {
+                    return Err(RuntimeError::OutOfKvBlocks {
+                        needed: end.div_ceil(pool.block_size()) - table.len(),
+                        available: 0,
+                    });
+                }
             }
         }
         if batch.is_empty() {

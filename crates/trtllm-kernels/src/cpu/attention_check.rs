@@ -65,7 +65,11 @@ pub(crate) fn check_batch(
             s.blocks.len().min(len.div_ceil(pool.block_size)),
             len.div_ceil(pool.block_size),
         )?;
-        if let Some(&b) = s.blocks.iter().find(|&&b| b as usize >= num_blocks) {
+        // With a window, the entries before the earliest query's window are never read (the
+        // KV manager has handed those blocks back).
+        let first = shape.first_key(s.past + 1) / pool.block_size;
+        let read = s.blocks.get(first..).unwrap_or_default();
+        if let Some(&b) = read.iter().find(|&&b| b as usize >= num_blocks) {
             return Err(KernelError::OutOfRange {
                 op: "attention",
                 what: "block id",

@@ -203,8 +203,15 @@ impl CudaDevice {
                 tiles.push(int("rows", (s.n_new - first).min(ATTN_TILE_ROWS))?);
             }
             table_start.push(int("block table offset", tables.len())?);
-            for &b in s.blocks {
-                tables.push(int("block id", b as usize)?);
+            // Entries before the earliest query's window are never read: the KV manager may
+            // have handed their blocks back.
+            let first = shape.first_key(s.past + 1) / block_size;
+            for (j, &b) in s.blocks.iter().enumerate() {
+                tables.push(if j < first {
+                    0
+                } else {
+                    int("block id", b as usize)?
+                });
             }
             for pos in s.past..s.past + s.n_new {
                 row_seq.push(int("sequence", i)?);

@@ -1,13 +1,13 @@
-//! Block accounting: free list, per-sequence block tables, reference counts, the prefix-hash
-//! index of full blocks, LRU eviction of cached blocks nobody references, and the events that
-//! report what was stored and removed.
+//! Block accounting over the model's KV groups: one [`BlockGroup`] per span of keys the layers
+//! see (every earlier key, or a sliding window), each with its own blocks, moving in step —
+//! a sequence is admitted, grown and released in every group at once, all or nothing.
 
-use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 use serde::Serialize;
 
-use super::BlockId;
+use super::block_group::BlockGroup;
+use super::{BlockId, KvBudget};
 use crate::{Result, RuntimeError};
 
 /// What happened to a cached block, for consumers that mirror the cache (routers, monitors).
@@ -25,7 +25,7 @@ pub enum KvCacheEvent {
     Removed { block_id: BlockId, hash: u64 },
 }
 
-/// Where every block is, for stats and invariant checks.
+/// Where every block is, for stats and invariant checks (summed over the groups).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct KvCacheSummary {
     pub total_blocks: usize,
@@ -37,293 +37,227 @@ pub struct KvCacheSummary {
     pub sequences: usize,
 }
 
-#[derive(Default)]
-struct Block {
-    refs: u32,
-    /// Set while the block is in the prefix index.
-    hash: Option<u64>,
-    /// Tokens and parent hash the hash was made from, checked on every match.
-    tokens: Vec<u32>,
-    parent: Option<u64>,
-    /// Key in `lru` while unreferenced and cached.
-    lru_tick: Option<u64>,
+impl KvCacheSummary {
+    fn add(mut self, o: KvCacheSummary) -> Self {
+        self.total_blocks += o.total_blocks;
+        self.used_blocks += o.used_blocks;
+        self.free_blocks += o.free_blocks;
+        self.cached_blocks += o.cached_blocks;
+        self.sequences = self.sequences.max(o.sequences);
+        self
+    }
 }
 
-#[derive(Default)]
-struct SeqBlocks {
-    blocks: Vec<BlockId>,
-    /// Chain hashes of the sequence's leading full blocks whose contents are computed.
-    hashes: Vec<u64>,
+/// One KV group's blocks: the layers whose attention sees `window` keys (`None`: every key).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct KvGroupSummary {
+    pub window: Option<usize>,
+    #[serde(flatten)]
+    pub blocks: KvCacheSummary,
 }
 
 pub struct KvCacheManager {
-    block_size: usize,
+    budget: KvBudget,
     reuse: bool,
-    blocks: Vec<Block>,
-    free: Vec<BlockId>,
-    index: HashMap<u64, BlockId>,
-    lru: BTreeMap<u64, BlockId>,
-    tick: u64,
-    seqs: HashMap<u64, SeqBlocks>,
-    events: Vec<KvCacheEvent>,
+    groups: Vec<BlockGroup>,
 }
 
 impl KvCacheManager {
+    /// One group of `num_blocks` that sees every earlier key.
     pub fn new(num_blocks: usize, block_size: usize, enable_reuse: bool) -> Self {
+        Self::with_budget(KvBudget::single(num_blocks, block_size), enable_reuse)
+    }
+
+    pub fn with_budget(budget: KvBudget, enable_reuse: bool) -> Self {
+        let groups = budget
+            .groups
+            .iter()
+            .map(|g| BlockGroup::new(g.blocks, budget.block_size, g.window))
+            .collect();
         Self {
-            block_size,
+            budget,
             reuse: enable_reuse,
-            blocks: (0..num_blocks).map(|_| Block::default()).collect(),
-            // Popped from the back: hand out low ids first.
-            free: (0..num_blocks as BlockId).rev().collect(),
-            index: HashMap::new(),
-            lru: BTreeMap::new(),
-            tick: 0,
-            seqs: HashMap::new(),
-            events: Vec::new(),
+            groups,
         }
+    }
+
+    pub fn budget(&self) -> &KvBudget {
+        &self.budget
     }
 
     pub fn block_size(&self) -> usize {
-        self.block_size
-    }
-
-    pub fn total_blocks(&self) -> usize {
-        self.blocks.len()
-    }
-
-    /// Blocks that can be handed out now: free ones plus evictable cached ones.
-    pub fn available_blocks(&self) -> usize {
-        self.free.len() + self.lru.len()
-    }
-
-    pub fn blocks_for(&self, tokens: usize) -> usize {
-        tokens.div_ceil(self.block_size)
-    }
-
-    /// The block table of sequence `id` (empty if unknown).
-    pub fn block_table(&self, id: u64) -> &[BlockId] {
-        self.seqs.get(&id).map_or(&[], |s| &s.blocks)
-    }
-
-    pub fn num_blocks_of(&self, id: u64) -> usize {
-        self.block_table(id).len()
-    }
-
-    /// Starts sequence `id`, sharing the cached blocks its `prompt` begins with. Returns how
-    /// many prompt tokens those blocks already hold. The last prompt token is always left to
-    /// compute, since its logits are needed.
-    pub fn add_sequence(&mut self, id: u64, prompt: &[u32]) -> usize {
-        let matched = self.match_prefix(prompt);
-        let mut seq = SeqBlocks::default();
-        for (b, hash) in matched {
-            let block = &mut self.blocks[b as usize];
-            if let Some(t) = block.lru_tick.take() {
-                self.lru.remove(&t);
-            }
-            block.refs += 1;
-            seq.blocks.push(b);
-            seq.hashes.push(hash);
-        }
-        let reused = seq.blocks.len() * self.block_size;
-        self.seqs.insert(id, seq);
-        reused
-    }
-
-    /// How many leading tokens of `prompt` cached blocks hold (never the last token).
-    pub fn cached_prefix_len(&self, prompt: &[u32]) -> usize {
-        self.match_prefix(prompt).len() * self.block_size
-    }
-
-    fn match_prefix(&self, prompt: &[u32]) -> Vec<(BlockId, u64)> {
-        let mut found = Vec::new();
-        if !self.reuse {
-            return found;
-        }
-        let full = prompt.len().saturating_sub(1) / self.block_size;
-        let mut parent = None;
-        for chunk in prompt.chunks_exact(self.block_size).take(full) {
-            let hash = chain_hash(parent, chunk);
-            let Some(&b) = self.index.get(&hash) else {
-                break;
-            };
-            let block = &self.blocks[b as usize];
-            if block.tokens != chunk || block.parent != parent {
-                break;
-            }
-            found.push((b, hash));
-            parent = Some(hash);
-        }
-        found
+        self.budget.block_size
     }
 
     pub fn reuse_enabled(&self) -> bool {
         self.reuse
     }
 
-    /// Gives sequence `id` enough blocks for `tokens` positions, all or nothing.
+    /// Sequence `id`'s block table in each group (empty if unknown); entries its window has
+    /// passed are [`super::NO_BLOCK`].
+    pub fn block_tables(&self, id: u64) -> Vec<&[BlockId]> {
+        self.groups.iter().map(|g| g.block_table(id)).collect()
+    }
+
+    /// Blocks sequence `id` holds in each group.
+    pub fn held_blocks(&self, id: u64) -> Vec<usize> {
+        self.groups.iter().map(|g| g.held_blocks(id)).collect()
+    }
+
+    /// Whether every group has room for `extra` more blocks on top of `reserved`
+    /// (both per group).
+    pub fn has_room(&self, reserved: &[usize], extra: &[usize]) -> bool {
+        self.groups
+            .iter()
+            .zip(reserved.iter().zip(extra))
+            .all(|(g, (r, e))| r + e <= g.available_blocks())
+    }
+
+    /// Starts sequence `id`, sharing the cached blocks its `prompt` begins with. Returns how
+    /// many prompt tokens those blocks already hold. The last prompt token is always left to
+    /// compute, since its logits are needed.
+    pub fn add_sequence(&mut self, id: u64, prompt: &[u32]) -> usize {
+        let (m, found) = self.match_prefix(prompt);
+        for (g, found) in self.groups.iter_mut().zip(found) {
+            let first = g.first_needed(m * self.budget.block_size);
+            let matched: Vec<_> = found[..m]
+                .iter()
+                .enumerate()
+                .map(|(j, &(b, h))| (b.filter(|_| j >= first), h))
+                .collect();
+            g.add_sequence(id, &matched);
+        }
+        m * self.budget.block_size
+    }
+
+    /// How many leading tokens of `prompt` cached blocks hold (never the last token).
+    pub fn cached_prefix_len(&self, prompt: &[u32]) -> usize {
+        self.match_prefix(prompt).0 * self.budget.block_size
+    }
+
+    /// The most leading full blocks of `prompt` every group has what it needs of, and each
+    /// group's cached block for each full block.
+    #[allow(clippy::type_complexity)]
+    fn match_prefix(&self, prompt: &[u32]) -> (usize, Vec<Vec<(Option<BlockId>, u64)>>) {
+        let bs = self.budget.block_size;
+        let full = if self.reuse {
+            prompt.len().saturating_sub(1) / bs
+        } else {
+            0
+        };
+        let mut hashes = Vec::with_capacity(full);
+        let mut parent = None;
+        for chunk in prompt.chunks_exact(bs).take(full) {
+            let h = chain_hash(parent, chunk);
+            hashes.push((h, parent));
+            parent = Some(h);
+        }
+        let found: Vec<Vec<(Option<BlockId>, u64)>> = self
+            .groups
+            .iter()
+            .map(|g| {
+                let chunks = prompt.chunks_exact(bs);
+                hashes
+                    .iter()
+                    .zip(chunks)
+                    .map(|(&(h, p), c)| (g.lookup(h, c, p), h))
+                    .collect()
+            })
+            .collect();
+        // A prefix of m blocks is usable in a group when it holds every block the first query
+        // after it reads.
+        let usable = |m: usize| {
+            self.groups.iter().zip(&found).all(|(g, f)| {
+                let first = g.first_needed(m * bs);
+                f[first.min(m)..m].iter().all(|(b, _)| b.is_some())
+            })
+        };
+        let m = (0..=full).rev().find(|&m| usable(m)).unwrap_or(0);
+        (m, found)
+    }
+
+    /// Gives sequence `id` enough blocks for `tokens` positions in every group, all or nothing.
     pub fn ensure_capacity(&mut self, id: u64, tokens: usize) -> Result<()> {
-        let have = self.num_blocks_of(id);
-        let need = self.blocks_for(tokens).saturating_sub(have);
-        if need > self.available_blocks() {
-            return Err(RuntimeError::OutOfKvBlocks {
-                needed: need,
-                available: self.available_blocks(),
-            });
+        for g in &self.groups {
+            let need = g.missing(id, tokens);
+            if need > g.available_blocks() {
+                return Err(RuntimeError::OutOfKvBlocks {
+                    needed: need,
+                    available: g.available_blocks(),
+                });
+            }
         }
-        let mut fresh = Vec::with_capacity(need);
-        for _ in 0..need {
-            let b = match self.free.pop() {
-                Some(b) => b,
-                None => self.evict_lru(),
-            };
-            self.blocks[b as usize].refs = 1;
-            fresh.push(b);
+        for g in &mut self.groups {
+            g.grow(id, tokens);
         }
-        self.seqs.entry(id).or_default().blocks.extend(fresh);
         Ok(())
     }
 
-    fn evict_lru(&mut self) -> BlockId {
-        let (_, b) = self
-            .lru
-            .pop_first()
-            .expect("caller checked available_blocks");
-        let block = &mut self.blocks[b as usize];
-        block.lru_tick = None;
-        if let Some(hash) = block.hash.take() {
-            self.index.remove(&hash);
-            self.events
-                .push(KvCacheEvent::Removed { block_id: b, hash });
-        }
-        block.tokens.clear();
-        block.parent = None;
-        b
-    }
-
     /// Records that the first `computed` of `tokens` (the sequence's prompt and output so far)
-    /// are in sequence `id`'s blocks, making its newly completed full blocks reusable.
+    /// are in sequence `id`'s blocks: newly completed full blocks become reusable, and in
+    /// sliding-window groups the blocks no later query reads go back to the pool.
     pub fn commit(&mut self, id: u64, tokens: &[u32], computed: usize) {
-        if !self.reuse {
-            return;
-        }
-        let Some(seq) = self.seqs.get_mut(&id) else {
-            return;
-        };
-        let full = computed.min(tokens.len()) / self.block_size;
-        while seq.hashes.len() < full.min(seq.blocks.len()) {
-            let j = seq.hashes.len();
-            let parent = seq.hashes.last().copied();
-            let chunk = &tokens[j * self.block_size..(j + 1) * self.block_size];
-            let hash = chain_hash(parent, chunk);
-            seq.hashes.push(hash);
-            let b = seq.blocks[j];
-            let block = &mut self.blocks[b as usize];
-            // Another sequence may have stored the same contents first; then this copy stays
-            // private and returns to the free list when released.
-            if block.hash.is_some() || self.index.contains_key(&hash) {
-                continue;
-            }
-            block.hash = Some(hash);
-            block.tokens = chunk.to_vec();
-            block.parent = parent;
-            self.index.insert(hash, b);
-            self.events.push(KvCacheEvent::Stored {
-                block_id: b,
-                hash,
-                parent_hash: parent,
-                num_tokens: self.block_size,
-            });
+        for g in &mut self.groups {
+            g.commit(id, tokens, computed, self.reuse);
         }
     }
 
     /// Releases sequence `id`'s blocks: cached ones become evictable (tail first), the rest free.
     pub fn free_sequence(&mut self, id: u64) {
-        let Some(seq) = self.seqs.remove(&id) else {
-            return;
-        };
-        for &b in seq.blocks.iter().rev() {
-            let block = &mut self.blocks[b as usize];
-            block.refs -= 1;
-            if block.refs > 0 {
-                continue;
-            }
-            if block.hash.is_some() {
-                self.tick += 1;
-                block.lru_tick = Some(self.tick);
-                self.lru.insert(self.tick, b);
-            } else {
-                self.free.push(b);
-            }
+        for g in &mut self.groups {
+            g.free_sequence(id);
         }
     }
 
-    /// Events since the last call.
+    /// Events since the last call, of the first group: the others store and evict the same
+    /// prefixes, and a router mirrors prefixes, not groups.
     pub fn take_events(&mut self) -> Vec<KvCacheEvent> {
-        std::mem::take(&mut self.events)
+        let mut groups = self.groups.iter_mut();
+        let first = groups
+            .next()
+            .map(BlockGroup::take_events)
+            .unwrap_or_default();
+        for g in groups {
+            g.take_events();
+        }
+        first
     }
 
+    /// Summed over the groups.
     pub fn summary(&self) -> KvCacheSummary {
-        KvCacheSummary {
-            total_blocks: self.blocks.len(),
-            used_blocks: self.blocks.len() - self.free.len() - self.lru.len(),
-            free_blocks: self.free.len(),
-            cached_blocks: self.lru.len(),
-            sequences: self.seqs.len(),
-        }
+        self.groups
+            .iter()
+            .map(BlockGroup::summary)
+            .fold(KvCacheSummary::default(), KvCacheSummary::add)
     }
 
-    /// Verifies that every block is in exactly one place — free, cached or referenced by the
-    /// block tables exactly `refs` times — and that the prefix index and LRU agree.
+    pub fn group_summaries(&self) -> Vec<KvGroupSummary> {
+        self.groups
+            .iter()
+            .map(|g| KvGroupSummary {
+                window: g.window(),
+                blocks: g.summary(),
+            })
+            .collect()
+    }
+
+    /// Every group's invariants (see [`BlockGroup::check_invariants`]).
     pub fn check_invariants(&self) -> std::result::Result<KvCacheSummary, String> {
-        let mut refs = vec![0u32; self.blocks.len()];
-        for seq in self.seqs.values() {
-            for &b in &seq.blocks {
-                refs[b as usize] += 1;
-            }
-        }
-        let mut place = vec![0u8; self.blocks.len()];
-        for &b in &self.free {
-            place[b as usize] += 1;
-        }
-        for (&tick, &b) in &self.lru {
-            place[b as usize] += 1;
-            if self.blocks[b as usize].lru_tick != Some(tick) {
-                return Err(format!("block {b}: LRU tick mismatch"));
-            }
-        }
-        for (i, block) in self.blocks.iter().enumerate() {
-            if block.refs != refs[i] {
-                return Err(format!(
-                    "block {i}: refcount {} but {} table entries",
-                    block.refs, refs[i]
-                ));
-            }
-            let places = place[i] as u32 + u32::from(refs[i] > 0);
-            if places != 1 {
-                return Err(format!("block {i} is in {places} places"));
-            }
-            if let Some(h) = block.hash {
-                if self.index.get(&h) != Some(&(i as BlockId)) {
-                    return Err(format!("block {i}: hash not in the prefix index"));
-                }
-            }
-        }
-        if self.index.len() != self.blocks.iter().filter(|b| b.hash.is_some()).count() {
-            return Err("prefix index names blocks that are not cached".into());
+        for (i, g) in self.groups.iter().enumerate() {
+            g.check_invariants()
+                .map_err(|e| format!("group {i}: {e}"))?;
         }
         Ok(self.summary())
     }
 }
 
 /// Hash of a block's tokens chained to the hash of everything before it.
-fn chain_hash(parent: Option<u64>, tokens: &[u32]) -> u64 {
+pub(crate) fn chain_hash(parent: Option<u64>, tokens: &[u32]) -> u64 {
     let mut h = DefaultHasher::new();
     parent.hash(&mut h);
     tokens.hash(&mut h);
     h.finish()
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,7 +272,7 @@ mod tests {
         let a = toks(10, 0);
         assert_eq!(m.add_sequence(1, &a), 0);
         m.ensure_capacity(1, 10).unwrap();
-        assert_eq!(m.num_blocks_of(1), 3);
+        assert_eq!(m.held_blocks(1)[0], 3);
         m.commit(1, &a, 10);
         let stored = m.take_events();
         assert_eq!(stored.len(), 2, "two full blocks: {stored:?}");
@@ -384,7 +318,8 @@ mod tests {
             m.free_sequence(id);
         }
         m.take_events();
-        assert_eq!(m.available_blocks(), 4);
+        let s = m.summary();
+        assert_eq!(s.free_blocks + s.cached_blocks, 4);
         m.add_sequence(9, &[1]);
         m.ensure_capacity(9, 4).unwrap();
         let removed: Vec<_> = m
@@ -399,7 +334,7 @@ mod tests {
         );
         let err = m.ensure_capacity(9, 20).unwrap_err();
         assert!(err.to_string().contains("KV"), "{err}");
-        assert_eq!(m.num_blocks_of(9), 2, "failed allocation took nothing");
+        assert_eq!(m.held_blocks(9)[0], 2, "failed allocation took nothing");
         assert_eq!(
             m.add_sequence(10, &toks(4, 100)),
             2,
@@ -422,5 +357,70 @@ mod tests {
         assert!(m.take_events().is_empty());
         assert_eq!(m.add_sequence(2, &t), 0);
         assert_eq!(m.check_invariants().unwrap().free_blocks, 4);
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::super::{GroupBudget, NO_BLOCK};
+    use super::*;
+
+    /// Groups of 16 blocks of 4: every key, and a window of 6.
+    fn manager() -> KvCacheManager {
+        let group = |window| GroupBudget { window, blocks: 16 };
+        let budget = KvBudget {
+            block_size: 4,
+            groups: vec![group(None), group(Some(6))],
+            max_chunk: 8,
+        };
+        KvCacheManager::with_budget(budget, true)
+    }
+
+    fn toks(n: usize) -> Vec<u32> {
+        (0..n as u32).map(|i| i * 7 + 1).collect()
+    }
+
+    #[test]
+    fn a_window_group_keeps_only_what_the_next_query_reads() {
+        let mut m = manager();
+        let t = toks(30);
+        m.add_sequence(1, &t[..20]);
+        for end in [8, 16, 20, 21, 22, 23, 24, 25] {
+            m.ensure_capacity(1, end).unwrap();
+            m.commit(1, &t, end);
+            m.check_invariants().unwrap();
+        }
+        // Position 25 reads keys from 20 on: blocks 5 and 6 only; the full group all 7.
+        assert_eq!(m.held_blocks(1), [7, 2]);
+        let window = m.block_tables(1)[1];
+        assert_eq!(&window[..5], &[NO_BLOCK; 5]);
+        assert!(window[5..].iter().all(|&b| b != NO_BLOCK));
+        let groups = m.group_summaries();
+        assert_eq!(groups[1].window, Some(6));
+        assert_eq!(groups[1].blocks.used_blocks, 2);
+        m.free_sequence(1);
+        assert_eq!(m.check_invariants().unwrap().used_blocks, 0);
+    }
+
+    #[test]
+    fn a_windowed_prefix_is_reused_from_the_blocks_its_window_needs() {
+        let mut m = manager();
+        let t = toks(24);
+        m.add_sequence(1, &t);
+        m.ensure_capacity(1, 24).unwrap();
+        m.commit(1, &t, 24);
+        m.free_sequence(1);
+        // Same 20 tokens, then others: 5 blocks reused; the window group takes blocks 3 and 4
+        // (position 20 reads keys from 15 on) and leaves the rest out.
+        let mut u = t[..20].to_vec();
+        u.extend([500, 501, 502]);
+        assert_eq!(m.add_sequence(2, &u), 20);
+        assert_eq!(m.held_blocks(2), [5, 2]);
+        assert_eq!(&m.block_tables(2)[1][..3], &[NO_BLOCK; 3]);
+        m.ensure_capacity(2, u.len()).unwrap();
+        m.commit(2, &u, u.len());
+        m.check_invariants().unwrap();
+        m.free_sequence(2);
+        assert_eq!(m.check_invariants().unwrap().used_blocks, 0);
     }
 }

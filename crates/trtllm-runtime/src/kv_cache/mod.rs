@@ -1,15 +1,19 @@
 //! The paged KV cache: [`KvPool`] holds the keys and values of every layer in fixed-size blocks;
 //! [`KvCacheManager`] decides which blocks belong to which sequence, shares full blocks between
 //! sequences with the same prefix, and evicts unreferenced cached blocks least recently used
-//! first. [`KvCache`] is a single sequence's private cache for callers that run one sequence.
+//! first. Layers that see the same span of keys form a group with its own blocks ([`KvBudget`]):
+//! in a sliding-window group a sequence holds only the blocks its window still sees.
+//! [`KvCache`] is a single sequence's private cache for callers that run one sequence.
 
+mod block_group;
 mod manager;
 mod pool;
 mod sequence;
 
 use serde::{Deserialize, Serialize};
 
-pub use manager::{KvCacheEvent, KvCacheManager, KvCacheSummary};
+pub use block_group::NO_BLOCK;
+pub use manager::{KvCacheEvent, KvCacheManager, KvCacheSummary, KvGroupSummary};
 pub use pool::{KvPool, KvStorage};
 pub use sequence::KvCache;
 pub(crate) use sequence::KV_CACHE_BLOCK;
@@ -72,32 +76,158 @@ impl KvCacheConfig {
         Ok(())
     }
 
-    /// How many blocks the pool gets for this model and engine.
-    pub fn num_blocks(&self, model: &ModelConfig, build: &BuildConfig) -> Result<usize> {
+    /// How the pool is divided for this model and engine: `max_tokens` (or what fits) tokens
+    /// for the layers that see every key, and for each sliding-window group what that many
+    /// tokens of sequences need of it (each holds its window and one prompt chunk of at most
+    /// `max_chunk` tokens), never less than one full-length sequence's peak.
+    pub fn budget(
+        &self,
+        model: &ModelConfig,
+        build: &BuildConfig,
+        max_chunk: usize,
+    ) -> Result<KvBudget> {
         self.validate()?;
+        let bs = self.tokens_per_block;
+        let groups = model.kv_groups();
+        let seq_len = build.max_seq_len.max(1);
+        // The share of a full-length sequence's positions each group keeps.
+        let share =
+            |w: Option<usize>| w.map_or(1.0, |w| ((w + bs).min(seq_len)) as f64 / seq_len as f64);
         let tokens = match self.max_tokens {
             Some(t) => t,
             None => {
                 let wanted = build.max_batch_size.max(1) * build.max_seq_len;
-                let bytes_per_token = KvPool::bytes_per_token(model, KvStorage::of(build));
+                let per_layer = KvPool::bytes_per_token(model, KvStorage::of(build)) as f64
+                    / model.num_layers as f64;
+                let layers = groups.layers();
+                let per_token: f64 = groups
+                    .windows
+                    .iter()
+                    .zip(&layers)
+                    .map(|(&w, &n)| per_layer * n as f64 * share(w))
+                    .sum();
                 match available_memory() {
                     Some(avail) => {
-                        let fit = (avail as f64 * self.memory_fraction) as usize / bytes_per_token;
+                        let fit = (avail as f64 * self.memory_fraction / per_token) as usize;
                         wanted.min(fit)
                     }
                     None => wanted,
                 }
             }
         };
-        let blocks = tokens / self.tokens_per_block;
-        if blocks == 0 {
+        if tokens / bs == 0 {
             return Err(RuntimeError::InvalidKvConfig {
                 field: "max_tokens",
                 value: tokens.to_string(),
                 expected: "at least one block (tokens_per_block tokens)",
             });
         }
-        Ok(blocks)
+        let mut budget = KvBudget {
+            block_size: bs,
+            groups: groups
+                .windows
+                .iter()
+                .map(|&window| GroupBudget { window, blocks: 0 })
+                .collect(),
+            max_chunk,
+        };
+        let one_seq = budget.peak_blocks(build.max_seq_len);
+        for (g, peak) in budget.groups.iter_mut().zip(one_seq) {
+            let full = tokens / bs;
+            g.blocks = match g.window {
+                None => full,
+                Some(w) => ((tokens as f64 * share(Some(w))) as usize)
+                    .div_ceil(bs)
+                    .max(peak)
+                    .min(full.max(peak)),
+            };
+        }
+        Ok(budget)
+    }
+}
+
+/// One KV group's share of the pool: the layers whose attention sees `window` keys (`None`:
+/// every earlier one), in blocks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupBudget {
+    pub window: Option<usize>,
+    pub blocks: usize,
+}
+
+/// How the pool is divided: tokens per block, each group's blocks (in [`KvGroups`] order), and
+/// the longest prompt chunk one step brings (what a windowed sequence holds beyond its window).
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvBudget {
+    pub block_size: usize,
+    pub groups: Vec<GroupBudget>,
+    pub max_chunk: usize,
+}
+
+impl KvBudget {
+    /// One group seeing every key.
+    pub fn single(blocks: usize, block_size: usize) -> Self {
+        Self {
+            block_size,
+            groups: vec![GroupBudget {
+                window: None,
+                blocks,
+            }],
+            max_chunk: usize::MAX,
+        }
+    }
+
+    /// `blocks` in every group of `model`.
+    pub fn uniform(model: &ModelConfig, blocks: usize, block_size: usize) -> Self {
+        Self {
+            block_size,
+            groups: model
+                .kv_groups()
+                .windows
+                .into_iter()
+                .map(|window| GroupBudget { window, blocks })
+                .collect(),
+            max_chunk: usize::MAX,
+        }
+    }
+
+    /// The most blocks a sequence of up to `len` positions holds at once in each group.
+    pub fn peak_blocks(&self, len: usize) -> Vec<usize> {
+        let blocks = |t: usize| t.div_ceil(self.block_size);
+        self.groups
+            .iter()
+            .map(|g| match g.window {
+                None => blocks(len),
+                Some(w) => blocks(len).min(blocks(w + self.max_chunk.min(len)) + 1),
+            })
+            .collect()
+    }
+
+    /// Blocks needed and available in a group that could never hold a sequence of `len`.
+    pub fn too_large(&self, len: usize) -> Option<(usize, usize)> {
+        self.peak_blocks(len)
+            .into_iter()
+            .zip(&self.groups)
+            .find(|(need, g)| *need > g.blocks)
+            .map(|(need, g)| (need, g.blocks))
+    }
+}
+
+/// Which layers share a block table: one group per distinct attention span, the full-attention
+/// layers first, then windows from the smallest.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvGroups {
+    pub windows: Vec<Option<usize>>,
+    pub of_layer: Vec<usize>,
+}
+
+impl KvGroups {
+    /// Layers per group.
+    pub fn layers(&self) -> Vec<usize> {
+        let mut n = vec![0; self.windows.len()];
+        for &g in &self.of_layer {
+            n[g] += 1;
+        }
+        n
     }
 }
 

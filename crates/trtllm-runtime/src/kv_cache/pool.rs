@@ -7,7 +7,7 @@ use trtllm_quant::codec::f32_to_e4m3;
 use trtllm_quant::kernels::cpu::{KvData, PagedKv, E4M3_MAX};
 use trtllm_quant::{DType, QuantAlgo};
 
-use super::BlockId;
+use super::{BlockId, KvBudget};
 use crate::{BuildConfig, ModelConfig, Result};
 
 /// How the pool stores keys and values.
@@ -145,30 +145,26 @@ pub struct KvPool {
 }
 
 impl KvPool {
-    /// Zeroed pages come from the OS lazily, so an unused pool costs address space, not memory.
-    pub fn new(
-        model: &ModelConfig,
-        storage: KvStorage,
-        block_size: usize,
-        num_blocks: usize,
-    ) -> Self {
-        let slots = num_blocks * block_size;
-        let values = slots * model.kv_dim();
-        let heads = slots * model.num_kv_heads;
-        let layers = (0..model.num_layers)
-            .map(|_| {
+    /// Each layer gets its group's blocks of `budget`. Zeroed pages come from the OS lazily,
+    /// so an unused pool costs address space, not memory.
+    pub fn new(model: &ModelConfig, storage: KvStorage, budget: &KvBudget) -> Result<Self> {
+        let layers = layer_blocks(model, budget)?
+            .into_iter()
+            .map(|blocks| {
+                let slots = blocks * budget.block_size;
+                let (values, heads) = (slots * model.kv_dim(), slots * model.num_kv_heads);
                 (
                     Store::new(storage, values, heads),
                     Store::new(storage, values, heads),
                 )
             })
             .collect();
-        Self {
+        Ok(Self {
             layers: Layers::Host(layers),
-            block_size,
+            block_size: budget.block_size,
             head_dim: model.head_dim,
             storage,
-        }
+        })
     }
 
     pub fn bytes_per_token(model: &ModelConfig, storage: KvStorage) -> usize {
@@ -227,6 +223,24 @@ impl KvPool {
     }
 }
 
+/// Each layer's block count: its group's in `budget`, which must have the model's groups.
+pub(crate) fn layer_blocks(model: &ModelConfig, budget: &KvBudget) -> Result<Vec<usize>> {
+    let groups = model.kv_groups();
+    let windows: Vec<_> = budget.groups.iter().map(|g| g.window).collect();
+    if windows != groups.windows {
+        return Err(crate::RuntimeError::InvalidKvConfig {
+            field: "budget",
+            value: format!("groups with windows {windows:?}"),
+            expected: "one group per attention span of the model",
+        });
+    }
+    Ok(groups
+        .of_layer
+        .iter()
+        .map(|&g| budget.groups[g].blocks)
+        .collect())
+}
+
 /// A pool and a model on different devices: the caller created the pool elsewhere than through
 /// its runner's `new_pool`.
 #[cfg(feature = "cuda")]
@@ -240,20 +254,20 @@ fn on_other_device() -> crate::RuntimeError {
 mod device {
     use trtllm_quant::kernels::cuda::{CudaDevice, DeviceKv};
 
-    use super::{KvPool, KvStorage, Layers};
+    use super::{layer_blocks, KvBudget, KvPool, KvStorage, Layers};
     use crate::{ModelConfig, Result};
 
     impl KvPool {
-        /// A zeroed pool of `num_blocks` blocks per layer in `dev`'s memory.
+        /// A zeroed pool in `dev`'s memory, each layer with its group's blocks of `budget`.
         pub(crate) fn on_device(
             model: &ModelConfig,
             storage: KvStorage,
-            (block_size, num_blocks): (usize, usize),
+            budget: &KvBudget,
             dev: &CudaDevice,
         ) -> Result<Self> {
-            let slots = num_blocks * block_size;
-            let (values, heads) = (slots * model.kv_dim(), slots * model.num_kv_heads);
-            let layer = || -> Result<DeviceKv> {
+            let layer = |blocks: usize| -> Result<DeviceKv> {
+                let slots = blocks * budget.block_size;
+                let (values, heads) = (slots * model.kv_dim(), slots * model.num_kv_heads);
                 Ok(match storage {
                     KvStorage::F32 => DeviceKv::F32 {
                         k: dev.zeros(values)?,
@@ -283,11 +297,12 @@ mod device {
             };
             Ok(Self {
                 layers: Layers::Device(
-                    (0..model.num_layers)
-                        .map(|_| layer())
+                    layer_blocks(model, budget)?
+                        .into_iter()
+                        .map(layer)
                         .collect::<Result<_>>()?,
                 ),
-                block_size,
+                block_size: budget.block_size,
                 head_dim: model.head_dim,
                 storage,
             })

@@ -9,18 +9,22 @@ pub(crate) const KV_CACHE_BLOCK: usize = 64;
 
 pub struct KvCache {
     pub(crate) pool: KvPool,
+    /// Every KV group's table (a private cache never hands blocks back).
     pub(crate) blocks: Vec<BlockId>,
+    pub(crate) groups: usize,
     len: usize,
     max_len: usize,
 }
 
 impl KvCache {
-    /// A cache of up to `max_len` positions over all of `pool`'s blocks, in order.
-    pub(crate) fn new(pool: KvPool, max_len: usize) -> Self {
+    /// A cache of up to `max_len` positions over all of `pool`'s blocks, in order, in each of
+    /// the model's `groups` KV groups.
+    pub(crate) fn new(pool: KvPool, max_len: usize, groups: usize) -> Self {
         let num_blocks = max_len.div_ceil(pool.block_size());
         Self {
             pool,
             blocks: (0..num_blocks as BlockId).collect(),
+            groups,
             len: 0,
             max_len,
         }
