@@ -12,7 +12,6 @@
 #include "../gemm_8bit.cu"
 #include "../norm.cu"
 #include "../rope.cu"
-#include "../sampling.cu"
 #include "../softmax.cu"
 #include "../weight_only.cu"
 
@@ -57,7 +56,7 @@ const std::map<std::string, Kernel>& kernels() {
         K(embedding_f32), K(embedding_bf16), K(embedding_f16), K(embedding_int8),
         K(quantize_rows_int8), K(quantize_fp8), K(gemv_w8a8), K(gemm_w8a8), K(gemm_fp8_e4m3),
         K(rms_norm_f32), K(add_rms_norm_f32), K(layer_norm_f32), K(add_layer_norm_f32),
-        K(rope_f32), K(argmax_f32), K(sample_top_k_top_p_f32), K(softmax_f32),
+        K(rope_f32), K(softmax_f32),
         K(gemv_int8), K(gemm_int8), K(gemv_int4), K(gemm_int4), K(gemv_fp8), K(gemm_fp8),
         K(gemv_nvfp4), K(gemm_nvfp4), K(gemv_bf16), K(gemv_f16),
     };

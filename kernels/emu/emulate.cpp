@@ -10,7 +10,6 @@
 #include "../gemm_8bit.cu"
 #include "../norm.cu"
 #include "../rope.cu"
-#include "../sampling.cu"
 #include "../softmax.cu"
 #include "../weight_only.cu"
 
@@ -495,73 +494,12 @@ void attention() {
     half_pool("f16", false);
 }
 
-void sampling() {
-    const int vocab = 3001, rows = 3;
-    auto logits = rand_vec(rows * vocab, 50, -3.0f, 3.0f);
-    logits[vocab + 17] = 9.0f;
-    logits[vocab + 2500] = 9.0f;  // a tie: the lower id wins
-    std::vector<unsigned> out(rows);
-    emu::launch(dim(rows), dim(256), [&] { argmax_f32(logits.data(), out.data(), vocab); });
-    std::vector<unsigned> want(rows);
-    for (int r = 0; r < rows; ++r) {
-        int best = 0;
-        for (int i = 1; i < vocab; ++i)
-            if (logits[r * vocab + i] > logits[r * vocab + best]) best = i;
-        want[r] = best;
-    }
-    check_eq("argmax_f32 (ties to the lower id)", out, want);
-
-    // The inverse CDF over the top-k / top-p / min-p survivors, drawn at several uniforms; k up
-    // to the kernel's maximum (a disabled top-k).
-    const SampleParams cases[] = {{1.0f, 1, 1.0f, 0.0f}, {0.7f, 40, 0.9f, 0.0f}, {1.3f, 1024, 1.0f, 0.05f}};
-    for (const SampleParams& p : cases)
-        for (float u : {0.0f, 0.37f, 0.999f}) {
-            std::vector<SampleParams> ps(rows, p);
-            std::vector<float> us(rows, u);
-            emu::launch(dim(rows), dim(256), [&] { sample_top_k_top_p_f32(logits.data(), ps.data(), us.data(), out.data(), vocab); });
-            for (int r = 0; r < rows; ++r) {
-                std::vector<int> ids(vocab);
-                for (int i = 0; i < vocab; ++i) ids[i] = i;
-                const float* row = &logits[r * vocab];
-                std::stable_sort(ids.begin(), ids.end(), [&](int a, int b) { return row[a] > row[b]; });
-                const int kk = std::min(p.top_k, vocab);
-                std::vector<double> pr(kk);
-                double tot = 0;
-                const float top = row[ids[0]] * (1.0f / p.temperature);
-                for (int i = 0; i < kk; ++i) tot += (pr[i] = std::exp((double)(row[ids[i]] * (1.0f / p.temperature) - top)));
-                for (auto& v : pr) v /= tot;
-                int keep = kk;
-                if (p.top_p < 1.0f) {
-                    double acc = 0;
-                    for (int i = 0; i < kk; ++i)
-                        if ((acc += pr[i]) >= p.top_p) { keep = i + 1; break; }
-                }
-                if (p.min_p > 0.0f) {
-                    int m = 0;
-                    while (m < keep && pr[m] >= pr[0] * p.min_p) ++m;
-                    keep = std::max(m, 1);
-                }
-                double kept = 0;
-                for (int i = 0; i < keep; ++i) kept += pr[i];
-                double x = u * kept;
-                unsigned pick = ids[keep - 1];
-                for (int i = 0; i < keep; ++i)
-                    if ((x -= pr[i]) <= 0) { pick = ids[i]; break; }
-                want[r] = pick;
-            }
-            char tag[96];
-            std::snprintf(tag, sizeof tag, "sample (T %.1f, k %d, p %.2f, min_p %.2f) u=%.3f", p.temperature, p.top_k,
-                          p.top_p, p.min_p, u);
-            check_eq(tag, out, want);
-        }
-}
-
 }  // namespace
 
 int main() {
     using Family = std::pair<const char*, void (*)()>;
     const Family families[] = {{"norms", norms},   {"pointwise", pointwise}, {"weight-only", weight_only},
-                               {"8-bit", eight_bit}, {"attention", attention}, {"sampling", sampling}};
+                               {"8-bit", eight_bit}, {"attention", attention}};
     for (auto [name, family] : families) {
         const auto t0 = std::chrono::steady_clock::now();
         family();

@@ -86,6 +86,13 @@ pub fn build_kernels() -> Result<()> {
     if sources.is_empty() {
         bail!("no .cu files in {}", src.display());
     }
+    // Every PTX is rebuilt: one left from a deleted source would still be embedded.
+    for old in std::fs::read_dir(&out).with_context(|| out.display().to_string())? {
+        let old = old?.path();
+        if old.extension().is_some_and(|e| e == "ptx") {
+            std::fs::remove_file(&old).with_context(|| old.display().to_string())?;
+        }
+    }
     match &tools {
         Toolchain::Toolkit => {
             for cu in &sources {

@@ -23,7 +23,7 @@ pub use attention::{AttentionBatch, DeviceKv, KvSide};
 pub use cudarc::driver::CudaSlice;
 pub use linear::{DeviceWeights, Half};
 pub use matrix::{DeviceData, DeviceMatrix};
-pub use ops::{DeviceRopeFreqs, SampleParams};
+pub use ops::DeviceRopeFreqs;
 
 use crate::{KernelError, Result};
 

@@ -35,19 +35,6 @@ pub struct DeviceRopeFreqs {
     scale: f32,
 }
 
-/// Sampling parameters of one row, laid out as `SampleParams` in kernels/sampling.cu.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct SampleParams {
-    pub temperature: f32,
-    /// 1..=1024; a disabled top-k (0) is the maximum.
-    pub top_k: i32,
-    pub top_p: f32,
-    pub min_p: f32,
-}
-// SAFETY: plain-old-data with the C layout the kernel reads.
-unsafe impl DeviceRepr for SampleParams {}
-
 impl CudaDevice {
     pub(super) fn builder(&self, name: &str) -> Result<LaunchArgs<'_>> {
         Ok(self.stream.launch_builder(self.function(name)?))
@@ -317,41 +304,6 @@ impl CudaDevice {
         let mut b = self.builder("softmax_f32")?;
         b.arg(x).arg(&c);
         launch(b, grid(rows, ROW_THREADS)?, "softmax_f32")
-    }
-
-    /// `out[r] = argmax(logits[r])`, first maximum on ties.
-    pub fn argmax(
-        &self,
-        logits: &CudaSlice<f32>,
-        vocab: usize,
-        out: &mut CudaSlice<u32>,
-    ) -> Result<()> {
-        let rows = check_rows("argmax", logits.len(), vocab)?;
-        check_len("argmax", "out", out.len(), rows)?;
-        let v = int("vocab", vocab)?;
-        let mut b = self.builder("argmax_f32")?;
-        b.arg(logits).arg(out).arg(&v);
-        launch(b, grid(rows, ROW_THREADS)?, "argmax_f32")
-    }
-
-    /// One token per row from temperature / top-k / top-p / min-p sampling, drawn with the
-    /// row's `uniform` value in [0, 1).
-    pub fn sample(
-        &self,
-        logits: &CudaSlice<f32>,
-        vocab: usize,
-        params: &CudaSlice<SampleParams>,
-        uniform: &CudaSlice<f32>,
-        out: &mut CudaSlice<u32>,
-    ) -> Result<()> {
-        let rows = check_rows("sample", logits.len(), vocab)?;
-        check_len("sample", "params", params.len(), rows)?;
-        check_len("sample", "uniform", uniform.len(), rows)?;
-        check_len("sample", "out", out.len(), rows)?;
-        let v = int("vocab", vocab)?;
-        let mut b = self.builder("sample_top_k_top_p_f32")?;
-        b.arg(logits).arg(params).arg(uniform).arg(out).arg(&v);
-        launch(b, grid(rows, ROW_THREADS)?, "sample_top_k_top_p_f32")
     }
 }
 

@@ -1,7 +1,7 @@
 //! Each CUDA kernel against the CPU kernel on random inputs of awkward sizes. They need a GPU, so
 //! they are ignored by `cargo test`; `cargo xtask test-gpu` runs them (and fails without one).
 
-use super::{CudaDevice, SampleParams};
+use super::CudaDevice;
 use crate::cpu::{self, testutil::rand_vec, MatRef, WeightData};
 
 pub(super) fn device() -> CudaDevice {
@@ -119,78 +119,6 @@ fn rope_activations_softmax_and_embedding_match_cpu() {
     )
     .unwrap();
     assert_close(&d.download(&out).unwrap(), &want, 0.0, "embedding");
-}
-
-#[test]
-#[ignore = "needs a CUDA GPU: cargo xtask test-gpu"]
-fn argmax_and_sampling_follow_the_cpu_rules() {
-    let d = device();
-    let vocab = 5003;
-    let mut logits = rand_vec(3 * vocab, 30);
-    logits[vocab + 17] = 9.0;
-    logits[vocab + 4000] = 9.0; // a tie: the lower id wins
-    let ld = d.upload(&logits).unwrap();
-    let mut out = d.zeros::<u32>(3).unwrap();
-    d.argmax(&ld, vocab, &mut out).unwrap();
-    let want: Vec<u32> = logits
-        .chunks_exact(vocab)
-        .map(|r| {
-            r.iter()
-                .enumerate()
-                .fold(0, |b, (i, &v)| if v > r[b] { i } else { b }) as u32
-        })
-        .collect();
-    assert_eq!(d.download(&out).unwrap(), want);
-    // top_k = 1 is greedy at any temperature and uniform draw.
-    let greedy = SampleParams {
-        temperature: 0.8,
-        top_k: 1,
-        top_p: 1.0,
-        min_p: 0.0,
-    };
-    d.sample(
-        &ld,
-        vocab,
-        &d.upload(&[greedy; 3]).unwrap(),
-        &d.upload(&[0.99f32, 0.5, 0.0]).unwrap(),
-        &mut out,
-    )
-    .unwrap();
-    assert_eq!(d.download(&out).unwrap(), want);
-    // Over two candidates with p ≈ 0.73 / 0.27: a draw below 0.73 picks the first.
-    let mut two = vec![-1e9f32; vocab];
-    two[5] = 1.0;
-    two[9] = 0.0;
-    let td = d.upload(&two).unwrap();
-    let p = SampleParams {
-        temperature: 1.0,
-        top_k: 50,
-        top_p: 1.0,
-        min_p: 0.0,
-    };
-    let mut one = d.zeros::<u32>(1).unwrap();
-    for (u, want) in [(0.5f32, 5u32), (0.9, 9)] {
-        d.sample(
-            &td,
-            vocab,
-            &d.upload(&[p]).unwrap(),
-            &d.upload(&[u]).unwrap(),
-            &mut one,
-        )
-        .unwrap();
-        assert_eq!(d.download(&one).unwrap(), vec![want], "u = {u}");
-    }
-    // top_p = 0.5 keeps the first candidate alone.
-    let p = SampleParams { top_p: 0.5, ..p };
-    d.sample(
-        &td,
-        vocab,
-        &d.upload(&[p]).unwrap(),
-        &d.upload(&[0.9f32]).unwrap(),
-        &mut one,
-    )
-    .unwrap();
-    assert_eq!(d.download(&one).unwrap(), vec![5]);
 }
 
 /// Two sequences over a scrambled block table: keys and values written by the GPU into f32,
