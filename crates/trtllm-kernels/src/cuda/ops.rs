@@ -1,6 +1,6 @@
 //! Typed launchers, one per kernel family, with the CPU kernels' shape checks.
 
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 
 use super::{cuda_err, CudaDevice};
 use crate::error::check_len;
