@@ -1,6 +1,9 @@
 //! With the `cuda` feature, embeds the PTX that `cargo xtask build-kernels` wrote to
-//! `kernels/ptx/` (one file per source and architecture: `NAME.sm_ARCH.ptx`).
+//! `kernels/ptx/` (one file per source and architecture: `NAME.sm_ARCH.ptx`), and generates the
+//! `Kernel` enum of every entry point in it, so a launcher naming a kernel that does not exist
+//! does not compile.
 
+use std::collections::BTreeSet;
 use std::fmt::Write;
 use std::path::Path;
 
@@ -26,7 +29,13 @@ fn main() {
         );
     }
     let mut out = String::from("pub(crate) const MODULES: &[PtxModule] = &[\n");
+    let mut kernels = BTreeSet::new();
     for path in &files {
+        let ptx = std::fs::read_to_string(path).expect("readable PTX");
+        kernels.extend(ptx.lines().filter_map(|l| {
+            let rest = l.trim_start().strip_prefix(".visible .entry ")?;
+            Some(rest.split('(').next().unwrap_or(rest).trim().to_string())
+        }));
         let file = path
             .file_name()
             .and_then(|f| f.to_str())
@@ -46,6 +55,20 @@ fn main() {
         .expect("write to a String");
     }
     out.push_str("];\n");
+    out.push_str(
+        "\n/// Every kernel of the embedded PTX, named as in its `.cu` source.\n\
+         #[allow(non_camel_case_types, dead_code)]\n\
+         #[derive(Clone, Copy, Debug, PartialEq, Eq)]\n\
+         pub(crate) enum Kernel {\n",
+    );
+    for k in &kernels {
+        writeln!(out, "    {k},").expect("write to a String");
+    }
+    out.push_str("}\n\nimpl Kernel {\n    pub(crate) const fn name(self) -> &'static str {\n        match self {\n");
+    for k in &kernels {
+        writeln!(out, "            Kernel::{k} => {k:?},").expect("write to a String");
+    }
+    out.push_str("        }\n    }\n}\n");
     let dest = Path::new(&std::env::var("OUT_DIR").expect("OUT_DIR")).join("ptx_modules.rs");
     std::fs::write(dest, out).expect("write ptx_modules.rs");
 }

@@ -6,7 +6,7 @@ use cudarc::driver::{
 };
 
 use super::ops::{int, launch};
-use super::CudaDevice;
+use super::{CudaDevice, Kernel};
 use crate::cpu::{check_batch, AttentionSeq, AttentionShape, PoolShape};
 use crate::error::check_len;
 use crate::{KernelError, Result};
@@ -67,13 +67,24 @@ impl DeviceKv {
     }
 
     /// The storage's kernel-name suffix.
-    fn storage(&self) -> &'static str {
+    /// The attention kernels for this storage: per decode row, per prefill tile, and the KV
+    /// write.
+    fn kernels(&self) -> [Kernel; 3] {
+        use Kernel::*;
         match self {
-            DeviceKv::F32 { .. } => "f32",
-            DeviceKv::Bf16 { .. } => "bf16",
-            DeviceKv::F16 { .. } => "f16",
-            DeviceKv::Int8 { .. } => "int8",
-            DeviceKv::Fp8 { .. } => "fp8",
+            DeviceKv::F32 { .. } => [paged_attention_f32, paged_attention_tiled_f32, kv_write_f32],
+            DeviceKv::Bf16 { .. } => [
+                paged_attention_bf16,
+                paged_attention_tiled_bf16,
+                kv_write_bf16,
+            ],
+            DeviceKv::F16 { .. } => [paged_attention_f16, paged_attention_tiled_f16, kv_write_f16],
+            DeviceKv::Int8 { .. } => [
+                paged_attention_int8,
+                paged_attention_tiled_int8,
+                kv_write_int8,
+            ],
+            DeviceKv::Fp8 { .. } => [paged_attention_fp8, paged_attention_tiled_fp8, kv_write_fp8],
         }
     }
 
@@ -298,11 +309,9 @@ impl CudaDevice {
             block_dim: (ATTN_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let name = match tiled {
-            true => format!("paged_attention_tiled_{}", kv.storage()),
-            false => format!("paged_attention_{}", kv.storage()),
-        };
-        let mut b = self.builder(&name)?;
+        let [rows, tiles, _] = kv.kernels();
+        let kernel = if tiled { tiles } else { rows };
+        let mut b = self.builder(kernel)?;
         b.arg(&args);
         if tiled {
             b.arg(&batch.tiles);
@@ -314,7 +323,7 @@ impl CudaDevice {
                 b.arg(*scales);
             }
         }
-        launch(b, cfg, &name)
+        launch(b, cfg, kernel)
     }
 
     /// Stores the batch's new keys or values `x` (`[rows × n_kv_heads × head_dim]`) at their
@@ -338,15 +347,15 @@ impl CudaDevice {
             block_dim: (32 * hd.div_ceil(32).clamp(1, 8) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let name = format!("kv_write_{}", kv.storage());
+        let kernel = kv.kernels()[2];
         let (pool, scales) = kv.side(side, &self.stream);
-        let mut b = self.builder(&name)?;
+        let mut b = self.builder(kernel)?;
         b.arg(x).arg(&batch.slots).arg(&pool);
         if let Some(scales) = scales {
             b.arg(scales);
         }
         b.arg(&h).arg(&d);
-        launch(b, cfg, &name)
+        launch(b, cfg, kernel)
     }
 }
 

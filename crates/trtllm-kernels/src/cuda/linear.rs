@@ -11,7 +11,7 @@ use cudarc::cublas::sys::{
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchArgs, LaunchConfig, PushKernelArg};
 
 use super::ops::{check_rows, elementwise, grid, int, launch, ROW_THREADS};
-use super::CudaDevice;
+use super::{CudaDevice, Kernel};
 use crate::cpu::quant::{check_blocks, check_group, groups};
 use crate::error::check_len;
 use crate::{KernelError, Result};
@@ -25,7 +25,7 @@ const TILE: usize = 64;
 /// bound by reading the weights once, which those kernels do with every GPU block busy.
 pub(super) const GEMV_MAX_ROWS: usize = 8;
 /// The FP8 tensor-core GEMM, present only in PTX built for sm_89 and newer.
-const FP8_GEMM: &str = "gemm_fp8_e4m3";
+const FP8_GEMM: Kernel = Kernel::gemm_fp8_e4m3;
 
 /// A packed weight matrix on the device, in the CPU formats' layouts.
 pub enum DeviceWeights {
@@ -59,10 +59,11 @@ pub enum Half {
 }
 
 impl Half {
-    fn name(self) -> &'static str {
+    /// The matrix-vector kernel over these weights and the activations' conversion to them.
+    fn kernels(self) -> [Kernel; 2] {
         match self {
-            Half::Bf16 => "bf16",
-            Half::F16 => "f16",
+            Half::Bf16 => [Kernel::gemv_bf16, Kernel::f32_to_bf16],
+            Half::F16 => [Kernel::gemv_f16, Kernel::f32_to_f16],
         }
     }
 }
@@ -138,19 +139,21 @@ impl CudaDevice {
         let m = check_problem("cuda linear", x, (n, k), bias, y)?;
         check_weights(w, n, k)?;
         let dims = dims(m, n, k)?;
-        let (prefix, cfg) = match m <= GEMV_MAX_ROWS {
-            true => ("gemv", gemv_grid(n)?),
-            false => ("gemm", tile_grid(m, n, 256)?),
+        let gemv = m <= GEMV_MAX_ROWS;
+        let cfg = match gemv {
+            true => gemv_grid(n)?,
+            false => tile_grid(m, n, 256)?,
         };
-        let (kind, group) = match w {
-            DeviceWeights::Int8 { group, .. } => ("int8", *group),
-            DeviceWeights::Int4 { group, .. } => ("int4", *group),
-            DeviceWeights::Fp8 { .. } => ("fp8", 0),
-            DeviceWeights::Nvfp4 { .. } => ("nvfp4", 0),
+        use Kernel::*;
+        let ([vector, matrix], group) = match w {
+            DeviceWeights::Int8 { group, .. } => ([gemv_int8, gemm_int8], *group),
+            DeviceWeights::Int4 { group, .. } => ([gemv_int4, gemm_int4], *group),
+            DeviceWeights::Fp8 { .. } => ([gemv_fp8, gemm_fp8], 0),
+            DeviceWeights::Nvfp4 { .. } => ([gemv_nvfp4, gemm_nvfp4], 0),
         };
+        let kernel = if gemv { vector } else { matrix };
         let g = int("group", group)?;
-        let name = format!("{prefix}_{kind}");
-        let mut b = self.builder(&name)?;
+        let mut b = self.builder(kernel)?;
         match w {
             DeviceWeights::Int8 { q, scales, .. } => b.arg(q).arg(scales).arg(&g),
             DeviceWeights::Int4 {
@@ -169,7 +172,7 @@ impl CudaDevice {
         };
         b.arg(x);
         arg_out(&mut b, bias, y, &dims);
-        launch(b, cfg, &name)
+        launch(b, cfg, kernel)
     }
 
     /// Dense f32 weights (`[n × k]`, row-major) through cuBLAS sgemm.
@@ -207,19 +210,17 @@ impl CudaDevice {
         check_len("cuda half linear", "weight", w.len(), n * k)?;
         let m = check_problem("cuda half linear", x, (n, k), bias, y)?;
         if m <= GEMV_MAX_ROWS {
-            let name = format!("gemv_{}", half.name());
             let dims = dims(m, n, k)?;
-            let mut b = self.builder(&name)?;
+            let mut b = self.builder(half.kernels()[0])?;
             b.arg(w).arg(x);
             arg_out(&mut b, bias, y, &dims);
-            return launch(b, gemv_grid(n)?, &name);
+            return launch(b, gemv_grid(n)?, half.kernels()[0]);
         }
         let mut xh = self.output::<u16>(x.len())?;
-        let name = format!("f32_to_{}", half.name());
         let count = int("n", x.len())?;
-        let mut b = self.builder(&name)?;
+        let mut b = self.builder(half.kernels()[1])?;
         b.arg(x).arg(&mut xh).arg(&count);
-        launch(b, elementwise(x.len())?, &name)?;
+        launch(b, elementwise(x.len())?, half.kernels()[1])?;
         let dtype = match half {
             Half::Bf16 => cudaDataType_t::CUDA_R_16BF,
             Half::F16 => cudaDataType_t::CUDA_R_16F,
@@ -241,9 +242,9 @@ impl CudaDevice {
         let [mi, ni, ki] = dims(m, n, k)?;
         let beta: f32 = match bias {
             Some(bias) => {
-                let mut b = self.builder("bias_rows_f32")?;
+                let mut b = self.builder(Kernel::bias_rows_f32)?;
                 b.arg(&mut *y).arg(bias).arg(&mi).arg(&ni);
-                launch(b, elementwise(m * n)?, "bias_rows_f32")?;
+                launch(b, elementwise(m * n)?, Kernel::bias_rows_f32)?;
                 1.0
             }
             None => 0.0,
@@ -299,22 +300,22 @@ impl CudaDevice {
         let m = check_problem(op, x, (n, k), bias, y)?;
         let dims = dims(m, n, k)?;
         let (mut xq, mut xs) = (self.output::<i8>(m * k)?, self.output::<f32>(m)?);
-        let mut b = self.builder("quantize_rows_int8")?;
+        let mut b = self.builder(Kernel::quantize_rows_int8)?;
         b.arg(x).arg(&mut xq).arg(&mut xs).arg(&dims[2]);
-        launch(b, grid(m, ROW_THREADS)?, "quantize_rows_int8")?;
-        let (name, cfg) = match m <= GEMV_MAX_ROWS {
-            true => ("gemv_w8a8", gemv_grid(n)?),
-            false => ("gemm_w8a8", tile_grid(m, n, 128)?),
+        launch(b, grid(m, ROW_THREADS)?, Kernel::quantize_rows_int8)?;
+        let (kernel, cfg) = match m <= GEMV_MAX_ROWS {
+            true => (Kernel::gemv_w8a8, gemv_grid(n)?),
+            false => (Kernel::gemm_w8a8, tile_grid(m, n, 128)?),
         };
-        let mut b = self.builder(name)?;
+        let mut b = self.builder(kernel)?;
         b.arg(&xq).arg(&xs).arg(q).arg(scales);
         arg_out(&mut b, bias, y, &dims);
-        launch(b, cfg, name)
+        launch(b, cfg, kernel)
     }
 
     /// Whether this GPU runs the FP8 tensor-core GEMM ([`Self::fp8_linear`]): sm_90 PTX loaded.
     pub fn has_fp8_tensor_cores(&self) -> bool {
-        self.functions.contains_key(FP8_GEMM)
+        self.functions.contains_key(FP8_GEMM.name())
     }
 
     /// FP8 on the tensor cores: `x` quantized to E4M3 with the layer's static `input_scale`, an
@@ -342,9 +343,9 @@ impl CudaDevice {
         let dims = dims(m, n, k)?;
         let mut xq = self.output::<u8>(m * k)?;
         let count = int("n", x.len())?;
-        let mut b = self.builder("quantize_fp8")?;
+        let mut b = self.builder(Kernel::quantize_fp8)?;
         b.arg(x).arg(&mut xq).arg(&input_scale).arg(&count);
-        launch(b, elementwise(x.len())?, "quantize_fp8")?;
+        launch(b, elementwise(x.len())?, Kernel::quantize_fp8)?;
         let mut b = self.builder(FP8_GEMM)?;
         b.arg(&xq).arg(&input_scale).arg(q).arg(scales);
         arg_out(&mut b, bias, y, &dims);

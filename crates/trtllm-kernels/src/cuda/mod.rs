@@ -161,10 +161,13 @@ impl CudaDevice {
         Ok(self.blas.get_or_init(|| blas))
     }
 
-    fn function(&self, name: &str) -> Result<&CudaFunction> {
-        self.functions
-            .get(name)
-            .ok_or_else(|| KernelError::Cuda(format!("kernel {name} is not in the embedded PTX")))
+    /// A kernel the embedded PTX defines but this device did not load (an sm_90-only kernel on
+    /// an older GPU) is an error.
+    fn function(&self, kernel: Kernel) -> Result<&CudaFunction> {
+        let name = kernel.name();
+        self.functions.get(name).ok_or_else(|| {
+            KernelError::Cuda(format!("kernel {name} is not loaded on {}", self.name))
+        })
     }
 }
 

@@ -2,7 +2,7 @@
 
 use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 
-use super::{cuda_err, CudaDevice};
+use super::{cuda_err, CudaDevice, Kernel};
 use crate::error::check_len;
 use crate::{KernelError, Result};
 
@@ -36,8 +36,8 @@ pub struct DeviceRopeFreqs {
 }
 
 impl CudaDevice {
-    pub(super) fn builder(&self, name: &str) -> Result<LaunchArgs<'_>> {
-        Ok(self.stream.launch_builder(self.function(name)?))
+    pub(super) fn builder(&self, kernel: Kernel) -> Result<LaunchArgs<'_>> {
+        Ok(self.stream.launch_builder(self.function(kernel)?))
     }
 
     /// `out = rms_norm(x)` per row; `residual`, when given, first gets `x` added and is normed.
@@ -56,15 +56,15 @@ impl CudaDevice {
         let cfg = grid(rows, ROW_THREADS)?;
         match residual {
             None => {
-                let mut b = self.builder("rms_norm_f32")?;
+                let mut b = self.builder(Kernel::rms_norm_f32)?;
                 b.arg(x).arg(w).arg(out).arg(&c).arg(&eps);
-                launch(b, cfg, "rms_norm_f32")
+                launch(b, cfg, Kernel::rms_norm_f32)
             }
             Some(r) => {
                 check_len("rms_norm", "residual", r.len(), x.len())?;
-                let mut b = self.builder("add_rms_norm_f32")?;
+                let mut b = self.builder(Kernel::add_rms_norm_f32)?;
                 b.arg(x).arg(r).arg(w).arg(out).arg(&c).arg(&eps);
-                launch(b, cfg, "add_rms_norm_f32")
+                launch(b, cfg, Kernel::add_rms_norm_f32)
             }
         }
     }
@@ -86,15 +86,15 @@ impl CudaDevice {
         let cfg = grid(rows, ROW_THREADS)?;
         match residual {
             None => {
-                let mut b = self.builder("layer_norm_f32")?;
+                let mut b = self.builder(Kernel::layer_norm_f32)?;
                 b.arg(x).arg(w).arg(bias).arg(out).arg(&c).arg(&eps);
-                launch(b, cfg, "layer_norm_f32")
+                launch(b, cfg, Kernel::layer_norm_f32)
             }
             Some(r) => {
                 check_len("layer_norm", "residual", r.len(), x.len())?;
-                let mut b = self.builder("add_layer_norm_f32")?;
+                let mut b = self.builder(Kernel::add_layer_norm_f32)?;
                 b.arg(x).arg(r).arg(w).arg(bias).arg(out).arg(&c).arg(&eps);
-                launch(b, cfg, "add_layer_norm_f32")
+                launch(b, cfg, Kernel::add_layer_norm_f32)
             }
         }
     }
@@ -144,7 +144,7 @@ impl CudaDevice {
             block_dim: (64, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = self.builder("rope_f32")?;
+        let mut b = self.builder(Kernel::rope_f32)?;
         b.arg(x)
             .arg(positions)
             .arg(&freqs.sets)
@@ -153,7 +153,7 @@ impl CudaDevice {
             .arg(&d)
             .arg(&half)
             .arg(&freqs.scale);
-        launch(b, cfg, "rope_f32")
+        launch(b, cfg, Kernel::rope_f32)
     }
 
     /// `out[rows × inter] = silu(gate) · up` from `gate_up[rows × 2·inter]`.
@@ -163,7 +163,7 @@ impl CudaDevice {
         rows: usize,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        self.gated("silu_mul_f32", gate_up, rows, out)
+        self.gated(Kernel::silu_mul_f32, gate_up, rows, out)
     }
 
     /// As [`Self::silu_mul`] with GELU-tanh on the gate (GeGLU).
@@ -173,30 +173,31 @@ impl CudaDevice {
         rows: usize,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        self.gated("gelu_tanh_mul_f32", gate_up, rows, out)
+        self.gated(Kernel::gelu_tanh_mul_f32, gate_up, rows, out)
     }
 
     fn gated(
         &self,
-        name: &'static str,
+        kernel: Kernel,
         gate_up: &CudaSlice<f32>,
         rows: usize,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        let name = kernel.name();
         check_len(name, "gate_up", gate_up.len(), 2 * out.len())?;
         let inter = check_rows(name, out.len(), rows.max(1))?;
         let (r, i) = (int("rows", rows)?, int("inter", inter)?);
         let cfg = elementwise(out.len())?;
-        let mut b = self.builder(name)?;
+        let mut b = self.builder(kernel)?;
         b.arg(gate_up).arg(out).arg(&r).arg(&i);
-        launch(b, cfg, name)
+        launch(b, cfg, kernel)
     }
 
     pub fn gelu_tanh(&self, x: &mut CudaSlice<f32>) -> Result<()> {
         let (n, cfg) = (int("n", x.len())?, elementwise(x.len())?);
-        let mut b = self.builder("gelu_tanh_f32")?;
+        let mut b = self.builder(Kernel::gelu_tanh_f32)?;
         b.arg(x).arg(&n);
-        launch(b, cfg, "gelu_tanh_f32")
+        launch(b, cfg, Kernel::gelu_tanh_f32)
     }
 
     /// `out[rows[i]] += w[i] · x[i]` for each row `i` of `x` (`width` wide). The rows must be
@@ -217,18 +218,18 @@ impl CudaDevice {
         }
         let (ni, wi) = (int("rows", n)?, int("width", width)?);
         let cfg = elementwise(x.len())?;
-        let mut b = self.builder("add_rows_scaled_f32")?;
+        let mut b = self.builder(Kernel::add_rows_scaled_f32)?;
         b.arg(x).arg(rows).arg(w).arg(out).arg(&ni).arg(&wi);
-        launch(b, cfg, "add_rows_scaled_f32")
+        launch(b, cfg, Kernel::add_rows_scaled_f32)
     }
 
     /// `x += y`.
     pub fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>) -> Result<()> {
         check_len("add", "y", y.len(), x.len())?;
         let (n, cfg) = (int("n", x.len())?, elementwise(x.len())?);
-        let mut b = self.builder("add_f32")?;
+        let mut b = self.builder(Kernel::add_f32)?;
         b.arg(x).arg(y).arg(&n);
-        launch(b, cfg, "add_f32")
+        launch(b, cfg, Kernel::add_f32)
     }
 
     /// `x[r][c] *= s[c]` for rows of `s.len()` values (a layer's pre_quant_scale).
@@ -239,17 +240,17 @@ impl CudaDevice {
             int("cols", s.len())?,
             elementwise(x.len())?,
         );
-        let mut b = self.builder("scale_cols_f32")?;
+        let mut b = self.builder(Kernel::scale_cols_f32)?;
         b.arg(x).arg(s).arg(&r).arg(&c);
-        launch(b, cfg, "scale_cols_f32")
+        launch(b, cfg, Kernel::scale_cols_f32)
     }
 
     /// `x = e4m3(x / scale) · scale`: activations through FP8 with a static scale.
     pub fn fp8_qdq(&self, x: &mut CudaSlice<f32>, scale: f32) -> Result<()> {
         let (n, cfg) = (int("n", x.len())?, elementwise(x.len())?);
-        let mut b = self.builder("fp8_qdq_f32")?;
+        let mut b = self.builder(Kernel::fp8_qdq_f32)?;
         b.arg(x).arg(&scale).arg(&n);
-        launch(b, cfg, "fp8_qdq_f32")
+        launch(b, cfg, Kernel::fp8_qdq_f32)
     }
 
     /// `dst[r] = src[r][col0..col0 + cols]` for `src_cols`-wide rows, `cols = dst.len() / rows`.
@@ -276,9 +277,9 @@ impl CudaDevice {
             int("cols", cols)?,
         );
         let cfg = elementwise(dst.len())?;
-        let mut b = self.builder("copy_cols_f32")?;
+        let mut b = self.builder(Kernel::copy_cols_f32)?;
         b.arg(src).arg(dst).arg(&r).arg(&sc).arg(&c0).arg(&c);
-        launch(b, cfg, "copy_cols_f32")
+        launch(b, cfg, Kernel::copy_cols_f32)
     }
 
     /// `out[t] = table[ids[t]]` for an f32 table of `cols`-wide rows.
@@ -292,18 +293,18 @@ impl CudaDevice {
         let vocab = check_rows("embedding", table.len(), cols)?;
         check_len("embedding", "out", out.len(), ids.len() * cols)?;
         let (v, c) = (int("vocab", vocab)?, int("cols", cols)?);
-        let mut b = self.builder("embedding_f32")?;
+        let mut b = self.builder(Kernel::embedding_f32)?;
         b.arg(table).arg(ids).arg(out).arg(&v).arg(&c);
-        launch(b, grid(ids.len(), 128)?, "embedding_f32")
+        launch(b, grid(ids.len(), 128)?, Kernel::embedding_f32)
     }
 
     /// Row-wise softmax of `cols`-wide rows, in place.
     pub fn softmax(&self, x: &mut CudaSlice<f32>, cols: usize) -> Result<()> {
         let rows = check_rows("softmax", x.len(), cols)?;
         let c = int("cols", cols)?;
-        let mut b = self.builder("softmax_f32")?;
+        let mut b = self.builder(Kernel::softmax_f32)?;
         b.arg(x).arg(&c);
-        launch(b, grid(rows, ROW_THREADS)?, "softmax_f32")
+        launch(b, grid(rows, ROW_THREADS)?, Kernel::softmax_f32)
     }
 }
 
@@ -312,10 +313,12 @@ pub(super) fn elementwise(n: usize) -> Result<LaunchConfig> {
     grid(n.div_ceil(256).clamp(1, 4096), 256)
 }
 
-pub(super) fn launch(mut b: LaunchArgs<'_>, cfg: LaunchConfig, name: &str) -> Result<()> {
+pub(super) fn launch(mut b: LaunchArgs<'_>, cfg: LaunchConfig, kernel: Kernel) -> Result<()> {
     // SAFETY: every launcher checks its buffers' lengths against the kernel's indexing and
     // pushes the arguments in the kernel's order and types.
-    unsafe { b.launch(cfg) }.map(|_| ()).map_err(cuda_err(name))
+    unsafe { b.launch(cfg) }
+        .map(|_| ())
+        .map_err(cuda_err(kernel.name()))
 }
 
 /// Rows of a `cols`-wide buffer of `len` values.
