@@ -8,8 +8,7 @@ use trtllm_quant::kernels::cpu::{self, AttentionSeq, RopeFreqs};
 
 use crate::decoder::{Backend, Decoder};
 use crate::engine::EngineFile;
-use crate::kv_cache::KvGroups;
-use crate::kv_cache::KvPool;
+use crate::kv_cache::{HostKv, KvGroups, KvPool};
 use crate::model::{
     attention_seqs, ActivationObserver, BatchLayout, HostModel, Linear, Norm, SeqChunk,
 };
@@ -64,6 +63,7 @@ impl Backend for CpuBackend {
     type Linear = Linear;
     type Norm = Norm;
     type Step<'a> = CpuStep<'a>;
+    type Pool = HostKv;
 
     fn linear_of(&self, _: &HostModel, l: &Linear) -> Result<Linear> {
         Ok(l.clone())
@@ -81,11 +81,15 @@ impl Backend for CpuBackend {
         Ok(x)
     }
 
+    fn pool<'p>(&self, pool: &'p mut KvPool) -> Result<&'p mut HostKv> {
+        pool.host_mut()
+    }
+
     fn step<'a>(
         &self,
         batch: &'a [SeqChunk<'a>],
         layout: &BatchLayout,
-        _: &mut KvPool,
+        _: &mut HostKv,
     ) -> Result<CpuStep<'a>> {
         Ok(CpuStep {
             batch,
@@ -165,7 +169,7 @@ impl Backend for CpuBackend {
         layer: usize,
         (q, k, v): (&Vec<f32>, &Vec<f32>, &Vec<f32>),
         step: &CpuStep<'_>,
-        pool: &mut KvPool,
+        pool: &mut HostKv,
     ) -> Result<Vec<f32>> {
         let kvd = self.cfg.kv_dim();
         let group = self.groups.of_layer[layer];
@@ -173,13 +177,13 @@ impl Backend for CpuBackend {
         for chunk in step.batch {
             for pos in chunk.past..chunk.past + chunk.tokens.len() {
                 let row = r * kvd..(r + 1) * kvd;
-                pool.write(layer, chunk.blocks[group], pos, &k[row.clone()], &v[row])?;
+                pool.write(layer, chunk.blocks[group], pos, &k[row.clone()], &v[row]);
                 r += 1;
             }
         }
         let mut out = vec![0f32; q.len()];
         let shape = self.cfg.attention_shape(layer);
-        cpu::paged_attention(q, pool.layer(layer)?, &step.seqs[group], shape, &mut out)?;
+        cpu::paged_attention(q, pool.layer(layer), &step.seqs[group], shape, &mut out)?;
         Ok(out)
     }
 

@@ -9,6 +9,7 @@ use trtllm_quant::kernels::cuda::{
 
 use crate::decoder::Backend;
 use crate::engine::TensorInfo;
+use crate::kv_cache::pool_device::DeviceKvs;
 use crate::kv_cache::{KvBudget, KvGroups, KvPool, KvStorage};
 use crate::model::{
     attention_seqs, ActivationObserver, BatchLayout, HostModel, Linear, Norm, SeqChunk,
@@ -77,6 +78,7 @@ impl Backend for CudaBackend {
     type Linear = DeviceLinear;
     type Norm = DeviceNorm;
     type Step<'a> = CudaStep;
+    type Pool = DeviceKvs;
 
     fn linear_of(&self, model: &HostModel, l: &Linear) -> Result<DeviceLinear> {
         let file = &*model.file;
@@ -109,11 +111,15 @@ impl Backend for CudaBackend {
         Ok(self.dev.download(&x)?)
     }
 
+    fn pool<'p>(&self, pool: &'p mut KvPool) -> Result<&'p mut DeviceKvs> {
+        pool.device_mut()
+    }
+
     fn step<'a>(
         &self,
         batch: &'a [SeqChunk<'a>],
         layout: &BatchLayout,
-        pool: &mut KvPool,
+        pool: &mut DeviceKvs,
     ) -> Result<CudaStep> {
         let block_size = pool.block_size();
         let groups = &self.groups;
@@ -122,7 +128,7 @@ impl Backend for CudaBackend {
             let layer = groups.of_layer.iter().position(|&x| x == g).unwrap_or(0);
             attention.push(self.dev.attention_batch(
                 &attention_seqs(batch, g),
-                (pool.device_layer(layer)?, block_size),
+                (pool.layer(layer), block_size),
                 // The group's window; heads and head_dim are the same in every layer.
                 self.cfg.attention_shape(layer),
             )?);
@@ -226,9 +232,9 @@ impl Backend for CudaBackend {
         layer: usize,
         (q, k, v): (&CudaSlice<f32>, &CudaSlice<f32>, &CudaSlice<f32>),
         step: &CudaStep,
-        pool: &mut KvPool,
+        pool: &mut DeviceKvs,
     ) -> Result<CudaSlice<f32>> {
-        let kv = pool.device_layer(layer)?;
+        let kv = pool.layer(layer);
         let batch = &step.attention[self.groups.of_layer[layer]];
         self.dev.kv_write((kv, KvSide::Key), k, batch)?;
         self.dev.kv_write((kv, KvSide::Value), v, batch)?;

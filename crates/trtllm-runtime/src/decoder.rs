@@ -17,6 +17,8 @@ pub(crate) trait Backend {
     type Norm;
     /// What every layer of one forward pass shares (positions, attention metadata).
     type Step<'a>;
+    /// The KV pool's layers in this device's memory.
+    type Pool;
 
     /// A linear layer of the engine, placed on the device (packed formats stay packed).
     fn linear_of(&self, model: &HostModel, l: &Linear) -> Result<Self::Linear>;
@@ -24,11 +26,14 @@ pub(crate) trait Backend {
     /// Host rows (the gathered embeddings) onto the device.
     fn upload(&self, x: Vec<f32>) -> Result<Self::Act>;
     fn download(&self, x: Self::Act) -> Result<Vec<f32>>;
+    /// This device's half of `pool`: an error for a pool created on another device (the one
+    /// check; past it the types keep each device to its own memory).
+    fn pool<'p>(&self, pool: &'p mut KvPool) -> Result<&'p mut Self::Pool>;
     fn step<'a>(
         &self,
         batch: &'a [SeqChunk<'a>],
         layout: &BatchLayout,
-        pool: &mut KvPool,
+        pool: &mut Self::Pool,
     ) -> Result<Self::Step<'a>>;
 
     /// `norm(x)`; with `residual`, first `residual += x`, then `norm(residual)`.
@@ -71,7 +76,7 @@ pub(crate) trait Backend {
         layer: usize,
         qkv: (&Self::Act, &Self::Act, &Self::Act),
         step: &Self::Step<'_>,
-        pool: &mut KvPool,
+        pool: &mut Self::Pool,
     ) -> Result<Self::Act>;
     /// The MLP's activation of the input projection `up` (`rows` rows; gated kinds halve its
     /// width, so that experts of any size share it).
@@ -180,6 +185,7 @@ impl<B: Backend> Decoder<B> {
         let b = &self.backend;
         let layout = BatchLayout::of(batch);
         let n = layout.tokens.len();
+        let pool = b.pool(pool)?;
         let step = b.step(batch, &layout, pool)?;
         let mut hidden = b.upload(self.model.embed(&layout)?)?;
         // Each block's output joins the residual stream in the next norm (one kernel where
@@ -236,7 +242,7 @@ impl<B: Backend> Decoder<B> {
         (layer, names): (&DeviceLayer<B>, &Layer),
         (x, n): (&B::Act, usize),
         step: &B::Step<'_>,
-        pool: &mut KvPool,
+        pool: &mut B::Pool,
         obs: &mut dyn ActivationObserver,
     ) -> Result<B::Act> {
         let (b, c) = (&self.backend, self.config());

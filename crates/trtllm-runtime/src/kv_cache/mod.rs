@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 
 pub use block_group::NO_BLOCK;
 pub use manager::{KvCacheEvent, KvCacheManager, KvCacheSummary, KvGroupSummary};
+#[cfg(feature = "cuda")]
+pub(crate) use pool::device as pool_device;
+pub(crate) use pool::HostKv;
 pub use pool::{KvPool, KvStorage};
 pub use sequence::KvCache;
 pub(crate) use sequence::KV_CACHE_BLOCK;

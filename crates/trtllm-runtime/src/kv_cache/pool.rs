@@ -130,17 +130,52 @@ fn scale_for(vals: &[f32], max_code: f32) -> f32 {
     }
 }
 
-/// Every layer's pools, in host memory or on a GPU (where the model runs).
+/// Every layer's pools in host memory: what the CPU backend reads and writes.
+pub(crate) struct HostKv {
+    layers: Vec<(Store, Store)>,
+    block_size: usize,
+    head_dim: usize,
+}
+
+impl HostKv {
+    /// Layer `i`'s pools.
+    pub(crate) fn layer(&self, i: usize) -> PagedKv<'_> {
+        let (k, v) = &self.layers[i];
+        PagedKv {
+            k: k.data(),
+            v: v.data(),
+            block_size: self.block_size,
+        }
+    }
+
+    /// Stores one position's key and value rows of layer `layer` in `blocks`' slot for `pos`.
+    pub(crate) fn write(
+        &mut self,
+        layer: usize,
+        blocks: &[BlockId],
+        pos: usize,
+        k: &[f32],
+        v: &[f32],
+    ) {
+        let slot = blocks[pos / self.block_size] as usize * self.block_size + pos % self.block_size;
+        let (kl, vl) = &mut self.layers[layer];
+        kl.write(slot, k, self.head_dim);
+        vl.write(slot, v, self.head_dim);
+    }
+}
+
+/// Every layer's pools, in host memory or on a GPU (where the model runs). Each backend takes
+/// its own half once per forward pass ([`KvPool::host_mut`], `device_mut`), so inside the
+/// decoder a pool on the wrong device is a type error.
 enum Layers {
-    Host(Vec<(Store, Store)>),
+    Host(HostKv),
     #[cfg(feature = "cuda")]
-    Device(Vec<trtllm_quant::kernels::cuda::DeviceKv>),
+    Device(device::DeviceKvs),
 }
 
 pub struct KvPool {
     layers: Layers,
     block_size: usize,
-    head_dim: usize,
     storage: KvStorage,
 }
 
@@ -160,9 +195,12 @@ impl KvPool {
             })
             .collect();
         Ok(Self {
-            layers: Layers::Host(layers),
+            layers: Layers::Host(HostKv {
+                layers,
+                block_size: budget.block_size,
+                head_dim: model.head_dim,
+            }),
             block_size: budget.block_size,
-            head_dim: model.head_dim,
             storage,
         })
     }
@@ -184,42 +222,13 @@ impl KvPool {
         self.storage
     }
 
-    /// Layer `i`'s pools in host memory.
-    pub fn layer(&self, i: usize) -> Result<PagedKv<'_>> {
-        let (k, v) = &self.host()?[i];
-        Ok(PagedKv {
-            k: k.data(),
-            v: v.data(),
-            block_size: self.block_size,
-        })
-    }
-
-    fn host(&self) -> Result<&Vec<(Store, Store)>> {
-        match &self.layers {
-            Layers::Host(l) => Ok(l),
+    /// The pools in host memory; an error for a pool on a GPU.
+    pub(crate) fn host_mut(&mut self) -> Result<&mut HostKv> {
+        match &mut self.layers {
+            Layers::Host(h) => Ok(h),
             #[cfg(feature = "cuda")]
             Layers::Device(_) => Err(on_other_device()),
         }
-    }
-
-    /// Stores one position's key and value rows of layer `layer` in `blocks`' slot for `pos`.
-    pub(crate) fn write(
-        &mut self,
-        layer: usize,
-        blocks: &[BlockId],
-        pos: usize,
-        k: &[f32],
-        v: &[f32],
-    ) -> Result<()> {
-        let slot = blocks[pos / self.block_size] as usize * self.block_size + pos % self.block_size;
-        let (kl, vl) = match &mut self.layers {
-            Layers::Host(l) => &mut l[layer],
-            #[cfg(feature = "cuda")]
-            Layers::Device(_) => return Err(on_other_device()),
-        };
-        kl.write(slot, k, self.head_dim);
-        vl.write(slot, v, self.head_dim);
-        Ok(())
     }
 }
 
@@ -251,11 +260,28 @@ fn on_other_device() -> crate::RuntimeError {
 }
 
 #[cfg(feature = "cuda")]
-mod device {
+pub(crate) mod device {
     use trtllm_quant::kernels::cuda::{CudaDevice, DeviceKv};
 
     use super::{layer_blocks, KvBudget, KvPool, KvStorage, Layers};
     use crate::{ModelConfig, Result};
+
+    /// Every layer's pools on the GPU: what the CUDA backend reads and writes.
+    pub(crate) struct DeviceKvs {
+        layers: Vec<DeviceKv>,
+        block_size: usize,
+    }
+
+    impl DeviceKvs {
+        pub(crate) fn block_size(&self) -> usize {
+            self.block_size
+        }
+
+        /// Layer `i`'s pools.
+        pub(crate) fn layer(&mut self, i: usize) -> &mut DeviceKv {
+            &mut self.layers[i]
+        }
+    }
 
     impl KvPool {
         /// A zeroed pool in `dev`'s memory, each layer with its group's blocks of `budget`.
@@ -295,23 +321,24 @@ mod device {
                     },
                 })
             };
+            let layers = layer_blocks(model, budget)?
+                .into_iter()
+                .map(layer)
+                .collect::<Result<_>>()?;
             Ok(Self {
-                layers: Layers::Device(
-                    layer_blocks(model, budget)?
-                        .into_iter()
-                        .map(layer)
-                        .collect::<Result<_>>()?,
-                ),
+                layers: Layers::Device(DeviceKvs {
+                    layers,
+                    block_size: budget.block_size,
+                }),
                 block_size: budget.block_size,
-                head_dim: model.head_dim,
                 storage,
             })
         }
 
-        /// Layer `i`'s pools on the device.
-        pub(crate) fn device_layer(&mut self, i: usize) -> Result<&mut DeviceKv> {
+        /// The pools on the GPU; an error for a pool in host memory.
+        pub(crate) fn device_mut(&mut self) -> Result<&mut DeviceKvs> {
             match &mut self.layers {
-                Layers::Device(l) => Ok(&mut l[i]),
+                Layers::Device(d) => Ok(d),
                 Layers::Host(_) => Err(super::on_other_device()),
             }
         }
