@@ -6,7 +6,7 @@
 use anyhow::Result;
 use trtllm_api::builder::{build, BuildConfig};
 use trtllm_api::runtime::quant::{DType, LayerQuantConfig, QuantAlgo, QuantConfig};
-use trtllm_api::runtime::{Device, Session};
+use trtllm_api::runtime::{ActivationObserver, Device, Result as RuntimeResult, Session};
 use trtllm_api::{LlmArgs, Prompt, SamplingParams, LLM};
 use trtllm_tests::{
     build_smollm2, check_case_logits, check_windowed_blocks, fixtures, read_json, FixtureGolden,
@@ -41,6 +41,38 @@ fn tiny_fixtures_match_transformers_on_the_gpu() -> Result<()> {
         for (ci, case) in golden.cases.iter().enumerate() {
             check_case_logits(&runner, case, 1e-3, &format!("{name} case {ci} on the GPU"))?;
         }
+    }
+    Ok(())
+}
+
+/// Calibration's view of every linear module's input is the same from the GPU as from the CPU.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo xtask test-gpu"]
+fn tiny_fixtures_observed_activations_on_the_gpu_match_the_cpu() -> Result<()> {
+    #[derive(Default)]
+    struct Seen(Vec<(String, Vec<f32>)>);
+    impl ActivationObserver for Seen {
+        fn observe(&mut self, module: &str, x: &[f32], _: usize) -> RuntimeResult<()> {
+            self.0.push((module.to_string(), x.to_vec()));
+            Ok(())
+        }
+    }
+    let dir = fixtures().join("tiny-llama");
+    let golden: FixtureGolden = read_json(&dir.join("golden.json"))?;
+    let out = tempfile::tempdir()?;
+    build(&dir, out.path(), &BuildConfig::default(), &mut |_, _, _| {})?;
+    let session = Session::open(out.path())?;
+    let ids = &golden.cases[0].input_ids;
+    let (mut cpu, mut gpu) = (Seen::default(), Seen::default());
+    session.model_runner()?.observe(ids, &mut cpu)?;
+    session
+        .model_runner_on(Device::Cuda(0))?
+        .observe(ids, &mut gpu)?;
+    anyhow::ensure!(cpu.0.len() == gpu.0.len() && !cpu.0.is_empty());
+    for ((m, c), (n, g)) in cpu.0.iter().zip(&gpu.0) {
+        anyhow::ensure!(m == n, "{m} vs {n}");
+        let d = trtllm_tests::max_abs_diff(c, g);
+        anyhow::ensure!(d < 1e-4, "{m}: max |Δ| = {d}");
     }
     Ok(())
 }

@@ -172,14 +172,8 @@ impl ModelRunner {
     }
 
     /// Runs one sequence `tokens` with `obs` watching every linear module's input
-    /// (calibration); computes no logits.
+    /// (calibration); computes no logits. On a GPU each input is downloaded for `obs`.
     pub fn observe(&self, tokens: &[u32], obs: &mut dyn ActivationObserver) -> Result<()> {
-        if self.device() != Device::Cpu {
-            return Err(RuntimeError::InvalidDevice(format!(
-                "{}: calibration observes activations on the CPU; open the runner with Device::Cpu",
-                self.device()
-            )));
-        }
         let mut cache = self.new_cache(tokens.len())?;
         self.forward_observed(tokens, &mut cache, LogitsMode::Skip, obs)?;
         Ok(())
