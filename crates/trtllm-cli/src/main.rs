@@ -111,10 +111,27 @@ fn main() -> ExitCode {
         // The reader went away (`| head`): nothing is wrong with the command.
         Err(e) if broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", report(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each once: our errors already end with their source's text (a
+/// path, then the OS's reason), which `{:#}` would print a second time.
+fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn broken_pipe(e: &anyhow::Error) -> bool {

@@ -31,6 +31,11 @@ fn fails_with(out: Output, needles: &[&str]) {
     for n in needles {
         assert!(lines[0].contains(n), "'{n}' not in: {}", lines[0]);
     }
+    // Each cause once (an error's text already ends with its source's).
+    let parts: Vec<&str> = lines[0].split(": ").filter(|p| p.len() > 8).collect();
+    for (i, p) in parts.iter().enumerate() {
+        assert!(!parts[i + 1..].contains(p), "'{p}' twice in: {}", lines[0]);
+    }
 }
 
 fn path(p: &Path) -> &str {
