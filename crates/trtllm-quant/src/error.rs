@@ -12,8 +12,11 @@ pub enum QuantError {
     },
     #[error("{what}: data is not aligned to {align} bytes")]
     Misaligned { what: String, align: usize },
-    #[error("GGML type {0} is not supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)")]
-    UnsupportedGgmlType(u32),
+    #[error("GGML type {name} is not supported (supported: {supported})")]
+    UnsupportedGgmlType {
+        name: String,
+        supported: &'static str,
+    },
     #[error("unknown quantization algorithm '{0}' (expected one of w8a16, w4a16, w4a16_awq, w4a16_gptq, w8a16_gptq, w8a8_sq, fp8, nvfp4; KV cache: int8, fp8)")]
     UnknownAlgo(String),
     #[error("quant config: {field}: {msg}")]

@@ -3,14 +3,16 @@
 //! Block layouts (little-endian): Q8_0 = f16 scale `d` + 32 × i8, value `d·q`;
 //! Q4_0 = `d` + 16 bytes of nibbles, value `d·(q−8)`; Q4_1 = `d`, `m` + 16 bytes, value `d·q + m`.
 //! Byte `i` of a 4-bit block holds element `i` in its low nibble and element `i+16` in its high one.
-//! Products and sums are separate f32 operations (no fused multiply-add), matching the reference
-//! dequantizer bit for bit.
+//! Every block layout's dequantizer is in `ggml_blocks`. Products and sums are separate f32
+//! operations (no fused multiply-add), matching the reference dequantizer bit for bit.
 
 use half::f16;
 
+use crate::ggml_blocks as blocks;
 use crate::{PackedWeight, QuantError, Result, WeightFormat};
 
 /// The GGML element types this engine imports.
+#[allow(non_camel_case_types)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GgmlType {
     F32,
@@ -18,38 +20,114 @@ pub enum GgmlType {
     BF16,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
+    Q2_K,
+    Q3_K,
+    Q4_K,
+    Q5_K,
+    Q6_K,
+    IQ4_NL,
+    IQ4_XS,
 }
+
+/// Every GGML type id and its name, as ggml numbers them (ids 4 and 5 are retired).
+const NAMES: &[(u32, &str)] = &[
+    (0, "F32"),
+    (1, "F16"),
+    (2, "Q4_0"),
+    (3, "Q4_1"),
+    (6, "Q5_0"),
+    (7, "Q5_1"),
+    (8, "Q8_0"),
+    (9, "Q8_1"),
+    (10, "Q2_K"),
+    (11, "Q3_K"),
+    (12, "Q4_K"),
+    (13, "Q5_K"),
+    (14, "Q6_K"),
+    (15, "Q8_K"),
+    (16, "IQ2_XXS"),
+    (17, "IQ2_XS"),
+    (18, "IQ3_XXS"),
+    (19, "IQ1_S"),
+    (20, "IQ4_NL"),
+    (21, "IQ3_S"),
+    (22, "IQ2_S"),
+    (23, "IQ4_XS"),
+    (24, "I8"),
+    (25, "I16"),
+    (26, "I32"),
+    (27, "I64"),
+    (28, "F64"),
+    (29, "IQ1_M"),
+    (30, "BF16"),
+    (34, "TQ1_0"),
+    (35, "TQ2_0"),
+    (39, "MXFP4"),
+    (40, "NVFP4"),
+];
+
+pub const SUPPORTED_GGML: &str =
+    "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS";
 
 impl GgmlType {
     pub fn from_id(id: u32) -> Result<Self> {
+        use GgmlType::*;
         Ok(match id {
-            0 => GgmlType::F32,
-            1 => GgmlType::F16,
-            2 => GgmlType::Q4_0,
-            3 => GgmlType::Q4_1,
-            8 => GgmlType::Q8_0,
-            30 => GgmlType::BF16,
-            other => return Err(QuantError::UnsupportedGgmlType(other)),
+            0 => F32,
+            1 => F16,
+            2 => Q4_0,
+            3 => Q4_1,
+            6 => Q5_0,
+            7 => Q5_1,
+            8 => Q8_0,
+            10 => Q2_K,
+            11 => Q3_K,
+            12 => Q4_K,
+            13 => Q5_K,
+            14 => Q6_K,
+            20 => IQ4_NL,
+            23 => IQ4_XS,
+            30 => BF16,
+            other => {
+                let name = NAMES.iter().find(|(i, _)| *i == other).map(|(_, n)| *n);
+                return Err(QuantError::UnsupportedGgmlType {
+                    name: name.map_or_else(|| format!("with id {other}"), str::to_string),
+                    supported: SUPPORTED_GGML,
+                });
+            }
         })
     }
 
     /// Elements per block.
     pub fn block_elems(self) -> usize {
+        use GgmlType::*;
         match self {
-            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => 32,
+            F32 | F16 | BF16 => 1,
+            Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | IQ4_NL => 32,
+            Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | IQ4_XS => blocks::QK_K,
         }
     }
 
     /// Bytes per block.
     pub fn block_bytes(self) -> usize {
+        use GgmlType::*;
         match self {
-            GgmlType::F32 => 4,
-            GgmlType::F16 | GgmlType::BF16 => 2,
-            GgmlType::Q4_0 => 18,
-            GgmlType::Q4_1 => 20,
-            GgmlType::Q8_0 => 34,
+            F32 => 4,
+            F16 | BF16 => 2,
+            Q4_0 | IQ4_NL => 18,
+            Q4_1 => 20,
+            Q5_0 => 22,
+            Q5_1 => 24,
+            Q8_0 => 34,
+            Q2_K => 84,
+            Q3_K => 110,
+            Q4_K => 144,
+            Q5_K => 176,
+            Q6_K => 210,
+            IQ4_XS => 136,
         }
     }
 
@@ -73,42 +151,38 @@ impl GgmlType {
             });
         }
         let mut out = Vec::with_capacity(elements);
-        let scale =
-            |b: &[u8], at: usize| f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32();
-        match self {
-            GgmlType::F32 => out.extend(
-                bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            ),
-            GgmlType::F16 => out.extend(bytes.chunks_exact(2).map(|c| scale(c, 0))),
-            GgmlType::BF16 => out.extend(
-                bytes
-                    .chunks_exact(2)
-                    .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
-            ),
-            GgmlType::Q8_0 => {
-                for b in bytes.chunks_exact(34) {
-                    let d = scale(b, 0);
-                    out.extend(b[2..].iter().map(|&q| d * (q as i8) as f32));
-                }
+        use GgmlType::*;
+        let block: fn(&[u8], &mut Vec<f32>) = match self {
+            F32 => {
+                let f = |c: &[u8]| f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                out.extend(bytes.chunks_exact(4).map(f));
+                return Ok(out);
             }
-            GgmlType::Q4_0 => {
-                for b in bytes.chunks_exact(18) {
-                    let d = scale(b, 0);
-                    let qs = &b[2..];
-                    out.extend(qs.iter().map(|&q| d * ((q & 0x0f) as i32 - 8) as f32));
-                    out.extend(qs.iter().map(|&q| d * ((q >> 4) as i32 - 8) as f32));
-                }
+            F16 => {
+                let f = |c: &[u8]| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                out.extend(bytes.chunks_exact(2).map(f));
+                return Ok(out);
             }
-            GgmlType::Q4_1 => {
-                for b in bytes.chunks_exact(20) {
-                    let (d, m) = (scale(b, 0), scale(b, 2));
-                    let qs = &b[4..];
-                    out.extend(qs.iter().map(|&q| d * (q & 0x0f) as f32 + m));
-                    out.extend(qs.iter().map(|&q| d * (q >> 4) as f32 + m));
-                }
+            BF16 => {
+                let f = |c: &[u8]| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                out.extend(bytes.chunks_exact(2).map(f));
+                return Ok(out);
             }
+            Q4_0 => blocks::q4_0,
+            Q4_1 => blocks::q4_1,
+            Q5_0 => blocks::q5_0,
+            Q5_1 => blocks::q5_1,
+            Q8_0 => blocks::q8_0,
+            Q2_K => blocks::q2_k,
+            Q3_K => blocks::q3_k,
+            Q4_K => blocks::q4_k,
+            Q5_K => blocks::q5_k,
+            Q6_K => blocks::q6_k,
+            IQ4_NL => blocks::iq4_nl,
+            IQ4_XS => blocks::iq4_xs,
+        };
+        for b in bytes.chunks_exact(self.block_bytes()) {
+            block(b, &mut out);
         }
         Ok(out)
     }
@@ -129,7 +203,9 @@ impl GgmlType {
                 group: 32,
                 zero_point: true,
             },
-            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => return Ok(None),
+            // Floats, and block layouts without a kernel that reads them packed yet: the float
+            // path dequantizes them exactly.
+            _ => return Ok(None),
         };
         let expected = self.byte_len(rows * cols)?;
         if bytes.len() != expected || !cols.is_multiple_of(32) {

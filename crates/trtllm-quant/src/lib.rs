@@ -11,6 +11,7 @@ mod dtype;
 mod error;
 mod format;
 pub mod ggml;
+mod ggml_blocks;
 mod gptq;
 mod quantize;
 mod scaling;
