@@ -131,6 +131,21 @@ pub fn smollm2_gguf() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Gemma 3 270M's Q4_K_M GGUF, where `cargo xtask test` puts it (or `TRTLLM_GEMMA3_GGUF`).
+pub fn gemma3_gguf() -> Result<PathBuf> {
+    let path = match std::env::var_os("TRTLLM_GEMMA3_GGUF") {
+        Some(p) => PathBuf::from(p),
+        None => trtllm_api::cache_dir().join("models/gemma-3-270m-q4_k_m.gguf"),
+    };
+    if !path.exists() {
+        bail!(
+            "{} not found: `cargo xtask test` downloads it (or set TRTLLM_GEMMA3_GGUF)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// Builds the SmolLM2 demo model into a fresh temporary engine directory.
 pub fn build_smollm2(config: &BuildConfig) -> Result<tempfile::TempDir> {
     let gguf = smollm2_gguf()?;

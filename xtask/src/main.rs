@@ -2,6 +2,7 @@
 
 mod emulate;
 mod kernels;
+mod models;
 mod vs_llama_cpp;
 
 use std::path::{Path, PathBuf};
@@ -100,6 +101,7 @@ fn main() -> Result<()> {
         Task::Test => {
             emulate::emulate_kernels()?;
             fetch_demo_model()?;
+            models::fetch_gemma3()?;
             let python = openai_venv()?;
             run(cargo_command()
                 .args(["test", "--workspace"])

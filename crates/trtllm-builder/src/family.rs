@@ -36,7 +36,7 @@ impl Family {
 }
 
 pub const SUPPORTED: &str =
-    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM, GPT2LMHeadModel; GGUF: llama, mistral, qwen2, gpt2";
+    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM, GPT2LMHeadModel; GGUF: llama, mistral, qwen2, gemma3, gpt2";
 
 /// One source matrix of a (possibly fused) engine linear layer.
 #[derive(Clone, Debug)]
@@ -223,8 +223,11 @@ pub fn hf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
 pub fn gguf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
     // llama.cpp permutes Llama/Mistral Q and K rows for its interleaved RoPE; Qwen2 it leaves alone.
     let permuted = matches!(family, Family::Llama | Family::Mistral);
+    let gemma = family.is_gemma();
     let layer = |i: usize| {
         let p = |s: &str| part(format!("blk.{i}.{s}.weight"));
+        // llama.cpp's converter folds Gemma's `1 + w` into the norm weights: no offset here.
+        let n = |s: &str| norm(&format!("blk.{i}.{s}"));
         let rope = |s: &str, heads: usize| Part {
             unpermute_heads: permuted.then_some(heads),
             ..p(s)
@@ -241,12 +244,14 @@ pub fn gguf_spec(family: Family, cfg: &ModelConfig) -> ModelSpec {
             MlpKind::GeluTanh => (vec![p("attn_qkv")], vec![p("ffn_up")]),
         };
         LayerSpec {
-            attn_norm: norm(&format!("blk.{i}.attn_norm")),
+            attn_norm: n("attn_norm"),
             qkv,
-            qk_norm: None,
+            qk_norm: family
+                .has_qk_norm()
+                .then(|| (n("attn_q_norm"), n("attn_k_norm"))),
             o: vec![p("attn_output")],
-            mlp_norm: norm(&format!("blk.{i}.ffn_norm")),
-            post_norms: None,
+            mlp_norm: n("ffn_norm"),
+            post_norms: gemma.then(|| (n("post_attention_norm"), n("post_ffw_norm"))),
             up,
             down: vec![p("ffn_down")],
             experts: None,

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 use trtllm_runtime::quant::{ggml::GgmlType, DType, PackedWeight};
-use trtllm_runtime::{Features, MlpKind, ModelConfig, NormKind, PositionKind, RopeScaling};
+use trtllm_runtime::{
+    Features, LocalRope, MlpKind, ModelConfig, NormKind, PositionKind, RopeScaling,
+};
 
 use crate::family::{Family, SUPPORTED};
 use crate::{BuildError, Checkpoint, Result, Tensor};
@@ -248,6 +250,28 @@ impl GgufFile {
         }
     }
 
+    /// EOS and, where the file names them or the vocabulary has Gemma's `<end_of_turn>`, the
+    /// end-of-turn tokens: generation stops at any (llama.cpp's end-of-generation set).
+    fn end_tokens(&self) -> Vec<u32> {
+        let id = |k: &str| {
+            self.get(&format!("tokenizer.ggml.{k}"))
+                .and_then(Value::as_u64)
+                .map(|v| v as u32)
+        };
+        let mut ids: Vec<u32> = ["eos_token_id", "eot_token_id", "eom_token_id"]
+            .iter()
+            .filter_map(|k| id(k))
+            .collect();
+        let tokens = self.get("tokenizer.ggml.tokens").and_then(Value::as_array);
+        if let Some(i) =
+            tokens.and_then(|t| t.iter().position(|v| v.as_str() == Some("<end_of_turn>")))
+        {
+            ids.push(i as u32);
+        }
+        ids.dedup();
+        ids
+    }
+
     /// The family and decoder config the metadata describes.
     pub fn model_config(&self) -> Result<(Family, ModelConfig)> {
         let arch = self
@@ -262,6 +286,7 @@ impl GgufFile {
             "llama" => Family::Llama,
             "mistral" => Family::Mistral,
             "qwen2" => Family::Qwen2,
+            "gemma3" => Family::Gemma3,
             "gpt2" => Family::Gpt2,
             other => {
                 return Err(BuildError::UnsupportedArchitecture {
@@ -293,6 +318,7 @@ impl GgufFile {
                 .map_or(0, |t| t.len()),
         };
         let gpt2 = family == Family::Gpt2;
+        let gemma = family == Family::Gemma3;
         let head_dim = self
             .get(&key("attention.key_length"))
             .and_then(Value::as_u64)
@@ -325,10 +351,10 @@ impl GgufFile {
             } else {
                 float("attention.layer_norm_rms_epsilon", 1e-6)
             },
-            mlp: if gpt2 {
-                MlpKind::GeluTanh
-            } else {
-                MlpKind::GatedSilu
+            mlp: match family {
+                Family::Gpt2 => MlpKind::GeluTanh,
+                Family::Gemma3 => MlpKind::GatedGeluTanh,
+                _ => MlpKind::GatedSilu,
             },
             position: if gpt2 {
                 PositionKind::Learned
@@ -349,7 +375,7 @@ impl GgufFile {
             },
             tie_word_embeddings: !self.tensors.contains_key("output.weight"),
             features: Features {
-                // llama.cpp's key for Mistral-style windows (every layer).
+                // llama.cpp's key for Mistral-style windows (every layer; Gemma 3's 5 of 6).
                 sliding_window: self
                     .get(&key("attention.sliding_window"))
                     .and_then(Value::as_u64)
@@ -357,13 +383,40 @@ impl GgufFile {
                 ..Features::default()
             },
             bos_token_id: token("bos_token_id"),
-            eos_token_ids: token("eos_token_id").into_iter().collect(),
+            eos_token_ids: self.end_tokens(),
+        };
+        let model = match gemma {
+            true => gemma3_features(model),
+            false => model,
         };
         model
             .validate()
             .map_err(|e| BuildError::checkpoint(&self.path, e.to_string()))?;
         Ok((family, model))
     }
+}
+
+/// What a Gemma 3 GGUF leaves implied, as llama.cpp and transformers fill it in: every sixth
+/// layer global and the others windowed with their own RoPE base (10 000), (1 + w) norms (folded
+/// into the file's weights by llama.cpp's converter), q/k norms, pre- and post-norms,
+/// embeddings scaled by √hidden, and the attention scale of head_dim (hidden / heads for the
+/// 27B model, whose original config says so).
+fn gemma3_features(mut m: ModelConfig) -> ModelConfig {
+    let f = &mut m.features;
+    f.qk_norm = true;
+    f.post_norms = true;
+    f.embed_scale = Some((m.hidden_size as f32).sqrt());
+    f.sliding_layers = (0..m.num_layers).map(|i| (i + 1) % 6 != 0).collect();
+    f.local_rope = Some(LocalRope {
+        theta: 10_000.0,
+        scaling: RopeScaling::None,
+    });
+    let scalar = match m.num_layers {
+        62 => m.hidden_size / m.num_heads,
+        _ => m.head_dim,
+    };
+    f.query_pre_attn_scalar = Some(scalar as f32);
+    m
 }
 
 impl Checkpoint for GgufFile {

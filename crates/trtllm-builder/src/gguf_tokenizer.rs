@@ -1,14 +1,17 @@
-//! A GGUF file's byte-level BPE tokenizer (`tokenizer.ggml.model = "gpt2"`) written out as a
+//! A GGUF file's tokenizer (byte-level BPE, `gpt2`, or SentencePiece, `llama`) written out as a
 //! Hugging Face `tokenizer.json` + `tokenizer_config.json`, the same conversion transformers
 //! applies, so the engine directory carries one tokenizer format whatever the checkpoint was.
 
 use serde_json::{json, Map, Value as Json};
 
 use crate::gguf::{GgufFile, Value};
+use crate::gguf_spm::{self, Spm};
 use crate::{BuildError, Result};
 
-/// llama.cpp's token type for control tokens; these become special added tokens.
+/// llama.cpp's token types: control tokens become special added tokens, user-defined ones
+/// plain added tokens.
 const CONTROL: u64 = 3;
+const USER_DEFINED: u64 = 4;
 
 /// `(tokenizer.json, tokenizer_config.json)`.
 pub fn convert(gguf: &GgufFile) -> Result<(Json, Json)> {
@@ -17,14 +20,6 @@ pub fn convert(gguf: &GgufFile) -> Result<(Json, Json)> {
         .get("tokenizer.ggml.model")
         .and_then(Value::as_str)
         .unwrap_or("");
-    if model != "gpt2" {
-        return Err(BuildError::checkpoint(
-            &path,
-            format!(
-                "tokenizer.ggml.model '{model}' is not supported (only byte-level BPE, 'gpt2')"
-            ),
-        ));
-    }
     let strings = |key: &str| -> Result<Vec<String>> {
         let arr =
             gguf.get(key)
@@ -40,49 +35,71 @@ pub fn convert(gguf: &GgufFile) -> Result<(Json, Json)> {
             .collect())
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
-    let merges = strings("tokenizer.ggml.merges")?;
     let types: Vec<u64> = gguf
         .get("tokenizer.ggml.token_type")
         .and_then(Value::as_array)
         .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
         .unwrap_or_default();
-
-    let alphabet = byte_alphabet();
-    let in_alphabet = |t: &str| t.chars().all(|c| alphabet.contains(&c));
-    let mut vocab = Map::new();
-    for (i, t) in tokens.iter().enumerate() {
-        // A token whose bytes llama.cpp could not spell byte-level comes back raw; respell it the
-        // way the merges refer to it.
-        let key = if in_alphabet(t) {
-            t.clone()
-        } else {
-            t.bytes().map(|b| alphabet[b as usize]).collect()
-        };
-        vocab.insert(key, json!(i));
-    }
-    let added: Vec<Json> = tokens
-        .iter()
-        .enumerate()
-        .filter(|(i, t)| types.get(*i) == Some(&CONTROL) && in_alphabet(t))
-        .map(|(i, t)| {
-            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
-                   "normalized": false, "special": true})
-        })
-        .collect();
-
     let token_id = |k: &str| {
         gguf.get(&format!("tokenizer.ggml.{k}"))
             .and_then(Value::as_u64)
             .map(|v| v as usize)
     };
     let name_of = |id: Option<usize>| id.and_then(|i| tokens.get(i)).cloned();
+
+    let alphabet = byte_alphabet();
+    let in_alphabet = |t: &str| t.chars().all(|c| alphabet.contains(&c));
+    let (parts, byte_level) = match model {
+        "gpt2" => {
+            let merges = strings("tokenizer.ggml.merges")?;
+            (byte_level_parts(&tokens, merges, &alphabet), true)
+        }
+        "llama" => {
+            let scores: Vec<f32> = gguf
+                .get("tokenizer.ggml.scores")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect())
+                .unwrap_or_default();
+            let arch = gguf.get("general.architecture").and_then(Value::as_str);
+            let gemma = matches!(arch, Some("gemma" | "gemma2" | "gemma3"));
+            let unk = name_of(token_id("unknown_token_id"));
+            let spm = gguf_spm::sentencepiece(&tokens, &scores, unk.as_deref(), gemma);
+            (spm, false)
+        }
+        other => {
+            return Err(BuildError::checkpoint(
+                &path,
+                format!(
+                    "tokenizer.ggml.model '{other}' is not supported (gpt2: byte-level BPE; \
+                     llama: SentencePiece)"
+                ),
+            ))
+        }
+    };
+    // Control tokens stay whole as special tokens, user-defined ones the vocabulary spells as
+    // plain added tokens (as transformers adds them); in a byte-level vocabulary a control token
+    // spelled outside the byte alphabet is a converter's mislabel and is left out.
+    let added: Vec<Json> = tokens
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| {
+            let special = match types.get(i) {
+                Some(&CONTROL) if !byte_level || in_alphabet(t) => true,
+                Some(&USER_DEFINED) if parts.model["vocab"].get(t.as_str()).is_some() => false,
+                _ => return None,
+            };
+            Some(
+                json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                        "rstrip": false, "normalized": false, "special": special}),
+            )
+        })
+        .collect();
     let bos = name_of(token_id("bos_token_id"));
     let eos = name_of(token_id("eos_token_id"));
     let add_bos = matches!(
         gguf.get("tokenizer.ggml.add_bos_token"),
         Some(Value::Bool(true))
     );
-    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true});
     let post = match (&bos, add_bos) {
         (Some(b), true) => json!({
             "type": "TemplateProcessing",
@@ -91,20 +108,20 @@ pub fn convert(gguf: &GgufFile) -> Result<(Json, Json)> {
                      {"SpecialToken": {"id": b, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
             "special_tokens": {b: {"id": b, "ids": [token_id("bos_token_id")], "tokens": [b]}}
         }),
-        _ => byte_level.clone(),
+        _ if byte_level => json!({"type": "ByteLevel", "add_prefix_space": false,
+                                  "trim_offsets": false, "use_regex": true}),
+        _ => Json::Null,
     };
     let tokenizer = json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
         "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "normalizer": parts.normalizer,
+        "pre_tokenizer": parts.pre_tokenizer,
         "post_processor": post,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
-                  "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                  "vocab": vocab, "merges": merges}
+        "decoder": parts.decoder,
+        "model": parts.model,
     });
     let mut config =
         json!({"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": add_bos});
@@ -118,6 +135,32 @@ pub fn convert(gguf: &GgufFile) -> Result<(Json, Json)> {
         config["chat_template"] = json!(t);
     }
     Ok((tokenizer, config))
+}
+
+/// A byte-level BPE vocabulary and the file's merges, with GPT-2's pre-tokenizer and decoder.
+fn byte_level_parts(tokens: &[String], merges: Vec<String>, alphabet: &[char]) -> Spm {
+    let in_alphabet = |t: &str| t.chars().all(|c| alphabet.contains(&c));
+    let mut vocab = Map::new();
+    for (i, t) in tokens.iter().enumerate() {
+        // A token whose bytes llama.cpp could not spell byte-level comes back raw; respell it the
+        // way the merges refer to it.
+        let key = if in_alphabet(t) {
+            t.clone()
+        } else {
+            t.bytes().map(|b| alphabet[b as usize]).collect()
+        };
+        vocab.insert(key, json!(i));
+    }
+    Spm {
+        model: json!({"type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": false,
+            "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges}),
+        normalizer: Json::Null,
+        pre_tokenizer: json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+            "use_regex": true}),
+        decoder: json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
+            "use_regex": true}),
+    }
 }
 
 /// GPT-2's byte → printable character table.

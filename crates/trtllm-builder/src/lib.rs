@@ -12,6 +12,7 @@ mod checkpoint;
 mod error;
 pub mod family;
 pub mod gguf;
+mod gguf_spm;
 mod gguf_tokenizer;
 pub mod hf_config;
 mod hf_rope;
