@@ -13,7 +13,7 @@ mod error;
 pub mod family;
 pub mod gguf;
 mod gguf_spm;
-mod gguf_tokenizer;
+pub mod gguf_tokenizer;
 pub mod hf_config;
 mod hf_rope;
 
