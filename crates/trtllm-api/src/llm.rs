@@ -1,8 +1,7 @@
 //! `LLM`: the entry point — opens (or builds) an engine, starts the executor, and turns prompts
 //! into `RequestOutput`s.
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
+use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
@@ -58,11 +57,12 @@ pub struct LLM {
     executor: GenerationExecutor,
     tokenizer: Option<Arc<Tokenizer>>,
     engine_dir: PathBuf,
+    built: Option<String>,
 }
 
 impl LLM {
     pub fn new(args: LlmArgs) -> Result<Self> {
-        let engine_dir = resolve_engine(&args)?;
+        let (engine_dir, built) = resolve_engine(&args)?;
         let executor =
             GenerationExecutor::on_device(&engine_dir, args.executor_config.clone(), args.device)?;
         let tokenizer = if args.skip_tokenizer_init {
@@ -76,11 +76,18 @@ impl LLM {
             executor,
             tokenizer,
             engine_dir,
+            built,
         })
     }
 
     pub fn engine_dir(&self) -> &Path {
         &self.engine_dir
+    }
+
+    /// What this `LLM` built from a checkpoint and where, when it built one (`None` when it
+    /// opened an engine, or found the cached one).
+    pub fn built(&self) -> Option<&str> {
+        self.built.as_deref()
     }
 
     pub fn executor(&self) -> &GenerationExecutor {
@@ -219,33 +226,61 @@ fn text_of(prompt: &Prompt) -> Option<String> {
     }
 }
 
-/// The engine directory for `args.model`, building it into the cache first if it is a checkpoint.
-fn resolve_engine(args: &LlmArgs) -> Result<PathBuf> {
+/// The engine directory for `args.model`, building it into the cache first if it is a checkpoint;
+/// and, when this call built it, what it built (for the caller to say once).
+fn resolve_engine(args: &LlmArgs) -> Result<(PathBuf, Option<String>)> {
     let model = &args.model;
     if model.join("config.json").exists() && model.join("rank0.engine").exists() {
-        return Ok(model.clone());
+        return Ok((model.clone(), None));
+    }
+    let mut config = args.build_config.clone();
+    let gguf = model
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    if gguf && config == BuildConfig::default() {
+        // A GGUF's own quantization is what its user chose; the float build is 3-5x its size.
+        config.keep_quantized = true;
     }
     let cache_root = args
         .engine_cache_dir
         .clone()
         .unwrap_or_else(cache_dir)
         .join("engines");
-    let dir = cache_root.join(format!("{:016x}", cache_key(model, &args.build_config)?));
-    if !(dir.join("config.json").exists() && dir.join("rank0.engine").exists()) {
-        // Build beside the final place and rename, so an interrupted build never looks finished.
-        let tmp = cache_root.join(format!(
-            "{}.partial",
-            dir.file_name().and_then(|n| n.to_str()).unwrap_or("engine")
-        ));
-        let _ = std::fs::remove_dir_all(&tmp);
-        builder::build(model, &tmp, &args.build_config, &mut |_, _, _| {})?;
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::rename(&tmp, &dir).map_err(|e| builder::BuildError::Io {
-            path: dir.clone(),
-            source: e,
-        })?;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| builder::BuildError::Io { path, source }
+    };
+    std::fs::create_dir_all(&cache_root).map_err(io(&cache_root))?;
+    let key = cache_key(model, &config)?;
+    let dir = cache_root.join(&key);
+    let done = |d: &Path| d.join("config.json").exists() && d.join("rank0.engine").exists();
+    if done(&dir) {
+        return Ok((dir, None));
     }
-    Ok(dir)
+    // One builder per engine across processes: the others wait here, then find it done.
+    let lock_path = cache_root.join(format!("{key}.lock"));
+    let lock = std::fs::File::create(&lock_path).map_err(io(&lock_path))?;
+    lock.lock().map_err(io(&lock_path))?;
+    if done(&dir) {
+        return Ok((dir, None));
+    }
+    // Build beside the final place and rename, so an interrupted build never looks finished.
+    let tmp = cache_root.join(format!("{key}.partial"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let built = builder::build(model, &tmp, &config, &mut |_, _, _| {})?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
+    let weights = match (config.keep_quantized, built.build.dtype) {
+        (true, _) => "the file's quantized weights kept as they are".to_string(),
+        (false, Some(d)) => format!("{d} weights"),
+        (false, None) => "float32 weights".to_string(),
+    };
+    let note = format!(
+        "built an engine for {} ({weights}) into {}",
+        model.display(),
+        dir.display()
+    );
+    Ok((dir, Some(note)))
 }
 
 /// The root of trtllm's caches (`engines/`, `models/`): `$TRTLLM_CACHE`, else `~/.cache/trtllm`.
@@ -260,15 +295,20 @@ pub fn cache_dir() -> PathBuf {
         .join("trtllm")
 }
 
-/// Identifies a checkpoint (path, size and modification time of its files) and a build config.
-fn cache_key(model: &Path, config: &BuildConfig) -> Result<u64> {
+/// Identifies a checkpoint (path, size and modification time of its files) and a build config,
+/// the same in every build of trtllm of this version: a SHA-256 of them, as 32 hex digits.
+fn cache_key(model: &Path, config: &BuildConfig) -> Result<String> {
     let meta_err = |e| builder::BuildError::Io {
         path: model.to_path_buf(),
         source: e,
     };
     let canonical = model.canonicalize().map_err(meta_err)?;
-    let mut h = DefaultHasher::new();
-    canonical.hash(&mut h);
+    let mut h = Sha256::new();
+    let mut field = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    field(canonical.as_os_str().as_encoded_bytes());
     let files: Vec<PathBuf> = if canonical.is_dir() {
         let mut v: Vec<PathBuf> = std::fs::read_dir(&canonical)
             .map_err(meta_err)?
@@ -281,12 +321,19 @@ fn cache_key(model: &Path, config: &BuildConfig) -> Result<u64> {
     };
     for f in files {
         if let Ok(m) = f.metadata() {
-            f.hash(&mut h);
-            m.len().hash(&mut h);
-            m.modified().ok().hash(&mut h);
+            field(f.as_os_str().as_encoded_bytes());
+            field(&m.len().to_le_bytes());
+            let mtime = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            field(&mtime.to_le_bytes());
         }
     }
-    format!("{config:?}").hash(&mut h);
-    env!("CARGO_PKG_VERSION").hash(&mut h);
-    Ok(h.finish())
+    let config = serde_json::to_vec(config).map_err(|e| ApiError::InvalidInput(e.to_string()))?;
+    field(&config);
+    field(env!("CARGO_PKG_VERSION").as_bytes());
+    let digest = h.finalize();
+    Ok(digest[..16].iter().map(|b| format!("{b:02x}")).collect())
 }

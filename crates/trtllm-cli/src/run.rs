@@ -145,14 +145,19 @@ impl ExecutorArgs {
     }
 }
 
-/// Opens an engine (building a checkpoint into the cache first if that is what `model` is).
+/// Opens an engine (building a checkpoint into the cache first if that is what `model` is, and
+/// saying so once on stderr).
 pub fn open(model: &Path, executor_config: ExecutorConfig, device: Device) -> Result<LLM> {
-    Ok(LLM::new(LlmArgs {
+    let llm = LLM::new(LlmArgs {
         model: model.to_path_buf(),
         executor_config,
         device,
         ..LlmArgs::default()
-    })?)
+    })?;
+    if let Some(note) = llm.built() {
+        eprintln!("{note}");
+    }
+    Ok(llm)
 }
 
 pub fn generate(a: RunArgs) -> Result<()> {

@@ -116,3 +116,56 @@ fn build_run_and_perplexity() {
     );
     eprintln!("perplexity: {out}");
 }
+
+/// `trtllm run FILE.gguf` builds an engine that keeps the file's quantization, once (a stable
+/// cache key, a lock between processes), says so once on stderr, and generates the golden text.
+#[test]
+fn running_a_gguf_keeps_its_quantization_and_says_once_what_it_built() {
+    let gguf = smollm2_gguf().expect("demo model");
+    let cache = tempfile::tempdir().unwrap();
+    let start = || {
+        Command::new(env!("CARGO_BIN_EXE_trtllm"))
+            .env("TRTLLM_CACHE", cache.path())
+            .args(["run", "--engine", gguf.to_str().unwrap()])
+            .args(["--prompt", "The capital of France is", "--max-tokens", "8"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run trtllm")
+    };
+    let finish = |child: std::process::Child| {
+        let out = child.wait_with_output().expect("trtllm output");
+        let text = |b: Vec<u8>| String::from_utf8(b).expect("utf-8");
+        let err = text(out.stderr);
+        assert!(out.status.success(), "{err}");
+        (text(out.stdout), err)
+    };
+    // Two at once: one builds (under the lock), the other waits and finds it built.
+    let (a, b) = (start(), start());
+    let ((first, said_a), (other, said_b)) = (finish(a), finish(b));
+    assert_eq!(first, other);
+    let said = [said_a, said_b];
+    let builds = said
+        .iter()
+        .filter(|s| s.contains("built an engine"))
+        .count();
+    assert_eq!(builds, 1, "{said:?}");
+    assert!(said.iter().any(|s| s.contains("kept")), "{said:?}");
+    // The golden greedy continuation, cut at 8 tokens.
+    let golden = " Paris.\n\nThe answer is: 2018-01-22 12:12:53.";
+    let got = first.trim_end_matches('\n');
+    assert!(got.len() > 10 && golden.starts_with(got), "{first:?}");
+    let (again, said) = finish(start());
+    assert_eq!(again, first);
+    assert!(!said.contains("built"), "built twice: {said}");
+
+    let engines: Vec<_> = std::fs::read_dir(cache.path().join("engines"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    assert_eq!(engines.len(), 1, "{engines:?}");
+    let config = std::fs::read_to_string(engines[0].join("config.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(v["build"]["keep_quantized"], true);
+}
