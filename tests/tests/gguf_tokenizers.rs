@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use anyhow::{ensure, Result};
 use serde::Deserialize;
 use trtllm_api::builder::gguf::GgufFile;
-use trtllm_api::builder::gguf_tokenizer;
-use trtllm_api::Tokenizer;
+use trtllm_api::builder::{build, gguf_tokenizer, BuildConfig};
+use trtllm_api::{LlmArgs, Prompt, SamplingParams, Tokenizer, LLM};
 use trtllm_tests::{fixtures, read_json};
 
 #[derive(Deserialize)]
@@ -35,5 +35,45 @@ fn each_pre_tokenizer_split_gives_transformers_ids() -> Result<()> {
             ensure!(tok.decode(&ids, false)? == c.text, "{file}: decode");
         }
     }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct SpmCase {
+    text: String,
+    ids: Vec<u32>,
+    decoded: String,
+}
+
+/// A tiny Llama GGUF whose tokenizer is SentencePiece (600 BPE pieces, byte fallback) builds,
+/// runs, and tokenizes like transformers from the same file (make_spm.py).
+#[test]
+fn a_sentencepiece_llama_gguf_builds_and_tokenizes_like_transformers() -> Result<()> {
+    let dir = fixtures().join("gguf-tokenizers");
+    let golden: Vec<SpmCase> = read_json(&dir.join("spm-llama.json"))?;
+    let out = tempfile::tempdir()?;
+    build(
+        &dir.join("spm-llama.gguf"),
+        out.path(),
+        &BuildConfig::default(),
+        &mut |_, _, _| {},
+    )?;
+    let llm = LLM::new(LlmArgs {
+        model: out.path().into(),
+        ..Default::default()
+    })?;
+    let tok = llm.tokenizer()?;
+    for c in &golden {
+        let ids = tok.encode(&c.text, true)?;
+        ensure!(ids == c.ids, "{:?}: {ids:?} != {:?}", c.text, c.ids);
+        ensure!(tok.decode(&ids, true)? == c.decoded, "{:?}: decode", c.text);
+    }
+    let params = SamplingParams {
+        max_tokens: 4,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let out = llm.generate(&[Prompt::Text(golden[0].text.clone())], &params)?;
+    ensure!(out[0].outputs[0].token_ids.len() == 4);
     Ok(())
 }
