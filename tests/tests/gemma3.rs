@@ -34,20 +34,14 @@ fn golden() -> Golden {
     read_json(&fixtures().join("gemma3-270m.json")).expect("gemma3-270m.json")
 }
 
-/// One float32 engine for every test here.
-fn llm() -> &'static LLM {
-    static ENGINE: OnceLock<(tempfile::TempDir, LLM)> = OnceLock::new();
-    &ENGINE
+type Engine = OnceLock<(tempfile::TempDir, LLM)>;
+
+fn open(engine: &'static Engine, config: BuildConfig) -> &'static LLM {
+    &engine
         .get_or_init(|| {
             let gguf = gemma3_gguf().expect("Gemma 3 GGUF");
             let dir = tempfile::tempdir().expect("temp dir");
-            build(
-                &gguf,
-                dir.path(),
-                &BuildConfig::default(),
-                &mut |_, _, _| {},
-            )
-            .expect("build Gemma 3");
+            build(&gguf, dir.path(), &config, &mut |_, _, _| {}).expect("build Gemma 3");
             let llm = LLM::new(LlmArgs {
                 model: dir.path().into(),
                 ..Default::default()
@@ -56,6 +50,23 @@ fn llm() -> &'static LLM {
             (dir, llm)
         })
         .1
+}
+
+/// The float32 engine most tests here share.
+fn llm() -> &'static LLM {
+    static ENGINE: Engine = OnceLock::new();
+    open(&ENGINE, BuildConfig::default())
+}
+
+/// The engine that keeps the file's Q4_K, Q5_0 and Q8_0 weights packed (its Q6_K ones take the
+/// float path).
+fn kept() -> &'static LLM {
+    static ENGINE: Engine = OnceLock::new();
+    let config = BuildConfig {
+        keep_quantized: true,
+        ..Default::default()
+    };
+    open(&ENGINE, config)
 }
 
 #[test]
@@ -108,5 +119,28 @@ fn perplexity_within_a_fifth_of_a_percent_of_transformers() -> Result<()> {
         p.mean_nll,
         golden.mean_nll
     );
+    Ok(())
+}
+
+#[test]
+fn kept_quantization_gives_the_float_engines_perplexity_and_greedy_ids() -> Result<()> {
+    let golden = golden();
+    let ids = &golden.perplexity.input_ids;
+    let (float, packed) = (llm().perplexity(ids)?, kept().perplexity(ids)?);
+    let rel = (packed.mean_nll - float.mean_nll).abs() / float.mean_nll;
+    ensure!(
+        rel < 1e-4,
+        "kept {} vs float {} (relative {rel:e})",
+        packed.mean_nll,
+        float.mean_nll
+    );
+    let c = &golden.cases[0];
+    let params = SamplingParams {
+        max_tokens: c.greedy_ids.len(),
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let out = kept().generate(&[Prompt::TokenIds(c.input_ids.clone())], &params)?;
+    ensure!(out[0].outputs[0].token_ids == c.greedy_ids);
     Ok(())
 }

@@ -82,6 +82,32 @@ fn every_block_type_dequantizes_bit_exactly_like_gguf_py() -> Result<()> {
     Ok(())
 }
 
+/// The types `--quant keep` reads in place stand, packed, for exactly the reference's values.
+#[test]
+fn packed_imports_keep_the_reference_values_bit_for_bit() -> Result<()> {
+    let mut kept = Vec::new();
+    for r in records()? {
+        let t = GgmlType::from_id(r.ty)?;
+        let rows = r.values.len() / t.block_elems();
+        let Some(packed) = t.to_packed(&r.bytes, rows, t.block_elems())? else {
+            continue;
+        };
+        let got = packed.dequantize()?;
+        for (i, (g, w)) in got.iter().zip(&r.values).enumerate() {
+            ensure!(
+                g.to_bits() == w.to_bits(),
+                "{t:?} packed element {i}: {g} vs {w}"
+            );
+        }
+        kept.push(t);
+    }
+    use GgmlType::*;
+    for t in [Q4_0, Q4_1, Q5_0, Q8_0, Q4_K] {
+        ensure!(kept.contains(&t), "{t:?} was not kept packed");
+    }
+    Ok(())
+}
+
 #[test]
 fn unsupported_types_are_named_with_the_supported_list() {
     let e = GgmlType::from_id(16).unwrap_err().to_string();

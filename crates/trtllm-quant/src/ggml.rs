@@ -9,7 +9,8 @@
 use half::f16;
 
 use crate::ggml_blocks as blocks;
-use crate::{PackedWeight, QuantError, Result, WeightFormat};
+use crate::ggml_pack as pack;
+use crate::{PackedWeight, QuantError, Result};
 
 /// The GGML element types this engine imports.
 #[allow(non_camel_case_types)]
@@ -189,54 +190,34 @@ impl GgmlType {
 }
 
 impl GgmlType {
-    /// The same values in the engine's native packed format, without loss: Q8_0 → int8 group
-    /// 32, Q4_0 → symmetric int4 group 32, Q4_1 → int4 group 32 with zero point. None for the
-    /// float types. `bytes` hold a `rows × cols` matrix, row by row.
+    /// The same values in the engine's native packed format, without loss (see `ggml_pack`);
+    /// None for the float types and the block layouts without one. `bytes` hold a
+    /// `rows × cols` matrix, row by row.
     pub fn to_packed(self, bytes: &[u8], rows: usize, cols: usize) -> Result<Option<PackedWeight>> {
-        let format = match self {
-            GgmlType::Q8_0 => WeightFormat::Int8 { group: 32 },
-            GgmlType::Q4_0 => WeightFormat::Int4 {
-                group: 32,
-                zero_point: false,
-            },
-            GgmlType::Q4_1 => WeightFormat::Int4 {
-                group: 32,
-                zero_point: true,
-            },
-            // Floats, and block layouts without a kernel that reads them packed yet: the float
-            // path dequantizes them exactly.
-            _ => return Ok(None),
+        let Some(format) = pack::format_of(self) else {
+            return Ok(None);
         };
         let expected = self.byte_len(rows * cols)?;
-        if bytes.len() != expected || !cols.is_multiple_of(32) {
+        if bytes.len() != expected || !cols.is_multiple_of(self.block_elems()) {
             return Err(QuantError::ByteLength {
                 what: format!("GGML {self:?} matrix {rows}×{cols}"),
                 expected,
                 got: bytes.len(),
             });
         }
-        let blocks = rows * cols / 32;
-        let scale =
-            |b: &[u8], at: usize| f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32();
+        let groups = rows * cols / 32;
         let mut p = PackedWeight {
             format,
             rows,
             cols,
             codes: Vec::with_capacity(rows * format.code_bytes(cols)),
-            scales: Vec::with_capacity(blocks),
-            offsets: (self == GgmlType::Q4_1).then(|| Vec::with_capacity(blocks)),
+            scales: Vec::with_capacity(groups),
+            offsets: None,
             block_scales: Vec::new(),
             global_scale: 1.0,
         };
         for b in bytes.chunks_exact(self.block_bytes()) {
-            p.scales.push(scale(b, 0));
-            match (self, p.offsets.as_mut()) {
-                (GgmlType::Q4_1, Some(o)) => {
-                    o.push(scale(b, 2));
-                    p.codes.extend_from_slice(&b[4..]);
-                }
-                _ => p.codes.extend_from_slice(&b[2..]),
-            }
+            pack::push_block(self, b, &mut p);
         }
         Ok(Some(p))
     }

@@ -15,7 +15,7 @@ const IQ4_VALUES: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
 ];
 
-fn f16_at(b: &[u8], at: usize) -> f32 {
+pub(crate) fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
 }
 
@@ -42,7 +42,7 @@ pub fn q4_1(b: &[u8], out: &mut Vec<f32>) {
 }
 
 /// The 5-bit code of element `j` of a Q5_0/Q5_1 block: low nibble from `qs`, fifth bit from `qh`.
-fn q5(qs: &[u8], qh: u32, j: usize) -> u8 {
+pub(crate) fn q5(qs: &[u8], qh: u32, j: usize) -> u8 {
     let low = if j < 16 {
         qs[j] & 0x0f
     } else {
@@ -102,7 +102,7 @@ pub fn q3_k(b: &[u8], out: &mut Vec<f32>) {
 }
 
 /// Q4_K's and Q5_K's 12 bytes of 6-bit scales and mins for 8 sub-blocks of 32.
-fn scale_min(s: &[u8], i: usize) -> (u8, u8) {
+pub(crate) fn scale_min(s: &[u8], i: usize) -> (u8, u8) {
     if i < 4 {
         (s[i] & 0x3f, s[4 + i] & 0x3f)
     } else {

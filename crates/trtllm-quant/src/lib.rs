@@ -12,6 +12,7 @@ mod error;
 mod format;
 pub mod ggml;
 mod ggml_blocks;
+mod ggml_pack;
 mod gptq;
 mod quantize;
 mod scaling;
