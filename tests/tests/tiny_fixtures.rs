@@ -3,8 +3,7 @@
 
 use anyhow::Result;
 use trtllm_api::builder::{build, BuildConfig};
-use trtllm_api::runtime::Device;
-use trtllm_api::runtime::{quant::DType, LogitsMode, Session};
+use trtllm_api::runtime::{quant::DType, Device, KvBudget, LogitsMode, SeqChunk, Session};
 use trtllm_api::{LlmArgs, Prompt, SamplingParams, LLM};
 use trtllm_tests::{
     check_case_logits, check_windowed_blocks, fixtures, max_abs_diff, read_json, FixtureGolden,
@@ -271,4 +270,25 @@ fn tiny_llama_dynamic_never_shares_prefix_blocks() -> Result<()> {
 #[test]
 fn tiny_gemma2_windowed_layers_hold_only_their_window() -> Result<()> {
     check_windowed_blocks(Device::Cpu)
+}
+
+/// A hand-made block table naming a block the pool lacks is an error, not a panic in the KV write.
+#[test]
+fn a_block_table_naming_a_missing_block_is_an_error() -> Result<()> {
+    let dir = fixtures().join("tiny-llama");
+    let out = tempfile::tempdir()?;
+    build(&dir, out.path(), &BuildConfig::default(), &mut |_, _, _| {})?;
+    let session = Session::open(out.path())?;
+    let runner = session.model_runner()?;
+    let mut pool = runner.new_pool(&KvBudget::single(4, 16))?;
+    let table: &[u32] = &[99];
+    let chunk = SeqChunk {
+        tokens: &[5, 6, 7],
+        past: 0,
+        blocks: &[table],
+        logits: LogitsMode::Last,
+    };
+    let e = runner.forward_batch(&[chunk], &mut pool).unwrap_err();
+    assert!(e.to_string().contains("block 99"), "{e}");
+    Ok(())
 }

@@ -210,7 +210,8 @@ impl ModelRunner {
     }
 
     /// One batched forward pass over chunks of several sequences sharing `pool` (the
-    /// scheduler's step). Checks token ids and that every chunk's block table covers it.
+    /// scheduler's step). Checks token ids, and that every chunk's block tables cover it and name
+    /// the pool's blocks wherever it reads or writes.
     pub fn forward_batch(&self, batch: &[SeqChunk<'_>], pool: &mut KvPool) -> Result<Vec<f32>> {
         for c in batch {
             if c.tokens.is_empty() {
@@ -225,20 +226,16 @@ impl ModelRunner {
                     limit: "max_seq_len",
                 });
             }
-            if c.blocks.len() != self.model().kv_groups().windows.len() {
+            let windows = self.model().kv_groups().windows;
+            if c.blocks.len() != windows.len() {
                 return Err(RuntimeError::InvalidKvConfig {
                     field: "block tables",
                     value: format!("{} per sequence", c.blocks.len()),
                     expected: "one per KV group of the model",
                 });
             }
-            for table in c.blocks {
-                if table.len() * pool.block_size() < end {
-                    return Err(RuntimeError::OutOfKvBlocks {
-                        needed: end.div_ceil(pool.block_size()) - table.len(),
-                        available: 0,
-                    });
-                }
+            for (g, (table, &window)) in c.blocks.iter().zip(&windows).enumerate() {
+                pool.check_table((g, window), table, (c.past, end))?;
             }
         }
         if batch.is_empty() {

@@ -177,6 +177,8 @@ pub struct KvPool {
     layers: Layers,
     block_size: usize,
     storage: KvStorage,
+    /// Blocks of each KV group, to check block tables against.
+    group_blocks: Vec<usize>,
 }
 
 impl KvPool {
@@ -202,7 +204,39 @@ impl KvPool {
             }),
             block_size: budget.block_size,
             storage,
+            group_blocks: budget.groups.iter().map(|g| g.blocks).collect(),
         })
+    }
+
+    /// Errors unless `table` (KV group `group`'s, whose layers see `window` keys) covers
+    /// positions up to `end` and names existing blocks wherever a query after `past` reads or
+    /// writes (entries before the window's start are never touched).
+    pub(crate) fn check_table(
+        &self,
+        (group, window): (usize, Option<usize>),
+        table: &[BlockId],
+        (past, end): (usize, usize),
+    ) -> Result<()> {
+        let bs = self.block_size;
+        if table.len() * bs < end {
+            return Err(crate::RuntimeError::OutOfKvBlocks {
+                needed: end.div_ceil(bs) - table.len(),
+                available: 0,
+            });
+        }
+        let blocks = self.group_blocks.get(group).copied().unwrap_or(0);
+        let first = window.map_or(0, |w| (past + 1).saturating_sub(w) / bs);
+        match table[first..end.div_ceil(bs)]
+            .iter()
+            .find(|&&b| b as usize >= blocks)
+        {
+            Some(&b) => Err(crate::RuntimeError::InvalidKvConfig {
+                field: "block table",
+                value: format!("block {b} in KV group {group}"),
+                expected: "ids of the pool's blocks",
+            }),
+            None => Ok(()),
+        }
     }
 
     pub fn bytes_per_token(model: &ModelConfig, storage: KvStorage) -> usize {
@@ -332,6 +366,7 @@ pub(crate) mod device {
                 }),
                 block_size: budget.block_size,
                 storage,
+                group_blocks: budget.groups.iter().map(|g| g.blocks).collect(),
             })
         }
 
