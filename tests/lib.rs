@@ -140,6 +140,24 @@ fn cached_model(env: &str, name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Where a test binary keeps an engine all its tests share: `name` under `root` (pass
+/// `env!("CARGO_TARGET_TMPDIR")`), emptied first and built by `build` once per run. A `TempDir`
+/// kept in a static is never dropped, so such engines used to pile up in /tmp run after run;
+/// this one is replaced by the next run instead.
+pub fn shared_engine(
+    root: &str,
+    name: &str,
+    checkpoint: &Path,
+    config: &BuildConfig,
+) -> Result<PathBuf> {
+    let dir = Path::new(root).join(name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| dir.display().to_string())?;
+    }
+    build(checkpoint, &dir, config, &mut |_, _, _| {})?;
+    Ok(dir)
+}
+
 /// Builds the SmolLM2 demo model into a fresh temporary engine directory.
 pub fn build_smollm2(config: &BuildConfig) -> Result<tempfile::TempDir> {
     let gguf = smollm2_gguf()?;

@@ -7,21 +7,23 @@ use std::sync::OnceLock;
 use anyhow::Result;
 use trtllm_api::builder::BuildConfig;
 use trtllm_api::{LlmArgs, Prompt, SamplingParams, StopReason, LLM};
-use trtllm_tests::{build_smollm2, fixtures, read_json, SmolCase, SmolGolden};
+use trtllm_tests::{fixtures, read_json, shared_engine, smollm2_gguf, SmolCase, SmolGolden};
 
 fn llm() -> &'static LLM {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
     static LLM: OnceLock<LLM> = OnceLock::new();
     let dir = DIR.get_or_init(|| {
-        build_smollm2(&BuildConfig {
+        let config = BuildConfig {
             max_seq_len: 1024,
             ..BuildConfig::default()
-        })
-        .expect("build SmolLM2 engine")
+        };
+        let gguf = smollm2_gguf().expect("demo model");
+        shared_engine(env!("CARGO_TARGET_TMPDIR"), "api-smollm2", &gguf, &config)
+            .expect("build SmolLM2 engine")
     });
     LLM.get_or_init(|| {
         LLM::new(LlmArgs {
-            model: dir.path().into(),
+            model: dir.clone(),
             ..Default::default()
         })
         .expect("open engine")

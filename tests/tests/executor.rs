@@ -12,19 +12,20 @@ use trtllm_api::executor::{
     IterationStats, RequestEvent, RequestStats, SchedulerConfig,
 };
 use trtllm_api::runtime::{FinishReason, GenerationOutput, GenerationParams, KvCacheEvent};
-use trtllm_tests::{build_smollm2, fixtures, read_json, SmolGolden};
+use trtllm_tests::{fixtures, read_json, shared_engine, smollm2_gguf, SmolGolden};
 
 fn engine_dir() -> &'static std::path::Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let cfg = BuildConfig {
             max_batch_size: 64,
             max_seq_len: 1024,
             ..Default::default()
         };
-        build_smollm2(&cfg).expect("build SmolLM2 engine")
+        let gguf = smollm2_gguf().expect("demo model");
+        shared_engine(env!("CARGO_TARGET_TMPDIR"), "executor-smollm2", &gguf, &cfg)
+            .expect("build SmolLM2 engine")
     })
-    .path()
 }
 
 fn golden() -> SmolGolden {

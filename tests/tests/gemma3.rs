@@ -6,9 +6,9 @@ use std::sync::OnceLock;
 
 use anyhow::{ensure, Result};
 use serde::Deserialize;
-use trtllm_api::builder::{build, BuildConfig};
+use trtllm_api::builder::BuildConfig;
 use trtllm_api::{LlmArgs, Prompt, SamplingParams, LLM};
-use trtllm_tests::{fixtures, gemma3_gguf, read_json};
+use trtllm_tests::{fixtures, gemma3_gguf, read_json, shared_engine};
 
 #[derive(Deserialize)]
 struct Golden {
@@ -34,28 +34,25 @@ fn golden() -> Golden {
     read_json(&fixtures().join("gemma3-270m.json")).expect("gemma3-270m.json")
 }
 
-type Engine = OnceLock<(tempfile::TempDir, LLM)>;
+type Engine = OnceLock<LLM>;
 
-fn open(engine: &'static Engine, config: BuildConfig) -> &'static LLM {
-    &engine
-        .get_or_init(|| {
-            let gguf = gemma3_gguf().expect("Gemma 3 GGUF");
-            let dir = tempfile::tempdir().expect("temp dir");
-            build(&gguf, dir.path(), &config, &mut |_, _, _| {}).expect("build Gemma 3");
-            let llm = LLM::new(LlmArgs {
-                model: dir.path().into(),
-                ..Default::default()
-            })
-            .expect("open Gemma 3");
-            (dir, llm)
+fn open(engine: &'static Engine, name: &str, config: BuildConfig) -> &'static LLM {
+    engine.get_or_init(|| {
+        let gguf = gemma3_gguf().expect("Gemma 3 GGUF");
+        let dir = shared_engine(env!("CARGO_TARGET_TMPDIR"), name, &gguf, &config)
+            .expect("build Gemma 3");
+        LLM::new(LlmArgs {
+            model: dir,
+            ..Default::default()
         })
-        .1
+        .expect("open Gemma 3")
+    })
 }
 
 /// The float32 engine most tests here share.
 fn llm() -> &'static LLM {
     static ENGINE: Engine = OnceLock::new();
-    open(&ENGINE, BuildConfig::default())
+    open(&ENGINE, "gemma3-f32", BuildConfig::default())
 }
 
 /// The engine that keeps the file's Q4_K, Q5_0 and Q8_0 weights packed (its Q6_K ones take the
@@ -66,7 +63,7 @@ fn kept() -> &'static LLM {
         keep_quantized: true,
         ..Default::default()
     };
-    open(&ENGINE, config)
+    open(&ENGINE, "gemma3-kept", config)
 }
 
 #[test]

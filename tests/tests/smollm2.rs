@@ -6,13 +6,17 @@ use std::sync::OnceLock;
 use anyhow::Result;
 use trtllm_api::builder::BuildConfig;
 use trtllm_api::{LlmArgs, Prompt, SamplingParams, LLM};
-use trtllm_tests::{build_smollm2, fixtures, read_json, SmolGolden};
+use trtllm_tests::{fixtures, read_json, shared_engine, smollm2_gguf, SmolGolden};
 
 /// One engine for the whole file: building takes seconds, not worth repeating per test.
 fn engine_dir() -> &'static std::path::Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| build_smollm2(&BuildConfig::default()).expect("build SmolLM2 engine"))
-        .path()
+    static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let gguf = smollm2_gguf().expect("demo model");
+        let config = BuildConfig::default();
+        shared_engine(env!("CARGO_TARGET_TMPDIR"), "smollm2", &gguf, &config)
+            .expect("build SmolLM2 engine")
+    })
 }
 
 fn golden() -> Result<SmolGolden> {
