@@ -24,7 +24,26 @@ pub enum Family {
     Gpt2,
 }
 
+/// Gemma 3's RoPE base on its sliding-window layers, where a config does not say.
+pub const GEMMA3_LOCAL_THETA: f32 = 10_000.0;
+
+/// Gemma's layer pattern: every `pattern`-th layer global, the others windowed (one flag per
+/// layer, true for windowed).
+pub fn gemma_sliding_layers(layers: usize, pattern: usize) -> Vec<bool> {
+    let pattern = pattern.max(1);
+    (0..layers).map(|i| (i + 1) % pattern != 0).collect()
+}
+
 impl Family {
+    /// Layers per Gemma pattern (one global among them) where a config does not say.
+    pub fn gemma_pattern(self) -> usize {
+        if self == Family::Gemma2 {
+            2
+        } else {
+            6
+        }
+    }
+
     pub fn is_gemma(self) -> bool {
         matches!(self, Family::Gemma2 | Family::Gemma3)
     }

@@ -11,7 +11,7 @@ use trtllm_runtime::{
     Features, LocalRope, MlpKind, ModelConfig, NormKind, PositionKind, RopeScaling,
 };
 
-use crate::family::{Family, SUPPORTED};
+use crate::family::{gemma_sliding_layers, Family, GEMMA3_LOCAL_THETA, SUPPORTED};
 use crate::{BuildError, Checkpoint, Result, Tensor};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -406,9 +406,9 @@ fn gemma3_features(mut m: ModelConfig) -> ModelConfig {
     f.qk_norm = true;
     f.post_norms = true;
     f.embed_scale = Some((m.hidden_size as f32).sqrt());
-    f.sliding_layers = (0..m.num_layers).map(|i| (i + 1) % 6 != 0).collect();
+    f.sliding_layers = gemma_sliding_layers(m.num_layers, Family::Gemma3.gemma_pattern());
     f.local_rope = Some(LocalRope {
-        theta: 10_000.0,
+        theta: GEMMA3_LOCAL_THETA,
         scaling: RopeScaling::None,
     });
     let scalar = match m.num_layers {

@@ -48,7 +48,6 @@ pub fn convert(gguf: &GgufFile) -> Result<(Json, Json)> {
     let name_of = |id: Option<usize>| id.and_then(|i| tokens.get(i)).cloned();
 
     let alphabet = byte_alphabet();
-    let in_alphabet = |t: &str| t.chars().all(|c| alphabet.contains(&c));
     let (parts, byte_level) = match model {
         "gpt2" => {
             let merges = strings("tokenizer.ggml.merges")?;
@@ -89,7 +88,7 @@ pub fn convert(gguf: &GgufFile) -> Result<(Json, Json)> {
         .enumerate()
         .filter_map(|(i, t)| {
             let special = match types.get(i) {
-                Some(&CONTROL) if !byte_level || in_alphabet(t) => true,
+                Some(&CONTROL) if !byte_level || in_alphabet(&alphabet, t) => true,
                 Some(&USER_DEFINED) if parts.model["vocab"].get(t.as_str()).is_some() => false,
                 _ => return None,
             };
@@ -168,12 +167,11 @@ fn pre_split(pre: &str) -> Option<Json> {
 
 /// A byte-level BPE vocabulary and the file's merges, with GPT-2's pre-tokenizer and decoder.
 fn byte_level_parts(tokens: &[String], merges: Vec<String>, alphabet: &[char]) -> Spm {
-    let in_alphabet = |t: &str| t.chars().all(|c| alphabet.contains(&c));
     let mut vocab = Map::new();
     for (i, t) in tokens.iter().enumerate() {
         // A token whose bytes llama.cpp could not spell byte-level comes back raw; respell it the
         // way the merges refer to it.
-        let key = if in_alphabet(t) {
+        let key = if in_alphabet(alphabet, t) {
             t.clone()
         } else {
             t.bytes().map(|b| alphabet[b as usize]).collect()
@@ -190,6 +188,11 @@ fn byte_level_parts(tokens: &[String], merges: Vec<String>, alphabet: &[char]) -
         decoder: json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
             "use_regex": true}),
     }
+}
+
+/// Whether `t` is spelled in the byte-level alphabet.
+fn in_alphabet(alphabet: &[char], t: &str) -> bool {
+    t.chars().all(|c| alphabet.contains(&c))
 }
 
 /// GPT-2's byte → printable character table.

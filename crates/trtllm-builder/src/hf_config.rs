@@ -6,7 +6,7 @@ use serde_json::Value;
 use trtllm_runtime::quant::DType;
 use trtllm_runtime::{Features, MlpKind, ModelConfig, MoeConfig, NormKind, PositionKind};
 
-use crate::family::{Family, SUPPORTED};
+use crate::family::{gemma_sliding_layers, Family, GEMMA3_LOCAL_THETA, SUPPORTED};
 use crate::hf_rope::{self, RopeDefaults};
 use crate::{BuildError, Result};
 
@@ -174,7 +174,7 @@ fn llama_like(f: &Fields, arch: &str, family: Family) -> Result<ModelConfig> {
                 Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe | Family::Gemma3 => 1_000_000.0,
                 _ => 10_000.0,
             },
-            local_theta: (family == Family::Gemma3).then_some(10_000.0),
+            local_theta: (family == Family::Gemma3).then_some(GEMMA3_LOCAL_THETA),
         },
     )?;
     let num_layers = f.usize("num_hidden_layers")?;
@@ -282,12 +282,8 @@ fn sliding(f: &Fields, family: Family, layers: usize) -> Result<(Option<usize>, 
         }
         // Older Gemma configs: every pattern-th layer global (Gemma 2 alternates).
         _ if family.is_gemma() => {
-            let default = if family == Family::Gemma2 { 2 } else { 6 };
-            let pattern = f
-                .opt_usize("sliding_window_pattern")?
-                .unwrap_or(default)
-                .max(1);
-            (0..layers).map(|i| (i + 1) % pattern != 0).collect()
+            let pattern = f.opt_usize("sliding_window_pattern")?;
+            gemma_sliding_layers(layers, pattern.unwrap_or(family.gemma_pattern()))
         }
         _ => Vec::new(),
     };

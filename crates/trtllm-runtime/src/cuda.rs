@@ -125,7 +125,7 @@ impl Backend for CudaBackend {
         let groups = &self.groups;
         let mut attention = Vec::with_capacity(groups.windows.len());
         for g in 0..groups.windows.len() {
-            let layer = groups.of_layer.iter().position(|&x| x == g).unwrap_or(0);
+            let layer = groups.first_layer(g);
             attention.push(self.dev.attention_batch(
                 &attention_seqs(batch, g),
                 (pool.layer(layer), block_size),

@@ -213,6 +213,7 @@ impl ModelRunner {
     /// scheduler's step). Checks token ids, and that every chunk's block tables cover it and name
     /// the pool's blocks wherever it reads or writes.
     pub fn forward_batch(&self, batch: &[SeqChunk<'_>], pool: &mut KvPool) -> Result<Vec<f32>> {
+        let windows = self.model().kv_groups().windows;
         for c in batch {
             if c.tokens.is_empty() {
                 return Err(RuntimeError::EmptyPrompt);
@@ -226,7 +227,6 @@ impl ModelRunner {
                     limit: "max_seq_len",
                 });
             }
-            let windows = self.model().kv_groups().windows;
             if c.blocks.len() != windows.len() {
                 return Err(RuntimeError::InvalidKvConfig {
                     field: "block tables",

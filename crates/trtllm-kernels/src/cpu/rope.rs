@@ -49,13 +49,13 @@ impl RopeTable {
             let key = self.scaling.set_key(len);
             let set = match keys.iter().position(|&k| k == key) {
                 Some(s) => s,
-                None if !self.depends_on_length() => {
-                    table.extend_from_slice(&self.inv_freq);
-                    keys.push(key);
-                    0
-                }
                 None => {
-                    table.extend(self.scaling.inv_freq(self.rotary_dim, self.theta, len));
+                    match self.depends_on_length() {
+                        true => {
+                            table.extend(self.scaling.inv_freq(self.rotary_dim, self.theta, len))
+                        }
+                        false => table.extend_from_slice(&self.inv_freq),
+                    }
                     keys.push(key);
                     keys.len() - 1
                 }

@@ -84,8 +84,7 @@ impl BlockGroup {
 
     /// The first block the query at position `pos` reads.
     pub fn first_needed(&self, pos: usize) -> usize {
-        self.window
-            .map_or(0, |w| (pos + 1).saturating_sub(w) / self.block_size)
+        super::first_block_read(self.window, pos, self.block_size)
     }
 
     /// The cached block with these contents, if any.

@@ -27,6 +27,12 @@ use crate::{ModelConfig, Result, RuntimeError};
 /// Index of a block in the pool.
 pub type BlockId = u32;
 
+/// The first block the query at position `pos` reads with a window of `window` keys (blocks
+/// before it are never touched again).
+pub(crate) fn first_block_read(window: Option<usize>, pos: usize, block_size: usize) -> usize {
+    window.map_or(0, |w| (pos + 1).saturating_sub(w) / block_size)
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct KvCacheConfig {
@@ -100,8 +106,7 @@ impl KvCacheConfig {
             Some(t) => t,
             None => {
                 let wanted = build.max_batch_size.max(1) * build.max_seq_len;
-                let per_layer = KvPool::bytes_per_token(model, KvStorage::of(build)) as f64
-                    / model.num_layers as f64;
+                let per_layer = KvPool::bytes_per_layer_token(model, KvStorage::of(build)) as f64;
                 let layers = groups.layers();
                 let per_token: f64 = groups
                     .windows
@@ -224,6 +229,11 @@ pub struct KvGroups {
 }
 
 impl KvGroups {
+    /// The lowest layer of group `g` (one whose pool shows the group's shape).
+    pub fn first_layer(&self, g: usize) -> usize {
+        self.of_layer.iter().position(|&x| x == g).unwrap_or(0)
+    }
+
     /// Layers per group.
     pub fn layers(&self) -> Vec<usize> {
         let mut n = vec![0; self.windows.len()];

@@ -225,7 +225,7 @@ impl KvPool {
             });
         }
         let blocks = self.group_blocks.get(group).copied().unwrap_or(0);
-        let first = window.map_or(0, |w| (past + 1).saturating_sub(w) / bs);
+        let first = super::first_block_read(window, past, bs);
         match table[first..end.div_ceil(bs)]
             .iter()
             .find(|&&b| b as usize >= blocks)
@@ -239,13 +239,14 @@ impl KvPool {
         }
     }
 
-    pub fn bytes_per_token(model: &ModelConfig, storage: KvStorage) -> usize {
-        let per_layer = match storage {
+    /// Bytes of one token's key and value in one layer.
+    pub fn bytes_per_layer_token(model: &ModelConfig, storage: KvStorage) -> usize {
+        let per_side = match storage {
             KvStorage::F32 => model.kv_dim() * 4,
             KvStorage::Bf16 | KvStorage::F16 => model.kv_dim() * 2,
             KvStorage::Int8 | KvStorage::Fp8 => model.kv_dim() + model.num_kv_heads * 4,
         };
-        2 * model.num_layers * per_layer
+        2 * per_side
     }
 
     pub fn block_size(&self) -> usize {
