@@ -11,11 +11,17 @@
 struct Int8W {
     const signed char* q;
     const float* scales;
+    const float* offsets;  // null: none
     int k, group, groups;
     __device__ void load4(int r, int c, float* o) const {
         const char4 v = *reinterpret_cast<const char4*>(q + (size_t)r * k + c);
-        const float s = scales[(size_t)r * groups + c / group];
+        const size_t g = (size_t)r * groups + c / group;
+        const float s = scales[g];
         o[0] = v.x * s; o[1] = v.y * s; o[2] = v.z * s; o[3] = v.w * s;
+        if (offsets) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) o[j] += offsets[g];
+        }
     }
 };
 
@@ -175,8 +181,8 @@ __device__ void gemm(const W& w, const float* __restrict__ x, const float* __res
         gemm(MAKE, x, bias, y, m, n, k);                                                          \
     }
 
-ENTRY(int8, (Int8W{q, scales, k, group, (k + group - 1) / group}), const signed char* q, const float* scales,
-      int group)
+ENTRY(int8, (Int8W{q, scales, offsets, k, group, (k + group - 1) / group}), const signed char* q,
+      const float* scales, const float* offsets, int group)
 ENTRY(int4, (Int4W{q, scales, offsets, k, group, (k + group - 1) / group}), const unsigned char* q,
       const float* scales, const float* offsets, int group)
 ENTRY(fp8, (Fp8W{q, scales, k}), const unsigned char* q, const float* scales)

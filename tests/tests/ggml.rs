@@ -102,7 +102,9 @@ fn packed_imports_keep_the_reference_values_bit_for_bit() -> Result<()> {
         kept.push(t);
     }
     use GgmlType::*;
-    for t in [Q4_0, Q4_1, Q5_0, Q8_0, Q4_K] {
+    for t in [
+        Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS,
+    ] {
         ensure!(kept.contains(&t), "{t:?} was not kept packed");
     }
     Ok(())

@@ -21,6 +21,7 @@ fn main() {
                 WeightData::Int8(Int8Weights {
                     q: &q8,
                     scales: &s_row,
+                    offsets: None,
                     group: k,
                 }),
                 n * k,

@@ -14,8 +14,13 @@ use crate::{QuantError, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum WeightFormat {
-    /// int8, one scale per `group` values of a row (`group == cols`: per channel).
-    Int8 { group: usize },
+    /// int8, one scale (and offset with a zero point) per `group` values of a row
+    /// (`group == cols`: per channel).
+    Int8 {
+        group: usize,
+        #[serde(default)]
+        zero_point: bool,
+    },
     /// 4-bit, one scale (and offset with a zero point) per `group` values.
     Int4 { group: usize, zero_point: bool },
     /// FP8 E4M3, one scale per row.
@@ -46,7 +51,9 @@ impl WeightFormat {
     /// f32 scales per row (NVFP4 keeps its block scales as bytes instead).
     pub fn scales_per_row(self, cols: usize) -> usize {
         match self {
-            WeightFormat::Int8 { group } | WeightFormat::Int4 { group, .. } => cols.div_ceil(group),
+            WeightFormat::Int8 { group, .. } | WeightFormat::Int4 { group, .. } => {
+                cols.div_ceil(group)
+            }
             WeightFormat::Fp8 | WeightFormat::W8A8 => 1,
             WeightFormat::Nvfp4 => 0,
         }
@@ -54,14 +61,32 @@ impl WeightFormat {
 
     pub fn describe(self) -> String {
         match self {
-            WeightFormat::Int8 { group } => format!("int8 g{group}"),
-            WeightFormat::Int4 { group, zero_point } => {
-                format!("int4 g{group}{}", if zero_point { " zp" } else { "" })
+            WeightFormat::Int8 { group, zero_point } | WeightFormat::Int4 { group, zero_point } => {
+                let bits = if matches!(self, WeightFormat::Int8 { .. }) {
+                    8
+                } else {
+                    4
+                };
+                format!("int{bits} g{group}{}", if zero_point { " zp" } else { "" })
             }
             WeightFormat::Fp8 => "fp8 e4m3".into(),
             WeightFormat::Nvfp4 => "nvfp4".into(),
             WeightFormat::W8A8 => "w8a8".into(),
         }
+    }
+
+    /// Whether the format stores an offset per group beside its scale.
+    pub fn has_offsets(self) -> bool {
+        matches!(
+            self,
+            WeightFormat::Int8 {
+                zero_point: true,
+                ..
+            } | WeightFormat::Int4 {
+                zero_point: true,
+                ..
+            }
+        )
     }
 
     /// Whether a `cols`-wide matrix can be stored in this format.
@@ -107,14 +132,16 @@ impl<'a> PackedRef<'a> {
     pub fn view(&self) -> WeightData<'a> {
         let i8s: &[i8] = bytemuck::cast_slice(self.codes);
         match self.format {
-            WeightFormat::Int8 { group } => WeightData::Int8(Int8Weights {
+            WeightFormat::Int8 { group, .. } => WeightData::Int8(Int8Weights {
                 q: i8s,
                 scales: self.scales,
+                offsets: self.offsets,
                 group,
             }),
             WeightFormat::W8A8 => WeightData::W8A8(Int8Weights {
                 q: i8s,
                 scales: self.scales,
+                offsets: None,
                 group: self.codes.len() / self.scales.len().max(1),
             }),
             WeightFormat::Int4 { group, .. } => WeightData::Int4(Int4Weights {
@@ -286,7 +313,7 @@ pub fn quantize_rtn(
 ) -> Result<PackedWeight> {
     format.check_cols(cols)?;
     let group = match format {
-        WeightFormat::Int8 { group } | WeightFormat::Int4 { group, .. } => group.min(cols),
+        WeightFormat::Int8 { group, .. } | WeightFormat::Int4 { group, .. } => group.min(cols),
         WeightFormat::W8A8 => cols,
         WeightFormat::Fp8 => return Ok(quantize_fp8(w, rows, cols)),
         WeightFormat::Nvfp4 => return Ok(quantize_nvfp4(w, rows, cols)),
@@ -362,7 +389,13 @@ mod tests {
         let w = sample(rows * cols);
         let amax = 0.62;
         for (format, step) in [
-            (WeightFormat::Int8 { group: 32 }, 2.0 * amax / 254.0),
+            (
+                WeightFormat::Int8 {
+                    group: 32,
+                    zero_point: false,
+                },
+                2.0 * amax / 254.0,
+            ),
             (WeightFormat::W8A8, 2.0 * amax / 254.0),
             (
                 WeightFormat::Int4 {
@@ -392,7 +425,16 @@ mod tests {
                 step / 2.0
             );
         }
-        assert!(quantize_rtn(WeightFormat::Int8 { group: 32 }, &w[..40], 1, 40).is_err());
+        assert!(quantize_rtn(
+            WeightFormat::Int8 {
+                group: 32,
+                zero_point: false,
+            },
+            &w[..40],
+            1,
+            40
+        )
+        .is_err());
     }
 
     #[test]

@@ -191,7 +191,7 @@ impl GgmlType {
 
 impl GgmlType {
     /// The same values in the engine's native packed format, without loss (see `ggml_pack`);
-    /// None for the float types and the block layouts without one. `bytes` hold a
+    /// None for the float types. `bytes` hold a
     /// `rows × cols` matrix, row by row.
     pub fn to_packed(self, bytes: &[u8], rows: usize, cols: usize) -> Result<Option<PackedWeight>> {
         let Some(format) = pack::format_of(self) else {

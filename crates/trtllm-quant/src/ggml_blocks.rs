@@ -11,7 +11,7 @@ use half::f16;
 pub const QK_K: usize = 256;
 
 /// IQ4_NL's and IQ4_XS's non-linear 4-bit code book.
-const IQ4_VALUES: [i8; 16] = [
+pub(crate) const IQ4_VALUES: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
 ];
 
@@ -70,35 +70,48 @@ pub fn q5_1(b: &[u8], out: &mut Vec<f32>) {
 /// Q2_K: 16 scale bytes (low nibble scale, high nibble min), 64 bytes of 2-bit codes, `d`,
 /// `dmin`; value `d·sc·q − dmin·m` per sub-block of 16.
 pub fn q2_k(b: &[u8], out: &mut Vec<f32>) {
-    let (scales, qs) = (&b[0..16], &b[16..80]);
-    let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
     for e in 0..QK_K {
-        let (half, shift, l) = (e / 128, (e % 128) / 32, e % 32);
-        let q = (qs[half * 32 + l] >> (2 * shift)) & 3;
-        let s = scales[e / 16];
-        let dl = d * (s & 0x0f) as f32;
-        let ml = dmin * (s >> 4) as f32;
-        out.push(dl * q as f32 - ml);
+        let (dl, ml) = q2_k_scale_min(b, e / 16);
+        out.push(dl * q2_k_code(b, e) as f32 - ml);
     }
+}
+
+/// The 2-bit code of element `e` of a Q2_K block.
+pub(crate) fn q2_k_code(b: &[u8], e: usize) -> u8 {
+    let (half, shift, l) = (e / 128, (e % 128) / 32, e % 32);
+    (b[16 + half * 32 + l] >> (2 * shift)) & 3
+}
+
+/// `d·sc` and `dmin·m` of sub-block `i` of a Q2_K block.
+pub(crate) fn q2_k_scale_min(b: &[u8], i: usize) -> (f32, f32) {
+    let s = b[i];
+    let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+    (d * (s & 0x0f) as f32, dmin * (s >> 4) as f32)
 }
 
 /// Q3_K: 32 bytes of high-bit masks, 64 bytes of 2-bit codes, 12 bytes of 6-bit scales, `d`;
 /// value `d·(sc − 32)·(q − 4·(1 − h))` per sub-block of 16.
 pub fn q3_k(b: &[u8], out: &mut Vec<f32>) {
-    let (hmask, qs, sc) = (&b[0..32], &b[32..96], &b[96..108]);
-    let d = f16_at(b, 108);
-    let scale = |i: usize| {
-        let low = if i < 8 { sc[i] & 0x0f } else { sc[i - 8] >> 4 };
-        let high = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
-        ((low | (high << 4)) as i8 - 32) as f32
-    };
     for e in 0..QK_K {
-        let (half, shift, l) = (e / 128, (e % 128) / 32, e % 32);
-        let low = (qs[half * 32 + l] >> (2 * shift)) & 3;
-        let h = ((hmask[l] >> (e / 32)) & 1) ^ 1;
-        let q = (low as i8 - (h << 2) as i8) as f32;
-        out.push(d * scale(e / 16) * q);
+        out.push(q3_k_scale(b, e / 16) * q3_k_code(b, e) as f32);
     }
+}
+
+/// The signed 3-bit code (−4..3) of element `e` of a Q3_K block.
+pub(crate) fn q3_k_code(b: &[u8], e: usize) -> i8 {
+    let (hmask, qs) = (&b[0..32], &b[32..96]);
+    let (half, shift, l) = (e / 128, (e % 128) / 32, e % 32);
+    let low = (qs[half * 32 + l] >> (2 * shift)) & 3;
+    let h = ((hmask[l] >> (e / 32)) & 1) ^ 1;
+    low as i8 - (h << 2) as i8
+}
+
+/// `d·(sc − 32)` of sub-block `i` of a Q3_K block.
+pub(crate) fn q3_k_scale(b: &[u8], i: usize) -> f32 {
+    let sc = &b[96..108];
+    let low = if i < 8 { sc[i] & 0x0f } else { sc[i - 8] >> 4 };
+    let high = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
+    f16_at(b, 108) * ((low | (high << 4)) as i8 - 32) as f32
 }
 
 /// Q4_K's and Q5_K's 12 bytes of 6-bit scales and mins for 8 sub-blocks of 32.
@@ -134,30 +147,40 @@ pub fn q4_k(b: &[u8], out: &mut Vec<f32>) {
 /// Q5_K: Q4_K with a fifth bit per value from 32 bytes of high bits.
 pub fn q5_k(b: &[u8], out: &mut Vec<f32>) {
     let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-    let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
     for sub in 0..8 {
-        let (sc, m) = scale_min(scales, sub);
+        let (sc, m) = scale_min(&b[4..16], sub);
         let (dl, ml) = (d * sc as f32, dmin * m as f32);
-        let (bytes, shift) = (&qs[(sub / 2) * 32..][..32], 4 * (sub % 2));
-        out.extend(bytes.iter().zip(qh).map(|(&q, &h)| {
-            let q = ((q >> shift) & 0x0f) | (((h >> sub) & 1) << 4);
-            dl * q as f32 - ml
-        }));
+        out.extend((0..32).map(|l| dl * q5_k_code(b, sub, l) as f32 - ml));
     }
+}
+
+/// The 5-bit code of element `l` of sub-block `sub` of a Q5_K block.
+pub(crate) fn q5_k_code(b: &[u8], sub: usize, l: usize) -> u8 {
+    let (qh, qs) = (&b[16..48], &b[48..176]);
+    let q = qs[(sub / 2) * 32 + l] >> (4 * (sub % 2));
+    (q & 0x0f) | (((qh[l] >> sub) & 1) << 4)
 }
 
 /// Q6_K: 128 bytes of low nibbles, 64 bytes of 2-bit highs, 16 signed scales, `d`; value
 /// `d·sc·(q − 32)` per sub-block of 16.
 pub fn q6_k(b: &[u8], out: &mut Vec<f32>) {
-    let (ql, qh, scales) = (&b[0..128], &b[128..192], &b[192..208]);
-    let d = f16_at(b, 208);
     for e in 0..QK_K {
-        let (half, rest) = (e / 128, e % 128);
-        let low = (ql[half * 64 + rest % 64] >> (4 * (rest / 64))) & 0x0f;
-        let high = (qh[half * 32 + rest % 32] >> (2 * (rest / 32))) & 3;
-        let q = ((low | (high << 4)) as i8 - 32) as f32;
-        out.push(d * scales[e / 16] as i8 as f32 * q);
+        out.push(q6_k_scale(b, e / 16) * q6_k_code(b, e) as f32);
     }
+}
+
+/// The signed 6-bit code (−32..31) of element `e` of a Q6_K block.
+pub(crate) fn q6_k_code(b: &[u8], e: usize) -> i8 {
+    let (ql, qh) = (&b[0..128], &b[128..192]);
+    let (half, rest) = (e / 128, e % 128);
+    let low = (ql[half * 64 + rest % 64] >> (4 * (rest / 64))) & 0x0f;
+    let high = (qh[half * 32 + rest % 32] >> (2 * (rest / 32))) & 3;
+    (low | (high << 4)) as i8 - 32
+}
+
+/// `d·sc` of sub-block `i` of a Q6_K block.
+pub(crate) fn q6_k_scale(b: &[u8], i: usize) -> f32 {
+    f16_at(b, 208) * b[192 + i] as i8 as f32
 }
 
 /// IQ4_NL: `d` and 16 bytes of indices into the non-linear code book.
@@ -174,14 +197,9 @@ pub fn iq4_nl(b: &[u8], out: &mut Vec<f32>) {
 /// IQ4_XS: `d`, 6-bit sub-block scales (2 high bits each in a u16, 4 low in nibbles), 128
 /// bytes of code-book indices; value `d·(sc − 32)·kvalue` per sub-block of 32.
 pub fn iq4_xs(b: &[u8], out: &mut Vec<f32>) {
-    let d = f16_at(b, 0);
-    let scales_h = u16::from_le_bytes([b[2], b[3]]);
-    let (scales_l, qs) = (&b[4..8], &b[8..136]);
     for sub in 0..8 {
-        let low = (scales_l[sub / 2] >> (4 * (sub % 2))) & 0x0f;
-        let high = ((scales_h >> (2 * sub)) as u8) & 3;
-        let dl = d * ((low | (high << 4)) as i8 - 32) as f32;
-        let bytes = &qs[sub * 16..][..16];
+        let dl = iq4_xs_scale(b, sub);
+        let bytes = &b[8 + sub * 16..][..16];
         out.extend(
             bytes
                 .iter()
@@ -193,4 +211,12 @@ pub fn iq4_xs(b: &[u8], out: &mut Vec<f32>) {
                 .map(|&q| dl * IQ4_VALUES[(q >> 4) as usize] as f32),
         );
     }
+}
+
+/// `d·(sc − 32)` of sub-block `sub` of an IQ4_XS block.
+pub(crate) fn iq4_xs_scale(b: &[u8], sub: usize) -> f32 {
+    let scales_h = u16::from_le_bytes([b[2], b[3]]);
+    let low = (b[4 + sub / 2] >> (4 * (sub % 2))) & 0x0f;
+    let high = ((scales_h >> (2 * sub)) as u8) & 3;
+    f16_at(b, 0) * ((low | (high << 4)) as i8 - 32) as f32
 }

@@ -25,7 +25,7 @@ pub fn quantize_gptq(
     format.check_cols(cols)?;
     let (bits, zero_point, group) = match format {
         WeightFormat::Int4 { group, zero_point } => (4, zero_point, group.min(cols)),
-        WeightFormat::Int8 { group } => (8, false, group.min(cols)),
+        WeightFormat::Int8 { group, .. } => (8, false, group.min(cols)),
         other => {
             return Err(QuantError::Shape(format!(
                 "GPTQ produces int4/int8 weights, not {}",
@@ -294,7 +294,10 @@ mod tests {
                 group: 64,
                 zero_point: false,
             },
-            WeightFormat::Int8 { group: cols },
+            WeightFormat::Int8 {
+                group: cols,
+                zero_point: false,
+            },
         ] {
             let g = quantize_gptq(format, &w, rows, cols, &h).unwrap();
             let r = quantize_rtn(format, &w, rows, cols).unwrap();

@@ -188,12 +188,18 @@ impl<'a> Quantizer<'a> {
         let head = name == LM_HEAD;
         Some(match cfg.quant_algo {
             QuantAlgo::Fp8 => WeightFormat::Fp8,
-            _ if head => WeightFormat::Int8 { group: cols },
+            _ if head => WeightFormat::Int8 {
+                group: cols,
+                zero_point: false,
+            },
             QuantAlgo::W4A16 | QuantAlgo::W4A16Awq | QuantAlgo::W4A16Gptq => WeightFormat::Int4 {
                 group: cfg.group_size.min(cols),
                 zero_point: cfg.has_zero_point,
             },
-            QuantAlgo::W8A16 | QuantAlgo::W8A16Gptq => WeightFormat::Int8 { group: cols },
+            QuantAlgo::W8A16 | QuantAlgo::W8A16Gptq => WeightFormat::Int8 {
+                group: cols,
+                zero_point: false,
+            },
             QuantAlgo::W8A8SqPerChannel => WeightFormat::W8A8,
             QuantAlgo::Nvfp4 => WeightFormat::Nvfp4,
             QuantAlgo::NoQuant | QuantAlgo::Int8 | QuantAlgo::MixedPrecision => return None,

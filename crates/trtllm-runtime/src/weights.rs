@@ -102,13 +102,7 @@ impl Weight {
                 let need = |suffix: &str, shape: &[usize]| {
                     tensor(file, &format!("{prefix}.{suffix}"), shape).map(Some)
                 };
-                let zero_point = matches!(
-                    format,
-                    WeightFormat::Int4 {
-                        zero_point: true,
-                        ..
-                    }
-                );
+                let zero_point = format.has_offsets();
                 let nvfp4 = format == WeightFormat::Nvfp4;
                 Some(Packed {
                     format,

@@ -45,6 +45,13 @@ impl WeightData<'_> {
             WeightData::Int8(w) => w.check(rows, cols),
             WeightData::W8A8(w) => {
                 w.check(rows, cols)?;
+                // The integer kernel has no term for a zero point.
+                check_len(
+                    "W8A8 weights",
+                    "offsets",
+                    w.offsets.map_or(0, <[f32]>::len),
+                    0,
+                )?;
                 check_len("W8A8 weights", "scales (one per row)", w.scales.len(), rows)
             }
             WeightData::Int4(w) => w.check(rows, cols),

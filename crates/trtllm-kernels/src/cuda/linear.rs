@@ -32,6 +32,7 @@ pub enum DeviceWeights {
     Int8 {
         q: CudaSlice<i8>,
         scales: CudaSlice<f32>,
+        offsets: Option<CudaSlice<f32>>,
         group: usize,
     },
     Int4 {
@@ -116,7 +117,7 @@ fn arg_out<'a>(
     b.arg(y).arg(m).arg(n).arg(k);
 }
 
-/// Pushes an optional buffer (a bias, int4 offsets), or a null pointer for none.
+/// Pushes an optional buffer (a bias, int8/int4 offsets), or a null pointer for none.
 fn arg_opt<'a>(b: &mut LaunchArgs<'a>, buf: Option<&'a CudaSlice<f32>>) {
     const NULL: u64 = 0;
     match buf {
@@ -155,7 +156,13 @@ impl CudaDevice {
         let g = int("group", group)?;
         let mut b = self.builder(kernel)?;
         match w {
-            DeviceWeights::Int8 { q, scales, .. } => b.arg(q).arg(scales).arg(&g),
+            DeviceWeights::Int8 {
+                q, scales, offsets, ..
+            } => {
+                b.arg(q).arg(scales);
+                arg_opt(&mut b, offsets.as_ref());
+                b.arg(&g)
+            }
             DeviceWeights::Int4 {
                 q, scales, offsets, ..
             } => {
@@ -357,9 +364,18 @@ fn check_weights(w: &DeviceWeights, n: usize, k: usize) -> Result<()> {
     let op = "cuda linear";
     let groups = |g: usize| check_group(op, g).map(|_| n * groups(k, g));
     match w {
-        DeviceWeights::Int8 { q, scales, group } => {
+        DeviceWeights::Int8 {
+            q,
+            scales,
+            offsets,
+            group,
+        } => {
             check_len(op, "int8 codes", q.len(), n * k)?;
-            check_len(op, "int8 scales", scales.len(), groups(*group)?)
+            let g = groups(*group)?;
+            check_len(op, "int8 scales", scales.len(), g)?;
+            offsets
+                .as_ref()
+                .map_or(Ok(()), |o| check_len(op, "int8 offsets", o.len(), g))
         }
         DeviceWeights::Int4 {
             q,

@@ -41,6 +41,7 @@ impl CudaDevice {
             WeightData::Int8(w) => DeviceData::Packed(DeviceWeights::Int8 {
                 q: self.upload(w.q)?,
                 scales: self.upload(w.scales)?,
+                offsets: w.offsets.map(|o| self.upload(o)).transpose()?,
                 group: w.group,
             }),
             WeightData::Int4(w) => DeviceData::Packed(DeviceWeights::Int4 {

@@ -23,10 +23,11 @@ use crate::cpu::simd::Isa;
 
 /// What the tile driver needs of a format beyond [`QuantRows`].
 pub(crate) trait BlockDot: QuantRows {
+    /// Values per scale group in a `cols`-wide row: a whole number of blocks, or 16 (half a
+    /// 32-value block: the codes [`BlockDot::visit_block`] hands over 16 at a time).
+    fn group_len(&self, cols: usize) -> usize;
     /// Whether [`BlockDot::offset`] can be non-zero.
-    const HAS_OFFSET: bool;
-    /// Blocks per scale group in a `cols`-wide row.
-    fn group_blocks(&self, cols: usize) -> usize;
+    fn has_offset(&self) -> bool;
     /// Hands block `b` of row `r` to `v` as vectors of codes, in the units `scale` expects.
     unsafe fn visit_block<V: Visit>(&self, r: usize, cols: usize, b: usize, v: &mut V);
     /// Address of block `b` of row `r`, for prefetching only: it may lie past the matrix.
@@ -69,27 +70,61 @@ impl<L: Lanes> Visit for Dot<L> {
     }
 }
 
-/// `out[i] = code_i · scale + offset` over a block.
+/// `acc[h] + scale[h] · Σ x[i] · code_i` over a block whose halves `h` (16 values each) are
+/// groups of their own: a chain per half, so the two scale multiplications do not queue.
+struct SplitDot<L: Lanes> {
+    x: *const f32,
+    acc: [L::V; 2],
+    scale: [L::V; 2],
+}
+
+impl<L: Lanes> SplitDot<L> {
+    #[inline(always)]
+    unsafe fn fold(&mut self, at: usize, dot: L::V) {
+        let h = at / 16;
+        self.acc[h] = L::fmadd(dot, self.scale[h], self.acc[h]);
+    }
+}
+
+impl<L: Lanes> Visit for SplitDot<L> {
+    #[inline(always)]
+    unsafe fn i8x16(&mut self, at: usize, codes: __m128i) {
+        self.fold(at, L::dot_i8x16(self.x.add(at), codes, L::zero()));
+    }
+    #[inline(always)]
+    unsafe fn u8x16(&mut self, at: usize, codes: __m128i) {
+        self.fold(at, L::dot_u8x16(self.x.add(at), codes, L::zero()));
+    }
+    #[inline(always)]
+    unsafe fn f16x16(&mut self, at: usize, h: __m256i) {
+        self.fold(at, L::dot_f16x16(self.x.add(at), h, L::zero()));
+    }
+}
+
+/// `out[i] = code_i · scale + offset` over a block, with the scale and offset of the half
+/// (16 values) it lies in; both halves alike unless groups are 16 values.
 struct Dequant<L> {
     out: *mut f32,
-    scale: f32,
-    offset: f32,
+    scale: [f32; 2],
+    offset: [f32; 2],
     lanes: std::marker::PhantomData<L>,
 }
 
 impl<L: Lanes> Visit for Dequant<L> {
     #[inline(always)]
     unsafe fn i8x16(&mut self, at: usize, codes: __m128i) {
-        L::dequant_i8x16(self.out.add(at), codes, self.scale, self.offset);
+        let h = at / 16;
+        L::dequant_i8x16(self.out.add(at), codes, self.scale[h], self.offset[h]);
     }
     #[inline(always)]
     unsafe fn u8x16(&mut self, at: usize, codes: __m128i) {
-        L::dequant_u8x16(self.out.add(at), codes, self.scale, self.offset);
+        let h = at / 16;
+        L::dequant_u8x16(self.out.add(at), codes, self.scale[h], self.offset[h]);
     }
     #[inline(always)]
     unsafe fn f16x16(&mut self, at: usize, h: __m256i) {
         // Formats with f16 codes have no offset.
-        L::dequant_f16x16(self.out.add(at), h, self.scale);
+        L::dequant_f16x16(self.out.add(at), h, self.scale[at / 16]);
     }
 }
 
@@ -130,77 +165,144 @@ unsafe fn columns_avx512<W: BlockDot>(w: &W, p: &Problem<'_>, cols: Range<usize>
 #[inline(always)]
 unsafe fn rows<L: Lanes, W: BlockDot>(w: &W, p: &Problem<'_>, cols: Range<usize>, out: OutPtr) {
     let k = p.k;
-    let gb = w.group_blocks(k);
-    let ng = (k / W::BLOCK).div_ceil(gb);
-    let mut xsum = vec![0f32; if W::HAS_OFFSET { ng } else { 0 }];
+    let gl = w.group_len(k);
+    let mut xsum = vec![0f32; if w.has_offset() { k.div_ceil(gl) } else { 0 }];
     for i in 0..p.m {
         let x = &p.x[i * k..(i + 1) * k];
         for (g, s) in xsum.iter_mut().enumerate() {
-            let span = g * gb * W::BLOCK..((g + 1) * gb * W::BLOCK).min(k);
-            *s = x[span].iter().sum();
+            *s = x[g * gl..((g + 1) * gl).min(k)].iter().sum();
         }
+        let t = Tile {
+            w,
+            p,
+            x,
+            xsum: &xsum,
+            i,
+        };
         let mut j = cols.start;
         if p.tactic.wide_tiles {
             while j + 8 <= cols.end {
-                tile::<L, W, 8>(w, p, x, &xsum, i, j, out);
+                t.run::<L, 8>(j, out);
                 j += 8;
             }
         }
         while j + R <= cols.end {
-            tile::<L, W, R>(w, p, x, &xsum, i, j, out);
+            t.run::<L, R>(j, out);
             j += R;
         }
         for j in j..cols.end {
-            tile::<L, W, 1>(w, p, x, &xsum, i, j, out);
+            t.run::<L, 1>(j, out);
         }
     }
 }
 
-#[inline(always)]
-unsafe fn tile<L: Lanes, W: BlockDot, const N: usize>(
-    w: &W,
-    p: &Problem<'_>,
-    x: &[f32],
-    xsum: &[f32],
+/// One activation row against the weight rows of a tile.
+struct Tile<'a, W> {
+    w: &'a W,
+    p: &'a Problem<'a>,
+    x: &'a [f32],
+    /// The activation row's sum per scale group (formats with offsets only).
+    xsum: &'a [f32],
+    /// The activation row.
     i: usize,
-    j: usize,
-    out: OutPtr,
-) {
-    let k = p.k;
-    let nb = k / W::BLOCK;
-    let gb = w.group_blocks(k);
-    let ng = nb.div_ceil(gb);
-    let xp = x.as_ptr();
-    let mut acc = [L::zero(); N];
-    let mut off = [0f32; N];
-    let mut b = 0;
-    let mut g = 0;
-    while b < nb {
-        let end = (b + gb).min(nb);
-        let mut part = [L::zero(); N];
-        for blk in b..end {
-            let xb = xp.add(blk * W::BLOCK);
-            for (r, a) in part.iter_mut().enumerate() {
-                let ahead = w.block_addr(j + r + p.tactic.prefetch_rows, k, blk);
-                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
-                let mut dot = Dot::<L> { x: xb, acc: *a };
-                w.visit_block(j + r, k, blk, &mut dot);
-                *a = dot.acc;
-            }
-        }
+}
+
+impl<W: BlockDot> Tile<'_, W> {
+    /// Output columns `j..j + N` of row `i`.
+    #[inline(always)]
+    unsafe fn run<L: Lanes, const N: usize>(&self, j: usize, out: OutPtr) {
+        let (w, p) = (self.w, self.p);
+        let gl = w.group_len(p.k);
+        let ng = p.k.div_ceil(gl);
+        let (acc, off) = if gl < W::BLOCK {
+            self.split_groups::<L, N>(j, ng)
+        } else {
+            self.whole_groups::<L, N>(j, ng, gl / W::BLOCK)
+        };
         for r in 0..N {
-            acc[r] = L::fmadd(part[r], L::splat(w.scale(j + r, ng, g)), acc[r]);
-            if W::HAS_OFFSET {
-                off[r] += w.offset(j + r, ng, g) * xsum[g];
+            let bias = p.bias.map_or(0.0, |bias| bias[j + r]);
+            *out.0.add(self.i * p.n + j + r) = L::hsum(acc[r]) + off[r] + bias;
+        }
+    }
+
+    /// Groups of `gb` whole blocks: per group, the rows' raw sums side by side, then scaled.
+    #[inline(always)]
+    unsafe fn whole_groups<L: Lanes, const N: usize>(
+        &self,
+        j: usize,
+        ng: usize,
+        gb: usize,
+    ) -> ([L::V; N], [f32; N]) {
+        let w = self.w;
+        let (k, ahead) = (self.p.k, self.p.tactic.prefetch_rows);
+        let (nb, has_offset) = (k / W::BLOCK, w.has_offset());
+        let xp = self.x.as_ptr();
+        let mut acc = [L::zero(); N];
+        let mut off = [0f32; N];
+        let mut b = 0;
+        let mut g = 0;
+        while b < nb {
+            let end = (b + gb).min(nb);
+            let mut part = [L::zero(); N];
+            for blk in b..end {
+                let xb = xp.add(blk * W::BLOCK);
+                for (r, a) in part.iter_mut().enumerate() {
+                    prefetch(w.block_addr(j + r + ahead, k, blk));
+                    let mut dot = Dot::<L> { x: xb, acc: *a };
+                    w.visit_block(j + r, k, blk, &mut dot);
+                    *a = dot.acc;
+                }
+            }
+            for r in 0..N {
+                acc[r] = L::fmadd(part[r], L::splat(w.scale(j + r, ng, g)), acc[r]);
+                if has_offset {
+                    off[r] += w.offset(j + r, ng, g) * self.xsum[g];
+                }
+            }
+            b = end;
+            g += 1;
+        }
+        (acc, off)
+    }
+
+    /// Groups of 16 values, two per block.
+    #[inline(always)]
+    unsafe fn split_groups<L: Lanes, const N: usize>(
+        &self,
+        j: usize,
+        ng: usize,
+    ) -> ([L::V; N], [f32; N]) {
+        let w = self.w;
+        let (k, ahead) = (self.p.k, self.p.tactic.prefetch_rows);
+        let has_offset = w.has_offset();
+        let xp = self.x.as_ptr();
+        let mut acc = [[L::zero(); 2]; N];
+        let mut off = [0f32; N];
+        for blk in 0..k / W::BLOCK {
+            let g = 2 * blk;
+            for r in 0..N {
+                prefetch(w.block_addr(j + r + ahead, k, blk));
+                let scale = |g| L::splat(w.scale(j + r, ng, g));
+                let mut dot = SplitDot::<L> {
+                    x: xp.add(blk * W::BLOCK),
+                    acc: acc[r],
+                    scale: [scale(g), scale(g + 1)],
+                };
+                w.visit_block(j + r, k, blk, &mut dot);
+                acc[r] = dot.acc;
+                if has_offset {
+                    off[r] += w.offset(j + r, ng, g) * self.xsum[g]
+                        + w.offset(j + r, ng, g + 1) * self.xsum[g + 1];
+                }
             }
         }
-        b = end;
-        g += 1;
+        (acc.map(|[a, b]| L::add(a, b)), off)
     }
-    for r in 0..N {
-        let bias = p.bias.map_or(0.0, |bias| bias[j + r]);
-        *out.0.add(i * p.n + j + r) = L::hsum(acc[r]) + off[r] + bias;
-    }
+}
+
+#[inline(always)]
+unsafe fn prefetch(at: *const u8) {
+    _mm_prefetch::<_MM_HINT_T0>(at.cast());
 }
 
 impl BlockDot for Int8Weights<'_> {
@@ -208,9 +310,11 @@ impl BlockDot for Int8Weights<'_> {
     fn block_addr(&self, r: usize, cols: usize, b: usize) -> *const u8 {
         self.q.as_ptr().cast::<u8>().wrapping_add(r * cols + b * 32)
     }
-    const HAS_OFFSET: bool = false;
-    fn group_blocks(&self, _cols: usize) -> usize {
-        self.group / 32
+    fn group_len(&self, _cols: usize) -> usize {
+        self.group
+    }
+    fn has_offset(&self) -> bool {
+        self.offsets.is_some()
     }
     #[inline(always)]
     unsafe fn visit_block<V: Visit>(&self, r: usize, cols: usize, b: usize, v: &mut V) {
@@ -222,6 +326,10 @@ impl BlockDot for Int8Weights<'_> {
     fn scale(&self, r: usize, ng: usize, g: usize) -> f32 {
         self.scales[r * ng + g]
     }
+    #[inline(always)]
+    fn offset(&self, r: usize, ng: usize, g: usize) -> f32 {
+        self.offsets.map_or(0.0, |o| o[r * ng + g])
+    }
 }
 
 impl BlockDot for Int4Weights<'_> {
@@ -229,9 +337,12 @@ impl BlockDot for Int4Weights<'_> {
     fn block_addr(&self, r: usize, cols: usize, b: usize) -> *const u8 {
         self.q.as_ptr().wrapping_add(r * cols / 2 + b * 16)
     }
-    const HAS_OFFSET: bool = true;
-    fn group_blocks(&self, _cols: usize) -> usize {
-        self.group / 32
+    fn group_len(&self, _cols: usize) -> usize {
+        self.group
+    }
+    /// Symmetric codes have the offset `−8·scale`.
+    fn has_offset(&self) -> bool {
+        true
     }
     #[inline(always)]
     unsafe fn visit_block<V: Visit>(&self, r: usize, cols: usize, b: usize, v: &mut V) {
@@ -259,9 +370,11 @@ impl BlockDot for Fp8Weights<'_> {
     fn block_addr(&self, r: usize, cols: usize, b: usize) -> *const u8 {
         self.q.as_ptr().wrapping_add(r * cols + b * 32)
     }
-    const HAS_OFFSET: bool = false;
-    fn group_blocks(&self, cols: usize) -> usize {
-        (cols / 32).max(1)
+    fn group_len(&self, cols: usize) -> usize {
+        cols
+    }
+    fn has_offset(&self) -> bool {
+        false
     }
     /// Sixteen codes at a time: sign-extended to 16 bits, shifted into f16 position (the sign
     /// copy that lands in the f16 exponent's top bit is masked off), widened by F16C.
@@ -289,9 +402,11 @@ impl BlockDot for Nvfp4Weights<'_> {
     fn block_addr(&self, r: usize, cols: usize, b: usize) -> *const u8 {
         self.q.as_ptr().wrapping_add(r * cols / 2 + b * 8)
     }
-    const HAS_OFFSET: bool = false;
-    fn group_blocks(&self, _cols: usize) -> usize {
-        1
+    fn group_len(&self, _cols: usize) -> usize {
+        16
+    }
+    fn has_offset(&self) -> bool {
+        false
     }
     /// A byte shuffle maps each E2M1 code to twice its value as an i8.
     #[inline(always)]
@@ -323,27 +438,21 @@ pub(crate) unsafe fn pack<W: BlockDot>(
     width: usize,
     packed: &mut [f32],
 ) {
-    let nb = k / W::BLOCK;
-    let gb = w.group_blocks(k);
-    let ng = nb.div_ceil(gb);
+    let gl = w.group_len(k);
+    let ng = k.div_ceil(gl);
+    // The group of each half of a block (the same one unless groups are 16 values).
+    let half_group = |b: usize, h: usize| (b * W::BLOCK + h * W::BLOCK / 2) / gl;
     let mut rows = vec![0f32; cols.len() * k];
     for (c, r) in cols.clone().enumerate() {
-        let row = rows.as_mut_ptr().add(c * k);
-        for g in 0..ng {
+        for b in 0..k / W::BLOCK {
+            let g = [half_group(b, 0), half_group(b, 1)];
             let mut dq = Dequant::<Avx2> {
-                out: row,
-                scale: w.scale(r, ng, g),
-                offset: if W::HAS_OFFSET {
-                    w.offset(r, ng, g)
-                } else {
-                    0.0
-                },
+                out: rows.as_mut_ptr().add(c * k + b * W::BLOCK),
+                scale: g.map(|g| w.scale(r, ng, g)),
+                offset: g.map(|g| w.offset(r, ng, g)),
                 lanes: std::marker::PhantomData,
             };
-            for b in g * gb..((g + 1) * gb).min(nb) {
-                dq.out = row.add(b * W::BLOCK);
-                w.visit_block(r, k, b, &mut dq);
-            }
+            w.visit_block(r, k, b, &mut dq);
         }
     }
     crate::cpu::gemm_packed::pack(&rows, k, 0..cols.len(), width, packed)

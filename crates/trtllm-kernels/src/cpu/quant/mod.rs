@@ -34,17 +34,21 @@ fn f16_bits_of_e4m3(b: u8) -> half::f16 {
 }
 
 /// Signed 8-bit codes with one f32 scale per `group` values of a row (`group == cols`:
-/// per channel). `scales` is `[rows × ceil(cols / group)]`.
+/// per channel; 16 or a multiple of 32). A value is `scale · q`, plus the group's offset where
+/// there are `offsets` (GGML's Q5_1 and Q5_K, kept). `scales` and `offsets` are
+/// `[rows × ceil(cols / group)]`.
 #[derive(Clone, Copy, Debug)]
 pub struct Int8Weights<'a> {
     pub q: &'a [i8],
     pub scales: &'a [f32],
+    pub offsets: Option<&'a [f32]>,
     pub group: usize,
 }
 
 /// Unsigned 4-bit codes, two per byte: in each 32-value block, byte `i` holds value `i` in its
 /// low nibble and value `i + 16` in its high one (the GGML layout). A value is
-/// `scale · q + offset`; without `offsets` the code is symmetric, `scale · (q − 8)`.
+/// `scale · q + offset`; without `offsets` the code is symmetric, `scale · (q − 8)`. A group
+/// is 16 values (the low or high nibbles of a block: GGML's Q2_K) or a multiple of 32.
 #[derive(Clone, Copy, Debug)]
 pub struct Int4Weights<'a> {
     pub q: &'a [u8],
@@ -92,13 +96,15 @@ pub(crate) fn check_blocks(op: &'static str, cols: usize, block: usize) -> Resul
     }
 }
 
+/// Group sizes the int8/int4 kernels take: 16 (half a 32-value block, as GGML's k-quants with
+/// 16-value sub-blocks) or a whole number of blocks.
 pub(crate) fn check_group(op: &'static str, group: usize) -> Result<()> {
-    if group > 0 && group.is_multiple_of(32) {
+    if group == 16 || (group > 0 && group.is_multiple_of(32)) {
         Ok(())
     } else {
         Err(KernelError::ShapeMismatch {
             op,
-            what: "group size (a positive multiple of 32)",
+            what: "group size (16 or a positive multiple of 32)",
             expected: group.next_multiple_of(32).max(32),
             got: group,
         })
@@ -116,18 +122,23 @@ impl QuantRows for Int8Weights<'_> {
         check_blocks("int8 weights", cols, Self::BLOCK)?;
         check_group("int8 weights", self.group)?;
         check_len("int8 weights", "codes", self.q.len(), rows * cols)?;
-        check_len(
-            "int8 weights",
-            "scales",
-            self.scales.len(),
-            rows * groups(cols, self.group),
-        )
+        let n = rows * groups(cols, self.group);
+        check_len("int8 weights", "scales", self.scales.len(), n)?;
+        match self.offsets {
+            Some(o) => check_len("int8 weights", "offsets", o.len(), n),
+            None => Ok(()),
+        }
     }
     fn row_to_f32(&self, r: usize, cols: usize, out: &mut [f32]) {
         let g = groups(cols, self.group);
         let q = &self.q[r * cols..(r + 1) * cols];
         for (c, (o, &v)) in out.iter_mut().zip(q).enumerate() {
-            *o = v as f32 * self.scales[r * g + c / self.group];
+            let gi = r * g + c / self.group;
+            let scaled = v as f32 * self.scales[gi];
+            *o = match self.offsets {
+                Some(off) => scaled + off[gi],
+                None => scaled,
+            };
         }
     }
 }

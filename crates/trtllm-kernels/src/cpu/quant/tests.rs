@@ -53,6 +53,9 @@ fn packed_formats_match_dequantized_reference_on_awkward_shapes() {
         (33, 608, 128),
         (5, 64, 32),
         (21, 64, 32),
+        // Groups of 16 (GGML's Q6_K, Q3_K, Q2_K sub-blocks), two to a block.
+        (9, 96, 16),
+        (3, 32, 16),
     ] {
         let g = groups(k, group);
         let q8: Vec<i8> = bytes(n * k, 1).into_iter().map(|b| b as i8).collect();
@@ -68,6 +71,16 @@ fn packed_formats_match_dequantized_reference_on_awkward_shapes() {
                 WeightData::Int8(Int8Weights {
                     q: &q8,
                     scales: &scales,
+                    offsets: None,
+                    group,
+                }),
+            ),
+            (
+                "int8 zero point",
+                WeightData::Int8(Int8Weights {
+                    q: &q8,
+                    scales: &scales,
+                    offsets: Some(&offsets),
                     group,
                 }),
             ),
@@ -114,7 +127,7 @@ fn packed_formats_match_dequantized_reference_on_awkward_shapes() {
                 every_path(|| {
                     let mut y = vec![0f32; m * n];
                     linear(&x, m, w, Some(&bias), &mut y).unwrap();
-                    let what = format!("{name} n={n} k={k} m={m}");
+                    let what = format!("{name} n={n} k={k} g={group} m={m}");
                     assert_within_rounding(&y, &expect, &mag, &what);
                     // The GEMV's 8-row tiles (a tuned tactic) and no prefetch.
                     let wide = Tactic {
@@ -142,6 +155,7 @@ fn w8a8_matches_integer_reference() {
         WeightData::W8A8(Int8Weights {
             q: &q,
             scales: &scales,
+            offsets: None,
             group: k,
         }),
         n,
@@ -169,9 +183,18 @@ fn w8a8_matches_integer_reference() {
     let per_group = Int8Weights {
         q: &q,
         scales: &positive(n * 3, 4),
+        offsets: None,
         group: 32,
     };
     assert!(MatRef::new(WeightData::W8A8(per_group), n, k).is_err());
+    let offsets = vec![0.5f32; n];
+    let zero_point = Int8Weights {
+        q: &q,
+        scales: &positive(n, 4),
+        offsets: Some(&offsets),
+        group: k,
+    };
+    assert!(MatRef::new(WeightData::W8A8(zero_point), n, k).is_err());
 }
 
 #[test]

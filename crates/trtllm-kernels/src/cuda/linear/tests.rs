@@ -51,6 +51,7 @@ fn packed_cases(
     let int8 = cpu::Int8Weights {
         q: &q8,
         scales: &s8,
+        offsets: None,
         group,
     };
     let int4 = cpu::Int4Weights {
@@ -61,6 +62,24 @@ fn packed_cases(
     };
     let int4s = cpu::Int4Weights {
         offsets: None,
+        ..int4
+    };
+    let int8z = cpu::Int8Weights {
+        offsets: Some(&o4),
+        ..int8
+    };
+    // Groups of 16 (GGML's Q6_K, Q3_K, Q2_K kept).
+    let g16 = n * k / 16;
+    let (s16, o16) = (scales(g16, 19), rand_vec(g16, 20));
+    let int8_16 = cpu::Int8Weights {
+        scales: &s16,
+        group: 16,
+        ..int8
+    };
+    let int4_16 = cpu::Int4Weights {
+        scales: &s16,
+        offsets: Some(&o16),
+        group: 16,
         ..int4
     };
     let fp8 = cpu::Fp8Weights {
@@ -81,7 +100,38 @@ fn packed_cases(
             DeviceWeights::Int8 {
                 q: d.upload(&q8).unwrap(),
                 scales: up(&s8),
+                offsets: None,
                 group,
+            },
+        ),
+        (
+            "int8 g64 zp",
+            dense(WeightData::Int8(int8z)),
+            DeviceWeights::Int8 {
+                q: d.upload(&q8).unwrap(),
+                scales: up(&s8),
+                offsets: Some(up(&o4)),
+                group,
+            },
+        ),
+        (
+            "int8 g16",
+            dense(WeightData::Int8(int8_16)),
+            DeviceWeights::Int8 {
+                q: d.upload(&q8).unwrap(),
+                scales: up(&s16),
+                offsets: None,
+                group: 16,
+            },
+        ),
+        (
+            "int4 g16 zp",
+            dense(WeightData::Int4(int4_16)),
+            DeviceWeights::Int4 {
+                q: upb(&q4),
+                scales: up(&s16),
+                offsets: Some(up(&o16)),
+                group: 16,
             },
         ),
         (
@@ -265,6 +315,7 @@ fn w8a8_matches_cpu_bit_for_bit() {
     let data = WeightData::W8A8(cpu::Int8Weights {
         q: &q,
         scales: &scales,
+        offsets: None,
         group: k,
     });
     let w = d
