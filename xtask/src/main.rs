@@ -102,9 +102,11 @@ fn main() -> Result<()> {
             fetch_demo_model()?;
             models::fetch_gemma3()?;
             let python = openai_venv()?;
+            let quantize = vs_llama_cpp::llama_quantize()?;
             run(cargo_command()
                 .args(["test", "--workspace"])
-                .env("TRTLLM_TEST_PYTHON", python))
+                .env("TRTLLM_TEST_PYTHON", python)
+                .env("TRTLLM_LLAMA_QUANTIZE", quantize))
         }
         Task::Bench { vs_llama_cpp: true } => vs_llama_cpp::bench(),
         Task::Bench {

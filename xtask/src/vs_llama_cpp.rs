@@ -59,21 +59,33 @@ pub fn bench() -> Result<()> {
     Ok(())
 }
 
-/// llama.cpp's bench tools built by `llama-cpp.sh` (native flags). Where the processor reports
-/// AMX, that build dies on its first AMX instruction under hypervisors that do not grant AMX
-/// state to guests, so a second build from the same source leaves AMX out.
-fn llama_cpp_bins(tools: &Path) -> Result<PathBuf> {
+/// llama.cpp's `llama-quantize`, for the test that requantizes SmolLM2 into each GGML type
+/// (quantizing runs no AMX code, so the native build serves on any host).
+pub fn llama_quantize() -> Result<PathBuf> {
+    let tools = crate::repo_root().join("../shared/tools");
+    Ok(llama_cpp_sh(&tools)?.join("llama-quantize"))
+}
+
+/// The directory of the tools `llama-cpp.sh` builds (native flags; cached after the first run).
+fn llama_cpp_sh(tools: &Path) -> Result<PathBuf> {
     let out = Command::new("bash")
         .arg(tools.join("llama-cpp.sh"))
         .output()
-        .context("running llama-cpp.sh")?;
+        .context("running ../shared/tools/llama-cpp.sh")?;
     if !out.status.success() {
         bail!(
             "llama-cpp.sh failed:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// llama.cpp's bench tools built by `llama-cpp.sh`. Where the processor reports AMX, that build
+/// dies on its first AMX instruction under hypervisors that do not grant AMX state to guests, so
+/// a second build from the same source leaves AMX out.
+fn llama_cpp_bins(tools: &Path) -> Result<PathBuf> {
+    let bin = llama_cpp_sh(tools)?;
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     if !cpuinfo.contains("amx_tile") {
         return Ok(bin);
