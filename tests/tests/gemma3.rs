@@ -55,8 +55,7 @@ fn llm() -> &'static LLM {
     open(&ENGINE, "gemma3-f32", BuildConfig::default())
 }
 
-/// The engine that keeps the file's Q4_K, Q5_0 and Q8_0 weights packed (its Q6_K ones take the
-/// float path).
+/// The engine that keeps the file's Q4_K, Q5_0, Q6_K and Q8_0 weights packed.
 fn kept() -> &'static LLM {
     static ENGINE: Engine = OnceLock::new();
     let config = BuildConfig {

@@ -3,8 +3,9 @@
 //! made by make.py).
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
-use anyhow::{ensure, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 use serde::Deserialize;
 use trtllm_api::builder::gguf::GgufFile;
 use trtllm_api::builder::{build, gguf_tokenizer, BuildConfig};
@@ -36,6 +37,68 @@ fn each_pre_tokenizer_split_gives_transformers_ids() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A `tokenizer.ggml.pre` we do not know keeps GPT-2's split, with a warning that names it (the
+/// smollm fixture with its name overwritten in place: same length, so the file stays valid).
+#[test]
+fn an_unknown_pre_tokenizer_is_a_warning_naming_it() -> Result<()> {
+    let dir = fixtures().join("gguf-tokenizers");
+    let bytes = std::fs::read(dir.join("smollm.gguf"))?;
+    let at = bytes
+        .windows(6)
+        .position(|w| w == b"smollm")
+        .context("pre name")?;
+    let mut patched = bytes.clone();
+    patched[at..at + 6].copy_from_slice(b"zorblx");
+    let tmp = tempfile::tempdir()?;
+    let path = tmp.path().join("zorblx.gguf");
+    std::fs::write(&path, patched)?;
+    let gguf = GgufFile::open(&path)?;
+
+    let log = Log::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(log.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || gguf_tokenizer::convert(&gguf))?;
+    let text = String::from_utf8(log.0.lock().map_err(|_| anyhow!("log"))?.clone())?;
+    ensure!(
+        text.contains("WARN") && text.contains("\"zorblx\""),
+        "{text:?}"
+    );
+
+    // A known name warns of nothing.
+    let log = Log::default();
+    let subscriber = tracing_subscriber::fmt().with_writer(log.clone()).finish();
+    let known = GgufFile::open(&dir.join("smollm.gguf"))?;
+    tracing::subscriber::with_default(subscriber, || gguf_tokenizer::convert(&known))?;
+    ensure!(log.0.lock().map_err(|_| anyhow!("log"))?.is_empty());
+    Ok(())
+}
+
+/// Log output collected in memory.
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Log {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .map_err(|_| std::io::Error::other("log poisoned"))?
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Log {
+    type Writer = Log;
+    fn make_writer(&'a self) -> Log {
+        self.clone()
+    }
 }
 
 #[derive(Deserialize)]

@@ -4,6 +4,7 @@
 
 use serde_json::{json, Map, Value as Json};
 
+use crate::checkpoint::Checkpoint;
 use crate::gguf::{GgufFile, Value};
 use crate::gguf_spm::{self, Spm};
 use crate::{BuildError, Result};
@@ -55,6 +56,13 @@ pub fn convert(gguf: &GgufFile) -> Result<(Json, Json)> {
             let pre = gguf.get("tokenizer.ggml.pre").and_then(Value::as_str);
             if let Some(split) = pre.and_then(pre_split) {
                 parts.pre_tokenizer = split;
+            } else if let Some(pre) = pre.filter(|p| !GPT2_SPLIT.contains(p)) {
+                tracing::warn!(
+                    "{}: tokenizer.ggml.pre {pre:?} is not a pre-tokenizer we know; splitting \
+                     text as GPT-2 does (as transformers does), so token ids may differ from \
+                     llama.cpp's",
+                    gguf.path().display()
+                );
             }
             (parts, true)
         }
@@ -140,6 +148,24 @@ pub fn convert(gguf: &GgufFile) -> Result<(Json, Json)> {
     }
     Ok((tokenizer, config))
 }
+
+/// `tokenizer.ggml.pre` names whose split is GPT-2's, in llama.cpp and transformers alike (or
+/// that transformers reads as GPT-2's: SmolLM's, whose ids it is the reference for).
+const GPT2_SPLIT: &[&str] = &[
+    "default",
+    "gpt2",
+    "gpt-2",
+    "phi-2",
+    "smollm",
+    "roberta-bpe",
+    "gigachat",
+    "jina-es",
+    "jina-de",
+    "jina-v1-en",
+    "jina-v2-es",
+    "jina-v2-de",
+    "jina-v2-code",
+];
 
 /// The text split a byte-level vocabulary's merges were learned on, by `tokenizer.ggml.pre`, for
 /// the names transformers maps to their own (the reference for ids); any other name keeps GPT-2's

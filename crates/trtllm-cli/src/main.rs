@@ -106,6 +106,7 @@ struct PerplexityArgs {
 }
 
 fn main() -> ExitCode {
+    init_logging();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         // The reader went away (`| head`): nothing is wrong with the command.
@@ -115,6 +116,17 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Log events of the libraries (`tracing`) to stderr, filtered by `RUST_LOG` (default: warnings
+/// and errors).
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// The error and its causes, each once: our errors already end with their source's text (a
