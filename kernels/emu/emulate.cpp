@@ -225,11 +225,13 @@ void weight_only() {
         f16[i] = (unsigned short)(hw[2 * i] | (hw[2 * i + 1] & 0xbb) << 8);
     }
     // Dense values from the formats' definitions.
-    std::vector<double> w8(n * k), w4(n * k), w4s(n * k), wf(n * k), wn(n * k), wb(n * k), wh(n * k);
+    std::vector<double> w8(n * k), w8z(n * k), w4(n * k), w4s(n * k), wf(n * k), wn(n * k), wb(n * k),
+        wh(n * k);
     for (int r = 0; r < n; ++r)
         for (int c = 0; c < k; ++c) {
             const int i = r * k + c, g = r * groups + c / group;
             w8[i] = (double)(signed char)q8[i] * s[g];
+            w8z[i] = w8[i] + off[g];
             const int blk = (r * k + c) / 32, in = c % 32;
             const uint8_t byte = q4[blk * 16 + in % 16];
             const int code = in < 16 ? byte & 0xf : byte >> 4;
@@ -256,8 +258,10 @@ void weight_only() {
         const float* xp = x.data();
         const float* bp = bias.data();
         float* yp = y.data();
-        run("int8", w8, [&] { gemv_int8(q8p, s.data(), group, xp, bp, yp, m, n, k); },
-            [&] { gemm_int8(q8p, s.data(), group, xp, bp, yp, m, n, k); });
+        run("int8", w8, [&] { gemv_int8(q8p, s.data(), nullptr, group, xp, bp, yp, m, n, k); },
+            [&] { gemm_int8(q8p, s.data(), nullptr, group, xp, bp, yp, m, n, k); });
+        run("int8 zp", w8z, [&] { gemv_int8(q8p, s.data(), off.data(), group, xp, bp, yp, m, n, k); },
+            [&] { gemm_int8(q8p, s.data(), off.data(), group, xp, bp, yp, m, n, k); });
         run("int4 zp", w4, [&] { gemv_int4(q4.data(), s.data(), off.data(), group, xp, bp, yp, m, n, k); },
             [&] { gemm_int4(q4.data(), s.data(), off.data(), group, xp, bp, yp, m, n, k); });
         run("int4 sym", w4s, [&] { gemv_int4(q4.data(), s.data(), nullptr, group, xp, bp, yp, m, n, k); },
