@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use trtllm_api::builder::{build, BuildConfig};
-use trtllm_api::runtime::{Device, LogitsMode, ModelRunner};
+use trtllm_api::runtime::{Device, LogitsMode, ModelRunner, Session};
 use trtllm_api::{LlmArgs, Prompt, SamplingParams, LLM};
 
 pub fn fixtures() -> PathBuf {
@@ -29,6 +29,12 @@ pub const TINY_FIXTURES: &[&str] = &[
     "tiny-qwen2-linear",
     "tiny-gemma3",
     "tiny-qwen3-moe",
+    // Published quantized (prequantized.rs checks their stored formats).
+    "tiny-llama-gptq-int4",
+    "tiny-llama-gptq-int8",
+    "tiny-llama-awq",
+    "tiny-llama-fp8-channel",
+    "tiny-llama-fp8-tensor",
 ];
 
 #[derive(Deserialize)]
@@ -44,6 +50,47 @@ pub struct FixtureCase {
     pub greedy_ids: Vec<u32>,
     pub greedy_top2_margins: Vec<f32>,
     pub greedy_step_logits_first4: Vec<Vec<f32>>,
+}
+
+/// A tiny fixture built with the default config and checked against its golden file: tokenizer
+/// ids, prompt and first decode steps' logits within 1e-3 of transformers', greedy ids. Returns
+/// the engine directory.
+pub fn check_tiny_fixture(name: &str) -> Result<tempfile::TempDir> {
+    let dir = fixtures().join(name);
+    let golden: FixtureGolden = read_json(&dir.join("golden.json"))?;
+    let out = tempfile::tempdir()?;
+    build(&dir, out.path(), &BuildConfig::default(), &mut |_, _, _| {})?;
+    let session = Session::open(out.path())?;
+    let runner = session.model_runner()?;
+    let llm = LLM::new(LlmArgs {
+        model: out.path().into(),
+        ..Default::default()
+    })?;
+
+    for (ci, case) in golden.cases.iter().enumerate() {
+        let ids = llm.tokenizer()?.encode(&case.prompt, false)?;
+        assert_eq!(ids, case.input_ids, "{name} case {ci}: tokenizer ids");
+
+        check_case_logits(&runner, case, 1e-3, &format!("{name} case {ci}"))?;
+
+        let params = SamplingParams {
+            max_tokens: case.greedy_ids.len(),
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let out = llm.generate(&[Prompt::TokenIds(case.input_ids.clone())], &params)?;
+        let got = &out[0].outputs[0].token_ids;
+        for (i, (g, e)) in got.iter().zip(&case.greedy_ids).enumerate() {
+            // A step whose top-2 margin is float noise may legitimately flip; none here are.
+            assert!(
+                g == e || case.greedy_top2_margins[i] < 1e-3,
+                "{name} case {ci}: greedy ids {got:?} != {:?}",
+                case.greedy_ids
+            );
+        }
+        assert_eq!(got.len(), case.greedy_ids.len());
+    }
+    Ok(out)
 }
 
 /// One fixture case through `runner`: the prompt's logits at every position, then the first

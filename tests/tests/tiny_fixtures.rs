@@ -6,48 +6,14 @@ use trtllm_api::builder::{build, BuildConfig};
 use trtllm_api::runtime::{quant::DType, Device, KvBudget, LogitsMode, SeqChunk, Session};
 use trtllm_api::{LlmArgs, Prompt, SamplingParams, LLM};
 use trtllm_tests::{
-    check_case_logits, check_windowed_blocks, fixtures, max_abs_diff, read_json, FixtureGolden,
+    check_tiny_fixture, check_windowed_blocks, fixtures, max_abs_diff, read_json, FixtureGolden,
     TINY_FIXTURES,
 };
 
 const TOL: f32 = 1e-3;
 
 fn check_fixture(name: &str) -> Result<()> {
-    let dir = fixtures().join(name);
-    let golden: FixtureGolden = read_json(&dir.join("golden.json"))?;
-    let out = tempfile::tempdir()?;
-    build(&dir, out.path(), &BuildConfig::default(), &mut |_, _, _| {})?;
-    let session = Session::open(out.path())?;
-    let runner = session.model_runner()?;
-    let llm = LLM::new(LlmArgs {
-        model: out.path().into(),
-        ..Default::default()
-    })?;
-
-    for (ci, case) in golden.cases.iter().enumerate() {
-        let ids = llm.tokenizer()?.encode(&case.prompt, false)?;
-        assert_eq!(ids, case.input_ids, "{name} case {ci}: tokenizer ids");
-
-        check_case_logits(&runner, case, TOL, &format!("{name} case {ci}"))?;
-
-        let params = SamplingParams {
-            max_tokens: case.greedy_ids.len(),
-            ignore_eos: true,
-            ..Default::default()
-        };
-        let out = llm.generate(&[Prompt::TokenIds(case.input_ids.clone())], &params)?;
-        let got = &out[0].outputs[0].token_ids;
-        for (i, (g, e)) in got.iter().zip(&case.greedy_ids).enumerate() {
-            // A step whose top-2 margin is float noise may legitimately flip; none here are.
-            assert!(
-                g == e || case.greedy_top2_margins[i] < 1e-3,
-                "{name} case {ci}: greedy ids {got:?} != {:?}",
-                case.greedy_ids
-            );
-        }
-        assert_eq!(got.len(), case.greedy_ids.len());
-    }
-    Ok(())
+    check_tiny_fixture(name).map(drop)
 }
 
 #[test]

@@ -8,6 +8,7 @@ use memmap2::Mmap;
 use safetensors::SafeTensors;
 use trtllm_runtime::quant::{DType, PackedWeight};
 
+use crate::prequant::{PreQuant, Words};
 use crate::{BuildError, Result};
 
 /// A tensor widened to f32, row-major.
@@ -26,9 +27,16 @@ pub trait Checkpoint {
     fn native_dtype(&self) -> Option<DType>;
 
     /// The tensor in a native packed format when the checkpoint stores it quantized (GGUF
-    /// Q8_0 / Q4_0 / Q4_1); None for float tensors and checkpoints without quantized storage.
+    /// blocks, GPTQ/AWQ/FP8 safetensors); None for float tensors and checkpoints without
+    /// quantized storage.
     fn packed(&self, _name: &str) -> Result<Option<PackedWeight>> {
         Ok(None)
+    }
+
+    /// How a checkpoint published quantized stores its weights (a Hugging Face
+    /// `quantization_config`); such weights are kept as stored unless the build asks otherwise.
+    fn prequantized(&self) -> Option<String> {
+        None
     }
 
     fn require(&self, name: &str) -> Result<Tensor> {
@@ -46,11 +54,19 @@ pub struct SafetensorsCheckpoint {
     /// Tensor name → index into `files`.
     index: HashMap<String, usize>,
     dtype: Option<DType>,
+    prequant: Option<PreQuant>,
+}
+
+/// A tensor's bytes as stored.
+pub(crate) struct Raw<'a> {
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+    pub data: &'a [u8],
 }
 
 impl SafetensorsCheckpoint {
     /// Opens `model.safetensors`, or every shard `model.safetensors.index.json` lists.
-    pub fn open(dir: &Path, dtype: Option<DType>) -> Result<Self> {
+    pub fn open(dir: &Path, dtype: Option<DType>, prequant: Option<PreQuant>) -> Result<Self> {
         let single = dir.join("model.safetensors");
         let index_path = dir.join("model.safetensors.index.json");
         let shard_names: Vec<String> = if index_path.exists() {
@@ -101,7 +117,64 @@ impl SafetensorsCheckpoint {
             files,
             index,
             dtype,
+            prequant,
         })
+    }
+
+    /// The tensor called `name` as stored, or None when there is none.
+    pub(crate) fn raw(&self, name: &str) -> Result<Option<Raw<'_>>> {
+        let Some(&i) = self.index.get(name) else {
+            return Ok(None);
+        };
+        let (path, mmap) = &self.files[i];
+        let bad = |m: String| BuildError::checkpoint(path, m);
+        let st = SafeTensors::deserialize(mmap).map_err(|e| bad(e.to_string()))?;
+        let view = st.tensor(name).map_err(|e| bad(e.to_string()))?;
+        Ok(Some(Raw {
+            dtype: view.dtype(),
+            shape: view.shape().to_vec(),
+            data: view.data(),
+        }))
+    }
+
+    /// An int32 tensor (packed codes, `g_idx`) as little-endian words.
+    pub(crate) fn words(&self, name: &str) -> Result<Option<Words>> {
+        let Some(raw) = self.raw(name)? else {
+            return Ok(None);
+        };
+        if raw.dtype != safetensors::Dtype::I32 {
+            return Err(BuildError::checkpoint(
+                &self.dir,
+                format!("tensor '{name}' is {:?}, expected I32", raw.dtype),
+            ));
+        }
+        let data = raw
+            .data
+            .chunks_exact(4)
+            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+            .collect();
+        Ok(Some(Words {
+            shape: raw.shape,
+            data,
+        }))
+    }
+
+    pub(crate) fn require_words(&self, name: &str) -> Result<Words> {
+        self.words(name)?.ok_or_else(|| BuildError::MissingTensor {
+            path: self.dir.clone(),
+            name: name.to_string(),
+        })
+    }
+
+    /// A quantized weight widened to f32 (for float builds and requantization).
+    fn dequantized(&self, name: &str) -> Result<Option<Tensor>> {
+        let Some(p) = self.packed(name)? else {
+            return Ok(None);
+        };
+        Ok(Some(Tensor {
+            shape: vec![p.rows, p.cols],
+            data: p.dequantize()?,
+        }))
     }
 }
 
@@ -114,9 +187,21 @@ impl Checkpoint for SafetensorsCheckpoint {
         self.dtype
     }
 
+    fn packed(&self, name: &str) -> Result<Option<PackedWeight>> {
+        match (&self.prequant, name.strip_suffix(".weight")) {
+            (Some(q), Some(prefix)) => q.packed(self, prefix),
+            _ => Ok(None),
+        }
+    }
+
+    fn prequantized(&self) -> Option<String> {
+        self.prequant.map(|q| q.describe())
+    }
+
     fn tensor(&self, name: &str) -> Result<Option<Tensor>> {
         let Some(&i) = self.index.get(name) else {
-            return Ok(None);
+            // A GPTQ/AWQ weight is stored under other names.
+            return self.dequantized(name);
         };
         let (path, mmap) = &self.files[i];
         let bad = |m: String| BuildError::checkpoint(path, m);
@@ -126,6 +211,9 @@ impl Checkpoint for SafetensorsCheckpoint {
             safetensors::Dtype::F32 => DType::F32,
             safetensors::Dtype::BF16 => DType::BF16,
             safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::F8_E4M3 if self.prequant.is_some() => {
+                return self.dequantized(name)
+            }
             other => {
                 return Err(bad(format!(
                     "tensor '{name}' has unsupported dtype {other:?}"

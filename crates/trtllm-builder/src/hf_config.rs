@@ -8,13 +8,16 @@ use trtllm_runtime::{Features, MlpKind, ModelConfig, MoeConfig, NormKind, Positi
 
 use crate::family::{gemma_sliding_layers, Family, GEMMA3_LOCAL_THETA, SUPPORTED};
 use crate::hf_rope::{self, RopeDefaults};
+use crate::prequant::PreQuant;
 use crate::{BuildError, Result};
 
-/// A parsed config: the family, the decoder's config and the stored dtype it names.
+/// A parsed config: the family, the decoder's config, the stored dtype it names and how its
+/// weights are quantized if it was published quantized.
 pub struct HfConfig {
     pub family: Family,
     pub model: ModelConfig,
     pub dtype: Option<DType>,
+    pub prequant: Option<PreQuant>,
 }
 
 pub(crate) struct Fields<'a> {
@@ -139,6 +142,7 @@ pub fn parse(v: &Value, path: &Path) -> Result<HfConfig> {
         family,
         model,
         dtype,
+        prequant: PreQuant::parse(v, path)?,
     })
 }
 

@@ -16,6 +16,8 @@ mod gguf_spm;
 pub mod gguf_tokenizer;
 pub mod hf_config;
 mod hf_rope;
+mod matrices;
+pub mod prequant;
 
 pub use build::{build, BuildProgress};
 pub use checkpoint::{Checkpoint, Tensor};

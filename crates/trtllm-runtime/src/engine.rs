@@ -168,6 +168,9 @@ pub struct TensorInfo {
     pub format: Option<WeightFormat>,
 }
 
+/// Where [`EngineWriter`] streams tensor data until `finish` writes the rank file.
+pub const SCRATCH_FILE: &str = "rank0.engine.data.tmp";
+
 /// Streams tensors into a rank file and writes config.json when finished.
 pub struct EngineWriter {
     dir: PathBuf,
@@ -182,7 +185,7 @@ impl EngineWriter {
         std::fs::create_dir_all(dir).map_err(|e| RuntimeError::io(dir, e))?;
         // Tensor data goes to a scratch file first: the index, which precedes it, is only
         // known once every tensor is written.
-        let data_path = dir.join("rank0.engine.data.tmp");
+        let data_path = dir.join(SCRATCH_FILE);
         let f = File::create(&data_path).map_err(|e| RuntimeError::io(&data_path, e))?;
         Ok(Self {
             dir: dir.to_path_buf(),
