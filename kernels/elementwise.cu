@@ -21,6 +21,12 @@ extern "C" __global__ void scale_cols_f32(float* __restrict__ x, const float* __
     GRID_STRIDE(i, (size_t)rows * cols) x[i] *= s[i % cols];
 }
 
+// out[r][j] = x[r][perm[j]]: the activations in the column order of an act-order GPTQ weight.
+extern "C" __global__ void gather_cols_f32(const float* __restrict__ x, const unsigned* __restrict__ perm,
+                                           float* __restrict__ out, int rows, int cols) {
+    GRID_STRIDE(i, (size_t)rows * cols) out[i] = x[(i / cols) * cols + perm[i % cols]];
+}
+
 // x = e4m3(x / scale) · scale: activations through FP8 with a static scale, as the CPU's fp8_qdq.
 extern "C" __global__ void fp8_qdq_f32(float* __restrict__ x, float scale, int n) {
     GRID_STRIDE(i, (size_t)n) x[i] = e4m3_to_f32(f32_to_e4m3(x[i] / scale)) * scale;

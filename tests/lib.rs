@@ -32,6 +32,7 @@ pub const TINY_FIXTURES: &[&str] = &[
     // Published quantized (prequantized.rs checks their stored formats).
     "tiny-llama-gptq-int4",
     "tiny-llama-gptq-int8",
+    "tiny-llama-gptq-actorder",
     "tiny-llama-awq",
     "tiny-llama-fp8-channel",
     "tiny-llama-fp8-tensor",

@@ -54,6 +54,27 @@ fn gptq_int8_per_channel_symmetric() -> Result<()> {
     })
 }
 
+/// Act-order (desc_act): groups are runs of columns only in the order GPTQ visited them, so the
+/// weight is stored in that order and the activations are gathered the same way
+/// (`{module}.input_perm`).
+#[test]
+fn gptq_act_order() -> Result<()> {
+    check("tiny-llama-gptq-actorder", |_| WeightFormat::Int4 {
+        group: 32,
+        zero_point: false,
+    })?;
+    let out = tempfile::tempdir()?;
+    let dir = fixtures().join("tiny-llama-gptq-actorder");
+    build(&dir, out.path(), &BuildConfig::default(), &mut |_, _, _| {})?;
+    let perms = Session::open(out.path())?
+        .tensors()
+        .into_iter()
+        .filter(|t| t.name.ends_with(".input_perm"))
+        .count();
+    ensure!(perms == 3 * 4, "{perms} input orders stored");
+    Ok(())
+}
+
 #[test]
 fn awq_gemm_packing() -> Result<()> {
     check("tiny-llama-awq", |_| WeightFormat::Int4 {

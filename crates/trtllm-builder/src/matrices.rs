@@ -28,7 +28,9 @@ impl Out<'_> {
         shape: [usize; 2],
     ) -> Result<()> {
         if self.keep {
-            if let Some(p) = self.kept(srcs.iter().map(|s| (*s, None)), shape)? {
+            // Embedding rows are gathered as stored, so their columns must be in input order.
+            let kept = self.kept(srcs.iter().map(|s| (*s, None)), shape)?;
+            if let Some(p) = kept.filter(|p| p.input_perm.is_none()) {
                 return Ok(self.w.add_packed(prefix, &p)?);
             }
         }
@@ -97,7 +99,9 @@ impl Out<'_> {
     }
 
     /// The checkpoint's own packed parts stacked into one `rows × cols` matrix, when every part
-    /// is stored in the same packed format (otherwise None: the float path is lossless too).
+    /// is stored in the same packed format and reads its input in the same order (otherwise
+    /// None: the float path is lossless too). Act-order GPTQ parts that read one input (q, k and
+    /// v) share the order of that input's Hessian, so they stack.
     fn kept<'s>(
         &self,
         parts: impl Iterator<Item = (&'s str, Option<usize>)>,
@@ -121,7 +125,7 @@ impl Out<'_> {
             }
             match &mut stacked {
                 None => stacked = Some(p),
-                Some(s) if s.format == p.format => {
+                Some(s) if s.format == p.format && s.input_perm == p.input_perm => {
                     s.rows += p.rows;
                     s.codes.extend(p.codes);
                     s.scales.extend(p.scales);

@@ -149,9 +149,9 @@ impl PreQuant {
                     &qzeros,
                     [g.groups, g.rows / per],
                 )?;
-                check_groups(ck, prefix, &g)?;
+                let perm = check_groups(ck, prefix, &g)?;
                 let mask = (1u32 << bits) - 1;
-                let code = |r: usize, c: usize| {
+                let stored = |r: usize, c: usize| {
                     (qweight.data[(c / per) * g.rows + r] >> (bits as usize * (c % per))) & mask
                 };
                 let zero = |gi: usize, r: usize| {
@@ -160,7 +160,12 @@ impl PreQuant {
                         & mask;
                     z + zeros_minus_one as u32
                 };
-                g.pack(ck, prefix, bits, sym, code, zero).map(Some)
+                // Column j of the packed weight is input column perm[j], in group j / group.
+                let col = |j: usize| perm.as_ref().map_or(j, |p| p[j] as usize);
+                let code = |r: usize, j: usize| stored(r, col(j));
+                let mut p = g.pack(ck, prefix, bits, sym, code, zero)?;
+                p.input_perm = perm;
+                Ok(Some(p))
             }
             PreQuant::Awq => {
                 let Some(qweight) = ck.words(&format!("{prefix}.qweight"))? else {
@@ -180,7 +185,12 @@ impl PreQuant {
                     &qzeros,
                     [g.groups, g.rows / 8],
                 )?;
-                check_groups(ck, prefix, &g)?;
+                if check_groups(ck, prefix, &g)?.is_some() {
+                    return Err(BuildError::checkpoint(
+                        ck.path(),
+                        format!("tensor '{prefix}.g_idx': AWQ groups are runs of columns"),
+                    ));
+                }
                 let nibble = |words: &[u32], row: usize, width: usize, r: usize| {
                     let j = AWQ_ORDER.iter().position(|&o| o == r % 8).unwrap_or(0);
                     (words[row * width / 8 + r / 8] >> (4 * j)) & 0xf
@@ -291,6 +301,7 @@ impl Grid {
             offsets: (!sym).then(|| Vec::with_capacity(rows * ng)),
             block_scales: Vec::new(),
             global_scale: 1.0,
+            input_perm: None,
         };
         for r in 0..rows {
             for gi in 0..ng {
@@ -323,8 +334,9 @@ impl Grid {
     }
 }
 
-/// The checkpoint's groups must be runs of whole columns of a size the kernels read.
-fn check_groups(ck: &SafetensorsCheckpoint, prefix: &str, g: &Grid) -> Result<()> {
+/// The checkpoint's groups must be of a size the kernels read, and runs of columns, or runs once
+/// the columns are reordered (act-order): then the order, as `PackedWeight::input_perm`.
+fn check_groups(ck: &SafetensorsCheckpoint, prefix: &str, g: &Grid) -> Result<Option<Vec<u32>>> {
     let group = g.group();
     if g.groups == 0 || !g.cols.is_multiple_of(g.groups) || !g.cols.is_multiple_of(32) {
         return Err(BuildError::checkpoint(
@@ -354,13 +366,23 @@ fn check_groups(ck: &SafetensorsCheckpoint, prefix: &str, g: &Grid) -> Result<()
             .enumerate()
             .any(|(c, &gi)| gi as usize != c / group)
         {
-            return Err(BuildError::checkpoint(
-                ck.path(),
-                format!("tensor '{prefix}.g_idx': act-order (desc_act) GPTQ, whose groups are not runs of columns, is not supported"),
-            ));
+            // Act-order: the columns sorted by group (stable) make each group a run.
+            let mut perm: Vec<u32> = (0..g.cols as u32).collect();
+            perm.sort_by_key(|&c| g_idx[c as usize]);
+            let runs = perm
+                .iter()
+                .enumerate()
+                .all(|(j, &c)| g_idx[c as usize] as usize == j / group);
+            if !runs {
+                return Err(BuildError::checkpoint(
+                    ck.path(),
+                    format!("tensor '{prefix}.g_idx': groups of unequal size ({} columns in groups of {group} expected)", g.cols),
+                ));
+            }
+            return Ok(Some(perm));
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 fn fp8(ck: &SafetensorsCheckpoint, prefix: &str) -> Result<Option<PackedWeight>> {
@@ -396,6 +418,7 @@ fn fp8(ck: &SafetensorsCheckpoint, prefix: &str) -> Result<Option<PackedWeight>>
         offsets: None,
         block_scales: Vec::new(),
         global_scale: 1.0,
+        input_perm: None,
     };
     p.format.check_cols(cols)?;
     Ok(Some(p))

@@ -114,6 +114,10 @@ pub struct PackedWeight {
     pub offsets: Option<Vec<f32>>,
     pub block_scales: Vec<u8>,
     pub global_scale: f32,
+    /// Column `j` holds input column `input_perm[j]` (GPTQ act-order, whose groups are runs of
+    /// columns only in this order); the activations are gathered the same way before the
+    /// product.
+    pub input_perm: Option<Vec<u32>>,
 }
 
 /// A quantized matrix borrowed from storage (what the runtime reads).
@@ -175,12 +179,20 @@ impl PackedWeight {
         }
     }
 
-    /// The matrix the codes stand for.
+    /// The matrix the codes stand for, its columns in input order.
     pub fn dequantize(&self) -> Result<Vec<f32>> {
         let m = trtllm_kernels::cpu::MatRef::new(self.as_ref().view(), self.rows, self.cols)?;
         let mut out = vec![0f32; self.rows * self.cols];
-        for (r, row) in out.chunks_exact_mut(self.cols).enumerate() {
-            m.row_to_f32(r, row);
+        let mut row = vec![0f32; self.cols];
+        for (r, dst) in out.chunks_exact_mut(self.cols).enumerate() {
+            m.row_to_f32(r, &mut row);
+            match &self.input_perm {
+                Some(perm) => perm
+                    .iter()
+                    .zip(&row)
+                    .for_each(|(&c, &v)| dst[c as usize] = v),
+                None => dst.copy_from_slice(&row),
+            }
         }
         Ok(out)
     }
@@ -190,6 +202,7 @@ impl PackedWeight {
         self.codes.len()
             + 4 * (self.scales.len() + self.offsets.as_ref().map_or(0, Vec::len))
             + self.block_scales.len()
+            + 4 * self.input_perm.as_ref().map_or(0, Vec::len)
     }
 
     fn empty(format: WeightFormat, rows: usize, cols: usize) -> Self {
@@ -202,6 +215,7 @@ impl PackedWeight {
             offsets: None,
             block_scales: Vec::new(),
             global_scale: 1.0,
+            input_perm: None,
         }
     }
 }

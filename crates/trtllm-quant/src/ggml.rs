@@ -215,6 +215,7 @@ impl GgmlType {
             offsets: None,
             block_scales: Vec::new(),
             global_scale: 1.0,
+            input_perm: None,
         };
         for b in bytes.chunks_exact(self.block_bytes()) {
             pack::push_block(self, b, &mut p);

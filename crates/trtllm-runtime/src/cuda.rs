@@ -27,6 +27,7 @@ pub(crate) struct DeviceLinear {
     /// Carries the layer's FP8 input scale: the kernels layer picks how to apply it.
     w: DeviceMatrix,
     bias: Option<CudaSlice<f32>>,
+    input_perm: Option<CudaSlice<u32>>,
     pre_quant_scale: Option<CudaSlice<f32>>,
 }
 
@@ -89,6 +90,11 @@ impl Backend for CudaBackend {
         Ok(DeviceLinear {
             w: self.dev.upload_matrix(l.weight.mat(file)?, input_scale)?,
             bias: l.bias.as_ref().map(up).transpose()?,
+            input_perm: l
+                .input_perm
+                .as_ref()
+                .map(|p| self.dev.upload(p))
+                .transpose()?,
             pre_quant_scale: l.pre_quant_scale.as_ref().map(up).transpose()?,
         })
     }
@@ -167,17 +173,29 @@ impl Backend for CudaBackend {
 
     /// Through FP8 when the layer has an input scale.
     fn linear(&self, l: &DeviceLinear, x: &CudaSlice<f32>, rows: usize) -> Result<CudaSlice<f32>> {
-        let scaled = match &l.pre_quant_scale {
-            Some(s) => {
-                let mut c = self.dev.copy(x)?;
-                self.dev.scale_cols(&mut c, s)?;
-                Some(c)
+        let mut prepared = match &l.input_perm {
+            Some(perm) => {
+                let mut g = self.dev.zeros::<f32>(x.len())?;
+                self.dev.gather_cols(x, perm, &mut g)?;
+                Some(g)
             }
             None => None,
         };
+        if let Some(s) = &l.pre_quant_scale {
+            let mut c = match prepared.take() {
+                Some(g) => g,
+                None => self.dev.copy(x)?,
+            };
+            self.dev.scale_cols(&mut c, s)?;
+            prepared = Some(c);
+        }
         let mut y = self.output(rows * l.w.rows)?;
-        self.dev
-            .matmul(&l.w, scaled.as_ref().unwrap_or(x), l.bias.as_ref(), &mut y)?;
+        self.dev.matmul(
+            &l.w,
+            prepared.as_ref().unwrap_or(x),
+            l.bias.as_ref(),
+            &mut y,
+        )?;
         Ok(y)
     }
 

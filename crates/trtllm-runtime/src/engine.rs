@@ -11,7 +11,8 @@
 //! file and reads in place. A quantized weight `P.weight` is stored as uint8 codes
 //! `[rows × code bytes]` tagged with its `format`, beside `P.weight_scale` (f32 per group),
 //! `P.weight_offset` (zero points), `P.weight_block_scale` / `P.weight_global_scale` (NVFP4),
-//! and optionally `P.pre_quant_scale` (per input channel, multiplied into the activations) and
+//! and optionally `P.pre_quant_scale` (per input channel, multiplied into the activations),
+//! `P.input_perm` (the input column each weight column reads, as f32: GPTQ act-order) and
 //! `P.input_scale` (static FP8 activation scale). Opening an engine checks the version, the file
 //! size and its CRC-32.
 
@@ -265,6 +266,12 @@ impl EngineWriter {
                 &[1],
                 &g,
             )?;
+        }
+        if let Some(perm) = &p.input_perm {
+            // Column indices as f32: exact below 2^24 columns.
+            let v: Vec<f32> = perm.iter().map(|&c| c as f32).collect();
+            let name = format!("{prefix}.input_perm");
+            self.add(&name, DType::F32, &[p.cols], &DType::F32.encode(&v))?;
         }
         Ok(())
     }

@@ -231,6 +231,7 @@ impl HostModel {
                 Weight::load(f, names::LM_HEAD_PREFIX, cfg.vocab_size, h)?
             },
             bias: None,
+            input_perm: None,
             pre_quant_scale: None,
             input_scale: None,
         };

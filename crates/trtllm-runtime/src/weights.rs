@@ -2,6 +2,8 @@
 //! their scale tensors (see the engine format in [`crate::engine`]). Everything is validated
 //! when the engine opens, so a forward pass never meets an inconsistent tensor.
 
+use std::borrow::Cow;
+
 use trtllm_quant::codec::fp8_qdq;
 use trtllm_quant::kernels::cpu::{self, MatRef, WeightData};
 use trtllm_quant::{DType, PackedRef, WeightFormat};
@@ -23,6 +25,26 @@ pub(crate) fn tensor(file: &EngineFile, name: &str, shape: &[usize]) -> Result<T
         });
     }
     Ok(t.clone())
+}
+
+/// An `input_perm` tensor's column indices, which must be a permutation of its length (a
+/// corrupt one would read out of bounds or read a column twice).
+fn permutation(file: &EngineFile, t: &TensorInfo) -> Result<Vec<u32>> {
+    let v = f32s(file, t)?;
+    let mut seen = vec![false; v.len()];
+    let mut perm = Vec::with_capacity(v.len());
+    for &f in v {
+        let c = f as usize;
+        if f < 0.0 || f.fract() != 0.0 || c >= v.len() || std::mem::replace(&mut seen[c], true) {
+            return Err(RuntimeError::InvalidConfig(format!(
+                "{} is not a permutation of 0..{} (holds {f})",
+                t.name,
+                v.len()
+            )));
+        }
+        perm.push(c as u32);
+    }
+    Ok(perm)
 }
 
 /// Like [`tensor`], but absent is fine; present tensors must be float32.
@@ -168,24 +190,28 @@ impl Weight {
     }
 }
 
-/// `y = (x ∘ pre_quant_scale) · Wᵀ + bias`, with FP8 activation quantization when the layer
-/// has a static `input_scale`.
+/// `y = (x[input_perm] ∘ pre_quant_scale) · Wᵀ + bias`, with FP8 activation quantization when
+/// the layer has a static `input_scale`.
 #[derive(Clone, Debug)]
 pub(crate) struct Linear {
     /// The module name (the tensor prefix).
     pub name: String,
     pub weight: Weight,
     pub bias: Option<TensorInfo>,
+    /// The input column each weight column reads (checked to be a permutation).
+    pub input_perm: Option<Vec<u32>>,
     pub pre_quant_scale: Option<TensorInfo>,
     pub input_scale: Option<TensorInfo>,
 }
 
 impl Linear {
     pub fn load(file: &EngineFile, prefix: &str, rows: usize, cols: usize) -> Result<Self> {
+        let perm = optional_f32(file, &format!("{prefix}.input_perm"), &[cols])?;
         Ok(Self {
             name: prefix.to_string(),
             weight: Weight::load(file, prefix, rows, cols)?,
             bias: optional_f32(file, &format!("{prefix}.bias"), &[rows])?,
+            input_perm: perm.map(|t| permutation(file, &t)).transpose()?,
             pre_quant_scale: optional_f32(file, &format!("{prefix}.pre_quant_scale"), &[cols])?,
             input_scale: optional_f32(file, &format!("{prefix}.input_scale"), &[1])?,
         })
@@ -200,26 +226,32 @@ impl Linear {
     ) -> Result<Vec<f32>> {
         let w = self.weight.mat(file)?;
         let bias = self.bias.as_ref().map(|b| f32s(file, b)).transpose()?;
-        let mut scaled;
-        let mut x = x;
+        let x = self.prepare(file, x)?;
+        let mut y = vec![0f32; rows * w.rows()];
+        cpu::linear_with(&x, rows, w, bias, &mut y, &tactics.get(rows))?;
+        Ok(y)
+    }
+
+    /// The activations as the weight reads them: gathered by `input_perm`, scaled by
+    /// `pre_quant_scale`, through FP8 with `input_scale`.
+    fn prepare<'x>(&self, file: &EngineFile, x: &'x [f32]) -> Result<Cow<'x, [f32]>> {
+        let mut x = Cow::Borrowed(x);
+        if let Some(perm) = &self.input_perm {
+            let rows = x.chunks_exact(perm.len());
+            x = Cow::Owned(
+                rows.flat_map(|row| perm.iter().map(|&c| row[c as usize]))
+                    .collect(),
+            );
+        }
         if let Some(s) = &self.pre_quant_scale {
             let s = f32s(file, s)?;
-            scaled = x.to_vec();
-            for row in scaled.chunks_exact_mut(s.len()) {
-                for (v, m) in row.iter_mut().zip(s) {
-                    *v *= m;
-                }
+            for row in x.to_mut().chunks_exact_mut(s.len()) {
+                row.iter_mut().zip(s).for_each(|(v, m)| *v *= m);
             }
-            x = &scaled;
         }
         if let Some(s) = &self.input_scale {
-            let s = f32s(file, s)?[0];
-            scaled = x.to_vec();
-            fp8_qdq(&mut scaled, s);
-            x = &scaled;
+            fp8_qdq(x.to_mut(), f32s(file, s)?[0]);
         }
-        let mut y = vec![0f32; rows * w.rows()];
-        cpu::linear_with(x, rows, w, bias, &mut y, &tactics.get(rows))?;
-        Ok(y)
+        Ok(x)
     }
 }

@@ -245,6 +245,26 @@ impl CudaDevice {
         launch(b, cfg, Kernel::scale_cols_f32)
     }
 
+    /// `out[r][j] = x[r][perm[j]]` (act-order GPTQ weights read their input in this order). The
+    /// indices are trusted to lie below `perm.len()` (checked where the engine is loaded).
+    pub fn gather_cols(
+        &self,
+        x: &CudaSlice<f32>,
+        perm: &CudaSlice<u32>,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let rows = check_rows("gather_cols", x.len(), perm.len())?;
+        check_len("gather_cols", "out", out.len(), x.len())?;
+        let (r, c, cfg) = (
+            int("rows", rows)?,
+            int("cols", perm.len())?,
+            elementwise(x.len())?,
+        );
+        let mut b = self.builder(Kernel::gather_cols_f32)?;
+        b.arg(x).arg(perm).arg(out).arg(&r).arg(&c);
+        launch(b, cfg, Kernel::gather_cols_f32)
+    }
+
     /// `x = e4m3(x / scale) · scale`: activations through FP8 with a static scale.
     pub fn fp8_qdq(&self, x: &mut CudaSlice<f32>, scale: f32) -> Result<()> {
         let (n, cfg) = (int("n", x.len())?, elementwise(x.len())?);

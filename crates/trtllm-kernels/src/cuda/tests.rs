@@ -295,7 +295,7 @@ fn paged_attention_and_kv_writes_match_cpu() {
 
 #[test]
 #[ignore = "needs a CUDA GPU: cargo xtask test-gpu"]
-fn glue_kernels_scale_copy_and_round_through_fp8() {
+fn glue_kernels_scale_gather_copy_and_round_through_fp8() {
     let d = device();
     let (rows, cols) = (3, 70);
     let x = rand_vec(rows * cols, 60);
@@ -304,6 +304,19 @@ fn glue_kernels_scale_copy_and_round_through_fp8() {
     d.scale_cols(&mut xd, &d.upload(&s).unwrap()).unwrap();
     let want: Vec<f32> = x.iter().enumerate().map(|(i, v)| v * s[i % cols]).collect();
     assert_close(&d.download(&xd).unwrap(), &want, 0.0, "scale_cols");
+
+    let perm: Vec<u32> = (0..cols as u32)
+        .map(|c| (c * 31 + 7) % cols as u32)
+        .collect();
+    let mut gathered = d.zeros::<f32>(rows * cols).unwrap();
+    let xd = d.upload(&x).unwrap();
+    d.gather_cols(&xd, &d.upload(&perm).unwrap(), &mut gathered)
+        .unwrap();
+    let want: Vec<f32> = x
+        .chunks_exact(cols)
+        .flat_map(|row| perm.iter().map(|&c| row[c as usize]))
+        .collect();
+    assert_close(&d.download(&gathered).unwrap(), &want, 0.0, "gather_cols");
 
     let mut part = d.zeros::<f32>(rows * 20).unwrap();
     d.copy_cols((&d.upload(&x).unwrap(), cols), 33, &mut part)
