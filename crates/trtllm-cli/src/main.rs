@@ -106,8 +106,13 @@ struct PerplexityArgs {
 }
 
 fn main() -> ExitCode {
-    init_logging();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    // The server logs its start and each request; other commands only what goes wrong.
+    init_logging(match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    });
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         // The reader went away (`| head`): nothing is wrong with the command.
         Err(e) if broken_pipe(&e) => ExitCode::SUCCESS,
@@ -118,14 +123,14 @@ fn main() -> ExitCode {
     }
 }
 
-/// Log events of the libraries (`tracing`) to stderr, filtered by `RUST_LOG` (default: warnings
-/// and errors).
-fn init_logging() {
+/// Log events of the libraries (`tracing`) to stderr, filtered by `RUST_LOG` (else `default`).
+fn init_logging(default: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 

@@ -30,6 +30,10 @@ pub struct ServeArgs {
     /// Request bodies larger than this get 413.
     #[arg(long, default_value_t = 4 << 20)]
     max_body_bytes: usize,
+    /// Warn of request fields we do not implement and ignore them, instead of answering 400
+    /// (for clients that always send extras).
+    #[arg(long)]
+    lenient_requests: bool,
     #[command(flatten)]
     executor: ExecutorArgs,
 }
@@ -50,6 +54,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             served_model_name: name,
             max_body_bytes: a.max_body_bytes,
             max_pending_requests: a.max_pending_requests,
+            lenient_requests: a.lenient_requests,
         },
     )?;
     Ok(())

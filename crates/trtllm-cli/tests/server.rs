@@ -313,6 +313,57 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
             err(status, &resp, what);
         }
     }
+    // Fields we do not implement are refused by name, never ignored.
+    for (path, body, field, code) in [
+        (
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": "x", "max_tokens": 1_000_000_000}),
+            "",
+            "context_length_exceeded",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                   "response_format": {"type": "json_object"}}),
+            "response_format",
+            "",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": "x", "frobnicate": 1}),
+            "frobnicate",
+            "",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": [{"role": "user"}]}),
+            "messages",
+            "",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}),
+            "messages",
+            "",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "hi", "name": "a"}]}),
+            "messages[0].name",
+            "",
+        ),
+    ] {
+        let (status, resp) = server.post(path, &body, key);
+        assert_eq!(status, 400, "{body}: {resp}");
+        err(status, &resp, field);
+        if !field.is_empty() {
+            assert_eq!(resp["error"]["param"], field, "{resp}");
+        }
+        if !code.is_empty() {
+            assert_eq!(resp["error"]["code"], code, "{resp}");
+        }
+    }
+
     // Malformed JSON, sent raw.
     let mut resp = Server::agent()
         .post(format!("{}/v1/completions", server.base))
@@ -343,6 +394,41 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     // The golden continuation is " Paris.\n\nThe answer is: ..." (4 tokens: " Paris", ".", "\n", "\n").
     assert_eq!(body["choices"][0]["text"], " Paris.\n\n");
     assert_eq!(body["usage"]["completion_tokens"], 4);
+}
+
+/// vLLM's /tokenize and /detokenize round-trip and count a chat prompt as the chat endpoint
+/// does; /version answers; with --lenient-requests an unsupported field is ignored (and
+/// logged) instead of refused, and `model` may be left out.
+#[test]
+fn tokenize_detokenize_version_and_lenient_requests() {
+    let server = Server::start(&["--lenient-requests"]);
+    let text = "Hello, world! ünïcödé 漢字 🙂";
+    let (status, t) = server.post("/tokenize", &json!({"prompt": text}), None);
+    assert_eq!(status, 200, "{t}");
+    assert_eq!(
+        t["count"].as_u64(),
+        Some(t["tokens"].as_array().unwrap().len() as u64)
+    );
+    assert_eq!(t["max_model_len"], 1024);
+    let (status, d) = server.post("/detokenize", &json!({"tokens": t["tokens"]}), None);
+    assert_eq!(status, 200, "{d}");
+    assert_eq!(d["prompt"], text);
+    let (status, d) = server.post("/detokenize", &json!({"tokens": [99_999_999]}), None);
+    assert_eq!(status, 400, "{d}");
+
+    let messages = json!([{"role": "user", "content": "What is 2 + 2?"}]);
+    let (_, t) = server.post("/tokenize", &json!({"messages": messages}), None);
+    let chat = json!({"messages": messages, "max_tokens": 1, "response_format": {"type": "text"}});
+    let (status, c) = server.post("/v1/chat/completions", &chat, None);
+    assert_eq!(status, 200, "{c}");
+    assert_eq!(c["usage"]["prompt_tokens"], t["count"]);
+
+    let mut resp = Server::agent()
+        .get(format!("{}/version", server.base))
+        .call()
+        .unwrap();
+    let v: Value = serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap();
+    assert!(v["version"].is_string(), "{v}");
 }
 
 fn trtllm(args: &[&str]) -> String {

@@ -16,8 +16,16 @@ pub enum ServeError {
         message: String,
         param: Option<String>,
     },
-    #[error("This model's maximum context length is {max} tokens; the prompt has {len}")]
-    ContextLength { len: usize, max: usize },
+    #[error(
+        "This model's maximum context length is {max} tokens; the prompt has {len}{}",
+        asked.map_or(String::new(), |n| format!(" and max_tokens asks for {n} more"))
+    )]
+    ContextLength {
+        len: usize,
+        max: usize,
+        /// The completion tokens asked for, when that is what overflows.
+        asked: Option<usize>,
+    },
     #[error("Incorrect API key provided")]
     Unauthorized,
     #[error("The model `{0}` does not exist")]
@@ -117,7 +125,11 @@ impl From<ExecutorError> for ServeError {
             ExecutorError::ShutDown => ServeError::Overloaded(e.to_string()),
             ExecutorError::RequestTooLarge { .. } => ServeError::TooLarge(e.to_string()),
             ExecutorError::Runtime(RuntimeError::PromptTooLong { len, max, .. }) => {
-                ServeError::ContextLength { len, max }
+                ServeError::ContextLength {
+                    len,
+                    max,
+                    asked: None,
+                }
             }
             ExecutorError::Runtime(RuntimeError::InvalidSampling { field, .. }) => {
                 ServeError::bad(e.to_string(), Some(field))

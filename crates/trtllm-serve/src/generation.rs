@@ -41,6 +41,8 @@ struct Choice {
 }
 
 pub struct Generation {
+    /// The response id, for the request log.
+    id: String,
     rx: mpsc::Receiver<Item>,
     state: Arc<AppState>,
     n: usize,
@@ -49,6 +51,7 @@ pub struct Generation {
     arrived: Instant,
     first_token: Option<Instant>,
     finished: bool,
+    failed: bool,
     _guard: AbortGuard,
     _admission: Admission,
 }
@@ -61,6 +64,7 @@ impl Drop for Generation {
 
 impl Generation {
     pub fn start(
+        id: String,
         admission: Admission,
         streams: Vec<RequestStream>,
         n: usize,
@@ -91,6 +95,7 @@ impl Generation {
             });
         }
         Self {
+            id,
             rx,
             _guard: AbortGuard {
                 state: state.clone(),
@@ -103,6 +108,7 @@ impl Generation {
             arrived,
             first_token: None,
             finished: false,
+            failed: false,
             _admission: admission,
         }
     }
@@ -118,7 +124,10 @@ impl Generation {
                 self.finish();
                 None
             }
-            Some(Item::Failed(e)) => Some(Err(e)),
+            Some(Item::Failed(e)) => {
+                self.failed = true;
+                Some(Err(e))
+            }
             Some(Item::Delta(prompt, d)) => Some(Ok(self.observe(prompt * self.n + d.index, d))),
         }
     }
@@ -167,13 +176,28 @@ impl Generation {
         let open = self
             .choices
             .iter()
-            .filter(|c| c.all.finish_reason.is_none());
-        self.state
-            .metrics
-            .finished("cancelled", open.count() as u64);
+            .filter(|c| c.all.finish_reason.is_none())
+            .count();
         let metrics = &self.state.metrics;
-        metrics.e2e(self.arrived.elapsed());
+        metrics.finished("cancelled", open as u64);
+        let e2e = self.arrived.elapsed();
+        metrics.e2e(e2e);
         metrics.tokens(self.prompt_tokens, self.completion_tokens());
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        let ttft = self.first_token.map(|t| ms(t - self.arrived));
+        let status = match (self.failed, open) {
+            (true, _) => "failed".to_string(),
+            (false, 0) => "ok".to_string(),
+            (false, n) => format!("{n} of {} cancelled", self.choices.len()),
+        };
+        tracing::info!(
+            "{}: {} prompt + {} completion tokens, TTFT {}, {:.1} ms, {status}",
+            self.id,
+            self.prompt_tokens,
+            self.completion_tokens(),
+            ttft.map_or("-".into(), |t| format!("{t:.1} ms")),
+            ms(e2e),
+        );
     }
 
     fn completion_tokens(&self) -> usize {

@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
-use trtllm_api::{RequestStream, SamplingParams, LLM};
+use trtllm_api::{Prompt, RequestStream, SamplingParams, LLM};
 
 use crate::format::{Endpoint, Formatter};
 use crate::generation::Generation;
@@ -128,19 +128,14 @@ pub async fn completions(
     JsonBody(req): JsonBody<CompletionRequest>,
 ) -> AppResult {
     let arrived = Instant::now();
-    st.check_model(&req.model)?;
-    let parsed = req.params()?;
+    st.check_model(req.model.as_deref())?;
+    let parsed = req.params(st.config.lenient_requests)?;
     run(
         st,
         Endpoint::Completions,
         arrived,
         parsed,
-        |llm, params, prompts| {
-            prompts
-                .into_iter()
-                .map(|p| llm.generate_async(p, params))
-                .collect()
-        },
+        |llm, prompts| prompts.iter().map(|p| llm.encode_prompt(p)).collect(),
     )
     .await
 }
@@ -150,32 +145,37 @@ pub async fn chat(
     JsonBody(req): JsonBody<ChatRequest>,
 ) -> AppResult {
     let arrived = Instant::now();
-    st.check_model(&req.model)?;
-    let max_seq_len = st.llm.executor().engine_config().build.max_seq_len;
-    let parsed = req.params(max_seq_len)?;
-    run(
-        st,
-        Endpoint::Chat,
-        arrived,
-        parsed,
-        |llm, params, messages| Ok(vec![llm.chat_async(&messages, params)?]),
-    )
+    st.check_model(req.model.as_deref())?;
+    let parsed = req.params(st.config.lenient_requests)?;
+    run(st, Endpoint::Chat, arrived, parsed, |llm, messages| {
+        Ok(vec![llm.chat_prompt(&messages)?])
+    })
     .await
 }
 
-/// Admits the request, submits its inputs on a blocking thread (tokenizing and templating are
-/// CPU work), then collects or streams the result.
+/// The completion length a prompt of `len` tokens gets: what it asked for, or what the context
+/// leaves; asking for more than is left is OpenAI's `context_length_exceeded`.
+fn fit(len: usize, asked: Option<usize>, max: usize) -> Result<usize, ServeError> {
+    let left = max.saturating_sub(len);
+    match asked {
+        Some(n) if n <= left => Ok(n),
+        None if left > 0 => Ok(left),
+        _ => Err(ServeError::ContextLength { len, max, asked }),
+    }
+}
+
+/// Admits the request, tokenizes its inputs on a blocking thread (tokenizing and templating
+/// are CPU work) and submits each within the context, then collects or streams the result.
 async fn run<T: Send + 'static>(
     st: Arc<AppState>,
     endpoint: Endpoint,
     arrived: Instant,
     parsed: Parsed<T>,
-    submit: impl FnOnce(&LLM, &SamplingParams, T) -> trtllm_api::Result<Vec<RequestStream>>
-        + Send
-        + 'static,
+    encode: impl FnOnce(&LLM, T) -> trtllm_api::Result<Vec<Vec<u32>>> + Send + 'static,
 ) -> AppResult {
     let Parsed {
         params,
+        max_tokens,
         inputs,
         stream: streamed,
         include_usage,
@@ -183,18 +183,39 @@ async fn run<T: Send + 'static>(
     let admission = st.admit()?;
     let llm = st.llm.clone();
     let submitted = params.clone();
-    let streams = tokio::task::spawn_blocking(move || submit(&llm, &submitted, inputs))
+    let max_seq_len = llm.executor().engine_config().build.max_seq_len;
+    let submit = move || -> Result<Vec<RequestStream>, ServeError> {
+        let prompts = encode(&llm, inputs)?;
+        // Every prompt fits before any is submitted, so a bad one cancels nothing.
+        let lens = prompts
+            .iter()
+            .map(|ids| fit(ids.len(), max_tokens, max_seq_len))
+            .collect::<Result<Vec<_>, _>>()?;
+        prompts
+            .into_iter()
+            .zip(lens)
+            .map(|(ids, n)| {
+                let params = SamplingParams {
+                    max_tokens: n,
+                    ..submitted.clone()
+                };
+                Ok(llm.generate_async(Prompt::TokenIds(ids), &params)?)
+            })
+            .collect()
+    };
+    let streams = tokio::task::spawn_blocking(submit)
         .await
         .map_err(|e| ServeError::Internal(e.to_string()))??;
     let first_id = streams.first().map_or(0, RequestStream::request_id);
-    let gen = Generation::start(admission, streams, params.n, arrived);
     let prefix = match endpoint {
         Endpoint::Completions => "cmpl",
         Endpoint::Chat => "chatcmpl",
     };
+    let id = format!("{prefix}-{:x}-{first_id}", st.created);
+    let gen = Generation::start(id.clone(), admission, streams, params.n, arrived);
     let fmt = Formatter {
         endpoint,
-        id: format!("{prefix}-{:x}-{first_id}", st.created),
+        id,
         model: st.config.served_model_name.clone(),
         created: crate::state::unix_time(),
         want_logprobs: params.logprobs.is_some(),

@@ -1,6 +1,7 @@
 //! `trtllm serve`: an OpenAI-compatible HTTP server over the LLM API — `/v1/models`,
-//! `/v1/completions`, `/v1/chat/completions` (with server-sent-event streaming), `/health`
-//! and Prometheus `/metrics`.
+//! `/v1/completions`, `/v1/chat/completions` (with server-sent-event streaming), vLLM's
+//! `/tokenize` and `/detokenize`, `/version`, `/health` and Prometheus `/metrics`. Logs its
+//! start and one line per request through `tracing`.
 //!
 //! Architecture invariant: the server only translates. Parameters become `SamplingParams`,
 //! prompts go through `LLM`, and every scheduling decision stays with the executor; the async
@@ -13,6 +14,7 @@ mod handlers;
 mod metrics;
 mod protocol;
 mod state;
+mod tokenize;
 
 use std::sync::Arc;
 
@@ -20,6 +22,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
 use axum::Router;
+use trtllm_api::runtime::quant::QuantAlgo;
 use trtllm_api::LLM;
 
 pub use error::ServeError;
@@ -37,6 +40,9 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     /// More generation requests in flight than this are refused with 503.
     pub max_pending_requests: usize,
+    /// Fields we do not implement are warned of and ignored instead of refused with 400 (for
+    /// clients that always send extras).
+    pub lenient_requests: bool,
 }
 
 impl Default for ServeConfig {
@@ -48,6 +54,7 @@ impl Default for ServeConfig {
             served_model_name: "trtllm".into(),
             max_body_bytes: 4 << 20,
             max_pending_requests: 1024,
+            lenient_requests: false,
         }
     }
 }
@@ -59,10 +66,13 @@ pub fn router(llm: LLM, config: ServeConfig) -> Router {
         .route("/v1/models", get(handlers::models))
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/chat/completions", post(handlers::chat))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route_layer(from_fn_with_state(st.clone(), handlers::auth));
     Router::new()
         .merge(v1)
         .route("/health", get(handlers::health))
+        .route("/version", get(tokenize::version))
         .route("/metrics", get(handlers::metrics))
         .fallback(handlers::not_found)
         .layer(from_fn_with_state(st.clone(), handlers::count_errors))
@@ -92,12 +102,38 @@ pub fn serve(llm: LLM, config: ServeConfig) -> Result<(), ServeError> {
             .await
             .map_err(listen_err)?;
         let local = listener.local_addr().map_err(listen_err)?;
+        log_summary(&llm, &config);
         eprintln!("listening on http://{local}");
         axum::serve(listener, router(llm, config))
             .with_graceful_shutdown(shutdown_signal())
             .await
             .map_err(listen_err)
     })
+}
+
+/// What is being served, once at start.
+fn log_summary(llm: &LLM, config: &ServeConfig) {
+    let exec = llm.executor();
+    let e = exec.engine_config();
+    let kv = exec
+        .kv_cache_summary()
+        .map_or("-".into(), |k| k.total_blocks.to_string());
+    let weights = match (e.build.keep_quantized, e.build.quant.quant_algo()) {
+        (true, _) => "as the checkpoint quantized them".to_string(),
+        (false, QuantAlgo::NoQuant) => e.build.dtype.map_or("float32", |d| d.name()).into(),
+        (false, algo) => algo.to_string(),
+    };
+    tracing::info!(
+        "serving {} as '{}': {} ({} layers), weights {weights}, KV cache {} in {kv} blocks, up \
+         to {} sequences of {} tokens at once",
+        llm.engine_dir().display(),
+        config.served_model_name,
+        e.model.architecture,
+        e.model.num_layers,
+        e.build.kv_cache_dtype.map_or("float32", |d| d.name()),
+        e.build.max_batch_size,
+        e.build.max_seq_len,
+    );
 }
 
 async fn shutdown_signal() {

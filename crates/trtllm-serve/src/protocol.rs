@@ -1,12 +1,77 @@
 //! OpenAI request bodies and their translation into `SamplingParams` and prompts. Fields
-//! OpenAI defines keep its defaults (temperature 1, max_tokens 16 for completions); vLLM's
-//! extensions (top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids,
-//! skip_special_tokens) are accepted too.
+//! OpenAI defines keep its defaults (temperature 1, max_tokens 16 for completions, the rest of
+//! the context for chat); vLLM's extensions (top_k, min_p, repetition_penalty, min_tokens,
+//! ignore_eos, stop_token_ids, skip_special_tokens) are accepted too. A field we do not
+//! implement is refused by name, never accepted and ignored.
 
 use serde::Deserialize;
+use serde_json::{Map, Value};
 use trtllm_api::{ChatMessage, Prompt, SamplingParams};
 
 use crate::ServeError;
+
+/// Fields that change nothing a server computes (OpenAI's bookkeeping): accepted.
+const INERT: &[&str] = &["user", "store", "metadata", "service_tier"];
+
+/// Fields OpenAI or vLLM define that this server does not implement.
+const NOT_IMPLEMENTED: &[&str] = &[
+    "response_format",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "functions",
+    "function_call",
+    "logit_bias",
+    "guided_json",
+    "guided_regex",
+    "guided_grammar",
+    "guided_choice",
+    "guided_decoding_backend",
+    "structured_outputs",
+    "best_of",
+    "use_beam_search",
+    "length_penalty",
+    "early_stopping",
+    "bad_words",
+    "allowed_token_ids",
+    "prompt_logprobs",
+    "chat_template",
+    "chat_template_kwargs",
+    "add_generation_prompt",
+    "continue_final_message",
+    "suffix",
+    "logits_processors",
+    "truncate_prompt_tokens",
+    "reasoning_effort",
+    "modalities",
+    "audio",
+    "prediction",
+];
+
+/// Refuses the fields no field of a request took (`extra`), naming the first; with `lenient`,
+/// warns of each and goes on. A null value asks for nothing and passes. `at` prefixes the name
+/// (`messages[2].`).
+pub fn check_unknown(
+    extra: &Map<String, Value>,
+    at: &str,
+    lenient: bool,
+) -> Result<(), ServeError> {
+    for (k, v) in extra {
+        if v.is_null() || INERT.contains(&k.as_str()) {
+            continue;
+        }
+        let field = format!("{at}{k}");
+        let message = match NOT_IMPLEMENTED.contains(&k.as_str()) {
+            true => format!("'{field}' is not supported by this server"),
+            false => format!("unknown field '{field}'"),
+        };
+        if !lenient {
+            return Err(ServeError::bad(message, Some(&field)));
+        }
+        tracing::warn!("{message}: ignored (--lenient-requests)");
+    }
+    Ok(())
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -52,7 +117,8 @@ pub struct SamplingFields {
 
 #[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
-    pub model: String,
+    /// Optional: the served model when absent.
+    pub model: Option<String>,
     pub prompt: PromptInput,
     pub max_tokens: Option<i64>,
     #[serde(default)]
@@ -63,6 +129,9 @@ pub struct CompletionRequest {
     pub echo: bool,
     #[serde(flatten)]
     pub sampling: SamplingFields,
+    /// Every field the others did not take (declared last, so it gets only those).
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -83,11 +152,13 @@ pub struct ContentPart {
 pub struct ChatMessageIn {
     pub role: String,
     pub content: Option<Content>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
-    pub model: String,
+    pub model: Option<String>,
     pub messages: Vec<ChatMessageIn>,
     pub max_tokens: Option<i64>,
     pub max_completion_tokens: Option<i64>,
@@ -99,15 +170,23 @@ pub struct ChatRequest {
     pub top_logprobs: Option<i64>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
 /// A request reduced to what the engine needs.
 pub struct Parsed<T> {
+    /// `max_tokens` is a placeholder when `max_tokens` below is None.
     pub params: SamplingParams,
+    /// Tokens asked for; None: what the context leaves after each prompt.
+    pub max_tokens: Option<usize>,
     pub inputs: T,
     pub stream: bool,
     pub include_usage: bool,
 }
+
+/// The roles the chat templates are written for.
+const ROLES: &[&str] = &["system", "user", "assistant"];
 
 fn count(v: Option<i64>, field: &str, min: i64) -> Result<Option<usize>, ServeError> {
     match v {
@@ -161,7 +240,8 @@ impl SamplingFields {
 }
 
 impl CompletionRequest {
-    pub fn params(self) -> Result<Parsed<Vec<Prompt>>, ServeError> {
+    pub fn params(self, lenient: bool) -> Result<Parsed<Vec<Prompt>>, ServeError> {
+        check_unknown(&self.extra, "", lenient)?;
         if self.echo {
             return Err(ServeError::bad("echo is not supported", Some("echo")));
         }
@@ -179,6 +259,7 @@ impl CompletionRequest {
         let include_usage = self.stream_options.is_some_and(|o| o.include_usage);
         Ok(Parsed {
             params: self.sampling.params(max_tokens, logprobs)?,
+            max_tokens: Some(max_tokens),
             inputs: prompts,
             stream: self.stream,
             include_usage,
@@ -187,11 +268,13 @@ impl CompletionRequest {
 }
 
 impl ChatRequest {
-    /// `default_max_tokens` is what is left of the context (OpenAI's chat default).
-    pub fn params(self, default_max_tokens: usize) -> Result<Parsed<Vec<ChatMessage>>, ServeError> {
-        let max_tokens = count(self.max_completion_tokens, "max_completion_tokens", 1)?
-            .or(count(self.max_tokens, "max_tokens", 1)?)
-            .unwrap_or(default_max_tokens);
+    pub fn params(self, lenient: bool) -> Result<Parsed<Vec<ChatMessage>>, ServeError> {
+        check_unknown(&self.extra, "", lenient)?;
+        let max_tokens = count(self.max_completion_tokens, "max_completion_tokens", 1)?.or(count(
+            self.max_tokens,
+            "max_tokens",
+            1,
+        )?);
         let top = count(self.top_logprobs, "top_logprobs", 0)?;
         if top.is_some() && !self.logprobs {
             return Err(ServeError::bad(
@@ -203,39 +286,64 @@ impl ChatRequest {
         if self.messages.is_empty() {
             return Err(ServeError::bad("messages is empty", Some("messages")));
         }
-        let messages = self
-            .messages
-            .into_iter()
-            .map(|m| {
-                let content = match m.content {
-                    None => String::new(),
-                    Some(Content::Text(t)) => t,
-                    Some(Content::Parts(parts)) => parts
-                        .into_iter()
-                        .map(|p| match (p.kind.as_str(), p.text) {
-                            ("text", Some(t)) => Ok(t),
-                            (kind, _) => Err(ServeError::bad(
-                                format!(
-                                    "content part of type '{kind}' is not supported (text only)"
-                                ),
-                                Some("messages"),
-                            )),
-                        })
-                        .collect::<Result<Vec<_>, _>>()?
-                        .concat(),
-                };
-                Ok(ChatMessage {
-                    role: m.role,
-                    content,
-                })
-            })
-            .collect::<Result<Vec<_>, ServeError>>()?;
+        let messages = chat_messages(self.messages, lenient)?;
         let include_usage = self.stream_options.is_some_and(|o| o.include_usage);
         Ok(Parsed {
-            params: self.sampling.params(max_tokens, logprobs)?,
+            params: self.sampling.params(max_tokens.unwrap_or(1), logprobs)?,
+            max_tokens,
             inputs: messages,
             stream: self.stream,
             include_usage,
         })
     }
+}
+
+/// Chat messages as the template takes them: roles it is written for, text content (parts of
+/// type text joined), no fields we do not implement.
+pub fn chat_messages(
+    messages: Vec<ChatMessageIn>,
+    lenient: bool,
+) -> Result<Vec<ChatMessage>, ServeError> {
+    messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let at = format!("messages[{i}]");
+            check_unknown(&m.extra, &format!("{at}."), lenient)?;
+            if !ROLES.contains(&m.role.as_str()) {
+                return Err(ServeError::bad(
+                    format!(
+                        "{at}.role '{}' is not supported ({})",
+                        m.role,
+                        ROLES.join(", ")
+                    ),
+                    Some("messages"),
+                ));
+            }
+            let content = match m.content {
+                None => {
+                    return Err(ServeError::bad(
+                        format!("{at} has no content"),
+                        Some("messages"),
+                    ))
+                }
+                Some(Content::Text(t)) => t,
+                Some(Content::Parts(parts)) => parts
+                    .into_iter()
+                    .map(|p| match (p.kind.as_str(), p.text) {
+                        ("text", Some(t)) => Ok(t),
+                        (kind, _) => Err(ServeError::bad(
+                            format!("content part of type '{kind}' is not supported (text only)"),
+                            Some("messages"),
+                        )),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+                    .concat(),
+            };
+            Ok(ChatMessage {
+                role: m.role,
+                content,
+            })
+        })
+        .collect::<Result<Vec<_>, ServeError>>()
 }

@@ -42,11 +42,13 @@ impl AppState {
         Ok(Admission(self.clone()))
     }
 
-    pub fn check_model(&self, model: &str) -> Result<(), ServeError> {
-        if model == self.config.served_model_name {
-            Ok(())
-        } else {
-            Err(ServeError::ModelNotFound(model.to_string()))
+    /// A request may name the served model or none (one model is served).
+    pub fn check_model(&self, model: Option<&str>) -> Result<(), ServeError> {
+        match model {
+            Some(m) if m != self.config.served_model_name => {
+                Err(ServeError::ModelNotFound(m.to_string()))
+            }
+            _ => Ok(()),
         }
     }
 }
