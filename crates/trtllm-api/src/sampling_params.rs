@@ -39,6 +39,8 @@ pub struct SamplingParams {
     pub logprobs: Option<usize>,
     /// Leave special tokens (e.g. `<|im_end|>`) out of the returned text.
     pub skip_special_tokens: bool,
+    /// (token id, bias) added to that token's logit before sampling; biases in [−100, 100].
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -60,6 +62,7 @@ impl Default for SamplingParams {
             n: 1,
             logprobs: None,
             skip_special_tokens: true,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -104,6 +107,7 @@ impl SamplingParams {
                 presence_penalty: self.presence_penalty,
                 frequency_penalty: self.frequency_penalty,
                 logprobs: self.logprobs,
+                logit_bias: self.logit_bias.clone(),
             },
             ignore_eos: self.ignore_eos,
             stop_token_ids: self.stop_token_ids.clone(),

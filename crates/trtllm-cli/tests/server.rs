@@ -364,6 +364,21 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         }
     }
 
+    // logit_bias: +100 makes every token that token; ids outside the vocabulary and biases
+    // outside [-100, 100] are refused.
+    let biased = json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6,
+                        "temperature": 0.8, "seed": 1, "logit_bias": {"1234": 100}});
+    let (status, resp) = server.post("/v1/completions", &biased, key);
+    assert_eq!(status, 200, "{resp}");
+    let (_, six) = server.post("/detokenize", &json!({"tokens": vec![1234u32; 6]}), key);
+    assert_eq!(resp["choices"][0]["text"], six["prompt"], "{resp}");
+    for bias in [json!({"99999999": 1}), json!({"5": 200}), json!({"x": 1})] {
+        let body = json!({"model": MODEL, "prompt": "x", "logit_bias": bias});
+        let (status, resp) = server.post("/v1/completions", &body, key);
+        assert_eq!(status, 400, "{resp}");
+        assert_eq!(resp["error"]["param"], "logit_bias", "{resp}");
+    }
+
     // Malformed JSON, sent raw.
     let mut resp = Server::agent()
         .post(format!("{}/v1/completions", server.base))

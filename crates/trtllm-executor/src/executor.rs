@@ -113,6 +113,23 @@ impl GenerationExecutor {
         &self.config
     }
 
+    /// Token ids in the parameters (stop tokens, biased tokens) must be in the vocabulary.
+    fn check_token_params(&self, p: &GenerationParams) -> Result<()> {
+        let vocab = self.config.model.vocab_size;
+        let bias: Vec<u32> = p.sampling.logit_bias.iter().map(|&(t, _)| t).collect();
+        for (field, ids) in [("stop_token_ids", &p.stop_token_ids), ("logit_bias", &bias)] {
+            if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+                return Err(RuntimeError::InvalidSampling {
+                    field,
+                    value: id.to_string(),
+                    expected: "token ids in the vocabulary",
+                }
+                .into());
+            }
+        }
+        Ok(())
+    }
+
     /// Checks and queues a request; its tokens stream through the returned handle. Bad input
     /// (prompt, sampling parameters, a request larger than the whole KV pool) is an error
     /// here and never reaches the engine loop.
@@ -120,6 +137,7 @@ impl GenerationExecutor {
         let jobs = self.jobs.as_ref().ok_or(ExecutorError::ShutDown)?;
         self.config.validate_prompt(&request.prompt_token_ids)?;
         request.params.validate()?;
+        self.check_token_params(&request.params)?;
         let sampler = Sampler::new(request.params.sampling.clone(), &request.prompt_token_ids)?;
         let prompt_len = request.prompt_token_ids.len();
         let budget = request

@@ -21,7 +21,6 @@ const NOT_IMPLEMENTED: &[&str] = &[
     "parallel_tool_calls",
     "functions",
     "function_call",
-    "logit_bias",
     "guided_json",
     "guided_regex",
     "guided_grammar",
@@ -113,6 +112,8 @@ pub struct SamplingFields {
     pub min_tokens: Option<i64>,
     pub n: Option<i64>,
     pub skip_special_tokens: Option<bool>,
+    /// OpenAI's shape: token ids (as strings) to a bias in [−100, 100].
+    pub logit_bias: Option<Map<String, Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -199,6 +200,23 @@ fn count(v: Option<i64>, field: &str, min: i64) -> Result<Option<usize>, ServeEr
     }
 }
 
+/// `{"token id": bias}` as (id, bias) pairs; the ranges are checked with the other parameters.
+fn logit_bias(map: Map<String, Value>) -> Result<Vec<(u32, f32)>, ServeError> {
+    let bad = |k: &str| {
+        ServeError::bad(
+            format!("logit_bias: '{k}' is not a token id mapped to a number"),
+            Some("logit_bias"),
+        )
+    };
+    map.iter()
+        .map(|(k, v)| {
+            let id = k.parse::<u32>().map_err(|_| bad(k))?;
+            let b = v.as_f64().ok_or_else(|| bad(k))?;
+            Ok((id, b as f32))
+        })
+        .collect()
+}
+
 impl SamplingFields {
     /// Parameters with `max_tokens` and `logprobs` already resolved by the endpoint; the
     /// ranges are checked by `SamplingParams::validate`.
@@ -233,6 +251,7 @@ impl SamplingFields {
             n: count(self.n, "n", 1)?.unwrap_or(1),
             logprobs,
             skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
+            logit_bias: logit_bias(self.logit_bias.unwrap_or_default())?,
         };
         p.validate()?;
         Ok(p)

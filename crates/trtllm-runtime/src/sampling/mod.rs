@@ -37,6 +37,9 @@ pub struct SamplingConfig {
     pub frequency_penalty: f32,
     /// Return log-probabilities: None returns none, Some(k) the sampled token's and the top k.
     pub logprobs: Option<usize>,
+    /// Added to a token's logit before sampling (OpenAI's `logit_bias`: −100 bans a token, +100
+    /// all but forces it); each in [−100, 100].
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingConfig {
@@ -51,6 +54,7 @@ impl Default for SamplingConfig {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             logprobs: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -95,6 +99,13 @@ impl SamplingConfig {
         }
         if let Some(k) = self.logprobs.filter(|&k| k > MAX_LOGPROBS) {
             return Err(invalid("logprobs", k, "at most 20"));
+        }
+        if let Some((_, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return Err(invalid("logit_bias", b, "values in [-100, 100]"));
         }
         Ok(())
     }
@@ -141,20 +152,27 @@ impl Sampler {
     /// Chooses the next token; `banned` tokens (e.g. end-of-sequence before `min_tokens`) are
     /// never chosen.
     pub fn sample(&mut self, logits: &[f32], banned: &[u32]) -> SampledToken {
-        let adjusted: Cow<[f32]> = if self.penalties.is_some() || !banned.is_empty() {
-            let mut l = logits.to_vec();
-            if let Some(p) = &self.penalties {
-                p.apply(&mut l);
-            }
-            for &t in banned {
-                if let Some(x) = l.get_mut(t as usize) {
-                    *x = f32::NEG_INFINITY;
+        let bias = &self.cfg.logit_bias;
+        let adjusted: Cow<[f32]> =
+            if self.penalties.is_some() || !banned.is_empty() || !bias.is_empty() {
+                let mut l = logits.to_vec();
+                if let Some(p) = &self.penalties {
+                    p.apply(&mut l);
                 }
-            }
-            Cow::Owned(l)
-        } else {
-            Cow::Borrowed(logits)
-        };
+                for &(t, b) in bias {
+                    if let Some(x) = l.get_mut(t as usize) {
+                        *x += b;
+                    }
+                }
+                for &t in banned {
+                    if let Some(x) = l.get_mut(t as usize) {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+                Cow::Owned(l)
+            } else {
+                Cow::Borrowed(logits)
+            };
         let id = if self.cfg.is_greedy() {
             argmax(&adjusted)
         } else {
@@ -366,6 +384,28 @@ mod tests {
         for _ in 0..100 {
             assert_ne!(s.sample(&logits, &[1]).id, 1);
         }
+    }
+
+    #[test]
+    fn logit_bias_forces_or_bans_a_token_and_is_range_checked() {
+        let logits = [0.0f32, 9.0, 1.0, 2.0];
+        let with = |bias: Vec<(u32, f32)>, t: f32| {
+            let cfg = SamplingConfig {
+                temperature: t,
+                seed: Some(7),
+                logit_bias: bias,
+                ..Default::default()
+            };
+            Sampler::new(cfg, &[]).unwrap()
+        };
+        let mut forced = with(vec![(0, 100.0)], 1.0);
+        assert!((0..100).all(|_| forced.sample(&logits, &[]).id == 0));
+        assert_eq!(with(vec![(1, -100.0)], 0.0).sample(&logits, &[]).id, 3);
+        let cfg = SamplingConfig {
+            logit_bias: vec![(0, 150.0)],
+            ..Default::default()
+        };
+        assert!(cfg.validate().is_err());
     }
 
     #[test]
