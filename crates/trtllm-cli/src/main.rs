@@ -1,6 +1,7 @@
 //! `trtllm`: a thin command line over the trtllm-api library.
 
 mod bench;
+mod chat;
 mod run;
 mod serve;
 
@@ -27,7 +28,12 @@ enum Command {
     /// Build an engine from a Hugging Face directory or a .gguf file.
     Build(BuildArgs),
     /// Generate from a prompt.
+    #[command(allow_negative_numbers = true)]
     Run(run::RunArgs),
+    /// Talk with the model: each line you type is a user turn, answered through the chat
+    /// template with the conversation so far (/reset forgets it, /exit or end of input quits).
+    #[command(allow_negative_numbers = true)]
+    Chat(chat::ChatArgs),
     /// Serve the model over an OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
     /// Measure throughput and latency, in process or against a running server.
@@ -36,7 +42,7 @@ enum Command {
     /// Perplexity of a text or token ids under the model.
     Perplexity(PerplexityArgs),
     /// Show an engine's config and weights.
-    Inspect { engine: PathBuf },
+    Inspect(run::ModelArg),
 }
 
 #[derive(Args)]
@@ -93,8 +99,8 @@ struct BuildArgs {
 
 #[derive(Args)]
 struct PerplexityArgs {
-    #[arg(long)]
-    engine: PathBuf,
+    #[command(flatten)]
+    model: run::ModelArg,
     #[arg(long, group = "src", required = true)]
     text_file: Option<PathBuf>,
     /// Token ids separated by whitespace or commas.
@@ -162,10 +168,11 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Build(a) => build(a),
         Command::Run(a) => run::generate(a),
+        Command::Chat(a) => chat::chat(a),
         Command::Serve(a) => serve::serve(a),
         Command::Bench(b) => bench::run(b),
         Command::Perplexity(a) => perplexity(a),
-        Command::Inspect { engine } => inspect(&engine),
+        Command::Inspect(m) => inspect(m.path()?),
     }
 }
 
@@ -280,7 +287,7 @@ fn quant_config(a: &BuildArgs) -> Result<(LayerQuantConfig, bool)> {
 }
 
 fn perplexity(a: PerplexityArgs) -> Result<()> {
-    let llm = run::open(&a.engine, ExecutorConfig::default(), a.device)?;
+    let llm = run::open(a.model.path()?, ExecutorConfig::default(), a.device)?;
     let ids = match (&a.text_file, &a.input_ids_file) {
         (Some(f), _) => {
             let text = std::fs::read_to_string(f).with_context(|| f.display().to_string())?;

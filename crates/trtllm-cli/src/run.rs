@@ -8,17 +8,42 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use trtllm_api::executor::{CapacitySchedulerPolicy, ExecutorConfig};
 use trtllm_api::runtime::Device;
-use trtllm_api::{ChatMessage, LlmArgs, Prompt, SamplingParams, LLM};
+use trtllm_api::{ChatMessage, LlmArgs, Logprob, Prompt, SamplingParams, LLM};
+
+/// The model a command runs: an engine directory, a Hugging Face checkpoint directory or a
+/// .gguf file, as the first argument or `--model` (`--engine` is the older spelling).
+#[derive(Args, Clone)]
+pub struct ModelArg {
+    #[arg(value_name = "MODEL")]
+    model: Option<PathBuf>,
+    #[arg(
+        long = "model",
+        visible_alias = "engine",
+        value_name = "MODEL",
+        conflicts_with = "model"
+    )]
+    flag: Option<PathBuf>,
+}
+
+impl ModelArg {
+    pub fn get(&self) -> Option<&Path> {
+        self.model.as_deref().or(self.flag.as_deref())
+    }
+
+    pub fn path(&self) -> Result<&Path> {
+        self.get()
+            .context("a model is required: an engine directory, checkpoint directory or .gguf file, as the first argument or --model")
+    }
+}
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// An engine directory, a Hugging Face checkpoint directory or a .gguf file.
-    #[arg(long)]
-    engine: PathBuf,
+    #[command(flatten)]
+    model: ModelArg,
     /// Repeat for several prompts; they run concurrently through the executor.
     #[arg(long, conflicts_with = "input")]
     prompt: Vec<String>,
-    /// One prompt per line (blank lines skipped), run concurrently.
+    /// One prompt per line (blank lines skipped), run concurrently; `-` reads standard input.
     #[arg(long, conflicts_with = "input")]
     prompts_file: Option<PathBuf>,
     /// Sent as one user message through the chat template.
@@ -164,7 +189,10 @@ pub fn generate(a: RunArgs) -> Result<()> {
     let params = a.sampling.params()?;
     let mut prompts: Vec<Prompt> = a.prompt.iter().cloned().map(Prompt::Text).collect();
     if let Some(f) = &a.prompts_file {
-        let text = std::fs::read_to_string(f).with_context(|| f.display().to_string())?;
+        let text = match f.to_str() {
+            Some("-") => std::io::read_to_string(std::io::stdin()).context("reading stdin")?,
+            _ => std::fs::read_to_string(f).with_context(|| f.display().to_string())?,
+        };
         prompts.extend(
             text.lines()
                 .filter(|l| !l.trim().is_empty())
@@ -181,7 +209,7 @@ pub fn generate(a: RunArgs) -> Result<()> {
     if prompts.is_empty() && chat.is_none() {
         bail!("one of --prompt, --prompts-file, --chat or --input-ids is required");
     }
-    let llm = open(&a.engine, a.executor.config(), a.executor.device)?;
+    let llm = open(a.model.path()?, a.executor.config(), a.executor.device)?;
     if a.json || params.n > 1 || prompts.len() > 1 {
         let outs = match &chat {
             Some(messages) => vec![llm.chat(messages, &params)?],
@@ -194,6 +222,9 @@ pub fn generate(a: RunArgs) -> Result<()> {
             }
             for o in &out.outputs {
                 println!("[{i}.{}] {}", o.index, o.text);
+                if let Some(lp) = &o.logprobs {
+                    print_logprobs(&llm, lp)?;
+                }
             }
         }
         return Ok(());
@@ -204,10 +235,43 @@ pub fn generate(a: RunArgs) -> Result<()> {
         (None, None) => bail!("no prompt"),
     };
     let mut stdout = std::io::stdout();
+    let mut logprobs = Vec::new();
     while let Some(delta) = stream.next_delta() {
-        stdout.write_all(delta?.text.as_bytes())?;
+        let delta = delta?;
+        stdout.write_all(delta.text.as_bytes())?;
         stdout.flush()?;
+        logprobs.extend(delta.logprobs);
     }
     println!();
+    if params.logprobs.is_some() {
+        print_logprobs(&llm, &logprobs)?;
+    }
+    Ok(())
+}
+
+/// One line per generated token: its id, text and log-probability, then the alternatives.
+fn print_logprobs(llm: &LLM, logprobs: &[Logprob]) -> Result<()> {
+    let tok = llm.tokenizer()?;
+    let text = |id: u32| tok.decode(&[id], false).map(|t| format!("{t:?}"));
+    let mut out = std::io::stdout().lock();
+    for (i, l) in logprobs.iter().enumerate() {
+        write!(
+            out,
+            "{i:4} {:6} {:16} {:9.4}",
+            l.token_id,
+            text(l.token_id)?,
+            l.logprob
+        )?;
+        for t in &l.top {
+            write!(
+                out,
+                "  {} {} {:.4}",
+                t.token_id,
+                text(t.token_id)?,
+                t.logprob
+            )?;
+        }
+        writeln!(out)?;
+    }
     Ok(())
 }

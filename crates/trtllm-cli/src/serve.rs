@@ -1,17 +1,15 @@
 //! `trtllm serve MODEL`: the OpenAI-compatible server.
 
-use std::path::PathBuf;
-
 use anyhow::Result;
 use clap::Args;
 use trtllm_serve::ServeConfig;
 
-use crate::run::{open, ExecutorArgs};
+use crate::run::{open, ExecutorArgs, ModelArg};
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// An engine directory, a Hugging Face checkpoint directory or a .gguf file.
-    model: PathBuf,
+    #[command(flatten)]
+    model: ModelArg,
     /// Loopback unless told otherwise.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -21,9 +19,10 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on /v1 routes.
     #[arg(long, env = "TRTLLM_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
-    /// The model id clients use (default: the model path's last component).
-    #[arg(long)]
-    served_model_name: Option<String>,
+    /// The model ids clients may use, repeated or comma-separated; responses name the one asked
+    /// for (default: the model path's last component).
+    #[arg(long, value_delimiter = ',')]
+    served_model_name: Vec<String>,
     /// Generation requests in flight beyond this get 503.
     #[arg(long, default_value_t = 1024)]
     max_pending_requests: usize,
@@ -39,19 +38,23 @@ pub struct ServeArgs {
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
-    let name = a.served_model_name.clone().unwrap_or_else(|| {
-        a.model
-            .file_name()
-            .map_or("model".into(), |n| n.to_string_lossy().into_owned())
-    });
-    let llm = open(&a.model, a.executor.config(), a.executor.device)?;
+    let model = a.model.path()?;
+    let mut names = a.served_model_name.clone();
+    if names.is_empty() {
+        names.push(
+            model
+                .file_name()
+                .map_or("model".into(), |n| n.to_string_lossy().into_owned()),
+        );
+    }
+    let llm = open(model, a.executor.config(), a.executor.device)?;
     trtllm_serve::serve(
         llm,
         ServeConfig {
             host: a.host,
             port: a.port,
             api_key: a.api_key,
-            served_model_name: name,
+            served_model_names: names,
             max_body_bytes: a.max_body_bytes,
             max_pending_requests: a.max_pending_requests,
             lenient_requests: a.lenient_requests,

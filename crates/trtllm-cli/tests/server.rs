@@ -413,10 +413,10 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
 
 /// vLLM's /tokenize and /detokenize round-trip and count a chat prompt as the chat endpoint
 /// does; /version answers; with --lenient-requests an unsupported field is ignored (and
-/// logged) instead of refused, and `model` may be left out.
+/// logged) instead of refused; `model` may be left out, or be any of the served names.
 #[test]
 fn tokenize_detokenize_version_and_lenient_requests() {
-    let server = Server::start(&["--lenient-requests"]);
+    let server = Server::start(&["--lenient-requests", "--served-model-name", "alias"]);
     let text = "Hello, world! ünïcödé 漢字 🙂";
     let (status, t) = server.post("/tokenize", &json!({"prompt": text}), None);
     assert_eq!(status, 200, "{t}");
@@ -438,12 +438,29 @@ fn tokenize_detokenize_version_and_lenient_requests() {
     assert_eq!(status, 200, "{c}");
     assert_eq!(c["usage"]["prompt_tokens"], t["count"]);
 
-    let mut resp = Server::agent()
-        .get(format!("{}/version", server.base))
-        .call()
-        .unwrap();
-    let v: Value = serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap();
-    assert!(v["version"].is_string(), "{v}");
+    let get = |path: &str| -> Value {
+        let mut resp = Server::agent()
+            .get(format!("{}{path}", server.base))
+            .call()
+            .unwrap();
+        serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap()
+    };
+    assert!(get("/version")["version"].is_string());
+    // Two names for the one model: both listed, and a response names the one asked for.
+    let ids: Vec<Value> = get("/v1/models")["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].clone())
+        .collect();
+    assert_eq!(ids, [json!(MODEL), json!("alias")]);
+    let (status, c) = server.post(
+        "/v1/completions",
+        &json!({"model": "alias", "prompt": "x", "max_tokens": 1}),
+        None,
+    );
+    assert_eq!(status, 200, "{c}");
+    assert_eq!(c["model"], "alias");
 }
 
 fn trtllm(args: &[&str]) -> String {

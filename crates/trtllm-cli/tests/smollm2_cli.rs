@@ -169,3 +169,96 @@ fn running_a_gguf_keeps_its_quantization_and_says_once_what_it_built() {
     let v: serde_json::Value = serde_json::from_str(&config).unwrap();
     assert_eq!(v["build"]["keep_quantized"], true);
 }
+
+fn trtllm_with_stdin(args: &[&str], stdin: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_trtllm"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run trtllm");
+    let mut input = child.stdin.take().expect("stdin");
+    input.write_all(stdin.as_bytes()).expect("write stdin");
+    drop(input);
+    let out = child.wait_with_output().expect("trtllm output");
+    assert!(
+        out.status.success(),
+        "trtllm {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// The model as the first argument or --model / --engine; negative numbers as values;
+/// prompts from stdin; log-probabilities in text mode; and `trtllm chat`, a conversation whose
+/// second answer sees the first exchange.
+#[test]
+fn chat_repl_stdin_prompts_logprobs_and_the_model_argument() {
+    let gguf = smollm2_gguf().expect("demo model");
+    let t = tempfile::tempdir().unwrap();
+    let engine = t.path().join("engine");
+    let e = engine.to_str().unwrap();
+    trtllm(&[
+        "build",
+        "--checkpoint",
+        gguf.to_str().unwrap(),
+        "--output",
+        e,
+    ]);
+
+    let args = ["--prompt", "The capital of France is", "--max-tokens", "8"];
+    let positional = trtllm(&[&["run", e][..], &args].concat());
+    assert_eq!(
+        positional,
+        trtllm(&[&["run", "--model", e][..], &args].concat())
+    );
+    assert_eq!(
+        positional,
+        trtllm(&[&["run", "--engine", e][..], &args].concat())
+    );
+    trtllm(&[&["run", e, "--frequency-penalty", "-0.5"][..], &args].concat());
+
+    let from_stdin = trtllm_with_stdin(
+        &[
+            "run",
+            e,
+            "--prompts-file",
+            "-",
+            "--max-tokens",
+            "4",
+            "--json",
+        ],
+        "The capital of France is\n\nWater is\n",
+    );
+    assert_eq!(from_stdin.lines().count(), 2, "{from_stdin}");
+
+    let with_logprobs = trtllm(&[&["run", e, "--logprobs", "2"][..], &args].concat());
+    // The text (with its own newlines), then a row per token.
+    let lines: Vec<&str> = with_logprobs.lines().collect();
+    let rows = &lines[lines.len() - 8..];
+    for (i, row) in rows.iter().enumerate() {
+        assert!(row.starts_with(&format!("{i:4} ")), "{with_logprobs}");
+    }
+    assert!(rows[0].contains("\" Paris\""), "{with_logprobs}");
+
+    let (q1, q2) = ("What is the capital of France?", "And of Italy?");
+    let out = trtllm_with_stdin(&["chat", e], &format!("{q1}\n{q2}\n"));
+    let llm = trtllm_api::LLM::new(trtllm_api::LlmArgs {
+        model: engine.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    let params = trtllm_api::SamplingParams {
+        max_tokens: 64,
+        ..Default::default()
+    };
+    let user = |q: &str| trtllm_api::ChatMessage::new("user", q);
+    let mut history = vec![user(q1)];
+    let a1 = llm.chat(&history, &params).unwrap().outputs[0].text.clone();
+    assert_eq!(a1, "The capital of France is Paris.");
+    history.extend([trtllm_api::ChatMessage::new("assistant", &a1), user(q2)]);
+    let a2 = llm.chat(&history, &params).unwrap().outputs[0].text.clone();
+    assert_eq!(out, format!("> {a1}\n> {a2}\n> \n"));
+}

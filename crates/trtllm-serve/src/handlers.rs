@@ -113,14 +113,23 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> AppResult {
 }
 
 pub async fn models(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    Json(json!({"object": "list", "data": [{
-        "id": st.config.served_model_name,
-        "object": "model",
-        "created": st.created,
-        "owned_by": "trtllm-rs",
-        "max_model_len": st.llm.executor().engine_config().build.max_seq_len,
-        "vocab_size": st.llm.executor().engine_config().model.vocab_size,
-    }]}))
+    let config = st.llm.executor().engine_config();
+    let data: Vec<_> = st
+        .config
+        .served_model_names
+        .iter()
+        .map(|name| {
+            json!({
+                "id": name,
+                "object": "model",
+                "created": st.created,
+                "owned_by": "trtllm-rs",
+                "max_model_len": config.build.max_seq_len,
+                "vocab_size": config.model.vocab_size,
+            })
+        })
+        .collect();
+    Json(json!({"object": "list", "data": data}))
 }
 
 pub async fn completions(
@@ -128,11 +137,11 @@ pub async fn completions(
     JsonBody(req): JsonBody<CompletionRequest>,
 ) -> AppResult {
     let arrived = Instant::now();
-    st.check_model(req.model.as_deref())?;
+    let model = st.check_model(req.model.as_deref())?;
     let parsed = req.params(st.config.lenient_requests)?;
     run(
         st,
-        Endpoint::Completions,
+        (Endpoint::Completions, model),
         arrived,
         parsed,
         |llm, prompts| prompts.iter().map(|p| llm.encode_prompt(p)).collect(),
@@ -145,11 +154,15 @@ pub async fn chat(
     JsonBody(req): JsonBody<ChatRequest>,
 ) -> AppResult {
     let arrived = Instant::now();
-    st.check_model(req.model.as_deref())?;
+    let model = st.check_model(req.model.as_deref())?;
     let parsed = req.params(st.config.lenient_requests)?;
-    run(st, Endpoint::Chat, arrived, parsed, |llm, messages| {
-        Ok(vec![llm.chat_prompt(&messages)?])
-    })
+    run(
+        st,
+        (Endpoint::Chat, model),
+        arrived,
+        parsed,
+        |llm, messages| Ok(vec![llm.chat_prompt(&messages)?]),
+    )
     .await
 }
 
@@ -168,7 +181,7 @@ fn fit(len: usize, asked: Option<usize>, max: usize) -> Result<usize, ServeError
 /// are CPU work) and submits each within the context, then collects or streams the result.
 async fn run<T: Send + 'static>(
     st: Arc<AppState>,
-    endpoint: Endpoint,
+    (endpoint, model): (Endpoint, String),
     arrived: Instant,
     parsed: Parsed<T>,
     encode: impl FnOnce(&LLM, T) -> trtllm_api::Result<Vec<Vec<u32>>> + Send + 'static,
@@ -216,7 +229,7 @@ async fn run<T: Send + 'static>(
     let fmt = Formatter {
         endpoint,
         id,
-        model: st.config.served_model_name.clone(),
+        model,
         created: crate::state::unix_time(),
         want_logprobs: params.logprobs.is_some(),
     };

@@ -34,8 +34,8 @@ pub struct ServeConfig {
     pub port: u16,
     /// Clients must send `Authorization: Bearer KEY` to /v1 routes.
     pub api_key: Option<String>,
-    /// The model id clients name in requests.
-    pub served_model_name: String,
+    /// The model ids clients may name in requests (at least one; the first is the default).
+    pub served_model_names: Vec<String>,
     /// Larger bodies are refused with 413.
     pub max_body_bytes: usize,
     /// More generation requests in flight than this are refused with 503.
@@ -51,7 +51,7 @@ impl Default for ServeConfig {
             host: "127.0.0.1".into(),
             port: 8000,
             api_key: None,
-            served_model_name: "trtllm".into(),
+            served_model_names: vec!["trtllm".into()],
             max_body_bytes: 4 << 20,
             max_pending_requests: 1024,
             lenient_requests: false,
@@ -127,7 +127,7 @@ fn log_summary(llm: &LLM, config: &ServeConfig) {
         "serving {} as '{}': {} ({} layers), weights {weights}, KV cache {} in {kv} blocks, up \
          to {} sequences of {} tokens at once",
         llm.engine_dir().display(),
-        config.served_model_name,
+        config.served_model_names.join("', '"),
         e.model.architecture,
         e.model.num_layers,
         e.build.kv_cache_dtype.map_or("float32", |d| d.name()),

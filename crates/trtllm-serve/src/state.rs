@@ -42,13 +42,14 @@ impl AppState {
         Ok(Admission(self.clone()))
     }
 
-    /// A request may name the served model or none (one model is served).
-    pub fn check_model(&self, model: Option<&str>) -> Result<(), ServeError> {
+    /// The id a response names: the one the request gave, which must be served, or the first
+    /// (one model is served, under each of its names).
+    pub fn check_model(&self, model: Option<&str>) -> Result<String, ServeError> {
+        let names = &self.config.served_model_names;
         match model {
-            Some(m) if m != self.config.served_model_name => {
-                Err(ServeError::ModelNotFound(m.to_string()))
-            }
-            _ => Ok(()),
+            Some(m) if names.iter().any(|n| n == m) => Ok(m.to_string()),
+            Some(m) => Err(ServeError::ModelNotFound(m.to_string())),
+            None => Ok(names.first().cloned().unwrap_or_default()),
         }
     }
 }

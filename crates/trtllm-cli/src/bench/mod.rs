@@ -6,7 +6,6 @@ mod backend;
 mod report;
 mod workload;
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -14,7 +13,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 
-use crate::run::ExecutorArgs;
+use crate::run::{ExecutorArgs, ModelArg};
 use backend::{Backend, HttpBackend, InProcess};
 use report::Report;
 use workload::{Workload, WorkloadArgs};
@@ -29,9 +28,9 @@ pub enum BenchCommand {
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// An engine directory, checkpoint or .gguf to run in process.
-    #[arg(long, required_unless_present = "url", conflicts_with = "url")]
-    model: Option<PathBuf>,
+    /// The model to run in process (or --url).
+    #[command(flatten)]
+    model: ModelArg,
     /// A running `trtllm serve` (e.g. http://127.0.0.1:8000) to drive over HTTP.
     #[arg(long)]
     url: Option<String>,
@@ -58,14 +57,15 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Throughput(a) => ("throughput", a),
         BenchCommand::Latency(a) => ("latency", a),
     };
-    let backend: Box<dyn Backend> = match (&a.model, &a.url) {
-        (Some(model), _) => Box::new(InProcess::open(model, &a.executor)?),
+    let backend: Box<dyn Backend> = match (a.model.get(), &a.url) {
+        (Some(_), Some(_)) => bail!("give a model or --url, not both"),
+        (Some(model), None) => Box::new(InProcess::open(model, &a.executor)?),
         (None, Some(url)) => Box::new(HttpBackend::connect(
             url,
             a.served_model_name.clone(),
             a.api_key.clone(),
         )?),
-        (None, None) => bail!("one of --model or --url is required"),
+        (None, None) => bail!("a model (MODEL or --model) or --url is required"),
     };
     let workload = Workload::build(&a.workload, backend.vocab_size())?;
     let concurrency = a
