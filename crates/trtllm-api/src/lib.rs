@@ -8,6 +8,7 @@ mod chat;
 mod completion;
 mod detokenizer;
 mod error;
+mod guided;
 mod llm;
 mod outputs;
 mod sampling_params;
@@ -16,6 +17,7 @@ mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use error::ApiError;
+pub use guided::GuidedDecoding;
 pub use llm::{cache_dir, LlmArgs, Perplexity, Prompt, LLM};
 pub use outputs::{
     CompletionDelta, CompletionOutput, Logprob, RequestOutput, StopReason, TopLogprob,

@@ -4,14 +4,15 @@
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use trtllm_executor::builder::{self, BuildConfig};
 
 use trtllm_executor::runtime::Device;
-use trtllm_executor::{ExecutorConfig, GenerationExecutor, GenerationRequest};
+use trtllm_executor::{ExecutorConfig, GenerationExecutor, GenerationRequest, LogitsProcessor};
 
 use crate::chat::ChatMessage;
 use crate::completion::{CompletionSpec, CompletionState};
+use crate::guided::Guides;
 use crate::{ApiError, RequestOutput, RequestStream, Result, SamplingParams, Tokenizer};
 
 #[derive(Clone, Debug, Default)]
@@ -58,6 +59,9 @@ pub struct LLM {
     tokenizer: Option<Arc<Tokenizer>>,
     engine_dir: PathBuf,
     built: Option<String>,
+    /// Grammar matchers for structured output, made on first use (the token trie takes a
+    /// moment to build).
+    guides: OnceLock<std::result::Result<Guides, String>>,
 }
 
 impl LLM {
@@ -77,6 +81,7 @@ impl LLM {
             tokenizer,
             engine_dir,
             built,
+            guides: OnceLock::new(),
         })
     }
 
@@ -188,13 +193,26 @@ impl LLM {
         ids: Vec<u32>,
         params: &SamplingParams,
     ) -> Result<RequestStream> {
-        let results = (0..params.n)
-            .map(|i| {
-                self.executor.submit(GenerationRequest {
+        // Every completion's matcher before any is submitted: a bad grammar submits nothing.
+        let guides = match &params.guided_decoding {
+            Some(g) => {
+                let guides = self.guides()?;
+                (0..params.n)
+                    .map(|_| Ok(Some(Box::new(guides.guide(g)?) as Box<dyn LogitsProcessor>)))
+                    .collect::<Result<Vec<_>>>()?
+            }
+            None => (0..params.n).map(|_| None).collect(),
+        };
+        let results = guides
+            .into_iter()
+            .enumerate()
+            .map(|(i, guide)| {
+                let request = GenerationRequest {
                     prompt_token_ids: ids.clone(),
                     params: params.to_generation(i),
                     client_id: None,
-                })
+                };
+                self.executor.submit_with(request, guide)
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let states = (0..params.n)
@@ -216,6 +234,17 @@ impl LLM {
             prompt_token_ids: ids,
             failed: false,
         })
+    }
+}
+
+impl LLM {
+    fn guides(&self) -> Result<&Guides> {
+        let made = self.guides.get_or_init(|| {
+            let tok = self.tokenizer().map_err(|e| e.to_string())?;
+            let model = &self.executor.engine_config().model;
+            Guides::new(tok, model.vocab_size, &model.eos_token_ids).map_err(|e| e.to_string())
+        });
+        made.as_ref().map_err(|e| ApiError::InvalidInput(e.clone()))
     }
 }
 

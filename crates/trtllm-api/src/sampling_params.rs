@@ -2,7 +2,7 @@
 
 use trtllm_executor::runtime::{GenerationParams, SamplingConfig};
 
-use crate::{ApiError, Result};
+use crate::{ApiError, GuidedDecoding, Result};
 
 /// Most completions one request may ask for.
 pub const MAX_N: usize = 128;
@@ -41,6 +41,9 @@ pub struct SamplingParams {
     pub skip_special_tokens: bool,
     /// (token id, bias) added to that token's logit before sampling; biases in [−100, 100].
     pub logit_bias: Vec<(u32, f32)>,
+    /// Structured output: what the text must match (a JSON schema, a regex, a grammar, a
+    /// choice); each completion's tokens are limited to those that keep it matching.
+    pub guided_decoding: Option<GuidedDecoding>,
 }
 
 impl Default for SamplingParams {
@@ -63,6 +66,7 @@ impl Default for SamplingParams {
             logprobs: None,
             skip_special_tokens: true,
             logit_bias: Vec::new(),
+            guided_decoding: None,
         }
     }
 }

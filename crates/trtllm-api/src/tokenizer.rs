@@ -86,6 +86,51 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// The bytes each of the first `n` token ids adds to text: byte-level BPE's characters
+    /// mapped back to bytes, SentencePiece's `▁` as a space and `<0xNN>` as its byte. Special
+    /// tokens are `marker` then their name, so no text spells them; ids past the vocabulary
+    /// are empty. An error for a decoder of a kind we do not know.
+    pub fn token_bytes(&self, n: usize, marker: u8) -> Result<Vec<Vec<u8>>> {
+        let decoder = serde_json::to_string(&self.inner.get_decoder()).unwrap_or_default();
+        let byte_level = decoder.contains("\"ByteLevel\"");
+        if !byte_level && !decoder.contains("\"ByteFallback\"") && !decoder.contains("▁") {
+            return Err(self.error(
+                format!("token bytes: a decoder that is neither byte-level nor SentencePiece ({decoder})")
+                    .into(),
+            ));
+        }
+        let alphabet: std::collections::HashMap<char, u8> =
+            trtllm_executor::builder::gguf_tokenizer::byte_alphabet()
+                .into_iter()
+                .zip(0..=255)
+                .collect();
+        let specials = self.inner.get_added_tokens_decoder();
+        let bytes_of = |id: u32| -> Vec<u8> {
+            if let Some(t) = specials.get(&id).filter(|t| t.special) {
+                return [&[marker], t.content.as_bytes()].concat();
+            }
+            let Some(tok) = self.inner.id_to_token(id) else {
+                return Vec::new();
+            };
+            if byte_level {
+                let mut out = Vec::with_capacity(tok.len());
+                for c in tok.chars() {
+                    match alphabet.get(&c) {
+                        Some(&b) => out.push(b),
+                        None => out.extend(c.to_string().as_bytes()),
+                    }
+                }
+                return out;
+            }
+            match tok.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')) {
+                Some(hex) if hex.len() == 2 => u8::from_str_radix(hex, 16)
+                    .map_or_else(|_| tok.clone().into_bytes(), |b| vec![b]),
+                _ => tok.replace('▁', " ").into_bytes(),
+            }
+        };
+        Ok((0..n as u32).map(bytes_of).collect())
+    }
+
     /// Renders `messages` through the chat template, ending with the assistant's turn opener.
     pub fn apply_chat_template(
         &self,

@@ -222,7 +222,7 @@ fn in_alphabet(alphabet: &[char], t: &str) -> bool {
 }
 
 /// GPT-2's byte → printable character table.
-fn byte_alphabet() -> Vec<char> {
+pub fn byte_alphabet() -> Vec<char> {
     let printable =
         |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut extra = 0;

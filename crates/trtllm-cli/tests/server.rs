@@ -324,8 +324,21 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         (
             "/v1/chat/completions",
             json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                   "response_format": {"type": "json_object"}}),
-            "response_format",
+                   "tools": [{"type": "function", "function": {"name": "f"}}]}),
+            "tools",
+            "",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                   "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "frob"}}}}),
+            "",
+            "",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": "x", "guided_regex": "a+", "guided_choice": ["a"]}),
+            "guided_choice",
             "",
         ),
         (
@@ -378,6 +391,31 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         assert_eq!(status, 400, "{resp}");
         assert_eq!(resp["error"]["param"], "logit_bias", "{resp}");
     }
+
+    // Structured output through OpenAI's response_format and vLLM's fields.
+    let schema = json!({"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
+                        "population": {"type": "integer", "minimum": 0, "maximum": 100000000}},
+                        "required": ["city", "population"], "additionalProperties": false});
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "A city as JSON."}],
+                      "max_tokens": 100, "temperature": 0.8, "n": 2, "seed": 5,
+                      "response_format": {"type": "json_schema",
+                                          "json_schema": {"name": "city", "schema": schema, "strict": true}}});
+    let (status, resp) = server.post("/v1/chat/completions", &body, key);
+    assert_eq!(status, 200, "{resp}");
+    for c in resp["choices"].as_array().unwrap() {
+        let text = c["message"]["content"].as_str().unwrap();
+        let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+        assert!(v["city"].is_string() && v["population"].is_u64(), "{v}");
+        assert_eq!(v.as_object().unwrap().len(), 2, "{v}");
+    }
+    let body = json!({"model": MODEL, "prompt": "Is the sky blue? Answer:", "max_tokens": 5,
+                      "guided_choice": ["yes", "no"]});
+    let (status, resp) = server.post("/v1/completions", &body, key);
+    assert_eq!(status, 200, "{resp}");
+    assert!(
+        ["yes", "no"].contains(&resp["choices"][0]["text"].as_str().unwrap()),
+        "{resp}"
+    );
 
     // Malformed JSON, sent raw.
     let mut resp = Server::agent()
@@ -433,7 +471,7 @@ fn tokenize_detokenize_version_and_lenient_requests() {
 
     let messages = json!([{"role": "user", "content": "What is 2 + 2?"}]);
     let (_, t) = server.post("/tokenize", &json!({"messages": messages}), None);
-    let chat = json!({"messages": messages, "max_tokens": 1, "response_format": {"type": "text"}});
+    let chat = json!({"messages": messages, "max_tokens": 1, "best_of": 1});
     let (status, c) = server.post("/v1/chat/completions", &chat, None);
     assert_eq!(status, 200, "{c}");
     assert_eq!(c["usage"]["prompt_tokens"], t["count"]);

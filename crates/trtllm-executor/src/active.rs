@@ -10,7 +10,7 @@ use trtllm_builder::runtime::{
     FinishReason, GenerationOutput, GenerationParams, SampledToken, Sampler, TokenLogprobs,
 };
 
-use crate::{ExecutorError, RequestEvent, RequestStats};
+use crate::{ExecutorError, LogitsProcessor, RequestEvent, RequestStats};
 
 pub(crate) struct ActiveRequest {
     pub id: u64,
@@ -23,6 +23,8 @@ pub(crate) struct ActiveRequest {
     pub budget: usize,
     pub params: GenerationParams,
     pub sampler: Sampler,
+    /// Changes each step's logits before sampling (a grammar), if the request has one.
+    pub processor: Option<Box<dyn LogitsProcessor>>,
     /// Log-probabilities of the output tokens, when the request asked for them.
     pub logprobs: Option<Vec<TokenLogprobs>>,
     pub events: Sender<RequestEvent>,
@@ -52,6 +54,7 @@ impl ActiveRequest {
             logprobs: params.sampling.logprobs.map(|_| Vec::new()),
             params,
             sampler,
+            processor: None,
             events,
             cancel,
             stats: RequestStats::default(),
@@ -85,10 +88,19 @@ impl ActiveRequest {
         self.cancel.load(Ordering::Relaxed)
     }
 
-    /// Samples the next token from this request's logits row.
-    pub fn sample(&mut self, logits: &[f32], eos: &[u32]) -> SampledToken {
+    /// Samples the next token from this request's logits row, through its processor if it
+    /// has one (an error from which fails this request).
+    pub fn sample(&mut self, logits: &[f32], eos: &[u32]) -> Result<SampledToken, String> {
         let banned = self.params.banned_tokens(self.output().len(), eos);
-        self.sampler.sample(logits, &banned)
+        let Some(p) = self.processor.as_mut() else {
+            return Ok(self.sampler.sample(logits, &banned));
+        };
+        let output = &self.tokens[self.prompt_len..];
+        let mut processed = logits.to_vec();
+        p.process(output, &mut processed)?;
+        let token = self.sampler.sample(&processed, &banned);
+        p.accept(token.id)?;
+        Ok(token)
     }
 
     /// Appends a sampled token and streams it; returns why the request ends, if it does.

@@ -227,7 +227,13 @@ impl EngineLoop {
                 finished.push((r.id, Err("missing logits row".to_string())));
                 continue;
             };
-            let token = r.sample(row, eos);
+            let token = match r.sample(row, eos) {
+                Ok(t) => t,
+                Err(msg) => {
+                    finished.push((r.id, Err(format!("logits processor: {msg}"))));
+                    continue;
+                }
+            };
             if let Some(reason) = r.push_token(token, eos) {
                 finished.push((r.id, Ok(reason)));
             }

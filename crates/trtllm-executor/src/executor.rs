@@ -19,7 +19,7 @@ use crate::engine_loop::{EngineLoop, Job};
 use crate::scheduler::Scheduler;
 use crate::{
     ExecutorConfig, ExecutorError, ExecutorLoad, GenerationRequest, GenerationResult,
-    IterationStats, Result,
+    IterationStats, LogitsProcessor, Result,
 };
 
 pub struct GenerationExecutor {
@@ -134,6 +134,15 @@ impl GenerationExecutor {
     /// (prompt, sampling parameters, a request larger than the whole KV pool) is an error
     /// here and never reaches the engine loop.
     pub fn submit(&self, request: GenerationRequest) -> Result<GenerationResult> {
+        self.submit_with(request, None)
+    }
+
+    /// [`Self::submit`], with a processor that sees and may change each step's logits.
+    pub fn submit_with(
+        &self,
+        request: GenerationRequest,
+        processor: Option<Box<dyn LogitsProcessor>>,
+    ) -> Result<GenerationResult> {
         let jobs = self.jobs.as_ref().ok_or(ExecutorError::ShutDown)?;
         self.config.validate_prompt(&request.prompt_token_ids)?;
         request.params.validate()?;
@@ -154,7 +163,7 @@ impl GenerationExecutor {
             cancels.retain(|_, w| w.strong_count() > 0);
             cancels.insert(id, Arc::downgrade(&cancel));
         }
-        let active = ActiveRequest::new(
+        let mut active = ActiveRequest::new(
             id,
             request.prompt_token_ids,
             request.params,
@@ -163,6 +172,7 @@ impl GenerationExecutor {
             tx,
             cancel.clone(),
         );
+        active.processor = processor;
         jobs.send(Job::Submit(Box::new(active)))
             .map_err(|_| ExecutorError::ShutDown)?;
         Ok(GenerationResult {

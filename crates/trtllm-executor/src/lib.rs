@@ -20,7 +20,7 @@ mod stats;
 pub use config::{CapacitySchedulerPolicy, ExecutorConfig, SchedulerConfig, TUNE_BUDGET};
 pub use error::ExecutorError;
 pub use executor::GenerationExecutor;
-pub use request::{GenerationRequest, GenerationResult, RequestEvent};
+pub use request::{GenerationRequest, GenerationResult, LogitsProcessor, RequestEvent};
 pub use stats::{ExecutorLoad, IterationStats, RequestStats};
 pub use trtllm_builder as builder;
 pub use trtllm_builder::runtime;

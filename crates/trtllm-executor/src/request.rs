@@ -8,6 +8,15 @@ use trtllm_builder::runtime::{GenerationOutput, GenerationParams, SampledToken};
 
 use crate::{ExecutorError, RequestStats, Result};
 
+/// Per-request control of each step's logits before sampling (a grammar's token mask, a
+/// caller's own processor). `process` sees the logits of the next position, given the output
+/// so far, and may change them; the token then sampled goes to `accept`. An error fails this
+/// request alone.
+pub trait LogitsProcessor: Send {
+    fn process(&mut self, output: &[u32], logits: &mut [f32]) -> std::result::Result<(), String>;
+    fn accept(&mut self, token: u32) -> std::result::Result<(), String>;
+}
+
 #[derive(Clone, Debug)]
 pub struct GenerationRequest {
     pub prompt_token_ids: Vec<u32>,

@@ -6,7 +6,7 @@
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use trtllm_api::{ChatMessage, Prompt, SamplingParams};
+use trtllm_api::{ChatMessage, GuidedDecoding, Prompt, SamplingParams};
 
 use crate::ServeError;
 
@@ -15,18 +15,12 @@ const INERT: &[&str] = &["user", "store", "metadata", "service_tier"];
 
 /// Fields OpenAI or vLLM define that this server does not implement.
 const NOT_IMPLEMENTED: &[&str] = &[
-    "response_format",
     "tools",
     "tool_choice",
     "parallel_tool_calls",
     "functions",
     "function_call",
-    "guided_json",
-    "guided_regex",
-    "guided_grammar",
-    "guided_choice",
     "guided_decoding_backend",
-    "structured_outputs",
     "best_of",
     "use_beam_search",
     "length_penalty",
@@ -114,6 +108,14 @@ pub struct SamplingFields {
     pub skip_special_tokens: Option<bool>,
     /// OpenAI's shape: token ids (as strings) to a bias in [−100, 100].
     pub logit_bias: Option<Map<String, Value>>,
+    /// Structured output, as OpenAI (`response_format`) and vLLM (`structured_outputs`, and the
+    /// older `guided_*` fields) spell it; at most one of them.
+    pub response_format: Option<Value>,
+    pub structured_outputs: Option<Map<String, Value>>,
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<String>,
+    pub guided_grammar: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -200,6 +202,14 @@ fn count(v: Option<i64>, field: &str, min: i64) -> Result<Option<usize>, ServeEr
     }
 }
 
+/// A schema given as JSON, or as a string holding it (vLLM takes both).
+fn json_value(v: Value) -> Value {
+    match v {
+        Value::String(s) => serde_json::from_str(&s).unwrap_or(Value::String(s)),
+        v => v,
+    }
+}
+
 /// `{"token id": bias}` as (id, bias) pairs; the ranges are checked with the other parameters.
 fn logit_bias(map: Map<String, Value>) -> Result<Vec<(u32, f32)>, ServeError> {
     let bad = |k: &str| {
@@ -218,14 +228,79 @@ fn logit_bias(map: Map<String, Value>) -> Result<Vec<(u32, f32)>, ServeError> {
 }
 
 impl SamplingFields {
+    /// The one structured-output constraint the request gives, if any.
+    fn guided(&mut self) -> Result<Option<GuidedDecoding>, ServeError> {
+        let bad = |field: &str, m: String| ServeError::bad(format!("{field}: {m}"), Some(field));
+        let mut given = Vec::new();
+        if let Some(f) = self.response_format.take() {
+            let kind = f.get("type").and_then(Value::as_str).unwrap_or("");
+            match kind {
+                "text" => {}
+                "json_object" => given.push(("response_format", GuidedDecoding::JsonObject)),
+                "json_schema" => {
+                    let schema = f.pointer("/json_schema/schema").cloned().ok_or_else(|| {
+                        bad("response_format", "json_schema.schema is missing".into())
+                    })?;
+                    given.push(("response_format", GuidedDecoding::JsonSchema(schema)));
+                }
+                other => {
+                    return Err(bad(
+                        "response_format",
+                        format!("type '{other}' is not one of text, json_object, json_schema"),
+                    ))
+                }
+            }
+        }
+        if let Some(s) = self.guided_json.take() {
+            given.push(("guided_json", GuidedDecoding::JsonSchema(json_value(s))));
+        }
+        if let Some(r) = self.guided_regex.take() {
+            given.push(("guided_regex", GuidedDecoding::Regex(r)));
+        }
+        if let Some(g) = self.guided_grammar.take() {
+            given.push(("guided_grammar", GuidedDecoding::Grammar(g)));
+        }
+        if let Some(c) = self.guided_choice.take() {
+            given.push(("guided_choice", GuidedDecoding::Choice(c)));
+        }
+        for (k, v) in self.structured_outputs.take().unwrap_or_default() {
+            let text = |v: Value| v.as_str().map(String::from);
+            let g = match (k.as_str(), v) {
+                ("json", v) => Some(GuidedDecoding::JsonSchema(json_value(v))),
+                ("json_object", Value::Bool(true)) => Some(GuidedDecoding::JsonObject),
+                ("regex", v) => text(v).map(GuidedDecoding::Regex),
+                ("grammar", v) => text(v).map(GuidedDecoding::Grammar),
+                ("choice", Value::Array(a)) => {
+                    a.iter().map(|c| c.as_str().map(String::from)).collect::<Option<_>>().map(GuidedDecoding::Choice)
+                }
+                (_, Value::Null) => None,
+                (k, _) => {
+                    return Err(bad(
+                        "structured_outputs",
+                        format!("'{k}' is not one of json, json_object, regex, grammar, choice (or not of its type)"),
+                    ))
+                }
+            };
+            given.extend(g.map(|g| ("structured_outputs", g)));
+        }
+        match given.len() {
+            0 | 1 => Ok(given.pop().map(|(_, g)| g)),
+            _ => Err(bad(
+                given[1].0,
+                format!("give one structured-output constraint, not {}", given.len()),
+            )),
+        }
+    }
+
     /// Parameters with `max_tokens` and `logprobs` already resolved by the endpoint; the
     /// ranges are checked by `SamplingParams::validate`.
     fn params(
-        self,
+        mut self,
         max_tokens: usize,
         logprobs: Option<usize>,
     ) -> Result<SamplingParams, ServeError> {
         let d = SamplingParams::default();
+        let guided_decoding = self.guided()?;
         let p = SamplingParams {
             max_tokens,
             min_tokens: count(self.min_tokens, "min_tokens", 0)?.unwrap_or(0),
@@ -251,7 +326,8 @@ impl SamplingFields {
             n: count(self.n, "n", 1)?.unwrap_or(1),
             logprobs,
             skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
-            logit_bias: logit_bias(self.logit_bias.unwrap_or_default())?,
+            logit_bias: logit_bias(self.logit_bias.take().unwrap_or_default())?,
+            guided_decoding,
         };
         p.validate()?;
         Ok(p)
