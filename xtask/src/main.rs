@@ -90,8 +90,9 @@ const END_TO_END_GPU_TESTS: &[&str] = &[
     "--ignored",
 ];
 
-/// The OpenAI client the server is tested with, pinned so a new release cannot change a run.
-const OPENAI_CLIENT: &str = "openai==3.57.0";
+/// The OpenAI client the server is tested with, and the JSON schema validator its structured
+/// outputs are checked with, pinned so a new release cannot change a run.
+const PYTHON_CLIENTS: [&str; 2] = ["openai==3.57.0", "jsonschema==4.23.0"];
 
 fn main() -> Result<()> {
     match Cli::parse().task {
@@ -168,16 +169,20 @@ fn cache_root() -> PathBuf {
     }
 }
 
-/// A virtual environment in the cache with the pinned `openai` client; its python.
+/// A virtual environment in the cache with the pinned Python clients; its python.
 fn openai_venv() -> Result<PathBuf> {
     let venv = cache_root().join("venv-openai");
     let python = venv.join("bin/python");
-    let stamp = venv.join(OPENAI_CLIENT);
+    let stamp = venv.join(PYTHON_CLIENTS.join("+"));
     if stamp.exists() {
         return Ok(python);
     }
-    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
-    run(Command::new(&python).args(["-m", "pip", "install", "--quiet", OPENAI_CLIENT]))?;
+    if !python.exists() {
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    }
+    run(Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet"])
+        .args(PYTHON_CLIENTS))?;
     std::fs::write(&stamp, "").with_context(|| stamp.display().to_string())?;
     Ok(python)
 }

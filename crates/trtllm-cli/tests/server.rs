@@ -135,7 +135,7 @@ impl Drop for Server {
     }
 }
 
-/// The Python interpreter with `openai` installed: `TRTLLM_TEST_PYTHON`, or the venv that
+/// The Python interpreter with `openai` and `jsonschema` installed: `TRTLLM_TEST_PYTHON`, or the venv that
 /// `cargo xtask test` creates in the cache.
 fn openai_python() -> PathBuf {
     if let Some(p) = std::env::var_os("TRTLLM_TEST_PYTHON") {
@@ -145,7 +145,7 @@ fn openai_python() -> PathBuf {
     assert!(
         venv.exists(),
         "{} not found: run `cargo xtask test` (it installs the openai client) or set \
-         TRTLLM_TEST_PYTHON to a python with `openai` installed",
+         TRTLLM_TEST_PYTHON to a python with `openai` and `jsonschema` installed",
         venv.display()
     );
     venv

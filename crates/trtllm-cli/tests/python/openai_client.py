@@ -5,6 +5,7 @@ api_key, model, and the golden cases (input ids, greedy ids and text, chat messa
 import json
 import sys
 
+import jsonschema
 import openai
 
 spec = json.load(open(sys.argv[1]))
@@ -113,6 +114,65 @@ r = client.chat.completions.create(model=model, messages=chat[0]["messages"], ma
                                    temperature=0, logprobs=True, top_logprobs=2)
 content = r.choices[0].logprobs.content
 check(len(content) == 4 and all(len(c.top_logprobs) == 2 for c in content), "chat logprobs")
+
+# Structured output: every completion under a JSON schema validates, streamed and not, sampled
+# with n = 2. Strings and numbers are bounded so no completion can be cut by max_tokens.
+S = {"type": "string", "maxLength": 12}
+I = {"type": "integer", "minimum": -1000, "maximum": 1000}
+schemas = [
+    {"type": "object", "properties": {"name": S, "age": I}, "required": ["name", "age"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"user": {"type": "object", "properties": {"id": I, "nick": S},
+                                                "required": ["id", "nick"], "additionalProperties": False}},
+     "required": ["user"], "additionalProperties": False},
+    {"type": "array", "items": I, "minItems": 2, "maxItems": 4},
+    {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+     "required": ["zip"], "additionalProperties": False},
+    {"type": "object", "properties": {"note": {"anyOf": [S, {"type": "null"}]}}, "required": ["note"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"ok": {"type": "boolean"}, "score": {"type": "number", "minimum": 0,
+                                                                            "maximum": 1}},
+     "required": ["ok", "score"], "additionalProperties": False},
+    {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["a", "b", "c"]},
+                                               "minItems": 1, "maxItems": 3}},
+     "required": ["tags"], "additionalProperties": False},
+    {"type": "object", "properties": {"points": {"type": "array", "maxItems": 2, "items": {
+        "type": "object", "properties": {"x": I, "y": I}, "required": ["x", "y"],
+        "additionalProperties": False}}}, "required": ["points"], "additionalProperties": False},
+    {"type": "object", "properties": {"kind": {"const": "event"}, "when": {"type": "string",
+                                                                         "pattern": "^20[0-9]{2}-[01][0-9]$"}},
+     "required": ["kind", "when"], "additionalProperties": False},
+]
+for k, schema in enumerate(schemas):
+    fmt = {"type": "json_schema", "json_schema": {"name": f"s{k}", "schema": schema, "strict": True}}
+    kw = dict(model=model, messages=[{"role": "user", "content": "Reply with JSON."}],
+              max_tokens=300, temperature=0.8, seed=k, response_format=fmt)
+    r = client.chat.completions.create(n=2, **kw)
+    texts = [c.message.content for c in r.choices]
+    streamed = ""
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            streamed += c.delta.content or ""
+    for text in texts + [streamed]:
+        try:
+            jsonschema.validate(json.loads(text), schema)
+            check(True, "")
+        except (ValueError, jsonschema.ValidationError) as e:
+            check(False, f"schema {k}: {text!r}: {e}")
+r = client.chat.completions.create(model=model, messages=chat[0]["messages"], max_tokens=20,
+                                   temperature=0.8, n=2, extra_body={"guided_regex": "[0-9]{3}-[0-9]{4}"})
+check(all(len(c.message.content) == 8 and c.message.content[3] == "-" for c in r.choices), "regex")
+r = client.chat.completions.create(model=model, messages=chat[0]["messages"], max_tokens=20,
+                                   temperature=0.8, n=2, extra_body={"guided_choice": ["left", "right"]})
+check(all(c.message.content in ("left", "right") for c in r.choices), "choice")
+try:
+    client.chat.completions.create(model=model, messages=chat[0]["messages"], response_format={
+        "type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "nope"}}})
+    check(False, "a bad schema should fail")
+except openai.BadRequestError as e:
+    check("invalid JSON schema" in e.body["message"], f"bad schema: {e.body}")
 
 # Errors arrive as the client's typed exceptions.
 for exc, kw in [(openai.NotFoundError, dict(model="no-such-model")),
