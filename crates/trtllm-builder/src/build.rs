@@ -270,17 +270,6 @@ pub(crate) fn write_engine(
         quantizer: Quantizer::new(&build.quant, &modules, calibration)?,
         keep: build.keep_quantized,
     };
-    // A checkpoint published quantized keeps its weights as stored unless the build quantizes.
-    if let Some(how) = ck.prequantized() {
-        if build.quant.quant_algo() == QuantAlgo::NoQuant {
-            out.keep = true;
-            progress(
-                0,
-                total,
-                &format!("{how} weights kept as stored (no requantization)"),
-            );
-        }
-    }
     let h = model.hidden_size;
 
     progress(0, total, "embeddings");

@@ -131,24 +131,10 @@ impl PreQuant {
                 sym,
                 zeros_minus_one,
             } => {
-                let Some(qweight) = ck.words(&format!("{prefix}.qweight"))? else {
+                let per = 32 / bits as usize;
+                let Some((g, qweight, qzeros)) = read_packed(ck, prefix, per, true)? else {
                     return Ok(None);
                 };
-                let per = 32 / bits as usize;
-                let g = Grid::read(ck, prefix, qweight.shape.first().map_or(0, |n| n * per))?;
-                g.check_words(
-                    ck,
-                    &format!("{prefix}.qweight"),
-                    &qweight,
-                    [g.cols / per, g.rows],
-                )?;
-                let qzeros = ck.require_words(&format!("{prefix}.qzeros"))?;
-                g.check_words(
-                    ck,
-                    &format!("{prefix}.qzeros"),
-                    &qzeros,
-                    [g.groups, g.rows / per],
-                )?;
                 let perm = check_groups(ck, prefix, &g)?;
                 let mask = (1u32 << bits) - 1;
                 let stored = |r: usize, c: usize| {
@@ -168,23 +154,9 @@ impl PreQuant {
                 Ok(Some(p))
             }
             PreQuant::Awq => {
-                let Some(qweight) = ck.words(&format!("{prefix}.qweight"))? else {
+                let Some((g, qweight, qzeros)) = read_packed(ck, prefix, 8, false)? else {
                     return Ok(None);
                 };
-                let g = Grid::read(ck, prefix, qweight.shape.first().copied().unwrap_or(0))?;
-                g.check_words(
-                    ck,
-                    &format!("{prefix}.qweight"),
-                    &qweight,
-                    [g.cols, g.rows / 8],
-                )?;
-                let qzeros = ck.require_words(&format!("{prefix}.qzeros"))?;
-                g.check_words(
-                    ck,
-                    &format!("{prefix}.qzeros"),
-                    &qzeros,
-                    [g.groups, g.rows / 8],
-                )?;
                 if check_groups(ck, prefix, &g)?.is_some() {
                     return Err(BuildError::checkpoint(
                         ck.path(),
@@ -202,6 +174,35 @@ impl PreQuant {
             PreQuant::Fp8 => fp8(ck, prefix),
         }
     }
+}
+
+/// `{prefix}.qweight` and `{prefix}.qzeros` with the grid they imply, each checked against the
+/// shape its layout gives it: `per` values a word, packed along the input (GPTQ's weights) or
+/// the output (AWQ's weights; every layout's zeros). None when the weight is not packed.
+fn read_packed(
+    ck: &SafetensorsCheckpoint,
+    prefix: &str,
+    per: usize,
+    along_input: bool,
+) -> Result<Option<(Grid, Words, Words)>> {
+    let Some(qweight) = ck.words(&format!("{prefix}.qweight"))? else {
+        return Ok(None);
+    };
+    let first = qweight.shape.first().copied().unwrap_or(0);
+    let g = Grid::read(ck, prefix, if along_input { first * per } else { first })?;
+    let shape = match along_input {
+        true => [g.cols / per, g.rows],
+        false => [g.cols, g.rows / per],
+    };
+    g.check_words(ck, &format!("{prefix}.qweight"), &qweight, shape)?;
+    let qzeros = ck.require_words(&format!("{prefix}.qzeros"))?;
+    g.check_words(
+        ck,
+        &format!("{prefix}.qzeros"),
+        &qzeros,
+        [g.groups, g.rows / per],
+    )?;
+    Ok(Some((g, qweight, qzeros)))
 }
 
 /// Little-endian int32 words of a packed tensor, with its shape.

@@ -5,16 +5,7 @@ use std::process::Command;
 use trtllm_tests::{fixtures, read_json, smollm2_gguf, SmolGolden};
 
 fn trtllm(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_trtllm"))
-        .args(args)
-        .output()
-        .expect("run trtllm");
-    assert!(
-        out.status.success(),
-        "trtllm {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 output")
+    trtllm_with_stdin(args, "")
 }
 
 #[test]

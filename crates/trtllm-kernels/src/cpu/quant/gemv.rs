@@ -6,6 +6,8 @@
 //! A row is a run of scale groups, each a run of blocks. Per group, four (or, as a tactic, eight)
 //! rows accumulate their raw `x · code` sums side by side (independent FMA chains sharing the
 //! activation loads), then fold them in with the group's scale: `acc += scale · Σ x·code`.
+//! Groups of 16 values (GGML's k-quant sub-blocks) are halves of a block, each half scaled as
+//! it is read, into a chain of its own.
 //! Formats with an offset (int4 with a zero point, or symmetric int4 as `−8·scale`) add
 //! `offset · Σ x` per group. The weight stream is prefetched `Tactic::prefetch_rows` rows ahead:
 //! without it a tile's row streams leave too few loads in flight for a server core (SmolLM2
