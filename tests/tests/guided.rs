@@ -1,7 +1,7 @@
-//! Structured output on SmolLM2 (llguidance): every completion under a JSON schema parses and
-//! satisfies it, greedy and sampled with n = 2; regex and choice constraints hold; a bad schema
-//! is an error naming it; and constrained requests leave the tokens of unconstrained ones in the
-//! same batch unchanged.
+//! Logits processing on SmolLM2, structured output (llguidance) and bad words: every completion
+//! under a JSON schema parses and satisfies it, greedy and sampled with n = 2; regex and choice
+//! constraints hold; a bad schema is an error naming it; constrained requests leave the tokens of
+//! unconstrained ones in the same batch unchanged; banned words are never spelled.
 
 use std::sync::OnceLock;
 
@@ -182,5 +182,31 @@ fn constrained_requests_do_not_change_unconstrained_ones() -> Result<()> {
             o.text
         );
     }
+    Ok(())
+}
+
+/// vLLM's bad_words: the greedy continuation names Paris; banned, it never spells it, alone or
+/// under a grammar.
+#[test]
+fn bad_words_are_never_spelled() -> Result<()> {
+    let prompt = || vec![Prompt::Text("The capital of France is".into())];
+    let plain = SamplingParams {
+        max_tokens: 12,
+        ..Default::default()
+    };
+    let free = &llm().generate(&prompt(), &plain)?[0].outputs[0].text;
+    ensure!(free.contains("Paris"), "{free:?}");
+    let banned = SamplingParams {
+        bad_words: vec!["Paris".into()],
+        ..plain.clone()
+    };
+    let text = &llm().generate(&prompt(), &banned)?[0].outputs[0].text;
+    ensure!(!text.contains("Paris"), "{text:?}");
+    let both = SamplingParams {
+        guided_decoding: Some(GuidedDecoding::Regex("[A-Za-z ]{1,12}".into())),
+        ..banned
+    };
+    let text = &llm().generate(&prompt(), &both)?[0].outputs[0].text;
+    ensure!(!text.contains("Paris") && !text.is_empty(), "{text:?}");
     Ok(())
 }

@@ -11,6 +11,7 @@ mod error;
 mod guided;
 mod llm;
 mod outputs;
+mod processors;
 mod sampling_params;
 mod stream;
 mod tokenizer;

@@ -13,6 +13,7 @@ use trtllm_executor::{ExecutorConfig, GenerationExecutor, GenerationRequest, Log
 use crate::chat::ChatMessage;
 use crate::completion::{CompletionSpec, CompletionState};
 use crate::guided::Guides;
+use crate::processors::{BadWords, Chain};
 use crate::{ApiError, RequestOutput, RequestStream, Result, SamplingParams, Tokenizer};
 
 #[derive(Clone, Debug, Default)]
@@ -193,17 +194,11 @@ impl LLM {
         ids: Vec<u32>,
         params: &SamplingParams,
     ) -> Result<RequestStream> {
-        // Every completion's matcher before any is submitted: a bad grammar submits nothing.
-        let guides = match &params.guided_decoding {
-            Some(g) => {
-                let guides = self.guides()?;
-                (0..params.n)
-                    .map(|_| Ok(Some(Box::new(guides.guide(g)?) as Box<dyn LogitsProcessor>)))
-                    .collect::<Result<Vec<_>>>()?
-            }
-            None => (0..params.n).map(|_| None).collect(),
-        };
-        let results = guides
+        // Every completion's processors before any is submitted: a bad grammar submits nothing.
+        let processors = (0..params.n)
+            .map(|_| self.processor(params))
+            .collect::<Result<Vec<_>>>()?;
+        let results = processors
             .into_iter()
             .enumerate()
             .map(|(i, guide)| {
@@ -238,6 +233,25 @@ impl LLM {
 }
 
 impl LLM {
+    /// What changes one completion's logits before sampling: its grammar, its bad words.
+    fn processor(&self, params: &SamplingParams) -> Result<Option<Box<dyn LogitsProcessor>>> {
+        let mut all: Vec<Box<dyn LogitsProcessor>> = Vec::new();
+        if let Some(g) = &params.guided_decoding {
+            all.push(Box::new(self.guides()?.guide(g)?));
+        }
+        if !params.bad_words.is_empty() {
+            all.push(Box::new(BadWords::new(
+                self.tokenizer()?,
+                &params.bad_words,
+            )?));
+        }
+        Ok(match all.len() {
+            0 => None,
+            1 => all.pop(),
+            _ => Some(Box::new(Chain(all))),
+        })
+    }
+
     fn guides(&self) -> Result<&Guides> {
         let made = self.guides.get_or_init(|| {
             let tok = self.tokenizer().map_err(|e| e.to_string())?;

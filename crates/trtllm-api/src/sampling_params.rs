@@ -44,6 +44,9 @@ pub struct SamplingParams {
     /// Structured output: what the text must match (a JSON schema, a regex, a grammar, a
     /// choice); each completion's tokens are limited to those that keep it matching.
     pub guided_decoding: Option<GuidedDecoding>,
+    /// Words no completion may spell (vLLM's `bad_words`): the token that would complete one
+    /// is banned wherever the output ends with the rest of its tokens.
+    pub bad_words: Vec<String>,
 }
 
 impl Default for SamplingParams {
@@ -67,6 +70,7 @@ impl Default for SamplingParams {
             skip_special_tokens: true,
             logit_bias: Vec::new(),
             guided_decoding: None,
+            bad_words: Vec::new(),
         }
     }
 }
@@ -91,6 +95,9 @@ impl SamplingParams {
         }
         if self.stop.iter().any(String::is_empty) {
             return Err(invalid("stop", "\"\"", "non-empty strings"));
+        }
+        if self.bad_words.iter().any(|w| w.trim().is_empty()) {
+            return Err(invalid("bad_words", "\"\"", "words that are not blank"));
         }
         self.to_generation(0).validate()?;
         Ok(())

@@ -25,7 +25,6 @@ const NOT_IMPLEMENTED: &[&str] = &[
     "use_beam_search",
     "length_penalty",
     "early_stopping",
-    "bad_words",
     "allowed_token_ids",
     "prompt_logprobs",
     "chat_template",
@@ -116,6 +115,7 @@ pub struct SamplingFields {
     pub guided_regex: Option<String>,
     pub guided_grammar: Option<String>,
     pub guided_choice: Option<Vec<String>>,
+    pub bad_words: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -328,6 +328,7 @@ impl SamplingFields {
             skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
             logit_bias: logit_bias(self.logit_bias.take().unwrap_or_default())?,
             guided_decoding,
+            bad_words: self.bad_words.unwrap_or_default(),
         };
         p.validate()?;
         Ok(p)
