@@ -49,6 +49,9 @@ pub struct RunArgs {
     /// Sent as one user message through the chat template.
     #[arg(long, group = "input")]
     chat: Option<String>,
+    /// A system message before --chat's user message.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
     /// Comma-separated token ids.
     #[arg(long, group = "input", value_delimiter = ',')]
     input_ids: Option<Vec<u32>>,
@@ -205,7 +208,12 @@ pub fn generate(a: RunArgs) -> Result<()> {
     if let Some(ids) = a.input_ids {
         prompts.push(Prompt::TokenIds(ids));
     }
-    let chat = a.chat.map(|c| vec![ChatMessage::new("user", &c)]);
+    let chat = a.chat.map(|c| {
+        let system = a.system.iter().map(|s| ChatMessage::new("system", s));
+        system
+            .chain([ChatMessage::new("user", &c)])
+            .collect::<Vec<_>>()
+    });
     if prompts.is_empty() && chat.is_none() {
         bail!("one of --prompt, --prompts-file, --chat or --input-ids is required");
     }

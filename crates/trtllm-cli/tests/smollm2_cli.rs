@@ -8,20 +8,27 @@ fn trtllm(args: &[&str]) -> String {
     trtllm_with_stdin(args, "")
 }
 
-#[test]
-fn build_run_and_perplexity() {
+/// The demo model built by `trtllm build` into `engine` under a fresh temporary directory.
+fn built() -> (tempfile::TempDir, std::path::PathBuf) {
     let gguf = smollm2_gguf().expect("demo model");
-    let golden: SmolGolden = read_json(&fixtures().join("smollm2-135m-instruct.json")).unwrap();
     let t = tempfile::tempdir().unwrap();
     let engine = t.path().join("engine");
-    let e = engine.to_str().unwrap();
+    let out = engine.to_str().unwrap();
     trtllm(&[
         "build",
         "--checkpoint",
         gguf.to_str().unwrap(),
         "--output",
-        e,
+        out,
     ]);
+    (t, engine)
+}
+
+#[test]
+fn build_run_and_perplexity() {
+    let golden: SmolGolden = read_json(&fixtures().join("smollm2-135m-instruct.json")).unwrap();
+    let (t, engine) = built();
+    let e = engine.to_str().unwrap();
 
     let text = trtllm(&[
         "run",
@@ -187,17 +194,8 @@ fn trtllm_with_stdin(args: &[&str], stdin: &str) -> String {
 /// second answer sees the first exchange.
 #[test]
 fn chat_repl_stdin_prompts_logprobs_and_the_model_argument() {
-    let gguf = smollm2_gguf().expect("demo model");
-    let t = tempfile::tempdir().unwrap();
-    let engine = t.path().join("engine");
+    let (_t, engine) = built();
     let e = engine.to_str().unwrap();
-    trtllm(&[
-        "build",
-        "--checkpoint",
-        gguf.to_str().unwrap(),
-        "--output",
-        e,
-    ]);
 
     let args = ["--prompt", "The capital of France is", "--max-tokens", "8"];
     let positional = trtllm(&[&["run", e][..], &args].concat());
@@ -252,4 +250,15 @@ fn chat_repl_stdin_prompts_logprobs_and_the_model_argument() {
     history.extend([trtllm_api::ChatMessage::new("assistant", &a1), user(q2)]);
     let a2 = llm.chat(&history, &params).unwrap().outputs[0].text.clone();
     assert_eq!(out, format!("> {a1}\n> {a2}\n> \n"));
+
+    // A system message: `run --chat --system` and the REPL's first answer agree with the API.
+    let system = "You answer in French.";
+    let messages = [trtllm_api::ChatMessage::new("system", system), user(q1)];
+    let want = llm.chat(&messages, &params).unwrap().outputs[0]
+        .text
+        .clone();
+    let run = trtllm(&["run", e, "--chat", q1, "--system", system]);
+    assert_eq!(run, format!("{want}\n"));
+    let repl = trtllm_with_stdin(&["chat", e, "--system", system], &format!("{q1}\n"));
+    assert_eq!(repl, format!("> {want}\n> \n"));
 }
