@@ -293,17 +293,8 @@ impl Grid {
                 zero_point: !sym,
             },
         };
-        let mut p = PackedWeight {
-            format,
-            rows,
-            cols,
-            codes: Vec::with_capacity(rows * format.code_bytes(cols)),
-            scales: Vec::with_capacity(rows * ng),
-            offsets: (!sym).then(|| Vec::with_capacity(rows * ng)),
-            block_scales: Vec::new(),
-            global_scale: 1.0,
-            input_perm: None,
-        };
+        let mut p = PackedWeight::empty(format, rows, cols);
+        p.offsets = (!sym).then(|| Vec::with_capacity(rows * ng));
         for r in 0..rows {
             for gi in 0..ng {
                 let (s, z) = (self.scales[gi * rows + r], zero(gi, r));
@@ -323,8 +314,7 @@ impl Grid {
             }
             if bits == 4 {
                 for b in 0..cols / 32 {
-                    let v = |i: usize| code(r, b * 32 + i) as u8;
-                    p.codes.extend((0..16).map(|i| v(i) | (v(i + 16) << 4)));
+                    p.push_int4_block(|i| code(r, b * 32 + i) as u8);
                 }
             } else {
                 p.codes
@@ -410,18 +400,10 @@ fn fp8(ck: &SafetensorsCheckpoint, prefix: &str) -> Result<Option<PackedWeight>>
             ))
         }
     };
-    let p = PackedWeight {
-        format: WeightFormat::Fp8,
-        rows,
-        cols,
-        codes: raw.data.to_vec(),
-        scales,
-        offsets: None,
-        block_scales: Vec::new(),
-        global_scale: 1.0,
-        input_perm: None,
-    };
-    p.format.check_cols(cols)?;
+    WeightFormat::Fp8.check_cols(cols)?;
+    let mut p = PackedWeight::empty(WeightFormat::Fp8, rows, cols);
+    p.codes.extend_from_slice(raw.data);
+    p.scales = scales;
     Ok(Some(p))
 }
 

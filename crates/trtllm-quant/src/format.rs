@@ -205,7 +205,8 @@ impl PackedWeight {
             + 4 * self.input_perm.as_ref().map_or(0, Vec::len)
     }
 
-    fn empty(format: WeightFormat, rows: usize, cols: usize) -> Self {
+    /// A `rows × cols` matrix of `format` with nothing in it yet.
+    pub fn empty(format: WeightFormat, rows: usize, cols: usize) -> Self {
         Self {
             format,
             rows,
@@ -217,6 +218,13 @@ impl PackedWeight {
             global_scale: 1.0,
             input_perm: None,
         }
+    }
+
+    /// Appends one 32-value int4 block in GGML's layout: byte `i` holds `value(i)` in its low
+    /// nibble and `value(i + 16)` in its high one (values are 0..15).
+    pub fn push_int4_block(&mut self, value: impl Fn(usize) -> u8) {
+        self.codes
+            .extend((0..16).map(|i| value(i) | (value(i + 16) << 4)));
     }
 }
 
@@ -304,9 +312,7 @@ pub fn pack_int(
         match format {
             WeightFormat::Int4 { .. } => {
                 for block in row_codes.chunks_exact(32) {
-                    for i in 0..16 {
-                        p.codes.push(block[i] as u8 | ((block[i + 16] as u8) << 4));
-                    }
+                    p.push_int4_block(|i| block[i] as u8);
                 }
             }
             _ => p.codes.extend(row_codes.iter().map(|&c| c as i8 as u8)),

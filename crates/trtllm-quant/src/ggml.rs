@@ -205,18 +205,7 @@ impl GgmlType {
                 got: bytes.len(),
             });
         }
-        let groups = rows * cols / 32;
-        let mut p = PackedWeight {
-            format,
-            rows,
-            cols,
-            codes: Vec::with_capacity(rows * format.code_bytes(cols)),
-            scales: Vec::with_capacity(groups),
-            offsets: None,
-            block_scales: Vec::new(),
-            global_scale: 1.0,
-            input_perm: None,
-        };
+        let mut p = PackedWeight::empty(format, rows, cols);
         for b in bytes.chunks_exact(self.block_bytes()) {
             pack::push_block(self, b, &mut p);
         }

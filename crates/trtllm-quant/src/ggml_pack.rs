@@ -68,11 +68,9 @@ pub fn push_block(ty: GgmlType, b: &[u8], p: &mut PackedWeight) {
                 let (sc, m) = scale_min(scales, sub);
                 p.scales.push(d * sc as f32);
                 offsets(p).push(-(dmin * m as f32));
-                // Sub-blocks 2j and 2j+1 share 32 bytes (low and high nibbles); a packed int4
-                // group holds value i in the low nibble of byte i and value i+16 in its high one.
+                // Sub-blocks 2j and 2j+1 share 32 bytes (low and high nibbles).
                 let (bytes, shift) = (&qs[(sub / 2) * 32..][..32], 4 * (sub % 2));
-                let v = |l: usize| (bytes[l] >> shift) & 0x0f;
-                p.codes.extend((0..16).map(|i| v(i) | (v(i + 16) << 4)));
+                p.push_int4_block(|l| (bytes[l] >> shift) & 0x0f);
             }
         }
         GgmlType::Q5_1 => {
@@ -108,8 +106,7 @@ pub fn push_block(ty: GgmlType, b: &[u8], p: &mut PackedWeight) {
                 offsets(p).push(-ml);
             }
             for block in 0..QK_K / 32 {
-                let v = |l: usize| blocks::q2_k_code(b, block * 32 + l);
-                p.codes.extend((0..16).map(|i| v(i) | (v(i + 16) << 4)));
+                p.push_int4_block(|l| blocks::q2_k_code(b, block * 32 + l));
             }
         }
         GgmlType::IQ4_NL => {
