@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 
 use anyhow::Result;
 use trtllm_api::builder::BuildConfig;
-use trtllm_api::{LlmArgs, Prompt, SamplingParams, LLM};
+use trtllm_api::{ChatOptions, LlmArgs, Prompt, SamplingParams, LLM};
 use trtllm_tests::{fixtures, read_json, shared_engine, smollm2_gguf, SmolGolden};
 
 /// One engine for the whole file: building takes seconds, not worth repeating per test.
@@ -39,13 +39,13 @@ fn golden_cases_greedy_ids_exact() -> Result<()> {
             "chat" => {
                 let messages = case.messages.as_ref().expect("chat case has messages");
                 let tok = llm.tokenizer()?;
-                let templated = tok.apply_chat_template(messages, true)?;
+                let templated = tok.apply_chat_template(messages, &ChatOptions::default())?;
                 assert_eq!(
                     Some(&templated),
                     case.templated.as_ref(),
                     "case {i}: chat template"
                 );
-                llm.chat_prompt(messages)?
+                llm.chat_prompt(messages, &ChatOptions::default())?
             }
             _ => llm.encode_prompt(&Prompt::Text(
                 case.prompt.clone().expect("raw case has a prompt"),

@@ -15,6 +15,9 @@ pub(crate) struct CompletionState {
     /// Longest stop string minus one byte: how much text may still be the start of a match.
     holdback: usize,
     stop_token_ids: Vec<u32>,
+    /// Tokens that end the completion (end-of-sequence unless ignored, stop tokens): never
+    /// part of its text, as in vLLM, even when special tokens are kept.
+    end_ids: Vec<u32>,
     text: String,
     /// Bytes of `text` already handed out in deltas.
     emitted: usize,
@@ -29,6 +32,8 @@ pub(crate) struct CompletionSpec<'a> {
     pub index: usize,
     pub stop: &'a [String],
     pub stop_token_ids: &'a [u32],
+    /// The model's end-of-sequence ids, when they end the completion.
+    pub eos_ids: &'a [u32],
     pub want_logprobs: bool,
     pub skip_special_tokens: bool,
 }
@@ -41,6 +46,7 @@ impl CompletionState {
             stop: spec.stop.to_vec(),
             holdback: spec.stop.iter().map(String::len).max().unwrap_or(1) - 1,
             stop_token_ids: spec.stop_token_ids.to_vec(),
+            end_ids: [spec.stop_token_ids, spec.eos_ids].concat(),
             text: String::new(),
             emitted: 0,
             token_ids: Vec::new(),
@@ -77,7 +83,11 @@ impl CompletionState {
             }
         }
         if let Some(tok) = tok {
-            let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
+            let ids: Vec<u32> = tokens
+                .iter()
+                .map(|t| t.id)
+                .filter(|id| !self.end_ids.contains(id))
+                .collect();
             let piece = self.decoder.push(tok, &ids, false)?;
             self.append_text(&piece);
         }
@@ -214,6 +224,7 @@ mod tests {
             index: 0,
             stop: &stop,
             stop_token_ids: &[],
+            eos_ids: &[],
             want_logprobs: false,
             skip_special_tokens: true,
         })

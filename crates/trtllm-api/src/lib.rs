@@ -15,8 +15,10 @@ mod processors;
 mod sampling_params;
 mod stream;
 mod tokenizer;
+mod tool_parser;
+mod tools;
 
-pub use chat::{ChatMessage, ChatTemplate};
+pub use chat::{ChatMessage, ChatOptions, ChatTemplate, SpecialTokens};
 pub use error::ApiError;
 pub use guided::GuidedDecoding;
 pub use llm::{cache_dir, LlmArgs, Perplexity, Prompt, LLM};
@@ -26,6 +28,8 @@ pub use outputs::{
 pub use sampling_params::{SamplingParams, MAX_N};
 pub use stream::RequestStream;
 pub use tokenizer::Tokenizer;
+pub use tool_parser::{ToolCallDelta, ToolCallStream, ToolDelta, ToolMode, ToolParser};
+pub use tools::{Tool, ToolCall, ToolChoice};
 pub use trtllm_executor as executor;
 pub use trtllm_executor::builder;
 pub use trtllm_executor::runtime;

@@ -10,7 +10,7 @@ use trtllm_executor::builder::{self, BuildConfig};
 use trtllm_executor::runtime::Device;
 use trtllm_executor::{ExecutorConfig, GenerationExecutor, GenerationRequest, LogitsProcessor};
 
-use crate::chat::ChatMessage;
+use crate::chat::{ChatMessage, ChatOptions};
 use crate::completion::{CompletionSpec, CompletionState};
 use crate::guided::Guides;
 use crate::processors::{BadWords, Chain};
@@ -23,6 +23,8 @@ pub struct LlmArgs {
     pub model: PathBuf,
     /// Where the tokenizer files are; defaults to the engine directory.
     pub tokenizer: Option<PathBuf>,
+    /// A chat template (its source) used instead of the checkpoint's.
+    pub chat_template: Option<String>,
     /// Work on token ids only.
     pub skip_tokenizer_init: bool,
     pub build_config: BuildConfig,
@@ -73,9 +75,11 @@ impl LLM {
         let tokenizer = if args.skip_tokenizer_init {
             None
         } else {
-            Some(Arc::new(Tokenizer::from_dir(
-                args.tokenizer.as_deref().unwrap_or(&engine_dir),
-            )?))
+            let mut tok = Tokenizer::from_dir(args.tokenizer.as_deref().unwrap_or(&engine_dir))?;
+            if let Some(t) = &args.chat_template {
+                tok.set_chat_template(t.clone())?;
+            }
+            Some(Arc::new(tok))
         };
         Ok(Self {
             executor,
@@ -115,10 +119,25 @@ impl LLM {
     }
 
     /// Token ids of a conversation rendered through the chat template (which writes its own
-    /// special tokens, so the tokenizer adds none).
-    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+    /// special tokens, so the tokenizer adds none). Tools the template would not show the model
+    /// are an error, not dropped.
+    pub fn chat_prompt(&self, messages: &[ChatMessage], opts: &ChatOptions) -> Result<Vec<u32>> {
         let tok = self.tokenizer()?;
-        tok.encode(&tok.apply_chat_template(messages, true)?, false)
+        let text = tok.apply_chat_template(messages, opts)?;
+        if !opts.tools.is_empty() {
+            let bare = ChatOptions {
+                tools: Vec::new(),
+                ..opts.clone()
+            };
+            if tok.apply_chat_template(messages, &bare)? == text {
+                return Err(ApiError::InvalidInput(
+                    "the chat template does not show tools to the model; give one that does \
+                     (--chat-template, e.g. docs/chat_templates/chatml-tools.jinja)"
+                        .into(),
+                ));
+            }
+        }
+        tok.encode(&text, false)
     }
 
     /// Generates for every prompt; one output per prompt, in order, each with
@@ -158,9 +177,19 @@ impl LLM {
         self.submit(text_of(&prompt), ids, params)
     }
 
-    /// One user/system/assistant conversation through the chat template.
+    /// One conversation through the chat template.
     pub fn chat(&self, messages: &[ChatMessage], params: &SamplingParams) -> Result<RequestOutput> {
-        self.chat_async(messages, params)?.collect()
+        self.chat_with(messages, &ChatOptions::default(), params)
+    }
+
+    /// `chat` rendered with options: tools, template variables, another template.
+    pub fn chat_with(
+        &self,
+        messages: &[ChatMessage],
+        opts: &ChatOptions,
+        params: &SamplingParams,
+    ) -> Result<RequestOutput> {
+        self.chat_async_with(messages, opts, params)?.collect()
     }
 
     /// `chat`, streamed.
@@ -169,8 +198,18 @@ impl LLM {
         messages: &[ChatMessage],
         params: &SamplingParams,
     ) -> Result<RequestStream> {
+        self.chat_async_with(messages, &ChatOptions::default(), params)
+    }
+
+    /// `chat_with`, streamed.
+    pub fn chat_async_with(
+        &self,
+        messages: &[ChatMessage],
+        opts: &ChatOptions,
+        params: &SamplingParams,
+    ) -> Result<RequestStream> {
         params.validate()?;
-        let ids = self.chat_prompt(messages)?;
+        let ids = self.chat_prompt(messages, opts)?;
         self.submit(None, ids, params)
     }
 
@@ -210,12 +249,15 @@ impl LLM {
                 self.executor.submit_with(request, guide)
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
+        let eos = &self.executor.engine_config().model.eos_token_ids;
+        let eos_ids = if params.ignore_eos { &[][..] } else { eos };
         let states = (0..params.n)
             .map(|index| {
                 CompletionState::new(CompletionSpec {
                     index,
                     stop: &params.stop,
                     stop_token_ids: &params.stop_token_ids,
+                    eos_ids,
                     want_logprobs: params.logprobs.is_some(),
                     skip_special_tokens: params.skip_special_tokens,
                 })

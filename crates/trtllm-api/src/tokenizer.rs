@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::chat::{ChatMessage, ChatTemplate};
+use crate::chat::{ChatMessage, ChatOptions, ChatTemplate, SpecialTokens};
 use crate::{ApiError, Result};
 
 pub struct Tokenizer {
@@ -131,24 +131,37 @@ impl Tokenizer {
         Ok((0..n as u32).map(bytes_of).collect())
     }
 
-    /// Renders `messages` through the chat template, ending with the assistant's turn opener.
+    /// Uses `source` as the chat template instead of the checkpoint's (`--chat-template`).
+    pub fn set_chat_template(&mut self, source: String) -> Result<()> {
+        self.chat_template = Some(ChatTemplate::new(source)?);
+        Ok(())
+    }
+
+    /// The chat template's source, if the tokenizer has one.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_ref().map(ChatTemplate::source)
+    }
+
+    /// Renders `messages` through the chat template (the tokenizer's, or the options' own).
     pub fn apply_chat_template(
         &self,
         messages: &[ChatMessage],
-        add_generation_prompt: bool,
+        opts: &ChatOptions,
     ) -> Result<String> {
+        let special = SpecialTokens {
+            bos: self.bos_token.as_deref(),
+            eos: self.eos_token.as_deref(),
+        };
+        if let Some(source) = &opts.template {
+            return ChatTemplate::new(source.clone())?.render(messages, opts, special);
+        }
         let t = self.chat_template.as_ref().ok_or_else(|| {
             ApiError::ChatTemplate(format!(
-                "{}: the tokenizer has no chat template",
+                "{}: the tokenizer has no chat template (give one with --chat-template)",
                 self.path.display()
             ))
         })?;
-        t.render(
-            messages,
-            add_generation_prompt,
-            self.bos_token.as_deref(),
-            self.eos_token.as_deref(),
-        )
+        t.render(messages, opts, special)
     }
 
     fn error(&self, e: tokenizers::Error) -> ApiError {

@@ -16,6 +16,9 @@ pub struct ChatArgs {
     /// A system message that opens the conversation (and survives /reset).
     #[arg(long)]
     system: Option<String>,
+    /// A Jinja chat template file used instead of the checkpoint's.
+    #[arg(long, value_name = "FILE")]
+    chat_template: Option<std::path::PathBuf>,
     #[command(flatten)]
     sampling: SamplingArgs,
     #[command(flatten)]
@@ -24,7 +27,12 @@ pub struct ChatArgs {
 
 pub fn chat(a: ChatArgs) -> Result<()> {
     let params = a.sampling.params()?;
-    let llm = open(a.model.path()?, a.executor.config(), a.executor.device)?;
+    let llm = open(
+        a.model.path()?,
+        a.executor.config(),
+        a.executor.device,
+        a.chat_template.as_deref(),
+    )?;
     let opening: Vec<ChatMessage> = a
         .system
         .iter()

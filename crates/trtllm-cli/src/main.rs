@@ -287,7 +287,7 @@ fn quant_config(a: &BuildArgs) -> Result<(LayerQuantConfig, bool)> {
 }
 
 fn perplexity(a: PerplexityArgs) -> Result<()> {
-    let llm = run::open(a.model.path()?, ExecutorConfig::default(), a.device)?;
+    let llm = run::open(a.model.path()?, ExecutorConfig::default(), a.device, None)?;
     let ids = match (&a.text_file, &a.input_ids_file) {
         (Some(f), _) => {
             let text = std::fs::read_to_string(f).with_context(|| f.display().to_string())?;

@@ -52,6 +52,9 @@ pub struct RunArgs {
     /// A system message before --chat's user message.
     #[arg(long, requires = "chat")]
     system: Option<String>,
+    /// A Jinja chat template file used instead of the checkpoint's.
+    #[arg(long, value_name = "FILE")]
+    chat_template: Option<PathBuf>,
     /// Comma-separated token ids.
     #[arg(long, group = "input", value_delimiter = ',')]
     input_ids: Option<Vec<u32>>,
@@ -174,12 +177,21 @@ impl ExecutorArgs {
 }
 
 /// Opens an engine (building a checkpoint into the cache first if that is what `model` is, and
-/// saying so once on stderr).
-pub fn open(model: &Path, executor_config: ExecutorConfig, device: Device) -> Result<LLM> {
+/// saying so once on stderr), with `chat_template` (a Jinja file) instead of the checkpoint's.
+pub fn open(
+    model: &Path,
+    executor_config: ExecutorConfig,
+    device: Device,
+    chat_template: Option<&Path>,
+) -> Result<LLM> {
+    let chat_template = chat_template
+        .map(|f| std::fs::read_to_string(f).with_context(|| format!("--chat-template {}", f.display())))
+        .transpose()?;
     let llm = LLM::new(LlmArgs {
         model: model.to_path_buf(),
         executor_config,
         device,
+        chat_template,
         ..LlmArgs::default()
     })?;
     if let Some(note) = llm.built() {
@@ -217,7 +229,12 @@ pub fn generate(a: RunArgs) -> Result<()> {
     if prompts.is_empty() && chat.is_none() {
         bail!("one of --prompt, --prompts-file, --chat or --input-ids is required");
     }
-    let llm = open(a.model.path()?, a.executor.config(), a.executor.device)?;
+    let llm = open(
+        a.model.path()?,
+        a.executor.config(),
+        a.executor.device,
+        a.chat_template.as_deref(),
+    )?;
     if a.json || params.n > 1 || prompts.len() > 1 {
         let outs = match &chat {
             Some(messages) => vec![llm.chat(messages, &params)?],

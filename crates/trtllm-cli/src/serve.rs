@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use clap::Args;
+use trtllm_api::ToolParser;
 use trtllm_serve::ServeConfig;
 
 use crate::run::{open, ExecutorArgs, ModelArg};
@@ -33,6 +34,14 @@ pub struct ServeArgs {
     /// (for clients that always send extras).
     #[arg(long)]
     lenient_requests: bool,
+    /// A Jinja chat template file used instead of the checkpoint's (e.g. one that shows tools
+    /// to the model: docs/chat_templates/).
+    #[arg(long, value_name = "FILE")]
+    chat_template: Option<std::path::PathBuf>,
+    /// How the model writes tool calls, for `tool_choice: auto` (hermes, llama3_json, mistral);
+    /// default: read from the chat template's markers.
+    #[arg(long, value_parser = parse_tool_parser)]
+    tool_call_parser: Option<ToolParser>,
     #[command(flatten)]
     executor: ExecutorArgs,
 }
@@ -47,7 +56,12 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 .map_or("model".into(), |n| n.to_string_lossy().into_owned()),
         );
     }
-    let llm = open(model, a.executor.config(), a.executor.device)?;
+    let llm = open(
+        model,
+        a.executor.config(),
+        a.executor.device,
+        a.chat_template.as_deref(),
+    )?;
     trtllm_serve::serve(
         llm,
         ServeConfig {
@@ -58,7 +72,12 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             max_body_bytes: a.max_body_bytes,
             max_pending_requests: a.max_pending_requests,
             lenient_requests: a.lenient_requests,
+            tool_call_parser: a.tool_call_parser,
         },
     )?;
     Ok(())
+}
+
+fn parse_tool_parser(name: &str) -> Result<ToolParser, String> {
+    ToolParser::from_name(name).map_err(|e| e.to_string())
 }

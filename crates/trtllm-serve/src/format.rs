@@ -1,7 +1,7 @@
 //! The JSON of OpenAI's responses and stream chunks for the two endpoints.
 
 use serde_json::{json, Map, Value};
-use trtllm_api::{Logprob, StopReason, Tokenizer};
+use trtllm_api::{Logprob, StopReason, ToolCallDelta, Tokenizer};
 
 /// Which endpoint a generation answers: the shapes differ, the flow does not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -14,6 +14,8 @@ pub enum Endpoint {
 #[derive(Clone, Debug, Default)]
 pub struct ChoiceText {
     pub text: String,
+    /// Calls made (whole in a response; their new parts in a chunk).
+    pub tool_calls: Vec<ToolCallDelta>,
     pub logprobs: Vec<Logprob>,
     pub finish_reason: Option<String>,
     pub stop_reason: Option<StopReason>,
@@ -114,18 +116,24 @@ impl Formatter {
                 m.insert("text".into(), json!(c.text));
             }
             (Endpoint::Chat, false) => {
-                m.insert(
-                    "message".into(),
-                    json!({"role": "assistant", "content": c.text}),
-                );
+                let mut message = json!({"role": "assistant", "content": c.text});
+                if !c.tool_calls.is_empty() {
+                    if c.text.is_empty() {
+                        message["content"] = Value::Null;
+                    }
+                    message["tool_calls"] = tool_calls(&c.tool_calls);
+                }
+                m.insert("message".into(), message);
             }
             (Endpoint::Chat, true) => {
-                let delta = if c.text.is_empty() {
-                    json!({})
-                } else {
-                    json!({"content": c.text})
-                };
-                m.insert("delta".into(), delta);
+                let mut delta = Map::new();
+                if !c.text.is_empty() {
+                    delta.insert("content".into(), json!(c.text));
+                }
+                if !c.tool_calls.is_empty() {
+                    delta.insert("tool_calls".into(), tool_calls(&c.tool_calls));
+                }
+                m.insert("delta".into(), Value::Object(delta));
             }
         }
         m.insert("logprobs".into(), logprobs);
@@ -133,6 +141,29 @@ impl Formatter {
         m.insert("stop_reason".into(), stop_reason);
         Value::Object(m)
     }
+}
+
+/// OpenAI's `tool_calls` entries; a chunk's continuation of a call carries only its index and
+/// the arguments' new text.
+fn tool_calls(calls: &[ToolCallDelta]) -> Value {
+    calls
+        .iter()
+        .map(|c| {
+            let mut function = Map::new();
+            if let Some(name) = &c.name {
+                function.insert("name".into(), json!(name));
+            }
+            function.insert("arguments".into(), json!(c.arguments));
+            let mut call = Map::new();
+            call.insert("index".into(), json!(c.index));
+            if let Some(id) = &c.id {
+                call.insert("id".into(), json!(id));
+                call.insert("type".into(), json!("function"));
+            }
+            call.insert("function".into(), Value::Object(function));
+            Value::Object(call)
+        })
+        .collect()
 }
 
 pub fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {

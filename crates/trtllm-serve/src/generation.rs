@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
-use trtllm_api::{CompletionDelta, RequestStream};
+use trtllm_api::{CompletionDelta, RequestStream, ToolCallStream};
 
 use crate::format::{usage, ChoiceText};
+use crate::protocol::ToolCalls;
 use crate::state::{Admission, AppState};
 use crate::ServeError;
 
@@ -38,6 +39,17 @@ struct Choice {
     tokens: usize,
     chars: usize,
     last_delta: Option<Instant>,
+    /// Reads tool calls out of the text, when the request has tools.
+    tools: Option<ToolCallStream>,
+}
+
+/// What a generation answers: its response id (for the request log), completions per prompt,
+/// when it arrived, and how tool calls are read.
+pub struct GenerationSpec {
+    pub id: String,
+    pub n: usize,
+    pub arrived: Instant,
+    pub tool_calls: Option<ToolCalls>,
 }
 
 pub struct Generation {
@@ -63,13 +75,13 @@ impl Drop for Generation {
 }
 
 impl Generation {
-    pub fn start(
-        id: String,
-        admission: Admission,
-        streams: Vec<RequestStream>,
-        n: usize,
-        arrived: Instant,
-    ) -> Self {
+    pub fn start(spec: GenerationSpec, admission: Admission, streams: Vec<RequestStream>) -> Self {
+        let GenerationSpec {
+            id,
+            n,
+            arrived,
+            tool_calls,
+        } = spec;
         let state = admission.state().clone();
         let (tx, rx) = mpsc::channel(256);
         let ids = streams
@@ -77,7 +89,19 @@ impl Generation {
             .flat_map(RequestStream::request_ids)
             .collect();
         let prompt_tokens = streams.iter().map(|s| s.prompt_token_ids().len()).sum();
-        let choices = (0..streams.len() * n).map(|_| Choice::default()).collect();
+        let choices = (0..streams.len() * n)
+            .map(|_| Choice {
+                tools: tool_calls.as_ref().map(|t| {
+                    let s = ToolCallStream::new(t.mode.clone());
+                    if t.parallel {
+                        s
+                    } else {
+                        s.limit(1)
+                    }
+                }),
+                ..Choice::default()
+            })
+            .collect();
         for (prompt, mut stream) in streams.into_iter().enumerate() {
             let tx = tx.clone();
             // Blocking: the stream waits on the engine's channel. Dropping it (when the
@@ -147,19 +171,44 @@ impl Generation {
             c.last_delta = Some(now);
             c.tokens += d.token_ids.len();
         }
-        if let Some(reason) = &d.finish_reason {
+        let (text, tool_calls) = match &mut c.tools {
+            None => (d.text, Vec::new()),
+            Some(t) => {
+                let mut out = t.push(&d.text);
+                if d.finish_reason.is_some() {
+                    let rest = t.finish();
+                    out.content.push_str(&rest.content);
+                    out.calls.extend(rest.calls);
+                }
+                (out.content, out.calls)
+            }
+        };
+        // A completion that stopped after making calls ended for them (OpenAI's reason).
+        let made_calls = c.tools.as_ref().is_some_and(|t| !t.calls().is_empty());
+        let finish_reason = match d.finish_reason {
+            Some(r) if r == "stop" && made_calls => Some("tool_calls".to_string()),
+            r => r,
+        };
+        if let Some(reason) = &finish_reason {
             metrics.finished(reason, 1);
         }
         let piece = ChoiceText {
-            text: d.text,
+            text,
+            tool_calls,
             logprobs: d.logprobs,
-            finish_reason: d.finish_reason,
+            finish_reason,
             stop_reason: d.stop_reason,
             offset: c.chars,
         };
         c.chars += piece.text.chars().count();
         c.all.text.push_str(&piece.text);
         c.all.logprobs.extend(piece.logprobs.iter().cloned());
+        for call in &piece.tool_calls {
+            match c.all.tool_calls.get_mut(call.index) {
+                Some(whole) => whole.arguments.push_str(&call.arguments),
+                None => c.all.tool_calls.push(call.clone()),
+            }
+        }
         if piece.finish_reason.is_some() {
             c.all.finish_reason = piece.finish_reason.clone();
             c.all.stop_reason = piece.stop_reason.clone();

@@ -19,8 +19,9 @@ use tokio_stream::StreamExt;
 use trtllm_api::{Prompt, RequestStream, SamplingParams, LLM};
 
 use crate::format::{Endpoint, Formatter};
-use crate::generation::Generation;
-use crate::protocol::{ChatRequest, CompletionRequest, Parsed};
+use crate::generation::{Generation, GenerationSpec};
+use crate::chat::ChatRequest;
+use crate::protocol::{CompletionRequest, Parsed};
 use crate::state::AppState;
 use crate::ServeError;
 
@@ -155,13 +156,13 @@ pub async fn chat(
 ) -> AppResult {
     let arrived = Instant::now();
     let model = st.check_model(req.model.as_deref())?;
-    let parsed = req.params(st.config.lenient_requests)?;
+    let parsed = req.params(&st)?;
     run(
         st,
         (Endpoint::Chat, model),
         arrived,
         parsed,
-        |llm, messages| Ok(vec![llm.chat_prompt(&messages)?]),
+        |llm, chat| Ok(vec![llm.chat_prompt(&chat.messages, &chat.options)?]),
     )
     .await
 }
@@ -192,6 +193,7 @@ async fn run<T: Send + 'static>(
         inputs,
         stream: streamed,
         include_usage,
+        tool_calls,
     } = parsed;
     let admission = st.admit()?;
     let llm = st.llm.clone();
@@ -225,7 +227,16 @@ async fn run<T: Send + 'static>(
         Endpoint::Chat => "chatcmpl",
     };
     let id = format!("{prefix}-{:x}-{first_id}", st.created);
-    let gen = Generation::start(id.clone(), admission, streams, params.n, arrived);
+    let gen = Generation::start(
+        GenerationSpec {
+            id: id.clone(),
+            n: params.n,
+            arrived,
+            tool_calls,
+        },
+        admission,
+        streams,
+    );
     let fmt = Formatter {
         endpoint,
         id,

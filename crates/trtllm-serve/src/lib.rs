@@ -7,6 +7,7 @@
 //! prompts go through `LLM`, and every scheduling decision stays with the executor; the async
 //! runtime never blocks on the engine (streams are drained on blocking threads).
 
+mod chat;
 mod error;
 mod format;
 mod generation;
@@ -23,7 +24,7 @@ use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
 use axum::Router;
 use trtllm_api::runtime::quant::QuantAlgo;
-use trtllm_api::LLM;
+use trtllm_api::{ToolParser, LLM};
 
 pub use error::ServeError;
 
@@ -43,6 +44,9 @@ pub struct ServeConfig {
     /// Fields we do not implement are warned of and ignored instead of refused with 400 (for
     /// clients that always send extras).
     pub lenient_requests: bool,
+    /// How models write tool calls, for `tool_choice: auto`; None: read from the chat
+    /// template's markers.
+    pub tool_call_parser: Option<ToolParser>,
 }
 
 impl Default for ServeConfig {
@@ -55,6 +59,7 @@ impl Default for ServeConfig {
             max_body_bytes: 4 << 20,
             max_pending_requests: 1024,
             lenient_requests: false,
+            tool_call_parser: None,
         }
     }
 }

@@ -6,7 +6,7 @@
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use trtllm_api::{ChatMessage, GuidedDecoding, Prompt, SamplingParams};
+use trtllm_api::{GuidedDecoding, Prompt, SamplingParams, ToolMode};
 
 use crate::ServeError;
 
@@ -15,9 +15,6 @@ const INERT: &[&str] = &["user", "store", "metadata", "service_tier"];
 
 /// Fields OpenAI or vLLM define that this server does not implement.
 const NOT_IMPLEMENTED: &[&str] = &[
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
     "functions",
     "function_call",
     "guided_decoding_backend",
@@ -27,10 +24,6 @@ const NOT_IMPLEMENTED: &[&str] = &[
     "early_stopping",
     "allowed_token_ids",
     "prompt_logprobs",
-    "chat_template",
-    "chat_template_kwargs",
-    "add_generation_prompt",
-    "continue_final_message",
     "suffix",
     "logits_processors",
     "truncate_prompt_tokens",
@@ -137,46 +130,6 @@ pub struct CompletionRequest {
     pub extra: Map<String, Value>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum Content {
-    Text(String),
-    Parts(Vec<ContentPart>),
-}
-
-#[derive(Debug, Deserialize)]
-pub struct ContentPart {
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub text: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct ChatMessageIn {
-    pub role: String,
-    pub content: Option<Content>,
-    #[serde(flatten)]
-    pub extra: Map<String, Value>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct ChatRequest {
-    pub model: Option<String>,
-    pub messages: Vec<ChatMessageIn>,
-    pub max_tokens: Option<i64>,
-    pub max_completion_tokens: Option<i64>,
-    #[serde(default)]
-    pub stream: bool,
-    pub stream_options: Option<StreamOptions>,
-    #[serde(default)]
-    pub logprobs: bool,
-    pub top_logprobs: Option<i64>,
-    #[serde(flatten)]
-    pub sampling: SamplingFields,
-    #[serde(flatten)]
-    pub extra: Map<String, Value>,
-}
-
 /// A request reduced to what the engine needs.
 pub struct Parsed<T> {
     /// `max_tokens` is a placeholder when `max_tokens` below is None.
@@ -186,12 +139,18 @@ pub struct Parsed<T> {
     pub inputs: T,
     pub stream: bool,
     pub include_usage: bool,
+    /// How the text becomes tool calls (chat with tools).
+    pub tool_calls: Option<ToolCalls>,
 }
 
-/// The roles the chat templates are written for.
-const ROLES: &[&str] = &["system", "user", "assistant"];
+/// A chat's tool calls: how they are read, and whether several may be made.
+#[derive(Clone, Debug)]
+pub struct ToolCalls {
+    pub mode: ToolMode,
+    pub parallel: bool,
+}
 
-fn count(v: Option<i64>, field: &str, min: i64) -> Result<Option<usize>, ServeError> {
+pub(crate) fn count(v: Option<i64>, field: &str, min: i64) -> Result<Option<usize>, ServeError> {
     match v {
         Some(x) if x < min => Err(ServeError::bad(
             format!("{field} = {x}: expected an integer >= {min}"),
@@ -294,7 +253,7 @@ impl SamplingFields {
 
     /// Parameters with `max_tokens` and `logprobs` already resolved by the endpoint; the
     /// ranges are checked by `SamplingParams::validate`.
-    fn params(
+    pub(crate) fn params(
         mut self,
         max_tokens: usize,
         logprobs: Option<usize>,
@@ -359,87 +318,7 @@ impl CompletionRequest {
             inputs: prompts,
             stream: self.stream,
             include_usage,
+            tool_calls: None,
         })
     }
-}
-
-impl ChatRequest {
-    pub fn params(self, lenient: bool) -> Result<Parsed<Vec<ChatMessage>>, ServeError> {
-        check_unknown(&self.extra, "", lenient)?;
-        let max_tokens = count(self.max_completion_tokens, "max_completion_tokens", 1)?.or(count(
-            self.max_tokens,
-            "max_tokens",
-            1,
-        )?);
-        let top = count(self.top_logprobs, "top_logprobs", 0)?;
-        if top.is_some() && !self.logprobs {
-            return Err(ServeError::bad(
-                "top_logprobs needs logprobs: true",
-                Some("top_logprobs"),
-            ));
-        }
-        let logprobs = self.logprobs.then_some(top.unwrap_or(0));
-        if self.messages.is_empty() {
-            return Err(ServeError::bad("messages is empty", Some("messages")));
-        }
-        let messages = chat_messages(self.messages, lenient)?;
-        let include_usage = self.stream_options.is_some_and(|o| o.include_usage);
-        Ok(Parsed {
-            params: self.sampling.params(max_tokens.unwrap_or(1), logprobs)?,
-            max_tokens,
-            inputs: messages,
-            stream: self.stream,
-            include_usage,
-        })
-    }
-}
-
-/// Chat messages as the template takes them: roles it is written for, text content (parts of
-/// type text joined), no fields we do not implement.
-pub fn chat_messages(
-    messages: Vec<ChatMessageIn>,
-    lenient: bool,
-) -> Result<Vec<ChatMessage>, ServeError> {
-    messages
-        .into_iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let at = format!("messages[{i}]");
-            check_unknown(&m.extra, &format!("{at}."), lenient)?;
-            if !ROLES.contains(&m.role.as_str()) {
-                return Err(ServeError::bad(
-                    format!(
-                        "{at}.role '{}' is not supported ({})",
-                        m.role,
-                        ROLES.join(", ")
-                    ),
-                    Some("messages"),
-                ));
-            }
-            let content = match m.content {
-                None => {
-                    return Err(ServeError::bad(
-                        format!("{at} has no content"),
-                        Some("messages"),
-                    ))
-                }
-                Some(Content::Text(t)) => t,
-                Some(Content::Parts(parts)) => parts
-                    .into_iter()
-                    .map(|p| match (p.kind.as_str(), p.text) {
-                        ("text", Some(t)) => Ok(t),
-                        (kind, _) => Err(ServeError::bad(
-                            format!("content part of type '{kind}' is not supported (text only)"),
-                            Some("messages"),
-                        )),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?
-                    .concat(),
-            };
-            Ok(ChatMessage {
-                role: m.role,
-                content,
-            })
-        })
-        .collect::<Result<Vec<_>, ServeError>>()
 }

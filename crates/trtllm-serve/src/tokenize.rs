@@ -7,9 +7,11 @@ use axum::extract::State;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use trtllm_api::ChatOptions;
 
 use crate::handlers::JsonBody;
-use crate::protocol::{check_unknown, ChatMessageIn};
+use crate::chat::ChatMessageIn;
+use crate::protocol::check_unknown;
 use crate::state::AppState;
 use crate::ServeError;
 
@@ -48,9 +50,12 @@ pub async fn tokenize(
         match (req.prompt, req.messages) {
             (Some(p), None) => Ok(tok.encode(&p, req.add_special_tokens.unwrap_or(true))?),
             (None, Some(m)) => {
-                let messages = crate::protocol::chat_messages(m, lenient)?;
-                let add = req.add_generation_prompt.unwrap_or(true);
-                let text = tok.apply_chat_template(&messages, add)?;
+                let messages = crate::chat::chat_messages(m, lenient)?;
+                let opts = ChatOptions {
+                    add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
+                    ..ChatOptions::default()
+                };
+                let text = tok.apply_chat_template(&messages, &opts)?;
                 Ok(tok.encode(&text, req.add_special_tokens.unwrap_or(false))?)
             }
             _ => Err(ServeError::bad(

@@ -75,7 +75,7 @@ pub struct InProcess {
 impl InProcess {
     pub fn open(model: &Path, executor: &ExecutorArgs) -> Result<Self> {
         Ok(Self {
-            llm: crate::run::open(model, executor.config(), executor.device)?,
+            llm: crate::run::open(model, executor.config(), executor.device, None)?,
             path: model.display().to_string(),
         })
     }
