@@ -142,6 +142,23 @@ pub struct SmolCase {
     pub last_prompt_top10: Vec<(u32, f32)>,
 }
 
+/// SmolLM2's end-of-sequence token and its text.
+pub const SMOL_EOS: (u32, &str) = (2, "<|im_end|>");
+
+impl SmolCase {
+    /// The golden text as a completion shows it with special tokens kept: transformers decoded
+    /// every id, and a completion's text leaves out the end-of-sequence token that ended it.
+    pub fn completion_text(&self) -> &str {
+        match self.greedy_ids.last() {
+            Some(&id) if id == SMOL_EOS.0 => self
+                .greedy_text
+                .strip_suffix(SMOL_EOS.1)
+                .unwrap_or(&self.greedy_text),
+            _ => &self.greedy_text,
+        }
+    }
+}
+
 #[derive(Deserialize)]
 pub struct SmolPerplexity {
     pub input_ids: Vec<u32>,

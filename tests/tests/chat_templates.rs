@@ -11,7 +11,11 @@ use trtllm_tests::{fixtures, read_json};
 /// A message in OpenAI's shape, as the server reads it.
 fn message(v: &Value) -> Result<ChatMessage> {
     let text = |k: &str| v.get(k).and_then(Value::as_str).map(String::from);
-    let calls = v.get("tool_calls").and_then(Value::as_array).cloned().unwrap_or_default();
+    let calls = v
+        .get("tool_calls")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     Ok(ChatMessage {
         role: text("role").context("role")?,
         content: text("content").unwrap_or_default(),
@@ -20,7 +24,10 @@ fn message(v: &Value) -> Result<ChatMessage> {
             .map(|c| ToolCall {
                 id: c["id"].as_str().unwrap_or_default().into(),
                 name: c["function"]["name"].as_str().unwrap_or_default().into(),
-                arguments: c["function"]["arguments"].as_str().unwrap_or_default().into(),
+                arguments: c["function"]["arguments"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .into(),
             })
             .collect(),
         tool_call_id: text("tool_call_id"),
@@ -55,16 +62,28 @@ fn templates_with_tools_render_as_transformers_does() -> Result<()> {
         let opts = ChatOptions {
             add_generation_prompt: !cont,
             continue_final_message: cont,
-            tools: tools.into_iter().map(Tool::from_openai).collect::<trtllm_api::Result<_>>()?,
-            template_kwargs: case["template_kwargs"].as_object().cloned().unwrap_or_default(),
+            tools: tools
+                .into_iter()
+                .map(Tool::from_openai)
+                .collect::<trtllm_api::Result<_>>()?,
+            template_kwargs: case["template_kwargs"]
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
             template: None,
         };
         let special = SpecialTokens {
             bos: Some("<s>"),
             eos: Some("</s>"),
         };
-        let got = template.render(&messages, &opts, special).context(what.clone())?;
-        assert_eq!(got, case["expected"].as_str().context("expected")?, "{what}");
+        let got = template
+            .render(&messages, &opts, special)
+            .context(what.clone())?;
+        assert_eq!(
+            got,
+            case["expected"].as_str().context("expected")?,
+            "{what}"
+        );
     }
     Ok(())
 }

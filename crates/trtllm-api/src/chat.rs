@@ -168,7 +168,9 @@ impl ChatTemplate {
 /// The rendering up to the end of the final message (transformers' `continue_final_message`).
 fn cut_at_tag(rendered: String, content: &str) -> Result<String> {
     let tag = CONTINUE_TAG.trim();
-    let at = rendered.rfind(tag).filter(|_| rendered.contains(content.trim()));
+    let at = rendered
+        .rfind(tag)
+        .filter(|_| rendered.contains(content.trim()));
     let Some(at) = at else {
         return Err(ApiError::ChatTemplate(
             "continue_final_message: the template does not show the final message as given".into(),
@@ -264,7 +266,11 @@ fn py_number(n: &serde_json::Number) -> String {
     } else if (point as usize) >= digits.len() {
         format!("{digits}{}.0", "0".repeat(point as usize - digits.len()))
     } else {
-        format!("{}.{}", &digits[..point as usize], &digits[point as usize..])
+        format!(
+            "{}.{}",
+            &digits[..point as usize],
+            &digits[point as usize..]
+        )
     };
     format!("{neg}{text}")
 }
@@ -280,7 +286,12 @@ mod tests {
     #[test]
     fn chatml_with_default_system_prompt() {
         let src = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nSYS<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
-        let out = render(src, &[ChatMessage::new("user", "Hi")], &ChatOptions::default()).unwrap();
+        let out = render(
+            src,
+            &[ChatMessage::new("user", "Hi")],
+            &ChatOptions::default(),
+        )
+        .unwrap();
         assert_eq!(out, "<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
     }
 
@@ -307,7 +318,12 @@ mod tests {
             r#"{"b": [1, 2.5, 1e-05, 1e+20, -0.25, 100.0, 1000000000000000.0, 0.0001, -3], "a": {"x": "é<\"\n"}, "e": [], "o": {}}"#
         );
         let mut indented = String::new();
-        write_py_json(&serde_json::json!({"a": [1, {"b": null}]}), Some(2), 0, &mut indented);
+        write_py_json(
+            &serde_json::json!({"a": [1, {"b": null}]}),
+            Some(2),
+            0,
+            &mut indented,
+        );
         assert_eq!(
             indented,
             "{\n  \"a\": [\n    1,\n    {\n      \"b\": null\n    }\n  ]\n}"
@@ -322,7 +338,8 @@ mod tests {
             continue_final_message: true,
             ..ChatOptions::default()
         };
-        opts.template_kwargs.insert("flag".into(), Value::Bool(true));
+        opts.template_kwargs
+            .insert("flag".into(), Value::Bool(true));
         let msgs = [
             ChatMessage::new("user", "Hi"),
             ChatMessage::new("assistant", "Hello, I am"),

@@ -126,6 +126,10 @@ impl ToolCallStream {
         self.advance(true)
     }
 
+    pub fn mode(&self) -> &ToolMode {
+        &self.mode
+    }
+
     /// The message's content: the text that is not a call.
     pub fn content(&self) -> &str {
         &self.content
@@ -278,7 +282,9 @@ fn call_of(v: &Value) -> Option<(String, String)> {
 fn partial_marker(text: &str, marker: &str) -> usize {
     (1..marker.len().min(text.len() + 1))
         .rev()
-        .find(|&k| text.is_char_boundary(text.len() - k) && marker.starts_with(&text[text.len() - k..]))
+        .find(|&k| {
+            text.is_char_boundary(text.len() - k) && marker.starts_with(&text[text.len() - k..])
+        })
         .unwrap_or(0)
 }
 
@@ -290,7 +296,12 @@ fn hermes(text: &str, done: bool) -> Scan {
     let mut pos = 0;
     loop {
         let Some(at) = text[pos..].find(HERMES_OPEN).map(|i| pos + i) else {
-            let end = text.len() - if done { 0 } else { partial_marker(&text[pos..], HERMES_OPEN) };
+            let end = text.len()
+                - if done {
+                    0
+                } else {
+                    partial_marker(&text[pos..], HERMES_OPEN)
+                };
             s.content(pos..end);
             s.settled = end;
             return s;
@@ -379,7 +390,12 @@ fn mistral(text: &str, done: bool) -> Scan {
     let mut pos = 0;
     loop {
         let Some(at) = text[pos..].find(MISTRAL_CALLS).map(|i| pos + i) else {
-            let end = text.len() - if done { 0 } else { partial_marker(&text[pos..], MISTRAL_CALLS) };
+            let end = text.len()
+                - if done {
+                    0
+                } else {
+                    partial_marker(&text[pos..], MISTRAL_CALLS)
+                };
             s.content(pos..end);
             s.settled = end;
             return s;

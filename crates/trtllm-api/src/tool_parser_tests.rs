@@ -5,7 +5,10 @@ fn whole(mode: &ToolMode, text: &str) -> (String, Vec<(String, String)>) {
     let mut s = ToolCallStream::new(mode.clone());
     s.push(text);
     s.finish();
-    let calls = s.calls().iter().map(|c| (c.name.clone(), c.arguments.clone()));
+    let calls = s
+        .calls()
+        .iter()
+        .map(|c| (c.name.clone(), c.arguments.clone()));
     (s.content().to_string(), calls.collect())
 }
 
@@ -38,10 +41,21 @@ fn streamed(mode: &ToolMode, text: &str, step: usize) -> (String, Vec<(String, S
 }
 
 fn check(mode: ToolMode, text: &str, content: &str, calls: &[(&str, &str)]) {
-    let want: Vec<(String, String)> = calls.iter().map(|(n, a)| (n.to_string(), a.to_string())).collect();
-    assert_eq!(whole(&mode, text), (content.to_string(), want.clone()), "{text:?}");
+    let want: Vec<(String, String)> = calls
+        .iter()
+        .map(|(n, a)| (n.to_string(), a.to_string()))
+        .collect();
+    assert_eq!(
+        whole(&mode, text),
+        (content.to_string(), want.clone()),
+        "{text:?}"
+    );
     for step in 1..=text.len() {
-        assert_eq!(streamed(&mode, text, step), (content.to_string(), want.clone()), "{text:?} in pieces of {step}");
+        assert_eq!(
+            streamed(&mode, text, step),
+            (content.to_string(), want.clone()),
+            "{text:?} in pieces of {step}"
+        );
     }
 }
 
@@ -62,8 +76,18 @@ fn hermes_calls_between_text() {
         &[("f", r#"{"x":1}"#)],
     );
     // Text that only looks like a call stays text, and so does a lone `<`.
-    check(mode.clone(), "a < b <tool_call>not json</tool_call> c", "a < b <tool_call>not json</tool_call> c", &[]);
-    check(mode.clone(), "<tool_call>{\"name\": \"f\"", "<tool_call>{\"name\": \"f\"", &[]);
+    check(
+        mode.clone(),
+        "a < b <tool_call>not json</tool_call> c",
+        "a < b <tool_call>not json</tool_call> c",
+        &[],
+    );
+    check(
+        mode.clone(),
+        "<tool_call>{\"name\": \"f\"",
+        "<tool_call>{\"name\": \"f\"",
+        &[],
+    );
     check(mode, "plain answer é", "plain answer é", &[]);
 }
 
@@ -114,14 +138,28 @@ fn forced_calls() {
         &[("f", "{}")],
     );
     // A named function's arguments are the text, streamed as they come.
-    check(ToolMode::Named("f".into()), "\n{\"a\": \"b\"}", "", &[("f", "{\"a\": \"b\"}")]);
+    check(
+        ToolMode::Named("f".into()),
+        "\n{\"a\": \"b\"}",
+        "",
+        &[("f", "{\"a\": \"b\"}")],
+    );
 }
 
 #[test]
 fn parsers_by_name_and_by_template() {
     assert_eq!(ToolParser::from_name("hermes").unwrap(), ToolParser::Hermes);
-    assert!(ToolParser::from_name("xml").unwrap_err().to_string().contains("llama3_json"));
-    assert_eq!(ToolParser::detect("... <tool_call> ..."), Some(ToolParser::Hermes));
-    assert_eq!(ToolParser::detect("{{ '[TOOL_CALLS]' }}"), Some(ToolParser::Mistral));
+    assert!(ToolParser::from_name("xml")
+        .unwrap_err()
+        .to_string()
+        .contains("llama3_json"));
+    assert_eq!(
+        ToolParser::detect("... <tool_call> ..."),
+        Some(ToolParser::Hermes)
+    );
+    assert_eq!(
+        ToolParser::detect("{{ '[TOOL_CALLS]' }}"),
+        Some(ToolParser::Mistral)
+    );
     assert_eq!(ToolParser::detect("{{ message.content }}"), None);
 }

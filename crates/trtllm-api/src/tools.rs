@@ -37,7 +37,9 @@ impl Tool {
         if v.get("type").and_then(Value::as_str) != Some("function") {
             return Err(bad("type must be \"function\""));
         }
-        let f = v.get("function").ok_or_else(|| bad("function is missing"))?;
+        let f = v
+            .get("function")
+            .ok_or_else(|| bad("function is missing"))?;
         let name = f
             .get("name")
             .and_then(Value::as_str)
@@ -46,7 +48,11 @@ impl Tool {
         let parameters = match f.get("parameters") {
             None | Some(Value::Null) => json!({"type": "object"}),
             Some(p @ Value::Object(_)) => p.clone(),
-            Some(_) => return Err(bad(&format!("{name}: parameters must be a JSON schema object"))),
+            Some(_) => {
+                return Err(bad(&format!(
+                    "{name}: parameters must be a JSON schema object"
+                )))
+            }
         };
         Ok(Self {
             name: name.into(),
@@ -178,9 +184,11 @@ mod tests {
     use super::*;
 
     fn weather() -> Tool {
-        Tool::from_openai(json!({"type": "function", "function": {"name": "get_weather",
+        Tool::from_openai(
+            json!({"type": "function", "function": {"name": "get_weather",
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-            "required": ["city"]}}}))
+            "required": ["city"]}}}),
+        )
         .unwrap()
     }
 
@@ -188,14 +196,18 @@ mod tests {
     fn tool_definitions_are_checked() {
         assert!(Tool::from_openai(json!({"type": "function", "function": {}})).is_err());
         assert!(Tool::from_openai(json!({"type": "code"})).is_err());
-        let t = Tool::from_openai(json!({"type": "function", "function": {"name": "now"}})).unwrap();
+        let t =
+            Tool::from_openai(json!({"type": "function", "function": {"name": "now"}})).unwrap();
         assert_eq!(t.parameters, json!({"type": "object"}));
     }
 
     #[test]
     fn choices_parse_and_name_known_functions() {
         let tools = [weather()];
-        assert_eq!(ToolChoice::from_openai(&json!("required")).unwrap(), ToolChoice::Required);
+        assert_eq!(
+            ToolChoice::from_openai(&json!("required")).unwrap(),
+            ToolChoice::Required
+        );
         let named = json!({"type": "function", "function": {"name": "get_weather"}});
         let choice = ToolChoice::from_openai(&named).unwrap();
         assert_eq!(
@@ -203,10 +215,16 @@ mod tests {
             Some(GuidedDecoding::JsonSchema(tools[0].parameters.clone()))
         );
         let other = ToolChoice::Function("nope".into());
-        assert!(other.grammar(&tools, true).unwrap_err().to_string().contains("get_weather"));
+        assert!(other
+            .grammar(&tools, true)
+            .unwrap_err()
+            .to_string()
+            .contains("get_weather"));
         assert!(ToolChoice::from_openai(&json!("any")).is_err());
         assert!(ToolChoice::Required.grammar(&[], true).is_err());
-        let Some(GuidedDecoding::JsonSchema(s)) = ToolChoice::Required.grammar(&tools, false).unwrap() else {
+        let Some(GuidedDecoding::JsonSchema(s)) =
+            ToolChoice::Required.grammar(&tools, false).unwrap()
+        else {
             panic!("a schema")
         };
         assert_eq!(s["maxItems"], 1);

@@ -185,7 +185,9 @@ pub fn open(
     chat_template: Option<&Path>,
 ) -> Result<LLM> {
     let chat_template = chat_template
-        .map(|f| std::fs::read_to_string(f).with_context(|| format!("--chat-template {}", f.display())))
+        .map(|f| {
+            std::fs::read_to_string(f).with_context(|| format!("--chat-template {}", f.display()))
+        })
         .transpose()?;
     let llm = LLM::new(LlmArgs {
         model: model.to_path_buf(),

@@ -159,6 +159,10 @@ fn openai_python_client_matches_golden_outputs() {
     spec["api_key"] = json!("sk-test");
     spec["model"] = json!(MODEL);
     spec["eos_token_id"] = json!(EOS);
+    spec["eos_text"] = json!("<|im_end|>");
+    spec["tools_template"] =
+        json!(Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../docs/chat_templates/chatml-tools.jinja"));
     let dir = tempfile::tempdir().unwrap();
     let spec_path = dir.path().join("spec.json");
     std::fs::write(&spec_path, spec.to_string()).unwrap();
@@ -198,8 +202,15 @@ fn concurrent_streams_are_complete_and_disconnects_free_their_blocks() {
                     "max_tokens": ids.len(), "temperature": 0, "stream": true,
                     "skip_special_tokens": false});
                 let (text, finish) = server.stream(&body);
-                assert_eq!(text, case["greedy_text"].as_str().unwrap(), "client {i}");
                 let eos = ids.last().unwrap().as_u64() == Some(EOS as u64);
+                // The end-of-sequence token that ends a completion is not in its text.
+                let golden = case["greedy_text"].as_str().unwrap();
+                let want = if eos {
+                    golden.strip_suffix("<|im_end|>").unwrap()
+                } else {
+                    golden
+                };
+                assert_eq!(text, want, "client {i}");
                 assert_eq!(finish, if eos { "stop" } else { "length" }, "client {i}");
             });
         }
@@ -321,11 +332,25 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
             "",
             "context_length_exceeded",
         ),
+        // Tools the model cannot be told how to call, and tools that are not functions.
         (
             "/v1/chat/completions",
             json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                    "tools": [{"type": "function", "function": {"name": "f"}}]}),
+            "tool_choice",
+            "",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                   "tools": [{"type": "code"}], "tool_choice": "required"}),
             "tools",
+            "",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": [{"role": "tool", "content": "5"}]}),
+            "messages",
             "",
         ),
         (
@@ -361,8 +386,8 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         ),
         (
             "/v1/chat/completions",
-            json!({"model": MODEL, "messages": [{"role": "user", "content": "hi", "name": "a"}]}),
-            "messages[0].name",
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "hi", "audio": "a"}]}),
+            "messages[0].audio",
             "",
         ),
     ] {
@@ -571,4 +596,81 @@ fn bench_throughput_in_process_and_latency_over_http() {
         "4",
     ]);
     assert!(table.contains("p99") && table.contains("E2E"), "{table}");
+}
+
+/// `--chat-template` shows tools to the model: /tokenize counts the prompt the chat endpoint
+/// renders with them, a forced call comes back as `tool_calls` (whole, and streamed as one
+/// opening delta with id and name followed by argument pieces), and a bad parser name is
+/// refused at start.
+#[test]
+fn tool_calls_through_a_chat_template_file() {
+    let template =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/chat_templates/chatml-tools.jinja");
+    let server = Server::start(&["--chat-template", template.to_str().unwrap()]);
+    let tools = json!([{"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        "required": ["a", "b"], "additionalProperties": false}}}]);
+    let messages = json!([{"role": "user", "content": "What is 2 + 3?"}]);
+    let (status, t) = server.post(
+        "/tokenize",
+        &json!({"messages": messages, "tools": tools}),
+        None,
+    );
+    assert_eq!(status, 200, "{t}");
+    let named = json!({"type": "function", "function": {"name": "add"}});
+    let body = json!({"messages": messages, "tools": tools, "tool_choice": named,
+                      "max_tokens": 60, "temperature": 0});
+    let (status, c) = server.post("/v1/chat/completions", &body, None);
+    assert_eq!(status, 200, "{c}");
+    assert_eq!(c["usage"]["prompt_tokens"], t["count"]);
+    let call = &c["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "add", "{c}");
+    assert_eq!(call["type"], "function");
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(args["a"].is_i64() && args["b"].is_i64(), "{args}");
+
+    let mut stream = json!({"stream": true});
+    for (k, v) in body.as_object().unwrap() {
+        stream[k] = v.clone();
+    }
+    let mut resp = Server::agent()
+        .post(format!("{}/v1/chat/completions", server.base))
+        .header("Content-Type", "application/json")
+        .send(stream.to_string())
+        .unwrap();
+    let (mut opened, mut arguments) = (0, String::new());
+    for line in BufReader::new(resp.body_mut().as_reader()).lines() {
+        let line = line.unwrap();
+        let Some(data) = line.strip_prefix("data: ").filter(|d| *d != "[DONE]") else {
+            continue;
+        };
+        let chunk: Value = serde_json::from_str(data).unwrap();
+        for d in chunk["choices"][0]["delta"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            assert_eq!(d["index"], 0);
+            if d.get("id").is_some() {
+                opened += 1;
+                assert_eq!(d["function"]["name"], "add");
+            }
+            arguments.push_str(d["function"]["arguments"].as_str().unwrap());
+        }
+    }
+    assert_eq!(opened, 1);
+    assert_eq!(arguments, call["function"]["arguments"].as_str().unwrap());
+
+    let out = Command::new(env!("CARGO_BIN_EXE_trtllm"))
+        .args([
+            "serve",
+            engine().to_str().unwrap(),
+            "--tool-call-parser",
+            "xml",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("hermes"));
 }

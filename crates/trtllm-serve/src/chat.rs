@@ -47,17 +47,37 @@ pub struct ChatRequest {
     #[serde(default)]
     pub logprobs: bool,
     pub top_logprobs: Option<i64>,
-    pub tools: Option<Vec<Value>>,
     pub tool_choice: Option<Value>,
     pub parallel_tool_calls: Option<bool>,
-    pub chat_template: Option<String>,
-    pub chat_template_kwargs: Option<Map<String, Value>>,
-    pub add_generation_prompt: Option<bool>,
-    pub continue_final_message: Option<bool>,
+    #[serde(flatten)]
+    pub template: TemplateFields,
     #[serde(flatten)]
     pub sampling: SamplingFields,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+/// How a conversation is rendered (vLLM's fields, in the chat endpoint and /tokenize).
+#[derive(Debug, Default, Deserialize)]
+pub struct TemplateFields {
+    pub tools: Option<Vec<Value>>,
+    pub chat_template: Option<String>,
+    pub chat_template_kwargs: Option<Map<String, Value>>,
+    pub add_generation_prompt: Option<bool>,
+    pub continue_final_message: Option<bool>,
+}
+
+impl TemplateFields {
+    pub fn options(self) -> Result<ChatOptions, ServeError> {
+        let continue_final = self.continue_final_message.unwrap_or(false);
+        Ok(ChatOptions {
+            add_generation_prompt: self.add_generation_prompt.unwrap_or(!continue_final),
+            continue_final_message: continue_final,
+            tools: tools(self.tools)?,
+            template_kwargs: self.chat_template_kwargs.unwrap_or_default(),
+            template: self.chat_template,
+        })
+    }
 }
 
 /// A conversation and how to render it.
@@ -89,14 +109,7 @@ impl ChatRequest {
         if self.messages.is_empty() {
             return Err(ServeError::bad("messages is empty", Some("messages")));
         }
-        let continue_final = self.continue_final_message.unwrap_or(false);
-        let options = ChatOptions {
-            add_generation_prompt: self.add_generation_prompt.unwrap_or(!continue_final),
-            continue_final_message: continue_final,
-            tools: tools(self.tools.take())?,
-            template_kwargs: self.chat_template_kwargs.take().unwrap_or_default(),
-            template: self.chat_template.take(),
-        };
+        let options = std::mem::take(&mut self.template).options()?;
         let (choice, tool_calls) = self.tool_calls(st, &options)?;
         let include_usage = self.stream_options.is_some_and(|o| o.include_usage);
         let mut params = self.sampling.params(max_tokens.unwrap_or(1), logprobs)?;
@@ -159,7 +172,10 @@ impl ChatRequest {
                     Some(t) => Some(t.as_str()),
                     None => st.llm.tokenizer()?.chat_template(),
                 };
-                let parser = st.config.tool_call_parser.or_else(|| template.and_then(ToolParser::detect));
+                let parser = st
+                    .config
+                    .tool_call_parser
+                    .or_else(|| template.and_then(ToolParser::detect));
                 ToolMode::Auto(parser.ok_or_else(|| {
                     bad(format!(
                         "tool_choice 'auto' needs to know how the model writes calls: start the \
@@ -204,7 +220,10 @@ fn chat_message(at: &str, m: ChatMessageIn, lenient: bool) -> Result<ChatMessage
     check_unknown(&m.extra, &format!("{at}."), lenient)?;
     if !ROLES.contains(&m.role.as_str()) {
         let roles = ROLES.join(", ");
-        return Err(bad(format!("{at}.role '{}' is not supported ({roles})", m.role)));
+        return Err(bad(format!(
+            "{at}.role '{}' is not supported ({roles})",
+            m.role
+        )));
     }
     let tool_calls = m
         .tool_calls
@@ -214,7 +233,9 @@ fn chat_message(at: &str, m: ChatMessageIn, lenient: bool) -> Result<ChatMessage
         .map(|(j, c)| tool_call(c).ok_or_else(|| bad(format!("{at}.tool_calls[{j}]: expected {{\"id\", \"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}"))))
         .collect::<Result<Vec<_>, _>>()?;
     if !tool_calls.is_empty() && m.role != "assistant" {
-        return Err(bad(format!("{at}: only assistant messages make tool calls")));
+        return Err(bad(format!(
+            "{at}: only assistant messages make tool calls"
+        )));
     }
     if m.role == "tool" && m.tool_call_id.is_none() {
         return Err(bad(format!("{at}: a tool message needs tool_call_id")));

@@ -1,7 +1,7 @@
 //! The JSON of OpenAI's responses and stream chunks for the two endpoints.
 
 use serde_json::{json, Map, Value};
-use trtllm_api::{Logprob, StopReason, ToolCallDelta, Tokenizer};
+use trtllm_api::{Logprob, StopReason, Tokenizer, ToolCallDelta};
 
 /// Which endpoint a generation answers: the shapes differ, the flow does not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

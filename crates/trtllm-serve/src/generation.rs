@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
-use trtllm_api::{CompletionDelta, RequestStream, ToolCallStream};
+use trtllm_api::{CompletionDelta, RequestStream, ToolCallStream, ToolMode};
 
 use crate::format::{usage, ChoiceText};
 use crate::protocol::ToolCalls;
@@ -183,8 +183,12 @@ impl Generation {
                 (out.content, out.calls)
             }
         };
-        // A completion that stopped after making calls ended for them (OpenAI's reason).
-        let made_calls = c.tools.as_ref().is_some_and(|t| !t.calls().is_empty());
+        // A completion that stopped after calls it chose to make ended for them (OpenAI's
+        // reason); a forced named function ends as any completion does.
+        let made_calls = c
+            .tools
+            .as_ref()
+            .is_some_and(|t| !t.calls().is_empty() && !matches!(t.mode(), ToolMode::Named(_)));
         let finish_reason = match d.finish_reason {
             Some(r) if r == "stop" && made_calls => Some("tool_calls".to_string()),
             r => r,

@@ -18,9 +18,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use trtllm_api::{Prompt, RequestStream, SamplingParams, LLM};
 
+use crate::chat::ChatRequest;
 use crate::format::{Endpoint, Formatter};
 use crate::generation::{Generation, GenerationSpec};
-use crate::chat::ChatRequest;
 use crate::protocol::{CompletionRequest, Parsed};
 use crate::state::AppState;
 use crate::ServeError;
@@ -157,13 +157,9 @@ pub async fn chat(
     let arrived = Instant::now();
     let model = st.check_model(req.model.as_deref())?;
     let parsed = req.params(&st)?;
-    run(
-        st,
-        (Endpoint::Chat, model),
-        arrived,
-        parsed,
-        |llm, chat| Ok(vec![llm.chat_prompt(&chat.messages, &chat.options)?]),
-    )
+    run(st, (Endpoint::Chat, model), arrived, parsed, |llm, chat| {
+        Ok(vec![llm.chat_prompt(&chat.messages, &chat.options)?])
+    })
     .await
 }
 

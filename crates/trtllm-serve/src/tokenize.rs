@@ -7,10 +7,9 @@ use axum::extract::State;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use trtllm_api::ChatOptions;
 
+use crate::chat::{ChatMessageIn, TemplateFields};
 use crate::handlers::JsonBody;
-use crate::chat::ChatMessageIn;
 use crate::protocol::check_unknown;
 use crate::state::AppState;
 use crate::ServeError;
@@ -23,8 +22,9 @@ pub struct TokenizeRequest {
     messages: Option<Vec<ChatMessageIn>>,
     /// Default: true for a prompt, false for messages (the template writes its own).
     add_special_tokens: Option<bool>,
-    /// Messages only; default true.
-    add_generation_prompt: Option<bool>,
+    /// Messages only: how they are rendered, as the chat endpoint renders them.
+    #[serde(flatten)]
+    template: TemplateFields,
     #[serde(flatten)]
     extra: Map<String, Value>,
 }
@@ -51,12 +51,12 @@ pub async fn tokenize(
             (Some(p), None) => Ok(tok.encode(&p, req.add_special_tokens.unwrap_or(true))?),
             (None, Some(m)) => {
                 let messages = crate::chat::chat_messages(m, lenient)?;
-                let opts = ChatOptions {
-                    add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
-                    ..ChatOptions::default()
-                };
-                let text = tok.apply_chat_template(&messages, &opts)?;
-                Ok(tok.encode(&text, req.add_special_tokens.unwrap_or(false))?)
+                let opts = req.template.options()?;
+                if req.add_special_tokens.unwrap_or(false) {
+                    let text = tok.apply_chat_template(&messages, &opts)?;
+                    return Ok(tok.encode(&text, true)?);
+                }
+                Ok(st2.llm.chat_prompt(&messages, &opts)?)
             }
             _ => Err(ServeError::bad(
                 "give either prompt or messages",

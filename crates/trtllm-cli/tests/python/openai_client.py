@@ -26,6 +26,13 @@ def expected_finish(case):
     return "stop" if case["greedy_ids"][-1] == spec["eos_token_id"] else "length"
 
 
+def golden_text(case):
+    """The golden text (transformers decoded every id) less the end-of-sequence token that ends
+    a completion, which, as in vLLM, is never part of its text."""
+    text = case["greedy_text"]
+    return text.removesuffix(spec["eos_text"]) if expected_finish(case) == "stop" else text
+
+
 def completion(case, **kw):
     return client.completions.create(
         model=model, prompt=case["prompt"], max_tokens=len(case["greedy_ids"]),
@@ -51,7 +58,7 @@ chat = [c for c in spec["cases"] if c["kind"] == "chat"]
 for i, case in enumerate(raw):
     r = completion(case)
     text = r.choices[0].text
-    check(text == case["greedy_text"], f"raw {i}: {text!r} != golden {case['greedy_text']!r}")
+    check(text == golden_text(case), f"raw {i}: {text!r} != golden {golden_text(case)!r}")
     check(r.choices[0].finish_reason == expected_finish(case), f"raw {i}: finish_reason")
     check(r.usage.prompt_tokens == len(case["input_ids"]), f"raw {i}: prompt_tokens {r.usage}")
     check(r.usage.completion_tokens == len(case["greedy_ids"]), f"raw {i}: completion_tokens")
@@ -67,7 +74,7 @@ for i, case in enumerate(chat):
     r = client.chat.completions.create(**kw)
     content = r.choices[0].message.content
     check(r.choices[0].message.role == "assistant", "role")
-    check(content == case["greedy_text"], f"chat {i}: {content!r} != golden {case['greedy_text']!r}")
+    check(content == golden_text(case), f"chat {i}: {content!r} != golden {golden_text(case)!r}")
     check(r.usage.prompt_tokens == len(case["input_ids"]), f"chat {i}: prompt_tokens {r.usage}")
     check(r.usage.completion_tokens == len(case["greedy_ids"]), f"chat {i}: completion_tokens")
     streamed, roles, usage = "", 0, None
@@ -83,7 +90,7 @@ for i, case in enumerate(chat):
 
 # A stop string from the middle of the golden text, matched across token boundaries.
 case = raw[0]
-golden = case["greedy_text"]
+golden = golden_text(case)
 stop = golden[len(golden) // 2: len(golden) // 2 + 4]
 want = golden[: golden.find(stop)]
 r = completion(case, stop=[stop])
@@ -173,6 +180,87 @@ try:
     check(False, "a bad schema should fail")
 except openai.BadRequestError as e:
     check("invalid JSON schema" in e.body["message"], f"bad schema: {e.body}")
+
+# Tool calling, through a template that shows tools (given per request, as vLLM allows): a
+# forced call (required, or a named function) always parses and validates against its
+# function's parameters, streamed and not, sampled with n = 2.
+tools_template = {"chat_template": open(spec["tools_template"]).read()}
+tools = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+     "parameters": {"type": "object", "properties": {"city": S, "unit": {"enum": ["celsius", "fahrenheit"]}},
+                    "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "add", "description": "Add two integers",
+     "parameters": {"type": "object", "properties": {"a": I, "b": I}, "required": ["a", "b"],
+                    "additionalProperties": False}}},
+]
+params_of = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+ask = [{"role": "user", "content": "What is the weather in Paris, and what is 2 + 3?"}]
+
+
+def check_calls(calls, what, names=None, count=None):
+    check(calls, f"{what}: no tool calls")
+    check(count is None or len(calls) == count, f"{what}: {len(calls)} calls, expected {count}")
+    for c in calls:
+        check(c["name"] in (names or params_of), f"{what}: unknown function {c['name']}")
+        check(c["id"], f"{what}: call without id")
+        try:
+            jsonschema.validate(json.loads(c["arguments"]), params_of[c["name"]])
+        except (ValueError, jsonschema.ValidationError) as e:
+            check(False, f"{what}: {c}: {e}")
+
+
+def tool_calls_streamed(**kw):
+    calls, finish = {}, None
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            for d in ch.delta.tool_calls or []:
+                c = calls.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
+                c["id"] += d.id or ""
+                c["name"] += (d.function.name or "") if d.function else ""
+                c["arguments"] += (d.function.arguments or "") if d.function else ""
+            finish = ch.finish_reason or finish
+    return [calls[i] for i in sorted(calls)], finish
+
+
+def as_dicts(message):
+    return [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+            for c in message.tool_calls or []]
+
+
+forced = [("required", None, "tool_calls"),
+          ({"type": "function", "function": {"name": "add"}}, ["add"], "stop")]
+for choice, names, reason in forced:
+    kw = dict(model=model, messages=ask, tools=tools, tool_choice=choice, max_tokens=200,
+              temperature=0.8, seed=3, extra_body=tools_template)
+    r = client.chat.completions.create(n=2, **kw)
+    for c in r.choices:
+        check_calls(as_dicts(c.message), f"{choice}", names, 1 if names else None)
+        check(c.finish_reason == reason, f"{choice}: finish_reason {c.finish_reason}")
+    calls, finish = tool_calls_streamed(**kw)
+    check_calls(calls, f"{choice} streamed", names, 1 if names else None)
+    check(finish == reason, f"{choice} streamed: finish_reason {finish}")
+r = client.chat.completions.create(model=model, messages=ask, tools=tools, tool_choice="required",
+                                   parallel_tool_calls=False, max_tokens=200, extra_body=tools_template)
+check_calls(as_dicts(r.choices[0].message), "one call", None, 1)
+# The model decides under auto: whatever it wrote parses into content and valid calls.
+r = client.chat.completions.create(model=model, messages=ask, tools=tools, max_tokens=100,
+                                   temperature=0, extra_body=tools_template)
+m = r.choices[0].message
+check(m.content or m.tool_calls, "auto: content or calls")
+# A conversation with an earlier call and its result renders and continues.
+history = ask + [{"role": "assistant", "content": None, "tool_calls": [
+    {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{\"a\": 2, \"b\": 3}"}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "5"}]
+r = client.chat.completions.create(model=model, messages=history, tools=tools, tool_choice="none",
+                                   max_tokens=20, temperature=0, extra_body=tools_template)
+check(r.choices[0].message.content and not r.choices[0].message.tool_calls, "after a tool result")
+for bad, where in [(dict(tool_choice={"type": "function", "function": {"name": "nope"}}, extra_body=tools_template), "add"),
+                   (dict(tool_choice="required"), "does not show tools")]:
+    try:
+        client.chat.completions.create(model=model, messages=ask, tools=tools, max_tokens=8, **bad)
+        check(False, f"{bad} should fail")
+    except openai.BadRequestError as e:
+        check(where in e.body["message"], f"{bad}: {e.body}")
 
 # Errors arrive as the client's typed exceptions.
 for exc, kw in [(openai.NotFoundError, dict(model="no-such-model")),
