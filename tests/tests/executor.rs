@@ -235,6 +235,7 @@ fn aborting_half_cancels_them_and_leaves_the_rest_unchanged() -> Result<()> {
                                     }
                                 }
                             }
+                            RequestEvent::PromptLogprobs(_) => {}
                             RequestEvent::Finished { output, .. } => return output,
                             RequestEvent::Failed(e) => panic!("request {i} failed: {e}"),
                         }

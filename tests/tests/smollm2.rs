@@ -117,3 +117,50 @@ fn perplexity_within_two_permille() -> Result<()> {
     );
     Ok(())
 }
+
+/// Prompt log-probabilities come from the same logits transformers scored: their mean NLL over
+/// the golden 1,024 tokens is the golden perplexity's, computed in prefill chunks (the
+/// executor's default and 256-token chunks give the same numbers), with top alternatives
+/// sorted and holding the most likely token.
+#[test]
+fn prompt_logprobs_give_the_golden_perplexity() -> Result<()> {
+    let golden = golden()?;
+    let ids = &golden.perplexity.input_ids;
+    let params = SamplingParams {
+        max_tokens: 1,
+        prompt_logprobs: Some(3),
+        ..Default::default()
+    };
+    let mean_nll = |lps: &[trtllm_api::Logprob]| {
+        -lps.iter().map(|l| l.logprob as f64).sum::<f64>() / lps.len() as f64
+    };
+    let whole = llm()?.generate(&[Prompt::TokenIds(ids.clone())], &params)?;
+    let lps = whole[0].prompt_logprobs.clone().expect("prompt logprobs");
+    assert_eq!(lps.len(), ids.len() - 1);
+    assert!(lps.iter().zip(&ids[1..]).all(|(l, &id)| l.token_id == id));
+    assert!(lps.iter().all(|l| l.top.len() == 3
+        && l.top.windows(2).all(|w| w[0].logprob >= w[1].logprob)
+        && l.top[0].logprob >= l.logprob));
+    let rel = (mean_nll(&lps) - golden.perplexity.mean_nll).abs() / golden.perplexity.mean_nll;
+    assert!(
+        rel < 2e-3,
+        "mean NLL {} vs golden {}",
+        mean_nll(&lps),
+        golden.perplexity.mean_nll
+    );
+
+    let mut executor_config = trtllm_api::executor::ExecutorConfig::default();
+    executor_config.scheduler.max_num_tokens = Some(256);
+    let chunked = LLM::new(LlmArgs {
+        model: engine_dir().into(),
+        executor_config,
+        ..Default::default()
+    })?;
+    let out = chunked.generate(&[Prompt::TokenIds(ids.clone())], &params)?;
+    let again = out[0].prompt_logprobs.clone().expect("prompt logprobs");
+    assert_eq!(again.len(), lps.len());
+    for (a, b) in again.iter().zip(&lps) {
+        assert!((a.logprob - b.logprob).abs() < 1e-3, "{a:?} vs {b:?}");
+    }
+    Ok(())
+}

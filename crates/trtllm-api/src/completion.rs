@@ -195,7 +195,7 @@ impl CompletionState {
     }
 }
 
-fn to_logprob(id: u32, lp: &TokenLogprobs) -> Logprob {
+pub(crate) fn to_logprob(id: u32, lp: &TokenLogprobs) -> Logprob {
     Logprob {
         token_id: id,
         logprob: lp.logprob,

@@ -269,6 +269,7 @@ impl LLM {
             states,
             prompt,
             prompt_token_ids: ids,
+            prompt_logprobs: None,
             failed: false,
         })
     }

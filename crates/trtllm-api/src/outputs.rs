@@ -44,6 +44,9 @@ pub struct RequestOutput {
     pub request_id: u64,
     pub prompt: Option<String>,
     pub prompt_token_ids: Vec<u32>,
+    /// Log-probabilities of prompt tokens 1.. (entry `i` is token `i + 1`'s given those before
+    /// it), when `SamplingParams::prompt_logprobs` asked for them.
+    pub prompt_logprobs: Option<Vec<Logprob>>,
     /// One per completion (`SamplingParams::n`), ordered by index.
     pub outputs: Vec<CompletionOutput>,
     pub finished: bool,
@@ -64,6 +67,9 @@ pub struct CompletionDelta {
     pub text: String,
     pub token_ids: Vec<u32>,
     pub logprobs: Vec<Logprob>,
+    /// The prompt's log-probabilities (see `RequestOutput`), on one delta of completion 0
+    /// before its first token.
+    pub prompt_logprobs: Option<Vec<Logprob>>,
     /// Set on the completion's last delta.
     pub finish_reason: Option<String>,
     pub stop_reason: Option<StopReason>,

@@ -37,6 +37,9 @@ pub struct SamplingParams {
     pub n: usize,
     /// Log-probabilities per output token: None none, Some(k) the chosen token's and the top k.
     pub logprobs: Option<usize>,
+    /// The same for each prompt token after the first (`RequestOutput::prompt_logprobs`). The
+    /// prompt is then computed whole, without a cached prefix.
+    pub prompt_logprobs: Option<usize>,
     /// Leave special tokens (e.g. `<|im_end|>`) out of the returned text.
     pub skip_special_tokens: bool,
     /// (token id, bias) added to that token's logit before sampling; biases in [−100, 100].
@@ -67,6 +70,7 @@ impl Default for SamplingParams {
             ignore_eos: false,
             n: 1,
             logprobs: None,
+            prompt_logprobs: None,
             skip_special_tokens: true,
             logit_bias: Vec::new(),
             guided_decoding: None,
@@ -122,6 +126,8 @@ impl SamplingParams {
             },
             ignore_eos: self.ignore_eos,
             stop_token_ids: self.stop_token_ids.clone(),
+            // The prompt is the same for every completion: the first computes its logprobs.
+            prompt_logprobs: self.prompt_logprobs.filter(|_| index == 0),
         }
     }
 }

@@ -3,10 +3,11 @@
 
 use std::sync::Arc;
 
+use trtllm_executor::runtime::TokenLogprobs;
 use trtllm_executor::{GenerationResult, RequestEvent};
 
-use crate::completion::CompletionState;
-use crate::{ApiError, CompletionDelta, RequestOutput, Result, Tokenizer};
+use crate::completion::{to_logprob, CompletionState};
+use crate::{ApiError, CompletionDelta, Logprob, RequestOutput, Result, Tokenizer};
 
 /// Owns everything it needs (no borrow of the `LLM`), so a server can move it to another
 /// thread. Dropping it cancels whatever has not finished.
@@ -16,6 +17,7 @@ pub struct RequestStream {
     pub(crate) states: Vec<CompletionState>,
     pub(crate) prompt: Option<String>,
     pub(crate) prompt_token_ids: Vec<u32>,
+    pub(crate) prompt_logprobs: Option<Vec<Logprob>>,
     pub(crate) failed: bool,
 }
 
@@ -54,7 +56,22 @@ impl RequestStream {
             let was_finished = state.is_finished();
             let delta = match event {
                 RequestEvent::Tokens(t) => state.on_tokens(tok, &t),
-                RequestEvent::Finished { output, .. } => state.on_finished(tok, &output),
+                RequestEvent::PromptLogprobs(lps) => {
+                    let lps = prompt_logprobs(&self.prompt_token_ids, &lps);
+                    self.prompt_logprobs = Some(lps.clone());
+                    return Some(Ok(CompletionDelta {
+                        index: i,
+                        prompt_logprobs: Some(lps),
+                        ..Default::default()
+                    }));
+                }
+                RequestEvent::Finished { output, .. } => {
+                    // A one-token prompt has none to send before the end.
+                    if let (None, Some(lps)) = (&self.prompt_logprobs, &output.prompt_logprobs) {
+                        self.prompt_logprobs = Some(prompt_logprobs(&self.prompt_token_ids, lps));
+                    }
+                    state.on_finished(tok, &output)
+                }
                 RequestEvent::Failed(e) => Err(ApiError::from(e)),
             };
             let delta = match delta {
@@ -84,6 +101,7 @@ impl RequestStream {
             request_id: self.request_id(),
             prompt: self.prompt.clone(),
             prompt_token_ids: self.prompt_token_ids.clone(),
+            prompt_logprobs: self.prompt_logprobs.clone(),
             outputs: self.states.iter().map(CompletionState::output).collect(),
             finished: self.states.iter().all(CompletionState::is_finished),
         }
@@ -96,6 +114,14 @@ impl RequestStream {
         }
         Ok(self.output())
     }
+}
+
+/// The engine's prompt log-probabilities as `Logprob`s of prompt tokens 1.. .
+fn prompt_logprobs(prompt: &[u32], lps: &[TokenLogprobs]) -> Vec<Logprob> {
+    lps.iter()
+        .zip(prompt.iter().skip(1))
+        .map(|(lp, &id)| to_logprob(id, lp))
+        .collect()
 }
 
 impl Iterator for RequestStream {

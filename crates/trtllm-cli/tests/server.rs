@@ -674,3 +674,72 @@ fn tool_calls_through_a_chat_template_file() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("hermes"));
 }
+
+/// `echo` puts the prompt before the completion (its tokens first in `logprobs`, the first
+/// with none), streamed too; `prompt_logprobs` returns vLLM's per-token maps, and is refused
+/// with streaming.
+#[test]
+fn echo_and_prompt_logprobs() {
+    let server = Server::start(&[]);
+    let prompt = "The capital of France is";
+    let body = json!({"prompt": prompt, "max_tokens": 4, "temperature": 0, "echo": true,
+                      "logprobs": 2});
+    let (status, c) = server.post("/v1/completions", &body, None);
+    assert_eq!(status, 200, "{c}");
+    let choice = &c["choices"][0];
+    let text = choice["text"].as_str().unwrap();
+    assert!(text.starts_with(prompt) && text.len() > prompt.len(), "{c}");
+    let (_, t) = server.post("/tokenize", &json!({"prompt": prompt}), None);
+    let n_prompt = t["count"].as_u64().unwrap() as usize;
+    let lps = &choice["logprobs"];
+    assert_eq!(lps["tokens"].as_array().unwrap().len(), n_prompt + 4);
+    assert!(lps["token_logprobs"][0].is_null() && lps["top_logprobs"][0].is_null());
+    assert!(lps["token_logprobs"][1].as_f64().unwrap() < 0.0);
+    assert_eq!(
+        lps["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect::<String>(),
+        text
+    );
+
+    let (_, plain) = server.post(
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": 4, "temperature": 0}),
+        None,
+    );
+    let (streamed, _) = server.stream(&json!({"prompt": prompt, "max_tokens": 4, "temperature": 0,
+                                             "echo": true, "stream": true}));
+    assert_eq!(
+        streamed,
+        format!("{prompt}{}", plain["choices"][0]["text"].as_str().unwrap())
+    );
+
+    let chat = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+                      "prompt_logprobs": 1});
+    let (status, c) = server.post("/v1/chat/completions", &chat, None);
+    assert_eq!(status, 200, "{c}");
+    let rows = c["prompt_logprobs"].as_array().unwrap();
+    assert_eq!(
+        rows.len() as u64,
+        c["usage"]["prompt_tokens"].as_u64().unwrap()
+    );
+    assert!(rows[0].is_null());
+    assert!(rows[1..]
+        .iter()
+        .all(|r| (1..=2).contains(&r.as_object().unwrap().len())));
+
+    let mut streamed = chat.clone();
+    streamed["stream"] = json!(true);
+    let (status, e) = server.post("/v1/chat/completions", &streamed, None);
+    assert_eq!(status, 400, "{e}");
+    assert_eq!(e["error"]["param"], "prompt_logprobs");
+    let (status, e) = server.post(
+        "/v1/completions",
+        &json!({"prompt": "x", "echo": true, "logprobs": 1, "stream": true}),
+        None,
+    );
+    assert_eq!(status, 400, "{e}");
+}

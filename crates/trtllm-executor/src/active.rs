@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use crossbeam_channel::Sender;
 use trtllm_builder::runtime::{
-    FinishReason, GenerationOutput, GenerationParams, SampledToken, Sampler, TokenLogprobs,
+    token_logprobs, FinishReason, GenerationOutput, GenerationParams, LogitsMode, SampledToken,
+    Sampler, TokenLogprobs,
 };
 
 use crate::{ExecutorError, LogitsProcessor, RequestEvent, RequestStats};
@@ -27,6 +28,8 @@ pub(crate) struct ActiveRequest {
     pub processor: Option<Box<dyn LogitsProcessor>>,
     /// Log-probabilities of the output tokens, when the request asked for them.
     pub logprobs: Option<Vec<TokenLogprobs>>,
+    /// Log-probabilities of prompt tokens 1.., filled in as prefill chunks run.
+    pub prompt_logprobs: Option<Vec<TokenLogprobs>>,
     pub events: Sender<RequestEvent>,
     pub cancel: Arc<AtomicBool>,
     pub stats: RequestStats,
@@ -52,6 +55,7 @@ impl ActiveRequest {
             computed: 0,
             budget,
             logprobs: params.sampling.logprobs.map(|_| Vec::new()),
+            prompt_logprobs: params.prompt_logprobs.map(|_| Vec::new()),
             params,
             sampler,
             processor: None,
@@ -81,6 +85,44 @@ impl ActiveRequest {
     /// Still prefilling (its prompt, or its recomputed prefix after a preemption).
     pub fn in_context_phase(&self) -> bool {
         self.pending() > 1 || self.output().is_empty()
+    }
+
+    /// Whether prompt log-probabilities are asked for and not all computed yet: the prompt
+    /// then runs whole (no reused prefix) with logits at every position.
+    pub fn needs_prompt_logits(&self) -> bool {
+        self.prompt_logprobs
+            .as_ref()
+            .is_some_and(|v| v.len() + 1 < self.prompt_len)
+    }
+
+    /// Which logits rows a chunk of `n_tokens` from `computed` on produces: every position
+    /// while prompt log-probabilities are due, else the last when it completes the sequence.
+    pub fn logits_mode(&self, n_tokens: usize) -> LogitsMode {
+        if self.needs_prompt_logits() {
+            LogitsMode::All
+        } else if self.computed + n_tokens == self.tokens.len() {
+            LogitsMode::Last
+        } else {
+            LogitsMode::Skip
+        }
+    }
+
+    /// Takes the logits rows of positions `from..` (each predicting the token after it) into
+    /// the prompt log-probabilities; sends them once the prompt is complete. Positions already
+    /// taken (a prefill recomputed after preemption) are skipped.
+    pub fn take_prompt_rows(&mut self, from: usize, rows: &[&[f32]]) {
+        let (Some(all), Some(k)) = (&mut self.prompt_logprobs, self.params.prompt_logprobs) else {
+            return;
+        };
+        for (j, row) in rows.iter().enumerate() {
+            let p = from + j;
+            if p == all.len() && p + 1 < self.prompt_len {
+                all.push(token_logprobs(row, self.tokens[p + 1], k));
+            }
+        }
+        if all.len() + 1 >= self.prompt_len {
+            let _ = self.events.send(RequestEvent::PromptLogprobs(all.clone()));
+        }
     }
 
     /// Cancelled by the caller, or the caller dropped its handle.
@@ -138,6 +180,7 @@ impl ActiveRequest {
         let output = GenerationOutput {
             tokens: self.tokens.split_off(self.prompt_len),
             logprobs: self.logprobs.take(),
+            prompt_logprobs: self.prompt_logprobs.take(),
             finish_reason: reason,
         };
         let _ = self.events.send(RequestEvent::Finished {

@@ -184,16 +184,11 @@ impl EngineLoop {
         }
         let mut batch = Vec::with_capacity(running.len());
         for (r, n_tokens, tables) in &running {
-            let end = r.computed + n_tokens;
             batch.push(SeqChunk {
-                tokens: &r.tokens[r.computed..end],
+                tokens: &r.tokens[r.computed..r.computed + n_tokens],
                 past: r.computed,
                 blocks: tables,
-                logits: if end == r.tokens.len() {
-                    LogitsMode::Last
-                } else {
-                    LogitsMode::Skip
-                },
+                logits: r.logits_mode(*n_tokens),
             });
         }
         Ok(self.runner.forward_batch(&batch, &mut self.pool)?)
@@ -218,12 +213,26 @@ impl EngineLoop {
                 stats.generation_requests += 1;
                 stats.generation_tokens += c.n_tokens;
             }
+            let (mode, from) = (r.logits_mode(c.n_tokens), r.computed);
             r.computed += c.n_tokens;
             self.kv.commit(r.id, &r.tokens, r.computed);
+            let n_rows = match mode {
+                LogitsMode::Skip => 0,
+                LogitsMode::Last => 1,
+                LogitsMode::All => c.n_tokens,
+            };
+            let chunk_rows: Vec<&[f32]> = rows.by_ref().take(n_rows).collect();
+            if chunk_rows.len() < n_rows {
+                finished.push((r.id, Err("missing logits row".to_string())));
+                continue;
+            }
+            if mode == LogitsMode::All {
+                r.take_prompt_rows(from, &chunk_rows);
+            }
             if r.computed < r.tokens.len() {
                 continue;
             }
-            let Some(row) = rows.next() else {
+            let Some(row) = chunk_rows.last().copied() else {
                 finished.push((r.id, Err("missing logits row".to_string())));
                 continue;
             };

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Select};
-use trtllm_builder::runtime::{GenerationOutput, GenerationParams, SampledToken};
+use trtllm_builder::runtime::{GenerationOutput, GenerationParams, SampledToken, TokenLogprobs};
 
 use crate::{ExecutorError, RequestStats, Result};
 
@@ -31,11 +31,24 @@ pub enum RequestEvent {
     /// Tokens produced since the last event (one per step), with their log-probabilities when
     /// the request asked for them.
     Tokens(Vec<SampledToken>),
+    /// The prompt's log-probabilities (`GenerationParams::prompt_logprobs`), once, before the
+    /// first token.
+    PromptLogprobs(Vec<TokenLogprobs>),
     Finished {
         output: GenerationOutput,
         stats: RequestStats,
     },
     Failed(ExecutorError),
+}
+
+impl RequestEvent {
+    /// Whether the request ends with this event.
+    pub fn is_last(&self) -> bool {
+        matches!(
+            self,
+            RequestEvent::Finished { .. } | RequestEvent::Failed(_)
+        )
+    }
 }
 
 /// The handle of a submitted request: iterate it for streamed deltas, or `wait()` for the end.
@@ -70,7 +83,7 @@ impl GenerationResult {
             .events
             .recv()
             .unwrap_or(RequestEvent::Failed(ExecutorError::ShutDown));
-        self.done = !matches!(ev, RequestEvent::Tokens(_));
+        self.done = ev.is_last();
         Some(ev)
     }
 
@@ -90,7 +103,7 @@ impl GenerationResult {
         let ev = op
             .recv(&results[i].events)
             .unwrap_or(RequestEvent::Failed(ExecutorError::ShutDown));
-        results[i].done = !matches!(ev, RequestEvent::Tokens(_));
+        results[i].done = ev.is_last();
         Some((i, ev))
     }
 
@@ -98,7 +111,7 @@ impl GenerationResult {
     pub fn wait_with_stats(mut self) -> Result<(GenerationOutput, RequestStats)> {
         while let Some(ev) = self.next_event() {
             match ev {
-                RequestEvent::Tokens(_) => {}
+                RequestEvent::Tokens(_) | RequestEvent::PromptLogprobs(_) => {}
                 RequestEvent::Finished { output, stats } => return Ok((output, stats)),
                 RequestEvent::Failed(e) => return Err(e),
             }

@@ -81,7 +81,7 @@ impl Scheduler {
             if !self.fits(r, running, kv, tokens_left) {
                 break;
             }
-            if self.prefix_in_flight(r, running, kv) {
+            if !r.needs_prompt_logits() && self.prefix_in_flight(r, running, kv) {
                 // Its prefix is being computed right now by another request: admitted next
                 // step, it reuses those blocks instead of computing them again.
                 j += 1;
@@ -90,7 +90,13 @@ impl Scheduler {
             let Some(mut r) = waiting.remove(j) else {
                 break;
             };
-            let reused = kv.add_sequence(r.id, &r.tokens);
+            // A request that wants its prompt's log-probabilities computes the prompt whole.
+            let reusable = if r.needs_prompt_logits() {
+                &[][..]
+            } else {
+                &r.tokens[..]
+            };
+            let reused = kv.add_sequence(r.id, reusable);
             r.computed = reused;
             let n = r.pending().min(tokens_left);
             if kv.ensure_capacity(r.id, r.computed + n).is_err() {

@@ -12,6 +12,10 @@ pub struct GenerationParams {
     pub stop_token_ids: Vec<u32>,
     /// End-of-sequence and stop tokens cannot be produced before this many tokens.
     pub min_tokens: usize,
+    /// Log-probabilities of every prompt token after the first (given what precedes it), with
+    /// this many most likely alternatives. The prompt is then computed whole: it reuses no
+    /// cached prefix.
+    pub prompt_logprobs: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,12 +43,21 @@ pub struct GenerationOutput {
     pub tokens: Vec<u32>,
     /// One entry per token when `SamplingConfig::logprobs` asked for them.
     pub logprobs: Option<Vec<TokenLogprobs>>,
+    /// One entry per prompt token after the first, when `prompt_logprobs` asked for them.
+    pub prompt_logprobs: Option<Vec<TokenLogprobs>>,
     pub finish_reason: FinishReason,
 }
 
 impl GenerationParams {
     pub fn validate(&self) -> Result<()> {
         self.sampling.validate()?;
+        if let Some(k) = self.prompt_logprobs.filter(|&k| k > crate::MAX_LOGPROBS) {
+            return Err(RuntimeError::InvalidSampling {
+                field: "prompt_logprobs",
+                value: k.to_string(),
+                expected: "at most 20",
+            });
+        }
         if self.min_tokens > self.max_new_tokens {
             return Err(RuntimeError::InvalidSampling {
                 field: "min_tokens",

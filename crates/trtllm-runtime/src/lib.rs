@@ -32,7 +32,9 @@ pub use kv_cache::{
     KvCacheSummary, KvGroupSummary, KvGroups, KvPool, KvStorage, NO_BLOCK,
 };
 pub use model::{ActivationObserver, LogitsMode, SeqChunk};
-pub use sampling::{argmax, SampledToken, Sampler, SamplingConfig, TokenLogprobs, MAX_LOGPROBS};
+pub use sampling::{
+    argmax, token_logprobs, SampledToken, Sampler, SamplingConfig, TokenLogprobs, MAX_LOGPROBS,
+};
 pub use session::{ModelRunner, Session};
 pub use trtllm_quant as quant;
 pub use trtllm_quant::kernels::cpu::RopeScaling;

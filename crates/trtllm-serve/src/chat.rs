@@ -6,7 +6,10 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use trtllm_api::{ChatMessage, ChatOptions, Tool, ToolCall, ToolChoice, ToolMode, ToolParser};
 
-use crate::protocol::{check_unknown, count, Parsed, SamplingFields, StreamOptions, ToolCalls};
+use crate::protocol::{
+    check_unknown, count, no_prompt_logprobs_streamed, Parsed, SamplingFields, StreamOptions,
+    ToolCalls,
+};
 use crate::state::AppState;
 use crate::ServeError;
 
@@ -134,9 +137,11 @@ impl ChatRequest {
             // The format's marker is a special token; it must reach the parser.
             params.skip_special_tokens &= !p.needs_special_tokens();
         }
+        no_prompt_logprobs_streamed(self.stream, &params)?;
         Ok(Parsed {
             params,
             max_tokens,
+            echo: None,
             inputs: ChatInput {
                 messages: chat_messages(self.messages, lenient)?,
                 options,

@@ -3,6 +3,8 @@
 use serde_json::{json, Map, Value};
 use trtllm_api::{Logprob, StopReason, Tokenizer, ToolCallDelta};
 
+use crate::generation::PromptInfo;
+
 /// Which endpoint a generation answers: the shapes differ, the flow does not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Endpoint {
@@ -29,6 +31,8 @@ pub struct Formatter {
     pub model: String,
     pub created: u64,
     pub want_logprobs: bool,
+    /// Completions per prompt: choice `i` answers prompt `i / n`.
+    pub n: usize,
 }
 
 impl Formatter {
@@ -50,16 +54,72 @@ impl Formatter {
         m
     }
 
-    /// The non-streamed response.
-    pub fn response(&self, tok: Option<&Tokenizer>, choices: &[ChoiceText], usage: Value) -> Value {
+    /// The non-streamed response: completions echo their prompt when asked and carry its
+    /// log-probabilities per choice; chat carries them beside the choices (vLLM's shapes).
+    pub fn response(
+        &self,
+        tok: Option<&Tokenizer>,
+        choices: &[ChoiceText],
+        prompts: &[PromptInfo],
+        usage: Value,
+    ) -> Value {
         let choices = choices
             .iter()
             .enumerate()
-            .map(|(i, c)| self.choice(tok, i, c, false))
+            .map(|(i, c)| {
+                let prompt = prompts.get(i / self.n.max(1));
+                let mut choice = match (self.endpoint, prompt) {
+                    (Endpoint::Completions, Some(p)) if p.echo.is_some() => {
+                        self.echoed_choice(tok, i, c, p)
+                    }
+                    _ => self.choice(tok, i, c, false),
+                };
+                if let (Endpoint::Completions, Some(p)) = (self.endpoint, prompt) {
+                    choice["prompt_logprobs"] = prompt_logprobs(tok, p);
+                }
+                choice
+            })
             .collect();
         let mut m = self.envelope(false, choices);
+        if self.endpoint == Endpoint::Chat {
+            let p = prompts
+                .first()
+                .map_or(Value::Null, |p| prompt_logprobs(tok, p));
+            m.insert("prompt_logprobs".into(), p);
+        }
         m.insert("usage".into(), usage);
         Value::Object(m)
+    }
+
+    /// A completion that begins with its prompt: the prompt's text, and its tokens (the first
+    /// with no log-probability) before the completion's in `logprobs`.
+    fn echoed_choice(
+        &self,
+        tok: Option<&Tokenizer>,
+        index: usize,
+        c: &ChoiceText,
+        prompt: &PromptInfo,
+    ) -> Value {
+        let echo = prompt.echo.clone().unwrap_or_default();
+        let mut shifted = c.clone();
+        shifted.offset = echo.chars().count();
+        let mut choice = self.choice(tok, index, &shifted, false);
+        choice["text"] = json!(format!("{echo}{}", c.text));
+        if self.want_logprobs {
+            let lps = prompt.logprobs.as_deref().unwrap_or_default();
+            let mut all = completion_logprobs(tok, &prompt_as_choice(prompt, lps));
+            let rest = completion_logprobs(tok, &shifted);
+            for k in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+                if let (Some(a), Some(b)) = (all[k].as_array_mut(), rest[k].as_array()) {
+                    a.extend(b.iter().cloned());
+                }
+            }
+            // The first prompt token has no context, hence no log-probability.
+            all["token_logprobs"][0] = Value::Null;
+            all["top_logprobs"][0] = Value::Null;
+            choice["logprobs"] = all;
+        }
+        choice
     }
 
     /// One stream chunk for one choice; `usage` is null when the client asked for usage (the
@@ -164,6 +224,38 @@ fn tool_calls(calls: &[ToolCallDelta]) -> Value {
             Value::Object(call)
         })
         .collect()
+}
+
+/// The prompt's tokens as a choice's `logprobs` entries (the first with a placeholder).
+fn prompt_as_choice(prompt: &PromptInfo, lps: &[Logprob]) -> ChoiceText {
+    let first = prompt.ids.first().map(|&id| Logprob {
+        token_id: id,
+        logprob: 0.0,
+        top: Vec::new(),
+    });
+    ChoiceText {
+        logprobs: first.into_iter().chain(lps.iter().cloned()).collect(),
+        ..ChoiceText::default()
+    }
+}
+
+/// vLLM's `prompt_logprobs`: null for the first token, then for each token a map from token id
+/// to its log-probability and text, holding the token and the most likely alternatives.
+fn prompt_logprobs(tok: Option<&Tokenizer>, prompt: &PromptInfo) -> Value {
+    let Some(lps) = &prompt.logprobs else {
+        return Value::Null;
+    };
+    let entry =
+        |id: u32, logprob: f32| json!({"logprob": logprob, "decoded_token": token_text(tok, id)});
+    let rows = lps.iter().map(|lp| {
+        let mut m = Map::new();
+        m.insert(lp.token_id.to_string(), entry(lp.token_id, lp.logprob));
+        for t in &lp.top {
+            m.insert(t.token_id.to_string(), entry(t.token_id, t.logprob));
+        }
+        Value::Object(m)
+    });
+    std::iter::once(Value::Null).chain(rows).collect()
 }
 
 pub fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
-use trtllm_api::{CompletionDelta, RequestStream, ToolCallStream, ToolMode};
+use trtllm_api::{CompletionDelta, Logprob, RequestStream, ToolCallStream, ToolMode};
 
 use crate::format::{usage, ChoiceText};
 use crate::protocol::ToolCalls;
@@ -43,6 +43,14 @@ struct Choice {
     tools: Option<ToolCallStream>,
 }
 
+/// One prompt of the request: its ids, its text when echoed, its log-probabilities when asked.
+#[derive(Clone, Debug, Default)]
+pub struct PromptInfo {
+    pub ids: Vec<u32>,
+    pub echo: Option<String>,
+    pub logprobs: Option<Vec<Logprob>>,
+}
+
 /// What a generation answers: its response id (for the request log), completions per prompt,
 /// when it arrived, and how tool calls are read.
 pub struct GenerationSpec {
@@ -50,6 +58,8 @@ pub struct GenerationSpec {
     pub n: usize,
     pub arrived: Instant,
     pub tool_calls: Option<ToolCalls>,
+    /// Prompts to echo (their text, None: decoded from their ids).
+    pub echo: Option<Vec<Option<String>>>,
 }
 
 pub struct Generation {
@@ -59,6 +69,7 @@ pub struct Generation {
     state: Arc<AppState>,
     n: usize,
     prompt_tokens: usize,
+    prompts: Vec<PromptInfo>,
     choices: Vec<Choice>,
     arrived: Instant,
     first_token: Option<Instant>,
@@ -81,6 +92,7 @@ impl Generation {
             n,
             arrived,
             tool_calls,
+            echo,
         } = spec;
         let state = admission.state().clone();
         let (tx, rx) = mpsc::channel(256);
@@ -89,6 +101,23 @@ impl Generation {
             .flat_map(RequestStream::request_ids)
             .collect();
         let prompt_tokens = streams.iter().map(|s| s.prompt_token_ids().len()).sum();
+        let tok = state.llm.tokenizer().ok();
+        let prompts = streams
+            .iter()
+            .enumerate()
+            .map(|(p, s)| {
+                let ids = s.prompt_token_ids().to_vec();
+                let decoded = || tok.and_then(|t| t.decode(&ids, false).ok());
+                let echo = echo
+                    .as_ref()
+                    .map(|e| e[p].clone().or_else(decoded).unwrap_or_default());
+                PromptInfo {
+                    ids,
+                    echo,
+                    logprobs: None,
+                }
+            })
+            .collect();
         let choices = (0..streams.len() * n)
             .map(|_| Choice {
                 tools: tool_calls.as_ref().map(|t| {
@@ -128,6 +157,7 @@ impl Generation {
             state,
             n,
             prompt_tokens,
+            prompts,
             choices,
             arrived,
             first_token: None,
@@ -143,17 +173,32 @@ impl Generation {
 
     /// The next delta as (choice index, what it adds); None once every choice has finished.
     pub async fn next(&mut self) -> Option<Result<(usize, ChoiceText), ServeError>> {
-        match self.rx.recv().await {
-            None => {
-                self.finish();
-                None
-            }
-            Some(Item::Failed(e)) => {
-                self.failed = true;
-                Some(Err(e))
-            }
-            Some(Item::Delta(prompt, d)) => Some(Ok(self.observe(prompt * self.n + d.index, d))),
+        loop {
+            return match self.rx.recv().await {
+                None => {
+                    self.finish();
+                    None
+                }
+                Some(Item::Failed(e)) => {
+                    self.failed = true;
+                    Some(Err(e))
+                }
+                Some(Item::Delta(prompt, mut d)) => {
+                    if let Some(lps) = d.prompt_logprobs.take() {
+                        self.prompts[prompt].logprobs = Some(lps);
+                        if d.token_ids.is_empty() && d.finish_reason.is_none() {
+                            continue;
+                        }
+                    }
+                    Some(Ok(self.observe(prompt * self.n + d.index, d)))
+                }
+            };
         }
+    }
+
+    /// The request's prompts, in order (choice `i` answers prompt `i / n`).
+    pub fn prompts(&self) -> &[PromptInfo] {
+        &self.prompts
     }
 
     fn observe(&mut self, index: usize, d: CompletionDelta) -> (usize, ChoiceText) {

@@ -19,7 +19,7 @@ use tokio_stream::StreamExt;
 use trtllm_api::{Prompt, RequestStream, SamplingParams, LLM};
 
 use crate::chat::ChatRequest;
-use crate::format::{Endpoint, Formatter};
+use crate::format::{ChoiceText, Endpoint, Formatter};
 use crate::generation::{Generation, GenerationSpec};
 use crate::protocol::{CompletionRequest, Parsed};
 use crate::state::AppState;
@@ -190,6 +190,7 @@ async fn run<T: Send + 'static>(
         stream: streamed,
         include_usage,
         tool_calls,
+        echo,
     } = parsed;
     let admission = st.admit()?;
     let llm = st.llm.clone();
@@ -229,6 +230,7 @@ async fn run<T: Send + 'static>(
             n: params.n,
             arrived,
             tool_calls,
+            echo,
         },
         admission,
         streams,
@@ -239,6 +241,7 @@ async fn run<T: Send + 'static>(
         model,
         created: crate::state::unix_time(),
         want_logprobs: params.logprobs.is_some(),
+        n: params.n,
     };
     if streamed {
         Ok(stream(st, gen, fmt, include_usage).into_response())
@@ -252,7 +255,8 @@ async fn collect(st: Arc<AppState>, mut gen: Generation, fmt: Formatter) -> AppR
         item?;
     }
     let tok = st.llm.tokenizer().ok();
-    Ok(Json(fmt.response(tok, &gen.choices(), gen.usage())).into_response())
+    let body = fmt.response(tok, &gen.choices(), gen.prompts(), gen.usage());
+    Ok(Json(body).into_response())
 }
 
 /// Streams chunks through a task of its own; when the client goes away the task sees the
@@ -278,6 +282,23 @@ fn stream(
             }
         }
         let tok = st.llm.tokenizer().ok();
+        // Echoed prompts open their choices.
+        for i in 0..gen.num_choices() {
+            let Some(echo) = gen.prompts()[i / fmt.n.max(1)].echo.clone() else {
+                continue;
+            };
+            let piece = ChoiceText {
+                text: echo,
+                ..ChoiceText::default()
+            };
+            if tx
+                .send(data(fmt.chunk(tok, i, &piece, include_usage)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
         loop {
             let item = tokio::select! {
                 _ = tx.closed() => return,

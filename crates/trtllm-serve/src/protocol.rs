@@ -23,7 +23,6 @@ const NOT_IMPLEMENTED: &[&str] = &[
     "length_penalty",
     "early_stopping",
     "allowed_token_ids",
-    "prompt_logprobs",
     "suffix",
     "logits_processors",
     "truncate_prompt_tokens",
@@ -109,6 +108,8 @@ pub struct SamplingFields {
     pub guided_grammar: Option<String>,
     pub guided_choice: Option<Vec<String>>,
     pub bad_words: Option<Vec<String>>,
+    /// vLLM's: log-probabilities of the prompt's tokens, with this many alternatives.
+    pub prompt_logprobs: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +142,8 @@ pub struct Parsed<T> {
     pub include_usage: bool,
     /// How the text becomes tool calls (chat with tools).
     pub tool_calls: Option<ToolCalls>,
+    /// Completions with `echo`: each prompt's text (None: decode its token ids).
+    pub echo: Option<Vec<Option<String>>>,
 }
 
 /// A chat's tool calls: how they are read, and whether several may be made.
@@ -158,6 +161,20 @@ pub(crate) fn count(v: Option<i64>, field: &str, min: i64) -> Result<Option<usiz
         )),
         Some(x) => Ok(Some(x as usize)),
         None => Ok(None),
+    }
+}
+
+/// vLLM's rule: prompt log-probabilities come with a whole response, not a stream.
+pub(crate) fn no_prompt_logprobs_streamed(
+    stream: bool,
+    params: &SamplingParams,
+) -> Result<(), ServeError> {
+    match stream && params.prompt_logprobs.is_some() {
+        true => Err(ServeError::bad(
+            "prompt_logprobs is not available when streaming",
+            Some("prompt_logprobs"),
+        )),
+        false => Ok(()),
     }
 }
 
@@ -284,6 +301,7 @@ impl SamplingFields {
             ignore_eos: self.ignore_eos.unwrap_or(false),
             n: count(self.n, "n", 1)?.unwrap_or(1),
             logprobs,
+            prompt_logprobs: count(self.prompt_logprobs, "prompt_logprobs", 0)?,
             skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
             logit_bias: logit_bias(self.logit_bias.take().unwrap_or_default())?,
             guided_decoding,
@@ -297,11 +315,14 @@ impl SamplingFields {
 impl CompletionRequest {
     pub fn params(self, lenient: bool) -> Result<Parsed<Vec<Prompt>>, ServeError> {
         check_unknown(&self.extra, "", lenient)?;
-        if self.echo {
-            return Err(ServeError::bad("echo is not supported", Some("echo")));
-        }
         let max_tokens = count(self.max_tokens, "max_tokens", 1)?.unwrap_or(16);
         let logprobs = count(self.logprobs, "logprobs", 0)?;
+        if self.echo && logprobs.is_some() && self.stream {
+            return Err(ServeError::bad(
+                "echo with logprobs is not supported when streaming",
+                Some("echo"),
+            ));
+        }
         let prompts = match self.prompt {
             PromptInput::Text(t) => vec![Prompt::Text(t)],
             PromptInput::Texts(v) => v.into_iter().map(Prompt::Text).collect(),
@@ -312,9 +333,23 @@ impl CompletionRequest {
             return Err(ServeError::bad("prompt is empty", Some("prompt")));
         }
         let include_usage = self.stream_options.is_some_and(|o| o.include_usage);
+        let mut params = self.sampling.params(max_tokens, logprobs)?;
+        if self.echo && logprobs.is_some() {
+            // The echoed prompt's tokens carry log-probabilities too.
+            params.prompt_logprobs = params.prompt_logprobs.max(logprobs);
+        }
+        let echo = self.echo.then(|| {
+            let text = |p: &Prompt| match p {
+                Prompt::Text(t) => Some(t.clone()),
+                Prompt::TokenIds(_) => None,
+            };
+            prompts.iter().map(text).collect()
+        });
+        no_prompt_logprobs_streamed(self.stream, &params)?;
         Ok(Parsed {
-            params: self.sampling.params(max_tokens, logprobs)?,
+            params,
             max_tokens: Some(max_tokens),
+            echo,
             inputs: prompts,
             stream: self.stream,
             include_usage,

@@ -11,8 +11,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 
 #[cfg(test)]
 use logprobs::log_sum_exp;
-use logprobs::token_logprobs;
-pub use logprobs::{TokenLogprobs, MAX_LOGPROBS};
+pub use logprobs::{token_logprobs, TokenLogprobs, MAX_LOGPROBS};
 use penalties::Penalties;
 
 use crate::{Result, RuntimeError};
