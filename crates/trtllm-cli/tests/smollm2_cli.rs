@@ -261,4 +261,39 @@ fn chat_repl_stdin_prompts_logprobs_and_the_model_argument() {
     assert_eq!(run, format!("{want}\n"));
     let repl = trtllm_with_stdin(&["chat", e, "--system", system], &format!("{q1}\n"));
     assert_eq!(repl, format!("> {want}\n> \n"));
+
+    chat_at_a_terminal(e, q1, &a1);
+}
+
+/// `trtllm chat` at a terminal (a pty): line editing with history, so after /reset two up
+/// arrows bring back the first question, which gets the first answer again; Ctrl-D ends the
+/// session and the history is kept for the next one.
+fn chat_at_a_terminal(engine: &str, q1: &str, a1: &str) {
+    let cache = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_trtllm"));
+    cmd.args(["chat", engine]).env("TRTLLM_CACHE", cache.path());
+    let mut p = rexpect::session::spawn_command(cmd, Some(60_000)).unwrap();
+    p.exp_string("> ").unwrap();
+    p.send_line(q1).unwrap();
+    p.exp_string(a1).unwrap();
+    p.exp_string("> ").unwrap();
+    p.send_line("/reset").unwrap();
+    p.exp_string("> ").unwrap();
+    // One key at a time, as typed: each brings back an older line.
+    p.send("\x1b[A").unwrap();
+    p.flush().unwrap();
+    p.exp_string("/reset").unwrap();
+    p.send("\x1b[A").unwrap();
+    p.flush().unwrap();
+    p.exp_string(q1).unwrap();
+    p.send_line("").unwrap();
+    p.exp_string(a1).unwrap();
+    p.exp_string("> ").unwrap();
+    p.send_control('d').unwrap();
+    p.exp_eof().unwrap();
+    let history = std::fs::read_to_string(cache.path().join("chat_history.txt")).unwrap();
+    assert!(
+        history.contains(q1) && history.contains("/reset"),
+        "{history}"
+    );
 }
