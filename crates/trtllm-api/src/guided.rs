@@ -9,7 +9,7 @@ use std::sync::Arc;
 use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory};
 use serde_json::Value;
-use toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
+use toktrie::{SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 use trtllm_executor::LogitsProcessor;
 
 use crate::{ApiError, Result, Tokenizer};
@@ -137,6 +137,7 @@ impl Guides {
         }
         Ok(Guide {
             matcher,
+            mask: None,
             eos: self.eos.clone(),
             first_eos: self.eos[0],
         })
@@ -146,23 +147,50 @@ impl Guides {
 /// One completion's grammar state, applied as its logits processor.
 pub(crate) struct Guide {
     matcher: Matcher,
+    /// The next position's mask, computed while the model ran (`prepare`).
+    mask: Option<std::result::Result<SimpleVob, String>>,
     eos: Vec<u32>,
     /// The end-of-sequence id the trie knows; the others follow it.
     first_eos: u32,
 }
 
-impl LogitsProcessor for Guide {
-    fn process(&mut self, _output: &[u32], logits: &mut [f32]) -> std::result::Result<(), String> {
-        let mask = self
-            .matcher
+impl Guide {
+    fn compute_mask(&mut self) -> std::result::Result<SimpleVob, String> {
+        self.matcher
             .compute_mask_or_eos()
-            .map_err(|e| e.to_string())?;
-        let may_end = mask.is_allowed(self.first_eos);
-        for (id, l) in logits.iter_mut().enumerate() {
-            let id = id as u32;
-            if !(mask.is_allowed(id) || may_end && self.eos.contains(&id)) {
-                *l = f32::NEG_INFINITY;
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl LogitsProcessor for Guide {
+    fn prepare(&mut self, _output: &[u32]) {
+        self.mask = Some(self.compute_mask());
+    }
+
+    fn process(&mut self, _output: &[u32], logits: &mut [f32]) -> std::result::Result<(), String> {
+        let mask = match self.mask.take() {
+            Some(m) => m?,
+            None => self.compute_mask()?,
+        };
+        // Every end-of-sequence id ends a finished grammar, not only the one the trie knows.
+        let ends: Vec<(usize, f32)> = match mask.is_allowed(self.first_eos) {
+            true => self
+                .eos
+                .iter()
+                .filter_map(|&e| logits.get(e as usize).map(|&l| (e as usize, l)))
+                .collect(),
+            false => Vec::new(),
+        };
+        // Ids the mask does not cover (logits wider than the trie) are not allowed either.
+        let covered = mask.len().min(logits.len());
+        mask.iter_unset_entries(|id| {
+            if id < covered {
+                logits[id] = f32::NEG_INFINITY;
             }
+        });
+        logits[covered..].fill(f32::NEG_INFINITY);
+        for (id, l) in ends {
+            logits[id] = l;
         }
         Ok(())
     }

@@ -49,6 +49,10 @@ impl LogitsProcessor for BadWords {
 pub(crate) struct Chain(pub Vec<Box<dyn LogitsProcessor>>);
 
 impl LogitsProcessor for Chain {
+    fn prepare(&mut self, output: &[u32]) {
+        self.0.iter_mut().for_each(|p| p.prepare(output));
+    }
+
     fn process(&mut self, output: &[u32], logits: &mut [f32]) -> std::result::Result<(), String> {
         self.0
             .iter_mut()

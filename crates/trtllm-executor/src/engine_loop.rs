@@ -16,7 +16,7 @@ use trtllm_builder::runtime::{
 
 use crate::active::ActiveRequest;
 use crate::scheduler::{Schedule, Scheduler};
-use crate::{ExecutorError, ExecutorLoad, IterationStats, Result};
+use crate::{ExecutorError, ExecutorLoad, IterationStats, LogitsProcessor, Result};
 
 pub(crate) enum Job {
     Submit(Box<ActiveRequest>),
@@ -151,7 +151,7 @@ impl EngineLoop {
             ..Default::default()
         };
         self.iteration += 1;
-        match self.forward(&schedule) {
+        match self.forward_and_prepare(&schedule) {
             Ok(logits) => self.apply(&schedule, &logits, &mut stats),
             Err(e) => {
                 let ids: Vec<u64> = schedule.chunks.iter().map(|c| c.id).collect();
@@ -171,6 +171,51 @@ impl EngineLoop {
             let _ = self.kv_events.send(ev);
         }
         let _ = self.stats.send(stats);
+    }
+
+    /// Runs the step's forward pass while another thread prepares the logits processors of
+    /// the requests that sample this step (a grammar's mask then costs no step time).
+    fn forward_and_prepare(&mut self, schedule: &Schedule) -> Result<Vec<f32>> {
+        let mut prepare: Vec<(u64, Vec<u32>, Box<dyn LogitsProcessor>)> = Vec::new();
+        for c in &schedule.chunks {
+            let Some(r) = self.running.iter_mut().find(|r| r.id == c.id) else {
+                continue;
+            };
+            if r.computed + c.n_tokens == r.tokens.len() {
+                if let Some(p) = r.processor.take() {
+                    prepare.push((r.id, r.output().to_vec(), p));
+                }
+            }
+        }
+        if prepare.is_empty() {
+            return self.forward(schedule);
+        }
+        let ids: Vec<u64> = prepare.iter().map(|x| x.0).collect();
+        let (logits, prepared) = std::thread::scope(|s| {
+            let helper = s.spawn(move || {
+                for (_, output, p) in &mut prepare {
+                    p.prepare(output);
+                }
+                prepare
+            });
+            let logits = self.forward(schedule);
+            (logits, helper.join())
+        });
+        let prepared: Vec<(u64, Box<dyn LogitsProcessor>)> = match prepared {
+            Ok(all) => all.into_iter().map(|(id, _, p)| (id, p)).collect(),
+            // The processors went down with their thread: their requests fail as they sample,
+            // never sample unconstrained.
+            Err(_) => ids
+                .into_iter()
+                .map(|id| (id, Box::new(Lost) as _))
+                .collect(),
+        };
+        for (id, p) in prepared {
+            if let Some(r) = self.running.iter_mut().find(|r| r.id == id) {
+                r.processor = Some(p);
+            }
+        }
+        logits
     }
 
     fn forward(&mut self, schedule: &Schedule) -> Result<Vec<f32>> {
@@ -264,6 +309,19 @@ impl EngineLoop {
             self.kv.free_sequence(r.id);
             r.fail(error());
         }
+    }
+}
+
+/// Stands in for a logits processor that panicked while preparing.
+struct Lost;
+
+impl LogitsProcessor for Lost {
+    fn process(&mut self, _: &[u32], _: &mut [f32]) -> std::result::Result<(), String> {
+        Err("the logits processor panicked while preparing its step".into())
+    }
+
+    fn accept(&mut self, _: u32) -> std::result::Result<(), String> {
+        Ok(())
     }
 }
 

@@ -13,6 +13,9 @@ use crate::{ExecutorError, RequestStats, Result};
 /// so far, and may change them; the token then sampled goes to `accept`. An error fails this
 /// request alone.
 pub trait LogitsProcessor: Send {
+    /// Work that needs only the output so far (a grammar's token mask), done while the model
+    /// computes the step's logits, on another thread; its errors surface from `process`.
+    fn prepare(&mut self, _output: &[u32]) {}
     fn process(&mut self, output: &[u32], logits: &mut [f32]) -> std::result::Result<(), String>;
     fn accept(&mut self, token: u32) -> std::result::Result<(), String>;
 }

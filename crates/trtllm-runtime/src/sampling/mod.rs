@@ -2,6 +2,7 @@
 //! min-p sampling with a seedable generator so a seeded request is reproducible; optionally the
 //! log-probabilities of the model's distribution.
 
+mod draw;
 mod logprobs;
 mod penalties;
 
@@ -9,6 +10,7 @@ use std::borrow::Cow;
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+use draw::Truncation;
 #[cfg(test)]
 use logprobs::log_sum_exp;
 pub use logprobs::{token_logprobs, TokenLogprobs, MAX_LOGPROBS};
@@ -187,54 +189,13 @@ impl Sampler {
     }
 
     fn draw(&mut self, logits: &[f32]) -> u32 {
-        let inv_t = 1.0 / self.cfg.temperature;
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| **l > f32::NEG_INFINITY)
-            .map(|(i, &l)| (i as u32, l * inv_t))
-            .collect();
-        if cand.is_empty() {
-            return argmax(logits);
-        }
-        // Descending by logit; ties keep the lower id first so results are deterministic.
-        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if self.cfg.top_k > 0 {
-            cand.truncate(self.cfg.top_k);
-        }
-        let max = cand[0].1;
-        let mut probs: Vec<f64> = cand
-            .iter()
-            .map(|&(_, l)| ((l - max) as f64).exp())
-            .collect();
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
-        if self.cfg.top_p < 1.0 {
-            let mut acc = 0.0;
-            let keep = probs
-                .iter()
-                .position(|p| {
-                    acc += p;
-                    acc >= self.cfg.top_p as f64
-                })
-                .map_or(probs.len(), |i| i + 1);
-            probs.truncate(keep);
-        }
-        if self.cfg.min_p > 0.0 {
-            // probs is sorted, so the survivors are a prefix; the most likely always survives.
-            let floor = probs[0] * self.cfg.min_p as f64;
-            let keep = probs.iter().take_while(|&&p| p >= floor).count();
-            probs.truncate(keep.max(1));
-        }
-        let total: f64 = probs.iter().sum();
-        let mut r = self.rng.random::<f64>() * total;
-        for (i, p) in probs.iter().enumerate() {
-            r -= p;
-            if r <= 0.0 {
-                return cand[i].0;
-            }
-        }
-        cand[probs.len() - 1].0
+        let truncation = Truncation {
+            top_k: self.cfg.top_k,
+            top_p: self.cfg.top_p,
+            min_p: self.cfg.min_p,
+        };
+        let u = self.rng.random::<f64>();
+        draw::draw(logits, self.cfg.temperature, &truncation, u).unwrap_or_else(|| argmax(logits))
     }
 }
 
