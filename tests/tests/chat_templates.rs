@@ -71,6 +71,7 @@ fn templates_with_tools_render_as_transformers_does() -> Result<()> {
                 .cloned()
                 .unwrap_or_default(),
             template: None,
+            special_tokens_in_content: false,
         };
         let special = SpecialTokens {
             bos: Some("<s>"),

@@ -66,6 +66,9 @@ pub struct ChatOptions {
     pub template_kwargs: Map<String, Value>,
     /// A template of its own instead of the tokenizer's.
     pub template: Option<String>,
+    /// Read special-token strings inside message content as the control tokens they spell
+    /// (off: as text, so a message cannot forge another turn).
+    pub special_tokens_in_content: bool,
 }
 
 impl Default for ChatOptions {
@@ -76,6 +79,7 @@ impl Default for ChatOptions {
             tools: Vec::new(),
             template_kwargs: Map::new(),
             template: None,
+            special_tokens_in_content: false,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! every decision about running the model belongs to the executor below.
 
 mod chat;
+mod chat_tokens;
 mod completion;
 mod detokenizer;
 mod error;

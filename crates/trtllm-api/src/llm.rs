@@ -119,12 +119,13 @@ impl LLM {
     }
 
     /// Token ids of a conversation rendered through the chat template (which writes its own
-    /// special tokens, so the tokenizer adds none). Tools the template would not show the model
-    /// are an error, not dropped.
+    /// special tokens, so the tokenizer adds none; special-token strings inside content are
+    /// text unless `opts` says otherwise). Tools the template would not show the model are an
+    /// error, not dropped.
     pub fn chat_prompt(&self, messages: &[ChatMessage], opts: &ChatOptions) -> Result<Vec<u32>> {
         let tok = self.tokenizer()?;
-        let text = tok.apply_chat_template(messages, opts)?;
         if !opts.tools.is_empty() {
+            let text = tok.apply_chat_template(messages, opts)?;
             let bare = ChatOptions {
                 tools: Vec::new(),
                 ..opts.clone()
@@ -137,7 +138,7 @@ impl LLM {
                 ));
             }
         }
-        tok.encode(&text, false)
+        tok.encode_chat(messages, opts)
     }
 
     /// Generates for every prompt; one output per prompt, in order, each with

@@ -6,6 +6,10 @@ use crate::{ApiError, GuidedDecoding, Result};
 
 /// Most completions one request may ask for.
 pub const MAX_N: usize = 128;
+/// Most stop strings (and bad words) a request may give, and their longest, in bytes: each is
+/// looked for in the text at every token.
+pub const MAX_STOP_STRINGS: usize = 64;
+pub const MAX_STOP_LEN: usize = 1024;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
@@ -100,6 +104,18 @@ impl SamplingParams {
         if self.stop.iter().any(String::is_empty) {
             return Err(invalid("stop", "\"\"", "non-empty strings"));
         }
+        for (field, words) in [("stop", &self.stop), ("bad_words", &self.bad_words)] {
+            if words.len() > MAX_STOP_STRINGS {
+                return Err(invalid(field, format!("{} strings", words.len()), "at most 64"));
+            }
+            if let Some(w) = words.iter().find(|w| w.len() > MAX_STOP_LEN) {
+                return Err(invalid(
+                    field,
+                    format!("a string of {} bytes", w.len()),
+                    "strings of at most 1024 bytes",
+                ));
+            }
+        }
         if self.bad_words.iter().any(|w| w.trim().is_empty()) {
             return Err(invalid("bad_words", "\"\"", "words that are not blank"));
         }
@@ -171,6 +187,27 @@ mod tests {
                     ..d()
                 },
                 "stop",
+            ),
+            (
+                SamplingParams {
+                    stop: vec!["x".repeat(400); 10_000],
+                    ..d()
+                },
+                "stop",
+            ),
+            (
+                SamplingParams {
+                    bad_words: vec!["y".repeat(2000)],
+                    ..d()
+                },
+                "bad_words",
+            ),
+            (
+                SamplingParams {
+                    prompt_logprobs: Some(21),
+                    ..d()
+                },
+                "prompt_logprobs",
             ),
             (
                 SamplingParams {

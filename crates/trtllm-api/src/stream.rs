@@ -46,53 +46,81 @@ impl RequestStream {
     /// The next delta of any completion, blocking; None once every completion has finished.
     /// A failure ends the stream (the other completions are cancelled).
     pub fn next_delta(&mut self) -> Option<Result<CompletionDelta>> {
-        if self.failed {
-            return None;
-        }
         loop {
-            let (i, event) = GenerationResult::next_of_any(&mut self.results)?;
-            let tok = self.tokenizer.as_deref();
-            let state = &mut self.states[i];
-            let was_finished = state.is_finished();
-            let delta = match event {
-                RequestEvent::Tokens(t) => state.on_tokens(tok, &t),
-                RequestEvent::PromptLogprobs(lps) => {
-                    let lps = prompt_logprobs(&self.prompt_token_ids, &lps);
-                    self.prompt_logprobs = Some(lps.clone());
-                    return Some(Ok(CompletionDelta {
-                        index: i,
-                        prompt_logprobs: Some(lps),
-                        ..Default::default()
-                    }));
-                }
-                RequestEvent::Finished { output, .. } => {
-                    // A one-token prompt has none to send before the end.
-                    if let (None, Some(lps)) = (&self.prompt_logprobs, &output.prompt_logprobs) {
-                        self.prompt_logprobs = Some(prompt_logprobs(&self.prompt_token_ids, lps));
-                    }
-                    state.on_finished(tok, &output)
-                }
-                RequestEvent::Failed(e) => Err(ApiError::from(e)),
-            };
-            let delta = match delta {
-                Ok(d) => d,
-                Err(e) => {
-                    self.failed = true;
-                    self.abort();
-                    return Some(Err(e));
-                }
-            };
-            if !was_finished && state.is_finished() {
-                // A stop string ended it early: the engine need not go on.
-                self.results[i].abort();
+            if self.failed {
+                return None;
             }
-            let empty = delta.text.is_empty()
-                && delta.token_ids.is_empty()
-                && delta.finish_reason.is_none();
-            if !empty {
-                return Some(Ok(delta));
+            let (i, event) = GenerationResult::next_of_any(&mut self.results)?;
+            if let Some(delta) = self.take(i, event) {
+                return Some(delta);
             }
         }
+    }
+
+    /// The next delta of any completion of any of `streams`, blocking, with the index of its
+    /// stream: one thread drains a whole request of many prompts. None once all have ended.
+    pub fn next_of_any(streams: &mut [RequestStream]) -> Option<(usize, Result<CompletionDelta>)> {
+        loop {
+            let mut select = crossbeam_channel::Select::new();
+            let mut live = Vec::new();
+            for (s, stream) in streams.iter().enumerate().filter(|(_, s)| !s.failed) {
+                for (c, r) in stream.results.iter().enumerate().filter(|(_, r)| !r.is_done()) {
+                    select.recv(r.events());
+                    live.push((s, c));
+                }
+            }
+            if live.is_empty() {
+                return None;
+            }
+            let op = select.select();
+            let (s, c) = live[op.index()];
+            let event = streams[s].results[c].take_event(op);
+            if let Some(delta) = streams[s].take(c, event) {
+                return Some((s, delta));
+            }
+        }
+    }
+
+    /// Turns completion `i`'s event into a delta; None when it adds nothing to show.
+    fn take(&mut self, i: usize, event: RequestEvent) -> Option<Result<CompletionDelta>> {
+        let tok = self.tokenizer.as_deref();
+        let state = &mut self.states[i];
+        let was_finished = state.is_finished();
+        let delta = match event {
+            RequestEvent::Tokens(t) => state.on_tokens(tok, &t),
+            RequestEvent::PromptLogprobs(lps) => {
+                let lps = prompt_logprobs(&self.prompt_token_ids, &lps);
+                self.prompt_logprobs = Some(lps.clone());
+                return Some(Ok(CompletionDelta {
+                    index: i,
+                    prompt_logprobs: Some(lps),
+                    ..Default::default()
+                }));
+            }
+            RequestEvent::Finished { output, .. } => {
+                // A one-token prompt has none to send before the end.
+                if let (None, Some(lps)) = (&self.prompt_logprobs, &output.prompt_logprobs) {
+                    self.prompt_logprobs = Some(prompt_logprobs(&self.prompt_token_ids, lps));
+                }
+                state.on_finished(tok, &output)
+            }
+            RequestEvent::Failed(e) => Err(ApiError::from(e)),
+        };
+        let delta = match delta {
+            Ok(d) => d,
+            Err(e) => {
+                self.failed = true;
+                self.abort();
+                return Some(Err(e));
+            }
+        };
+        if !was_finished && state.is_finished() {
+            // A stop string ended it early: the engine need not go on.
+            self.results[i].abort();
+        }
+        let empty =
+            delta.text.is_empty() && delta.token_ids.is_empty() && delta.finish_reason.is_none();
+        (!empty).then_some(Ok(delta))
     }
 
     /// Everything produced so far, completions ordered by index.

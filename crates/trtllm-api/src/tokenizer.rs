@@ -1,7 +1,9 @@
 //! The engine directory's tokenizer (`tokenizer.json` through the `tokenizers` crate) with its
 //! special tokens and chat template from `tokenizer_config.json` / `chat_template.jinja`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use serde_json::Value;
 
@@ -14,6 +16,16 @@ pub struct Tokenizer {
     eos_token: Option<String>,
     chat_template: Option<ChatTemplate>,
     path: PathBuf,
+    /// The tokenizer that reads special-token strings as text, made on first use.
+    plain: OnceLock<tokenizers::Tokenizer>,
+    /// How token strings map back to bytes, worked out on first use.
+    byte_decoder: OnceLock<std::result::Result<ByteDecoder, String>>,
+}
+
+struct ByteDecoder {
+    byte_level: bool,
+    /// Byte-level BPE's printable stand-in for each byte.
+    alphabet: HashMap<char, u8>,
 }
 
 impl Tokenizer {
@@ -63,6 +75,8 @@ impl Tokenizer {
             eos_token: token("eos_token"),
             chat_template,
             path,
+            byte_decoder: OnceLock::new(),
+            plain: OnceLock::new(),
         })
     }
 
@@ -74,6 +88,27 @@ impl Tokenizer {
             .encode(text, add_special_tokens)
             .map_err(|e| self.error(e))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` with any special-token strings in it taken as plain text.
+    pub fn encode_as_text(&self, text: &str) -> Result<Vec<u32>> {
+        let plain = self.plain.get_or_init(|| {
+            let mut t = self.inner.clone();
+            t.set_encode_special_tokens(true);
+            t
+        });
+        let enc = plain.encode(text, false).map_err(|e| self.error(e))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The strings of the special tokens (`<|im_end|>`, `</s>`, ...).
+    pub fn special_token_strings(&self) -> Vec<String> {
+        self.inner
+            .get_added_tokens_decoder()
+            .values()
+            .filter(|t| t.special)
+            .map(|t| t.content.clone())
+            .collect()
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
@@ -91,44 +126,61 @@ impl Tokenizer {
     /// tokens are `marker` then their name, so no text spells them; ids past the vocabulary
     /// are empty. An error for a decoder of a kind we do not know.
     pub fn token_bytes(&self, n: usize, marker: u8) -> Result<Vec<Vec<u8>>> {
-        let decoder = serde_json::to_string(&self.inner.get_decoder()).unwrap_or_default();
-        let byte_level = decoder.contains("\"ByteLevel\"");
-        if !byte_level && !decoder.contains("\"ByteFallback\"") && !decoder.contains("▁") {
-            return Err(self.error(
-                format!("token bytes: a decoder that is neither byte-level nor SentencePiece ({decoder})")
-                    .into(),
-            ));
-        }
-        let alphabet: std::collections::HashMap<char, u8> =
-            trtllm_executor::builder::gguf_tokenizer::byte_alphabet()
+        let d = self.byte_decoder()?;
+        Ok((0..n as u32).map(|id| self.bytes_of(d, id, Some(marker))).collect())
+    }
+
+    /// The bytes token `id` adds to text on its own (a special token's: its name), which
+    /// need not be whole UTF-8 characters.
+    pub fn token_piece(&self, id: u32) -> Result<Vec<u8>> {
+        Ok(self.bytes_of(self.byte_decoder()?, id, None))
+    }
+
+    fn byte_decoder(&self) -> Result<&ByteDecoder> {
+        let made = self.byte_decoder.get_or_init(|| {
+            let decoder = serde_json::to_string(&self.inner.get_decoder()).unwrap_or_default();
+            let byte_level = decoder.contains("\"ByteLevel\"");
+            if !byte_level && !decoder.contains("\"ByteFallback\"") && !decoder.contains("▁") {
+                return Err(format!(
+                    "token bytes: a decoder that is neither byte-level nor SentencePiece ({decoder})"
+                ));
+            }
+            let alphabet = trtllm_executor::builder::gguf_tokenizer::byte_alphabet()
                 .into_iter()
                 .zip(0..=255)
                 .collect();
-        let specials = self.inner.get_added_tokens_decoder();
-        let bytes_of = |id: u32| -> Vec<u8> {
-            if let Some(t) = specials.get(&id).filter(|t| t.special) {
-                return [&[marker], t.content.as_bytes()].concat();
-            }
-            let Some(tok) = self.inner.id_to_token(id) else {
-                return Vec::new();
-            };
-            if byte_level {
-                let mut out = Vec::with_capacity(tok.len());
-                for c in tok.chars() {
-                    match alphabet.get(&c) {
-                        Some(&b) => out.push(b),
-                        None => out.extend(c.to_string().as_bytes()),
-                    }
-                }
-                return out;
-            }
-            match tok.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')) {
-                Some(hex) if hex.len() == 2 => u8::from_str_radix(hex, 16)
-                    .map_or_else(|_| tok.clone().into_bytes(), |b| vec![b]),
-                _ => tok.replace('▁', " ").into_bytes(),
-            }
+            Ok(ByteDecoder {
+                byte_level,
+                alphabet,
+            })
+        });
+        made.as_ref().map_err(|m| self.error(m.clone().into()))
+    }
+
+    /// Token `id`'s bytes; a special token's are `marker` then its name, or its name alone.
+    fn bytes_of(&self, d: &ByteDecoder, id: u32, marker: Option<u8>) -> Vec<u8> {
+        if let Some(t) = self.inner.get_added_tokens_decoder().get(&id).filter(|t| t.special) {
+            return marker.into_iter().chain(t.content.bytes()).collect();
+        }
+        let Some(tok) = self.inner.id_to_token(id) else {
+            return Vec::new();
         };
-        Ok((0..n as u32).map(bytes_of).collect())
+        if d.byte_level {
+            let mut out = Vec::with_capacity(tok.len());
+            for c in tok.chars() {
+                match d.alphabet.get(&c) {
+                    Some(&b) => out.push(b),
+                    None => out.extend(c.to_string().as_bytes()),
+                }
+            }
+            return out;
+        }
+        match tok.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')) {
+            Some(hex) if hex.len() == 2 => {
+                u8::from_str_radix(hex, 16).map_or_else(|_| tok.clone().into_bytes(), |b| vec![b])
+            }
+            _ => tok.replace('▁', " ").into_bytes(),
+        }
     }
 
     /// Uses `source` as the chat template instead of the checkpoint's (`--chat-template`).

@@ -24,9 +24,19 @@ pub struct ServeArgs {
     /// for (default: the model path's last component).
     #[arg(long, value_delimiter = ',')]
     served_model_name: Vec<String>,
-    /// Generation requests in flight beyond this get 503.
-    #[arg(long, default_value_t = 1024)]
-    max_pending_requests: usize,
+    /// Sequences (prompts x n) in flight beyond this get 503.
+    #[arg(long, alias = "max-pending-requests", default_value_t = 1024)]
+    max_pending_sequences: usize,
+    /// A request asking for more sequences (prompts x n) than this gets 400.
+    #[arg(long, default_value_t = 256)]
+    max_sequences_per_request: usize,
+    /// Open connections beyond this get 503 and are closed.
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
+    /// Seconds a client has to send a request's headers (and each part of its body); an idle
+    /// keep-alive connection is closed after it too.
+    #[arg(long, default_value_t = 20)]
+    header_timeout: u64,
     /// Request bodies larger than this get 413.
     #[arg(long, default_value_t = 4 << 20)]
     max_body_bytes: usize,
@@ -70,7 +80,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             api_key: a.api_key,
             served_model_names: names,
             max_body_bytes: a.max_body_bytes,
-            max_pending_requests: a.max_pending_requests,
+            max_pending_sequences: a.max_pending_sequences,
+            max_sequences_per_request: a.max_sequences_per_request,
+            max_connections: a.max_connections,
+            header_timeout: std::time::Duration::from_secs(a.header_timeout),
             lenient_requests: a.lenient_requests,
             tool_call_parser: a.tool_call_parser,
         },

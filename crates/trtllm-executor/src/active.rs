@@ -133,15 +133,24 @@ impl ActiveRequest {
     /// Samples the next token from this request's logits row, through its processor if it
     /// has one (an error from which fails this request).
     pub fn sample(&mut self, logits: &[f32], eos: &[u32]) -> Result<SampledToken, String> {
+        // A broken model (NaN weights, an overflow) must fail the request, not emit tokens.
+        if let Some(i) = logits.iter().position(|l| l.is_nan() || *l == f32::INFINITY) {
+            return Err(format!(
+                "the model produced a non-finite logit ({} for token {i}); the engine's weights \
+                 or activations are broken",
+                logits[i]
+            ));
+        }
         let banned = self.params.banned_tokens(self.output().len(), eos);
         let Some(p) = self.processor.as_mut() else {
             return Ok(self.sampler.sample(logits, &banned));
         };
         let output = &self.tokens[self.prompt_len..];
         let mut processed = logits.to_vec();
-        p.process(output, &mut processed)?;
+        let failed = |m: String| format!("logits processor: {m}");
+        p.process(output, &mut processed).map_err(failed)?;
         let token = self.sampler.sample(&processed, &banned);
-        p.accept(token.id)?;
+        p.accept(token.id).map_err(failed)?;
         Ok(token)
     }
 
@@ -191,5 +200,28 @@ impl ActiveRequest {
 
     pub fn fail(self, error: ExecutorError) {
         let _ = self.events.send(RequestEvent::Failed(error));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_logits_fail_the_request_instead_of_becoming_tokens() {
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        let params = GenerationParams {
+            max_new_tokens: 4,
+            ..Default::default()
+        };
+        let sampler = Sampler::new(params.sampling.clone(), &[1]).unwrap();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let mut r = ActiveRequest::new(0, vec![1], params, 4, sampler, tx, cancel);
+        for bad in [f32::NAN, f32::INFINITY] {
+            let e = r.sample(&[0.0, bad, 1.0], &[]).unwrap_err();
+            assert!(e.contains("non-finite"), "{e}");
+        }
+        // A masked (−∞) logit is no fault.
+        assert_eq!(r.sample(&[0.0, f32::NEG_INFINITY, 1.0], &[]).unwrap().id, 2);
     }
 }

@@ -284,7 +284,7 @@ impl EngineLoop {
             let token = match r.sample(row, eos) {
                 Ok(t) => t,
                 Err(msg) => {
-                    finished.push((r.id, Err(format!("logits processor: {msg}"))));
+                    finished.push((r.id, Err(msg)));
                     continue;
                 }
             };

@@ -10,7 +10,7 @@ pub enum ExecutorError {
         value: usize,
         max: usize,
     },
-    #[error("request needs {needed} KV-cache blocks for its prompt and max_tokens, but the pool has {total}; raise kv_cache.max_tokens or lower max_tokens")]
+    #[error("request needs {needed} KV-cache blocks for its prompt and max_tokens, but the pool has {total}; raise the pool (kv_cache.max_tokens, the CLI's --kv-cache-tokens) or lower max_tokens")]
     RequestTooLarge { needed: usize, total: usize },
     /// A step failed or panicked; every request in it fails with this message.
     #[error("engine step failed: {0}")]

@@ -110,6 +110,26 @@ impl GenerationResult {
         Some((i, ev))
     }
 
+    /// Receives the event `op` (from a `Select` over several results' events) picked on this
+    /// result's channel.
+    pub fn take_event(&mut self, op: crossbeam_channel::SelectedOperation<'_>) -> RequestEvent {
+        let ev = op
+            .recv(&self.events)
+            .unwrap_or(RequestEvent::Failed(ExecutorError::ShutDown));
+        self.done = ev.is_last();
+        ev
+    }
+
+    /// Whether the request has ended (its last event was taken).
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// The channel its events arrive on, to wait on several results at once.
+    pub fn events(&self) -> &Receiver<RequestEvent> {
+        &self.events
+    }
+
     /// Blocks until the request ends and returns its full output and stats.
     pub fn wait_with_stats(mut self) -> Result<(GenerationOutput, RequestStats)> {
         while let Some(ev) = self.next_event() {

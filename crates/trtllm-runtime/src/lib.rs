@@ -34,6 +34,7 @@ pub use kv_cache::{
 pub use model::{ActivationObserver, LogitsMode, SeqChunk};
 pub use sampling::{
     argmax, token_logprobs, SampledToken, Sampler, SamplingConfig, TokenLogprobs, MAX_LOGPROBS,
+    MIN_TEMPERATURE,
 };
 pub use session::{ModelRunner, Session};
 pub use trtllm_quant as quant;

@@ -68,6 +68,9 @@ pub struct TemplateFields {
     pub chat_template_kwargs: Option<Map<String, Value>>,
     pub add_generation_prompt: Option<bool>,
     pub continue_final_message: Option<bool>,
+    /// transformers' name: true (the default) reads special-token strings inside messages as
+    /// text; false lets them be control tokens.
+    pub split_special_tokens: Option<bool>,
 }
 
 impl TemplateFields {
@@ -79,6 +82,7 @@ impl TemplateFields {
             tools: tools(self.tools)?,
             template_kwargs: self.chat_template_kwargs.unwrap_or_default(),
             template: self.chat_template,
+            special_tokens_in_content: !self.split_special_tokens.unwrap_or(true),
         })
     }
 }
@@ -142,6 +146,7 @@ impl ChatRequest {
             params,
             max_tokens,
             echo: None,
+            prompts: 1,
             inputs: ChatInput {
                 messages: chat_messages(self.messages, lenient)?,
                 options,

@@ -33,6 +33,14 @@ pub enum ServeError {
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
+    MethodNotAllowed(String),
+    /// The client sent too slowly.
+    #[error("{0}")]
+    Timeout(String),
+    /// The server's own settings, refused at start.
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
     TooLarge(String),
     #[error("server overloaded: {0}")]
     Overloaded(String),
@@ -61,9 +69,11 @@ impl ServeError {
             }
             ServeError::Unauthorized => StatusCode::UNAUTHORIZED,
             ServeError::ModelNotFound(_) | ServeError::NotFound(_) => StatusCode::NOT_FOUND,
+            ServeError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ServeError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             ServeError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ServeError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ServeError::Internal(_) | ServeError::Listen { .. } => {
+            ServeError::Internal(_) | ServeError::Listen { .. } | ServeError::Config(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         }
@@ -77,10 +87,14 @@ impl ServeError {
             }
             ServeError::Unauthorized => ("authentication_error", Some("invalid_api_key")),
             ServeError::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
-            ServeError::NotFound(_) => ("invalid_request_error", None),
+            ServeError::NotFound(_) | ServeError::MethodNotAllowed(_) | ServeError::Timeout(_) => {
+                ("invalid_request_error", None)
+            }
             ServeError::TooLarge(_) => ("invalid_request_error", Some("request_too_large")),
             ServeError::Overloaded(_) => ("server_error", Some("overloaded")),
-            ServeError::Internal(_) | ServeError::Listen { .. } => ("server_error", None),
+            ServeError::Internal(_) | ServeError::Listen { .. } | ServeError::Config(_) => {
+                ("server_error", None)
+            }
         }
     }
 

@@ -266,10 +266,23 @@ pub fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
     })
 }
 
-/// A token's text as OpenAI shows it: the token decoded on its own.
+/// A token's own bytes (part of a character, for some).
+fn token_bytes(tok: Option<&Tokenizer>, id: u32) -> Option<Vec<u8>> {
+    tok.and_then(|t| t.token_piece(id).ok())
+}
+
+/// A token's text as OpenAI shows it: its bytes as text, or, for a token that holds part of a
+/// UTF-8 character, `bytes:` and their escapes (OpenAI's spelling), so distinct tokens never
+/// share a text.
 fn token_text(tok: Option<&Tokenizer>, id: u32) -> String {
-    tok.and_then(|t| t.decode(&[id], false).ok())
-        .unwrap_or_else(|| format!("token_id:{id}"))
+    match token_bytes(tok, id).map(String::from_utf8) {
+        Some(Ok(text)) => text,
+        Some(Err(e)) => {
+            let escaped: String = e.as_bytes().iter().map(|b| format!("\\x{b:02x}")).collect();
+            format!("bytes:{escaped}")
+        }
+        None => format!("token_id:{id}"),
+    }
 }
 
 /// The legacy completions shape: parallel arrays and a token → logprob map per position.
@@ -294,8 +307,8 @@ fn completion_logprobs(tok: Option<&Tokenizer>, c: &ChoiceText) -> Value {
 
 fn chat_logprobs(tok: Option<&Tokenizer>, logprobs: &[Logprob]) -> Value {
     let entry = |id: u32, logprob: f32| {
-        let text = token_text(tok, id);
-        json!({"token": text, "logprob": logprob, "bytes": text.as_bytes()})
+        let bytes = token_bytes(tok, id).unwrap_or_default();
+        json!({"token": token_text(tok, id), "logprob": logprob, "bytes": bytes})
     };
     let content: Vec<Value> = logprobs
         .iter()

@@ -131,22 +131,20 @@ impl Generation {
                 ..Choice::default()
             })
             .collect();
-        for (prompt, mut stream) in streams.into_iter().enumerate() {
-            let tx = tx.clone();
-            // Blocking: the stream waits on the engine's channel. Dropping it (when the
-            // receiver is gone) cancels its completions.
-            tokio::task::spawn_blocking(move || {
-                while let Some(delta) = stream.next_delta() {
-                    let (item, last) = match delta {
-                        Ok(d) => (Item::Delta(prompt, d), false),
-                        Err(e) => (Item::Failed(e.into()), true),
-                    };
-                    if tx.blocking_send(item).is_err() || last {
-                        return;
-                    }
+        // One blocking thread drains every prompt's stream (it waits on the engine's
+        // channels). Dropping the streams (when the receiver is gone) cancels their completions.
+        tokio::task::spawn_blocking(move || {
+            let mut streams = streams;
+            while let Some((prompt, delta)) = RequestStream::next_of_any(&mut streams) {
+                let (item, last) = match delta {
+                    Ok(d) => (Item::Delta(prompt, d), false),
+                    Err(e) => (Item::Failed(e.into()), true),
+                };
+                if tx.blocking_send(item).is_err() || last {
+                    return;
                 }
-            });
-        }
+            }
+        });
         Self {
             id,
             rx,

@@ -3,6 +3,7 @@
 //! either collect the whole response or stream server-sent events ending in `[DONE]`.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
 use serde_json::json;
+use subtle::ConstantTimeEq;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use trtllm_api::{Prompt, RequestStream, SamplingParams, LLM};
@@ -41,7 +43,14 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for JsonBody<T> {
         let limit = st.config.max_body_bytes;
         let mut body = req.into_body().into_data_stream();
         let (mut bytes, mut seen) = (Vec::new(), 0usize);
-        while let Some(chunk) = body.next().await {
+        let wait = st.config.header_timeout;
+        loop {
+            let next = tokio::time::timeout(wait, body.next()).await.map_err(|_| {
+                ServeError::Timeout(format!("no part of the request body within {wait:?}"))
+            })?;
+            let Some(chunk) = next else {
+                break;
+            };
             let chunk =
                 chunk.map_err(|e| ServeError::bad(format!("reading the body: {e}"), None))?;
             seen += chunk.len();
@@ -63,15 +72,19 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for JsonBody<T> {
     }
 }
 
-/// Checks `Authorization: Bearer KEY` when the server has a key.
+/// Checks `Authorization: Bearer KEY` when the server has a key, before the body is read: the
+/// scheme in any case (RFC 7235), the key compared in constant time.
 pub async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if let Some(key) = &st.config.api_key {
         let given = req
             .headers()
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(key.as_str()) {
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, k)| k.trim());
+        let ok = given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(key.as_bytes())));
+        if !ok {
             return ServeError::Unauthorized.into_response();
         }
     }
@@ -85,6 +98,14 @@ pub async fn count_errors(State(st): State<Arc<AppState>>, req: Request, next: N
         st.metrics.error(res.status().as_u16());
     }
     res
+}
+
+pub async fn method_not_allowed(req: Request) -> ServeError {
+    ServeError::MethodNotAllowed(format!(
+        "{} is not allowed on {}",
+        req.method(),
+        req.uri().path()
+    ))
 }
 
 pub async fn not_found(req: Request) -> ServeError {
@@ -163,6 +184,15 @@ pub async fn chat(
     .await
 }
 
+/// Sets its flag when dropped: the handler's future is dropped when its client disconnects.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// The completion length a prompt of `len` tokens gets: what it asked for, or what the context
 /// leaves; asking for more than is left is OpenAI's `context_length_exceeded`.
 fn fit(len: usize, asked: Option<usize>, max: usize) -> Result<usize, ServeError> {
@@ -191,11 +221,27 @@ async fn run<T: Send + 'static>(
         include_usage,
         tool_calls,
         echo,
+        prompts: num_prompts,
     } = parsed;
-    let admission = st.admit()?;
+    let sequences = num_prompts.saturating_mul(params.n);
+    let most = st.config.max_sequences_per_request;
+    if sequences > most {
+        return Err(ServeError::bad(
+            format!(
+                "the request asks for {sequences} sequences ({num_prompts} prompts x n = {}); \
+                 this server takes at most {most} per request (--max-sequences-per-request)",
+                params.n
+            ),
+            Some(if num_prompts > 1 { "prompt" } else { "n" }),
+        ));
+    }
+    let admission = st.admit(sequences)?;
     let llm = st.llm.clone();
     let submitted = params.clone();
     let max_seq_len = llm.executor().engine_config().build.max_seq_len;
+    // Set if the client goes away while its prompts are still being submitted.
+    let gone = Arc::new(AtomicBool::new(false));
+    let _gone_on_drop = SetOnDrop(gone.clone());
     let submit = move || -> Result<Vec<RequestStream>, ServeError> {
         let prompts = encode(&llm, inputs)?;
         // Every prompt fits before any is submitted, so a bad one cancels nothing.
@@ -203,17 +249,19 @@ async fn run<T: Send + 'static>(
             .iter()
             .map(|ids| fit(ids.len(), max_tokens, max_seq_len))
             .collect::<Result<Vec<_>, _>>()?;
-        prompts
-            .into_iter()
-            .zip(lens)
-            .map(|(ids, n)| {
-                let params = SamplingParams {
-                    max_tokens: n,
-                    ..submitted.clone()
-                };
-                Ok(llm.generate_async(Prompt::TokenIds(ids), &params)?)
-            })
-            .collect()
+        let mut streams = Vec::with_capacity(prompts.len());
+        for (ids, n) in prompts.into_iter().zip(lens) {
+            if gone.load(Ordering::Relaxed) {
+                // Dropping what was submitted cancels it.
+                return Err(ServeError::Internal("the client went away".into()));
+            }
+            let params = SamplingParams {
+                max_tokens: n,
+                ..submitted.clone()
+            };
+            streams.push(llm.generate_async(Prompt::TokenIds(ids), &params)?);
+        }
+        Ok(streams)
     };
     let streams = tokio::task::spawn_blocking(submit)
         .await

@@ -12,6 +12,7 @@ mod error;
 mod format;
 mod generation;
 mod handlers;
+mod listen;
 mod metrics;
 mod protocol;
 mod state;
@@ -39,8 +40,15 @@ pub struct ServeConfig {
     pub served_model_names: Vec<String>,
     /// Larger bodies are refused with 413.
     pub max_body_bytes: usize,
-    /// More generation requests in flight than this are refused with 503.
-    pub max_pending_requests: usize,
+    /// Sequences (prompts x n) in flight past this are refused with 503.
+    pub max_pending_sequences: usize,
+    /// A request asking for more sequences than this is refused with 400.
+    pub max_sequences_per_request: usize,
+    /// Open connections past this get 503 and are closed.
+    pub max_connections: usize,
+    /// A request's headers (and the next request on an idle keep-alive connection) must
+    /// arrive within this; so must each piece of its body.
+    pub header_timeout: std::time::Duration,
     /// Fields we do not implement are warned of and ignored instead of refused with 400 (for
     /// clients that always send extras).
     pub lenient_requests: bool,
@@ -57,7 +65,10 @@ impl Default for ServeConfig {
             api_key: None,
             served_model_names: vec!["trtllm".into()],
             max_body_bytes: 4 << 20,
-            max_pending_requests: 1024,
+            max_pending_sequences: 1024,
+            max_sequences_per_request: 256,
+            max_connections: 4096,
+            header_timeout: std::time::Duration::from_secs(20),
             lenient_requests: false,
             tool_call_parser: None,
         }
@@ -80,6 +91,7 @@ pub fn router(llm: LLM, config: ServeConfig) -> Router {
         .route("/version", get(tokenize::version))
         .route("/metrics", get(handlers::metrics))
         .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(from_fn_with_state(st.clone(), handlers::count_errors))
         // JsonBody enforces `max_body_bytes` itself, answering 413 in OpenAI's shape.
         .layer(DefaultBodyLimit::disable())
@@ -89,10 +101,15 @@ pub fn router(llm: LLM, config: ServeConfig) -> Router {
 /// Serves until SIGINT or SIGTERM, then lets open responses finish and shuts the executor
 /// down. Prints `listening on http://ADDR` to stderr once bound.
 pub fn serve(llm: LLM, config: ServeConfig) -> Result<(), ServeError> {
+    if config.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+        return Err(ServeError::Config(
+            "the API key is empty (--api-key / TRTLLM_API_KEY): give a key, or none".into(),
+        ));
+    }
     let addr = format!("{}:{}", config.host, config.port);
-    // Each request in flight holds a blocking thread per prompt that drains its stream; size the
-    // pool so the admission limit, not the pool, is what turns requests away.
-    let blocking = config.max_pending_requests.saturating_mul(2).max(64);
+    // Each request in flight holds a blocking thread that drains its streams, and briefly one
+    // that submits them; size the pool so the admission limit, not the pool, turns requests away.
+    let blocking = config.max_pending_sequences.saturating_mul(2).max(64);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .max_blocking_threads(blocking)
         .enable_all()
@@ -109,10 +126,12 @@ pub fn serve(llm: LLM, config: ServeConfig) -> Result<(), ServeError> {
         let local = listener.local_addr().map_err(listen_err)?;
         log_summary(&llm, &config);
         eprintln!("listening on http://{local}");
-        axum::serve(listener, router(llm, config))
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-            .map_err(listen_err)
+        let limits = listen::ConnectionLimits {
+            max_connections: config.max_connections,
+            header_timeout: config.header_timeout,
+        };
+        listen::run(listener, router(llm, config), limits, shutdown_signal()).await;
+        Ok(())
     })
 }
 

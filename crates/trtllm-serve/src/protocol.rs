@@ -144,6 +144,8 @@ pub struct Parsed<T> {
     pub tool_calls: Option<ToolCalls>,
     /// Completions with `echo`: each prompt's text (None: decode its token ids).
     pub echo: Option<Vec<Option<String>>>,
+    /// Prompts in the request (each gets `n` sequences).
+    pub prompts: usize,
 }
 
 /// A chat's tool calls: how they are read, and whether several may be made.
@@ -350,6 +352,7 @@ impl CompletionRequest {
             params,
             max_tokens: Some(max_tokens),
             echo,
+            prompts: prompts.len(),
             inputs: prompts,
             stream: self.stream,
             include_usage,

@@ -14,6 +14,7 @@ pub struct AppState {
     pub config: ServeConfig,
     pub metrics: Metrics,
     pub created: u64,
+    /// Sequences (prompts x n) of the generation requests in flight.
     pending: AtomicUsize,
 }
 
@@ -28,18 +29,24 @@ impl AppState {
         }
     }
 
-    /// Counts a generation request in, or refuses it when `max_pending_requests` are in flight.
-    pub fn admit(self: &Arc<Self>) -> Result<Admission, ServeError> {
-        let before = self.pending.fetch_add(1, Ordering::SeqCst);
-        if before >= self.config.max_pending_requests {
-            self.pending.fetch_sub(1, Ordering::SeqCst);
+    /// Counts a request's `sequences` in, or refuses it when they would take the sequences in
+    /// flight past `max_pending_sequences` (a request alone is never refused here: its size is
+    /// bounded by `max_sequences_per_request`).
+    pub fn admit(self: &Arc<Self>, sequences: usize) -> Result<Admission, ServeError> {
+        let limit = self.config.max_pending_sequences;
+        let before = self.pending.fetch_add(sequences, Ordering::SeqCst);
+        if before > 0 && before + sequences > limit {
+            self.pending.fetch_sub(sequences, Ordering::SeqCst);
             return Err(ServeError::Overloaded(format!(
-                "{before} requests in flight (limit {}); retry later",
-                self.config.max_pending_requests
+                "{before} sequences in flight; {sequences} more would pass the limit of {limit} \
+                 (--max-pending-sequences); retry later"
             )));
         }
         self.metrics.in_flight(1);
-        Ok(Admission(self.clone()))
+        Ok(Admission {
+            state: self.clone(),
+            sequences,
+        })
     }
 
     /// The id a response names: the one the request gave, which must be served, or the first
@@ -54,19 +61,22 @@ impl AppState {
     }
 }
 
-/// A generation request in flight; counted out when dropped.
-pub struct Admission(Arc<AppState>);
+/// A generation request in flight; its sequences are counted out when dropped.
+pub struct Admission {
+    state: Arc<AppState>,
+    sequences: usize,
+}
 
 impl Admission {
     pub fn state(&self) -> &Arc<AppState> {
-        &self.0
+        &self.state
     }
 }
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        self.0.pending.fetch_sub(1, Ordering::SeqCst);
-        self.0.metrics.in_flight(-1);
+        self.state.pending.fetch_sub(self.sequences, Ordering::SeqCst);
+        self.state.metrics.in_flight(-1);
     }
 }
 

@@ -18,6 +18,9 @@ use penalties::Penalties;
 
 use crate::{Result, RuntimeError};
 
+/// The lowest temperature that samples; below it decoding is greedy (vLLM's threshold).
+pub const MIN_TEMPERATURE: f32 = 1e-5;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingConfig {
     /// 0 means greedy.
@@ -111,8 +114,10 @@ impl SamplingConfig {
         Ok(())
     }
 
+    /// Temperatures below [`MIN_TEMPERATURE`] are greedy: dividing logits by them overflows
+    /// (1e-40 turned every logit infinite and drew the least likely token).
     pub fn is_greedy(&self) -> bool {
-        self.temperature == 0.0 || self.top_k == 1
+        self.temperature < MIN_TEMPERATURE || self.top_k == 1
     }
 }
 
@@ -236,6 +241,12 @@ mod tests {
     fn greedy_takes_first_maximum() {
         assert_eq!(argmax(&[0.0, 3.0, 3.0, -1.0]), 1);
         assert_eq!(draw(&mut sampler(0.0, 0, 1.0, 0), &[1.0, 2.0, 0.5]), 1);
+        // A vanishing temperature is greedy, never an overflow that draws anything.
+        let logits: Vec<f32> = (0..1000).map(|i| (i % 17) as f32 * 0.1).collect();
+        for seed in 0..20 {
+            assert_eq!(draw(&mut sampler(1e-40, 0, 1.0, seed), &logits), 16);
+            assert_eq!(draw(&mut sampler(1e-6, 0, 1.0, seed), &logits), 16);
+        }
     }
 
     #[test]
