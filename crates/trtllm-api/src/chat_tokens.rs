@@ -40,7 +40,11 @@ impl Tokenizer {
             ids.extend(self.encode(&rest[..at], false)?);
             let after = &rest[at + OPEN.len_utf8()..];
             let end = after.find(CLOSE).unwrap_or(after.len());
-            if let Some(m) = after[..end].parse::<usize>().ok().and_then(|i| messages.get(i)) {
+            if let Some(m) = after[..end]
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| messages.get(i))
+            {
                 ids.extend(self.encode_as_text(&m.content)?);
             }
             rest = after.get(end + CLOSE.len_utf8()..).unwrap_or("");

@@ -106,7 +106,11 @@ impl SamplingParams {
         }
         for (field, words) in [("stop", &self.stop), ("bad_words", &self.bad_words)] {
             if words.len() > MAX_STOP_STRINGS {
-                return Err(invalid(field, format!("{} strings", words.len()), "at most 64"));
+                return Err(invalid(
+                    field,
+                    format!("{} strings", words.len()),
+                    "at most 64",
+                ));
             }
             if let Some(w) = words.iter().find(|w| w.len() > MAX_STOP_LEN) {
                 return Err(invalid(

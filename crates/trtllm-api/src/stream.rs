@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use trtllm_executor::runtime::TokenLogprobs;
-use trtllm_executor::{GenerationResult, RequestEvent};
+use trtllm_executor::{ExecutorError, GenerationResult, RequestEvent};
 
 use crate::completion::{to_logprob, CompletionState};
 use crate::{ApiError, CompletionDelta, Logprob, RequestOutput, Result, Tokenizer};
@@ -51,7 +51,7 @@ impl RequestStream {
                 return None;
             }
             let (i, event) = GenerationResult::next_of_any(&mut self.results)?;
-            if let Some(delta) = self.take(i, event) {
+            if let Some(delta) = self.on_event(i, event) {
                 return Some(delta);
             }
         }
@@ -64,7 +64,12 @@ impl RequestStream {
             let mut select = crossbeam_channel::Select::new();
             let mut live = Vec::new();
             for (s, stream) in streams.iter().enumerate().filter(|(_, s)| !s.failed) {
-                for (c, r) in stream.results.iter().enumerate().filter(|(_, r)| !r.is_done()) {
+                for (c, r) in stream
+                    .results
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| !r.is_done())
+                {
                     select.recv(r.events());
                     live.push((s, c));
                 }
@@ -74,15 +79,19 @@ impl RequestStream {
             }
             let op = select.select();
             let (s, c) = live[op.index()];
-            let event = streams[s].results[c].take_event(op);
-            if let Some(delta) = streams[s].take(c, event) {
+            let event = op
+                .recv(streams[s].results[c].events())
+                .unwrap_or(RequestEvent::Failed(ExecutorError::ShutDown));
+            drop(select);
+            streams[s].results[c].note(&event);
+            if let Some(delta) = streams[s].on_event(c, event) {
                 return Some((s, delta));
             }
         }
     }
 
     /// Turns completion `i`'s event into a delta; None when it adds nothing to show.
-    fn take(&mut self, i: usize, event: RequestEvent) -> Option<Result<CompletionDelta>> {
+    fn on_event(&mut self, i: usize, event: RequestEvent) -> Option<Result<CompletionDelta>> {
         let tok = self.tokenizer.as_deref();
         let state = &mut self.states[i];
         let was_finished = state.is_finished();

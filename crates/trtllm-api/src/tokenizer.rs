@@ -127,7 +127,9 @@ impl Tokenizer {
     /// are empty. An error for a decoder of a kind we do not know.
     pub fn token_bytes(&self, n: usize, marker: u8) -> Result<Vec<Vec<u8>>> {
         let d = self.byte_decoder()?;
-        Ok((0..n as u32).map(|id| self.bytes_of(d, id, Some(marker))).collect())
+        Ok((0..n as u32)
+            .map(|id| self.bytes_of(d, id, Some(marker)))
+            .collect())
     }
 
     /// The bytes token `id` adds to text on its own (a special token's: its name), which
@@ -159,7 +161,12 @@ impl Tokenizer {
 
     /// Token `id`'s bytes; a special token's are `marker` then its name, or its name alone.
     fn bytes_of(&self, d: &ByteDecoder, id: u32, marker: Option<u8>) -> Vec<u8> {
-        if let Some(t) = self.inner.get_added_tokens_decoder().get(&id).filter(|t| t.special) {
+        if let Some(t) = self
+            .inner
+            .get_added_tokens_decoder()
+            .get(&id)
+            .filter(|t| t.special)
+        {
             return marker.into_iter().chain(t.content.bytes()).collect();
         }
         let Some(tok) = self.inner.id_to_token(id) else {

@@ -134,7 +134,10 @@ impl ActiveRequest {
     /// has one (an error from which fails this request).
     pub fn sample(&mut self, logits: &[f32], eos: &[u32]) -> Result<SampledToken, String> {
         // A broken model (NaN weights, an overflow) must fail the request, not emit tokens.
-        if let Some(i) = logits.iter().position(|l| l.is_nan() || *l == f32::INFINITY) {
+        if let Some(i) = logits
+            .iter()
+            .position(|l| l.is_nan() || *l == f32::INFINITY)
+        {
             return Err(format!(
                 "the model produced a non-finite logit ({} for token {i}); the engine's weights \
                  or activations are broken",

@@ -110,14 +110,10 @@ impl GenerationResult {
         Some((i, ev))
     }
 
-    /// Receives the event `op` (from a `Select` over several results' events) picked on this
-    /// result's channel.
-    pub fn take_event(&mut self, op: crossbeam_channel::SelectedOperation<'_>) -> RequestEvent {
-        let ev = op
-            .recv(&self.events)
-            .unwrap_or(RequestEvent::Failed(ExecutorError::ShutDown));
-        self.done = ev.is_last();
-        ev
+    /// Records that `ev`, received from [`Self::events`] by the caller's own `Select`, was
+    /// taken.
+    pub fn note(&mut self, ev: &RequestEvent) {
+        self.done |= ev.is_last();
     }
 
     /// Whether the request has ended (its last event was taken).

@@ -101,7 +101,11 @@ pub fn router(llm: LLM, config: ServeConfig) -> Router {
 /// Serves until SIGINT or SIGTERM, then lets open responses finish and shuts the executor
 /// down. Prints `listening on http://ADDR` to stderr once bound.
 pub fn serve(llm: LLM, config: ServeConfig) -> Result<(), ServeError> {
-    if config.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+    if config
+        .api_key
+        .as_deref()
+        .is_some_and(|k| k.trim().is_empty())
+    {
         return Err(ServeError::Config(
             "the API key is empty (--api-key / TRTLLM_API_KEY): give a key, or none".into(),
         ));

@@ -62,10 +62,8 @@ pub async fn run(
             tokio::spawn(refuse(stream, limits.max_connections));
             continue;
         };
-        let conn = http.serve_connection(
-            TokioIo::new(stream),
-            TowerToHyperService::new(app.clone()),
-        );
+        let conn =
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             // A client that goes away or times out ends its connection; nothing to report.
@@ -73,7 +71,10 @@ pub async fn run(
             drop(slot);
         });
     }
-    if tokio::time::timeout(DRAIN, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("responses still open {DRAIN:?} after the shutdown signal; closing them");
     }
 }
@@ -90,5 +91,9 @@ async fn refuse(mut stream: TcpStream, cap: usize) {
          content-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(response.as_bytes())).await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        stream.write_all(response.as_bytes()),
+    )
+    .await;
 }

@@ -75,7 +75,9 @@ impl Admission {
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        self.state.pending.fetch_sub(self.sequences, Ordering::SeqCst);
+        self.state
+            .pending
+            .fetch_sub(self.sequences, Ordering::SeqCst);
         self.state.metrics.in_flight(-1);
     }
 }
