@@ -197,7 +197,7 @@ fn demo() -> Result<()> {
     };
     let gguf = path_str(&gguf)?;
     let engine = path_str(&engine)?;
-    trtllm(&["build", "--checkpoint", gguf, "--output", engine])?;
+    trtllm(&["build", "--checkpoint", gguf, "--output", engine, "--force"])?;
     trtllm(&[
         "run",
         "--engine",

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use trtllm_runtime::engine::{names, EngineConfig, EngineWriter, SCRATCH_FILE};
+use trtllm_runtime::engine::{names, EngineConfig, EngineWriter};
 use trtllm_runtime::quant::{Calibration, DType, QuantAlgo, Quantizer, LM_HEAD};
 use trtllm_runtime::{BuildConfig, ModelConfig, PositionKind};
 
@@ -26,22 +26,31 @@ const CARRIED_FILES: &[&str] = &[
 ];
 
 /// Builds an engine from `checkpoint` (a Hugging Face directory or a `.gguf` file) into `output`.
-/// A build that fails leaves nothing half-written: the directory if it made it, else the
-/// engine's scratch file.
+/// The engine is written to a scratch directory beside `output` and moved into place whole at
+/// the end (replacing what `output` held): a build that fails or is killed never leaves a
+/// half-written engine where one is expected.
 pub fn build(
     checkpoint: &Path,
     output: &Path,
     config: &BuildConfig,
     progress: BuildProgress,
 ) -> Result<EngineConfig> {
-    let fresh = !output.exists();
-    let built = build_into(checkpoint, output, config, progress);
+    let name = output
+        .file_name()
+        .map_or("engine".into(), |n| n.to_string_lossy().into_owned());
+    let scratch = output.with_file_name(format!(".{name}.building-{}", std::process::id()));
+    // Leftovers of an earlier build by a process with the same id.
+    let _ = std::fs::remove_dir_all(&scratch);
+    let built = build_into(checkpoint, &scratch, config, progress).and_then(|engine| {
+        if output.exists() {
+            std::fs::remove_dir_all(output).map_err(|e| BuildError::io(output, e))?;
+        }
+        std::fs::rename(&scratch, output).map_err(|e| BuildError::io(output, e))?;
+        Ok(engine)
+    });
     if built.is_err() {
         // Cleaning up is best effort: the build's own error is the one to report.
-        let _ = match fresh {
-            true => std::fs::remove_dir_all(output),
-            false => std::fs::remove_file(output.join(SCRATCH_FILE)),
-        };
+        let _ = std::fs::remove_dir_all(&scratch);
     }
     built
 }
@@ -67,6 +76,13 @@ fn build_into(
         let ck = SafetensorsCheckpoint::open(checkpoint, hf.dtype, hf.prequant)?;
         let spec = family::hf_spec(hf.family, &model);
         let tok_path = checkpoint.join("tokenizer.json");
+        // A broken tokenizer fails the build, not the first run.
+        if tok_path.exists() {
+            tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| BuildError::Checkpoint {
+                path: tok_path.clone(),
+                message: format!("not a tokenizer: {e}"),
+            })?;
+        }
         let calibration = match config.quant.needs_calibration() {
             true => {
                 let json = std::fs::read(&tok_path).map_err(|e| BuildError::io(&tok_path, e))?;

@@ -51,6 +51,9 @@ struct BuildArgs {
     checkpoint: PathBuf,
     #[arg(long)]
     output: PathBuf,
+    /// Replace an engine (or anything else) already at --output.
+    #[arg(long)]
+    force: bool,
     /// float32, bfloat16 or float16 (default: the checkpoint's own; float32 for GGUF).
     #[arg(long)]
     dtype: Option<String>,
@@ -199,6 +202,14 @@ fn build(a: BuildArgs) -> Result<()> {
         .expect("static template")
         .progress_chars("=> "),
     );
+    let occupied =
+        std::fs::read_dir(&a.output).map_or(a.output.exists(), |mut d| d.next().is_some());
+    if occupied && !a.force {
+        bail!(
+            "{} already exists; give --force to replace it",
+            a.output.display()
+        );
+    }
     let start = std::time::Instant::now();
     let mut last = String::new();
     let engine = builder::build(

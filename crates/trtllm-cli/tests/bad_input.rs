@@ -94,14 +94,55 @@ impl TinyEngine {
 
 #[test]
 fn missing_directory() {
+    let t = tempfile::tempdir().unwrap();
     let out = trtllm(&[
         "build",
         "--checkpoint",
         "/nonexistent/model",
         "--output",
-        "/tmp/x",
+        path(&t.path().join("x")),
     ]);
     fails_with(out, &["/nonexistent/model", "not found"]);
+}
+
+/// A corrupt tokenizer fails the build (not the first run) and leaves nothing behind; an
+/// existing engine is replaced only with --force, and then whole.
+#[test]
+fn corrupt_tokenizer_and_an_existing_output() {
+    let out = build_damaged_checkpoint(|ck| {
+        std::fs::write(ck.join("tokenizer.json"), "{\"model\": 1").unwrap()
+    });
+    fails_with(out, &["tokenizer.json", "not a tokenizer"]);
+
+    let engine = TinyEngine::build(&[]);
+    let parent = engine.dir.parent().unwrap();
+    let tiny = fixtures().join("tiny-llama");
+    let again = [
+        "build",
+        "--checkpoint",
+        path(&tiny),
+        "--output",
+        path(&engine.dir),
+    ];
+    fails_with(trtllm(&again), &["already exists", "--force"]);
+    let forced = trtllm(&[&again[..], &["--force", "--max-batch-size", "3"]].concat());
+    assert!(
+        forced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&forced.stderr)
+    );
+    let config = std::fs::read_to_string(engine.dir.join("config.json")).unwrap();
+    assert!(config.contains("\"max_batch_size\": 3"), "{config}");
+    let leftovers: Vec<_> = std::fs::read_dir(parent)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("building"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert!(engine
+        .run(&["--prompt", "hi", "--max-tokens", "2"])
+        .status
+        .success());
 }
 
 #[test]
