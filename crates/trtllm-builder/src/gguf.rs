@@ -141,6 +141,14 @@ impl Reader<'_> {
             9 if depth == 0 => {
                 let ety = self.u32()?;
                 let n = self.len()?;
+                // Each element is held as a 32-byte value: a count no vocabulary comes near is
+                // corrupt, not a reason to allocate gigabytes.
+                if n > MAX_ARRAY {
+                    return Err(BuildError::checkpoint(
+                        self.path,
+                        format!("corrupt GGUF: an array of {n} entries (at most {MAX_ARRAY})"),
+                    ));
+                }
                 Value::Array(
                     (0..n)
                         .map(|_| self.value(ety, depth + 1))
@@ -159,6 +167,9 @@ impl Reader<'_> {
         })
     }
 }
+
+/// Most entries a metadata array may have (the largest vocabularies hold ~256k tokens).
+const MAX_ARRAY: usize = 1 << 22;
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
@@ -207,6 +218,12 @@ impl GgufFile {
             let ty = GgmlType::from_id(r.u32()?)
                 .map_err(|e| BuildError::checkpoint(path, format!("tensor '{name}': {e}")))?;
             let offset = r.u64()? as usize;
+            if tensors.contains_key(&name) {
+                return Err(BuildError::checkpoint(
+                    path,
+                    format!("corrupt GGUF: tensor '{name}' appears twice"),
+                ));
+            }
             tensors.insert(name, TensorEntry { shape, ty, offset });
         }
         let align = metadata
@@ -223,6 +240,15 @@ impl GgufFile {
             data_start,
         };
         for (name, t) in &file.tensors {
+            if !t.offset.is_multiple_of(align) {
+                return Err(BuildError::checkpoint(
+                    path,
+                    format!(
+                        "corrupt GGUF: tensor '{name}' at offset {} is not aligned to {align} bytes",
+                        t.offset
+                    ),
+                ));
+            }
             file.tensor_bytes(name, t)?;
         }
         Ok(file)

@@ -68,14 +68,18 @@ impl Fields<'_> {
         self.get(key).and_then(Value::as_str)
     }
 
-    fn ids(&self, key: &str) -> Vec<u32> {
+    /// Token ids: one or a list of them (null: none); anything else is an error naming `key`.
+    fn ids(&self, key: &str) -> Result<Vec<u32>> {
+        let id = |x: &Value| {
+            x.as_u64()
+                .filter(|&n| n <= u32::MAX as u64)
+                .map(|n| n as u32)
+                .ok_or_else(|| self.invalid(key, &format!("{x} is not a token id")))
+        };
         match self.get(key) {
-            Some(Value::Array(a)) => a
-                .iter()
-                .filter_map(|x| x.as_u64().map(|n| n as u32))
-                .collect(),
-            Some(v) => v.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
-            None => Vec::new(),
+            Some(Value::Array(a)) => a.iter().map(id).collect(),
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(v) => Ok(vec![id(v)?]),
         }
     }
 
@@ -210,8 +214,8 @@ fn llama_like(f: &Fields, arch: &str, family: Family) -> Result<ModelConfig> {
             moe: moe(f, family, num_layers)?,
             local_rope: rope.local,
         },
-        bos_token_id: f.ids("bos_token_id").first().copied(),
-        eos_token_ids: f.ids("eos_token_id"),
+        bos_token_id: f.ids("bos_token_id")?.first().copied(),
+        eos_token_ids: f.ids("eos_token_id")?,
     })
 }
 
@@ -228,7 +232,7 @@ fn moe(f: &Fields, family: Family, layers: usize) -> Result<Option<MoeConfig>> {
         }),
         Family::Qwen3Moe => {
             let step = f.opt_usize("decoder_sparse_step")?.unwrap_or(1).max(1);
-            let dense_only = f.ids("mlp_only_layers");
+            let dense_only = f.ids("mlp_only_layers")?;
             Some(MoeConfig {
                 // transformers 5 writes Mixtral's name for it.
                 num_experts: match f.opt_usize("num_local_experts")? {
@@ -320,8 +324,8 @@ fn gpt2(f: &Fields, arch: &str) -> Result<ModelConfig> {
         position: PositionKind::Learned,
         tie_word_embeddings: f.bool_or("tie_word_embeddings", true),
         features: Features::default(),
-        bos_token_id: f.ids("bos_token_id").first().copied(),
-        eos_token_ids: f.ids("eos_token_id"),
+        bos_token_id: f.ids("bos_token_id")?.first().copied(),
+        eos_token_ids: f.ids("eos_token_id")?,
     })
 }
 

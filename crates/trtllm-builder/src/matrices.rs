@@ -178,7 +178,9 @@ fn linear(
     cols: usize,
     weights: bool,
 ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
-    let mut weight = Vec::with_capacity(rows * cols);
+    // Grown from the tensors read (their sizes come from the file), never sized by the config
+    // alone: a corrupt config's shape is an error below, not a terabyte allocation.
+    let mut weight = Vec::new();
     let mut bias: Vec<f32> = Vec::new();
     let mut any_bias = false;
     for p in parts {

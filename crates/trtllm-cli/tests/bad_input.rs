@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use serde_json::json;
 use tempfile::TempDir;
 use trtllm_api::runtime::ENGINE_FORMAT_VERSION;
 
@@ -155,6 +156,46 @@ fn config_without_num_attention_heads() {
         })
     });
     fails_with(out, &["config.json", "num_attention_heads"]);
+}
+
+/// Sizes and values a config must not be trusted with: each is an error naming it, before
+/// anything is allocated by it (2^31 - 1 intermediate size was a 1 TB allocation, 10^9 layers
+/// 480 GB).
+#[test]
+fn config_values_out_of_range() {
+    for (field, value, needle) in [
+        (
+            "/intermediate_size",
+            json!(2147483647u64),
+            "intermediate_size",
+        ),
+        ("/num_hidden_layers", json!(1_000_000_000u64), "num_layers"),
+        (
+            "/max_position_embeddings",
+            json!(u64::MAX),
+            "max_position_embeddings",
+        ),
+        ("/rope_parameters/rope_theta", json!(-1.0), "rope_theta"),
+        ("/bos_token_id", json!(0.5), "bos_token_id"),
+        ("/eos_token_id", json!(5000), "outside the vocabulary"),
+    ] {
+        let out = build_damaged_checkpoint(|ck| {
+            edit(&ck.join("config.json"), |cfg| {
+                let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+                *v.pointer_mut(field).expect("the fixture has the field") = value.clone();
+                v.to_string()
+            })
+        });
+        fails_with(out, &["config.json", needle]);
+    }
+}
+
+/// A KV pool past the machine's memory is refused with the figures, not an abort.
+#[test]
+fn kv_cache_larger_than_the_machine() {
+    let engine = TinyEngine::build(&[]);
+    let out = engine.run(&["--prompt", "hi", "--kv-cache-tokens", "100000000000000"]);
+    fails_with(out, &["GiB", "--kv-cache-tokens"]);
 }
 
 #[test]

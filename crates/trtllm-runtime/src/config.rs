@@ -136,6 +136,49 @@ impl ModelConfig {
                 )));
             }
         }
+        // Far beyond any published model: a value past these is a corrupt or hostile config,
+        // caught before anything is sized by it.
+        let bounded = [
+            ("vocab_size", self.vocab_size, 1 << 22),
+            ("hidden_size", self.hidden_size, 1 << 17),
+            ("intermediate_size", self.intermediate_size, 1 << 19),
+            ("num_layers", self.num_layers, 1 << 10),
+            ("num_heads", self.num_heads, 1 << 10),
+            ("num_kv_heads", self.num_kv_heads, 1 << 10),
+            ("head_dim", self.head_dim, 1 << 12),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 24,
+            ),
+        ];
+        for (name, v, most) in bounded {
+            if v > most {
+                return Err(RuntimeError::InvalidConfig(format!(
+                    "{name} = {v} is out of range (at most {most})"
+                )));
+            }
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps >= 0.0) {
+            return Err(RuntimeError::InvalidConfig(format!(
+                "the norm epsilon {} must be a finite non-negative number",
+                self.norm_eps
+            )));
+        }
+        if let PositionKind::Rope { theta, .. } = self.position {
+            if !(theta.is_finite() && theta > 0.0) {
+                return Err(RuntimeError::InvalidConfig(format!(
+                    "rope_theta {theta} must be a finite positive number"
+                )));
+            }
+        }
+        let ids = self.bos_token_id.iter().chain(&self.eos_token_ids);
+        if let Some(id) = ids.copied().find(|&id| id as usize >= self.vocab_size) {
+            return Err(RuntimeError::InvalidConfig(format!(
+                "special token id {id} is outside the vocabulary ({} tokens)",
+                self.vocab_size
+            )));
+        }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(RuntimeError::InvalidConfig(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",

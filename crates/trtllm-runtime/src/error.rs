@@ -47,6 +47,8 @@ pub enum RuntimeError {
         value: String,
         expected: &'static str,
     },
+    #[error("the KV cache asked for needs {need_gib:.1} GiB and this machine has {have_gib:.1} GiB: lower the pool (kv_cache.max_tokens, the CLI's --kv-cache-tokens)")]
+    KvCacheTooLarge { need_gib: f64, have_gib: f64 },
     #[error("KV cache: {field} = {value}: expected {expected}")]
     InvalidKvConfig {
         field: &'static str,

@@ -8,7 +8,7 @@ use trtllm_quant::kernels::cpu::{KvData, PagedKv, E4M3_MAX};
 use trtllm_quant::{DType, QuantAlgo};
 
 use super::{BlockId, KvBudget};
-use crate::{BuildConfig, ModelConfig, Result};
+use crate::{BuildConfig, ModelConfig, Result, RuntimeError};
 
 /// How the pool stores keys and values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -185,7 +185,23 @@ impl KvPool {
     /// Each layer gets its group's blocks of `budget`. Zeroed pages come from the OS lazily,
     /// so an unused pool costs address space, not memory.
     pub fn new(model: &ModelConfig, storage: KvStorage, budget: &KvBudget) -> Result<Self> {
-        let layers = layer_blocks(model, budget)?
+        let per_layer = layer_blocks(model, budget)?;
+        // Address space is not memory: a pool past the machine's memory would fail at first
+        // use (or abort at allocation), so it is refused here, with the figures.
+        let slots: usize = per_layer.iter().map(|b| b * budget.block_size).sum();
+        let value_bytes = match storage {
+            KvStorage::F32 => 4,
+            KvStorage::Bf16 | KvStorage::F16 => 2,
+            KvStorage::Int8 | KvStorage::Fp8 => 1,
+        };
+        let bytes = slots as f64 * 2.0 * model.kv_dim() as f64 * value_bytes as f64;
+        if let Some(total) = physical_memory().filter(|&t| bytes > t as f64) {
+            return Err(RuntimeError::KvCacheTooLarge {
+                need_gib: bytes / GIB,
+                have_gib: total as f64 / GIB,
+            });
+        }
+        let layers = per_layer
             .into_iter()
             .map(|blocks| {
                 let slots = blocks * budget.block_size;
@@ -379,4 +395,14 @@ pub(crate) mod device {
             }
         }
     }
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// The machine's memory in bytes (Linux's MemTotal); None where it cannot be read.
+fn physical_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
