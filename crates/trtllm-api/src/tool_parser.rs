@@ -237,6 +237,25 @@ impl Scan {
         }
     }
 
+    /// Takes the text from `pos` up to the next `marker` as content and returns where the
+    /// marker starts; None once no marker follows (the rest taken as content, but for a tail
+    /// that may be the marker arriving).
+    fn next_marker(&mut self, text: &str, pos: usize, marker: &str, done: bool) -> Option<usize> {
+        let Some(at) = text[pos..].find(marker).map(|i| pos + i) else {
+            let arriving = if done {
+                0
+            } else {
+                partial_marker(&text[pos..], marker)
+            };
+            self.content(pos..text.len() - arriving);
+            self.settled = text.len() - arriving;
+            return None;
+        };
+        self.content(pos..at);
+        self.settled = at;
+        Some(at)
+    }
+
     /// Everything from `from` on is plain text.
     fn rest_is_content(mut self, text: &str, from: usize) -> Self {
         self.content(from..text.len());
@@ -295,19 +314,9 @@ fn hermes(text: &str, done: bool) -> Scan {
     let mut s = Scan::default();
     let mut pos = 0;
     loop {
-        let Some(at) = text[pos..].find(HERMES_OPEN).map(|i| pos + i) else {
-            let end = text.len()
-                - if done {
-                    0
-                } else {
-                    partial_marker(&text[pos..], HERMES_OPEN)
-                };
-            s.content(pos..end);
-            s.settled = end;
+        let Some(at) = s.next_marker(text, pos, HERMES_OPEN, done) else {
             return s;
         };
-        s.content(pos..at);
-        s.settled = at;
         let body = at + HERMES_OPEN.len();
         let (call, after) = match json_at(&text[body..]) {
             Json::Done(v, n) => (call_of(&v), body + n),
@@ -389,19 +398,9 @@ fn mistral(text: &str, done: bool) -> Scan {
     let mut s = Scan::default();
     let mut pos = 0;
     loop {
-        let Some(at) = text[pos..].find(MISTRAL_CALLS).map(|i| pos + i) else {
-            let end = text.len()
-                - if done {
-                    0
-                } else {
-                    partial_marker(&text[pos..], MISTRAL_CALLS)
-                };
-            s.content(pos..end);
-            s.settled = end;
+        let Some(at) = s.next_marker(text, pos, MISTRAL_CALLS, done) else {
             return s;
         };
-        s.content(pos..at);
-        s.settled = at;
         let body = at + MISTRAL_CALLS.len();
         let rest = text[body..].trim_start();
         let calls = if rest.starts_with('[') {

@@ -39,8 +39,7 @@ pub fn build(
         .file_name()
         .map_or("engine".into(), |n| n.to_string_lossy().into_owned());
     let scratch = output.with_file_name(format!(".{name}.building-{}", std::process::id()));
-    // Leftovers of an earlier build by a process with the same id.
-    let _ = std::fs::remove_dir_all(&scratch);
+    remove_stale_scratch(output, &name);
     let built = build_into(checkpoint, &scratch, config, progress).and_then(|engine| {
         if output.exists() {
             std::fs::remove_dir_all(output).map_err(|e| BuildError::io(output, e))?;
@@ -53,6 +52,33 @@ pub fn build(
         let _ = std::fs::remove_dir_all(&scratch);
     }
     built
+}
+
+/// Removes the scratch directories of earlier builds of `output` whose process is gone (killed
+/// mid-build), and this process's own. Only where `/proc` says which processes live.
+fn remove_stale_scratch(output: &Path, name: &str) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let parent = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let prefix = format!(".{name}.building-");
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let pid = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix)?.parse::<u32>().ok());
+        let stale = pid
+            .is_some_and(|p| p == std::process::id() || !Path::new(&format!("/proc/{p}")).exists());
+        if stale {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 fn build_into(

@@ -4,29 +4,33 @@
 #![allow(dead_code)] // each test binary uses its own part
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 
 use serde_json::Value;
 use trtllm_api::builder::BuildConfig;
-use trtllm_tests::{build_smollm2, fixtures};
+use trtllm_tests::{fixtures, shared_engine, smollm2_gguf};
 
 pub const MODEL: &str = "smollm2";
 pub const EOS: u32 = 2;
 
-/// One engine for the file, built for 64 concurrent sequences of up to 1024 tokens.
+/// One engine per test binary, built for 64 concurrent sequences of up to 1024 tokens, under
+/// the target's scratch directory (a temporary directory held by a static is never removed:
+/// each run would leave half a gigabyte behind).
 pub fn engine() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        build_smollm2(&BuildConfig {
+        let config = BuildConfig {
             max_batch_size: 64,
             max_seq_len: 1024,
             ..BuildConfig::default()
-        })
-        .expect("build SmolLM2 engine")
+        };
+        let gguf = smollm2_gguf().expect("demo model");
+        let name = format!("{}-engine", env!("CARGO_CRATE_NAME"));
+        shared_engine(env!("CARGO_TARGET_TMPDIR"), &name, &gguf, &config)
+            .expect("build SmolLM2 engine")
     })
-    .path()
 }
 
 pub fn golden() -> Value {
