@@ -233,6 +233,63 @@ fn gguf_with_bad_magic() {
     fails_with(out, &["bad.gguf", "magic", "GGUF"]);
 }
 
+/// A GGUF v3 file: `kv` as (key, type id, encoded value), then one-dimensional f32 tensors of
+/// 32 values as (name, offset), then `data` bytes.
+fn gguf(kv: &[(&str, u32, Vec<u8>)], tensors: &[(&str, u64)], data: usize) -> Vec<u8> {
+    let s = |out: &mut Vec<u8>, text: &str| {
+        out.extend((text.len() as u64).to_le_bytes());
+        out.extend(text.as_bytes());
+    };
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((kv.len() as u64).to_le_bytes());
+    for (key, ty, value) in kv {
+        s(&mut out, key);
+        out.extend(ty.to_le_bytes());
+        out.extend(value);
+    }
+    for (name, offset) in tensors {
+        s(&mut out, name);
+        out.extend(1u32.to_le_bytes());
+        out.extend(32u64.to_le_bytes());
+        out.extend(0u32.to_le_bytes());
+        out.extend(offset.to_le_bytes());
+    }
+    out.resize(out.len().next_multiple_of(32) + data, 0);
+    out
+}
+
+/// GGUF headers are checked before anything is sized by them: a metadata array longer than any
+/// vocabulary (it was 3 GB of memory before its error), a tensor named twice (the last had
+/// won), a tensor off its alignment.
+#[test]
+fn gguf_headers_that_lie() {
+    let t = tempfile::tempdir().unwrap();
+    let build = |name: &str, bytes: Vec<u8>| {
+        let f = t.path().join(name);
+        std::fs::write(&f, bytes).unwrap();
+        trtllm(&[
+            "build",
+            "--checkpoint",
+            path(&f),
+            "--output",
+            path(&t.path().join("e")),
+        ])
+    };
+    let mut array = 0u32.to_le_bytes().to_vec(); // of uint8
+    array.extend(6_000_000u64.to_le_bytes());
+    let huge = gguf(&[("tokenizer.ggml.tokens", 9, array)], &[], 6_000_100);
+    fails_with(build("huge.gguf", huge), &["huge.gguf", "6000000 entries"]);
+    let twice = gguf(&[], &[("w.weight", 0), ("w.weight", 128)], 256);
+    fails_with(
+        build("twice.gguf", twice),
+        &["twice.gguf", "'w.weight' appears twice"],
+    );
+    let askew = gguf(&[], &[("w.weight", 4)], 256);
+    fails_with(build("askew.gguf", askew), &["askew.gguf", "not aligned"]);
+}
+
 #[test]
 fn engine_format_version_from_the_future() {
     let e = TinyEngine::build(&[]);
