@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use trtllm_executor::runtime::TokenLogprobs;
-use trtllm_executor::{ExecutorError, GenerationResult, RequestEvent};
+use trtllm_executor::{GenerationResult, RequestEvent};
 
 use crate::completion::{to_logprob, CompletionState};
 use crate::{ApiError, CompletionDelta, Logprob, RequestOutput, Result, Tokenizer};
@@ -46,44 +46,26 @@ impl RequestStream {
     /// The next delta of any completion, blocking; None once every completion has finished.
     /// A failure ends the stream (the other completions are cancelled).
     pub fn next_delta(&mut self) -> Option<Result<CompletionDelta>> {
-        loop {
-            if self.failed {
-                return None;
-            }
-            let (i, event) = GenerationResult::next_of_any(&mut self.results)?;
-            if let Some(delta) = self.on_event(i, event) {
-                return Some(delta);
-            }
-        }
+        Self::next_of_any(std::slice::from_mut(self)).map(|(_, delta)| delta)
     }
 
     /// The next delta of any completion of any of `streams`, blocking, with the index of its
     /// stream: one thread drains a whole request of many prompts. None once all have ended.
     pub fn next_of_any(streams: &mut [RequestStream]) -> Option<(usize, Result<CompletionDelta>)> {
         loop {
-            let mut select = crossbeam_channel::Select::new();
-            let mut live = Vec::new();
-            for (s, stream) in streams.iter().enumerate().filter(|(_, s)| !s.failed) {
-                for (c, r) in stream
-                    .results
-                    .iter()
+            let ((s, c), event) = {
+                let (keys, results): (Vec<_>, Vec<_>) = streams
+                    .iter_mut()
                     .enumerate()
-                    .filter(|(_, r)| !r.is_done())
-                {
-                    select.recv(r.events());
-                    live.push((s, c));
-                }
-            }
-            if live.is_empty() {
-                return None;
-            }
-            let op = select.select();
-            let (s, c) = live[op.index()];
-            let event = op
-                .recv(streams[s].results[c].events())
-                .unwrap_or(RequestEvent::Failed(ExecutorError::ShutDown));
-            drop(select);
-            streams[s].results[c].note(&event);
+                    .filter(|(_, stream)| !stream.failed)
+                    .flat_map(|(s, stream)| {
+                        let results = stream.results.iter_mut().enumerate();
+                        results.map(move |(c, r)| ((s, c), r))
+                    })
+                    .unzip();
+                let (k, event) = GenerationResult::next_of_any(results)?;
+                (keys[k], event)
+            };
             if let Some(delta) = streams[s].on_event(c, event) {
                 return Some((s, delta));
             }

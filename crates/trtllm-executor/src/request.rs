@@ -91,8 +91,9 @@ impl GenerationResult {
     }
 
     /// The next event of whichever unfinished request in `results` has one first, blocking, with
-    /// its index; None once all have finished (how `n` completions of a prompt are streamed).
-    pub fn next_of_any(results: &mut [GenerationResult]) -> Option<(usize, RequestEvent)> {
+    /// its index; None once all have finished (how the `n` completions of one prompt, or every
+    /// completion of a many-prompt request, are drained by one thread).
+    pub fn next_of_any(mut results: Vec<&mut GenerationResult>) -> Option<(usize, RequestEvent)> {
         let live: Vec<usize> = (0..results.len()).filter(|&i| !results[i].done).collect();
         if live.is_empty() {
             return None;
@@ -106,24 +107,9 @@ impl GenerationResult {
         let ev = op
             .recv(&results[i].events)
             .unwrap_or(RequestEvent::Failed(ExecutorError::ShutDown));
+        drop(select);
         results[i].done = ev.is_last();
         Some((i, ev))
-    }
-
-    /// Records that `ev`, received from [`Self::events`] by the caller's own `Select`, was
-    /// taken.
-    pub fn note(&mut self, ev: &RequestEvent) {
-        self.done |= ev.is_last();
-    }
-
-    /// Whether the request has ended (its last event was taken).
-    pub fn is_done(&self) -> bool {
-        self.done
-    }
-
-    /// The channel its events arrive on, to wait on several results at once.
-    pub fn events(&self) -> &Receiver<RequestEvent> {
-        &self.events
     }
 
     /// Blocks until the request ends and returns its full output and stats.
