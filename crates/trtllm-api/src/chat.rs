@@ -96,6 +96,46 @@ pub struct ChatTemplate {
     source: String,
 }
 
+/// The roles a template compares a message's role with (`role == 'ipython'`,
+/// `role in ['function', 'observation']`): roles it is written for beyond the usual four.
+pub fn template_roles(source: &str) -> Vec<String> {
+    let mut roles = Vec::new();
+    for (at, _) in source.match_indices("role") {
+        let rest = source[at + 4..].trim_start_matches(['\'', '"', ']', ' ']);
+        let (list, single) =
+            if let Some(r) = rest.strip_prefix("==").or_else(|| rest.strip_prefix("!=")) {
+                (r.trim_start(), true)
+            } else if let Some(r) = rest.strip_prefix("in ") {
+                let r = r.trim_start();
+                let Some(end) = r.find([']', ')']) else {
+                    continue;
+                };
+                (&r[..end], false)
+            } else {
+                continue;
+            };
+        // A single literal after a comparison, every literal of a list.
+        for lit in list.split(',').map(str::trim) {
+            let lit = lit.trim_start_matches(['[', '(']).trim_start();
+            let Some(q) = lit.chars().next().filter(|c| *c == '\'' || *c == '"') else {
+                break;
+            };
+            let Some(end) = lit[1..].find(q) else { break };
+            let name = &lit[1..1 + end];
+            if !name.is_empty()
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !roles.iter().any(|r| r == name)
+            {
+                roles.push(name.to_string());
+            }
+            if single {
+                break;
+            }
+        }
+    }
+    roles
+}
+
 /// What transformers appends to the final message to find where it ends in the rendering.
 const CONTINUE_TAG: &str = "CONTINUE_FINAL_MESSAGE_TAG ";
 
@@ -281,6 +321,18 @@ fn py_number(n: &serde_json::Number) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::template_roles;
+
+    #[test]
+    fn roles_a_template_names() {
+        let src = "{% if message['role'] == 'ipython' %}{% elif message.role in ['function', \"observation\"] %}{% endif %}{{ '<|' + message['role'] + '|>' + message['content'] }}{% if messages[0]['role'] != 'system' %}{% endif %}";
+        assert_eq!(
+            template_roles(src),
+            ["ipython", "function", "observation", "system"]
+        );
+        assert!(template_roles("{{ message['role'] + message['content'] }}").is_empty());
+    }
+
     use super::*;
 
     fn render(src: &str, messages: &[ChatMessage], opts: &ChatOptions) -> Result<String> {

@@ -19,7 +19,7 @@ mod tokenizer;
 mod tool_parser;
 mod tools;
 
-pub use chat::{ChatMessage, ChatOptions, ChatTemplate, SpecialTokens};
+pub use chat::{template_roles, ChatMessage, ChatOptions, ChatTemplate, SpecialTokens};
 pub use error::ApiError;
 pub use guided::GuidedDecoding;
 pub use llm::{cache_dir, LlmArgs, Perplexity, Prompt, LLM};

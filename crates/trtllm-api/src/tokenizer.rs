@@ -31,9 +31,11 @@ struct ByteDecoder {
 impl Tokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| ApiError::Tokenizer {
-            path: path.clone(),
-            message: e.to_string(),
+        let inner = trtllm_executor::builder::tokenizer_json::read(&path).map_err(|message| {
+            ApiError::Tokenizer {
+                path: path.clone(),
+                message,
+            }
         })?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Value = match std::fs::read_to_string(&cfg_path) {

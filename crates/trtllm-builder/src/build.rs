@@ -104,7 +104,7 @@ fn build_into(
         let tok_path = checkpoint.join("tokenizer.json");
         // A broken tokenizer fails the build, not the first run.
         if tok_path.exists() {
-            tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| BuildError::Checkpoint {
+            crate::tokenizer_json::read(&tok_path).map_err(|e| BuildError::Checkpoint {
                 path: tok_path.clone(),
                 message: format!("not a tokenizer: {e}"),
             })?;

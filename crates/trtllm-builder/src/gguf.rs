@@ -411,13 +411,17 @@ impl GgufFile {
             bos_token_id: token("bos_token_id"),
             eos_token_ids: self.end_tokens(),
         };
+        let check = |m: &ModelConfig| {
+            m.validate()
+                .map_err(|e| BuildError::checkpoint(&self.path, e.to_string()))
+        };
+        // Before Gemma's per-layer tables are sized by the layer count, and after.
+        check(&model)?;
         let model = match gemma {
             true => gemma3_features(model),
             false => model,
         };
-        model
-            .validate()
-            .map_err(|e| BuildError::checkpoint(&self.path, e.to_string()))?;
+        check(&model)?;
         Ok((family, model))
     }
 }

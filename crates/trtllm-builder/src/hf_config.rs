@@ -186,6 +186,16 @@ fn llama_like(f: &Fields, arch: &str, family: Family) -> Result<ModelConfig> {
         },
     )?;
     let num_layers = f.usize("num_hidden_layers")?;
+    if num_layers > ModelConfig::MAX_LAYERS {
+        // Checked here as well as in `validate`: per-layer tables below are sized by it.
+        return Err(f.invalid(
+            "num_hidden_layers",
+            &format!(
+                "{num_layers} is out of range (at most {})",
+                ModelConfig::MAX_LAYERS
+            ),
+        ));
+    }
     let (sliding_window, sliding_layers) = sliding(f, family, num_layers)?;
     Ok(ModelConfig {
         architecture: arch.into(),

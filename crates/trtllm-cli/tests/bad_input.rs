@@ -318,6 +318,35 @@ fn corrupt_engine_file() {
     );
 }
 
+/// A NaN written into a weight's scales, with the checksum recomputed as a careless tool
+/// would: the engine is refused at load (it used to run and emit token 0 forever).
+#[test]
+fn nan_weight_scales_under_a_valid_checksum() {
+    let e = TinyEngine::build(&["--quant", "w4a16"]);
+    let file = e.dir.join("rank0.engine");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let index_len = u64::from_le_bytes(bytes[16..24].try_into().unwrap()) as usize;
+    let index: serde_json::Value = serde_json::from_slice(&bytes[24..24 + index_len]).unwrap();
+    let scale = index
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "layers.1.down.weight_scale")
+        .expect("a scale tensor");
+    let at = (24 + index_len).next_multiple_of(64) + scale["offset"].as_u64().unwrap() as usize + 8;
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&file, &bytes).unwrap();
+    edit(&e.dir.join("config.json"), |cfg| {
+        let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+        v["ranks"][0]["crc32"] = crc32fast::hash(&bytes).into();
+        v.to_string()
+    });
+    fails_with(
+        e.run(&["--input-ids", "1,2,3"]),
+        &["layers.1.down.weight_scale", "non-finite", "element 2"],
+    );
+}
+
 #[test]
 fn prompt_longer_than_max_seq_len() {
     let e = TinyEngine::build(&["--max-seq-len", "16"]);

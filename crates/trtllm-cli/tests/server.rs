@@ -279,6 +279,15 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         }
     }
 
+    // Roles: the usual four, and those the template itself names (Llama 3's `ipython`).
+    let template = "{% for m in messages %}{% if m['role'] == 'ipython' %}<out>{% endif %}{{ m['content'] }}{% endfor %}";
+    for (role, want) in [("ipython", 200), ("wizard", 400)] {
+        let body = json!({"model": MODEL, "messages": [{"role": role, "content": "hi"}],
+                          "max_tokens": 2, "chat_template": template});
+        let (status, resp) = server.post("/v1/chat/completions", &body, key);
+        assert_eq!(status, want, "{role}: {resp}");
+    }
+
     // logit_bias: +100 makes every token that token; ids outside the vocabulary and biases
     // outside [-100, 100] are refused.
     let biased = json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6,

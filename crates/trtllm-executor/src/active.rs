@@ -132,17 +132,17 @@ impl ActiveRequest {
 
     /// Samples the next token from this request's logits row, through its processor if it
     /// has one (an error from which fails this request).
-    pub fn sample(&mut self, logits: &[f32], eos: &[u32]) -> Result<SampledToken, String> {
+    pub fn sample(&mut self, logits: &[f32], eos: &[u32]) -> Result<SampledToken, ExecutorError> {
         // A broken model (NaN weights, an overflow) must fail the request, not emit tokens.
         if let Some(i) = logits
             .iter()
             .position(|l| l.is_nan() || *l == f32::INFINITY)
         {
-            return Err(format!(
+            return Err(ExecutorError::Step(format!(
                 "the model produced a non-finite logit ({} for token {i}); the engine's weights \
                  or activations are broken",
                 logits[i]
-            ));
+            )));
         }
         let banned = self.params.banned_tokens(self.output().len(), eos);
         let Some(p) = self.processor.as_mut() else {
@@ -150,7 +150,7 @@ impl ActiveRequest {
         };
         let output = &self.tokens[self.prompt_len..];
         let mut processed = logits.to_vec();
-        let failed = |m: String| format!("logits processor: {m}");
+        let failed = ExecutorError::LogitsProcessor;
         p.process(output, &mut processed).map_err(failed)?;
         let token = self.sampler.sample(&processed, &banned);
         p.accept(token.id).map_err(failed)?;
@@ -222,7 +222,7 @@ mod tests {
         let mut r = ActiveRequest::new(0, vec![1], params, 4, sampler, tx, cancel);
         for bad in [f32::NAN, f32::INFINITY] {
             let e = r.sample(&[0.0, bad, 1.0], &[]).unwrap_err();
-            assert!(e.contains("non-finite"), "{e}");
+            assert!(e.to_string().contains("non-finite"), "{e}");
         }
         // A masked (−∞) logit is no fault.
         assert_eq!(r.sample(&[0.0, f32::NEG_INFINITY, 1.0], &[]).unwrap().id, 2);

@@ -268,7 +268,7 @@ impl EngineLoop {
             };
             let chunk_rows: Vec<&[f32]> = rows.by_ref().take(n_rows).collect();
             if chunk_rows.len() < n_rows {
-                finished.push((r.id, Err("missing logits row".to_string())));
+                finished.push((r.id, Err(ExecutorError::Step("missing logits row".into()))));
                 continue;
             }
             if mode == LogitsMode::All {
@@ -278,13 +278,13 @@ impl EngineLoop {
                 continue;
             }
             let Some(row) = chunk_rows.last().copied() else {
-                finished.push((r.id, Err("missing logits row".to_string())));
+                finished.push((r.id, Err(ExecutorError::Step("missing logits row".into()))));
                 continue;
             };
             let token = match r.sample(row, eos) {
                 Ok(t) => t,
-                Err(msg) => {
-                    finished.push((r.id, Err(msg)));
+                Err(e) => {
+                    finished.push((r.id, Err(e)));
                     continue;
                 }
             };
@@ -294,11 +294,12 @@ impl EngineLoop {
         }
         for (id, outcome) in finished {
             let kv = &mut self.kv;
-            for r in extract(&mut self.running, |r| r.id == id) {
+            // Ids are unique: at most one request.
+            if let Some(r) = extract(&mut self.running, |r| r.id == id).pop() {
                 kv.free_sequence(r.id);
-                match &outcome {
-                    Ok(reason) => r.finish(*reason),
-                    Err(msg) => r.fail(ExecutorError::Step(msg.clone())),
+                match outcome {
+                    Ok(reason) => r.finish(reason),
+                    Err(e) => r.fail(e),
                 }
             }
         }

@@ -15,6 +15,10 @@ pub enum ExecutorError {
     /// A step failed or panicked; every request in it fails with this message.
     #[error("engine step failed: {0}")]
     Step(String),
+    /// The request's own logits processor (its grammar, for structured output) failed; only
+    /// this request fails.
+    #[error("the request's logits processor failed: {0}")]
+    LogitsProcessor(String),
     #[error(transparent)]
     Runtime(#[from] trtllm_builder::runtime::RuntimeError),
     #[error(transparent)]

@@ -117,6 +117,10 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// Most layers a config may have (far beyond any published model); loaders check it before
+    /// sizing per-layer tables.
+    pub const MAX_LAYERS: usize = 1 << 10;
+
     /// Rejects configs the decoder cannot run, naming the field.
     pub fn validate(&self) -> Result<()> {
         let positive = [
@@ -142,7 +146,7 @@ impl ModelConfig {
             ("vocab_size", self.vocab_size, 1 << 22),
             ("hidden_size", self.hidden_size, 1 << 17),
             ("intermediate_size", self.intermediate_size, 1 << 19),
-            ("num_layers", self.num_layers, 1 << 10),
+            ("num_layers", self.num_layers, Self::MAX_LAYERS),
             ("num_heads", self.num_heads, 1 << 10),
             ("num_kv_heads", self.num_kv_heads, 1 << 10),
             ("head_dim", self.head_dim, 1 << 12),

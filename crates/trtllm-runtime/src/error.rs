@@ -31,6 +31,12 @@ pub enum RuntimeError {
     },
     #[error("invalid model config: {0}")]
     InvalidConfig(String),
+    #[error("tensor '{name}' holds a non-finite value ({value}) at element {index}: the engine is corrupt; rebuild it")]
+    NonFiniteTensor {
+        name: String,
+        index: usize,
+        value: f32,
+    },
     #[error("prompt has {len} tokens; this engine allows at most {max} ({limit})")]
     PromptTooLong {
         len: usize,

@@ -76,6 +76,20 @@ pub(crate) fn f32s<'a>(file: &'a EngineFile, t: &TensorInfo) -> Result<&'a [f32]
     }
 }
 
+/// Scales multiply every weight they cover: a NaN or infinity among them is a corrupt engine
+/// (its checksum may still hold), refused at load rather than emitting garbage.
+fn check_finite(file: &EngineFile, t: &Option<TensorInfo>) -> Result<()> {
+    let Some(t) = t else { return Ok(()) };
+    match f32s(file, t)?.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(index) => Err(RuntimeError::NonFiniteTensor {
+            name: t.name.clone(),
+            index,
+            value: f32s(file, t)?[index],
+        }),
+    }
+}
+
 fn bytes_of<'a>(file: &'a EngineFile, t: &Option<TensorInfo>) -> &'a [u8] {
     t.as_ref().map_or(&[][..], |t| file.bytes(t))
 }
@@ -162,6 +176,11 @@ impl Weight {
             packed,
         };
         w.mat(file)?;
+        if let Some(p) = &w.packed {
+            for t in [&p.scale, &p.offset, &p.global_scale] {
+                check_finite(file, t)?;
+            }
+        }
         Ok(w)
     }
 
@@ -207,13 +226,17 @@ pub(crate) struct Linear {
 impl Linear {
     pub fn load(file: &EngineFile, prefix: &str, rows: usize, cols: usize) -> Result<Self> {
         let perm = optional_f32(file, &format!("{prefix}.input_perm"), &[cols])?;
+        let pre_quant_scale = optional_f32(file, &format!("{prefix}.pre_quant_scale"), &[cols])?;
+        let input_scale = optional_f32(file, &format!("{prefix}.input_scale"), &[1])?;
+        check_finite(file, &pre_quant_scale)?;
+        check_finite(file, &input_scale)?;
         Ok(Self {
             name: prefix.to_string(),
             weight: Weight::load(file, prefix, rows, cols)?,
             bias: optional_f32(file, &format!("{prefix}.bias"), &[rows])?,
             input_perm: perm.map(|t| permutation(file, &t)).transpose()?,
-            pre_quant_scale: optional_f32(file, &format!("{prefix}.pre_quant_scale"), &[cols])?,
-            input_scale: optional_f32(file, &format!("{prefix}.input_scale"), &[1])?,
+            pre_quant_scale,
+            input_scale,
         })
     }
 

@@ -93,7 +93,7 @@ pub struct ChatInput {
     pub options: ChatOptions,
 }
 
-/// The roles the chat templates are written for.
+/// The roles every chat template is written for; a template may name more (`ipython`).
 const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
 
 impl ChatRequest {
@@ -148,7 +148,7 @@ impl ChatRequest {
             echo: None,
             prompts: 1,
             inputs: ChatInput {
-                messages: chat_messages(self.messages, lenient)?,
+                messages: chat_messages(self.messages, &template_roles(st, &options)?, lenient)?,
                 options,
             },
             stream: self.stream,
@@ -216,23 +216,48 @@ fn tools(given: Option<Vec<Value>>) -> Result<Vec<Tool>, ServeError> {
 /// type text joined), tool calls and results, no fields we do not implement.
 pub fn chat_messages(
     messages: Vec<ChatMessageIn>,
+    template_roles: &[String],
     lenient: bool,
 ) -> Result<Vec<ChatMessage>, ServeError> {
     messages
         .into_iter()
         .enumerate()
-        .map(|(i, m)| chat_message(&format!("messages[{i}]"), m, lenient))
+        .map(|(i, m)| chat_message(&format!("messages[{i}]"), m, template_roles, lenient))
         .collect()
 }
 
-fn chat_message(at: &str, m: ChatMessageIn, lenient: bool) -> Result<ChatMessage, ServeError> {
+/// The roles the template that renders `options` names besides [`ROLES`].
+pub fn template_roles(st: &AppState, options: &ChatOptions) -> Result<Vec<String>, ServeError> {
+    let source = match &options.template {
+        Some(t) => Some(t.as_str()),
+        None => st.llm.tokenizer()?.chat_template(),
+    };
+    Ok(source.map(trtllm_api::template_roles).unwrap_or_default())
+}
+
+fn chat_message(
+    at: &str,
+    m: ChatMessageIn,
+    template_roles: &[String],
+    lenient: bool,
+) -> Result<ChatMessage, ServeError> {
     let bad = |m: String| ServeError::bad(m, Some("messages"));
     check_unknown(&m.extra, &format!("{at}."), lenient)?;
-    if !ROLES.contains(&m.role.as_str()) {
-        let roles = ROLES.join(", ");
+    if !ROLES.contains(&m.role.as_str()) && !template_roles.contains(&m.role) {
+        let roles: Vec<&str> = ROLES
+            .iter()
+            .copied()
+            .chain(
+                template_roles
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|r| !ROLES.contains(r)),
+            )
+            .collect();
         return Err(bad(format!(
-            "{at}.role '{}' is not supported ({roles})",
-            m.role
+            "{at}.role '{}' is not one this chat template is written for ({})",
+            m.role,
+            roles.join(", ")
         )));
     }
     let tool_calls = m

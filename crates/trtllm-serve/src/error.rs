@@ -151,6 +151,8 @@ impl From<ExecutorError> for ServeError {
             ExecutorError::Runtime(
                 RuntimeError::EmptyPrompt | RuntimeError::TokenOutOfRange { .. },
             ) => ServeError::bad(e.to_string(), Some("prompt")),
+            // A grammar past the matcher's limits is the request's, not the server's.
+            ExecutorError::LogitsProcessor(_) => ServeError::bad(e.to_string(), None),
             _ => ServeError::Internal(e.to_string()),
         }
     }

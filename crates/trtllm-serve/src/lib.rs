@@ -124,7 +124,7 @@ pub fn serve(llm: LLM, config: ServeConfig) -> Result<(), ServeError> {
             addr: addr.clone(),
             source: e,
         };
-        let listener = tokio::net::TcpListener::bind(&addr)
+        let listener = listen::bind(&addr, config.max_connections)
             .await
             .map_err(listen_err)?;
         let local = listener.local_addr().map_err(listen_err)?;
@@ -134,6 +134,7 @@ pub fn serve(llm: LLM, config: ServeConfig) -> Result<(), ServeError> {
             max_connections: config.max_connections,
             header_timeout: config.header_timeout,
         };
+        listen::raise_open_file_limit(config.max_connections);
         listen::run(listener, router(llm, config), limits, shutdown_signal()).await;
         Ok(())
     })

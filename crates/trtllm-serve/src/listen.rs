@@ -13,7 +13,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::ServeError;
@@ -26,6 +26,67 @@ pub struct ConnectionLimits {
     /// A request's headers must arrive within this, counted from when the connection is ready
     /// for one: an idle keep-alive connection is closed after it too.
     pub header_timeout: Duration,
+}
+
+/// Binds `addr` with a listen backlog for `max_connections` (tokio's default, 1,024, overflows
+/// when a thousand clients reconnect at once: the kernel drops their SYNs and each retries a
+/// second later, `/health` included). The kernel caps it at `net.core.somaxconn`.
+pub async fn bind(addr: &str, max_connections: usize) -> std::io::Result<TcpListener> {
+    let backlog = max_connections.clamp(1024, 65535) as u32;
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = match a {
+            std::net::SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            std::net::SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(backlog)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last
+        .unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "no address")))
+}
+
+/// Descriptors beyond the connections: the engine's files, logs, the listener.
+const SPARE_FILES: u64 = 64;
+
+/// Each connection holds a descriptor, and the soft limit is often 1,024: it is raised to
+/// what `max_connections` needs, up to the hard limit (as servers and the Go runtime do); a
+/// hard limit below that is warned of, since connections past it are refused by the kernel.
+pub fn raise_open_file_limit(max_connections: usize) {
+    #[cfg(unix)]
+    {
+        let want = max_connections as u64 + SPARE_FILES;
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit read and write the one struct passed by pointer.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+                return;
+            }
+            if lim.rlim_cur >= want {
+                return;
+            }
+            let raised = libc::rlimit {
+                rlim_cur: want.min(lim.rlim_max),
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = raised.rlim_cur;
+            }
+        }
+        if lim.rlim_cur < want {
+            tracing::warn!(
+                "the open-file limit is {} (hard limit {}): fewer than --max-connections {max_connections} can be open",
+                lim.rlim_cur,
+                lim.rlim_max
+            );
+        }
+    }
 }
 
 /// How long open responses may run on after the shutdown signal.

@@ -50,8 +50,9 @@ pub async fn tokenize(
         match (req.prompt, req.messages) {
             (Some(p), None) => Ok(tok.encode(&p, req.add_special_tokens.unwrap_or(true))?),
             (None, Some(m)) => {
-                let messages = crate::chat::chat_messages(m, lenient)?;
                 let opts = req.template.options()?;
+                let roles = crate::chat::template_roles(&st2, &opts)?;
+                let messages = crate::chat::chat_messages(m, &roles, lenient)?;
                 if req.add_special_tokens.unwrap_or(false) {
                     let text = tok.apply_chat_template(&messages, &opts)?;
                     return Ok(tok.encode(&text, true)?);
