@@ -2,6 +2,7 @@
 //! under a watchdog and a heap cap with panics caught; the corpus of past failures replayed
 //! first; a failure shrunk and saved to the corpus.
 
+use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
@@ -142,6 +143,14 @@ pub fn fuzz(
         Ok(())
     };
 
+    // Straight to the stream, past the test harness's capture: an abort loses captured output,
+    // and this says where the aborting case's files are.
+    let _ = writeln!(
+        std::io::stderr(),
+        "fuzz {}: each case runs in {} (an abort leaves its input there)",
+        target.name(),
+        dir.display()
+    );
     let saved = load_corpus(&corpus.join(target.name()))?;
     for (path, input) in &saved {
         check(input).map_err(|e| format!("corpus entry {} fails again: {e}", path.display()))?;

@@ -370,6 +370,23 @@ mod tests {
         }
     }
 
+    /// Found by the fuzzer: MoE and window tables are sized by the layer count, which must be
+    /// checked before them (2^32 layers aborted on a 4 GB allocation).
+    #[test]
+    fn a_layer_count_past_the_bound_is_refused_before_tables_are_sized() {
+        let fixture = include_str!("../../../tests/fixtures/tiny-qwen3-moe/config.json");
+        let mut v: Value = serde_json::from_str(fixture).unwrap();
+        v["num_hidden_layers"] = json!(1u64 << 32);
+        let e = parse(&v, Path::new("config.json"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("num_hidden_layers") && e.contains("at most 1024"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn missing_and_unknown_fields_are_named() {
         let mut v = llama();

@@ -153,6 +153,15 @@ impl ActiveRequest {
         let failed = ExecutorError::LogitsProcessor;
         p.process(output, &mut processed).map_err(failed)?;
         let token = self.sampler.sample(&processed, &banned);
+        // The grammar's mask and the banned tokens (bad_words, EOS before min_tokens) can leave
+        // nothing: the sampler then returns a token no constraint allows.
+        if processed[token.id as usize] == f32::NEG_INFINITY || banned.contains(&token.id) {
+            return Err(failed(
+                "no token is allowed here: the grammar and the banned tokens (bad_words, the \
+                 end of sequence before min_tokens) exclude every token"
+                    .into(),
+            ));
+        }
         p.accept(token.id).map_err(failed)?;
         Ok(token)
     }
@@ -226,5 +235,38 @@ mod tests {
         }
         // A masked (−∞) logit is no fault.
         assert_eq!(r.sample(&[0.0, f32::NEG_INFINITY, 1.0], &[]).unwrap().id, 2);
+    }
+
+    /// Allows only token 1.
+    struct OnlyOne;
+    impl LogitsProcessor for OnlyOne {
+        fn process(&mut self, _: &[u32], logits: &mut [f32]) -> Result<(), String> {
+            for (i, l) in logits.iter_mut().enumerate() {
+                if i != 1 {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+            Ok(())
+        }
+        fn accept(&mut self, _: u32) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_grammar_and_bans_that_leave_no_token_fail_the_request() {
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        // Token 1 is the end of sequence, banned before min_tokens: nothing is left.
+        let params = GenerationParams {
+            max_new_tokens: 4,
+            min_tokens: 2,
+            ..Default::default()
+        };
+        let sampler = Sampler::new(params.sampling.clone(), &[1]).unwrap();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let mut r = ActiveRequest::new(0, vec![0], params, 4, sampler, tx, cancel);
+        r.processor = Some(Box::new(OnlyOne));
+        let e = r.sample(&[0.0, 0.5, 1.0], &[1]).unwrap_err();
+        assert!(e.to_string().contains("no token is allowed"), "{e}");
     }
 }
