@@ -18,6 +18,7 @@ fn sources(ext: &[&str]) -> Vec<PathBuf> {
         root().join("xtask"),
         root().join("tests"),
         root().join("kernels"),
+        root().join("fuzz"),
     ];
     while let Some(d) = dirs.pop() {
         for e in std::fs::read_dir(&d).expect("source dir").flatten() {
