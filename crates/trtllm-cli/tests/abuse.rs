@@ -87,6 +87,30 @@ fn sampling_edges_and_logprob_texts() {
     assert!(String::from_utf8_lossy(&bytes).starts_with(content) || content.is_empty());
 }
 
+/// A chat without max_tokens under a KV pool smaller than the context gets what the pool
+/// holds (it was a 413 naming a config field).
+#[test]
+fn a_chat_without_max_tokens_fits_a_small_kv_pool() {
+    let server = Server::start(&["--kv-cache-tokens", "256"]);
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Count to five."}]});
+    let (status, resp) = server.post("/v1/chat/completions", &body, None);
+    assert_eq!(status, 200, "{resp}");
+    let used = resp["usage"]["total_tokens"].as_u64().unwrap();
+    assert!(used <= 256, "{resp}");
+    // Asking for more than the pool holds is refused, naming the flag that sizes it.
+    let body =
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 600});
+    let (status, resp) = server.post("/v1/chat/completions", &body, None);
+    assert_eq!(status, 413, "{resp}");
+    assert!(
+        resp["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--kv-cache-tokens"),
+        "{resp}"
+    );
+}
+
 #[test]
 fn chat_content_cannot_forge_a_turn() {
     let server = Server::start(&[]);

@@ -109,6 +109,15 @@ impl GenerationExecutor {
         })
     }
 
+    /// The longest sequence (prompt and completion) a request may have: the engine's
+    /// `max_seq_len`, or less when the KV pool holds less.
+    pub fn max_sequence_len(&self) -> usize {
+        self.config
+            .build
+            .max_seq_len
+            .min(self.kv_budget.longest_sequence())
+    }
+
     pub fn engine_config(&self) -> &EngineConfig {
         &self.config
     }

@@ -193,14 +193,28 @@ impl Drop for SetOnDrop {
     }
 }
 
+/// The longest sequence a request may have: the engine's context, and what the KV pool holds
+/// (at most the context).
+#[derive(Clone, Copy)]
+struct Room {
+    context: usize,
+    pool: usize,
+}
+
 /// The completion length a prompt of `len` tokens gets: what it asked for, or what the context
-/// leaves; asking for more than is left is OpenAI's `context_length_exceeded`.
-fn fit(len: usize, asked: Option<usize>, max: usize) -> Result<usize, ServeError> {
-    let left = max.saturating_sub(len);
+/// and the KV pool leave; asking for more than the context leaves is OpenAI's
+/// `context_length_exceeded` (more than the pool holds is the executor's 413, naming the pool).
+fn fit(len: usize, asked: Option<usize>, room: Room) -> Result<usize, ServeError> {
+    let left = room.context.saturating_sub(len);
     match asked {
         Some(n) if n <= left => Ok(n),
-        None if left > 0 => Ok(left),
-        _ => Err(ServeError::ContextLength { len, max, asked }),
+        // A prompt the pool cannot hold gets 1, and the executor's 413 names the pool.
+        None if left > 0 => Ok(room.pool.saturating_sub(len).clamp(1, left)),
+        _ => Err(ServeError::ContextLength {
+            len,
+            max: room.context,
+            asked,
+        }),
     }
 }
 
@@ -238,7 +252,10 @@ async fn run<T: Send + 'static>(
     let admission = st.admit(sequences)?;
     let llm = st.llm.clone();
     let submitted = params.clone();
-    let max_seq_len = llm.executor().engine_config().build.max_seq_len;
+    let room = Room {
+        context: llm.executor().engine_config().build.max_seq_len,
+        pool: llm.executor().max_sequence_len(),
+    };
     // Set if the client goes away while its prompts are still being submitted.
     let gone = Arc::new(AtomicBool::new(false));
     let _gone_on_drop = SetOnDrop(gone.clone());
@@ -247,7 +264,7 @@ async fn run<T: Send + 'static>(
         // Every prompt fits before any is submitted, so a bad one cancels nothing.
         let lens = prompts
             .iter()
-            .map(|ids| fit(ids.len(), max_tokens, max_seq_len))
+            .map(|ids| fit(ids.len(), max_tokens, room))
             .collect::<Result<Vec<_>, _>>()?;
         let mut streams = Vec::with_capacity(prompts.len());
         for (ids, n) in prompts.into_iter().zip(lens) {
@@ -370,4 +387,24 @@ fn stream(
         let _ = tx.send(Event::default().data("[DONE]")).await;
     });
     Sse::new(ReceiverStream::new(rx).map(Ok)).keep_alive(KeepAlive::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn completion_lengths_fit_the_context_and_the_pool() {
+        let room = Room {
+            context: 100,
+            pool: 60,
+        };
+        // Unasked, a completion gets what the pool leaves, not the context.
+        assert_eq!(fit(10, None, room).unwrap(), 50);
+        // Asked, the context judges here and the executor judges the pool (413 naming it).
+        assert_eq!(fit(10, Some(80), room).unwrap(), 80);
+        assert_eq!(fit(70, None, room).unwrap(), 1);
+        assert!(fit(10, Some(95), room).is_err());
+        assert!(fit(100, None, room).is_err());
+    }
 }

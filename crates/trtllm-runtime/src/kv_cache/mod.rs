@@ -200,23 +200,36 @@ impl KvBudget {
 
     /// The most blocks a sequence of up to `len` positions holds at once in each group.
     pub fn peak_blocks(&self, len: usize) -> Vec<usize> {
+        self.groups.iter().map(|g| self.peak_in(g, len)).collect()
+    }
+
+    fn peak_in(&self, g: &GroupBudget, len: usize) -> usize {
         let blocks = |t: usize| t.div_ceil(self.block_size);
+        match g.window {
+            None => blocks(len),
+            Some(w) => blocks(len).min(blocks(w + self.max_chunk.min(len)) + 1),
+        }
+    }
+
+    /// The longest sequence the pool could hold alone (windowed groups hold any length once
+    /// their window fits).
+    pub fn longest_sequence(&self) -> usize {
         self.groups
             .iter()
             .map(|g| match g.window {
-                None => blocks(len),
-                Some(w) => blocks(len).min(blocks(w + self.max_chunk.min(len)) + 1),
+                Some(_) if self.peak_in(g, usize::MAX / 2) <= g.blocks => usize::MAX,
+                _ => g.blocks * self.block_size,
             })
-            .collect()
+            .min()
+            .unwrap_or(0)
     }
 
     /// Blocks needed and available in a group that could never hold a sequence of `len`.
     pub fn too_large(&self, len: usize) -> Option<(usize, usize)> {
-        self.peak_blocks(len)
-            .into_iter()
-            .zip(&self.groups)
-            .find(|(need, g)| *need > g.blocks)
-            .map(|(need, g)| (need, g.blocks))
+        self.groups
+            .iter()
+            .map(|g| (self.peak_in(g, len), g.blocks))
+            .find(|(need, have)| need > have)
     }
 }
 
@@ -250,4 +263,37 @@ fn available_memory() -> Option<usize> {
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{GroupBudget, KvBudget};
+
+    #[test]
+    fn the_longest_sequence_a_pool_holds() {
+        assert_eq!(KvBudget::single(4, 32).longest_sequence(), 128);
+        assert_eq!(KvBudget::single(4, 32).too_large(129), Some((5, 4)));
+        // A windowed group holds any length once its window (and a chunk) fits; the full
+        // group still bounds the sequence.
+        let budget = KvBudget {
+            block_size: 32,
+            groups: vec![
+                GroupBudget {
+                    window: None,
+                    blocks: 10,
+                },
+                GroupBudget {
+                    window: Some(64),
+                    blocks: 4,
+                },
+            ],
+            max_chunk: 32,
+        };
+        assert_eq!(budget.longest_sequence(), 320);
+        let windows_only = KvBudget {
+            groups: budget.groups[1..].to_vec(),
+            ..budget
+        };
+        assert_eq!(windows_only.longest_sequence(), usize::MAX);
+    }
 }
