@@ -17,7 +17,7 @@ use crate::{ModelConfig, NormKind, PositionKind, Result, RuntimeError};
 /// Sees the input of every linear module during a forward pass, by module name
 /// (`layers.{i}.{part}`, the names quantization configs use): how calibration watches the
 /// float model.
-pub trait ActivationObserver {
+pub trait ActivationObserver: Send {
     fn observe(&mut self, module: &str, x: &[f32], rows: usize) -> Result<()>;
 }
 
