@@ -19,11 +19,12 @@ pub fn bench() -> Result<()> {
         );
     }
     let gguf = fetch_demo_model()?;
+    // Two builds: `--example` would narrow a single build to examples only, leaving a stale
+    // trtllm binary to be measured.
+    cargo(&["build", "--release", "-p", "trtllm-cli"])?;
     cargo(&[
         "build",
         "--release",
-        "-p",
-        "trtllm-cli",
         "-p",
         "trtllm-kernels",
         "--example",
