@@ -169,7 +169,11 @@ fn config_values_out_of_range() {
             json!(2147483647u64),
             "intermediate_size",
         ),
-        ("/num_hidden_layers", json!(1_000_000_000u64), "num_hidden_layers"),
+        (
+            "/num_hidden_layers",
+            json!(1_000_000_000u64),
+            "num_hidden_layers",
+        ),
         (
             "/max_position_embeddings",
             json!(u64::MAX),
