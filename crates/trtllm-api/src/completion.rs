@@ -24,6 +24,7 @@ pub(crate) struct CompletionState {
     token_ids: Vec<u32>,
     logprobs: Option<Vec<Logprob>>,
     cumulative_logprob: f64,
+    generation_logits: Option<Vec<Vec<f32>>>,
     finish_reason: Option<String>,
     stop_reason: Option<StopReason>,
 }
@@ -52,6 +53,7 @@ impl CompletionState {
             token_ids: Vec::new(),
             logprobs: spec.want_logprobs.then(Vec::new),
             cumulative_logprob: 0.0,
+            generation_logits: None,
             finish_reason: None,
             stop_reason: None,
         }
@@ -102,6 +104,10 @@ impl CompletionState {
         output: &GenerationOutput,
     ) -> Result<CompletionDelta> {
         let mut delta = self.delta();
+        if let Some(rows) = &output.generation_logits {
+            // A stop string may have cut the completion short of the engine's tokens.
+            self.generation_logits = Some(rows[..rows.len().min(self.token_ids.len())].to_vec());
+        }
         if self.is_finished() {
             return Ok(delta);
         }
@@ -130,6 +136,7 @@ impl CompletionState {
             token_ids: self.token_ids.clone(),
             cumulative_logprob: self.logprobs.as_ref().map(|_| self.cumulative_logprob),
             logprobs: self.logprobs.clone(),
+            generation_logits: self.generation_logits.clone(),
             finish_reason: self.finish_reason.clone(),
             stop_reason: self.stop_reason.clone(),
         }

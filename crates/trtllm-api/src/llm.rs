@@ -271,6 +271,7 @@ impl LLM {
             prompt,
             prompt_token_ids: ids,
             prompt_logprobs: None,
+            context_logits: None,
             failed: false,
         })
     }

@@ -26,6 +26,10 @@ pub struct CompletionOutput {
     /// Sum of the output tokens' log-probabilities, when `logprobs` was asked for.
     pub cumulative_logprob: Option<f64>,
     pub logprobs: Option<Vec<Logprob>>,
+    /// The logits each token of `token_ids` was sampled from, one vocabulary-wide row per
+    /// token, when `SamplingParams::return_generation_logits` asked (set when finished).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation_logits: Option<Vec<Vec<f32>>>,
     /// "stop", "length" or "cancelled"; None while unfinished.
     pub finish_reason: Option<String>,
     /// The stop string or stop token that ended the completion.
@@ -47,6 +51,10 @@ pub struct RequestOutput {
     /// Log-probabilities of prompt tokens 1.. (entry `i` is token `i + 1`'s given those before
     /// it), when `SamplingParams::prompt_logprobs` asked for them.
     pub prompt_logprobs: Option<Vec<Logprob>>,
+    /// The logits at every prompt position (row `i` predicts token `i + 1`), when
+    /// `SamplingParams::return_context_logits` asked (set when completion 0 finishes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context_logits: Option<Vec<Vec<f32>>>,
     /// One per completion (`SamplingParams::n`), ordered by index.
     pub outputs: Vec<CompletionOutput>,
     pub finished: bool,

@@ -44,6 +44,12 @@ pub struct SamplingParams {
     /// The same for each prompt token after the first (`RequestOutput::prompt_logprobs`). The
     /// prompt is then computed whole, without a cached prefix.
     pub prompt_logprobs: Option<usize>,
+    /// The logits at every prompt position (`RequestOutput::context_logits`); the prompt is
+    /// then computed whole, like `prompt_logprobs`.
+    pub return_context_logits: bool,
+    /// The logits each output token was sampled from (`CompletionOutput::generation_logits`),
+    /// as the model produced them.
+    pub return_generation_logits: bool,
     /// Leave special tokens (e.g. `<|im_end|>`) out of the returned text.
     pub skip_special_tokens: bool,
     /// (token id, bias) added to that token's logit before sampling; biases in [−100, 100].
@@ -75,6 +81,8 @@ impl Default for SamplingParams {
             n: 1,
             logprobs: None,
             prompt_logprobs: None,
+            return_context_logits: false,
+            return_generation_logits: false,
             skip_special_tokens: true,
             logit_bias: Vec::new(),
             guided_decoding: None,
@@ -148,6 +156,8 @@ impl SamplingParams {
             stop_token_ids: self.stop_token_ids.clone(),
             // The prompt is the same for every completion: the first computes its logprobs.
             prompt_logprobs: self.prompt_logprobs.filter(|_| index == 0),
+            return_context_logits: self.return_context_logits && index == 0,
+            return_generation_logits: self.return_generation_logits,
         }
     }
 }

@@ -18,6 +18,7 @@ pub struct RequestStream {
     pub(crate) prompt: Option<String>,
     pub(crate) prompt_token_ids: Vec<u32>,
     pub(crate) prompt_logprobs: Option<Vec<Logprob>>,
+    pub(crate) context_logits: Option<Vec<Vec<f32>>>,
     pub(crate) failed: bool,
 }
 
@@ -93,6 +94,9 @@ impl RequestStream {
                 if let (None, Some(lps)) = (&self.prompt_logprobs, &output.prompt_logprobs) {
                     self.prompt_logprobs = Some(prompt_logprobs(&self.prompt_token_ids, lps));
                 }
+                if output.context_logits.is_some() {
+                    self.context_logits.clone_from(&output.context_logits);
+                }
                 state.on_finished(tok, &output)
             }
             RequestEvent::Failed(e) => Err(ApiError::from(e)),
@@ -121,6 +125,7 @@ impl RequestStream {
             prompt: self.prompt.clone(),
             prompt_token_ids: self.prompt_token_ids.clone(),
             prompt_logprobs: self.prompt_logprobs.clone(),
+            context_logits: self.context_logits.clone(),
             outputs: self.states.iter().map(CompletionState::output).collect(),
             finished: self.states.iter().all(CompletionState::is_finished),
         }

@@ -63,6 +63,12 @@ pub struct RunArgs {
     /// Print one RequestOutput as JSON per line instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// With --json: the logits at every prompt position (`context_logits`, one row per token).
+    #[arg(long)]
+    return_context_logits: bool,
+    /// With --json: the logits each output token was sampled from (`generation_logits`).
+    #[arg(long)]
+    return_generation_logits: bool,
     #[command(flatten)]
     executor: ExecutorArgs,
 }
@@ -203,7 +209,12 @@ pub fn open(
 }
 
 pub fn generate(a: RunArgs) -> Result<()> {
-    let params = a.sampling.params()?;
+    let mut params = a.sampling.params()?;
+    if (a.return_context_logits || a.return_generation_logits) && !a.json {
+        bail!("--return-context-logits and --return-generation-logits print with --json only");
+    }
+    params.return_context_logits = a.return_context_logits;
+    params.return_generation_logits = a.return_generation_logits;
     let mut prompts: Vec<Prompt> = a.prompt.iter().cloned().map(Prompt::Text).collect();
     if let Some(f) = &a.prompts_file {
         let text = match f.to_str() {

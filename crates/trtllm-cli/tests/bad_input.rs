@@ -405,6 +405,16 @@ fn run_json_and_inspect_on_a_tiny_engine() {
         serde_json::json!([177, 252, 525, 252, 903])
     );
     assert_eq!(v["outputs"][0]["finish_reason"], "length");
+    // Logits rows on request, with --json only.
+    let ids = ["--input-ids", "1,2,3", "--max-tokens", "2", "--ignore-eos"];
+    let logits = ["--return-context-logits", "--return-generation-logits"];
+    let out = e.run(&[&ids[..], &logits, &["--json"]].concat());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["context_logits"].as_array().map(Vec::len), Some(3));
+    let rows = v["outputs"][0]["generation_logits"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].as_array().map(Vec::len), Some(1024));
+    fails_with(e.run(&[&ids[..], &logits].concat()), &["--json"]);
     let out = trtllm(&["inspect", path(&e.dir)]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(

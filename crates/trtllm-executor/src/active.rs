@@ -30,6 +30,10 @@ pub(crate) struct ActiveRequest {
     pub logprobs: Option<Vec<TokenLogprobs>>,
     /// Log-probabilities of prompt tokens 1.., filled in as prefill chunks run.
     pub prompt_logprobs: Option<Vec<TokenLogprobs>>,
+    /// Rows of the prompt's logits taken so far (`return_context_logits`).
+    context_logits: Option<Vec<Vec<f32>>>,
+    /// The raw logits of each sampled token (`return_generation_logits`).
+    generation_logits: Option<Vec<Vec<f32>>>,
     pub events: Sender<RequestEvent>,
     pub cancel: Arc<AtomicBool>,
     pub stats: RequestStats,
@@ -56,6 +60,8 @@ impl ActiveRequest {
             budget,
             logprobs: params.sampling.logprobs.map(|_| Vec::new()),
             prompt_logprobs: params.prompt_logprobs.map(|_| Vec::new()),
+            context_logits: params.return_context_logits.then(Vec::new),
+            generation_logits: params.return_generation_logits.then(Vec::new),
             params,
             sampler,
             processor: None,
@@ -87,12 +93,18 @@ impl ActiveRequest {
         self.pending() > 1 || self.output().is_empty()
     }
 
-    /// Whether prompt log-probabilities are asked for and not all computed yet: the prompt
-    /// then runs whole (no reused prefix) with logits at every position.
+    /// Whether prompt log-probabilities or context logits are asked for and not all computed
+    /// yet: the prompt then runs whole (no reused prefix) with logits at every position.
     pub fn needs_prompt_logits(&self) -> bool {
-        self.prompt_logprobs
+        let logprobs_due = self
+            .prompt_logprobs
             .as_ref()
-            .is_some_and(|v| v.len() + 1 < self.prompt_len)
+            .is_some_and(|v| v.len() + 1 < self.prompt_len);
+        let logits_due = self
+            .context_logits
+            .as_ref()
+            .is_some_and(|v| v.len() < self.prompt_len);
+        logprobs_due || logits_due
     }
 
     /// Which logits rows a chunk of `n_tokens` from `computed` on produces: every position
@@ -111,6 +123,13 @@ impl ActiveRequest {
     /// the prompt log-probabilities; sends them once the prompt is complete. Positions already
     /// taken (a prefill recomputed after preemption) are skipped.
     pub fn take_prompt_rows(&mut self, from: usize, rows: &[&[f32]]) {
+        if let Some(all) = &mut self.context_logits {
+            for (j, row) in rows.iter().enumerate() {
+                if from + j == all.len() && all.len() < self.prompt_len {
+                    all.push(row.to_vec());
+                }
+            }
+        }
         let (Some(all), Some(k)) = (&mut self.prompt_logprobs, self.params.prompt_logprobs) else {
             return;
         };
@@ -143,6 +162,9 @@ impl ActiveRequest {
                  or activations are broken",
                 logits[i]
             )));
+        }
+        if let Some(all) = &mut self.generation_logits {
+            all.push(logits.to_vec());
         }
         let banned = self.params.banned_tokens(self.output().len(), eos);
         let Some(p) = self.processor.as_mut() else {
@@ -202,6 +224,8 @@ impl ActiveRequest {
             tokens: self.tokens.split_off(self.prompt_len),
             logprobs: self.logprobs.take(),
             prompt_logprobs: self.prompt_logprobs.take(),
+            context_logits: self.context_logits.take(),
+            generation_logits: self.generation_logits.take(),
             finish_reason: reason,
         };
         let _ = self.events.send(RequestEvent::Finished {

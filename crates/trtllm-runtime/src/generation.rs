@@ -16,6 +16,12 @@ pub struct GenerationParams {
     /// this many most likely alternatives. The prompt is then computed whole: it reuses no
     /// cached prefix.
     pub prompt_logprobs: Option<usize>,
+    /// The logits at every prompt position (TensorRT-LLM's `return_context_logits`); the
+    /// prompt is then computed whole, like `prompt_logprobs`.
+    pub return_context_logits: bool,
+    /// The logits each generated token was sampled from, as the model produced them (before
+    /// penalties, biases and logits processors).
+    pub return_generation_logits: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +51,10 @@ pub struct GenerationOutput {
     pub logprobs: Option<Vec<TokenLogprobs>>,
     /// One entry per prompt token after the first, when `prompt_logprobs` asked for them.
     pub prompt_logprobs: Option<Vec<TokenLogprobs>>,
+    /// One vocabulary-wide row per prompt position, when `return_context_logits` asked.
+    pub context_logits: Option<Vec<Vec<f32>>>,
+    /// One vocabulary-wide row per generated token, when `return_generation_logits` asked.
+    pub generation_logits: Option<Vec<Vec<f32>>>,
     pub finish_reason: FinishReason,
 }
 

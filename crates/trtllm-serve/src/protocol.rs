@@ -304,6 +304,9 @@ impl SamplingFields {
             n: count(self.n, "n", 1)?.unwrap_or(1),
             logprobs,
             prompt_logprobs: count(self.prompt_logprobs, "prompt_logprobs", 0)?,
+            // Vocabulary-wide rows have no place in OpenAI's responses.
+            return_context_logits: false,
+            return_generation_logits: false,
             skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
             logit_bias: logit_bias(self.logit_bias.take().unwrap_or_default())?,
             guided_decoding,
