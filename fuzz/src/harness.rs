@@ -51,8 +51,9 @@ pub enum Outcome {
 pub trait Target {
     fn name(&self) -> &'static str;
     fn seeds(&self) -> &[Seed];
-    /// Runs one case laid out in `dir`. `Err` is a defect: a panic-free crash of the contract
-    /// (a 500, an empty error, a leak), with what was seen.
+    /// Runs one case laid out in `dir`. `Err` is a defect the harness cannot see for itself
+    /// (a 500, an error without a message, work left running), with what was seen; panics,
+    /// aborts, hangs and heap growth the harness catches.
     fn run(&self, dir: &Path, input: &Input) -> Result<Outcome, String>;
     /// Checks after the last case (e.g. nothing left running).
     fn finish(&self) -> Result<(), String> {
