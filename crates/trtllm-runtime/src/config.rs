@@ -190,6 +190,22 @@ impl ModelConfig {
             )));
         }
         if let Some(m) = &self.features.moe {
+            // Expert tables are sized by these (published models have at most a few hundred).
+            let most = [
+                ("num_experts", m.num_experts, 1 << 12),
+                (
+                    "moe_intermediate_size",
+                    m.expert_intermediate_size.unwrap_or(0),
+                    1 << 19,
+                ),
+            ];
+            for (name, v, most) in most {
+                if v > most {
+                    return Err(RuntimeError::InvalidConfig(format!(
+                        "{name} = {v} is out of range (at most {most})"
+                    )));
+                }
+            }
             if m.top_k == 0 || m.top_k > m.num_experts {
                 return Err(RuntimeError::InvalidConfig(format!(
                     "num_experts_per_tok ({}) must be between 1 and the number of experts ({})",
