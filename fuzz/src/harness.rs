@@ -210,11 +210,7 @@ fn check(
     let outcome = match result {
         Ok(r) => r?,
         Err(payload) => {
-            let msg = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
+            let msg = trtllm_api::runtime::panic_message(payload.as_ref()).unwrap_or_default();
             return Err(format!("panicked: {msg}"));
         }
     };

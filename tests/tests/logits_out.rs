@@ -8,20 +8,27 @@ use trtllm_tests::{fixtures, max_abs_diff, read_json, FixtureGolden};
 
 const TOL: f32 = 1e-3;
 
-fn check(name: &str) -> Result<()> {
-    let dir = fixtures().join(name);
-    let golden: FixtureGolden = read_json(&dir.join("golden.json"))?;
+/// A tiny fixture built with the default config, and an `LLM` over it (the engine lives as
+/// long as the directory).
+fn open(name: &str) -> Result<(tempfile::TempDir, LLM)> {
     let engine = tempfile::tempdir()?;
+    let config = BuildConfig::default();
     build(
-        &dir,
+        &fixtures().join(name),
         engine.path(),
-        &BuildConfig::default(),
+        &config,
         &mut |_, _, _| {},
     )?;
     let llm = LLM::new(LlmArgs {
         model: engine.path().into(),
         ..Default::default()
     })?;
+    Ok((engine, llm))
+}
+
+fn check(name: &str) -> Result<()> {
+    let golden: FixtureGolden = read_json(&fixtures().join(name).join("golden.json"))?;
+    let (_engine, llm) = open(name)?;
     let case = &golden.cases[0];
     let steps = case.greedy_step_logits_first4.len();
     ensure!(
@@ -85,18 +92,7 @@ fn context_and_generation_logits_equal_transformers() -> Result<()> {
 
 #[test]
 fn logits_are_only_returned_when_asked() -> Result<()> {
-    let dir = fixtures().join("tiny-llama");
-    let engine = tempfile::tempdir()?;
-    build(
-        &dir,
-        engine.path(),
-        &BuildConfig::default(),
-        &mut |_, _, _| {},
-    )?;
-    let llm = LLM::new(LlmArgs {
-        model: engine.path().into(),
-        ..Default::default()
-    })?;
+    let (_engine, llm) = open("tiny-llama")?;
     let out = llm
         .generate(
             &[Prompt::TokenIds(vec![1, 2, 3])],

@@ -9,10 +9,7 @@ pub fn read(path: &Path) -> Result<tokenizers::Tokenizer, String> {
     match std::panic::catch_unwind(|| tokenizers::Tokenizer::from_file(path)) {
         Ok(Ok(t)) => Ok(t),
         Ok(Err(e)) => Err(e.to_string()),
-        Err(panic) => Err(panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
+        Err(panic) => Err(trtllm_runtime::panic_message(panic.as_ref())
             .map_or("malformed".into(), |m| format!("malformed ({m})"))),
     }
 }

@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use trtllm_builder::runtime::{
-    FinishReason, KvCacheEvent, KvCacheManager, KvCacheSummary, KvPool, LogitsMode, ModelRunner,
-    SeqChunk,
+    panic_message, FinishReason, KvCacheEvent, KvCacheManager, KvCacheSummary, KvPool, LogitsMode,
+    ModelRunner, SeqChunk,
 };
 
 use crate::active::ActiveRequest;
@@ -57,11 +57,7 @@ impl EngineLoop {
                 continue;
             }
             if let Err(panic) = catch_unwind(AssertUnwindSafe(|| self.step())) {
-                let msg = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "panic".into());
+                let msg = panic_message(panic.as_ref()).unwrap_or_else(|| "panic".into());
                 // The step's state is unknown: start the block accounting afresh (so releasing
                 // cannot trip over it) and fail everything in flight.
                 self.kv =

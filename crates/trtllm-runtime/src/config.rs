@@ -141,7 +141,9 @@ impl ModelConfig {
             }
         }
         // Far beyond any published model: a value past these is a corrupt or hostile config,
-        // caught before anything is sized by it.
+        // caught before anything is sized by it (expert tables included: published models
+        // have at most a few hundred experts).
+        let moe = self.features.moe.as_ref();
         let bounded = [
             ("vocab_size", self.vocab_size, 1 << 22),
             ("hidden_size", self.hidden_size, 1 << 17),
@@ -154,6 +156,12 @@ impl ModelConfig {
                 "max_position_embeddings",
                 self.max_position_embeddings,
                 1 << 24,
+            ),
+            ("num_experts", moe.map_or(0, |m| m.num_experts), 1 << 12),
+            (
+                "moe_intermediate_size",
+                moe.and_then(|m| m.expert_intermediate_size).unwrap_or(0),
+                1 << 19,
             ),
         ];
         for (name, v, most) in bounded {
@@ -189,23 +197,7 @@ impl ModelConfig {
                 self.num_heads, self.num_kv_heads
             )));
         }
-        if let Some(m) = &self.features.moe {
-            // Expert tables are sized by these (published models have at most a few hundred).
-            let most = [
-                ("num_experts", m.num_experts, 1 << 12),
-                (
-                    "moe_intermediate_size",
-                    m.expert_intermediate_size.unwrap_or(0),
-                    1 << 19,
-                ),
-            ];
-            for (name, v, most) in most {
-                if v > most {
-                    return Err(RuntimeError::InvalidConfig(format!(
-                        "{name} = {v} is out of range (at most {most})"
-                    )));
-                }
-            }
+        if let Some(m) = moe {
             if m.top_k == 0 || m.top_k > m.num_experts {
                 return Err(RuntimeError::InvalidConfig(format!(
                     "num_experts_per_tok ({}) must be between 1 and the number of experts ({})",

@@ -71,6 +71,15 @@ pub enum RuntimeError {
     Quant(#[from] trtllm_quant::QuantError),
 }
 
+/// The message a caught panic carried (`panic!` with a literal or a formatted string), for
+/// turning a panic in a step or a library into an error.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> Option<String> {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+}
+
 impl RuntimeError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         RuntimeError::Io {

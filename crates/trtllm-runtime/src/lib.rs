@@ -25,7 +25,7 @@ mod weights;
 pub use config::{Features, LocalRope, MlpKind, ModelConfig, MoeConfig, NormKind, PositionKind};
 pub use device::Device;
 pub use engine::{BuildConfig, EngineConfig, EngineWriter, ENGINE_FORMAT_VERSION};
-pub use error::RuntimeError;
+pub use error::{panic_message, RuntimeError};
 pub use generation::{FinishReason, GenerationOutput, GenerationParams};
 pub use kv_cache::{
     BlockId, GroupBudget, KvBudget, KvCache, KvCacheConfig, KvCacheEvent, KvCacheManager,

@@ -259,10 +259,16 @@ impl KvGroups {
 
 /// MemAvailable of /proc/meminfo, where there is one.
 fn available_memory() -> Option<usize> {
+    meminfo("MemAvailable:")
+}
+
+/// A field of Linux's /proc/meminfo (`MemTotal:`, `MemAvailable:`) in bytes; None where it
+/// cannot be read.
+fn meminfo(field: &str) -> Option<usize> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    let line = text.lines().find(|l| l.starts_with(field))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 #[cfg(test)]

@@ -195,7 +195,7 @@ impl KvPool {
             KvStorage::Int8 | KvStorage::Fp8 => 1,
         };
         let bytes = slots as f64 * 2.0 * model.kv_dim() as f64 * value_bytes as f64;
-        if let Some(total) = physical_memory().filter(|&t| bytes > t as f64) {
+        if let Some(total) = super::meminfo("MemTotal:").filter(|&t| bytes > t as f64) {
             return Err(RuntimeError::KvCacheTooLarge {
                 need_gib: bytes / GIB,
                 have_gib: total as f64 / GIB,
@@ -398,11 +398,3 @@ pub(crate) mod device {
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
-
-/// The machine's memory in bytes (Linux's MemTotal); None where it cannot be read.
-fn physical_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
