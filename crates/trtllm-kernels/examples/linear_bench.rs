@@ -8,11 +8,17 @@ fn main() {
     if std::env::args().any(|a| a == "attention") {
         return attention();
     }
+    if std::env::args().any(|a| a == "model") {
+        return model();
+    }
     for &(m, n, k) in &[
         (512usize, 1536usize, 576usize),
         (512, 576, 1536),
         (512, 49152, 576),
+        (4, 1536, 576),
         (8, 1536, 576),
+        (12, 1536, 576),
+        (24, 1536, 576),
         (16, 1536, 576),
         (32, 1536, 576),
         (64, 1536, 576),
@@ -40,6 +46,54 @@ fn main() {
         );
     }
     attention();
+}
+
+/// Every linear of SmolLM2-135M's 30 layers and its LM head, distinct weights (540 MB, more
+/// than the caches), at 1, 8 and 32 rows: the weight-streaming part of a decode step.
+fn model() {
+    let shapes = [
+        (576usize, 576usize),
+        (192, 576),
+        (192, 576),
+        (576, 576),
+        (1536, 576),
+        (1536, 576),
+        (576, 1536),
+    ];
+    let mut ws: Vec<(Vec<f32>, usize, usize)> = vec![];
+    for l in 0..30 {
+        for &(n, k) in &shapes {
+            ws.push((
+                (0..n * k).map(|i| ((i + l) % 5) as f32 * 0.1).collect(),
+                n,
+                k,
+            ));
+        }
+    }
+    ws.push((
+        (0..49152 * 576).map(|i| (i % 5) as f32 * 0.1).collect(),
+        49152,
+        576,
+    ));
+    let flops: usize = ws.iter().map(|(_, n, k)| 2 * n * k).sum();
+    for m in [1usize, 8, 32] {
+        let x: Vec<f32> = (0..m * 1536).map(|i| (i % 7) as f32 * 0.1).collect();
+        let mut y = vec![0f32; m * 49152];
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let t = Instant::now();
+            for (w, n, k) in &ws {
+                let wm = MatRef::new(WeightData::F32(w), *n, *k).unwrap();
+                linear(&x[..m * k], m, wm, None, &mut y[..m * n]).unwrap();
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        println!(
+            "model m={m:2}: {:6.1} ms per step, {:6.1} GFLOP/s",
+            best * 1e3,
+            (m * flops) as f64 / best / 1e9
+        );
+    }
 }
 
 /// One SmolLM2 layer's attention: a 512-token prefill, and a decode step of 32 sequences at

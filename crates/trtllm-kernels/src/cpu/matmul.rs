@@ -134,13 +134,14 @@ pub fn linear_with(
         k,
         n,
         bias,
+        xt: None,
         tactic: tactic.clamped(),
     };
     let out = OutPtr(y.as_mut_ptr());
     match w.data {
-        WeightData::F32(d) => run(&problem, &Dense(d), out),
-        WeightData::Bf16(d) => run(&problem, &Dense(as_bf16(d)), out),
-        WeightData::F16(d) => run(&problem, &Dense(as_f16(d)), out),
+        WeightData::F32(d) => run_dense(&problem, d, out),
+        WeightData::Bf16(d) => run_dense(&problem, as_bf16(d), out),
+        WeightData::F16(d) => run_dense(&problem, as_f16(d), out),
         WeightData::Int8(q) => run(&problem, &q, out),
         WeightData::Int4(q) => run(&problem, &q, out),
         WeightData::Fp8(q) => run(&problem, &q, out),
@@ -153,7 +154,8 @@ pub fn linear_with(
 /// From this many activation rows on, a GEMM tile (direct or packed) beats one GEMV per row.
 pub(crate) const PACKED_MIN_ROWS: usize = 4;
 
-/// Up to this many activation rows the direct tiles beat packing: `linear_bench` on SmolLM2's
+/// Up to this many activation rows the direct tiles beat packing (before their AVX-512 broadcast
+/// form, which widened the gap): `linear_bench` on SmolLM2's
 /// shapes, 2 Xeon cores (AVX-512), GFLOP/s direct vs packed: 97 vs 55 at 8 rows, 136 vs 94 at
 /// 16, 149–155 vs 130–135 at 32, 161 vs 187 at 64.
 pub(crate) const DIRECT_MAX_ROWS: usize = 32;
@@ -168,6 +170,9 @@ pub(crate) struct Problem<'a> {
     pub k: usize,
     pub n: usize,
     pub bias: Option<&'a [f32]>,
+    /// `x` transposed into panels of `TRANSPOSED_PANEL` rows, for the direct tiles of
+    /// AVX-512 (built once per call by [`run_dense`], shared by every worker).
+    pub xt: Option<&'a [f32]>,
     /// How the call runs (clamped to this CPU and to valid ranges).
     pub tactic: Tactic,
 }
@@ -264,6 +269,21 @@ macro_rules! quant_rows {
     )*};
 }
 quant_rows!(Int8Weights, Int4Weights, Fp8Weights, Nvfp4Weights);
+
+/// `run` over dense rows, with the activations transposed first where the direct tiles read
+/// them that way.
+fn run_dense<E: Elem>(p: &Problem<'_>, w: &[E], out: OutPtr) {
+    #[cfg(target_arch = "x86_64")]
+    if super::gemm_direct::reads_transposed(p) {
+        let xt = super::gemm_direct::transpose(p.x, p.m, p.k);
+        let p = Problem {
+            xt: Some(&xt),
+            ..*p
+        };
+        return run(&p, &Dense(w), out);
+    }
+    run(p, &Dense(w), out)
+}
 
 fn run<W: Rows>(p: &Problem<'_>, w: &W, out: OutPtr) {
     let tactic = &p.tactic;
@@ -506,6 +526,8 @@ mod tests {
             (5, 11, 29),
             (7, 67, 101),
             (53, 131, 77),
+            (13, 29, 45),
+            (17, 70, 33),
             (1, 300, 520),
             (32, 48, 600),
         ] {
@@ -567,7 +589,7 @@ mod tests {
                 });
             }
         }
-        for m in [1, 6, 40] {
+        for m in [1, 6, 16, 21, 40] {
             let x = rand_vec(m * k, 6);
             let expect = reference(&x, m, &w, n, k, Some(&bias));
             for t in &tactics {
