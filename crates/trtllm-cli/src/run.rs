@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use trtllm_api::executor::{CapacitySchedulerPolicy, ExecutorConfig};
+use trtllm_api::executor::{CapacitySchedulerPolicy, ExecutorConfig, SpeculativeConfig};
 use trtllm_api::runtime::Device;
 use trtllm_api::{ChatMessage, LlmArgs, Logprob, Prompt, SamplingParams, LLM};
 
@@ -158,6 +158,13 @@ pub struct ExecutorArgs {
     /// tactics for this machine; what it lacks is timed at start and added to it.
     #[arg(long)]
     timing_cache: Option<PathBuf>,
+    /// Speculative decoding by prompt lookup: draft the tokens that followed the latest earlier
+    /// occurrence of the sequence's last N tokens (N down to 1), verify them in one pass.
+    #[arg(long, value_name = "N")]
+    ngram_lookup: Option<usize>,
+    /// Most draft tokens per step for speculative decoding (with --ngram-lookup).
+    #[arg(long, value_name = "K", requires = "ngram_lookup", default_value_t = 4)]
+    max_draft_len: usize,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -178,6 +185,10 @@ impl ExecutorArgs {
         cfg.kv_cache.max_tokens = self.kv_cache_tokens;
         cfg.kv_cache.enable_block_reuse = !self.disable_block_reuse;
         cfg.timing_cache = self.timing_cache.clone();
+        cfg.speculative = self.ngram_lookup.map(|n| SpeculativeConfig::NGram {
+            max_draft_len: self.max_draft_len,
+            max_matching_ngram_size: n,
+        });
         cfg
     }
 }

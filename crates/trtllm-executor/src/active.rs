@@ -20,6 +20,9 @@ pub(crate) struct ActiveRequest {
     pub prompt_len: usize,
     /// Leading `tokens` whose keys and values are in the cache.
     pub computed: usize,
+    /// Tokens a drafter proposed after the last one, verified in this step's pass (speculative
+    /// decoding); empty otherwise. Never part of `tokens` until the sampler agrees.
+    pub draft: Vec<u32>,
     /// Most tokens this request may generate.
     pub budget: usize,
     pub params: GenerationParams,
@@ -57,6 +60,7 @@ impl ActiveRequest {
             prompt_len: prompt.len(),
             tokens: prompt,
             computed: 0,
+            draft: Vec::new(),
             budget,
             logprobs: params.sampling.logprobs.map(|_| Vec::new()),
             prompt_logprobs: params.prompt_logprobs.map(|_| Vec::new()),
@@ -107,10 +111,26 @@ impl ActiveRequest {
         logprobs_due || logits_due
     }
 
+    /// Whether the request is decoding (its prompt done, one token pending): the state in
+    /// which a draft may be proposed.
+    pub fn decoding(&self) -> bool {
+        self.pending() == 1 && !self.output().is_empty()
+    }
+
+    /// The tokens a chunk of `n_tokens` from `computed` on runs: pending tokens, then the draft.
+    pub fn chunk_tokens(&self, n_tokens: usize) -> Vec<u32> {
+        let pending = &self.tokens[self.computed..];
+        let take = n_tokens.min(pending.len());
+        let mut t = pending[..take].to_vec();
+        t.extend(self.draft.iter().take(n_tokens - take));
+        t
+    }
+
     /// Which logits rows a chunk of `n_tokens` from `computed` on produces: every position
-    /// while prompt log-probabilities are due, else the last when it completes the sequence.
+    /// while prompt log-probabilities are due or a draft is verified, else the last when it
+    /// completes the sequence.
     pub fn logits_mode(&self, n_tokens: usize) -> LogitsMode {
-        if self.needs_prompt_logits() {
+        if self.needs_prompt_logits() || self.computed + n_tokens > self.tokens.len() {
             LogitsMode::All
         } else if self.computed + n_tokens == self.tokens.len() {
             LogitsMode::Last
@@ -186,6 +206,36 @@ impl ActiveRequest {
         }
         p.accept(token.id).map_err(failed)?;
         Ok(token)
+    }
+
+    /// Samples from the logits `rows` in order (row `i` follows `draft[..i]`, the first follows
+    /// the last computed token), appending each sample; stops after the first sample that is
+    /// not the drafted token, or after the last row. Each drafted token kept has its keys and
+    /// values already in the cache, so `computed` moves past it. Returns why the request
+    /// ends, if it does.
+    pub fn sample_rows(
+        &mut self,
+        rows: &[&[f32]],
+        draft: &[u32],
+        eos: &[u32],
+    ) -> Result<Option<FinishReason>, ExecutorError> {
+        if !draft.is_empty() {
+            self.stats.draft_tokens += draft.len();
+            self.stats.draft_steps += 1;
+        }
+        for (i, row) in rows.iter().enumerate() {
+            let token = self.sample(row, eos)?;
+            let kept = draft.get(i) == Some(&token.id);
+            if let Some(reason) = self.push_token(token, eos) {
+                return Ok(Some(reason));
+            }
+            if !kept {
+                break;
+            }
+            self.computed += 1;
+            self.stats.accepted_draft_tokens += 1;
+        }
+        Ok(None)
     }
 
     /// Appends a sampled token and streams it; returns why the request ends, if it does.

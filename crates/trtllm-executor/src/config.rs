@@ -38,6 +38,8 @@ pub struct ExecutorConfig {
     /// A timing cache: the CPU kernels take its tactics for this machine, and what it lacks is
     /// timed at start (at most [`TUNE_BUDGET`]) and written back.
     pub timing_cache: Option<std::path::PathBuf>,
+    /// Speculative decoding for every request (none: plain decoding).
+    pub speculative: Option<crate::SpeculativeConfig>,
 }
 
 /// The most time tuning may take when an executor starts.
@@ -50,6 +52,7 @@ impl Default for ExecutorConfig {
             kv_cache: KvCacheConfig::default(),
             history: 1000,
             timing_cache: None,
+            speculative: None,
         }
     }
 }

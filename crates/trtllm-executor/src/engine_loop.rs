@@ -16,7 +16,10 @@ use trtllm_builder::runtime::{
 
 use crate::active::ActiveRequest;
 use crate::scheduler::{Schedule, Scheduler};
-use crate::{ExecutorError, ExecutorLoad, IterationStats, LogitsProcessor, Result};
+use crate::speculative::{DraftInput, Drafter};
+use crate::{
+    ExecutorError, ExecutorLoad, IterationStats, LogitsProcessor, Result, SpeculativeTotals,
+};
 
 pub(crate) enum Job {
     Submit(Box<ActiveRequest>),
@@ -47,6 +50,9 @@ pub(crate) struct EngineLoop {
     pub running: Vec<ActiveRequest>,
     pub waiting: VecDeque<ActiveRequest>,
     pub iteration: u64,
+    /// Speculative decoding's drafter and its longest draft, when configured.
+    pub drafter: Option<(Box<dyn Drafter>, usize)>,
+    pub speculative: SpeculativeTotals,
 }
 
 impl EngineLoop {
@@ -112,6 +118,7 @@ impl EngineLoop {
                     running: self.running.len(),
                     waiting: self.waiting.len(),
                     kv: self.kv.summary(),
+                    speculative: self.speculative,
                 });
             }
         }
@@ -133,6 +140,7 @@ impl EngineLoop {
 
     fn step(&mut self) {
         let start = Instant::now();
+        self.propose_drafts();
         let schedule = self
             .scheduler
             .schedule(&mut self.running, &mut self.waiting, &mut self.kv);
@@ -169,6 +177,37 @@ impl EngineLoop {
         let _ = self.stats.send(stats);
     }
 
+    /// Drafts for the decoding requests, each at most what its budget leaves after the token
+    /// the verifying pass adds anyway (so drafts stay inside the KV room admission reserved).
+    fn propose_drafts(&mut self) {
+        let Some((drafter, max_len)) = &mut self.drafter else {
+            return;
+        };
+        let mut ids = Vec::new();
+        let mut inputs = Vec::new();
+        for r in &self.running {
+            let room = r.budget.saturating_sub(r.output().len() + 1);
+            if r.decoding() && room > 0 {
+                ids.push(r.id);
+                inputs.push(DraftInput {
+                    tokens: &r.tokens,
+                    max: room.min(*max_len),
+                });
+            }
+        }
+        if inputs.is_empty() {
+            return;
+        }
+        let drafts = drafter.propose(&inputs);
+        for (id, mut draft) in ids.into_iter().zip(drafts) {
+            if let Some(r) = self.running.iter_mut().find(|r| r.id == id) {
+                let room = r.budget.saturating_sub(r.output().len() + 1);
+                draft.truncate(room.min(*max_len));
+                r.draft = draft;
+            }
+        }
+    }
+
     /// Runs the step's forward pass while another thread prepares the logits processors of
     /// the requests that sample this step (a grammar's mask then costs no step time).
     fn forward_and_prepare(&mut self, schedule: &Schedule) -> Result<Vec<f32>> {
@@ -177,7 +216,7 @@ impl EngineLoop {
             let Some(r) = self.running.iter_mut().find(|r| r.id == c.id) else {
                 continue;
             };
-            if r.computed + c.n_tokens == r.tokens.len() {
+            if r.computed + c.n_tokens >= r.tokens.len() {
                 if let Some(p) = r.processor.take() {
                     prepare.push((r.id, r.output().to_vec(), p));
                 }
@@ -223,10 +262,11 @@ impl EngineLoop {
                 })?;
             running.push((r, c.n_tokens, self.kv.block_tables(r.id)));
         }
+        let tokens: Vec<Vec<u32>> = running.iter().map(|(r, n, _)| r.chunk_tokens(*n)).collect();
         let mut batch = Vec::with_capacity(running.len());
-        for (r, n_tokens, tables) in &running {
+        for ((r, n_tokens, tables), tokens) in running.iter().zip(&tokens) {
             batch.push(SeqChunk {
-                tokens: &r.tokens[r.computed..r.computed + n_tokens],
+                tokens,
                 past: r.computed,
                 blocks: tables,
                 logits: r.logits_mode(*n_tokens),
@@ -255,8 +295,10 @@ impl EngineLoop {
                 stats.generation_tokens += c.n_tokens;
             }
             let (mode, from) = (r.logits_mode(c.n_tokens), r.computed);
-            r.computed += c.n_tokens;
-            self.kv.commit(r.id, &r.tokens, r.computed);
+            let in_context = r.in_context_phase();
+            let mut draft = std::mem::take(&mut r.draft);
+            draft.truncate(c.n_tokens.saturating_sub(r.pending()));
+            r.computed += c.n_tokens - draft.len();
             let n_rows = match mode {
                 LogitsMode::Skip => 0,
                 LogitsMode::Last => 1,
@@ -267,25 +309,36 @@ impl EngineLoop {
                 finished.push((r.id, Err(ExecutorError::Step("missing logits row".into()))));
                 continue;
             }
-            if mode == LogitsMode::All {
+            if mode == LogitsMode::All && in_context {
                 r.take_prompt_rows(from, &chunk_rows);
             }
             if r.computed < r.tokens.len() {
+                self.kv.commit(r.id, &r.tokens, r.computed);
                 continue;
             }
-            let Some(row) = chunk_rows.last().copied() else {
+            // The last computed token's row, then one per drafted token.
+            let Some(first) = chunk_rows.len().checked_sub(draft.len() + 1) else {
                 finished.push((r.id, Err(ExecutorError::Step("missing logits row".into()))));
                 continue;
             };
-            let token = match r.sample(row, eos) {
-                Ok(t) => t,
-                Err(e) => {
-                    finished.push((r.id, Err(e)));
-                    continue;
-                }
-            };
-            if let Some(reason) = r.push_token(token, eos) {
-                finished.push((r.id, Ok(reason)));
+            let sampled_rows = &chunk_rows[first..];
+            let (accepted_before, outcome) = (
+                r.stats.accepted_draft_tokens,
+                r.sample_rows(sampled_rows, &draft, eos),
+            );
+            let accepted = r.stats.accepted_draft_tokens - accepted_before;
+            stats.draft_tokens += draft.len();
+            stats.accepted_draft_tokens += accepted;
+            if !draft.is_empty() {
+                self.speculative.drafts += 1;
+                self.speculative.draft_tokens += draft.len() as u64;
+                self.speculative.accepted_draft_tokens += accepted as u64;
+            }
+            self.kv.commit(r.id, &r.tokens, r.computed);
+            match outcome {
+                Ok(None) => {}
+                Ok(Some(reason)) => finished.push((r.id, Ok(reason))),
+                Err(e) => finished.push((r.id, Err(e))),
             }
         }
         for (id, outcome) in finished {

@@ -4,7 +4,7 @@ use thiserror::Error;
 pub enum ExecutorError {
     #[error("the executor has shut down")]
     ShutDown,
-    #[error("executor config: {field} = {value}: expected 1..={max} (the engine's limit)")]
+    #[error("executor config: {field} = {value}: expected 1..={max}")]
     InvalidConfig {
         field: &'static str,
         value: usize,

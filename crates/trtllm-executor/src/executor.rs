@@ -60,6 +60,9 @@ impl GenerationExecutor {
         }
         let config = runner.engine_config().clone();
         let limits = cfg.scheduler.limits(&config.build)?;
+        if let Some(spec) = &cfg.speculative {
+            spec.validate()?;
+        }
         let kv_budget = cfg
             .kv_cache
             .budget(&config.model, &config.build, limits.max_num_tokens)?;
@@ -91,6 +94,11 @@ impl GenerationExecutor {
             running: Vec::new(),
             waiting: Default::default(),
             iteration: 0,
+            drafter: cfg
+                .speculative
+                .as_ref()
+                .map(|s| (s.drafter(), s.max_draft_len())),
+            speculative: Default::default(),
         };
         let worker = std::thread::Builder::new()
             .name("trtllm-engine".into())

@@ -15,13 +15,15 @@ mod error;
 mod executor;
 mod request;
 mod scheduler;
+mod speculative;
 mod stats;
 
 pub use config::{CapacitySchedulerPolicy, ExecutorConfig, SchedulerConfig, TUNE_BUDGET};
 pub use error::ExecutorError;
 pub use executor::GenerationExecutor;
 pub use request::{GenerationRequest, GenerationResult, LogitsProcessor, RequestEvent};
-pub use stats::{ExecutorLoad, IterationStats, RequestStats};
+pub use speculative::{SpeculativeConfig, MAX_DRAFT_LEN};
+pub use stats::{ExecutorLoad, IterationStats, RequestStats, SpeculativeTotals};
 pub use trtllm_builder as builder;
 pub use trtllm_builder::runtime;
 

@@ -45,10 +45,18 @@ impl Scheduler {
         while i < running.len() && out.chunks.len() < self.limits.max_batch_size && tokens_left > 0
         {
             let (id, computed, n) = {
-                let r = &running[i];
-                (r.id, r.computed, r.pending().min(tokens_left))
+                let r = &mut running[i];
+                let n = (r.pending() + r.draft.len()).min(tokens_left);
+                // A draft past the step's token budget is cut, never the pending tokens.
+                r.draft.truncate(n.saturating_sub(r.pending()));
+                (r.id, r.computed, n)
             };
             if kv.ensure_capacity(id, computed + n).is_err() {
+                if !running[i].draft.is_empty() {
+                    // No request is preempted for a draft's blocks: this one runs without.
+                    running[i].draft.clear();
+                    continue;
+                }
                 let victim = running.len() - 1;
                 preempt(running.remove(victim), kv, waiting);
                 out.preempted += 1;
@@ -174,6 +182,7 @@ impl Scheduler {
 fn preempt(mut r: ActiveRequest, kv: &mut KvCacheManager, waiting: &mut VecDeque<ActiveRequest>) {
     kv.free_sequence(r.id);
     r.computed = 0;
+    r.draft.clear();
     r.stats.preemptions += 1;
     waiting.push_front(r);
 }

@@ -24,6 +24,9 @@ pub struct IterationStats {
     pub kv_groups: Vec<KvGroupSummary>,
     /// Blocks matched from the prefix cache by requests admitted in this step.
     pub reused_blocks: usize,
+    /// Draft tokens verified in this step, and how many of them were kept.
+    pub draft_tokens: usize,
+    pub accepted_draft_tokens: usize,
     pub iteration_time_ms: f64,
 }
 
@@ -38,6 +41,13 @@ pub struct RequestStats {
     /// Prompt and recomputed tokens that went through forward passes.
     pub context_tokens_computed: usize,
     pub preemptions: usize,
+    /// Draft tokens verified for this request (speculative decoding), and how many were kept:
+    /// their ratio is the acceptance rate.
+    pub draft_tokens: usize,
+    pub accepted_draft_tokens: usize,
+    /// Verifying passes that had a draft; output tokens they produced per pass is the mean
+    /// accepted length plus one.
+    pub draft_steps: usize,
     /// Submission to first scheduled step.
     pub queue_time_s: f64,
     pub time_to_first_token_s: f64,
@@ -54,4 +64,17 @@ pub struct ExecutorLoad {
     /// Queued, not yet admitted.
     pub waiting: usize,
     pub kv: KvCacheSummary,
+    /// Speculative decoding since the executor started.
+    pub speculative: SpeculativeTotals,
+}
+
+/// Speculative decoding's running totals (vLLM's `spec_decode_*` counters): acceptance rate
+/// is `accepted_draft_tokens / draft_tokens`, mean accepted length `accepted_draft_tokens /
+/// drafts`.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct SpeculativeTotals {
+    /// Verifying passes of a request that had a draft.
+    pub drafts: u64,
+    pub draft_tokens: u64,
+    pub accepted_draft_tokens: u64,
 }

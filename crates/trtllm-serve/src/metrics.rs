@@ -37,6 +37,9 @@ pub struct Metrics {
     kv_used: Gauge,
     kv_total: Gauge,
     kv_usage: Gauge<f64, AtomicU64>,
+    spec_drafts: Counter,
+    spec_draft_tokens: Counter,
+    spec_accepted_tokens: Counter,
 }
 
 impl Default for Metrics {
@@ -58,6 +61,9 @@ impl Default for Metrics {
             kv_used: Gauge::default(),
             kv_total: Gauge::default(),
             kv_usage: Gauge::default(),
+            spec_drafts: Counter::default(),
+            spec_draft_tokens: Counter::default(),
+            spec_accepted_tokens: Counter::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -125,6 +131,21 @@ impl Default for Metrics {
             "Fraction of KV-cache blocks in use",
             m.kv_usage.clone(),
         );
+        r.register(
+            "spec_decode_num_drafts",
+            "Verifying passes of a request with a draft (speculative decoding)",
+            m.spec_drafts.clone(),
+        );
+        r.register(
+            "spec_decode_num_draft_tokens",
+            "Draft tokens verified",
+            m.spec_draft_tokens.clone(),
+        );
+        r.register(
+            "spec_decode_num_accepted_tokens",
+            "Draft tokens kept (acceptance rate: this over draft tokens)",
+            m.spec_accepted_tokens.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 }
@@ -179,6 +200,15 @@ impl Metrics {
             self.kv_total.set(load.kv.total_blocks as i64);
             self.kv_usage
                 .set(load.kv.used_blocks as f64 / load.kv.total_blocks.max(1) as f64);
+            // The executor keeps totals; the counters catch up to them.
+            let s = load.speculative;
+            for (c, total) in [
+                (&self.spec_drafts, s.drafts),
+                (&self.spec_draft_tokens, s.draft_tokens),
+                (&self.spec_accepted_tokens, s.accepted_draft_tokens),
+            ] {
+                c.inc_by(total.saturating_sub(c.get()));
+            }
         }
         let mut out = String::new();
         // Writing into a String cannot fail.
