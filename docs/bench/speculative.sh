@@ -2,9 +2,11 @@
 # Batch-1 and batch-8 decode with and without prompt-lookup speculative decoding, on a prompt
 # whose continuation repeats it (a code listing asked for again with one name changed) and on
 # synthetic prompts (random ids: nothing to look up, so the cost of drafts that fail).
-# Usage: docs/bench/speculative.sh TRTLLM ENGINE OUT_DIR
+# With a DRAFT engine (same vocabulary; e.g. the same GGUF built with --quant keep), a third
+# column drafts with it.
+# Usage: docs/bench/speculative.sh TRTLLM ENGINE OUT_DIR [DRAFT]
 set -euo pipefail
-B=$1; E=$2; O=$3
+B=$1; E=$2; O=$3; D=${4:-}
 mkdir -p "$O"
 python3 - "$O/repeat.jsonl" <<'PY'
 import json, sys
@@ -33,9 +35,21 @@ thr() {
 import json,sys; r=json.load(sys.stdin); print("%.1f" % r["output_tokens_per_s"])'
 }
 NG=(--ngram-lookup 3 --max-draft-len 4)
-echo "| workload | plain | n-gram (N 3, K 4) |"
-echo "| --- | --- | --- |"
-echo "| repeating prompt, batch 1, decode tok/s | $(run 3 --dataset "$O/repeat.jsonl") | $(run 3 --dataset "$O/repeat.jsonl" "${NG[@]}") |"
-echo "| repeating prompt, 8 concurrent, output tok/s | $(thr --dataset "$O/repeat.jsonl" --num-requests 8) | $(thr --dataset "$O/repeat.jsonl" --num-requests 8 "${NG[@]}") |"
-echo "| synthetic 128/128, batch 1, decode tok/s | $(run 3 --input-len 128 --output-len 128) | $(run 3 --input-len 128 --output-len 128 "${NG[@]}") |"
-echo "| synthetic 128/128, 8 concurrent, output tok/s | $(thr --input-len 128 --output-len 128 --num-requests 8) | $(thr --input-len 128 --output-len 128 --num-requests 8 "${NG[@]}") |"
+DM=(--draft-model "$D" --max-draft-len 4)
+row() {  # label, measure function, its args...
+  local label=$1 f=$2; shift 2
+  local line="| $label | $($f "$@") | $($f "$@" "${NG[@]}") |"
+  [ -n "$D" ] && line="$line $($f "$@" "${DM[@]}") |"
+  echo "$line"
+}
+if [ -n "$D" ]; then
+  echo "| workload | plain | n-gram (N 3, K 4) | draft model (K 4) |"
+  echo "| --- | --- | --- | --- |"
+else
+  echo "| workload | plain | n-gram (N 3, K 4) |"
+  echo "| --- | --- | --- |"
+fi
+row "repeating prompt, batch 1, decode tok/s" run 3 --dataset "$O/repeat.jsonl"
+row "repeating prompt, 8 concurrent, output tok/s" thr --dataset "$O/repeat.jsonl" --num-requests 8
+row "synthetic 128/128, batch 1, decode tok/s" run 3 --input-len 128 --output-len 128
+row "synthetic 128/128, 8 concurrent, output tok/s" thr --input-len 128 --output-len 128 --num-requests 8

@@ -8,7 +8,9 @@ use std::sync::{Arc, OnceLock};
 use trtllm_executor::builder::{self, BuildConfig};
 
 use trtllm_executor::runtime::Device;
-use trtllm_executor::{ExecutorConfig, GenerationExecutor, GenerationRequest, LogitsProcessor};
+use trtllm_executor::{
+    ExecutorConfig, GenerationExecutor, GenerationRequest, LogitsProcessor, SpeculativeConfig,
+};
 
 use crate::chat::{ChatMessage, ChatOptions};
 use crate::completion::{CompletionSpec, CompletionState};
@@ -69,9 +71,23 @@ pub struct LLM {
 
 impl LLM {
     pub fn new(args: LlmArgs) -> Result<Self> {
-        let (engine_dir, built) = resolve_engine(&args)?;
-        let executor =
-            GenerationExecutor::on_device(&engine_dir, args.executor_config.clone(), args.device)?;
+        let cache = args.engine_cache_dir.as_deref();
+        let (engine_dir, mut built) = resolve_engine(&args.model, &args.build_config, cache)?;
+        let mut executor_config = args.executor_config.clone();
+        // A draft model given as a checkpoint or GGUF is built (or found) like the target, with
+        // the default build config.
+        if let Some(SpeculativeConfig::DraftTarget {
+            speculative_model, ..
+        }) = &mut executor_config.speculative
+        {
+            let (dir, note) = resolve_engine(speculative_model, &BuildConfig::default(), cache)?;
+            *speculative_model = dir;
+            built = match (built, note) {
+                (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+                (a, b) => a.or(b),
+            };
+        }
+        let executor = GenerationExecutor::on_device(&engine_dir, executor_config, args.device)?;
         let tokenizer = if args.skip_tokenizer_init {
             None
         } else {
@@ -314,14 +330,18 @@ fn text_of(prompt: &Prompt) -> Option<String> {
     }
 }
 
-/// The engine directory for `args.model`, building it into the cache first if it is a checkpoint;
-/// and, when this call built it, what it built (for the caller to say once).
-fn resolve_engine(args: &LlmArgs) -> Result<(PathBuf, Option<String>)> {
-    let model = &args.model;
+/// The engine directory for `model`, building it into the cache (`cache`, else [`cache_dir`])
+/// first if it is a checkpoint; and, when this call built it, what it built (for the caller to
+/// say once).
+fn resolve_engine(
+    model: &Path,
+    build_config: &BuildConfig,
+    cache: Option<&Path>,
+) -> Result<(PathBuf, Option<String>)> {
     if model.join("config.json").exists() && model.join("rank0.engine").exists() {
-        return Ok((model.clone(), None));
+        return Ok((model.to_path_buf(), None));
     }
-    let mut config = args.build_config.clone();
+    let mut config = build_config.clone();
     let gguf = model
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
@@ -329,10 +349,8 @@ fn resolve_engine(args: &LlmArgs) -> Result<(PathBuf, Option<String>)> {
         // A GGUF's own quantization is what its user chose; the float build is 3-5x its size.
         config.keep_quantized = true;
     }
-    let cache_root = args
-        .engine_cache_dir
-        .clone()
-        .unwrap_or_else(cache_dir)
+    let cache_root = cache
+        .map_or_else(cache_dir, Path::to_path_buf)
         .join("engines");
     let io = |path: &Path| {
         let path = path.to_path_buf();

@@ -160,10 +160,14 @@ pub struct ExecutorArgs {
     timing_cache: Option<PathBuf>,
     /// Speculative decoding by prompt lookup: draft the tokens that followed the latest earlier
     /// occurrence of the sequence's last N tokens (N down to 1), verify them in one pass.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", group = "speculation")]
     ngram_lookup: Option<usize>,
-    /// Most draft tokens per step for speculative decoding (with --ngram-lookup).
-    #[arg(long, value_name = "K", requires = "ngram_lookup", default_value_t = 4)]
+    /// Speculative decoding with a draft model (an engine, checkpoint or GGUF with the target's
+    /// vocabulary) that proposes tokens greedily.
+    #[arg(long, value_name = "MODEL", group = "speculation")]
+    draft_model: Option<PathBuf>,
+    /// Most draft tokens per step for speculative decoding.
+    #[arg(long, value_name = "K", requires = "speculation", default_value_t = 4)]
     max_draft_len: usize,
 }
 
@@ -185,10 +189,18 @@ impl ExecutorArgs {
         cfg.kv_cache.max_tokens = self.kv_cache_tokens;
         cfg.kv_cache.enable_block_reuse = !self.disable_block_reuse;
         cfg.timing_cache = self.timing_cache.clone();
-        cfg.speculative = self.ngram_lookup.map(|n| SpeculativeConfig::NGram {
-            max_draft_len: self.max_draft_len,
-            max_matching_ngram_size: n,
-        });
+        let max_draft_len = self.max_draft_len;
+        cfg.speculative = match (self.ngram_lookup, &self.draft_model) {
+            (Some(n), _) => Some(SpeculativeConfig::NGram {
+                max_draft_len,
+                max_matching_ngram_size: n,
+            }),
+            (None, Some(dir)) => Some(SpeculativeConfig::DraftTarget {
+                max_draft_len,
+                speculative_model: dir.clone(),
+            }),
+            (None, None) => None,
+        };
         cfg
     }
 }

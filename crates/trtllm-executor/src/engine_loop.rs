@@ -190,6 +190,7 @@ impl EngineLoop {
             if r.decoding() && room > 0 {
                 ids.push(r.id);
                 inputs.push(DraftInput {
+                    id: r.id,
                     tokens: &r.tokens,
                     max: room.min(*max_len),
                 });

@@ -19,6 +19,9 @@ pub enum ExecutorError {
     /// this request fails.
     #[error("the request's logits processor failed: {0}")]
     LogitsProcessor(String),
+    /// The draft model of speculative decoding cannot serve this target.
+    #[error("draft model: {0}")]
+    DraftModel(String),
     #[error(transparent)]
     Runtime(#[from] trtllm_builder::runtime::RuntimeError),
     #[error(transparent)]

@@ -17,6 +17,7 @@ use crate::active::ActiveRequest;
 use crate::dispatch::Dispatcher;
 use crate::engine_loop::{EngineLoop, Job};
 use crate::scheduler::Scheduler;
+use crate::speculative::DraftContext;
 use crate::{
     ExecutorConfig, ExecutorError, ExecutorLoad, GenerationRequest, GenerationResult,
     IterationStats, LogitsProcessor, Result,
@@ -60,9 +61,17 @@ impl GenerationExecutor {
         }
         let config = runner.engine_config().clone();
         let limits = cfg.scheduler.limits(&config.build)?;
-        if let Some(spec) = &cfg.speculative {
-            spec.validate()?;
-        }
+        let drafter = match &cfg.speculative {
+            Some(spec) => {
+                let ctx = DraftContext {
+                    device,
+                    kv_cache: &cfg.kv_cache,
+                    target: &config.model,
+                };
+                Some((spec.drafter(&ctx)?, spec.max_draft_len()))
+            }
+            None => None,
+        };
         let kv_budget = cfg
             .kv_cache
             .budget(&config.model, &config.build, limits.max_num_tokens)?;
@@ -94,10 +103,7 @@ impl GenerationExecutor {
             running: Vec::new(),
             waiting: Default::default(),
             iteration: 0,
-            drafter: cfg
-                .speculative
-                .as_ref()
-                .map(|s| (s.drafter(), s.max_draft_len())),
+            drafter,
             speculative: Default::default(),
         };
         let worker = std::thread::Builder::new()

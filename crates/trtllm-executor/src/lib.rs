@@ -10,6 +10,7 @@
 mod active;
 mod config;
 mod dispatch;
+mod draft_model;
 mod engine_loop;
 mod error;
 mod executor;

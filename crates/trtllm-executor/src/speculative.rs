@@ -10,11 +10,15 @@
 //! drawn from `p` without `d`. So outputs are those of plain decoding — bit for bit under
 //! greedy or a seed, as far as the verifying pass reproduces plain decoding's logits.
 //!
-//! Drafters: prompt lookup (n-gram matching over the request's own tokens). A draft model, or
-//! EAGLE/MTP heads that read the target's hidden states, would be further `Drafter`s; the
-//! checkpoints with such heads are not available here.
+//! Drafters: prompt lookup (n-gram matching over the request's own tokens) and a draft model
+//! (`draft_model.rs`). EAGLE/MTP heads, which read the target's hidden states, would be a
+//! further `Drafter` fed from the target's pass; checkpoints with such heads are not available
+//! here, so none is built.
+
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use trtllm_builder::runtime::{Device, KvCacheConfig, ModelConfig};
 
 use crate::{ExecutorError, Result};
 
@@ -28,6 +32,18 @@ pub enum SpeculativeConfig {
         max_draft_len: usize,
         max_matching_ngram_size: usize,
     },
+    /// A draft engine (built like any engine, with the target's vocabulary) proposes greedily.
+    DraftTarget {
+        max_draft_len: usize,
+        speculative_model: PathBuf,
+    },
+}
+
+/// What a drafter is built against: the target's device, KV-cache settings and model.
+pub(crate) struct DraftContext<'a> {
+    pub device: Device,
+    pub kv_cache: &'a KvCacheConfig,
+    pub target: &'a ModelConfig,
 }
 
 /// The most tokens one draft may hold: the verifying pass runs `1 + K` rows per request.
@@ -36,43 +52,54 @@ pub const MAX_DRAFT_LEN: usize = 32;
 impl SpeculativeConfig {
     pub fn max_draft_len(&self) -> usize {
         match self {
-            Self::NGram { max_draft_len, .. } => *max_draft_len,
+            Self::NGram { max_draft_len, .. } | Self::DraftTarget { max_draft_len, .. } => {
+                *max_draft_len
+            }
         }
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
-        let Self::NGram {
-            max_draft_len,
-            max_matching_ngram_size,
-        } = self;
         let bad = |field, value, max| Err(ExecutorError::InvalidConfig { field, value, max });
-        if *max_draft_len == 0 || *max_draft_len > MAX_DRAFT_LEN {
-            return bad("max_draft_len", *max_draft_len, MAX_DRAFT_LEN);
+        let k = self.max_draft_len();
+        if k == 0 || k > MAX_DRAFT_LEN {
+            return bad("max_draft_len", k, MAX_DRAFT_LEN);
         }
-        if *max_matching_ngram_size == 0 || *max_matching_ngram_size > MAX_DRAFT_LEN {
-            return bad(
-                "max_matching_ngram_size",
-                *max_matching_ngram_size,
-                MAX_DRAFT_LEN,
-            );
+        if let Self::NGram {
+            max_matching_ngram_size: n,
+            ..
+        } = self
+        {
+            if *n == 0 || *n > MAX_DRAFT_LEN {
+                return bad("max_matching_ngram_size", *n, MAX_DRAFT_LEN);
+            }
         }
         Ok(())
     }
 
-    pub(crate) fn drafter(&self) -> Box<dyn Drafter> {
-        match self {
+    pub(crate) fn drafter(&self, ctx: &DraftContext<'_>) -> Result<Box<dyn Drafter>> {
+        self.validate()?;
+        Ok(match self {
             Self::NGram {
                 max_matching_ngram_size,
                 ..
             } => Box::new(NgramDrafter {
                 max_ngram: *max_matching_ngram_size,
             }),
-        }
+            Self::DraftTarget {
+                speculative_model, ..
+            } => Box::new(crate::draft_model::DraftModel::open(
+                speculative_model,
+                ctx.device,
+                ctx.kv_cache,
+                ctx.target,
+            )?),
+        })
     }
 }
 
 /// One request to draft for: its tokens so far (prompt and output) and the most it may take.
 pub(crate) struct DraftInput<'a> {
+    pub id: u64,
     pub tokens: &'a [u32],
     pub max: usize,
 }

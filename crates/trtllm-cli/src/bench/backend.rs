@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use crate::run::ExecutorArgs;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
+use trtllm_api::executor::SpeculativeTotals;
 use trtllm_api::{Prompt, SamplingParams, LLM};
 
 use super::workload::{BenchRequest, Input};
@@ -27,6 +28,10 @@ pub trait Backend: Sync {
     fn run(&self, req: &BenchRequest) -> Result<Timing>;
     fn vocab_size(&self) -> usize;
     fn describe(&self) -> String;
+    /// The executor's speculative-decoding totals, where the backend can see them.
+    fn speculative(&self) -> Option<SpeculativeTotals> {
+        None
+    }
 }
 
 /// Records delta arrival times for one request.
@@ -111,6 +116,11 @@ impl Backend for InProcess {
 
     fn describe(&self) -> String {
         format!("in-process {}", self.path)
+    }
+
+    fn speculative(&self) -> Option<SpeculativeTotals> {
+        let load = self.llm.executor().load(Duration::from_secs(10)).ok()?;
+        Some(load.speculative)
     }
 }
 

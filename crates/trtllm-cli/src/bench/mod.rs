@@ -15,7 +15,7 @@ use clap::{Args, Subcommand};
 
 use crate::run::{ExecutorArgs, ModelArg};
 use backend::{Backend, HttpBackend, InProcess};
-use report::Report;
+use report::{Report, Speculation};
 use workload::{Workload, WorkloadArgs};
 
 #[derive(Subcommand)]
@@ -80,15 +80,19 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         // One warm-up request so the first measurement does not pay for page faults.
         backend.run(&workload.requests[0])?;
     }
+    let before = backend.speculative();
     let start = Instant::now();
     let timings = drive(backend.as_ref(), &workload, concurrency)?;
-    let report = Report::new(
+    let mut report = Report::new(
         mode,
         backend.describe(),
         concurrency,
         start.elapsed(),
         &timings,
     );
+    if let (Some(b), Some(a)) = (before, backend.speculative()) {
+        report.speculative = Speculation::between(b, a);
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

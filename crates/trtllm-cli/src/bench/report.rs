@@ -4,6 +4,7 @@ use std::fmt::Write;
 use std::time::Duration;
 
 use serde::Serialize;
+use trtllm_api::executor::SpeculativeTotals;
 
 use super::backend::Timing;
 
@@ -60,6 +61,36 @@ pub struct Report {
     pub tpot_ms: Percentiles,
     pub itl_ms: Percentiles,
     pub e2e_ms: Percentiles,
+    /// Speculative decoding in the measured requests (in process, when drafts were made).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub speculative: Option<Speculation>,
+}
+
+#[derive(Serialize)]
+pub struct Speculation {
+    pub drafts: u64,
+    pub draft_tokens: u64,
+    pub accepted_draft_tokens: u64,
+    /// Kept over proposed draft tokens.
+    pub acceptance_rate: f64,
+    /// Draft tokens kept per verifying pass.
+    pub mean_accepted_len: f64,
+}
+
+impl Speculation {
+    /// What happened between two readings of the executor's totals.
+    pub fn between(before: SpeculativeTotals, after: SpeculativeTotals) -> Option<Self> {
+        let drafts = after.drafts - before.drafts;
+        let draft_tokens = after.draft_tokens - before.draft_tokens;
+        let accepted = after.accepted_draft_tokens - before.accepted_draft_tokens;
+        (drafts > 0).then(|| Self {
+            drafts,
+            draft_tokens,
+            accepted_draft_tokens: accepted,
+            acceptance_rate: accepted as f64 / draft_tokens.max(1) as f64,
+            mean_accepted_len: accepted as f64 / drafts as f64,
+        })
+    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -108,6 +139,7 @@ impl Report {
                     .collect(),
             ),
             e2e_ms: Percentiles::of(t.iter().map(|x| ms(x.e2e)).collect()),
+            speculative: None,
         }
     }
 
@@ -145,6 +177,18 @@ impl Report {
         ];
         for (k, v) in rows {
             let _ = writeln!(s, "{k:<30} {v:>14}");
+        }
+        if let Some(sp) = &self.speculative {
+            let _ = writeln!(
+                s,
+                "{:<30} {:>14}",
+                "draft acceptance",
+                format!(
+                    "{:.1} % ({:.2}/pass)",
+                    sp.acceptance_rate * 100.0,
+                    sp.mean_accepted_len
+                )
+            );
         }
         let _ = writeln!(
             s,
