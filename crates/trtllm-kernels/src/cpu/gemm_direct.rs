@@ -83,6 +83,10 @@ unsafe fn columns_avx512<E: Elem>(p: &Problem<'_>, w: &[E], cols: Range<usize>, 
     match p.xt {
         Some(xt) if p.m <= PANEL => broadcast::<Avx512, E, 1, 24>(p, xt, w, cols, out),
         Some(xt) => broadcast::<Avx512, E, 2, 12>(p, xt, w, cols, out),
+        // Up to 6 rows in one row tile (no padded rows: a 5-row verifying pass of speculative
+        // decoding ran as 4 + 4 with 3 repeated).
+        None if p.m == 5 => tiles::<Avx512, E, 5, 4>(p, w, cols, out),
+        None if p.m == 6 => tiles::<Avx512, E, 6, 4>(p, w, cols, out),
         None => tiles::<Avx512, E, 4, 4>(p, w, cols, out),
     }
 }
