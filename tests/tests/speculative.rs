@@ -246,7 +246,6 @@ fn sampled_distribution_is_plain_decodings() -> Result<()> {
 #[test]
 fn a_draft_model_with_another_vocabulary_is_refused() -> Result<()> {
     let target = tempfile::tempdir()?;
-    let draft = tempfile::tempdir()?;
     let config = BuildConfig::default();
     build(
         &fixtures().join("tiny-llama"),
@@ -254,15 +253,51 @@ fn a_draft_model_with_another_vocabulary_is_refused() -> Result<()> {
         &config,
         &mut |_, _, _| {},
     )?;
+    // Another vocabulary size: SmolLM2's 49,152 tokens against 1,024.
+    let smol = tempfile::tempdir()?;
     let keep = BuildConfig {
         keep_quantized: true,
         ..Default::default()
     };
-    build(&smollm2_gguf()?, draft.path(), &keep, &mut |_, _, _| {})?;
-    let err = match open(target.path(), draft_model(3, draft.path())) {
-        Ok(_) => anyhow::bail!("a draft with another vocabulary was accepted"),
-        Err(e) => e.to_string(),
+    build(&smollm2_gguf()?, smol.path(), &keep, &mut |_, _, _| {})?;
+    let refused = |draft: &std::path::Path| match open(target.path(), draft_model(3, draft)) {
+        Ok(_) => Err(anyhow::anyhow!(
+            "{} was accepted as a draft",
+            draft.display()
+        )),
+        Err(e) => Ok(e.to_string()),
     };
+    let err = refused(smol.path())?;
     ensure!(err.contains("vocabulary"), "{err}");
+    // The same size with two tokens swapped: ids that mean other text.
+    let swapped = tempfile::tempdir()?;
+    build(
+        &fixtures().join("tiny-llama"),
+        swapped.path(),
+        &config,
+        &mut |_, _, _| {},
+    )?;
+    let path = swapped.path().join("tokenizer.json");
+    let mut tok: serde_json::Value = read_json(&path)?;
+    let vocab = tok["model"]["vocab"]
+        .as_object_mut()
+        .expect("a BPE vocabulary");
+    let ids: Vec<String> = vocab
+        .iter()
+        .filter(|(_, id)| matches!(id.as_u64(), Some(300 | 301)))
+        .map(|(t, _)| t.clone())
+        .collect();
+    ensure!(
+        ids.len() == 2,
+        "tokens 300 and 301 in tiny-llama's vocabulary"
+    );
+    vocab.insert(ids[0].clone(), vocab[&ids[1]].clone());
+    vocab.insert(
+        ids[1].clone(),
+        vocab[&ids[0]].clone().as_u64().map_or(0, |v| v ^ 1).into(),
+    );
+    std::fs::write(&path, serde_json::to_string(&tok)?)?;
+    let err = refused(swapped.path())?;
+    ensure!(err.contains("token 300"), "{err}");
     Ok(())
 }

@@ -87,6 +87,12 @@ impl LLM {
                 (a, b) => a.or(b),
             };
         }
+        let draft_dir = match &executor_config.speculative {
+            Some(SpeculativeConfig::DraftTarget {
+                speculative_model, ..
+            }) => Some(speculative_model.clone()),
+            _ => None,
+        };
         let executor = GenerationExecutor::on_device(&engine_dir, executor_config, args.device)?;
         let tokenizer = if args.skip_tokenizer_init {
             None
@@ -97,6 +103,9 @@ impl LLM {
             }
             Some(Arc::new(tok))
         };
+        if let (Some(tok), Some(dir)) = (&tokenizer, &draft_dir) {
+            same_vocabulary(tok, dir)?;
+        }
         Ok(Self {
             executor,
             tokenizer,
@@ -320,6 +329,27 @@ impl LLM {
             Guides::new(tok, model.vocab_size, &model.eos_token_ids).map_err(|e| e.to_string())
         });
         made.as_ref().map_err(|e| ApiError::InvalidInput(e.clone()))
+    }
+}
+
+/// A draft model proposes token ids: the same ids must mean the same text to it. The executor
+/// checked the vocabulary sizes; here every token's bytes are compared, when the draft engine has
+/// a tokenizer to compare.
+fn same_vocabulary(target: &Tokenizer, draft_dir: &Path) -> Result<()> {
+    let Ok(draft) = Tokenizer::from_dir(draft_dir) else {
+        return Ok(());
+    };
+    let n = target.vocab_size().max(draft.vocab_size());
+    let (a, b) = (target.token_bytes(n, 0xff)?, draft.token_bytes(n, 0xff)?);
+    match a.iter().zip(&b).position(|(x, y)| x != y) {
+        None => Ok(()),
+        Some(id) => Err(ApiError::InvalidInput(format!(
+            "draft model {}: token {id} is {:?} to it and {:?} to the target; a draft model \
+             must share the target's tokenizer",
+            draft_dir.display(),
+            String::from_utf8_lossy(&b[id]),
+            String::from_utf8_lossy(&a[id]),
+        ))),
     }
 }
 
