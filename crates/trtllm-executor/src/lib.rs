@@ -8,6 +8,7 @@
 //! request's blocks are back in the pool before its final event is sent.
 
 mod active;
+mod beam;
 mod config;
 mod dispatch;
 mod draft_model;
@@ -19,6 +20,7 @@ mod scheduler;
 mod speculative;
 mod stats;
 
+pub use beam::{Beam, BeamConfig, BeamSearch, EarlyStopping, NeverTag};
 pub use config::{CapacitySchedulerPolicy, ExecutorConfig, SchedulerConfig, TUNE_BUDGET};
 pub use error::ExecutorError;
 pub use executor::GenerationExecutor;
