@@ -122,10 +122,7 @@ fn tiny_fixtures_give_transformers_beams() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn smollm2_gives_transformers_beams() -> Result<()> {
-    let golden = golden()?;
-    let cases = golden.models.get("smollm2").context("smollm2 cases")?;
+fn smollm2_engine() -> Result<tempfile::TempDir> {
     let engine = tempfile::tempdir()?;
     build(
         &smollm2_gguf()?,
@@ -133,6 +130,14 @@ fn smollm2_gives_transformers_beams() -> Result<()> {
         &BuildConfig::default(),
         &mut |_, _, _| {},
     )?;
+    Ok(engine)
+}
+
+#[test]
+fn smollm2_gives_transformers_beams() -> Result<()> {
+    let golden = golden()?;
+    let cases = golden.models.get("smollm2").context("smollm2 cases")?;
+    let engine = smollm2_engine()?;
     // One prompt whose beams finish at different lengths (a chat answer); the others run in
     // `cargo test -- --ignored`.
     check("smollm2", engine.path(), &cases[1..2])
@@ -143,12 +148,6 @@ fn smollm2_gives_transformers_beams() -> Result<()> {
 fn smollm2_all_prompts_give_transformers_beams() -> Result<()> {
     let golden = golden()?;
     let cases = golden.models.get("smollm2").context("smollm2 cases")?;
-    let engine = tempfile::tempdir()?;
-    build(
-        &smollm2_gguf()?,
-        engine.path(),
-        &BuildConfig::default(),
-        &mut |_, _, _| {},
-    )?;
+    let engine = smollm2_engine()?;
     check("smollm2", engine.path(), cases)
 }

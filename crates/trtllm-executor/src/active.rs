@@ -226,14 +226,16 @@ impl ActiveRequest {
         for (i, row) in rows.iter().enumerate() {
             let token = self.sample(row, eos)?;
             let kept = draft.get(i) == Some(&token.id);
+            if kept {
+                self.computed += 1;
+                self.stats.accepted_draft_tokens += 1;
+            }
             if let Some(reason) = self.push_token(token, eos) {
                 return Ok(Some(reason));
             }
             if !kept {
                 break;
             }
-            self.computed += 1;
-            self.stats.accepted_draft_tokens += 1;
         }
         Ok(None)
     }

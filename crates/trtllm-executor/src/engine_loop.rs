@@ -183,29 +183,35 @@ impl EngineLoop {
         let Some((drafter, max_len)) = &mut self.drafter else {
             return;
         };
-        let mut ids = Vec::new();
-        let mut inputs = Vec::new();
-        for r in &self.running {
-            let room = r.budget.saturating_sub(r.output().len() + 1);
-            if r.decoding() && room > 0 {
-                ids.push(r.id);
-                inputs.push(DraftInput {
-                    id: r.id,
-                    tokens: &r.tokens,
-                    max: room.min(*max_len),
-                });
-            }
-        }
-        if inputs.is_empty() {
+        // (index in `running`, most draft tokens) of each request to draft for.
+        let asks: Vec<(usize, usize)> = self
+            .running
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.decoding())
+            .map(|(i, r)| {
+                (
+                    i,
+                    r.budget.saturating_sub(r.output().len() + 1).min(*max_len),
+                )
+            })
+            .filter(|&(_, max)| max > 0)
+            .collect();
+        if asks.is_empty() {
             return;
         }
+        let inputs: Vec<DraftInput<'_>> = asks
+            .iter()
+            .map(|&(i, max)| DraftInput {
+                id: self.running[i].id,
+                tokens: &self.running[i].tokens,
+                max,
+            })
+            .collect();
         let drafts = drafter.propose(&inputs);
-        for (id, mut draft) in ids.into_iter().zip(drafts) {
-            if let Some(r) = self.running.iter_mut().find(|r| r.id == id) {
-                let room = r.budget.saturating_sub(r.output().len() + 1);
-                draft.truncate(room.min(*max_len));
-                r.draft = draft;
-            }
+        for (&(i, max), mut draft) in asks.iter().zip(drafts) {
+            draft.truncate(max);
+            self.running[i].draft = draft;
         }
     }
 
@@ -322,15 +328,13 @@ impl EngineLoop {
                 finished.push((r.id, Err(ExecutorError::Step("missing logits row".into()))));
                 continue;
             };
-            let sampled_rows = &chunk_rows[first..];
-            let (accepted_before, outcome) = (
-                r.stats.accepted_draft_tokens,
-                r.sample_rows(sampled_rows, &draft, eos),
-            );
-            let accepted = r.stats.accepted_draft_tokens - accepted_before;
-            stats.draft_tokens += draft.len();
-            stats.accepted_draft_tokens += accepted;
+            let computed_before = r.computed;
+            let outcome = r.sample_rows(&chunk_rows[first..], &draft, eos);
             if !draft.is_empty() {
+                // Each kept draft token moved `computed` past it.
+                let accepted = r.computed - computed_before;
+                stats.draft_tokens += draft.len();
+                stats.accepted_draft_tokens += accepted;
                 self.speculative.drafts += 1;
                 self.speculative.draft_tokens += draft.len() as u64;
                 self.speculative.accepted_draft_tokens += accepted as u64;
