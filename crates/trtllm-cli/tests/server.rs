@@ -629,24 +629,3 @@ fn echo_and_prompt_logprobs() {
     );
     assert_eq!(status, 400, "{e}");
 }
-
-/// `serve --ngram-lookup`: the same greedy text as a plain server, with the drafts counted in
-/// `/metrics`.
-#[test]
-fn speculative_serving_gives_plain_text_and_counts_drafts() {
-    let prompt =
-        "one two three four five six seven eight. one two three four five six seven eight. one two";
-    let body = json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": true});
-    let plain = Server::start(&[]);
-    let (status, a) = plain.post("/v1/completions", &body, None);
-    assert_eq!(status, 200, "{a}");
-    drop(plain);
-    let spec = Server::start(&["--ngram-lookup", "3", "--max-draft-len", "4"]);
-    let (status, b) = spec.post("/v1/completions", &body, None);
-    assert_eq!(status, 200, "{b}");
-    assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"]);
-    let drafted = spec.metric("trtllm_spec_decode_num_draft_tokens_total");
-    let kept = spec.metric("trtllm_spec_decode_num_accepted_tokens_total");
-    assert!(kept > 0.0 && kept <= drafted, "{kept} of {drafted}");
-    assert!(spec.metric("trtllm_spec_decode_num_drafts_total") > 0.0);
-}
