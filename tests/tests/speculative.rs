@@ -107,9 +107,8 @@ fn greedy_golden(engine: &std::path::Path, cfg: ExecutorConfig) -> Result<()> {
     Ok(())
 }
 
-/// tiny-llama and a prompt that makes prompt lookup draft well: a seed, the model's own greedy
-/// continuation of it, and the seed again.
-fn tiny() -> Result<(tempfile::TempDir, Vec<u32>)> {
+/// tiny-llama built with the default config into a temporary directory.
+fn tiny_llama() -> Result<tempfile::TempDir> {
     let engine = tempfile::tempdir()?;
     build(
         &fixtures().join("tiny-llama"),
@@ -117,6 +116,13 @@ fn tiny() -> Result<(tempfile::TempDir, Vec<u32>)> {
         &BuildConfig::default(),
         &mut |_, _, _| {},
     )?;
+    Ok(engine)
+}
+
+/// tiny-llama and a prompt that makes prompt lookup draft well: a seed, the model's own greedy
+/// continuation of it, and the seed again.
+fn tiny() -> Result<(tempfile::TempDir, Vec<u32>)> {
+    let engine = tiny_llama()?;
     let seed: Vec<u32> = vec![5, 17, 29, 3, 11];
     let plain = open(engine.path(), ExecutorConfig::default())?;
     let greedy = SamplingParams {
@@ -245,14 +251,7 @@ fn sampled_distribution_is_plain_decodings() -> Result<()> {
 
 #[test]
 fn a_draft_model_with_another_vocabulary_is_refused() -> Result<()> {
-    let target = tempfile::tempdir()?;
-    let config = BuildConfig::default();
-    build(
-        &fixtures().join("tiny-llama"),
-        target.path(),
-        &config,
-        &mut |_, _, _| {},
-    )?;
+    let target = tiny_llama()?;
     // Another vocabulary size: SmolLM2's 49,152 tokens against 1,024.
     let smol = tempfile::tempdir()?;
     let keep = BuildConfig {
@@ -270,13 +269,7 @@ fn a_draft_model_with_another_vocabulary_is_refused() -> Result<()> {
     let err = refused(smol.path())?;
     ensure!(err.contains("vocabulary"), "{err}");
     // The same size with two tokens swapped: ids that mean other text.
-    let swapped = tempfile::tempdir()?;
-    build(
-        &fixtures().join("tiny-llama"),
-        swapped.path(),
-        &config,
-        &mut |_, _, _| {},
-    )?;
+    let swapped = tiny_llama()?;
     let path = swapped.path().join("tokenizer.json");
     let mut tok: serde_json::Value = read_json(&path)?;
     let vocab = tok["model"]["vocab"]

@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use trtllm_builder::runtime::{
-    Device, KvCacheConfig, KvCacheManager, KvPool, LogitsMode, ModelConfig, ModelRunner, SeqChunk,
-    Session,
+    argmax, Device, KvCacheConfig, KvCacheManager, KvPool, LogitsMode, ModelConfig, ModelRunner,
+    SeqChunk, Session,
 };
 
 use crate::speculative::{DraftInput, Drafter};
@@ -220,28 +220,5 @@ impl Drafter for DraftModel {
                 vec![Vec::new(); seqs.len()]
             }
         }
-    }
-}
-
-/// The first index of the largest logit (a NaN is passed over).
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] || (row[best].is_nan() && !v.is_nan()) {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-#[cfg(test)]
-mod tests {
-    use super::argmax;
-
-    #[test]
-    fn argmax_takes_the_first_largest() {
-        assert_eq!(argmax(&[0.0, 2.0, 2.0, 1.0]), 1);
-        assert_eq!(argmax(&[f32::NAN, 1.0]), 1);
-        assert_eq!(argmax(&[-1.0, f32::NAN, 3.0]), 2);
     }
 }
