@@ -127,7 +127,11 @@ fn quantized_engines_match_the_cpu() -> Result<()> {
     // bf16 prefill rounds activations to bf16 for cuBLAS (TensorRT's numerics). FP8 rounds every
     // activation to E4M3 with a static scale, and SmolLM2's outlier activations make that
     // sensitive to the last bit of its input: the CPU's own SIMD and portable paths differ by
-    // 0.18 % on these ids (2.7011 vs 2.6961), the emulated GPU by 0.40 % from the first.
+    // 0.18 % on these ids (2.7011 vs 2.6961), the emulated GPU by 0.40 % from the first. An FP8
+    // KV cache is as sensitive: a key's last bit can flip its E4M3 code (a 6 % step), which moves
+    // SmolLM2's logits by up to 0.5 from the third position on, between the CPU's own SIMD and
+    // portable paths as between CPU and GPU. On an H200 the FP8-KV builds differed by
+    // 0.08 % and 0.115 %, the same weights with an f32 KV cache by 4e-8.
     let builds = [
         (
             "W4A16 AWQ + INT8 KV",
@@ -137,8 +141,10 @@ fn quantized_engines_match_the_cpu() -> Result<()> {
         (
             "W8A16 + FP8 KV",
             quant(QuantAlgo::W8A16, QuantAlgo::Fp8),
-            1e-3,
+            3e-3,
         ),
+        ("W8A16", quant(QuantAlgo::W8A16, QuantAlgo::NoQuant), 1e-3),
+        ("FP8 KV", quant(QuantAlgo::NoQuant, QuantAlgo::Fp8), 3e-3),
         (
             "W8A8 SmoothQuant",
             quant(QuantAlgo::W8A8SqPerChannel, QuantAlgo::NoQuant),
@@ -179,15 +185,23 @@ fn quantized_engines_match_the_cpu() -> Result<()> {
             1e-3,
         ),
     ];
+    // Every format is measured before any verdict, so one run names every format that differs.
+    let mut failed = Vec::new();
     for (name, config, tol) in builds {
         let dir = build_smollm2(&config)?;
         let cpu = llm(dir.path(), Device::Cpu)?.perplexity(&ids)?.mean_nll;
         let gpu = llm(dir.path(), Device::Cuda(0))?.perplexity(&ids)?.mean_nll;
-        eprintln!("{name}: mean NLL cpu {cpu:.6}, gpu {gpu:.6}");
-        assert!(
-            (cpu - gpu).abs() < tol * cpu,
-            "{name}: cpu {cpu} vs gpu {gpu}"
+        let rel = (cpu - gpu).abs() / cpu;
+        eprintln!(
+            "{name}: mean NLL cpu {cpu:.6}, gpu {gpu:.6}, relative {rel:.2e} (tolerance {tol:.0e})"
         );
+        if rel >= tol {
+            failed.push(name);
+        }
     }
+    anyhow::ensure!(
+        failed.is_empty(),
+        "the GPU's perplexity differs: {failed:?}"
+    );
     Ok(())
 }
