@@ -55,6 +55,10 @@ impl CudaBackend {
         self.ordinal
     }
 
+    pub fn device(&self) -> &CudaDevice {
+        &self.dev
+    }
+
     pub fn new_pool(&self, storage: KvStorage, budget: &KvBudget) -> Result<KvPool> {
         KvPool::on_device(&self.cfg, storage, budget, &self.dev)
     }

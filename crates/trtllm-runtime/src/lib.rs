@@ -28,8 +28,8 @@ pub use engine::{BuildConfig, EngineConfig, EngineWriter, ENGINE_FORMAT_VERSION}
 pub use error::{panic_message, RuntimeError};
 pub use generation::{FinishReason, GenerationOutput, GenerationParams};
 pub use kv_cache::{
-    BlockId, GroupBudget, KvBudget, KvCache, KvCacheConfig, KvCacheEvent, KvCacheManager,
-    KvCacheSummary, KvGroupSummary, KvGroups, KvPool, KvStorage, NO_BLOCK,
+    BlockCopy, BlockId, GroupBudget, KvBudget, KvCache, KvCacheConfig, KvCacheEvent,
+    KvCacheManager, KvCacheSummary, KvGroupSummary, KvGroups, KvPool, KvStorage, NO_BLOCK,
 };
 pub use model::{ActivationObserver, LogitsMode, SeqChunk};
 pub use sampling::{

@@ -209,6 +209,24 @@ impl ModelRunner {
         Ok(logits)
     }
 
+    /// Copies blocks within `pool` (what [`crate::KvCacheManager::fork`] returned) before the
+    /// next pass reads the forked sequences.
+    pub fn copy_blocks(&self, pool: &mut KvPool, copies: &[crate::BlockCopy]) -> Result<()> {
+        if copies.is_empty() {
+            return Ok(());
+        }
+        let layer_group = pool.check_copies(copies)?.to_vec();
+        match &self.backend {
+            Backend::Cpu(_) => pool.host_mut()?.copy_blocks(&layer_group, copies),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(d) => {
+                let dev = d.backend.device();
+                pool.device_mut()?.copy_blocks(dev, &layer_group, copies)?;
+            }
+        }
+        Ok(())
+    }
+
     /// One batched forward pass over chunks of several sequences sharing `pool` (the
     /// scheduler's step). Checks token ids, and that every chunk's block tables cover it and name
     /// the pool's blocks wherever it reads or writes.

@@ -326,6 +326,82 @@ impl CudaDevice {
         launch(b, cfg, kernel)
     }
 
+    /// Copies `n` slots from slot `src` to slot `dst` of both sides of `kv` (values, and scales
+    /// where quantized), on the device's stream: a forked sequence's copy of a shared block.
+    pub fn kv_copy_slots(
+        &self,
+        kv: &mut DeviceKv,
+        (src, dst, n): (usize, usize, usize),
+        (row, heads): (usize, usize),
+    ) -> Result<()> {
+        let slots = kv.len() / row.max(1);
+        if src.max(dst) + n > slots {
+            return Err(KernelError::OutOfRange {
+                op: "cuda kv copy",
+                what: "slot",
+                index: src.max(dst) + n,
+                limit: slots + 1,
+            });
+        }
+        match kv {
+            DeviceKv::F32 { k, v } => {
+                self.copy_within(k, (src, dst, n), row)?;
+                self.copy_within(v, (src, dst, n), row)
+            }
+            DeviceKv::Bf16 { k, v } | DeviceKv::F16 { k, v } => {
+                self.copy_within(k, (src, dst, n), row)?;
+                self.copy_within(v, (src, dst, n), row)
+            }
+            DeviceKv::Int8 {
+                k,
+                k_scales,
+                v,
+                v_scales,
+            } => {
+                self.copy_within(k, (src, dst, n), row)?;
+                self.copy_within(v, (src, dst, n), row)?;
+                self.copy_within(k_scales, (src, dst, n), heads)?;
+                self.copy_within(v_scales, (src, dst, n), heads)
+            }
+            DeviceKv::Fp8 {
+                k,
+                k_scales,
+                v,
+                v_scales,
+            } => {
+                self.copy_within(k, (src, dst, n), row)?;
+                self.copy_within(v, (src, dst, n), row)?;
+                self.copy_within(k_scales, (src, dst, n), heads)?;
+                self.copy_within(v_scales, (src, dst, n), heads)
+            }
+        }
+    }
+
+    /// Copies `n · per` elements of `buf` from `src · per` to `dst · per` (ranges that do not
+    /// overlap: two different blocks).
+    fn copy_within<T: DeviceRepr>(
+        &self,
+        buf: &mut CudaSlice<T>,
+        (src, dst, n): (usize, usize, usize),
+        per: usize,
+    ) -> Result<()> {
+        let size = std::mem::size_of::<T>();
+        let (base, _sync) = buf.device_ptr_mut(&self.stream);
+        let at = |slot: usize| base + (slot * per * size) as u64;
+        // SAFETY: both ranges lie inside `buf` (the caller checked the slots against its
+        // length), `buf` is borrowed mutably for the call, and the copy is queued on the stream
+        // every other use of `buf` is ordered on.
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(
+                at(dst),
+                at(src),
+                n * per * size,
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(super::cuda_err("cuda kv copy"))
+    }
+
     /// Stores the batch's new keys or values `x` (`[rows × n_kv_heads × head_dim]`) at their
     /// slots, rounding to bf16/f16 or quantizing per (slot, head) for INT8/FP8 pools as the CPU
     /// pool does.

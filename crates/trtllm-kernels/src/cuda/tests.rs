@@ -293,6 +293,39 @@ fn paged_attention_and_kv_writes_match_cpu() {
     }
 }
 
+/// A block copy (a forked beam's copy of a shared block) moves values and scales of both sides
+/// and nothing else.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo xtask test-gpu"]
+fn kv_block_copies_move_values_and_scales() {
+    use super::DeviceKv;
+    let d = device();
+    let (slots, row, heads) = (12, 6, 2);
+    let vals = rand_vec(slots * row, 70);
+    let scales = rand_vec(slots * heads, 71);
+    let mut kv = DeviceKv::Int8 {
+        k: d.upload(&vals.iter().map(|v| (v * 100.0) as i8).collect::<Vec<_>>())
+            .unwrap(),
+        k_scales: d.upload(&scales).unwrap(),
+        v: d.upload(&vals.iter().map(|v| (v * 50.0) as i8).collect::<Vec<_>>())
+            .unwrap(),
+        v_scales: d.upload(&scales).unwrap(),
+    };
+    // Slots 8..12 get slots 0..4; a copy past the end is refused.
+    d.kv_copy_slots(&mut kv, (0, 8, 4), (row, heads)).unwrap();
+    assert!(d.kv_copy_slots(&mut kv, (0, 9, 4), (row, heads)).is_err());
+    let DeviceKv::Int8 { k, k_scales, .. } = &kv else {
+        unreachable!()
+    };
+    let (k, ks) = (d.download(k).unwrap(), d.download(k_scales).unwrap());
+    let mut want: Vec<i8> = vals.iter().map(|v| (v * 100.0) as i8).collect();
+    want.copy_within(0..4 * row, 8 * row);
+    assert_eq!(k, want);
+    let mut want = scales.clone();
+    want.copy_within(0..4 * heads, 8 * heads);
+    assert_eq!(ks, want);
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU: cargo xtask test-gpu"]
 fn glue_kernels_scale_gather_copy_and_round_through_fp8() {

@@ -43,6 +43,8 @@ pub(crate) struct BlockGroup {
     tick: u64,
     seqs: HashMap<u64, SeqBlocks>,
     events: Vec<KvCacheEvent>,
+    /// Blocks copied at forks since the start (copy-on-write of a shared partial block).
+    copied: u64,
 }
 
 impl BlockGroup {
@@ -58,6 +60,7 @@ impl BlockGroup {
             tick: 0,
             seqs: HashMap::new(),
             events: Vec::new(),
+            copied: 0,
         }
     }
 
@@ -135,6 +138,37 @@ impl BlockGroup {
             fresh.push(b);
         }
         self.seqs.entry(id).or_default().blocks.extend(fresh);
+    }
+
+    /// Starts sequence `child` as a copy of `parent`'s first `len` positions: full blocks are
+    /// shared (one more reference each), and a partly filled last block, which both would write,
+    /// is copied into a fresh block (copy-on-write, done at the fork). Returns that copy as
+    /// (source, destination) for the pool. The caller checked that a block is available.
+    pub fn fork(&mut self, parent: u64, child: u64, len: usize) -> Option<(BlockId, BlockId)> {
+        let mut seq = SeqBlocks::default();
+        if let Some(p) = self.seqs.get(&parent) {
+            seq.blocks = p.blocks[..len.div_ceil(self.block_size).min(p.blocks.len())].to_vec();
+            seq.hashes = p.hashes[..(len / self.block_size).min(p.hashes.len())].to_vec();
+            seq.released = p.released.min(seq.blocks.len());
+        }
+        for &b in seq.blocks.iter().filter(|&&b| b != NO_BLOCK) {
+            self.blocks[b as usize].refs += 1;
+        }
+        let mut copy = None;
+        let last = seq.blocks.last().copied().filter(|&b| b != NO_BLOCK);
+        if let (Some(src), true) = (last, len % self.block_size != 0) {
+            let dst = match self.free.pop() {
+                Some(b) => b,
+                None => self.evict_lru(),
+            };
+            self.blocks[dst as usize].refs = 1;
+            self.release(src);
+            *seq.blocks.last_mut().expect("a last block") = dst;
+            self.copied += 1;
+            copy = Some((src, dst));
+        }
+        self.seqs.insert(child, seq);
+        copy
     }
 
     fn evict_lru(&mut self) -> BlockId {
@@ -246,6 +280,7 @@ impl BlockGroup {
             free_blocks: self.free.len(),
             cached_blocks: self.lru.len(),
             sequences: self.seqs.len(),
+            copied_blocks: self.copied,
         }
     }
 

@@ -25,6 +25,14 @@ pub enum KvCacheEvent {
     Removed { block_id: BlockId, hash: u64 },
 }
 
+/// A block of KV group `group` whose contents the pool copies to another before the next pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockCopy {
+    pub group: usize,
+    pub src: BlockId,
+    pub dst: BlockId,
+}
+
 /// Where every block is, for stats and invariant checks (summed over the groups).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct KvCacheSummary {
@@ -35,6 +43,8 @@ pub struct KvCacheSummary {
     /// Unreferenced but kept for prefix reuse; evictable.
     pub cached_blocks: usize,
     pub sequences: usize,
+    /// Blocks copied since the start because forked sequences (beams) would both write them.
+    pub copied_blocks: u64,
 }
 
 impl KvCacheSummary {
@@ -44,6 +54,7 @@ impl KvCacheSummary {
         self.free_blocks += o.free_blocks;
         self.cached_blocks += o.cached_blocks;
         self.sequences = self.sequences.max(o.sequences);
+        self.copied_blocks += o.copied_blocks;
         self
     }
 }
@@ -202,6 +213,33 @@ impl KvCacheManager {
         }
     }
 
+    /// Starts sequence `child` on `parent`'s first `len` positions in every group, sharing its
+    /// full blocks (beam search's fork). A partly filled last block is copied, all or nothing:
+    /// the copies, per group, are for the pool to make before `child`'s next pass
+    /// ([`super::KvPool::copy_blocks`]).
+    pub fn fork(&mut self, parent: u64, child: u64, len: usize) -> Result<Vec<BlockCopy>> {
+        let partial = len % self.budget.block_size != 0;
+        if let Some(g) = self
+            .groups
+            .iter()
+            .find(|g| partial && g.available_blocks() == 0)
+        {
+            return Err(RuntimeError::OutOfKvBlocks {
+                needed: 1,
+                available: g.available_blocks(),
+            });
+        }
+        Ok(self
+            .groups
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(group, g)| {
+                let (src, dst) = g.fork(parent, child, len)?;
+                Some(BlockCopy { group, src, dst })
+            })
+            .collect())
+    }
+
     /// Releases sequence `id`'s blocks: cached ones become evictable (tail first), the rest free.
     pub fn free_sequence(&mut self, id: u64) {
         for g in &mut self.groups {
@@ -264,6 +302,38 @@ mod tests {
 
     fn toks(n: usize, salt: u32) -> Vec<u32> {
         (0..n as u32).map(|i| i * 31 + salt).collect()
+    }
+
+    #[test]
+    fn a_fork_shares_full_blocks_and_copies_the_partial_one() {
+        let mut m = KvCacheManager::new(8, 4, false);
+        m.add_sequence(1, &toks(10, 0));
+        m.ensure_capacity(1, 10).unwrap();
+        let parent = m.block_tables(1)[0].to_vec();
+        let copies = m.fork(1, 2, 10).unwrap();
+        let child = m.block_tables(2)[0].to_vec();
+        assert_eq!(child[..2], parent[..2], "full blocks shared");
+        assert_ne!(child[2], parent[2], "the partial block is the child's own");
+        let want = BlockCopy {
+            group: 0,
+            src: parent[2],
+            dst: child[2],
+        };
+        assert_eq!(copies, [want]);
+        // At a block boundary nothing is copied.
+        assert_eq!(m.fork(1, 3, 8).unwrap(), []);
+        assert_eq!(m.block_tables(3)[0], &parent[..2]);
+        let s = m.check_invariants().unwrap();
+        assert_eq!((s.used_blocks, s.copied_blocks), (4, 1));
+        // The pool is full but for 4 blocks: a fork that needs one more fails whole.
+        m.add_sequence(4, &toks(16, 1));
+        m.ensure_capacity(4, 16).unwrap();
+        assert!(m.fork(1, 5, 10).is_err());
+        assert!(m.block_tables(5)[0].is_empty());
+        for id in [1, 2, 3, 4] {
+            m.free_sequence(id);
+        }
+        assert_eq!(m.check_invariants().unwrap().used_blocks, 0);
     }
 
     #[test]

@@ -81,6 +81,27 @@ impl Store {
         }
     }
 
+    /// Copies `n` slots from slot `src` to slot `dst` (values, and scales where quantized);
+    /// `row` values and `heads` scales per slot.
+    fn copy_slots(&mut self, (src, dst, n): (usize, usize, usize), (row, heads): (usize, usize)) {
+        fn copy<T: Copy>(d: &mut [T], (src, dst, n): (usize, usize, usize), per: usize) {
+            d.copy_within(src * per..(src + n) * per, dst * per);
+        }
+        let slots = (src, dst, n);
+        match self {
+            Store::F32(d) => copy(d, slots, row),
+            Store::Bf16(d) | Store::F16(d) => copy(d, slots, row),
+            Store::Int8 { q, scales } => {
+                copy(q, slots, row);
+                copy(scales, slots, heads);
+            }
+            Store::Fp8 { q, scales } => {
+                copy(q, slots, row);
+                copy(scales, slots, heads);
+            }
+        }
+    }
+
     /// Stores the row of `slot` (`x.len()` values, `head_dim` per head).
     fn write(&mut self, slot: usize, x: &[f32], head_dim: usize) {
         let at = slot * x.len();
@@ -135,6 +156,7 @@ pub(crate) struct HostKv {
     layers: Vec<(Store, Store)>,
     block_size: usize,
     head_dim: usize,
+    kv_dim: usize,
 }
 
 impl HostKv {
@@ -145,6 +167,18 @@ impl HostKv {
             k: k.data(),
             v: v.data(),
             block_size: self.block_size,
+        }
+    }
+
+    /// Makes each copy in every layer of its group (`layer_group`).
+    pub(crate) fn copy_blocks(&mut self, layer_group: &[usize], copies: &[super::BlockCopy]) {
+        let (bs, per) = (self.block_size, (self.kv_dim, self.kv_dim / self.head_dim));
+        for (layer, (k, v)) in self.layers.iter_mut().enumerate() {
+            for c in copies.iter().filter(|c| c.group == layer_group[layer]) {
+                let slots = (c.src as usize * bs, c.dst as usize * bs, bs);
+                k.copy_slots(slots, per);
+                v.copy_slots(slots, per);
+            }
         }
     }
 
@@ -179,6 +213,8 @@ pub struct KvPool {
     storage: KvStorage,
     /// Blocks of each KV group, to check block tables against.
     group_blocks: Vec<usize>,
+    /// Each layer's KV group.
+    layer_group: Vec<usize>,
 }
 
 impl KvPool {
@@ -217,11 +253,29 @@ impl KvPool {
                 layers,
                 block_size: budget.block_size,
                 head_dim: model.head_dim,
+                kv_dim: model.kv_dim(),
             }),
             block_size: budget.block_size,
             storage,
             group_blocks: budget.groups.iter().map(|g| g.blocks).collect(),
+            layer_group: model.kv_groups().of_layer,
         })
+    }
+
+    /// Checks that `copies` name blocks of their KV groups; returns each layer's group, which
+    /// the copies apply to.
+    pub(crate) fn check_copies(&self, copies: &[super::BlockCopy]) -> Result<&[usize]> {
+        if let Some(c) = copies.iter().find(|c| {
+            let blocks = self.group_blocks.get(c.group).copied().unwrap_or(0);
+            c.src as usize >= blocks || c.dst as usize >= blocks
+        }) {
+            return Err(crate::RuntimeError::InvalidKvConfig {
+                field: "block copy",
+                value: format!("{c:?}"),
+                expected: "blocks of the pool's KV groups",
+            });
+        }
+        Ok(&self.layer_group)
     }
 
     /// Errors unless `table` (KV group `group`'s, whose layers see `window` keys) covers
@@ -315,12 +369,15 @@ pub(crate) mod device {
     use trtllm_quant::kernels::cuda::{CudaDevice, DeviceKv};
 
     use super::{layer_blocks, KvBudget, KvPool, KvStorage, Layers};
+    use crate::kv_cache::BlockCopy;
     use crate::{ModelConfig, Result};
 
     /// Every layer's pools on the GPU: what the CUDA backend reads and writes.
     pub(crate) struct DeviceKvs {
         layers: Vec<DeviceKv>,
         block_size: usize,
+        /// Values and scales per slot: (kv_dim, n_kv_heads).
+        row: (usize, usize),
     }
 
     impl DeviceKvs {
@@ -331,6 +388,23 @@ pub(crate) mod device {
         /// Layer `i`'s pools.
         pub(crate) fn layer(&mut self, i: usize) -> &mut DeviceKv {
             &mut self.layers[i]
+        }
+
+        /// Each copy in every layer of its group (`layer_group`), on `dev`'s stream.
+        pub(crate) fn copy_blocks(
+            &mut self,
+            dev: &CudaDevice,
+            layer_group: &[usize],
+            copies: &[BlockCopy],
+        ) -> Result<()> {
+            let bs = self.block_size;
+            for (layer, kv) in self.layers.iter_mut().enumerate() {
+                for c in copies.iter().filter(|c| c.group == layer_group[layer]) {
+                    let slots = (c.src as usize * bs, c.dst as usize * bs, bs);
+                    dev.kv_copy_slots(kv, slots, self.row)?;
+                }
+            }
+            Ok(())
         }
     }
 
@@ -380,10 +454,12 @@ pub(crate) mod device {
                 layers: Layers::Device(DeviceKvs {
                     layers,
                     block_size: budget.block_size,
+                    row: (model.kv_dim(), model.num_kv_heads),
                 }),
                 block_size: budget.block_size,
                 storage,
                 group_blocks: budget.groups.iter().map(|g| g.blocks).collect(),
+                layer_group: model.kv_groups().of_layer,
             })
         }
 
