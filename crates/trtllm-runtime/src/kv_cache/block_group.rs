@@ -156,7 +156,7 @@ impl BlockGroup {
         }
         let mut copy = None;
         let last = seq.blocks.last().copied().filter(|&b| b != NO_BLOCK);
-        if let (Some(src), true) = (last, len % self.block_size != 0) {
+        if let (Some(src), true) = (last, !len.is_multiple_of(self.block_size)) {
             let dst = match self.free.pop() {
                 Some(b) => b,
                 None => self.evict_lru(),

@@ -218,7 +218,7 @@ impl KvCacheManager {
     /// the copies, per group, are for the pool to make before `child`'s next pass
     /// ([`super::KvPool::copy_blocks`]).
     pub fn fork(&mut self, parent: u64, child: u64, len: usize) -> Result<Vec<BlockCopy>> {
-        let partial = len % self.budget.block_size != 0;
+        let partial = !len.is_multiple_of(self.budget.block_size);
         if let Some(g) = self
             .groups
             .iter()
