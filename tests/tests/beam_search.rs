@@ -1,17 +1,19 @@
-//! The beam-search algorithm (`trtllm_executor::BeamSearch`) against transformers 5.24's
-//! `generate(num_beams=4, num_return_sequences=4, do_sample=False, ...)` on four tiny fixtures
-//! and SmolLM2 (tests/fixtures/beam-search.json, made by make_beam_golden.py), under
-//! early_stopping true / false / "never" and length penalties 1 / 0.5 / 2. Each running beam's
-//! logits come from our engine, recomputed whole per step here (the executor's beam requests,
-//! which will keep beams in the KV cache, are not built yet): this checks the search itself.
+//! Beam search against transformers 5.24's `generate(num_beams=4, num_return_sequences=4,
+//! do_sample=False, ...)` on four tiny fixtures and SmolLM2 (tests/fixtures/beam-search.json,
+//! made by make_beam_golden.py), under early_stopping true / false / "never" and length
+//! penalties 1 / 0.5 / 2: through the executor (every case of a model in flight at once, each
+//! beam a KV sequence forked from its parent's), and the search alone (`BeamSearch`, each beam's
+//! logits recomputed whole per step) on the tiny fixtures.
 
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
 use serde::Deserialize;
 use trtllm_api::builder::{build, BuildConfig};
-use trtllm_api::executor::{BeamConfig, BeamSearch, EarlyStopping};
-use trtllm_api::runtime::{LogitsMode, ModelRunner, Session};
+use trtllm_api::executor::{
+    BeamConfig, BeamSearch, EarlyStopping, ExecutorConfig, GenerationExecutor, GenerationRequest,
+};
+use trtllm_api::runtime::{Beam, BeamParams, GenerationParams, LogitsMode, ModelRunner, Session};
 use trtllm_tests::{fixtures, read_json, smollm2_gguf};
 
 #[derive(Deserialize)]
@@ -47,15 +49,14 @@ fn last_logits(runner: &ModelRunner, tokens: &[u32]) -> Result<Vec<f32>> {
     Ok(runner.forward(tokens, &mut cache, LogitsMode::Last)?)
 }
 
-fn check(name: &str, engine: &Path, cases: &[Case]) -> Result<()> {
+/// Each case and configuration's beams by `BeamSearch` alone, every running beam's logits
+/// recomputed from scratch.
+fn search_alone(engine: &Path, cases: &[Case]) -> Result<Vec<Vec<Beam>>> {
     let runner = Session::open(engine)?.model_runner()?;
     let eos = runner.model().eos_token_ids.clone();
-    for (i, case) in cases.iter().enumerate() {
+    let mut out = Vec::new();
+    for case in cases {
         for c in &case.configs {
-            let what = format!(
-                "{name} case {i}, early_stopping {:?}, length_penalty {}",
-                c.early_stopping, c.length_penalty
-            );
             let mut search = BeamSearch::new(BeamConfig {
                 width: c.beams.len(),
                 length_penalty: c.length_penalty,
@@ -72,28 +73,100 @@ fn check(name: &str, engine: &Path, cases: &[Case]) -> Result<()> {
                 let rows: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
                 search.step(&rows);
             }
-            let ours = search.finish();
-            ensure!(ours.len() == c.beams.len(), "{what}: beams");
-            for (j, (a, g)) in ours.iter().zip(&c.beams).enumerate() {
-                ensure!(
-                    (a.score - g.score).abs() < 1e-3,
-                    "{what}: beam {j} score {} vs {}",
-                    a.score,
-                    g.score
-                );
-                // A beam whose score ties a neighbour's may trade places with it.
-                let tied = c
-                    .beams
-                    .iter()
-                    .enumerate()
-                    .any(|(m, o)| m != j && (o.score - g.score).abs() < TIE);
-                ensure!(
-                    a.tokens == g.ids || tied,
-                    "{what}: beam {j} {:?} vs {:?}",
-                    a.tokens,
-                    g.ids
-                );
-            }
+            out.push(search.finish());
+        }
+    }
+    Ok(out)
+}
+
+/// Each beam request's beams, and each greedy request's tokens.
+type Outcome = (Vec<Vec<Beam>>, Vec<Vec<u32>>);
+
+/// Every case and configuration submitted to one executor at once, with `others` greedy
+/// requests of 16 tokens beside them; their beams, the greedy outputs, and the KV summary
+/// after (every block back).
+fn through_executor(engine: &Path, cases: &[Case], others: &[Vec<u32>]) -> Result<Outcome> {
+    let exec = GenerationExecutor::with_config(engine, ExecutorConfig::default())?;
+    let mut handles = Vec::new();
+    for case in cases {
+        for c in &case.configs {
+            let params = GenerationParams {
+                max_new_tokens: case.max_new_tokens,
+                beam: Some(BeamParams {
+                    width: c.beams.len(),
+                    length_penalty: c.length_penalty,
+                    early_stopping: c.early_stopping,
+                }),
+                ..Default::default()
+            };
+            handles.push(exec.submit(request(case.input_ids.clone(), params))?);
+        }
+    }
+    let greedy = GenerationParams {
+        max_new_tokens: 16,
+        ..Default::default()
+    };
+    let mut greedy_handles = Vec::new();
+    for p in others {
+        greedy_handles.push(exec.submit(request(p.clone(), greedy.clone()))?);
+    }
+    let beams = handles
+        .into_iter()
+        .map(|h| h.wait()?.beams.context("a beam request's beams"))
+        .collect::<Result<Vec<_>>>()?;
+    let outputs = greedy_handles
+        .into_iter()
+        .map(|h| Ok(h.wait()?.tokens))
+        .collect::<Result<Vec<_>>>()?;
+    let kv = exec.kv_cache_summary()?;
+    ensure!(kv.used_blocks == 0, "blocks still held after: {kv:?}");
+    // Beams forked from partly filled blocks: the copy-on-write path ran.
+    ensure!(
+        cases.is_empty() || kv.copied_blocks > 0,
+        "no block copied: {kv:?}"
+    );
+    Ok((beams, outputs))
+}
+
+fn request(prompt_token_ids: Vec<u32>, params: GenerationParams) -> GenerationRequest {
+    GenerationRequest {
+        prompt_token_ids,
+        params,
+        client_id: None,
+    }
+}
+
+/// `ours` (one list of beams per case and configuration, in order) against the golden beams.
+fn check(name: &str, cases: &[Case], ours: &[Vec<Beam>]) -> Result<()> {
+    let configs = cases
+        .iter()
+        .enumerate()
+        .flat_map(|(i, case)| case.configs.iter().map(move |c| (i, c)));
+    for ((i, c), ours) in configs.zip(ours) {
+        let what = format!(
+            "{name} case {i}, early_stopping {:?}, length_penalty {}",
+            c.early_stopping, c.length_penalty
+        );
+        ensure!(ours.len() == c.beams.len(), "{what}: beams");
+        for (j, (a, g)) in ours.iter().zip(&c.beams).enumerate() {
+            ensure!(
+                (a.score - g.score).abs() < 1e-3,
+                "{what}: beam {j} score {} vs {}",
+                a.score,
+                g.score
+            );
+            // A beam whose score ties a neighbour's may trade places with it.
+            let tied = c
+                .beams
+                .iter()
+                .enumerate()
+                .any(|(m, o)| m != j && (o.score - g.score).abs() < TIE);
+            ensure!(
+                a.tokens == g.ids || tied,
+                "{what}: beam {j} {:?} vs {:?}",
+                a.tokens,
+                g.ids
+            );
         }
     }
     Ok(())
@@ -103,29 +176,10 @@ fn golden() -> Result<Golden> {
     read_json(&fixtures().join("beam-search.json"))
 }
 
-#[test]
-fn tiny_fixtures_give_transformers_beams() -> Result<()> {
-    let golden = golden()?;
-    for (name, cases) in &golden.models {
-        if name == "smollm2" {
-            continue;
-        }
-        let engine = tempfile::tempdir()?;
-        build(
-            &fixtures().join(name),
-            engine.path(),
-            &BuildConfig::default(),
-            &mut |_, _, _| {},
-        )?;
-        check(name, engine.path(), cases)?;
-    }
-    Ok(())
-}
-
-fn smollm2_engine() -> Result<tempfile::TempDir> {
+fn engine(checkpoint: &Path) -> Result<tempfile::TempDir> {
     let engine = tempfile::tempdir()?;
     build(
-        &smollm2_gguf()?,
+        checkpoint,
         engine.path(),
         &BuildConfig::default(),
         &mut |_, _, _| {},
@@ -134,20 +188,33 @@ fn smollm2_engine() -> Result<tempfile::TempDir> {
 }
 
 #[test]
-fn smollm2_gives_transformers_beams() -> Result<()> {
+fn tiny_fixtures_give_transformers_beams() -> Result<()> {
     let golden = golden()?;
-    let cases = golden.models.get("smollm2").context("smollm2 cases")?;
-    let engine = smollm2_engine()?;
-    // One prompt whose beams finish at different lengths (a chat answer); the others run in
-    // `cargo test -- --ignored`.
-    check("smollm2", engine.path(), &cases[1..2])
+    for (name, cases) in golden.models.iter().filter(|(n, _)| *n != "smollm2") {
+        let engine = engine(&fixtures().join(name))?;
+        check(name, cases, &search_alone(engine.path(), cases)?)?;
+        let (beams, _) = through_executor(engine.path(), cases, &[])?;
+        check(name, cases, &beams)?;
+    }
+    Ok(())
 }
 
+/// Every SmolLM2 prompt and configuration in flight together with 16 greedy requests: the
+/// beams are transformers', the greedy outputs those of the same requests alone.
 #[test]
-#[ignore = "minutes: every SmolLM2 prompt, each beam recomputed whole per step"]
-fn smollm2_all_prompts_give_transformers_beams() -> Result<()> {
+fn smollm2_beams_beside_greedy_requests() -> Result<()> {
     let golden = golden()?;
     let cases = golden.models.get("smollm2").context("smollm2 cases")?;
-    let engine = smollm2_engine()?;
-    check("smollm2", engine.path(), cases)
+    let engine = engine(&smollm2_gguf()?)?;
+    let prompts: Vec<Vec<u32>> = (0..16u32)
+        .map(|i| [&cases[i as usize % cases.len()].input_ids[..], &[1000 + i]].concat())
+        .collect();
+    let (_, alone) = through_executor(engine.path(), &[], &prompts)?;
+    let (beams, beside) = through_executor(engine.path(), cases, &prompts)?;
+    check("smollm2", cases, &beams)?;
+    ensure!(
+        alone == beside,
+        "greedy outputs changed beside the beam requests"
+    );
+    Ok(())
 }

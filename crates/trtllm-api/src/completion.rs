@@ -1,7 +1,7 @@
 //! One completion's progress as its tokens stream in: detokenised text, stop strings matched
 //! across token boundaries, log-probabilities, and how it ended.
 
-use trtllm_executor::runtime::{FinishReason, GenerationOutput, SampledToken, TokenLogprobs};
+use trtllm_executor::runtime::{Beam, FinishReason, GenerationOutput, SampledToken, TokenLogprobs};
 
 use crate::detokenizer::IncrementalDecoder;
 use crate::{
@@ -24,6 +24,9 @@ pub(crate) struct CompletionState {
     token_ids: Vec<u32>,
     logprobs: Option<Vec<Logprob>>,
     cumulative_logprob: f64,
+    /// Whether `cumulative_logprob` is known: log-probabilities were asked for, or a beam
+    /// search gave it.
+    has_cumulative: bool,
     generation_logits: Option<Vec<Vec<f32>>>,
     finish_reason: Option<String>,
     stop_reason: Option<StopReason>,
@@ -53,6 +56,7 @@ impl CompletionState {
             token_ids: Vec::new(),
             logprobs: spec.want_logprobs.then(Vec::new),
             cumulative_logprob: 0.0,
+            has_cumulative: spec.want_logprobs,
             generation_logits: None,
             finish_reason: None,
             stop_reason: None,
@@ -129,12 +133,44 @@ impl CompletionState {
         Ok(delta)
     }
 
+    /// One finished beam of a beam search as this completion, whole: its tokens, text and
+    /// cumulative log-probability; it stopped if it ends with an end token, else ran out.
+    pub fn on_beam(&mut self, tok: Option<&Tokenizer>, beam: &Beam) -> Result<CompletionDelta> {
+        let mut delta = self.delta();
+        self.token_ids.clone_from(&beam.tokens);
+        delta.token_ids.clone_from(&beam.tokens);
+        self.cumulative_logprob = beam.cumulative_logprob as f64;
+        self.has_cumulative = true;
+        if let Some(tok) = tok {
+            let ids: Vec<u32> = beam
+                .tokens
+                .iter()
+                .copied()
+                .filter(|id| !self.end_ids.contains(id))
+                .collect();
+            let piece = self.decoder.push(tok, &ids, true)?;
+            self.append_text(&piece);
+        }
+        let last = beam.tokens.last().copied();
+        let stopped = last.filter(|t| self.end_ids.contains(t));
+        self.stop_reason = stopped
+            .filter(|t| self.stop_token_ids.contains(t))
+            .map(StopReason::Token);
+        let reason = match stopped {
+            Some(_) => FinishReason::Stop,
+            None => FinishReason::Length,
+        };
+        self.finish_reason = Some(reason.as_str().to_string());
+        self.take_text(&mut delta);
+        Ok(delta)
+    }
+
     pub fn output(&self) -> CompletionOutput {
         CompletionOutput {
             index: self.index,
             text: self.text.clone(),
             token_ids: self.token_ids.clone(),
-            cumulative_logprob: self.logprobs.as_ref().map(|_| self.cumulative_logprob),
+            cumulative_logprob: self.has_cumulative.then_some(self.cumulative_logprob),
             logprobs: self.logprobs.clone(),
             generation_logits: self.generation_logits.clone(),
             finish_reason: self.finish_reason.clone(),

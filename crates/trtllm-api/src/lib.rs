@@ -34,5 +34,6 @@ pub use tools::{Tool, ToolCall, ToolChoice};
 pub use trtllm_executor as executor;
 pub use trtllm_executor::builder;
 pub use trtllm_executor::runtime;
+pub use trtllm_executor::runtime::EarlyStopping;
 
 pub type Result<T> = std::result::Result<T, ApiError>;

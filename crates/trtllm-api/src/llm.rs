@@ -260,7 +260,7 @@ impl LLM {
         params: &SamplingParams,
     ) -> Result<RequestStream> {
         // Every completion's processors before any is submitted: a bad grammar submits nothing.
-        let processors = (0..params.n)
+        let processors = (0..params.requests())
             .map(|_| self.processor(params))
             .collect::<Result<Vec<_>>>()?;
         let results = processors
@@ -298,6 +298,7 @@ impl LLM {
             prompt_logprobs: None,
             context_logits: None,
             failed: false,
+            queued: Default::default(),
         })
     }
 }

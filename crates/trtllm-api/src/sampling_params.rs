@@ -1,6 +1,6 @@
 //! Per-request generation settings, validated before a request reaches the executor.
 
-use trtllm_executor::runtime::{GenerationParams, SamplingConfig};
+use trtllm_executor::runtime::{BeamParams, EarlyStopping, GenerationParams, SamplingConfig};
 
 use crate::{ApiError, GuidedDecoding, Result};
 
@@ -60,6 +60,15 @@ pub struct SamplingParams {
     /// Words no completion may spell (vLLM's `bad_words`): the token that would complete one
     /// is banned wherever the output ends with the rest of its tokens.
     pub bad_words: Vec<String>,
+    /// Beam search instead of sampling: the `n` best of `beam_width` beams, each completion
+    /// with its `cumulative_logprob`. Sampling settings are refused beside it.
+    pub use_beam_search: bool,
+    /// Beams searched (default: `n`); at most the engine's `max_beam_width`.
+    pub beam_width: Option<usize>,
+    /// Beams are ranked by `cumulative_logprob / length^length_penalty` (transformers').
+    pub length_penalty: f32,
+    /// When the search stops: true, false or "never", as transformers.
+    pub early_stopping: EarlyStopping,
 }
 
 impl Default for SamplingParams {
@@ -87,6 +96,10 @@ impl Default for SamplingParams {
             logit_bias: Vec::new(),
             guided_decoding: None,
             bad_words: Vec::new(),
+            use_beam_search: false,
+            beam_width: None,
+            length_penalty: 1.0,
+            early_stopping: EarlyStopping::default(),
         }
     }
 }
@@ -131,8 +144,52 @@ impl SamplingParams {
         if self.bad_words.iter().any(|w| w.trim().is_empty()) {
             return Err(invalid("bad_words", "\"\"", "words that are not blank"));
         }
+        self.validate_beam()?;
         self.to_generation(0).validate()?;
         Ok(())
+    }
+
+    /// Beam settings need `use_beam_search`; with it, `n` beams of at least `n`, and nothing
+    /// that works on the text of a completion as it streams (stop strings, a grammar, bad
+    /// words: the beams are only known at the end).
+    fn validate_beam(&self) -> Result<()> {
+        let d = Self::default();
+        if !self.use_beam_search {
+            let set = [
+                ("beam_width", self.beam_width.is_some()),
+                ("length_penalty", self.length_penalty != d.length_penalty),
+                ("early_stopping", self.early_stopping != d.early_stopping),
+            ];
+            if let Some((field, _)) = set.into_iter().find(|s| s.1) {
+                return Err(invalid(field, "set", "use_beam_search with it"));
+            }
+            return Ok(());
+        }
+        if self.beam_width.is_some_and(|w| w < self.n) {
+            return Err(invalid(
+                "beam_width",
+                format!("{:?} with n = {}", self.beam_width, self.n),
+                "at least n",
+            ));
+        }
+        let text_level = [
+            ("stop", !self.stop.is_empty()),
+            ("guided_decoding", self.guided_decoding.is_some()),
+            ("bad_words", !self.bad_words.is_empty()),
+        ];
+        if let Some((field, _)) = text_level.into_iter().find(|s| s.1) {
+            return Err(invalid(field, "set", "none with beam search"));
+        }
+        Ok(())
+    }
+
+    /// Completions submitted to the executor: one beam search for all `n`, else one each.
+    pub(crate) fn requests(&self) -> usize {
+        if self.use_beam_search {
+            1
+        } else {
+            self.n
+        }
     }
 
     /// The executor's parameters for completion `index` of a request.
@@ -158,6 +215,11 @@ impl SamplingParams {
             prompt_logprobs: self.prompt_logprobs.filter(|_| index == 0),
             return_context_logits: self.return_context_logits && index == 0,
             return_generation_logits: self.return_generation_logits,
+            beam: self.use_beam_search.then(|| BeamParams {
+                width: self.beam_width.unwrap_or(self.n),
+                length_penalty: self.length_penalty,
+                early_stopping: self.early_stopping,
+            }),
         }
     }
 }

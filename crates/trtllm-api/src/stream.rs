@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use trtllm_executor::runtime::TokenLogprobs;
+use trtllm_executor::runtime::{Beam, TokenLogprobs};
 use trtllm_executor::{GenerationResult, RequestEvent};
 
 use crate::completion::{to_logprob, CompletionState};
@@ -20,6 +20,8 @@ pub struct RequestStream {
     pub(crate) prompt_logprobs: Option<Vec<Logprob>>,
     pub(crate) context_logits: Option<Vec<Vec<f32>>>,
     pub(crate) failed: bool,
+    /// Deltas made and not yet returned: a beam search ends all its completions at once.
+    pub(crate) queued: std::collections::VecDeque<CompletionDelta>,
 }
 
 impl RequestStream {
@@ -54,6 +56,13 @@ impl RequestStream {
     /// stream: one thread drains a whole request of many prompts. None once all have ended.
     pub fn next_of_any(streams: &mut [RequestStream]) -> Option<(usize, Result<CompletionDelta>)> {
         loop {
+            if let Some((s, d)) = streams
+                .iter_mut()
+                .enumerate()
+                .find_map(|(s, stream)| stream.queued.pop_front().map(|d| (s, d)))
+            {
+                return Some((s, Ok(d)));
+            }
             let ((s, c), event) = {
                 let (keys, results): (Vec<_>, Vec<_>) = streams
                     .iter_mut()
@@ -76,10 +85,9 @@ impl RequestStream {
     /// Turns completion `i`'s event into a delta; None when it adds nothing to show.
     fn on_event(&mut self, i: usize, event: RequestEvent) -> Option<Result<CompletionDelta>> {
         let tok = self.tokenizer.as_deref();
-        let state = &mut self.states[i];
-        let was_finished = state.is_finished();
+        let was_finished = self.states[i].is_finished();
         let delta = match event {
-            RequestEvent::Tokens(t) => state.on_tokens(tok, &t),
+            RequestEvent::Tokens(t) => self.states[i].on_tokens(tok, &t),
             RequestEvent::PromptLogprobs(lps) => {
                 let lps = prompt_logprobs(&self.prompt_token_ids, &lps);
                 self.prompt_logprobs = Some(lps.clone());
@@ -97,7 +105,11 @@ impl RequestStream {
                 if output.context_logits.is_some() {
                     self.context_logits.clone_from(&output.context_logits);
                 }
-                state.on_finished(tok, &output)
+                match &output.beams {
+                    // One request gave every completion: the best `n` beams, by index.
+                    Some(beams) => self.on_beams(beams),
+                    None => self.states[i].on_finished(tok, &output),
+                }
             }
             RequestEvent::Failed(e) => Err(ApiError::from(e)),
         };
@@ -109,13 +121,32 @@ impl RequestStream {
                 return Some(Err(e));
             }
         };
-        if !was_finished && state.is_finished() {
+        if !was_finished && self.states[i].is_finished() {
             // A stop string ended it early: the engine need not go on.
             self.results[i].abort();
         }
         let empty =
             delta.text.is_empty() && delta.token_ids.is_empty() && delta.finish_reason.is_none();
         (!empty).then_some(Ok(delta))
+    }
+
+    /// Completion `j` from beam `j`; the first's delta is returned, the others queued.
+    fn on_beams(&mut self, beams: &[Beam]) -> Result<CompletionDelta> {
+        let tok = self.tokenizer.as_deref();
+        let mut deltas = Vec::with_capacity(self.states.len());
+        for (j, state) in self.states.iter_mut().enumerate() {
+            let beam = beams.get(j).ok_or_else(|| {
+                ApiError::InvalidInput(format!(
+                    "the beam search finished {} beams for {} completions",
+                    beams.len(),
+                    j + 1
+                ))
+            })?;
+            deltas.push(state.on_beam(tok, beam)?);
+        }
+        let first = deltas.remove(0);
+        self.queued.extend(deltas);
+        Ok(first)
     }
 
     /// Everything produced so far, completions ordered by index.

@@ -7,10 +7,11 @@ use std::time::Instant;
 
 use crossbeam_channel::Sender;
 use trtllm_builder::runtime::{
-    token_logprobs, FinishReason, GenerationOutput, GenerationParams, LogitsMode, SampledToken,
-    Sampler, TokenLogprobs,
+    token_logprobs, FinishReason, GenerationOutput, GenerationParams, KvCacheManager, LogitsMode,
+    SampledToken, Sampler, TokenLogprobs,
 };
 
+use crate::beam_request::BeamState;
 use crate::{ExecutorError, LogitsProcessor, RequestEvent, RequestStats};
 
 pub(crate) struct ActiveRequest {
@@ -25,6 +26,8 @@ pub(crate) struct ActiveRequest {
     pub draft: Vec<u32>,
     /// Most tokens this request may generate.
     pub budget: usize,
+    /// A beam search's state; its beams' tokens are not in `tokens`, which keeps the prompt.
+    pub beam: Option<BeamState>,
     pub params: GenerationParams,
     pub sampler: Sampler,
     /// Changes each step's logits before sampling (a grammar), if the request has one.
@@ -62,6 +65,7 @@ impl ActiveRequest {
             computed: 0,
             draft: Vec::new(),
             budget,
+            beam: params.beam.map(BeamState::new),
             logprobs: params.sampling.logprobs.map(|_| Vec::new()),
             prompt_logprobs: params.prompt_logprobs.map(|_| Vec::new()),
             context_logits: params.return_context_logits.then(Vec::new),
@@ -94,7 +98,47 @@ impl ActiveRequest {
 
     /// Still prefilling (its prompt, or its recomputed prefix after a preemption).
     pub fn in_context_phase(&self) -> bool {
-        self.pending() > 1 || self.output().is_empty()
+        !self.beam_decoding() && (self.pending() > 1 || self.output().is_empty())
+    }
+
+    /// A beam search past its prompt: one KV sequence and one pending token per beam.
+    pub fn beam_decoding(&self) -> bool {
+        self.beam.as_ref().is_some_and(BeamState::decoding)
+    }
+
+    /// The KV sequences this request holds: its own, or its beams'.
+    pub fn seq_ids(&self) -> Vec<u64> {
+        match &self.beam {
+            Some(b) if b.decoding() => b.seqs().to_vec(),
+            _ => vec![self.id],
+        }
+    }
+
+    /// A beam search's step from `rows` (the prompt's last row, or one per beam).
+    pub fn beam_step(
+        &mut self,
+        rows: &[&[f32]],
+        ctx: crate::beam_request::BeamCtx<'_>,
+    ) -> Result<Option<FinishReason>, ExecutorError> {
+        let (id, prompt_len) = (self.id, self.prompt_len);
+        match &mut self.beam {
+            Some(b) => b.step(rows, (id, prompt_len), ctx),
+            None => Err(ExecutorError::Step(format!(
+                "request {id} has no beam search"
+            ))),
+        }
+    }
+
+    /// Releases every block the request holds.
+    pub fn free_kv(&self, kv: &mut KvCacheManager) {
+        for s in self.seq_ids() {
+            kv.free_sequence(s);
+        }
+    }
+
+    /// Sequences at their longest: one, or one per beam.
+    pub fn width(&self) -> usize {
+        self.beam.as_ref().map_or(1, |b| b.params.width)
     }
 
     /// Whether prompt log-probabilities or context logits are asked for and not all computed
@@ -258,9 +302,14 @@ impl ActiveRequest {
     /// who sees the end also sees the blocks back in the pool.
     pub fn finish(mut self, reason: FinishReason) {
         let now = Instant::now();
+        let beams = self.beam.as_mut().and_then(|b| b.beams.take());
+        let mut tokens = self.tokens.split_off(self.prompt_len);
+        if let Some(best) = beams.as_ref().and_then(|b| b.first()) {
+            tokens = best.tokens.clone();
+        }
         let s = &mut self.stats;
         s.prompt_tokens = self.prompt_len;
-        s.output_tokens = self.tokens.len() - self.prompt_len;
+        s.output_tokens = tokens.len();
         s.total_time_s = (now - self.arrived).as_secs_f64();
         if let Some(t) = self.first_scheduled {
             s.queue_time_s = (t - self.arrived).as_secs_f64();
@@ -273,7 +322,8 @@ impl ActiveRequest {
             }
         }
         let output = GenerationOutput {
-            tokens: self.tokens.split_off(self.prompt_len),
+            tokens,
+            beams,
             logprobs: self.logprobs.take(),
             prompt_logprobs: self.prompt_logprobs.take(),
             context_logits: self.context_logits.take(),

@@ -11,32 +11,7 @@
 //! running beam cannot beat the worst finished one (transformers' heuristic, which
 //! `early_stopping` false and "never" estimate differently), or when nothing can continue.
 
-use serde::{Deserialize, Serialize};
-
-/// transformers' `early_stopping`: `true`, `false` or `"never"`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum EarlyStopping {
-    /// `true`: stop as soon as `width` hypotheses are finished; `false` (the default): stop when
-    /// the best running beam, scored at its current length, cannot beat the worst finished one.
-    Bool(bool),
-    /// `"never"`: as `false`, but a positive length penalty scores the running beam at the
-    /// longest length it could reach.
-    Never(NeverTag),
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NeverTag {
-    #[default]
-    Never,
-}
-
-impl Default for EarlyStopping {
-    fn default() -> Self {
-        EarlyStopping::Bool(false)
-    }
-}
+use trtllm_builder::runtime::{Beam, EarlyStopping, NeverTag};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct BeamConfig {
@@ -45,14 +20,6 @@ pub struct BeamConfig {
     pub early_stopping: EarlyStopping,
     pub max_new_tokens: usize,
     pub eos: Vec<u32>,
-}
-
-/// A finished hypothesis: its new tokens (ending with the end-of-sequence token unless it ran to
-/// the length limit) and its length-penalized score.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Beam {
-    pub tokens: Vec<u32>,
-    pub score: f32,
 }
 
 /// transformers' stand-in for minus infinity in beam scores.
@@ -136,10 +103,21 @@ impl BeamSearch {
 
     /// The finished hypotheses, best first (as many as the width).
     pub fn finish(self) -> Vec<Beam> {
+        let lp = self.cfg.length_penalty as f64;
         self.finished
             .into_iter()
-            .map(|(tokens, score, _)| Beam { tokens, score })
+            .filter(|f| f.2)
+            .map(|(tokens, score, _)| Beam {
+                cumulative_logprob: score * (tokens.len() as f64).powf(lp) as f32,
+                tokens,
+                score,
+            })
             .collect()
+    }
+
+    /// Tokens each running beam has generated.
+    pub fn generated(&self) -> usize {
+        self.generated
     }
 
     /// The `k` best continuations by cumulative log-probability, best first (ties: lower beam,

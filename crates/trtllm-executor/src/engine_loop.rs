@@ -15,6 +15,7 @@ use trtllm_builder::runtime::{
 };
 
 use crate::active::ActiveRequest;
+use crate::beam_request::BeamCtx;
 use crate::scheduler::{Schedule, Scheduler};
 use crate::speculative::{DraftInput, Drafter};
 use crate::{
@@ -127,7 +128,7 @@ impl EngineLoop {
     fn drop_cancelled(&mut self) {
         let kv = &mut self.kv;
         for r in extract(&mut self.running, |r| r.cancelled()) {
-            kv.free_sequence(r.id);
+            r.free_kv(kv);
             r.finish(FinishReason::Cancelled);
         }
         let waiting = std::mem::take(&mut self.waiting);
@@ -161,7 +162,7 @@ impl EngineLoop {
                 let ids: Vec<u64> = schedule.chunks.iter().map(|c| c.id).collect();
                 let kv = &mut self.kv;
                 for r in extract(&mut self.running, |r| ids.contains(&r.id)) {
-                    kv.free_sequence(r.id);
+                    r.free_kv(kv);
                     r.fail(ExecutorError::Step(e.to_string()));
                 }
             }
@@ -267,18 +268,37 @@ impl EngineLoop {
                 self.running.iter().find(|r| r.id == c.id).ok_or_else(|| {
                     ExecutorError::Step(format!("request {} is not running", c.id))
                 })?;
-            running.push((r, c.n_tokens, self.kv.block_tables(r.id)));
+            running.push(r);
         }
-        let tokens: Vec<Vec<u32>> = running.iter().map(|(r, n, _)| r.chunk_tokens(*n)).collect();
-        let mut batch = Vec::with_capacity(running.len());
-        for ((r, n_tokens, tables), tokens) in running.iter().zip(&tokens) {
-            batch.push(SeqChunk {
+        // (tokens, past, KV sequence, logits) of every sequence: a beam search has one per beam.
+        let mut seqs = Vec::with_capacity(running.len());
+        for (r, c) in running.iter().zip(&schedule.chunks) {
+            match &r.beam {
+                Some(b) if b.decoding() => {
+                    let past = b.past(r.prompt_len);
+                    for (&s, t) in b.seqs().iter().zip(b.pending_tokens()) {
+                        seqs.push((vec![t], past, s, LogitsMode::Last));
+                    }
+                }
+                _ => seqs.push((
+                    r.chunk_tokens(c.n_tokens),
+                    r.computed,
+                    r.id,
+                    r.logits_mode(c.n_tokens),
+                )),
+            }
+        }
+        let tables: Vec<_> = seqs.iter().map(|s| self.kv.block_tables(s.2)).collect();
+        let batch: Vec<SeqChunk<'_>> = seqs
+            .iter()
+            .zip(&tables)
+            .map(|((tokens, past, _, logits), blocks)| SeqChunk {
                 tokens,
-                past: r.computed,
-                blocks: tables,
-                logits: r.logits_mode(*n_tokens),
-            });
-        }
+                past: *past,
+                blocks,
+                logits: *logits,
+            })
+            .collect();
         Ok(self.runner.forward_batch(&batch, &mut self.pool)?)
     }
 
@@ -293,6 +313,17 @@ impl EngineLoop {
             let Some(r) = self.running.iter_mut().find(|r| r.id == c.id) else {
                 continue;
             };
+            if r.beam_decoding() {
+                stats.generation_requests += 1;
+                stats.generation_tokens += c.n_tokens;
+                let chunk_rows: Vec<&[f32]> = rows.by_ref().take(c.n_tokens).collect();
+                let ctx = beam_ctx(r, (&mut self.kv, &self.runner, &mut self.pool), eos);
+                let outcome = r.beam_step(&chunk_rows, ctx);
+                if let Some(o) = outcome.transpose() {
+                    finished.push((r.id, o));
+                }
+                continue;
+            }
             if r.in_context_phase() {
                 stats.context_requests += 1;
                 stats.context_tokens += c.n_tokens;
@@ -323,6 +354,17 @@ impl EngineLoop {
                 self.kv.commit(r.id, &r.tokens, r.computed);
                 continue;
             }
+            if r.beam.is_some() {
+                // The prompt is done: the beams start from its last row.
+                self.kv.commit(r.id, &r.tokens, r.computed);
+                r.first_token.get_or_insert_with(Instant::now);
+                let ctx = beam_ctx(r, (&mut self.kv, &self.runner, &mut self.pool), eos);
+                let last = &chunk_rows[chunk_rows.len() - 1..];
+                if let Some(o) = r.beam_step(last, ctx).transpose() {
+                    finished.push((r.id, o));
+                }
+                continue;
+            }
             // The last computed token's row, then one per drafted token.
             let Some(first) = chunk_rows.len().checked_sub(draft.len() + 1) else {
                 finished.push((r.id, Err(ExecutorError::Step("missing logits row".into()))));
@@ -350,7 +392,7 @@ impl EngineLoop {
             let kv = &mut self.kv;
             // Ids are unique: at most one request.
             if let Some(r) = extract(&mut self.running, |r| r.id == id).pop() {
-                kv.free_sequence(r.id);
+                r.free_kv(kv);
                 match outcome {
                     Ok(reason) => r.finish(reason),
                     Err(e) => r.fail(e),
@@ -361,9 +403,30 @@ impl EngineLoop {
 
     fn fail_all(&mut self, error: impl Fn() -> ExecutorError) {
         for r in self.running.drain(..).chain(self.waiting.drain(..)) {
-            self.kv.free_sequence(r.id);
+            r.free_kv(&mut self.kv);
             r.fail(error());
         }
+    }
+}
+
+/// What request `r`'s beam step needs from the loop.
+fn beam_ctx<'a>(
+    r: &ActiveRequest,
+    (kv, runner, pool): (&'a mut KvCacheManager, &'a ModelRunner, &'a mut KvPool),
+    eos: &[u32],
+) -> BeamCtx<'a> {
+    let model_eos = if r.params.ignore_eos { &[][..] } else { eos };
+    let eos = model_eos
+        .iter()
+        .chain(&r.params.stop_token_ids)
+        .copied()
+        .collect();
+    BeamCtx {
+        kv,
+        runner,
+        pool,
+        eos,
+        max_new_tokens: r.budget,
     }
 }
 

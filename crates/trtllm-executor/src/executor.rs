@@ -170,12 +170,31 @@ impl GenerationExecutor {
         self.config.validate_prompt(&request.prompt_token_ids)?;
         request.params.validate()?;
         self.check_token_params(&request.params)?;
+        let max_width = self.config.build.max_beam_width;
+        if let Some(b) = request.params.beam.filter(|b| b.width > max_width.max(1)) {
+            return Err(RuntimeError::InvalidSampling {
+                field: "beam_width",
+                value: format!("{} (this engine's max_beam_width is {max_width})", b.width),
+                expected: "at most the engine's max_beam_width (trtllm build --max-beam-width)",
+            }
+            .into());
+        }
+        if request.params.beam.is_some() && processor.is_some() {
+            return Err(RuntimeError::InvalidSampling {
+                field: "guided_decoding",
+                value: "a logits processor".into(),
+                expected: "none with beam search",
+            }
+            .into());
+        }
         let sampler = Sampler::new(request.params.sampling.clone(), &request.prompt_token_ids)?;
         let prompt_len = request.prompt_token_ids.len();
         let budget = request
             .params
             .budget(prompt_len, self.config.build.max_seq_len);
-        if let Some((needed, total)) = self.kv_budget.too_large(prompt_len + budget) {
+        // A beam search may hold a whole sequence per beam.
+        let width = request.params.beam.map_or(1, |b| b.width);
+        if let Some((needed, total)) = self.kv_budget.too_large((prompt_len + budget) * width) {
             return Err(ExecutorError::RequestTooLarge { needed, total });
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);

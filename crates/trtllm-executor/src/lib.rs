@@ -9,6 +9,7 @@
 
 mod active;
 mod beam;
+mod beam_request;
 mod config;
 mod dispatch;
 mod draft_model;
@@ -20,7 +21,7 @@ mod scheduler;
 mod speculative;
 mod stats;
 
-pub use beam::{Beam, BeamConfig, BeamSearch, EarlyStopping, NeverTag};
+pub use beam::{BeamConfig, BeamSearch};
 pub use config::{CapacitySchedulerPolicy, ExecutorConfig, SchedulerConfig, TUNE_BUDGET};
 pub use error::ExecutorError;
 pub use executor::GenerationExecutor;
@@ -29,5 +30,6 @@ pub use speculative::{SpeculativeConfig, MAX_DRAFT_LEN};
 pub use stats::{ExecutorLoad, IterationStats, RequestStats, SpeculativeTotals};
 pub use trtllm_builder as builder;
 pub use trtllm_builder::runtime;
+pub use trtllm_builder::runtime::{Beam, BeamParams, EarlyStopping, NeverTag};
 
 pub type Result<T> = std::result::Result<T, ExecutorError>;

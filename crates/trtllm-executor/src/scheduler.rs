@@ -44,6 +44,23 @@ impl Scheduler {
         let mut i = 0;
         while i < running.len() && out.chunks.len() < self.limits.max_batch_size && tokens_left > 0
         {
+            if running[i].beam_decoding() {
+                match self.schedule_beams(&running[i], kv, tokens_left) {
+                    Some(chunk) => {
+                        running[i].first_scheduled.get_or_insert_with(Instant::now);
+                        tokens_left -= chunk.n_tokens;
+                        out.chunks.push(chunk);
+                    }
+                    None if tokens_left < running[i].width() => {}
+                    None => {
+                        preempt(running.remove(running.len() - 1), kv, waiting);
+                        out.preempted += 1;
+                        continue;
+                    }
+                }
+                i += 1;
+                continue;
+            }
             let (id, computed, n) = {
                 let r = &mut running[i];
                 let n = (r.pending() + r.draft.len()).min(tokens_left);
@@ -125,6 +142,28 @@ impl Scheduler {
         }
     }
 
+    /// A decoding beam search's step: one token per beam, each beam's sequence grown by a
+    /// position. None when the step's tokens or the blocks do not suffice.
+    fn schedule_beams(
+        &self,
+        r: &ActiveRequest,
+        kv: &mut KvCacheManager,
+        tokens_left: usize,
+    ) -> Option<ScheduledChunk> {
+        let width = r.width();
+        if width > tokens_left {
+            return None;
+        }
+        let past = r.beam.as_ref()?.past(r.prompt_len);
+        let seqs = r.seq_ids();
+        seqs.iter()
+            .all(|&s| kv.ensure_capacity(s, past + 1).is_ok())
+            .then_some(ScheduledChunk {
+                id: r.id,
+                n_tokens: width,
+            })
+    }
+
     /// Whether the policy lets `r` start now.
     fn fits(
         &self,
@@ -137,15 +176,20 @@ impl Scheduler {
         match self.policy {
             CapacitySchedulerPolicy::GuaranteedNoEvict => {
                 // What every running request may still take at its peak, per KV group.
+                // A beam search is budgeted as its beams at their longest, each on its own
+                // blocks (shared prompt blocks make that an upper bound).
+                let peak = |x: &ActiveRequest| -> Vec<usize> {
+                    let one = budget.peak_blocks(x.final_len());
+                    one.into_iter().map(|b| b * x.width()).collect()
+                };
                 let mut reserved = vec![0; budget.groups.len()];
                 for x in running {
-                    let peak = budget.peak_blocks(x.final_len());
-                    for ((res, p), held) in reserved.iter_mut().zip(peak).zip(kv.held_blocks(x.id))
-                    {
+                    let held = kv.held_by(&x.seq_ids());
+                    for ((res, p), held) in reserved.iter_mut().zip(peak(x)).zip(held) {
                         *res += p.saturating_sub(held);
                     }
                 }
-                kv.has_room(&reserved, &budget.peak_blocks(r.final_len()))
+                kv.has_room(&reserved, &peak(r))
             }
             CapacitySchedulerPolicy::MaxUtilization => {
                 let first_chunk = r.tokens.len().min(tokens_left);
@@ -180,7 +224,10 @@ impl Scheduler {
 }
 
 fn preempt(mut r: ActiveRequest, kv: &mut KvCacheManager, waiting: &mut VecDeque<ActiveRequest>) {
-    kv.free_sequence(r.id);
+    r.free_kv(kv);
+    if let Some(b) = &mut r.beam {
+        b.reset(kv);
+    }
     r.computed = 0;
     r.draft.clear();
     r.stats.preemptions += 1;

@@ -59,6 +59,8 @@ pub struct BuildConfig {
     /// Float storage of the KV cache when it is not quantized: float32 (`None`, and engines
     /// written before this field), bfloat16 or float16 (half the KV memory and attention reads).
     pub kv_cache_dtype: Option<DType>,
+    /// Widest beam search a request may ask for (TensorRT-LLM's `max_beam_width`).
+    pub max_beam_width: usize,
 }
 
 impl Default for BuildConfig {
@@ -72,6 +74,7 @@ impl Default for BuildConfig {
             quant: LayerQuantConfig::default(),
             keep_quantized: false,
             kv_cache_dtype: None,
+            max_beam_width: 4,
         }
     }
 }

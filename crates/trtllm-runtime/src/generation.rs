@@ -1,5 +1,7 @@
 //! What a generation asks for and how it ends; the loop itself is the executor's.
 
+use serde::{Deserialize, Serialize};
+
 use crate::{Result, RuntimeError, SamplingConfig, TokenLogprobs};
 
 #[derive(Clone, Debug, Default)]
@@ -22,6 +24,52 @@ pub struct GenerationParams {
     /// The logits each generated token was sampled from, as the model produced them (before
     /// penalties, biases and logits processors).
     pub return_generation_logits: bool,
+    /// Beam search instead of sampling (transformers' `num_beams`); `None` samples.
+    pub beam: Option<BeamParams>,
+}
+
+/// A beam search: `width` beams, scored as transformers scores them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BeamParams {
+    pub width: usize,
+    /// Finished hypotheses score `sum_logprobs / length^length_penalty`.
+    pub length_penalty: f32,
+    pub early_stopping: EarlyStopping,
+}
+
+/// transformers' `early_stopping`: `true`, `false` or `"never"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum EarlyStopping {
+    /// `true`: stop as soon as `width` hypotheses are finished; `false` (the default): stop when
+    /// the best running beam, scored at its current length, cannot beat the worst finished one.
+    Bool(bool),
+    /// `"never"`: as `false`, but a positive length penalty scores the running beam at the
+    /// longest length it could reach.
+    Never(NeverTag),
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NeverTag {
+    #[default]
+    Never,
+}
+
+impl Default for EarlyStopping {
+    fn default() -> Self {
+        EarlyStopping::Bool(false)
+    }
+}
+
+/// A finished beam: its new tokens (ending with the end-of-sequence token unless it ran to the
+/// length limit), the sum of their log-probabilities, and that sum length-penalized (the score
+/// beams are ranked by).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Beam {
+    pub tokens: Vec<u32>,
+    pub cumulative_logprob: f32,
+    pub score: f32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,6 +103,8 @@ pub struct GenerationOutput {
     pub context_logits: Option<Vec<Vec<f32>>>,
     /// One vocabulary-wide row per generated token, when `return_generation_logits` asked.
     pub generation_logits: Option<Vec<Vec<f32>>>,
+    /// Every finished beam of a beam search, best first (`tokens` is the best one's).
+    pub beams: Option<Vec<Beam>>,
     pub finish_reason: FinishReason,
 }
 
@@ -74,6 +124,82 @@ impl GenerationParams {
                 value: self.min_tokens.to_string(),
                 expected: "at most max_tokens",
             });
+        }
+        match &self.beam {
+            Some(b) => self.validate_beam(b),
+            None => Ok(()),
+        }
+    }
+
+    /// Beam search ranks continuations by log-probability: settings that shape or draw from
+    /// the distribution have no meaning in it and are refused, never ignored.
+    fn validate_beam(&self, b: &BeamParams) -> Result<()> {
+        let bad = |field: &'static str, value: String, expected: &'static str| {
+            Err(RuntimeError::InvalidSampling {
+                field,
+                value,
+                expected,
+            })
+        };
+        if b.width == 0 {
+            return bad("beam_width", "0".into(), "at least 1");
+        }
+        if !b.length_penalty.is_finite() {
+            return bad(
+                "length_penalty",
+                b.length_penalty.to_string(),
+                "a finite number",
+            );
+        }
+        let s = &self.sampling;
+        let d = SamplingConfig::default();
+        let not_with_beams = "its default with beam search";
+        let checks: [(&'static str, bool, String); 11] = [
+            (
+                "temperature",
+                s.temperature != d.temperature,
+                s.temperature.to_string(),
+            ),
+            ("top_k", s.top_k != d.top_k, s.top_k.to_string()),
+            ("top_p", s.top_p != d.top_p, s.top_p.to_string()),
+            ("min_p", s.min_p != d.min_p, s.min_p.to_string()),
+            ("seed", s.seed.is_some(), format!("{:?}", s.seed)),
+            (
+                "repetition_penalty",
+                s.repetition_penalty != 1.0,
+                s.repetition_penalty.to_string(),
+            ),
+            (
+                "presence_penalty",
+                s.presence_penalty != 0.0,
+                s.presence_penalty.to_string(),
+            ),
+            (
+                "frequency_penalty",
+                s.frequency_penalty != 0.0,
+                s.frequency_penalty.to_string(),
+            ),
+            (
+                "logprobs",
+                s.logprobs.is_some(),
+                format!("{:?}", s.logprobs),
+            ),
+            (
+                "logit_bias",
+                !s.logit_bias.is_empty(),
+                format!("{:?}", s.logit_bias),
+            ),
+            (
+                "min_tokens",
+                self.min_tokens > 0,
+                self.min_tokens.to_string(),
+            ),
+        ];
+        if let Some((field, _, value)) = checks.into_iter().find(|c| c.1) {
+            return bad(field, value, not_with_beams);
+        }
+        if self.return_generation_logits {
+            return bad("return_generation_logits", "true".into(), not_with_beams);
         }
         Ok(())
     }

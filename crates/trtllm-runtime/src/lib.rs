@@ -26,7 +26,9 @@ pub use config::{Features, LocalRope, MlpKind, ModelConfig, MoeConfig, NormKind,
 pub use device::Device;
 pub use engine::{BuildConfig, EngineConfig, EngineWriter, ENGINE_FORMAT_VERSION};
 pub use error::{panic_message, RuntimeError};
-pub use generation::{FinishReason, GenerationOutput, GenerationParams};
+pub use generation::{
+    Beam, BeamParams, EarlyStopping, FinishReason, GenerationOutput, GenerationParams, NeverTag,
+};
 pub use kv_cache::{
     BlockCopy, BlockId, GroupBudget, KvBudget, KvCache, KvCacheConfig, KvCacheEvent,
     KvCacheManager, KvCacheSummary, KvGroupSummary, KvGroups, KvPool, KvStorage, NO_BLOCK,

@@ -19,9 +19,6 @@ const NOT_IMPLEMENTED: &[&str] = &[
     "function_call",
     "guided_decoding_backend",
     "best_of",
-    "use_beam_search",
-    "length_penalty",
-    "early_stopping",
     "allowed_token_ids",
     "suffix",
     "logits_processors",
@@ -110,6 +107,10 @@ pub struct SamplingFields {
     pub bad_words: Option<Vec<String>>,
     /// vLLM's: log-probabilities of the prompt's tokens, with this many alternatives.
     pub prompt_logprobs: Option<i64>,
+    /// vLLM's beam search: the `n` best of `n` beams.
+    pub use_beam_search: Option<bool>,
+    pub length_penalty: Option<f32>,
+    pub early_stopping: Option<trtllm_api::EarlyStopping>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -279,10 +280,14 @@ impl SamplingFields {
     ) -> Result<SamplingParams, ServeError> {
         let d = SamplingParams::default();
         let guided_decoding = self.guided()?;
+        let use_beam_search = self.use_beam_search.unwrap_or(false);
         let p = SamplingParams {
             max_tokens,
             min_tokens: count(self.min_tokens, "min_tokens", 0)?.unwrap_or(0),
-            temperature: self.temperature.unwrap_or(1.0),
+            // OpenAI's default of 1 samples; a beam search draws nothing.
+            temperature: self
+                .temperature
+                .unwrap_or(if use_beam_search { 0.0 } else { 1.0 }),
             top_k: match self.top_k {
                 // vLLM's "disabled" spelling.
                 Some(-1) => 0,
@@ -311,6 +316,10 @@ impl SamplingFields {
             logit_bias: logit_bias(self.logit_bias.take().unwrap_or_default())?,
             guided_decoding,
             bad_words: self.bad_words.unwrap_or_default(),
+            use_beam_search,
+            beam_width: None,
+            length_penalty: self.length_penalty.unwrap_or(d.length_penalty),
+            early_stopping: self.early_stopping.unwrap_or_default(),
         };
         p.validate()?;
         Ok(p)

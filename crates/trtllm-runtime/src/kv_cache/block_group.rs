@@ -85,6 +85,18 @@ impl BlockGroup {
             .map_or(0, |s| s.blocks.iter().filter(|&&b| b != NO_BLOCK).count())
     }
 
+    /// Distinct blocks the sequences `ids` hold (blocks they share count once).
+    pub fn held_by(&self, ids: &[u64]) -> usize {
+        let mut all: Vec<BlockId> = ids
+            .iter()
+            .flat_map(|id| self.block_table(*id).iter().copied())
+            .filter(|&b| b != NO_BLOCK)
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all.len()
+    }
+
     /// The first block the query at position `pos` reads.
     pub fn first_needed(&self, pos: usize) -> usize {
         super::first_block_read(self.window, pos, self.block_size)

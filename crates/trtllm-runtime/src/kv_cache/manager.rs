@@ -115,6 +115,12 @@ impl KvCacheManager {
         self.groups.iter().map(|g| g.held_blocks(id)).collect()
     }
 
+    /// Distinct blocks the sequences `ids` hold in each group (a beam search's beams share
+    /// their prompt's).
+    pub fn held_by(&self, ids: &[u64]) -> Vec<usize> {
+        self.groups.iter().map(|g| g.held_by(ids)).collect()
+    }
+
     /// Whether every group has room for `extra` more blocks on top of `reserved`
     /// (both per group).
     pub fn has_room(&self, reserved: &[usize], extra: &[usize]) -> bool {
