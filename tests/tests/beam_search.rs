@@ -86,7 +86,17 @@ type Outcome = (Vec<Vec<Beam>>, Vec<Vec<u32>>);
 /// requests of 16 tokens beside them; their beams, the greedy outputs, and the KV summary
 /// after (every block back).
 fn through_executor(engine: &Path, cases: &[Case], others: &[Vec<u32>]) -> Result<Outcome> {
-    let exec = GenerationExecutor::with_config(engine, ExecutorConfig::default())?;
+    with_config(engine, ExecutorConfig::default(), cases, others).map(|(o, _)| o)
+}
+
+/// [`through_executor`] with `cfg`; also the preemptions the beam requests went through.
+fn with_config(
+    engine: &Path,
+    cfg: ExecutorConfig,
+    cases: &[Case],
+    others: &[Vec<u32>],
+) -> Result<(Outcome, usize)> {
+    let exec = GenerationExecutor::with_config(engine, cfg)?;
     let mut handles = Vec::new();
     for case in cases {
         for c in &case.configs {
@@ -110,10 +120,13 @@ fn through_executor(engine: &Path, cases: &[Case], others: &[Vec<u32>]) -> Resul
     for p in others {
         greedy_handles.push(exec.submit(request(p.clone(), greedy.clone()))?);
     }
-    let beams = handles
-        .into_iter()
-        .map(|h| h.wait()?.beams.context("a beam request's beams"))
-        .collect::<Result<Vec<_>>>()?;
+    let mut preemptions = 0;
+    let mut beams = Vec::new();
+    for h in handles {
+        let (out, stats) = h.wait_with_stats()?;
+        preemptions += stats.preemptions;
+        beams.push(out.beams.context("a beam request's beams")?);
+    }
     let outputs = greedy_handles
         .into_iter()
         .map(|h| Ok(h.wait()?.tokens))
@@ -125,7 +138,7 @@ fn through_executor(engine: &Path, cases: &[Case], others: &[Vec<u32>]) -> Resul
         cases.is_empty() || kv.copied_blocks > 0,
         "no block copied: {kv:?}"
     );
-    Ok((beams, outputs))
+    Ok(((beams, outputs), preemptions))
 }
 
 fn request(prompt_token_ids: Vec<u32>, params: GenerationParams) -> GenerationRequest {
@@ -195,6 +208,28 @@ fn tiny_fixtures_give_transformers_beams() -> Result<()> {
         check(name, cases, &search_alone(engine.path(), cases)?)?;
         let (beams, _) = through_executor(engine.path(), cases, &[])?;
         check(name, cases, &beams)?;
+    }
+    Ok(())
+}
+
+/// A pool too small for every beam at once, under MAX_UTILIZATION: beam searches are
+/// preempted (their blocks released, the search restarted) and still give transformers' beams;
+/// in small blocks, with a sliding-window group (Gemma 2) whose beams fork too.
+#[test]
+fn preempted_beam_searches_restart_and_give_the_same_beams() -> Result<()> {
+    use trtllm_api::executor::CapacitySchedulerPolicy;
+    let golden = golden()?;
+    for name in ["tiny-llama", "tiny-gemma2"] {
+        let cases = &golden.models[name];
+        let engine = engine(&fixtures().join(name))?;
+        let mut cfg = ExecutorConfig::default();
+        cfg.scheduler.policy = CapacitySchedulerPolicy::MaxUtilization;
+        cfg.kv_cache.tokens_per_block = 4;
+        cfg.kv_cache.max_tokens = Some(96);
+        let others: Vec<Vec<u32>> = (0..4).map(|i| vec![5 + i, 9, 13, 17, 21, 25]).collect();
+        let ((beams, _), preemptions) = with_config(engine.path(), cfg, cases, &others)?;
+        check(name, cases, &beams)?;
+        ensure!(preemptions > 0, "{name}: no beam search was preempted");
     }
     Ok(())
 }

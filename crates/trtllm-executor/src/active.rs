@@ -119,7 +119,7 @@ impl ActiveRequest {
         &mut self,
         rows: &[&[f32]],
         ctx: crate::beam_request::BeamCtx<'_>,
-    ) -> Result<Option<FinishReason>, ExecutorError> {
+    ) -> Result<crate::beam_request::BeamStep, ExecutorError> {
         let (id, prompt_len) = (self.id, self.prompt_len);
         match &mut self.beam {
             Some(b) => b.step(rows, (id, prompt_len), ctx),

@@ -26,6 +26,16 @@ pub(crate) struct BeamState {
     pub beams: Option<Vec<Beam>>,
 }
 
+/// Where a beam step left the search.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum BeamStep {
+    Running,
+    Done(FinishReason),
+    /// The pool had no block for a fork: the search must start again later (preempted), its
+    /// sequences as they were before the step.
+    OutOfBlocks,
+}
+
 /// What a beam step needs from the engine loop.
 pub(crate) struct BeamCtx<'a> {
     pub kv: &'a mut KvCacheManager,
@@ -81,13 +91,13 @@ impl BeamState {
 
     /// Advances the search by one token from `rows` (the prompt's last row when it starts, else
     /// one per running beam) and moves the beams' KV sequences after it. `prompt_seq` holds the
-    /// prompt's cache until the first step. Returns why the request ends, if it does.
+    /// prompt's cache until the first step.
     pub fn step(
         &mut self,
         rows: &[&[f32]],
         (prompt_seq, prompt_len): (u64, usize),
         ctx: BeamCtx<'_>,
-    ) -> Result<Option<FinishReason>, ExecutorError> {
+    ) -> Result<BeamStep, ExecutorError> {
         if let Some((i, row)) = rows
             .iter()
             .enumerate()
@@ -117,16 +127,20 @@ impl BeamState {
         let search = self.search.as_mut().expect("started above");
         let len = prompt_len + search.generated();
         let parents = search.step(&rows);
-        self.seqs = move_sequences(&prev, &parents, len, ctx.kv, (ctx.runner, ctx.pool))?;
+        let Some(seqs) = move_sequences(&prev, &parents, len, ctx.kv, (ctx.runner, ctx.pool))?
+        else {
+            return Ok(BeamStep::OutOfBlocks);
+        };
+        self.seqs = seqs;
         if !search.is_done() {
-            return Ok(None);
+            return Ok(BeamStep::Running);
         }
         let beams = self.search.take().expect("running").finish();
         let stopped = beams[..1]
             .iter()
             .any(|b| b.tokens.last().is_some_and(|t| ctx.eos.contains(t)));
         self.beams = Some(beams);
-        Ok(Some(if stopped {
+        Ok(BeamStep::Done(if stopped {
             FinishReason::Stop
         } else {
             FinishReason::Length
@@ -136,14 +150,15 @@ impl BeamState {
 
 /// The new beams' KV sequences: beam `i` continues `prev[parents[i]]`, whose cache holds `len`
 /// positions. The first beam to continue a sequence takes it; the others fork it; sequences no
-/// beam continues are released. Block copies are made before returning.
+/// beam continues are released. Block copies are made before returning. None when a fork finds
+/// no block (the forks made are released).
 fn move_sequences(
     prev: &[u64],
     parents: &[usize],
     len: usize,
     kv: &mut KvCacheManager,
     (runner, pool): (&ModelRunner, &mut KvPool),
-) -> Result<Vec<u64>, ExecutorError> {
+) -> Result<Option<Vec<u64>>, ExecutorError> {
     // Sequences no beam continues go first, so their blocks serve the forks.
     let continued: HashSet<u64> = parents.iter().map(|&p| prev[p]).collect();
     let unused: HashSet<u64> = prev
@@ -166,15 +181,15 @@ fn move_sequences(
         let child = NEXT_SEQ.fetch_add(1, Ordering::Relaxed);
         match kv.fork(parent, child, len) {
             Ok(c) => copies.extend(c),
-            Err(e) => {
+            Err(_) => {
                 for &s in seqs.iter().filter(|s| !prev.contains(s)) {
                     kv.free_sequence(s);
                 }
-                return Err(ExecutorError::Step(format!("beam fork: {e}")));
+                return Ok(None);
             }
         }
         seqs.push(child);
     }
     runner.copy_blocks(pool, &copies)?;
-    Ok(seqs)
+    Ok(Some(seqs))
 }

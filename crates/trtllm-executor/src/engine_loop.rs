@@ -15,8 +15,8 @@ use trtllm_builder::runtime::{
 };
 
 use crate::active::ActiveRequest;
-use crate::beam_request::BeamCtx;
-use crate::scheduler::{Schedule, Scheduler};
+use crate::beam_request::{BeamCtx, BeamStep};
+use crate::scheduler::{preempt, Schedule, Scheduler};
 use crate::speculative::{DraftInput, Drafter};
 use crate::{
     ExecutorError, ExecutorLoad, IterationStats, LogitsProcessor, Result, SpeculativeTotals,
@@ -309,6 +309,8 @@ impl EngineLoop {
         let eos = &self.runner.model().eos_token_ids;
         let mut rows = logits.chunks_exact(vocab);
         let mut finished = Vec::new();
+        // Beam searches whose forks found no block: preempted, to start again.
+        let mut out_of_blocks = Vec::new();
         for c in &schedule.chunks {
             let Some(r) = self.running.iter_mut().find(|r| r.id == c.id) else {
                 continue;
@@ -318,9 +320,11 @@ impl EngineLoop {
                 stats.generation_tokens += c.n_tokens;
                 let chunk_rows: Vec<&[f32]> = rows.by_ref().take(c.n_tokens).collect();
                 let ctx = beam_ctx(r, (&mut self.kv, &self.runner, &mut self.pool), eos);
-                let outcome = r.beam_step(&chunk_rows, ctx);
-                if let Some(o) = outcome.transpose() {
-                    finished.push((r.id, o));
+                match r.beam_step(&chunk_rows, ctx) {
+                    Ok(BeamStep::Running) => {}
+                    Ok(BeamStep::Done(reason)) => finished.push((r.id, Ok(reason))),
+                    Ok(BeamStep::OutOfBlocks) => out_of_blocks.push(r.id),
+                    Err(e) => finished.push((r.id, Err(e))),
                 }
                 continue;
             }
@@ -360,8 +364,11 @@ impl EngineLoop {
                 r.first_token.get_or_insert_with(Instant::now);
                 let ctx = beam_ctx(r, (&mut self.kv, &self.runner, &mut self.pool), eos);
                 let last = &chunk_rows[chunk_rows.len() - 1..];
-                if let Some(o) = r.beam_step(last, ctx).transpose() {
-                    finished.push((r.id, o));
+                match r.beam_step(last, ctx) {
+                    Ok(BeamStep::Running) => {}
+                    Ok(BeamStep::Done(reason)) => finished.push((r.id, Ok(reason))),
+                    Ok(BeamStep::OutOfBlocks) => out_of_blocks.push(r.id),
+                    Err(e) => finished.push((r.id, Err(e))),
                 }
                 continue;
             }
@@ -386,6 +393,12 @@ impl EngineLoop {
                 Ok(None) => {}
                 Ok(Some(reason)) => finished.push((r.id, Ok(reason))),
                 Err(e) => finished.push((r.id, Err(e))),
+            }
+        }
+        for id in out_of_blocks {
+            for r in extract(&mut self.running, |r| r.id == id) {
+                stats.preempted_requests += 1;
+                preempt(r, &mut self.kv, &mut self.waiting);
             }
         }
         for (id, outcome) in finished {

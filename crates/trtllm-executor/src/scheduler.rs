@@ -223,7 +223,12 @@ impl Scheduler {
     }
 }
 
-fn preempt(mut r: ActiveRequest, kv: &mut KvCacheManager, waiting: &mut VecDeque<ActiveRequest>) {
+/// Releases `r`'s blocks and queues it first to compute again from its tokens.
+pub(crate) fn preempt(
+    mut r: ActiveRequest,
+    kv: &mut KvCacheManager,
+    waiting: &mut VecDeque<ActiveRequest>,
+) {
     r.free_kv(kv);
     if let Some(b) = &mut r.beam {
         b.reset(kv);
