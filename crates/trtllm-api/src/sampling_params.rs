@@ -168,7 +168,7 @@ impl SamplingParams {
         if self.beam_width.is_some_and(|w| w < self.n) {
             return Err(invalid(
                 "beam_width",
-                format!("{:?} with n = {}", self.beam_width, self.n),
+                format!("{} with n = {}", self.beam_width.unwrap_or(0), self.n),
                 "at least n",
             ));
         }

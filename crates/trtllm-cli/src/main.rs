@@ -64,6 +64,9 @@ struct BuildArgs {
     max_seq_len: usize,
     #[arg(long, default_value_t = 8192)]
     max_num_tokens: usize,
+    /// Widest beam search a request may ask for.
+    #[arg(long, default_value_t = 4)]
+    max_beam_width: usize,
     /// Weight quantization: w8a16, w4a16, w4a16_awq, w4a16_gptq, w8a16_gptq, w8a8_sq, fp8,
     /// nvfp4, or keep (a GGUF's own Q8_0/Q4_0/Q4_1 weights, without loss).
     #[arg(long)]
@@ -192,6 +195,7 @@ fn build(a: BuildArgs) -> Result<()> {
         quant,
         keep_quantized,
         kv_cache_dtype,
+        max_beam_width: a.max_beam_width,
         ..BuildConfig::default()
     };
     let bar = indicatif::ProgressBar::new(0);

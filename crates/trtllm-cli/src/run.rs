@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use trtllm_api::executor::{CapacitySchedulerPolicy, ExecutorConfig, SpeculativeConfig};
 use trtllm_api::runtime::Device;
-use trtllm_api::{ChatMessage, LlmArgs, Logprob, Prompt, SamplingParams, LLM};
+use trtllm_api::{ChatMessage, EarlyStopping, LlmArgs, Logprob, Prompt, SamplingParams, LLM};
 
 /// The model a command runs: an engine directory, a Hugging Face checkpoint directory or a
 /// .gguf file, as the first argument or `--model` (`--engine` is the older spelling).
@@ -108,6 +108,27 @@ pub struct SamplingArgs {
     /// Return the log-probabilities of each output token and the top K alternatives.
     #[arg(long, value_name = "K")]
     logprobs: Option<usize>,
+    /// Beam search over N beams instead of sampling; the best --n of them are returned, each
+    /// with its cumulative log-probability.
+    #[arg(long, value_name = "N")]
+    beam_width: Option<usize>,
+    /// Beam search ranks finished beams by sum_logprobs / length^X.
+    #[arg(long, value_name = "X", requires = "beam_width")]
+    length_penalty: Option<f32>,
+    /// When the beam search stops: true (as soon as N beams are finished), false (the default:
+    /// when no running beam can beat them) or never; the flag alone means true.
+    #[arg(long, value_name = "WHEN", requires = "beam_width", num_args = 0..=1,
+          default_missing_value = "true", value_parser = parse_early_stopping)]
+    early_stopping: Option<EarlyStopping>,
+}
+
+fn parse_early_stopping(s: &str) -> std::result::Result<EarlyStopping, String> {
+    match s {
+        "true" => Ok(EarlyStopping::Bool(true)),
+        "false" => Ok(EarlyStopping::Bool(false)),
+        "never" => Ok(EarlyStopping::Never(Default::default())),
+        other => Err(format!("'{other}' is not one of true, false, never")),
+    }
 }
 
 impl SamplingArgs {
@@ -127,6 +148,10 @@ impl SamplingArgs {
             ignore_eos: self.ignore_eos,
             n: self.n,
             logprobs: self.logprobs,
+            use_beam_search: self.beam_width.is_some(),
+            beam_width: self.beam_width,
+            length_penalty: self.length_penalty.unwrap_or(1.0),
+            early_stopping: self.early_stopping.unwrap_or_default(),
             ..SamplingParams::default()
         };
         p.validate()?;
@@ -271,7 +296,8 @@ pub fn generate(a: RunArgs) -> Result<()> {
         a.executor.device,
         a.chat_template.as_deref(),
     )?;
-    if a.json || params.n > 1 || prompts.len() > 1 {
+    // A beam search's completions are known only at its end: nothing to stream.
+    if a.json || params.n > 1 || prompts.len() > 1 || params.use_beam_search {
         let outs = match &chat {
             Some(messages) => vec![llm.chat(messages, &params)?],
             None => llm.generate(&prompts, &params)?,
@@ -282,7 +308,10 @@ pub fn generate(a: RunArgs) -> Result<()> {
                 continue;
             }
             for o in &out.outputs {
-                println!("[{i}.{}] {}", o.index, o.text);
+                match o.cumulative_logprob.filter(|_| params.use_beam_search) {
+                    Some(c) => println!("[{i}.{}] ({c:.4}) {}", o.index, o.text),
+                    None => println!("[{i}.{}] {}", o.index, o.text),
+                }
                 if let Some(lp) = &o.logprobs {
                     print_logprobs(&llm, lp)?;
                 }
