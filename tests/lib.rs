@@ -8,6 +8,8 @@ use trtllm_api::builder::{build, BuildConfig};
 use trtllm_api::runtime::{Device, LogitsMode, ModelRunner, Session};
 use trtllm_api::{LlmArgs, Prompt, SamplingParams, LLM};
 
+pub mod beam_golden;
+
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }

@@ -205,3 +205,30 @@ fn quantized_engines_match_the_cpu() -> Result<()> {
     );
     Ok(())
 }
+
+/// Beam search on the GPU: every tiny fixture's golden cases in flight at once, each beam's KV
+/// forked on the device (block copies device to device), give transformers' beams, as closely
+/// as on the CPU. The engines are float32: bf16 prefill rounds activations (TensorRT's
+/// numerics), which moves near-tied beams.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo xtask test-gpu"]
+fn tiny_fixtures_beam_search_on_the_gpu() -> Result<()> {
+    use trtllm_api::executor::ExecutorConfig;
+    use trtllm_tests::beam_golden::{check, golden, with_config, TIE};
+    for (name, cases) in golden()?.models.iter().filter(|(n, _)| *n != "smollm2") {
+        let out = tempfile::tempdir()?;
+        build(
+            &fixtures().join(name),
+            out.path(),
+            &BuildConfig {
+                dtype: Some(DType::F32),
+                ..Default::default()
+            },
+            &mut |_, _, _| {},
+        )?;
+        let device = (ExecutorConfig::default(), Device::Cuda(0));
+        let ((beams, _), _) = with_config(out.path(), device, cases, &[])?;
+        check(name, cases, &beams, (1e-3, TIE))?;
+    }
+    Ok(())
+}
