@@ -58,6 +58,8 @@ fn use_beam_search_gives_the_n_best_beams_and_refuses_sampling_fields() {
     }
     let c0 = want["outputs"][0]["cumulative_logprob"].as_f64().unwrap();
     assert!(c0 < 0.0, "{want}");
+    // The beams forked a partly filled block of the 5-token prompt's.
+    assert!(server.metric("trtllm_kv_cache_copied_blocks_total") > 0.0);
     for (bad, field) in [
         (json!({"temperature": 0.7}), "temperature"),
         (json!({"stop": ["."]}), "stop"),

@@ -320,12 +320,8 @@ impl EngineLoop {
                 stats.generation_tokens += c.n_tokens;
                 let chunk_rows: Vec<&[f32]> = rows.by_ref().take(c.n_tokens).collect();
                 let ctx = beam_ctx(r, (&mut self.kv, &self.runner, &mut self.pool), eos);
-                match r.beam_step(&chunk_rows, ctx) {
-                    Ok(BeamStep::Running) => {}
-                    Ok(BeamStep::Done(reason)) => finished.push((r.id, Ok(reason))),
-                    Ok(BeamStep::OutOfBlocks) => out_of_blocks.push(r.id),
-                    Err(e) => finished.push((r.id, Err(e))),
-                }
+                let step = r.beam_step(&chunk_rows, ctx);
+                sort_beam_step(r.id, step, (&mut finished, &mut out_of_blocks));
                 continue;
             }
             if r.in_context_phase() {
@@ -363,13 +359,8 @@ impl EngineLoop {
                 self.kv.commit(r.id, &r.tokens, r.computed);
                 r.first_token.get_or_insert_with(Instant::now);
                 let ctx = beam_ctx(r, (&mut self.kv, &self.runner, &mut self.pool), eos);
-                let last = &chunk_rows[chunk_rows.len() - 1..];
-                match r.beam_step(last, ctx) {
-                    Ok(BeamStep::Running) => {}
-                    Ok(BeamStep::Done(reason)) => finished.push((r.id, Ok(reason))),
-                    Ok(BeamStep::OutOfBlocks) => out_of_blocks.push(r.id),
-                    Err(e) => finished.push((r.id, Err(e))),
-                }
+                let step = r.beam_step(&chunk_rows[chunk_rows.len() - 1..], ctx);
+                sort_beam_step(r.id, step, (&mut finished, &mut out_of_blocks));
                 continue;
             }
             // The last computed token's row, then one per drafted token.
@@ -419,6 +410,20 @@ impl EngineLoop {
             r.free_kv(&mut self.kv);
             r.fail(error());
         }
+    }
+}
+
+/// A finished or failed beam search joins `finished`; one whose fork found no block, `preempt`.
+fn sort_beam_step(
+    id: u64,
+    step: Result<BeamStep>,
+    (finished, preempt): (&mut Vec<(u64, Result<FinishReason>)>, &mut Vec<u64>),
+) {
+    match step {
+        Ok(BeamStep::Running) => {}
+        Ok(BeamStep::Done(reason)) => finished.push((id, Ok(reason))),
+        Ok(BeamStep::OutOfBlocks) => preempt.push(id),
+        Err(e) => finished.push((id, Err(e))),
     }
 }
 

@@ -37,6 +37,7 @@ pub struct Metrics {
     kv_used: Gauge,
     kv_total: Gauge,
     kv_usage: Gauge<f64, AtomicU64>,
+    kv_copied: Counter,
     spec_drafts: Counter,
     spec_draft_tokens: Counter,
     spec_accepted_tokens: Counter,
@@ -61,6 +62,7 @@ impl Default for Metrics {
             kv_used: Gauge::default(),
             kv_total: Gauge::default(),
             kv_usage: Gauge::default(),
+            kv_copied: Counter::default(),
             spec_drafts: Counter::default(),
             spec_draft_tokens: Counter::default(),
             spec_accepted_tokens: Counter::default(),
@@ -130,6 +132,11 @@ impl Default for Metrics {
             "kv_cache_usage_ratio",
             "Fraction of KV-cache blocks in use",
             m.kv_usage.clone(),
+        );
+        r.register(
+            "kv_cache_copied_blocks",
+            "KV-cache blocks copied because forked beams would both write them",
+            m.kv_copied.clone(),
         );
         r.register(
             "spec_decode_num_drafts",
@@ -203,6 +210,7 @@ impl Metrics {
             // The executor keeps totals; the counters catch up to them.
             let s = load.speculative;
             for (c, total) in [
+                (&self.kv_copied, load.kv.copied_blocks),
                 (&self.spec_drafts, s.drafts),
                 (&self.spec_draft_tokens, s.draft_tokens),
                 (&self.spec_accepted_tokens, s.accepted_draft_tokens),
