@@ -194,6 +194,10 @@ pub struct ExecutorArgs {
     /// Most draft tokens per step for speculative decoding.
     #[arg(long, value_name = "K", requires = "speculation", default_value_t = 4)]
     max_draft_len: usize,
+    /// Each request's logits bit for bit the same whatever else is in its batch and however
+    /// its prompt is chunked (CPU; costs throughput).
+    #[arg(long)]
+    batch_invariant: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -213,6 +217,7 @@ impl ExecutorArgs {
         };
         cfg.kv_cache.max_tokens = self.kv_cache_tokens;
         cfg.kv_cache.enable_block_reuse = !self.disable_block_reuse;
+        cfg.batch_invariant = self.batch_invariant;
         cfg.timing_cache = self.timing_cache.clone();
         let max_draft_len = self.max_draft_len;
         cfg.speculative = match (self.ngram_lookup, &self.draft_model) {

@@ -40,6 +40,9 @@ pub struct ExecutorConfig {
     pub timing_cache: Option<std::path::PathBuf>,
     /// Speculative decoding for every request (none: plain decoding).
     pub speculative: Option<crate::SpeculativeConfig>,
+    /// A request's logits bit for bit the same whatever else is in its batch and however its
+    /// prompt is chunked (CPU only; costs throughput: docs/benchmarks.md).
+    pub batch_invariant: bool,
 }
 
 /// The most time tuning may take when an executor starts.
@@ -53,6 +56,7 @@ impl Default for ExecutorConfig {
             history: 1000,
             timing_cache: None,
             speculative: None,
+            batch_invariant: false,
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use trtllm_quant::kernels::cpu::{self, AttentionSeq, RopeFreqs};
+use trtllm_quant::kernels::cpu::{self, AttentionPath, AttentionSeq, RopeFreqs};
 
 use crate::decoder::{Backend, Decoder};
 use crate::engine::EngineFile;
@@ -24,6 +24,8 @@ pub(crate) struct CpuBackend {
     groups: KvGroups,
     /// The linear kernels' tactic per weight shape (defaults until [`Decoder::tune`]).
     tactics: Tactics,
+    /// The attention kernels allowed (every row on its own under batch invariance).
+    attention_path: AttentionPath,
 }
 
 impl CpuBackend {
@@ -34,6 +36,7 @@ impl CpuBackend {
             rope: model.rope.clone(),
             groups: model.cfg.kv_groups(),
             tactics: Tactics::default(),
+            attention_path: AttentionPath::Fastest,
         }
     }
 }
@@ -43,8 +46,24 @@ impl Decoder<CpuBackend> {
     /// `cache`, else timed within `budget` and added to it.
     pub fn tune(&mut self, cache: &mut TimingCache, budget: Duration) -> Result<TuneReport> {
         let (tactics, report) = tuning::tune(&self.model.matrices()?, cache, budget);
+        let invariant = self.backend.attention_path == AttentionPath::Rows;
         self.backend.tactics = tactics;
+        self.set_batch_invariant(invariant);
         Ok(report)
+    }
+
+    /// Batch invariance: from now on a sequence's logits do not depend, to the last bit, on
+    /// the other sequences of a pass or on how its prompt is split into chunks (one summation
+    /// order per output element in every linear layer and attention row).
+    pub fn set_batch_invariant(&mut self, on: bool) {
+        let b = &mut self.backend;
+        if on {
+            b.tactics = b.tactics.invariant();
+            b.attention_path = AttentionPath::Rows;
+        } else if b.attention_path == AttentionPath::Rows {
+            b.tactics = Tactics::default();
+            b.attention_path = AttentionPath::Fastest;
+        }
     }
 }
 
@@ -183,7 +202,8 @@ impl Backend for CpuBackend {
         }
         let mut out = vec![0f32; q.len()];
         let shape = self.cfg.attention_shape(layer);
-        cpu::paged_attention(q, pool.layer(layer), &step.seqs[group], shape, &mut out)?;
+        let seqs = (&step.seqs[group][..], shape);
+        cpu::paged_attention_with(q, pool.layer(layer), seqs, &mut out, self.attention_path)?;
         Ok(out)
     }
 

@@ -139,6 +139,16 @@ impl Tactics {
     pub fn get(&self, rows: usize) -> Tactic {
         self.0[Regime::of(rows) as usize].unwrap_or_default()
     }
+
+    /// Batch invariance: the decode regime's tactic for every row count (one instruction set,
+    /// so one lane width), with the kernels that keep one summation order.
+    pub fn invariant(&self) -> Self {
+        let t = Tactic {
+            invariant: true,
+            ..self.get(1)
+        };
+        Self([Some(t); 3])
+    }
 }
 
 /// What a tuning run did.

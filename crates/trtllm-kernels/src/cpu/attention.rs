@@ -158,6 +158,17 @@ pub struct AttentionSeq<'a> {
     pub n_new: usize,
 }
 
+/// Which kernels attention may take.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttentionPath {
+    /// Prefill rows in tiles that share key reads, decode rows one per task.
+    #[default]
+    Fastest,
+    /// Every row on its own (one summation order per row, whatever its chunk): batch
+    /// invariance.
+    Rows,
+}
+
 /// `q` holds every sequence's new rows back to back, `[Σ n_new × n_heads × head_dim]`; row `t`
 /// of a sequence attends to its positions `0..=past + t`. Writes `out` in the layout of `q`.
 pub fn paged_attention(
@@ -166,6 +177,17 @@ pub fn paged_attention(
     seqs: &[AttentionSeq<'_>],
     shape: AttentionShape,
     out: &mut [f32],
+) -> Result<()> {
+    paged_attention_with(q, kv, (seqs, shape), out, AttentionPath::Fastest)
+}
+
+/// [`paged_attention`] on the kernels `path` allows.
+pub fn paged_attention_with(
+    q: &[f32],
+    kv: PagedKv<'_>,
+    (seqs, shape): (&[AttentionSeq<'_>], AttentionShape),
+    out: &mut [f32],
+    path: AttentionPath,
 ) -> Result<()> {
     check_batch(
         (q.len(), out.len()),
@@ -181,7 +203,7 @@ pub fn paged_attention(
     )?;
     let isa = super::simd::isa();
     let out_ptr = OutPtr(out.as_mut_ptr());
-    plan(seqs, shape, isa)
+    plan(seqs, shape, (isa, path))
         .par_iter()
         .for_each_init(Scratch::default, |sc, work| {
             let base = out_ptr.get();
@@ -224,18 +246,23 @@ struct Scratch {
 
 /// Sequences whose new rows fill at least a vector of queries per KV head (prefill) go in
 /// tiles; the others (decode) one query per task.
-fn plan(seqs: &[AttentionSeq<'_>], shape: AttentionShape, isa: super::simd::Isa) -> Vec<Work> {
+fn plan(
+    seqs: &[AttentionSeq<'_>],
+    shape: AttentionShape,
+    (isa, path): (super::simd::Isa, AttentionPath),
+) -> Vec<Work> {
     let group = shape.n_heads / shape.n_kv_heads;
     let mut work = Vec::new();
     let mut row0 = 0;
     for (seq, s) in seqs.iter().enumerate() {
         let per_kv_head = s.n_new * group;
         #[cfg(target_arch = "x86_64")]
-        let tiled =
-            isa >= super::simd::Isa::Avx2 && per_kv_head >= attention_tile::min_queries(isa);
+        let tiled = path == AttentionPath::Fastest
+            && isa >= super::simd::Isa::Avx2
+            && per_kv_head >= attention_tile::min_queries(isa);
         #[cfg(not(target_arch = "x86_64"))]
         let tiled = {
-            let _ = (isa, per_kv_head); // no SIMD tiles off x86
+            let _ = (isa, path, per_kv_head); // no SIMD tiles off x86
             false
         };
         if tiled {

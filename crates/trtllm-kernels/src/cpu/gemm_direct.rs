@@ -32,6 +32,7 @@ pub(super) const TRANSPOSED_MIN_ROWS: usize = 13;
 pub(super) fn reads_transposed(p: &Problem<'_>) -> bool {
     p.tactic.isa == Isa::Avx512
         && p.tactic.direct
+        && !p.tactic.invariant
         && (TRANSPOSED_MIN_ROWS..=DIRECT_MAX_ROWS).contains(&p.m)
 }
 

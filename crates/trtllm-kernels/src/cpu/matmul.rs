@@ -299,7 +299,9 @@ fn run<W: Rows>(p: &Problem<'_>, w: &W, out: OutPtr) {
     let chunk = p.n.div_ceil(chunks).next_multiple_of(MAX_PANEL);
     let nchunks = p.n.div_ceil(chunk);
     let isa = tactic.isa;
-    let direct = tactic.direct && p.m <= DIRECT_MAX_ROWS;
+    // Batch invariance keeps the dot-product order at every row count: direct tiles past
+    // DIRECT_MAX_ROWS too, and the GEMV for packed weights.
+    let direct = tactic.invariant || (tactic.direct && p.m <= DIRECT_MAX_ROWS);
     let body = |c: usize| {
         let cols = c * chunk..((c + 1) * chunk).min(p.n);
         #[cfg(target_arch = "x86_64")]
@@ -309,7 +311,10 @@ fn run<W: Rows>(p: &Problem<'_>, w: &W, out: OutPtr) {
             unsafe {
                 if p.m < PACKED_MIN_ROWS {
                     w.gemv(isa, p, cols, out)
-                } else if !direct || !w.gemm_direct(isa, p, cols.clone(), out) {
+                } else if direct && w.gemm_direct(isa, p, cols.clone(), out) {
+                } else if tactic.invariant {
+                    w.gemv(isa, p, cols, out)
+                } else {
                     super::gemm_packed::columns(isa, p, w, cols, out)
                 }
             };
@@ -587,6 +592,7 @@ mod tests {
                     direct,
                     chunks_per_thread,
                     wide_tiles: direct,
+                    invariant: !direct,
                 });
             }
         }

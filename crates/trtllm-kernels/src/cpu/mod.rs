@@ -10,6 +10,8 @@ mod attention_tile;
 mod elementwise;
 mod gemm_direct;
 mod gemm_packed;
+#[cfg(test)]
+mod invariance_tests;
 mod lanes;
 mod matmul;
 mod norm;
@@ -23,7 +25,10 @@ mod widen;
 pub use activation::{gelu_tanh, gelu_tanh_mul, silu_mul};
 #[cfg(feature = "cuda")]
 pub(crate) use attention::{check_batch, PoolShape};
-pub use attention::{paged_attention, AttentionSeq, AttentionShape, KvData, PagedKv};
+pub use attention::{
+    paged_attention, paged_attention_with, AttentionPath, AttentionSeq, AttentionShape, KvData,
+    PagedKv,
+};
 pub use elementwise::{add_inplace, embedding_gather, softmax_inplace};
 pub use matmul::{linear, linear_with, MatRef, WeightData};
 pub use norm::{layer_norm, rms_norm};

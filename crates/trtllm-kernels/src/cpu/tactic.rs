@@ -24,6 +24,11 @@ pub struct Tactic {
     /// W4A16 g128 and W8A16 +6–7 %, int4 g32 −5 %; so a tuned choice, not a constant).
     #[serde(default)]
     pub wide_tiles: bool,
+    /// Batch invariance: every row count takes kernels with one summation order per output
+    /// element (the GEMV's: dot tiles over dense weights, the GEMV itself over packed ones), so
+    /// a row's result does not depend on the rows beside it.
+    #[serde(default)]
+    pub invariant: bool,
 }
 
 pub const MAX_PREFETCH: usize = 64;
@@ -37,6 +42,7 @@ impl Default for Tactic {
             direct: true,
             chunks_per_thread: 4,
             wide_tiles: false,
+            invariant: false,
         }
     }
 }
@@ -50,6 +56,7 @@ impl Tactic {
             direct: self.direct,
             chunks_per_thread: self.chunks_per_thread.clamp(1, MAX_CHUNKS),
             wide_tiles: self.wide_tiles,
+            invariant: self.invariant,
         }
     }
 }
