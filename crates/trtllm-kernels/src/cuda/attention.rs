@@ -343,37 +343,36 @@ impl CudaDevice {
                 limit: slots + 1,
             });
         }
+        let slots = (src, dst, n);
         match kv {
             DeviceKv::F32 { k, v } => {
-                self.copy_within(k, (src, dst, n), row)?;
-                self.copy_within(v, (src, dst, n), row)
+                self.copy_within(k, slots, row)?;
+                self.copy_within(v, slots, row)?;
             }
             DeviceKv::Bf16 { k, v } | DeviceKv::F16 { k, v } => {
-                self.copy_within(k, (src, dst, n), row)?;
-                self.copy_within(v, (src, dst, n), row)
+                self.copy_within(k, slots, row)?;
+                self.copy_within(v, slots, row)?;
             }
+            DeviceKv::Int8 { k, v, .. } => {
+                self.copy_within(k, slots, row)?;
+                self.copy_within(v, slots, row)?;
+            }
+            DeviceKv::Fp8 { k, v, .. } => {
+                self.copy_within(k, slots, row)?;
+                self.copy_within(v, slots, row)?;
+            }
+        }
+        match kv {
             DeviceKv::Int8 {
-                k,
-                k_scales,
-                v,
-                v_scales,
-            } => {
-                self.copy_within(k, (src, dst, n), row)?;
-                self.copy_within(v, (src, dst, n), row)?;
-                self.copy_within(k_scales, (src, dst, n), heads)?;
-                self.copy_within(v_scales, (src, dst, n), heads)
+                k_scales, v_scales, ..
             }
-            DeviceKv::Fp8 {
-                k,
-                k_scales,
-                v,
-                v_scales,
+            | DeviceKv::Fp8 {
+                k_scales, v_scales, ..
             } => {
-                self.copy_within(k, (src, dst, n), row)?;
-                self.copy_within(v, (src, dst, n), row)?;
-                self.copy_within(k_scales, (src, dst, n), heads)?;
-                self.copy_within(v_scales, (src, dst, n), heads)
+                self.copy_within(k_scales, slots, heads)?;
+                self.copy_within(v_scales, slots, heads)
             }
+            _ => Ok(()),
         }
     }
 
