@@ -24,8 +24,8 @@ pub(crate) struct CpuBackend {
     groups: KvGroups,
     /// The linear kernels' tactic per weight shape (defaults until [`Decoder::tune`]).
     tactics: Tactics,
-    /// The attention kernels allowed (every row on its own under batch invariance).
-    attention_path: AttentionPath,
+    /// Batch invariance: the tactics' invariant form, attention row by row.
+    invariant: bool,
 }
 
 impl CpuBackend {
@@ -36,7 +36,7 @@ impl CpuBackend {
             rope: model.rope.clone(),
             groups: model.cfg.kv_groups(),
             tactics: Tactics::default(),
-            attention_path: AttentionPath::Fastest,
+            invariant: false,
         }
     }
 }
@@ -46,9 +46,7 @@ impl Decoder<CpuBackend> {
     /// `cache`, else timed within `budget` and added to it.
     pub fn tune(&mut self, cache: &mut TimingCache, budget: Duration) -> Result<TuneReport> {
         let (tactics, report) = tuning::tune(&self.model.matrices()?, cache, budget);
-        let invariant = self.backend.attention_path == AttentionPath::Rows;
         self.backend.tactics = tactics;
-        self.set_batch_invariant(invariant);
         Ok(report)
     }
 
@@ -56,14 +54,7 @@ impl Decoder<CpuBackend> {
     /// the other sequences of a pass or on how its prompt is split into chunks (one summation
     /// order per output element in every linear layer and attention row).
     pub fn set_batch_invariant(&mut self, on: bool) {
-        let b = &mut self.backend;
-        if on {
-            b.tactics = b.tactics.invariant();
-            b.attention_path = AttentionPath::Rows;
-        } else if b.attention_path == AttentionPath::Rows {
-            b.tactics = Tactics::default();
-            b.attention_path = AttentionPath::Fastest;
-        }
+        self.backend.invariant = on;
     }
 }
 
@@ -143,7 +134,10 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, l: &Linear, x: &Vec<f32>, rows: usize) -> Result<Vec<f32>> {
-        l.forward(&self.file, x, rows, &self.tactics)
+        match self.invariant {
+            true => l.forward(&self.file, x, rows, &self.tactics.invariant()),
+            false => l.forward(&self.file, x, rows, &self.tactics),
+        }
     }
 
     fn observe(
@@ -203,7 +197,11 @@ impl Backend for CpuBackend {
         let mut out = vec![0f32; q.len()];
         let shape = self.cfg.attention_shape(layer);
         let seqs = (&step.seqs[group][..], shape);
-        cpu::paged_attention_with(q, pool.layer(layer), seqs, &mut out, self.attention_path)?;
+        let path = match self.invariant {
+            true => AttentionPath::Rows,
+            false => AttentionPath::Fastest,
+        };
+        cpu::paged_attention_with(q, pool.layer(layer), seqs, &mut out, path)?;
         Ok(out)
     }
 
