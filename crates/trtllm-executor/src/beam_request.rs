@@ -136,9 +136,10 @@ impl BeamState {
             return Ok(BeamStep::Running);
         }
         let beams = self.search.take().expect("running").finish();
-        let stopped = beams[..1]
-            .iter()
-            .any(|b| b.tokens.last().is_some_and(|t| ctx.eos.contains(t)));
+        let stopped = beams
+            .first()
+            .and_then(|b| b.tokens.last())
+            .is_some_and(|t| ctx.eos.contains(t));
         self.beams = Some(beams);
         Ok(BeamStep::Done(if stopped {
             FinishReason::Stop

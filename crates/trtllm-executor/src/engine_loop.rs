@@ -433,17 +433,11 @@ fn beam_ctx<'a>(
     (kv, runner, pool): (&'a mut KvCacheManager, &'a ModelRunner, &'a mut KvPool),
     eos: &[u32],
 ) -> BeamCtx<'a> {
-    let model_eos = if r.params.ignore_eos { &[][..] } else { eos };
-    let eos = model_eos
-        .iter()
-        .chain(&r.params.stop_token_ids)
-        .copied()
-        .collect();
     BeamCtx {
         kv,
         runner,
         pool,
-        eos,
+        eos: r.params.end_tokens(eos),
         max_new_tokens: r.budget,
     }
 }

@@ -154,6 +154,36 @@ impl GenerationExecutor {
         Ok(())
     }
 
+    /// A beam search within the engine's max_beam_width, without a logits processor (which
+    /// sees one output, not a beam's).
+    fn check_beam(&self, p: &GenerationParams, has_processor: bool) -> Result<()> {
+        let Some(b) = p.beam else {
+            return Ok(());
+        };
+        let max_width = self.config.build.max_beam_width;
+        let (field, value, expected) = if b.width > max_width.max(1) {
+            (
+                "beam_width",
+                format!("{} (this engine's max_beam_width is {max_width})", b.width),
+                "at most the engine's max_beam_width (trtllm build --max-beam-width)",
+            )
+        } else if has_processor {
+            (
+                "guided_decoding",
+                "a logits processor".into(),
+                "none with beam search",
+            )
+        } else {
+            return Ok(());
+        };
+        Err(RuntimeError::InvalidSampling {
+            field,
+            value,
+            expected,
+        }
+        .into())
+    }
+
     /// Checks and queues a request; its tokens stream through the returned handle. Bad input
     /// (prompt, sampling parameters, a request larger than the whole KV pool) is an error
     /// here and never reaches the engine loop.
@@ -171,23 +201,7 @@ impl GenerationExecutor {
         self.config.validate_prompt(&request.prompt_token_ids)?;
         request.params.validate()?;
         self.check_token_params(&request.params)?;
-        let max_width = self.config.build.max_beam_width;
-        if let Some(b) = request.params.beam.filter(|b| b.width > max_width.max(1)) {
-            return Err(RuntimeError::InvalidSampling {
-                field: "beam_width",
-                value: format!("{} (this engine's max_beam_width is {max_width})", b.width),
-                expected: "at most the engine's max_beam_width (trtllm build --max-beam-width)",
-            }
-            .into());
-        }
-        if request.params.beam.is_some() && processor.is_some() {
-            return Err(RuntimeError::InvalidSampling {
-                field: "guided_decoding",
-                value: "a logits processor".into(),
-                expected: "none with beam search",
-            }
-            .into());
-        }
+        self.check_beam(&request.params, processor.is_some())?;
         let sampler = Sampler::new(request.params.sampling.clone(), &request.prompt_token_ids)?;
         let prompt_len = request.prompt_token_ids.len();
         let budget = request

@@ -45,18 +45,20 @@ impl Scheduler {
         while i < running.len() && out.chunks.len() < self.limits.max_batch_size && tokens_left > 0
         {
             if running[i].beam_decoding() {
-                match self.schedule_beams(&running[i], kv, tokens_left) {
-                    Some(chunk) => {
-                        running[i].first_scheduled.get_or_insert_with(Instant::now);
-                        tokens_left -= chunk.n_tokens;
-                        out.chunks.push(chunk);
-                    }
-                    None if tokens_left < running[i].width() => {}
-                    None => {
+                // One token per beam; a search that does not fit the step's tokens waits.
+                let (id, width) = (running[i].id, running[i].width());
+                if width <= tokens_left {
+                    if !grow_beams(&running[i], kv) {
                         preempt(running.remove(running.len() - 1), kv, waiting);
                         out.preempted += 1;
                         continue;
                     }
+                    running[i].first_scheduled.get_or_insert_with(Instant::now);
+                    tokens_left -= width;
+                    out.chunks.push(ScheduledChunk {
+                        id,
+                        n_tokens: width,
+                    });
                 }
                 i += 1;
                 continue;
@@ -142,28 +144,6 @@ impl Scheduler {
         }
     }
 
-    /// A decoding beam search's step: one token per beam, each beam's sequence grown by a
-    /// position. None when the step's tokens or the blocks do not suffice.
-    fn schedule_beams(
-        &self,
-        r: &ActiveRequest,
-        kv: &mut KvCacheManager,
-        tokens_left: usize,
-    ) -> Option<ScheduledChunk> {
-        let width = r.width();
-        if width > tokens_left {
-            return None;
-        }
-        let past = r.beam.as_ref()?.past(r.prompt_len);
-        let seqs = r.seq_ids();
-        seqs.iter()
-            .all(|&s| kv.ensure_capacity(s, past + 1).is_ok())
-            .then_some(ScheduledChunk {
-                id: r.id,
-                n_tokens: width,
-            })
-    }
-
     /// Whether the policy lets `r` start now.
     fn fits(
         &self,
@@ -221,6 +201,17 @@ impl Scheduler {
             common.min(reusable) / bs * bs > cached
         })
     }
+}
+
+/// Grows each beam's sequence of a decoding beam search by the position this step writes;
+/// false when the blocks run out.
+fn grow_beams(r: &ActiveRequest, kv: &mut KvCacheManager) -> bool {
+    let Some(past) = r.beam.as_ref().map(|b| b.past(r.prompt_len)) else {
+        return false;
+    };
+    r.seq_ids()
+        .iter()
+        .all(|&s| kv.ensure_capacity(s, past + 1).is_ok())
 }
 
 /// Releases `r`'s blocks and queues it first to compute again from its tokens.

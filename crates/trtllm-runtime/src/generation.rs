@@ -219,6 +219,13 @@ impl GenerationParams {
             .min(max_seq_len.saturating_sub(prompt_len))
     }
 
+    /// The tokens that end a generation: the model's end-of-sequence ids `eos` (unless
+    /// ignored) and the stop tokens.
+    pub fn end_tokens(&self, eos: &[u32]) -> Vec<u32> {
+        let eos = if self.ignore_eos { &[][..] } else { eos };
+        eos.iter().chain(&self.stop_token_ids).copied().collect()
+    }
+
     /// Whether generation ends after `tokens` (the output so far, newest last), and why.
     /// `eos` are the model's end-of-sequence ids; `budget` comes from [`Self::budget`].
     pub fn finish_reason(

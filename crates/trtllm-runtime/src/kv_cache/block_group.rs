@@ -80,9 +80,7 @@ impl BlockGroup {
 
     /// Blocks sequence `id` holds.
     pub fn held_blocks(&self, id: u64) -> usize {
-        self.seqs
-            .get(&id)
-            .map_or(0, |s| s.blocks.iter().filter(|&&b| b != NO_BLOCK).count())
+        self.held_by(&[id])
     }
 
     /// Distinct blocks the sequences `ids` hold (blocks they share count once).
@@ -139,17 +137,21 @@ impl BlockGroup {
 
     /// Extends sequence `id`'s table to `tokens` positions; the caller checked availability.
     pub fn grow(&mut self, id: u64, tokens: usize) {
-        let need = self.missing(id, tokens);
-        let mut fresh = Vec::with_capacity(need);
-        for _ in 0..need {
-            let b = match self.free.pop() {
-                Some(b) => b,
-                None => self.evict_lru(),
-            };
-            self.blocks[b as usize].refs = 1;
-            fresh.push(b);
-        }
+        let fresh: Vec<BlockId> = (0..self.missing(id, tokens))
+            .map(|_| self.take_block())
+            .collect();
         self.seqs.entry(id).or_default().blocks.extend(fresh);
+    }
+
+    /// A block for one new reference: a free one, else the least recently used cached one.
+    /// The caller checked availability.
+    fn take_block(&mut self) -> BlockId {
+        let b = match self.free.pop() {
+            Some(b) => b,
+            None => self.evict_lru(),
+        };
+        self.blocks[b as usize].refs = 1;
+        b
     }
 
     /// Starts sequence `child` as a copy of `parent`'s first `len` positions: full blocks are
@@ -169,11 +171,7 @@ impl BlockGroup {
         let mut copy = None;
         let last = seq.blocks.last().copied().filter(|&b| b != NO_BLOCK);
         if let (Some(src), true) = (last, !len.is_multiple_of(self.block_size)) {
-            let dst = match self.free.pop() {
-                Some(b) => b,
-                None => self.evict_lru(),
-            };
-            self.blocks[dst as usize].refs = 1;
+            let dst = self.take_block();
             self.release(src);
             *seq.blocks.last_mut().expect("a last block") = dst;
             self.copied += 1;
