@@ -12,6 +12,7 @@
 //! `offset · Σ x` per group. The weight stream is prefetched `Tactic::prefetch_rows` rows ahead:
 //! without it a tile's row streams leave too few loads in flight for a server core (SmolLM2
 //! W8A16 decode on a Xeon: 48 → 83 tok/s).
+//! On AVX-512, 4-bit codes in groups of whole blocks take [`super::gemv_table`] instead.
 
 #![cfg(target_arch = "x86_64")]
 
@@ -40,6 +41,14 @@ pub(crate) trait BlockDot: QuantRows {
     /// Offset of group `g` of row `r`, multiplied by the group's activation sum.
     fn offset(&self, _r: usize, _ng: usize, _g: usize) -> f32 {
         0.0
+    }
+    /// Runs the AVX-512 table kernel ([`super::gemv_table`]) where the format has one; false,
+    /// having done nothing, where it has none.
+    ///
+    /// # Safety
+    /// As [`columns`], with AVX-512 available.
+    unsafe fn table_columns(&self, _p: &Problem<'_>, _cols: Range<usize>, _out: OutPtr) -> bool {
+        false
     }
 }
 
@@ -143,6 +152,7 @@ pub(crate) unsafe fn columns<W: BlockDot>(
     out: OutPtr,
 ) {
     match isa {
+        Isa::Avx512 if w.table_columns(p, cols.clone(), out) => {}
         Isa::Avx512 => columns_avx512(w, p, cols, out),
         _ => columns_avx2(w, p, cols, out),
     }
@@ -364,6 +374,13 @@ impl BlockDot for Int4Weights<'_> {
             Some(o) => o[at],
             None => -8.0 * self.scales[at],
         }
+    }
+    unsafe fn table_columns(&self, p: &Problem<'_>, cols: Range<usize>, out: OutPtr) -> bool {
+        let takes = super::gemv_table::takes(self);
+        if takes {
+            super::gemv_table::int4_columns(self, p, cols, out);
+        }
+        takes
     }
 }
 

@@ -7,6 +7,7 @@
 //! must agree with it up to float summation order.
 
 pub(crate) mod gemv;
+pub(crate) mod gemv_table;
 pub(crate) mod w8a8;
 
 use crate::error::check_len;
