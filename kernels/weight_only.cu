@@ -84,6 +84,19 @@ struct HalfW {
     }
 };
 
+// Dense f32 rows: decode goes through cuBLAS; batch-invariant mode takes the matrix-vector kernel
+// at every row count, whose order per output does not depend on the batch (cuBLAS picks its
+// algorithm, and with it the order, by shape).
+struct F32W {
+    const float* w;
+    int k;
+    __device__ void load4(int r, int c, float* o) const {
+        const float* p = w + (size_t)r * k + c;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) o[j] = p[j];
+    }
+};
+
 // ---- decode: matrix-vector, a warp per output feature, up to GEMV_ROWS activation rows ----
 
 #define GEMV_WARPS 4
@@ -188,5 +201,6 @@ ENTRY(int4, (Int4W{q, scales, offsets, k, group, (k + group - 1) / group}), cons
 ENTRY(fp8, (Fp8W{q, scales, k}), const unsigned char* q, const float* scales)
 ENTRY(nvfp4, (Nvfp4W{q, block_scales, global_scale, k}), const unsigned char* q, const unsigned char* block_scales,
       float global_scale)
+GEMV_ENTRY(f32, (F32W{w, k}), const float* w)
 GEMV_ENTRY(bf16, (HalfW<true>{w, k}), const unsigned short* w)
 GEMV_ENTRY(f16, (HalfW<false>{w, k}), const unsigned short* w)

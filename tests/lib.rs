@@ -9,6 +9,7 @@ use trtllm_api::runtime::{Device, LogitsMode, ModelRunner, Session};
 use trtllm_api::{LlmArgs, Prompt, SamplingParams, LLM};
 
 pub mod beam_golden;
+pub mod invariance;
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")

@@ -59,7 +59,7 @@ const std::map<std::string, Kernel>& kernels() {
         K(rms_norm_f32), K(add_rms_norm_f32), K(layer_norm_f32), K(add_layer_norm_f32),
         K(rope_f32), K(softmax_f32),
         K(gemv_int8), K(gemm_int8), K(gemv_int4), K(gemm_int4), K(gemv_fp8), K(gemm_fp8),
-        K(gemv_nvfp4), K(gemm_nvfp4), K(gemv_bf16), K(gemv_f16),
+        K(gemv_nvfp4), K(gemm_nvfp4), K(gemv_bf16), K(gemv_f16), K(gemv_f32),
     };
 #undef K
     return all;

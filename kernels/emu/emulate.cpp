@@ -219,6 +219,7 @@ void weight_only() {
     auto bs = rand_bytes(n * k / 16, 17);
     for (auto& b : bs) b = 0x30 + b % 0x20;
     auto hw = rand_bytes(2 * n * k, 18);
+    auto f32 = rand_vec(n * k, 19);
     std::vector<unsigned short> bf(n * k), f16(n * k);
     for (int i = 0; i < n * k; ++i) {
         bf[i] = (unsigned short)(hw[2 * i] | (hw[2 * i + 1] & 0x3f) << 8);  // |v| < 2
@@ -226,7 +227,7 @@ void weight_only() {
     }
     // Dense values from the formats' definitions.
     std::vector<double> w8(n * k), w8z(n * k), w4(n * k), w4s(n * k), wf(n * k), wn(n * k), wb(n * k),
-        wh(n * k);
+        wh(n * k), wd(f32.begin(), f32.end());
     for (int r = 0; r < n; ++r)
         for (int c = 0; c < k; ++c) {
             const int i = r * k + c, g = r * groups + c / group;
@@ -248,12 +249,18 @@ void weight_only() {
     for (int m : {1, 5, 70}) {  // 5: the GEMV's second row group; 70: partial 64-row tiles
         auto x = rand_vec(m * k, 20 + m);
         std::vector<float> y(m * n);
-        const bool gemv = m <= 8;
-        auto run = [&](const char* name, const std::vector<double>& w, auto gemv_k, auto gemm_k) {
+        // Batch-invariant mode takes the matrix-vector kernels at every row count.
+        auto run_as = [&](bool gemv, const char* name, const std::vector<double>& w, auto gemv_k,
+                          auto gemm_k) {
             std::fill(y.begin(), y.end(), NAN);
             if (gemv) emu::launch(dim((n + 3) / 4), dim(128), gemv_k);
             else emu::launch(dim((n + 63) / 64, (m + 63) / 64), dim(256), gemm_k);
-            check(std::string(name) + " m=" + std::to_string(m), y, ref_linear(x, w, bias, m, n, k), 1e-4);
+            const char* path = gemv ? " gemv" : " gemm";
+            check(std::string(name) + path + " m=" + std::to_string(m), y, ref_linear(x, w, bias, m, n, k), 1e-4);
+        };
+        auto run = [&](const char* name, const std::vector<double>& w, auto gemv_k, auto gemm_k) {
+            run_as(m <= 8, name, w, gemv_k, gemm_k);
+            if (m > 8) run_as(true, name, w, gemv_k, gemm_k);
         };
         const float* xp = x.data();
         const float* bp = bias.data();
@@ -270,10 +277,10 @@ void weight_only() {
             [&] { gemm_fp8(qf.data(), sf.data(), xp, bp, yp, m, n, k); });
         run("nvfp4", wn, [&] { gemv_nvfp4(q4.data(), bs.data(), 0.7f, xp, bp, yp, m, n, k); },
             [&] { gemm_nvfp4(q4.data(), bs.data(), 0.7f, xp, bp, yp, m, n, k); });
-        if (gemv) {
-            run("bf16", wb, [&] { gemv_bf16(bf.data(), xp, bp, yp, m, n, k); }, [] {});
-            run("f16", wh, [&] { gemv_f16(f16.data(), xp, bp, yp, m, n, k); }, [] {});
-        }
+        // Dense rows have no tiled kernel here (cuBLAS takes larger batches).
+        run_as(true, "bf16", wb, [&] { gemv_bf16(bf.data(), xp, bp, yp, m, n, k); }, [] {});
+        run_as(true, "f16", wh, [&] { gemv_f16(f16.data(), xp, bp, yp, m, n, k); }, [] {});
+        run_as(true, "f32", wd, [&] { gemv_f32(f32.data(), xp, bp, yp, m, n, k); }, [] {});
     }
 }
 

@@ -232,3 +232,35 @@ fn tiny_fixtures_beam_search_on_the_gpu() -> Result<()> {
     }
     Ok(())
 }
+
+/// Batch invariance on the GPU: a request's logits are bit for bit those it gets alone beside
+/// other requests and under other prefill chunkings, on families with sliding windows, biases
+/// and LayerNorm, in 16-bit, packed int4 and FP8 (with an input scale) weights.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo xtask test-gpu"]
+fn tiny_fixtures_batch_invariant_on_the_gpu() -> Result<()> {
+    use trtllm_tests::invariance::{check, Mix};
+    // Token ids spread over the fixtures' 1024-token vocabulary.
+    let text: Vec<u32> = (0..512u32).map(|i| (i * 7919 + 13) % 1000 + 3).collect();
+    let mixes = [(0, 13), (6, 64), (11, 2048)].map(|(others, max_num_tokens)| Mix {
+        others,
+        max_num_tokens,
+    });
+    for name in [
+        "tiny-llama",
+        "tiny-mistral-swa",
+        "tiny-gpt2",
+        "tiny-llama-gptq-int4",
+        "tiny-llama-fp8-channel",
+    ] {
+        let out = tempfile::tempdir()?;
+        build(
+            &fixtures().join(name),
+            out.path(),
+            &BuildConfig::default(),
+            &mut |_, _, _| {},
+        )?;
+        check(name, (out.path(), Device::Cuda(0)), &text, &mixes)?;
+    }
+    Ok(())
+}

@@ -195,7 +195,7 @@ pub struct ExecutorArgs {
     #[arg(long, value_name = "K", requires = "speculation", default_value_t = 4)]
     max_draft_len: usize,
     /// Each request's logits bit for bit the same whatever else is in its batch and however
-    /// its prompt is chunked (CPU; costs throughput).
+    /// its prompt is chunked (costs throughput).
     #[arg(long)]
     batch_invariant: bool,
 }

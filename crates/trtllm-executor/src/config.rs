@@ -41,7 +41,7 @@ pub struct ExecutorConfig {
     /// Speculative decoding for every request (none: plain decoding).
     pub speculative: Option<crate::SpeculativeConfig>,
     /// A request's logits bit for bit the same whatever else is in its batch and however its
-    /// prompt is chunked (CPU only; costs throughput: docs/benchmarks.md).
+    /// prompt is chunked, on either device (costs throughput: docs/benchmarks.md).
     pub batch_invariant: bool,
 }
 

@@ -59,7 +59,7 @@ impl GenerationExecutor {
                 cache.save()?;
             }
         }
-        runner.set_batch_invariant(cfg.batch_invariant)?;
+        runner.set_batch_invariant(cfg.batch_invariant);
         let config = runner.engine_config().clone();
         let limits = cfg.scheduler.limits(&config.build)?;
         let drafter = match &cfg.speculative {

@@ -59,6 +59,11 @@ impl CudaBackend {
         &self.dev
     }
 
+    /// See [`CudaDevice::set_batch_invariant`].
+    pub fn set_batch_invariant(&mut self, on: bool) {
+        self.dev.set_batch_invariant(on)
+    }
+
     pub fn new_pool(&self, storage: KvStorage, budget: &KvBudget) -> Result<KvPool> {
         KvPool::on_device(&self.cfg, storage, budget, &self.dev)
     }

@@ -148,22 +148,13 @@ impl ModelRunner {
         }
     }
 
-    /// Batch invariance (see `Decoder::set_batch_invariant`); the CPU kernels have it, the
-    /// CUDA ones not yet.
-    pub fn set_batch_invariant(&mut self, on: bool) -> Result<()> {
+    /// Batch invariance (see `Decoder::set_batch_invariant`), on either device.
+    pub fn set_batch_invariant(&mut self, on: bool) {
         match &mut self.backend {
             Backend::Cpu(d) => d.set_batch_invariant(on),
             #[cfg(feature = "cuda")]
-            Backend::Cuda(_) if on => {
-                return Err(RuntimeError::InvalidDevice(
-                    "batch-invariant mode is implemented on the CPU only; the CUDA kernels                      (cuBLAS, the GEMV) sum in orders that depend on the batch"
-                        .into(),
-                ))
-            }
-            #[cfg(feature = "cuda")]
-            Backend::Cuda(_) => {}
+            Backend::Cuda(d) => d.backend.set_batch_invariant(on),
         }
-        Ok(())
     }
 
     pub fn max_seq_len(&self) -> usize {

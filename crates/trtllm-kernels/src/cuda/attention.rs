@@ -301,8 +301,11 @@ impl CudaDevice {
             softcap: layer.softcap.unwrap_or(0.0),
         };
         // Prefill chunks share key tiles across rows; decode rows (one per sequence) split their
-        // positions across the block's warps instead.
-        let tiled = batch.n_tiles < batch.rows && shape.head_dim <= ATTN_TILE_MAX_HEAD_DIM;
+        // positions across the block's warps instead. The two sum in different orders, so
+        // batch-invariant mode keeps every row on the row kernel.
+        let tiled = batch.n_tiles < batch.rows
+            && shape.head_dim <= ATTN_TILE_MAX_HEAD_DIM
+            && !self.invariant;
         let blocks = if tiled { batch.n_tiles } else { batch.rows };
         let cfg = LaunchConfig {
             grid_dim: (int("blocks", blocks)? as u32, args.n_heads as u32, 1),

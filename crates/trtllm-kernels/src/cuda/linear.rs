@@ -8,7 +8,9 @@ use cudarc::cublas::result::gemm_ex;
 use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
 };
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
+};
 
 use super::ops::{check_rows, elementwise, grid, int, launch, ROW_THREADS};
 use super::{CudaDevice, Kernel};
@@ -140,7 +142,7 @@ impl CudaDevice {
         let m = check_problem("cuda linear", x, (n, k), bias, y)?;
         check_weights(w, n, k)?;
         let dims = dims(m, n, k)?;
-        let gemv = m <= GEMV_MAX_ROWS;
+        let gemv = m <= GEMV_MAX_ROWS || self.invariant;
         let cfg = match gemv {
             true => gemv_grid(n)?,
             false => tile_grid(m, n, 256)?,
@@ -182,7 +184,8 @@ impl CudaDevice {
         launch(b, cfg, kernel)
     }
 
-    /// Dense f32 weights (`[n × k]`, row-major) through cuBLAS sgemm.
+    /// Dense f32 weights (`[n × k]`, row-major) through cuBLAS sgemm, or in batch-invariant
+    /// mode the matrix-vector kernel.
     pub fn dense_linear(
         &self,
         w: &CudaSlice<f32>,
@@ -193,6 +196,10 @@ impl CudaDevice {
     ) -> Result<()> {
         check_len("cuda dense linear", "weight", w.len(), n * k)?;
         let m = check_problem("cuda dense linear", x, (n, k), bias, y)?;
+        if self.invariant {
+            check_blocks("cuda dense linear", k, 4)?;
+            return self.gemv_dense((w, Kernel::gemv_f32), x, (m, n, k), bias, y);
+        }
         self.cublas_gemm(
             (w, cudaDataType_t::CUDA_R_32F),
             (x, cudaDataType_t::CUDA_R_32F),
@@ -216,12 +223,8 @@ impl CudaDevice {
         check_blocks("cuda half linear", k, 32)?;
         check_len("cuda half linear", "weight", w.len(), n * k)?;
         let m = check_problem("cuda half linear", x, (n, k), bias, y)?;
-        if m <= GEMV_MAX_ROWS {
-            let dims = dims(m, n, k)?;
-            let mut b = self.builder(half.kernels()[0])?;
-            b.arg(w).arg(x);
-            arg_out(&mut b, bias, y, &dims);
-            return launch(b, gemv_grid(n)?, half.kernels()[0]);
+        if m <= GEMV_MAX_ROWS || self.invariant {
+            return self.gemv_dense((w, half.kernels()[0]), x, (m, n, k), bias, y);
         }
         let mut xh = self.output::<u16>(x.len())?;
         let count = int("n", x.len())?;
@@ -233,6 +236,22 @@ impl CudaDevice {
             Half::F16 => cudaDataType_t::CUDA_R_16F,
         };
         self.cublas_gemm((w, dtype), (&xh, dtype), (m, n, k), bias, y)
+    }
+
+    /// The matrix-vector kernel over dense rows (f32 or 16-bit), f32 activations.
+    fn gemv_dense<W: DeviceRepr>(
+        &self,
+        (w, kernel): (&CudaSlice<W>, Kernel),
+        x: &CudaSlice<f32>,
+        (m, n, k): (usize, usize, usize),
+        bias: Option<&CudaSlice<f32>>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let dims = dims(m, n, k)?;
+        let mut b = self.builder(kernel)?;
+        b.arg(w).arg(x);
+        arg_out(&mut b, bias, y, &dims);
+        launch(b, gemv_grid(n)?, kernel)
     }
 
     /// `y = W · x` in cuBLAS's column-major terms: row-major `y[m × n]` is column-major

@@ -73,8 +73,8 @@ impl CudaDevice {
     }
 
     /// `y[m × rows] = x[m × cols] · Wᵀ (+ bias)`. With an FP8 input scale, FP8 weights and more
-    /// rows than a decode step, on a GPU with FP8 tensor cores, the product is a true FP8 GEMM;
-    /// otherwise the activations are rounded through E4M3 (the CPU's arithmetic) and multiplied
+    /// rows than a decode step, on a GPU with FP8 tensor cores, the product is a true FP8 GEMM
+    /// (not in batch-invariant mode); otherwise the activations are rounded through E4M3 (the CPU's arithmetic) and multiplied
     /// by the weights' own kernel.
     pub fn matmul(
         &self,
@@ -88,7 +88,8 @@ impl CudaDevice {
             return self.matmul_data(&w.data, x, shape, bias, y);
         };
         if let DeviceData::Packed(DeviceWeights::Fp8 { q, scales }) = &w.data {
-            if x.len() > GEMV_MAX_ROWS * w.cols && self.has_fp8_tensor_cores() {
+            let tensor_cores = self.has_fp8_tensor_cores() && !self.invariant;
+            if x.len() > GEMV_MAX_ROWS * w.cols && tensor_cores {
                 return self.fp8_linear((q, scales), s, x, shape, bias, y);
             }
         }

@@ -48,6 +48,8 @@ pub struct CudaDevice {
     blas: OnceLock<CudaBlas>,
     name: String,
     compute_capability: (i32, i32),
+    /// Batch invariance ([`Self::set_batch_invariant`]).
+    invariant: bool,
 }
 
 impl CudaDevice {
@@ -99,7 +101,19 @@ impl CudaDevice {
             blas: OnceLock::new(),
             name,
             compute_capability: (major, minor),
+            invariant: false,
         })
+    }
+
+    /// Batch invariance: every product and attention row is summed in an order that depends on
+    /// its own row alone, never on how many rows the batch has or where a prefill chunk ends.
+    /// Linear layers take the matrix-vector kernels at every row count (a warp per output, the
+    /// same lanes and warp sum for any `m`) in place of cuBLAS and the tiled GEMMs, FP8 layers
+    /// round activations through E4M3 there instead of the tensor-core GEMM, and attention
+    /// takes the row kernel for prefill chunks too. W8A8 stays on its own kernels: both sum in
+    /// exact int32. Prefill pays for it (weights are read once per four rows).
+    pub fn set_batch_invariant(&mut self, on: bool) {
+        self.invariant = on;
     }
 
     pub fn name(&self) -> &str {

@@ -384,3 +384,60 @@ fn fp8_input_scale_rounds_activations_and_uses_tensor_cores_where_present() {
         assert!(err.to_string().contains("FP8 tensor-core"), "{err}");
     }
 }
+
+/// Batch invariance: a row's outputs are the same bits whether it runs alone, among 9 rows (past
+/// the matrix-vector kernels' usual limit) or among 70 (cuBLAS, the tiled GEMMs and the FP8
+/// tensor cores otherwise), in every storage.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo xtask test-gpu"]
+fn invariant_products_give_a_row_the_same_bits_at_every_row_count() {
+    let mut d = device();
+    d.set_batch_invariant(true);
+    let (n, k) = (75, 160);
+    let bias = rand_vec(n, 100);
+    let f = rand_vec(n * k, 101);
+    let bf16: Vec<u16> = f.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+    let fp8: Vec<u8> = f.iter().map(|v| ((v + 1.0) * 60.0) as u8).collect();
+    let row_scales = vec![0.02f32; n];
+    let fp8 = WeightData::Fp8(cpu::Fp8Weights {
+        q: &fp8,
+        scales: &row_scales,
+    });
+    let upload = |data, input_scale| {
+        d.upload_matrix(MatRef::new(data, n, k).unwrap(), input_scale)
+            .unwrap()
+    };
+    let mut cases = vec![
+        ("f32", upload(WeightData::F32(&f), None)),
+        ("bf16", upload(WeightData::Bf16(&bf16), None)),
+        ("fp8 with an input scale", upload(fp8, Some(0.004))),
+    ];
+    for (name, _, w) in packed_cases(&d, n, k) {
+        let data = crate::cuda::DeviceData::Packed(w);
+        let (rows, cols, input_scale) = (n, k, None);
+        cases.push((
+            name,
+            DeviceMatrix {
+                data,
+                rows,
+                cols,
+                input_scale,
+            },
+        ));
+    }
+    let x = rand_vec(70 * k, 102);
+    for (name, w) in &cases {
+        let all = gpu_matmul(&d, w, &x, &bias);
+        for rows in [0..1, 69..70, 0..9, 30..39] {
+            let part = gpu_matmul(&d, w, &x[rows.start * k..rows.end * k], &bias);
+            let same = part
+                .iter()
+                .zip(&all[rows.start * n..rows.end * n])
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "{name}: rows {rows:?} differ from the same rows among 70"
+            );
+        }
+    }
+}
