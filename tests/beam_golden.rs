@@ -112,6 +112,7 @@ fn request(prompt_token_ids: Vec<u32>, params: GenerationParams) -> GenerationRe
         prompt_token_ids,
         params,
         client_id: None,
+        lora: None,
     }
 }
 

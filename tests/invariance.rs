@@ -31,6 +31,7 @@ fn request(prompt: &[u32], max_new_tokens: usize, logits: bool) -> GenerationReq
             ..Default::default()
         },
         client_id: None,
+        lora: None,
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use trtllm_api::builder::{build, BuildConfig};
-use trtllm_api::runtime::{Device, LogitsMode, ModelRunner, Session};
+use trtllm_api::runtime::{Device, LogitsMode, LoraWeights, ModelRunner, Session};
 use trtllm_api::{LlmArgs, Prompt, SamplingParams, LLM};
 
 pub mod beam_golden;
@@ -48,6 +48,8 @@ pub struct FixtureGolden {
 
 #[derive(Deserialize)]
 pub struct FixtureCase {
+    /// Absent in references that start from token ids (the LoRA adapters').
+    #[serde(default)]
     pub prompt: String,
     pub input_ids: Vec<u32>,
     pub prompt_logits: Vec<Vec<f32>>,
@@ -106,9 +108,19 @@ pub fn check_case_logits(
     tol: f32,
     what: &str,
 ) -> Result<()> {
+    check_adapted_case(runner, (case, None), tol, what)
+}
+
+/// [`check_case_logits`] with the sequence running under a LoRA adapter.
+pub fn check_adapted_case(
+    runner: &ModelRunner,
+    (case, lora): (&FixtureCase, Option<&LoraWeights>),
+    tol: f32,
+    what: &str,
+) -> Result<()> {
     let vocab = runner.model().vocab_size;
     let mut cache = runner.new_cache(case.input_ids.len() + 8)?;
-    let logits = runner.forward(&case.input_ids, &mut cache, LogitsMode::All)?;
+    let logits = runner.forward_adapted(&case.input_ids, (&mut cache, lora), LogitsMode::All)?;
     for (pos, (row, gold)) in logits.chunks(vocab).zip(&case.prompt_logits).enumerate() {
         let d = max_abs_diff(row, gold);
         if d >= tol {
@@ -122,7 +134,8 @@ pub fn check_case_logits(
         if d >= tol {
             bail!("{what} decode step {s}: max |Δlogit| = {d}");
         }
-        step = runner.forward(&[case.greedy_ids[s]], &mut cache, LogitsMode::Last)?;
+        let next = [case.greedy_ids[s]];
+        step = runner.forward_adapted(&next, (&mut cache, lora), LogitsMode::Last)?;
     }
     Ok(())
 }

@@ -43,6 +43,7 @@ fn run(dir: &std::path::Path, batch: usize, prompts: &[Vec<u32>]) -> Result<Run>
             prompt_token_ids: p.clone(),
             params: params.clone(),
             client_id: None,
+            lora: None,
         })
     };
     if batch == 1 {

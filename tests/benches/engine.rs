@@ -61,6 +61,7 @@ fn batched_decode_rate(runner: &ModelRunner, text: &[u32]) -> Result<f64> {
             past: 0,
             blocks: &table[..],
             logits: LogitsMode::Last,
+            lora: None,
         };
         next.push(argmax(&runner.forward_batch(&[chunk], &mut pool)?));
     }
@@ -75,6 +76,7 @@ fn batched_decode_rate(runner: &ModelRunner, text: &[u32]) -> Result<f64> {
                 past: PROMPT + step,
                 blocks: &table[..],
                 logits: LogitsMode::Last,
+                lora: None,
             })
             .collect();
         let logits = runner.forward_batch(&batch, &mut pool)?;

@@ -74,6 +74,7 @@ fn run_all(
                 prompt_token_ids: prompt.clone(),
                 params: params.clone(),
                 client_id: None,
+                lora: None,
             })
         })
         .collect::<Result<Vec<_>, _>>()?;

@@ -28,6 +28,7 @@ fn output_tok_s(exec: &GenerationExecutor, prompts: &[Vec<u32>]) -> Result<f64> 
                 prompt_token_ids: p.clone(),
                 params: params.clone(),
                 client_id: None,
+                lora: None,
             })
         })
         .collect::<Result<Vec<_>, _>>()?;

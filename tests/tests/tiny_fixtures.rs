@@ -253,6 +253,7 @@ fn a_block_table_naming_a_missing_block_is_an_error() -> Result<()> {
         past: 0,
         blocks: &[table],
         logits: LogitsMode::Last,
+        lora: None,
     };
     let e = runner.forward_batch(&[chunk], &mut pool).unwrap_err();
     assert!(e.to_string().contains("block 99"), "{e}");

@@ -26,7 +26,7 @@ pub use llm::{cache_dir, LlmArgs, Perplexity, Prompt, LLM};
 pub use outputs::{
     CompletionDelta, CompletionOutput, Logprob, RequestOutput, StopReason, TopLogprob,
 };
-pub use sampling_params::{SamplingParams, MAX_N};
+pub use sampling_params::{LoRARequest, SamplingParams, MAX_N};
 pub use stream::RequestStream;
 pub use tokenizer::Tokenizer;
 pub use tool_parser::{ToolCallDelta, ToolCallStream, ToolDelta, ToolMode, ToolParser};

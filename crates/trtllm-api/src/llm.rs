@@ -271,6 +271,7 @@ impl LLM {
                     prompt_token_ids: ids.clone(),
                     params: params.to_generation(i),
                     client_id: None,
+                    lora: params.lora_request.clone(),
                 };
                 self.executor.submit_with(request, guide)
             })

@@ -69,7 +69,15 @@ pub struct SamplingParams {
     pub length_penalty: f32,
     /// When the search stops: true, false or "never", as transformers.
     pub early_stopping: EarlyStopping,
+    /// The LoRA adapter every completion runs with (none: the base model). vLLM and
+    /// TensorRT-LLM pass it beside the sampling parameters; here it travels with them, so every
+    /// entry point (generate, chat, streams) takes it.
+    pub lora_request: Option<LoRARequest>,
 }
+
+/// A LoRA adapter for a request: a name, an id (requests with different ids never share cached
+/// KV blocks; one id names one adapter) and a PEFT adapter directory.
+pub type LoRARequest = trtllm_executor::LoraRequest;
 
 impl Default for SamplingParams {
     fn default() -> Self {
@@ -100,6 +108,7 @@ impl Default for SamplingParams {
             beam_width: None,
             length_penalty: 1.0,
             early_stopping: EarlyStopping::default(),
+            lora_request: None,
         }
     }
 }

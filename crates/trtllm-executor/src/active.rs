@@ -12,6 +12,7 @@ use trtllm_builder::runtime::{
 };
 
 use crate::beam_request::BeamState;
+use crate::lora::RequestLora;
 use crate::{ExecutorError, LogitsProcessor, RequestEvent, RequestStats};
 
 pub(crate) struct ActiveRequest {
@@ -46,6 +47,8 @@ pub(crate) struct ActiveRequest {
     pub arrived: Instant,
     pub first_scheduled: Option<Instant>,
     pub first_token: Option<Instant>,
+    /// The LoRA adapter the request runs with.
+    pub lora: Option<RequestLora>,
 }
 
 impl ActiveRequest {
@@ -79,7 +82,13 @@ impl ActiveRequest {
             arrived: Instant::now(),
             first_scheduled: None,
             first_token: None,
+            lora: None,
         }
+    }
+
+    /// The id of the request's LoRA adapter: its KV blocks' salt, its group in a pass.
+    pub fn lora_id(&self) -> Option<u64> {
+        self.lora.as_ref().map(|l| l.id)
     }
 
     pub fn output(&self) -> &[u32] {

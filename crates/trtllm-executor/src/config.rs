@@ -66,6 +66,8 @@ impl Default for ExecutorConfig {
 pub(crate) struct StepLimits {
     pub max_batch_size: usize,
     pub max_num_tokens: usize,
+    /// Distinct LoRA adapters one step runs (the engine's `max_loras`).
+    pub max_loras: usize,
 }
 
 impl SchedulerConfig {
@@ -82,6 +84,7 @@ impl SchedulerConfig {
         Ok(StepLimits {
             max_batch_size: pick("max_batch_size", self.max_batch_size, build.max_batch_size)?,
             max_num_tokens: pick("max_num_tokens", self.max_num_tokens, build.max_num_tokens)?,
+            max_loras: build.max_loras.max(1),
         })
     }
 }

@@ -116,6 +116,7 @@ impl DraftModel {
                 } else {
                     LogitsMode::Skip
                 },
+                lora: None,
             })
             .collect();
         let rows = self.runner.forward_batch(&batch, &mut self.pool)?;

@@ -16,6 +16,7 @@ use trtllm_builder::runtime::{
 
 use crate::active::ActiveRequest;
 use crate::beam_request::{BeamCtx, BeamStep};
+use crate::lora::ResidentLoras;
 use crate::scheduler::{preempt, Schedule, Scheduler};
 use crate::speculative::{DraftInput, Drafter};
 use crate::{
@@ -54,6 +55,8 @@ pub(crate) struct EngineLoop {
     /// Speculative decoding's drafter and its longest draft, when configured.
     pub drafter: Option<(Box<dyn Drafter>, usize)>,
     pub speculative: SpeculativeTotals,
+    /// The LoRA adapters on the runner's device.
+    pub loras: ResidentLoras,
 }
 
 impl EngineLoop {
@@ -142,9 +145,10 @@ impl EngineLoop {
     fn step(&mut self) {
         let start = Instant::now();
         self.propose_drafts();
-        let schedule = self
-            .scheduler
-            .schedule(&mut self.running, &mut self.waiting, &mut self.kv);
+        let mut schedule =
+            self.scheduler
+                .schedule(&mut self.running, &mut self.waiting, &mut self.kv);
+        self.place_loras(&mut schedule);
         if schedule.chunks.is_empty() {
             return;
         }
@@ -176,6 +180,32 @@ impl EngineLoop {
             let _ = self.kv_events.send(ev);
         }
         let _ = self.stats.send(stats);
+    }
+
+    /// Puts the LoRA adapters of the step's requests on the device. A request whose adapter
+    /// cannot be placed fails alone and leaves the step.
+    fn place_loras(&mut self, schedule: &mut Schedule) {
+        let in_use: Vec<u64> = self.running.iter().filter_map(|r| r.lora_id()).collect();
+        let mut failed = Vec::new();
+        for c in &schedule.chunks {
+            let lora = self
+                .running
+                .iter()
+                .find(|r| r.id == c.id)
+                .and_then(|r| r.lora.as_ref());
+            if let Some(l) = lora {
+                if let Err(e) = self.loras.ensure(&self.runner, l, &in_use) {
+                    failed.push((c.id, e));
+                }
+            }
+        }
+        for (id, e) in failed {
+            schedule.chunks.retain(|c| c.id != id);
+            for r in extract(&mut self.running, |r| r.id == id) {
+                r.free_kv(&mut self.kv);
+                r.fail(ExecutorError::Step(e.to_string()));
+            }
+        }
     }
 
     /// Drafts for the decoding requests, each at most what its budget leaves after the token
@@ -270,14 +300,16 @@ impl EngineLoop {
                 })?;
             running.push(r);
         }
-        // (tokens, past, KV sequence, logits) of every sequence: a beam search has one per beam.
+        // (tokens, past, KV sequence, logits, adapter) of every sequence: a beam search has one
+        // per beam.
         let mut seqs = Vec::with_capacity(running.len());
         for (r, c) in running.iter().zip(&schedule.chunks) {
+            let lora = r.lora_id().and_then(|id| self.loras.get(id));
             match &r.beam {
                 Some(b) if b.decoding() => {
                     let past = b.past(r.prompt_len);
                     for (&s, t) in b.seqs().iter().zip(b.pending_tokens()) {
-                        seqs.push((vec![t], past, s, LogitsMode::Last));
+                        seqs.push((vec![t], past, s, LogitsMode::Last, lora));
                     }
                 }
                 _ => seqs.push((
@@ -285,6 +317,7 @@ impl EngineLoop {
                     r.computed,
                     r.id,
                     r.logits_mode(c.n_tokens),
+                    lora,
                 )),
             }
         }
@@ -292,11 +325,12 @@ impl EngineLoop {
         let batch: Vec<SeqChunk<'_>> = seqs
             .iter()
             .zip(&tables)
-            .map(|((tokens, past, _, logits), blocks)| SeqChunk {
+            .map(|((tokens, past, _, logits, lora), blocks)| SeqChunk {
                 tokens,
                 past: *past,
                 blocks,
                 logits: *logits,
+                lora: *lora,
             })
             .collect();
         Ok(self.runner.forward_batch(&batch, &mut self.pool)?)

@@ -16,6 +16,7 @@ use trtllm_builder::runtime::{
 use crate::active::ActiveRequest;
 use crate::dispatch::Dispatcher;
 use crate::engine_loop::{EngineLoop, Job};
+use crate::lora::{self, HostLoras, LoraRequest, RequestLora, ResidentLoras};
 use crate::scheduler::Scheduler;
 use crate::speculative::DraftContext;
 use crate::{
@@ -33,6 +34,8 @@ pub struct GenerationExecutor {
     config: EngineConfig,
     /// How the KV pool is divided, to refuse at submission what could never fit.
     kv_budget: KvBudget,
+    /// LoRA adapters read on the host.
+    loras: Mutex<HostLoras>,
     // Declared after `worker` so they are dropped (and joined) once the loop has let go.
     stats: Dispatcher<IterationStats>,
     kv_events: Dispatcher<KvCacheEvent>,
@@ -103,6 +106,7 @@ impl GenerationExecutor {
             kv_events: kv_events.sender(),
             running: Vec::new(),
             waiting: Default::default(),
+            loras: ResidentLoras::new(config.build.max_loras),
             iteration: 0,
             drafter,
             speculative: Default::default(),
@@ -117,6 +121,7 @@ impl GenerationExecutor {
             worker: Some(worker),
             next_id: AtomicU64::new(1),
             cancels: Mutex::default(),
+            loras: Mutex::new(HostLoras::new(config.build.max_cpu_loras)),
             config,
             kv_budget,
             stats,
@@ -203,6 +208,7 @@ impl GenerationExecutor {
         self.check_token_params(&request.params)?;
         self.check_beam(&request.params, processor.is_some())?;
         let sampler = Sampler::new(request.params.sampling.clone(), &request.prompt_token_ids)?;
+        let lora = request.lora.as_ref().map(|l| self.lora(l)).transpose()?;
         let prompt_len = request.prompt_token_ids.len();
         let budget = request
             .params
@@ -230,6 +236,7 @@ impl GenerationExecutor {
             cancel.clone(),
         );
         active.processor = processor;
+        active.lora = lora;
         jobs.send(Job::Submit(Box::new(active)))
             .map_err(|_| ExecutorError::ShutDown)?;
         Ok(GenerationResult {
@@ -238,6 +245,24 @@ impl GenerationExecutor {
             events: rx,
             cancel,
             done: false,
+        })
+    }
+
+    /// The adapter `req` names, from the host cache or read and checked now (on the caller's
+    /// thread, outside the lock).
+    fn lora(&self, req: &LoraRequest) -> Result<RequestLora> {
+        let lock = || self.loras.lock().unwrap_or_else(|e| e.into_inner());
+        let adapter = match lock().cached(req)? {
+            Some(a) => a,
+            None => {
+                let a = lora::read(req, &self.config)?;
+                lock().insert(req.clone(), a.clone());
+                a
+            }
+        };
+        Ok(RequestLora {
+            id: req.id,
+            adapter,
         })
     }
 
@@ -251,6 +276,7 @@ impl GenerationExecutor {
             prompt_token_ids,
             params,
             client_id: None,
+            lora: None,
         })
     }
 

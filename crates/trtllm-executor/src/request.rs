@@ -26,6 +26,8 @@ pub struct GenerationRequest {
     pub params: GenerationParams,
     /// The caller's own identifier, echoed back untouched.
     pub client_id: Option<u64>,
+    /// The LoRA adapter the request runs with (none: the base model).
+    pub lora: Option<crate::LoraRequest>,
 }
 
 /// One step of a request's life as the engine loop reports it.

@@ -108,6 +108,11 @@ impl Scheduler {
             if !self.fits(r, running, kv, tokens_left) {
                 break;
             }
+            if !self.adapter_fits(r, running) {
+                // One more distinct adapter than the device holds: it waits for one to finish.
+                j += 1;
+                continue;
+            }
             if !r.needs_prompt_logits() && self.prefix_in_flight(r, running, kv) {
                 // Its prefix is being computed right now by another request: admitted next
                 // step, it reuses those blocks instead of computing them again.
@@ -123,7 +128,7 @@ impl Scheduler {
             } else {
                 &r.tokens[..]
             };
-            let reused = kv.add_sequence(r.id, reusable);
+            let reused = kv.add_salted_sequence(r.id, reusable, r.lora_id());
             r.computed = reused;
             let n = r.pending().min(tokens_left);
             if kv.ensure_capacity(r.id, r.computed + n).is_err() {
@@ -179,6 +184,18 @@ impl Scheduler {
         }
     }
 
+    /// Whether `r`'s LoRA adapter is one the running requests use, or there is room for one
+    /// more (`max_loras` distinct adapters at once).
+    fn adapter_fits(&self, r: &ActiveRequest, running: &[ActiveRequest]) -> bool {
+        let Some(id) = r.lora_id() else {
+            return true;
+        };
+        let mut active: Vec<u64> = running.iter().filter_map(|x| x.lora_id()).collect();
+        active.sort_unstable();
+        active.dedup();
+        active.contains(&id) || active.len() < self.limits.max_loras
+    }
+
     fn prefix_in_flight(
         &self,
         r: &ActiveRequest,
@@ -189,9 +206,10 @@ impl Scheduler {
             return false;
         }
         let bs = kv.block_size();
-        let cached = kv.cached_prefix_len(&r.tokens);
+        let cached = kv.cached_prefix_len(&r.tokens, r.lora_id());
         let reusable = r.tokens.len().saturating_sub(1) / bs * bs;
-        running.iter().filter(|x| x.in_context_phase()).any(|x| {
+        let same = |x: &&ActiveRequest| x.in_context_phase() && x.lora_id() == r.lora_id();
+        running.iter().filter(same).any(|x| {
             let common = r
                 .tokens
                 .iter()
@@ -262,6 +280,7 @@ mod tests {
         Scheduler {
             policy,
             limits: StepLimits {
+                max_loras: 4,
                 max_batch_size: batch,
                 max_num_tokens: tokens,
             },

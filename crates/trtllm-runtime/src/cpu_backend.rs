@@ -9,6 +9,7 @@ use trtllm_quant::kernels::cpu::{self, AttentionPath, AttentionSeq, RopeFreqs};
 use crate::decoder::{Backend, Decoder};
 use crate::engine::EngineFile;
 use crate::kv_cache::{HostKv, KvGroups, KvPool};
+use crate::lora::{DeviceLora, LoraInner, LoraWeights};
 use crate::model::{
     attention_seqs, ActivationObserver, BatchLayout, HostModel, Linear, Norm, SeqChunk,
 };
@@ -39,6 +40,13 @@ impl CpuBackend {
             invariant: false,
         }
     }
+}
+
+/// A matrix the backend owns (LoRA factors; the engine's weights stay in the mapped file).
+pub(crate) struct HostMatrix {
+    w: Vec<f32>,
+    rows: usize,
+    cols: usize,
 }
 
 impl Decoder<CpuBackend> {
@@ -74,6 +82,7 @@ impl Backend for CpuBackend {
     type Norm = Norm;
     type Step<'a> = CpuStep<'a>;
     type Pool = HostKv;
+    type Matrix = HostMatrix;
 
     fn linear_of(&self, _: &HostModel, l: &Linear) -> Result<Linear> {
         Ok(l.clone())
@@ -93,6 +102,34 @@ impl Backend for CpuBackend {
 
     fn pool<'p>(&self, pool: &'p mut KvPool) -> Result<&'p mut HostKv> {
         pool.host_mut()
+    }
+
+    fn matrix_of(&self, w: &[f32], rows: usize, cols: usize) -> Result<HostMatrix> {
+        cpu::MatRef::new(cpu::WeightData::F32(w), rows, cols)?;
+        Ok(HostMatrix {
+            w: w.to_vec(),
+            rows,
+            cols,
+        })
+    }
+
+    fn matmul(&self, w: &HostMatrix, x: &Vec<f32>, rows: usize) -> Result<Vec<f32>> {
+        let mat = cpu::MatRef::new(cpu::WeightData::F32(&w.w), w.rows, w.cols)?;
+        let tactic = cpu::Tactic {
+            invariant: self.invariant,
+            ..Default::default()
+        };
+        let mut y = vec![0f32; rows * w.rows];
+        cpu::linear_with(x, rows, mat, None, &mut y, &tactic)?;
+        Ok(y)
+    }
+
+    fn lora<'l>(&self, w: &'l LoraWeights) -> Result<&'l DeviceLora<Self>> {
+        match &w.inner {
+            LoraInner::Cpu(d) => Ok(d),
+            #[allow(unreachable_patterns)]
+            _ => Err(w.wrong_device()),
+        }
     }
 
     fn step<'a>(

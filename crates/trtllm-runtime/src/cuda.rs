@@ -3,6 +3,7 @@
 //! `trtllm_kernels::cuda`. Embedding rows are gathered on the host from the memory-mapped table
 //! (a few rows per step) and uploaded, so any table format works without a device copy of it.
 
+use trtllm_quant::kernels::cpu::{MatRef, WeightData};
 use trtllm_quant::kernels::cuda::{
     AttentionBatch, CudaDevice, CudaSlice, DeviceMatrix, DeviceRopeFreqs, KvSide,
 };
@@ -11,6 +12,7 @@ use crate::decoder::Backend;
 use crate::engine::TensorInfo;
 use crate::kv_cache::pool_device::DeviceKvs;
 use crate::kv_cache::{KvBudget, KvGroups, KvPool, KvStorage};
+use crate::lora::{DeviceLora, LoraInner, LoraWeights};
 use crate::model::{
     attention_seqs, ActivationObserver, BatchLayout, HostModel, Linear, Norm, SeqChunk,
 };
@@ -89,6 +91,7 @@ impl Backend for CudaBackend {
     type Norm = DeviceNorm;
     type Step<'a> = CudaStep;
     type Pool = DeviceKvs;
+    type Matrix = DeviceMatrix;
 
     fn linear_of(&self, model: &HostModel, l: &Linear) -> Result<DeviceLinear> {
         let file = &*model.file;
@@ -128,6 +131,24 @@ impl Backend for CudaBackend {
 
     fn pool<'p>(&self, pool: &'p mut KvPool) -> Result<&'p mut DeviceKvs> {
         pool.device_mut()
+    }
+
+    fn matrix_of(&self, w: &[f32], rows: usize, cols: usize) -> Result<DeviceMatrix> {
+        let m = MatRef::new(WeightData::F32(w), rows, cols)?;
+        Ok(self.dev.upload_matrix(m, None)?)
+    }
+
+    fn matmul(&self, w: &DeviceMatrix, x: &CudaSlice<f32>, rows: usize) -> Result<CudaSlice<f32>> {
+        let mut y = self.output(rows * w.rows)?;
+        self.dev.matmul(w, x, None, &mut y)?;
+        Ok(y)
+    }
+
+    fn lora<'l>(&self, w: &'l LoraWeights) -> Result<&'l DeviceLora<Self>> {
+        match &w.inner {
+            LoraInner::Cuda(d) => Ok(d),
+            _ => Err(w.wrong_device()),
+        }
     }
 
     fn step<'a>(

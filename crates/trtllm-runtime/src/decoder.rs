@@ -5,6 +5,7 @@
 //! backend's own types, so a tensor of one device cannot reach another's kernels.
 
 use crate::kv_cache::KvPool;
+use crate::lora::{self, DeviceLora, LoraGroup, LoraModule, LoraWeights};
 use crate::model::{
     ActivationObserver, BatchLayout, HostModel, Layer, Linear, Mlp, Norm, SeqChunk,
 };
@@ -19,6 +20,8 @@ pub(crate) trait Backend {
     type Step<'a>;
     /// The KV pool's layers in this device's memory.
     type Pool;
+    /// A small f32 matrix of the host's (a LoRA factor) in this device's memory.
+    type Matrix;
 
     /// A linear layer of the engine, placed on the device (packed formats stay packed).
     fn linear_of(&self, model: &HostModel, l: &Linear) -> Result<Self::Linear>;
@@ -29,6 +32,14 @@ pub(crate) trait Backend {
     /// This device's half of `pool`: an error for a pool created on another device (the one
     /// check; past it the types keep each device to its own memory).
     fn pool<'p>(&self, pool: &'p mut KvPool) -> Result<&'p mut Self::Pool>;
+    /// `w` (`rows × cols`, row-major) on the device.
+    fn matrix_of(&self, w: &[f32], rows: usize, cols: usize) -> Result<Self::Matrix>;
+    /// `x · wᵀ` over `rows` rows.
+    fn matmul(&self, w: &Self::Matrix, x: &Self::Act, rows: usize) -> Result<Self::Act>;
+    /// This device's form of an adapter: an error for one another device's runner loaded.
+    fn lora<'l>(&self, w: &'l LoraWeights) -> Result<&'l DeviceLora<Self>>
+    where
+        Self: Sized;
     fn step<'a>(
         &self,
         batch: &'a [SeqChunk<'a>],
@@ -93,6 +104,12 @@ pub(crate) trait Backend {
         routed: (&[usize], &[f32]),
         width: usize,
     ) -> Result<()>;
+}
+
+/// What every linear module of one forward pass sees beside its input.
+struct Pass<'p, 'a, B: Backend> {
+    obs: &'p mut dyn ActivationObserver,
+    loras: Vec<LoraGroup<'a, B>>,
 }
 
 /// A layer's MLP on the device.
@@ -187,6 +204,10 @@ impl<B: Backend> Decoder<B> {
         let n = layout.tokens.len();
         let pool = b.pool(pool)?;
         let step = b.step(batch, &layout, pool)?;
+        let mut pass = Pass {
+            obs,
+            loras: lora::groups(b, batch)?,
+        };
         let mut hidden = b.upload(self.model.embed(&layout)?)?;
         // Each block's output joins the residual stream in the next norm (one kernel where
         // the device fuses them); the final norm runs over every row.
@@ -197,12 +218,12 @@ impl<B: Backend> Decoder<B> {
         };
         let mut x = b.norm(norm_after(0), &hidden, None)?;
         for (i, (layer, names)) in self.layers.iter().zip(&self.model.layers).enumerate() {
-            let mut o = self.attention_block(i, (layer, names), (&x, n), &step, pool, obs)?;
+            let mut o = self.attention_block(i, (layer, names), (&x, n), &step, pool, &mut pass)?;
             if let Some((post, _)) = &layer.post_norms {
                 o = b.norm(post, &o, None)?;
             }
             x = b.norm(&layer.mlp_norm, &o, Some(&mut hidden))?;
-            let mut down = self.mlp_block(i, (layer, names), &x, n, obs)?;
+            let mut down = self.mlp_block(i, (layer, names), &x, n, &mut pass)?;
             if let Some((_, post)) = &layer.post_norms {
                 down = b.norm(post, &down, None)?;
             }
@@ -223,15 +244,21 @@ impl<B: Backend> Decoder<B> {
         Ok(logits)
     }
 
+    /// A linear module over `rows` rows; with `adapted` (its layer and module, when `x` holds
+    /// every row of the pass), plus the update of each adapter in the pass that changes it.
     fn linear(
         &self,
         (l, host): (&B::Linear, &Linear),
-        x: &B::Act,
-        rows: usize,
-        obs: &mut dyn ActivationObserver,
+        (x, rows): (&B::Act, usize),
+        pass: &mut Pass<'_, '_, B>,
+        adapted: Option<(usize, LoraModule)>,
     ) -> Result<B::Act> {
-        self.backend.observe(obs, &host.name, x, rows)?;
-        self.backend.linear(l, x, rows)
+        self.backend.observe(pass.obs, &host.name, x, rows)?;
+        let mut y = self.backend.linear(l, x, rows)?;
+        if let Some(at) = adapted {
+            lora::apply(&self.backend, &pass.loras, at, (x, rows), &mut y)?;
+        }
+        Ok(y)
     }
 
     /// The attention block's output for the normed hidden states `x` (not yet added to the
@@ -243,10 +270,15 @@ impl<B: Backend> Decoder<B> {
         (x, n): (&B::Act, usize),
         step: &B::Step<'_>,
         pool: &mut B::Pool,
-        obs: &mut dyn ActivationObserver,
+        pass: &mut Pass<'_, '_, B>,
     ) -> Result<B::Act> {
         let (b, c) = (&self.backend, self.config());
-        let qkv = self.linear((&layer.qkv, &names.qkv), x, n, obs)?;
+        let qkv = self.linear(
+            (&layer.qkv, &names.qkv),
+            (x, n),
+            pass,
+            Some((i, LoraModule::Qkv)),
+        )?;
         let [mut q, mut k, v] =
             b.split_cols(&qkv, c.qkv_dim(), [c.q_dim(), c.kv_dim(), c.kv_dim()])?;
         if let Some((qn, kn)) = &layer.qk_norm {
@@ -257,7 +289,12 @@ impl<B: Backend> Decoder<B> {
         b.rope(&mut q, c.num_heads, i, step)?;
         b.rope(&mut k, c.num_kv_heads, i, step)?;
         let attn = b.attention(i, (&q, &k, &v), step, pool)?;
-        self.linear((&layer.o, &names.o), &attn, n, obs)
+        self.linear(
+            (&layer.o, &names.o),
+            (&attn, n),
+            pass,
+            Some((i, LoraModule::O)),
+        )
     }
 
     /// The MLP block's output for the normed hidden states `x`.
@@ -267,12 +304,12 @@ impl<B: Backend> Decoder<B> {
         (layer, names): (&DeviceLayer<B>, &Layer),
         x: &B::Act,
         n: usize,
-        obs: &mut dyn ActivationObserver,
+        pass: &mut Pass<'_, '_, B>,
     ) -> Result<B::Act> {
         let b = &self.backend;
         match (&layer.mlp, &names.mlp) {
             (DeviceMlp::Dense { up, down }, Mlp::Dense { up: un, down: dn }) => {
-                self.one_mlp([(up, un), (down, dn)], x, n, obs)
+                self.one_mlp([(up, un), (down, dn)], (x, n), pass, Some(i))
             }
             (
                 DeviceMlp::Experts { router, experts },
@@ -286,7 +323,7 @@ impl<B: Backend> Decoder<B> {
                     .config()
                     .moe(i)
                     .expect("an experts layer has an MoE config");
-                let logits = b.download(self.linear((router, rn), x, n, obs)?)?;
+                let logits = b.download(self.linear((router, rn), (x, n), pass, None)?)?;
                 let mut out = b.zeros(n, h)?;
                 // Each expert runs once over the tokens routed to it (its weights are read once
                 // per step), in expert order, as transformers adds them.
@@ -297,7 +334,7 @@ impl<B: Backend> Decoder<B> {
                     let xe = b.gather_rows(x, rows, h)?;
                     let (up, down) = &experts[e];
                     let parts = [(up, &en[e].0), (down, &en[e].1)];
-                    let ye = self.one_mlp(parts, &xe, rows.len(), obs)?;
+                    let ye = self.one_mlp(parts, (&xe, rows.len()), pass, None)?;
                     b.add_rows_scaled(&mut out, &ye, (rows, weights), h)?;
                 }
                 Ok(out)
@@ -306,17 +343,19 @@ impl<B: Backend> Decoder<B> {
         }
     }
 
-    /// `down(act(up(x)))` over `n` rows.
+    /// `down(act(up(x)))` over `n` rows; with `layer`, adapted where the pass's adapters
+    /// change that layer's MLP (a dense MLP over every row of the pass).
     fn one_mlp(
         &self,
         [up, down]: [(&B::Linear, &Linear); 2],
-        x: &B::Act,
-        n: usize,
-        obs: &mut dyn ActivationObserver,
+        (x, n): (&B::Act, usize),
+        pass: &mut Pass<'_, '_, B>,
+        layer: Option<usize>,
     ) -> Result<B::Act> {
-        let up = self.linear(up, x, n, obs)?;
+        let at = |m| layer.map(|i| (i, m));
+        let up = self.linear(up, (x, n), pass, at(LoraModule::Up))?;
         let act = self.backend.activation(self.config().mlp, up, n)?;
-        self.linear(down, &act, n, obs)
+        self.linear(down, (&act, n), pass, at(LoraModule::Down))
     }
 }
 

@@ -61,6 +61,13 @@ pub struct BuildConfig {
     pub kv_cache_dtype: Option<DType>,
     /// Widest beam search a request may ask for (TensorRT-LLM's `max_beam_width`).
     pub max_beam_width: usize,
+    /// Highest LoRA rank an adapter may have (TensorRT-LLM's `max_lora_rank`).
+    pub max_lora_rank: usize,
+    /// LoRA adapters resident on the runner's device at once (vLLM's `max_loras`): the most
+    /// distinct adapters one step batches.
+    pub max_loras: usize,
+    /// LoRA adapters kept read and checked on the host (vLLM's `max_cpu_loras`).
+    pub max_cpu_loras: usize,
 }
 
 impl Default for BuildConfig {
@@ -75,6 +82,9 @@ impl Default for BuildConfig {
             keep_quantized: false,
             kv_cache_dtype: None,
             max_beam_width: 4,
+            max_lora_rank: 64,
+            max_loras: 4,
+            max_cpu_loras: 8,
         }
     }
 }

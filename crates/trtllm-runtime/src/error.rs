@@ -65,6 +65,8 @@ pub enum RuntimeError {
     OutOfKvBlocks { needed: usize, available: usize },
     #[error("device {0}")]
     InvalidDevice(String),
+    #[error("LoRA adapter {adapter}: {reason}")]
+    Lora { adapter: String, reason: String },
     #[error(transparent)]
     Kernel(#[from] trtllm_quant::kernels::KernelError),
     #[error(transparent)]

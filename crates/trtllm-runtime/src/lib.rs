@@ -15,6 +15,7 @@ pub mod engine;
 mod error;
 mod generation;
 mod kv_cache;
+mod lora;
 mod model;
 mod rope;
 mod sampling;
@@ -33,6 +34,7 @@ pub use kv_cache::{
     BlockCopy, BlockId, GroupBudget, KvBudget, KvCache, KvCacheConfig, KvCacheEvent,
     KvCacheManager, KvCacheSummary, KvGroupSummary, KvGroups, KvPool, KvStorage, NO_BLOCK,
 };
+pub use lora::{LoraAdapter, LoraFactors, LoraModule, LoraWeights};
 pub use model::{ActivationObserver, LogitsMode, SeqChunk};
 pub use sampling::{
     argmax, token_logprobs, SampledToken, Sampler, SamplingConfig, TokenLogprobs, MAX_LOGPROBS,

@@ -56,6 +56,8 @@ pub struct SeqChunk<'a> {
     pub past: usize,
     pub blocks: &'a [&'a [BlockId]],
     pub logits: LogitsMode,
+    /// The LoRA adapter these tokens run with (loaded by this runner), if any.
+    pub lora: Option<&'a crate::LoraWeights>,
 }
 
 /// A batch flattened: every chunk's tokens and positions back to back, and the rows (indices

@@ -8,6 +8,7 @@ use crate::cpu_backend::CpuBackend;
 use crate::decoder::Decoder;
 use crate::engine::{EngineConfig, EngineFile, TensorInfo};
 use crate::kv_cache::{KvBudget, KvCache, KvPool, KvStorage, KV_CACHE_BLOCK};
+use crate::lora::{DeviceLora, LoraAdapter, LoraInner, LoraWeights};
 use crate::model::{ActivationObserver, HostModel, LogitsMode, NoObserver, SeqChunk};
 use crate::tuning::{TimingCache, TuneReport};
 use crate::{Device, ModelConfig, Result, RuntimeError};
@@ -122,6 +123,23 @@ impl ModelRunner {
         }
     }
 
+    /// Reads the PEFT adapter in `dir` for this engine's model (ranks up to the engine's
+    /// `max_lora_rank`), on the calling thread: a runner's device is not touched.
+    pub fn read_lora(&self, name: &str, dir: &Path) -> Result<LoraAdapter> {
+        LoraAdapter::load(name, dir, self.model(), self.config.build.max_lora_rank)
+    }
+
+    /// `adapter` placed on this runner's device, for [`SeqChunk::lora`].
+    pub fn load_lora(&self, adapter: &LoraAdapter) -> Result<LoraWeights> {
+        adapter.check(self.model(), self.config.build.max_lora_rank)?;
+        let inner = match &self.backend {
+            Backend::Cpu(d) => LoraInner::Cpu(DeviceLora::new(&d.backend, adapter)?),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(d) => LoraInner::Cuda(DeviceLora::new(&d.backend, adapter)?),
+        };
+        Ok(LoraWeights::new(&adapter.name, inner))
+    }
+
     /// A zeroed KV pool divided as `budget` says, on the runner's device, in the engine's KV
     /// storage.
     pub fn new_pool(&self, budget: &KvBudget) -> Result<KvPool> {
@@ -177,21 +195,31 @@ impl ModelRunner {
         cache: &mut KvCache,
         mode: LogitsMode,
     ) -> Result<Vec<f32>> {
-        self.forward_observed(tokens, cache, mode, &mut NoObserver)
+        self.forward_observed(tokens, (cache, None), mode, &mut NoObserver)
+    }
+
+    /// [`Self::forward`] with the sequence's LoRA adapter (loaded by this runner).
+    pub fn forward_adapted(
+        &self,
+        tokens: &[u32],
+        (cache, lora): (&mut KvCache, Option<&LoraWeights>),
+        mode: LogitsMode,
+    ) -> Result<Vec<f32>> {
+        self.forward_observed(tokens, (cache, lora), mode, &mut NoObserver)
     }
 
     /// Runs one sequence `tokens` with `obs` watching every linear module's input
     /// (calibration); computes no logits. On a GPU each input is downloaded for `obs`.
     pub fn observe(&self, tokens: &[u32], obs: &mut dyn ActivationObserver) -> Result<()> {
         let mut cache = self.new_cache(tokens.len())?;
-        self.forward_observed(tokens, &mut cache, LogitsMode::Skip, obs)?;
+        self.forward_observed(tokens, (&mut cache, None), LogitsMode::Skip, obs)?;
         Ok(())
     }
 
     fn forward_observed(
         &self,
         tokens: &[u32],
-        cache: &mut KvCache,
+        (cache, lora): (&mut KvCache, Option<&LoraWeights>),
         mode: LogitsMode,
         obs: &mut dyn ActivationObserver,
     ) -> Result<Vec<f32>> {
@@ -211,6 +239,7 @@ impl ModelRunner {
                 past: cache.len(),
                 blocks: &tables,
                 logits: logits_mode,
+                lora,
             };
             logits.extend(self.run(&[step], &mut cache.pool, obs)?);
             cache.advance(part.len());

@@ -320,6 +320,7 @@ impl SamplingFields {
             beam_width: None,
             length_penalty: self.length_penalty.unwrap_or(d.length_penalty),
             early_stopping: self.early_stopping.unwrap_or_default(),
+            lora_request: None,
         };
         p.validate()?;
         Ok(p)

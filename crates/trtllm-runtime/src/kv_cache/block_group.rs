@@ -31,6 +31,9 @@ struct SeqBlocks {
     hashes: Vec<u64>,
     /// Entries before this one are out of the window and handed back.
     released: usize,
+    /// The parent hash of the first block: what besides the tokens its contents depend on (a
+    /// LoRA adapter), so only sequences with the same root share blocks.
+    root: Option<u64>,
 }
 
 pub(crate) struct BlockGroup {
@@ -109,8 +112,11 @@ impl BlockGroup {
 
     /// Starts sequence `id` on the cached blocks `matched` (its leading full blocks, `None` for
     /// those its window does not need).
-    pub fn add_sequence(&mut self, id: u64, matched: &[(Option<BlockId>, u64)]) {
-        let mut seq = SeqBlocks::default();
+    pub fn add_sequence(&mut self, id: u64, matched: &[(Option<BlockId>, u64)], root: Option<u64>) {
+        let mut seq = SeqBlocks {
+            root,
+            ..Default::default()
+        };
         for &(b, hash) in matched {
             seq.hashes.push(hash);
             let Some(b) = b else {
@@ -164,6 +170,7 @@ impl BlockGroup {
             seq.blocks = p.blocks[..len.div_ceil(self.block_size).min(p.blocks.len())].to_vec();
             seq.hashes = p.hashes[..(len / self.block_size).min(p.hashes.len())].to_vec();
             seq.released = p.released.min(seq.blocks.len());
+            seq.root = p.root;
         }
         for &b in seq.blocks.iter().filter(|&&b| b != NO_BLOCK) {
             self.blocks[b as usize].refs += 1;
@@ -226,7 +233,7 @@ impl BlockGroup {
         let full = computed.min(tokens.len()) / bs;
         while seq.hashes.len() < full.min(seq.blocks.len()) {
             let j = seq.hashes.len();
-            let parent = seq.hashes.last().copied();
+            let parent = seq.hashes.last().copied().or(seq.root);
             let chunk = &tokens[j * bs..(j + 1) * bs];
             let hash = super::manager::chain_hash(parent, chunk);
             seq.hashes.push(hash);

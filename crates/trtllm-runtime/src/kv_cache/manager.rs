@@ -134,7 +134,14 @@ impl KvCacheManager {
     /// many prompt tokens those blocks already hold. The last prompt token is always left to
     /// compute, since its logits are needed.
     pub fn add_sequence(&mut self, id: u64, prompt: &[u32]) -> usize {
-        let (m, found) = self.match_prefix(prompt);
+        self.add_salted_sequence(id, prompt, None)
+    }
+
+    /// [`Self::add_sequence`] for a sequence whose keys and values depend on `salt` as well as
+    /// on its tokens (a LoRA adapter's id): it shares cached blocks only with sequences of the
+    /// same salt.
+    pub fn add_salted_sequence(&mut self, id: u64, prompt: &[u32], salt: Option<u64>) -> usize {
+        let (m, found) = self.match_prefix(prompt, salt);
         for (g, found) in self.groups.iter_mut().zip(found) {
             let first = g.first_needed(m * self.budget.block_size);
             let matched: Vec<_> = found[..m]
@@ -142,20 +149,25 @@ impl KvCacheManager {
                 .enumerate()
                 .map(|(j, &(b, h))| (b.filter(|_| j >= first), h))
                 .collect();
-            g.add_sequence(id, &matched);
+            g.add_sequence(id, &matched, salt);
         }
         m * self.budget.block_size
     }
 
-    /// How many leading tokens of `prompt` cached blocks hold (never the last token).
-    pub fn cached_prefix_len(&self, prompt: &[u32]) -> usize {
-        self.match_prefix(prompt).0 * self.budget.block_size
+    /// How many leading tokens of `prompt` cached blocks of sequences salted `salt` hold (never
+    /// the last token).
+    pub fn cached_prefix_len(&self, prompt: &[u32], salt: Option<u64>) -> usize {
+        self.match_prefix(prompt, salt).0 * self.budget.block_size
     }
 
     /// The most leading full blocks of `prompt` every group has what it needs of, and each
     /// group's cached block for each full block.
     #[allow(clippy::type_complexity)]
-    fn match_prefix(&self, prompt: &[u32]) -> (usize, Vec<Vec<(Option<BlockId>, u64)>>) {
+    fn match_prefix(
+        &self,
+        prompt: &[u32],
+        salt: Option<u64>,
+    ) -> (usize, Vec<Vec<(Option<BlockId>, u64)>>) {
         let bs = self.budget.block_size;
         let full = if self.reuse {
             prompt.len().saturating_sub(1) / bs
@@ -163,7 +175,7 @@ impl KvCacheManager {
             0
         };
         let mut hashes = Vec::with_capacity(full);
-        let mut parent = None;
+        let mut parent = salt;
         for chunk in prompt.chunks_exact(bs).take(full) {
             let h = chain_hash(parent, chunk);
             hashes.push((h, parent));
