@@ -67,6 +67,15 @@ struct BuildArgs {
     /// Widest beam search a request may ask for.
     #[arg(long, default_value_t = 4)]
     max_beam_width: usize,
+    /// Highest rank of a LoRA adapter requests may run with.
+    #[arg(long, default_value_t = 64)]
+    max_lora_rank: usize,
+    /// LoRA adapters on the device at once: the most distinct adapters one step runs.
+    #[arg(long, default_value_t = 4)]
+    max_loras: usize,
+    /// LoRA adapters kept read and checked in host memory.
+    #[arg(long, default_value_t = 8)]
+    max_cpu_loras: usize,
     /// Weight quantization: w8a16, w4a16, w4a16_awq, w4a16_gptq, w8a16_gptq, w8a8_sq, fp8,
     /// nvfp4, or keep (a GGUF's own Q8_0/Q4_0/Q4_1 weights, without loss).
     #[arg(long)]
@@ -196,6 +205,9 @@ fn build(a: BuildArgs) -> Result<()> {
         keep_quantized,
         kv_cache_dtype,
         max_beam_width: a.max_beam_width,
+        max_lora_rank: a.max_lora_rank,
+        max_loras: a.max_loras,
+        max_cpu_loras: a.max_cpu_loras,
         ..BuildConfig::default()
     };
     let bar = indicatif::ProgressBar::new(0);

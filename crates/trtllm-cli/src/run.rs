@@ -8,7 +8,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use trtllm_api::executor::{CapacitySchedulerPolicy, ExecutorConfig, SpeculativeConfig};
 use trtllm_api::runtime::Device;
-use trtllm_api::{ChatMessage, EarlyStopping, LlmArgs, Logprob, Prompt, SamplingParams, LLM};
+use trtllm_api::{
+    ChatMessage, EarlyStopping, LlmArgs, LoRARequest, Logprob, Prompt, SamplingParams, LLM,
+};
 
 /// The model a command runs: an engine directory, a Hugging Face checkpoint directory or a
 /// .gguf file, as the first argument or `--model` (`--engine` is the older spelling).
@@ -120,6 +122,10 @@ pub struct SamplingArgs {
     #[arg(long, value_name = "WHEN", requires = "beam_width", num_args = 0..=1,
           default_missing_value = "true", value_parser = parse_early_stopping)]
     early_stopping: Option<EarlyStopping>,
+    /// Run with this LoRA adapter: a PEFT directory (adapter_config.json and
+    /// adapter_model.safetensors) made for the engine's base model.
+    #[arg(long, value_name = "DIR")]
+    lora: Option<PathBuf>,
 }
 
 fn parse_early_stopping(s: &str) -> std::result::Result<EarlyStopping, String> {
@@ -152,6 +158,14 @@ impl SamplingArgs {
             beam_width: self.beam_width,
             length_penalty: self.length_penalty.unwrap_or(1.0),
             early_stopping: self.early_stopping.unwrap_or_default(),
+            lora_request: self.lora.as_ref().map(|path| LoRARequest {
+                name: path.file_name().map_or_else(
+                    || path.display().to_string(),
+                    |n| n.to_string_lossy().into(),
+                ),
+                id: 1,
+                path: path.clone(),
+            }),
             ..SamplingParams::default()
         };
         p.validate()?;

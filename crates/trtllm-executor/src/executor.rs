@@ -252,7 +252,9 @@ impl GenerationExecutor {
     /// thread, outside the lock).
     fn lora(&self, req: &LoraRequest) -> Result<RequestLora> {
         let lock = || self.loras.lock().unwrap_or_else(|e| e.into_inner());
-        let adapter = match lock().cached(req)? {
+        // The guard is dropped before reading: a statement of its own.
+        let cached = lock().cached(req)?;
+        let adapter = match cached {
             Some(a) => a,
             None => {
                 let a = lora::read(req, &self.config)?;
