@@ -264,3 +264,37 @@ fn tiny_fixtures_batch_invariant_on_the_gpu() -> Result<()> {
     }
     Ok(())
 }
+
+/// LoRA adapters on the GPU: every adapter of `tests/fixtures/lora` (fused targets, rsLoRA, ranks
+/// 2 to 16) placed on the device gives peft's logits, as on the CPU.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo xtask test-gpu"]
+fn tiny_fixtures_lora_adapters_on_the_gpu() -> Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Golden {
+        adapters: std::collections::BTreeMap<String, Adapter>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Adapter {
+        base: String,
+        cases: Vec<trtllm_tests::FixtureCase>,
+    }
+    let dir = fixtures().join("lora");
+    let golden: Golden = read_json(&dir.join("golden.json"))?;
+    for (name, adapter) in &golden.adapters {
+        let out = tempfile::tempdir()?;
+        build(
+            &fixtures().join(&adapter.base),
+            out.path(),
+            &BuildConfig::default(),
+            &mut |_, _, _| {},
+        )?;
+        let runner = Session::open(out.path())?.model_runner_on(Device::Cuda(0))?;
+        let weights = runner.load_lora(&runner.read_lora(name, &dir.join(name))?)?;
+        for (ci, case) in adapter.cases.iter().enumerate() {
+            let what = format!("{name} case {ci} on the GPU");
+            trtllm_tests::check_adapted_case(&runner, (case, Some(&weights)), 1e-3, &what)?;
+        }
+    }
+    Ok(())
+}
