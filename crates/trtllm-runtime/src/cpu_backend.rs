@@ -115,7 +115,10 @@ impl Backend for CpuBackend {
 
     fn matmul(&self, w: &HostMatrix, x: &Vec<f32>, rows: usize) -> Result<Vec<f32>> {
         let mat = cpu::MatRef::new(cpu::WeightData::F32(&w.w), w.rows, w.cols)?;
+        // LoRA factors are thin (16–48 rows or columns): the packed GEMM beats the direct tiles
+        // on them at every batch (SmolLM2's, 32 rows: 19–57 → 41–157 GFLOP/s).
         let tactic = cpu::Tactic {
+            direct: false,
             invariant: self.invariant,
             ..Default::default()
         };

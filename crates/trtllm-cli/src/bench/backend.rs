@@ -91,6 +91,7 @@ impl Backend for InProcess {
         let params = SamplingParams {
             max_tokens: req.output_tokens,
             ignore_eos: true,
+            lora_request: req.lora.clone(),
             ..SamplingParams::default()
         };
         let prompt = match &req.input {

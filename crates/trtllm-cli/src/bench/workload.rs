@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Deserialize;
+use trtllm_api::LoRARequest;
 
 #[derive(Args)]
 pub struct WorkloadArgs {
@@ -25,6 +26,10 @@ pub struct WorkloadArgs {
     /// Seed of the synthetic prompts' token ids.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// LoRA adapters (PEFT directories; repeat for several) the requests run with, in turn:
+    /// request i takes adapter i mod their number (in process only).
+    #[arg(long, value_name = "DIR")]
+    lora: Vec<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -37,6 +42,7 @@ pub enum Input {
 pub struct BenchRequest {
     pub input: Input,
     pub output_tokens: usize,
+    pub lora: Option<LoRARequest>,
 }
 
 pub struct Workload {
@@ -51,6 +57,12 @@ struct Line {
     max_tokens: Option<usize>,
 }
 
+impl WorkloadArgs {
+    pub fn uses_lora(&self) -> bool {
+        !self.lora.is_empty()
+    }
+}
+
 impl Workload {
     pub fn build(a: &WorkloadArgs, vocab_size: usize) -> Result<Self> {
         let requests = match &a.dataset {
@@ -59,6 +71,14 @@ impl Workload {
         };
         if requests.is_empty() {
             bail!("the workload has no requests");
+        }
+        let mut requests = requests;
+        for (i, r) in requests.iter_mut().enumerate() {
+            r.lora = a.lora.get(i % a.lora.len().max(1)).map(|path| LoRARequest {
+                name: path.display().to_string(),
+                id: (i % a.lora.len()) as u64,
+                path: path.clone(),
+            });
         }
         Ok(Self { requests })
     }
@@ -89,6 +109,7 @@ fn read_dataset(
         out.push(BenchRequest {
             input,
             output_tokens: l.output_tokens.or(l.max_tokens).unwrap_or(default_out),
+            lora: None,
         });
     }
     Ok(out)
@@ -109,6 +130,7 @@ fn synthetic(a: &WorkloadArgs, vocab_size: usize) -> Result<Vec<BenchRequest>> {
         .map(|_| BenchRequest {
             input: Input::Ids((0..a.input_len).map(|_| rng.random_range(lo..hi)).collect()),
             output_tokens: a.output_len,
+            lora: None,
         })
         .collect())
 }
