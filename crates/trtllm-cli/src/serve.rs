@@ -52,6 +52,10 @@ pub struct ServeArgs {
     /// default: read from the chat template's markers.
     #[arg(long, value_parser = parse_tool_parser)]
     tool_call_parser: Option<ToolParser>,
+    /// LoRA adapters to serve, as NAME=DIR (PEFT directories; repeat or list): a request whose
+    /// `model` is NAME runs with that adapter.
+    #[arg(long, value_name = "NAME=DIR", num_args = 1.., value_parser = parse_lora_module)]
+    lora_modules: Vec<(String, std::path::PathBuf)>,
     #[command(flatten)]
     executor: ExecutorArgs,
 }
@@ -86,9 +90,17 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             header_timeout: std::time::Duration::from_secs(a.header_timeout),
             lenient_requests: a.lenient_requests,
             tool_call_parser: a.tool_call_parser,
+            lora_modules: a.lora_modules,
         },
     )?;
     Ok(())
+}
+
+fn parse_lora_module(s: &str) -> Result<(String, std::path::PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, dir)) if !name.is_empty() && !dir.is_empty() => Ok((name.into(), dir.into())),
+        _ => Err(format!("'{s}': expected NAME=DIR")),
+    }
 }
 
 fn parse_tool_parser(name: &str) -> Result<ToolParser, String> {

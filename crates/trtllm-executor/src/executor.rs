@@ -248,6 +248,12 @@ impl GenerationExecutor {
         })
     }
 
+    /// Reads and checks the adapter `req` names against this engine, keeping it in the host
+    /// cache: an error here is the one its requests would get.
+    pub fn preload_lora(&self, req: &LoraRequest) -> Result<()> {
+        self.lora(req).map(|_| ())
+    }
+
     /// The adapter `req` names, from the host cache or read and checked now (on the caller's
     /// thread, outside the lock).
     fn lora(&self, req: &LoraRequest) -> Result<RequestLora> {

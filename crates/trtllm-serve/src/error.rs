@@ -153,6 +153,9 @@ impl From<ExecutorError> for ServeError {
             ) => ServeError::bad(e.to_string(), Some("prompt")),
             // A grammar past the matcher's limits is the request's, not the server's.
             ExecutorError::LogitsProcessor(_) => ServeError::bad(e.to_string(), None),
+            ExecutorError::Runtime(RuntimeError::Lora { .. }) => {
+                ServeError::bad(e.to_string(), Some("lora_path"))
+            }
             _ => ServeError::Internal(e.to_string()),
         }
     }

@@ -134,23 +134,28 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> AppResult {
         .into_response())
 }
 
+/// The base model under each of its names, then each LoRA adapter with the base as `parent` and
+/// its directory as `root` (vLLM's listing).
 pub async fn models(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let config = st.llm.executor().engine_config();
-    let data: Vec<_> = st
-        .config
-        .served_model_names
-        .iter()
-        .map(|name| {
-            json!({
-                "id": name,
-                "object": "model",
-                "created": st.created,
-                "owned_by": "trtllm-rs",
-                "max_model_len": config.build.max_seq_len,
-                "vocab_size": config.model.vocab_size,
-            })
+    let entry = |id: &str| {
+        json!({
+            "id": id,
+            "object": "model",
+            "created": st.created,
+            "owned_by": "trtllm-rs",
+            "max_model_len": config.build.max_seq_len,
+            "vocab_size": config.model.vocab_size,
         })
-        .collect();
+    };
+    let names = &st.config.served_model_names;
+    let mut data: Vec<_> = names.iter().map(|n| entry(n)).collect();
+    for lora in st.adapters().list() {
+        let mut e = entry(&lora.name);
+        e["parent"] = json!(names.first());
+        e["root"] = json!(lora.path.display().to_string());
+        data.push(e);
+    }
     Json(json!({"object": "list", "data": data}))
 }
 
@@ -159,8 +164,9 @@ pub async fn completions(
     JsonBody(req): JsonBody<CompletionRequest>,
 ) -> AppResult {
     let arrived = Instant::now();
-    let model = st.check_model(req.model.as_deref())?;
-    let parsed = req.params(st.config.lenient_requests)?;
+    let (model, lora) = st.check_model(req.model.as_deref())?;
+    let mut parsed = req.params(st.config.lenient_requests)?;
+    parsed.params.lora_request = lora;
     run(
         st,
         (Endpoint::Completions, model),
@@ -176,8 +182,9 @@ pub async fn chat(
     JsonBody(req): JsonBody<ChatRequest>,
 ) -> AppResult {
     let arrived = Instant::now();
-    let model = st.check_model(req.model.as_deref())?;
-    let parsed = req.params(&st)?;
+    let (model, lora) = st.check_model(req.model.as_deref())?;
+    let mut parsed = req.params(&st)?;
+    parsed.params.lora_request = lora;
     run(st, (Endpoint::Chat, model), arrived, parsed, |llm, chat| {
         Ok(vec![llm.chat_prompt(&chat.messages, &chat.options)?])
     })

@@ -13,6 +13,7 @@ mod format;
 mod generation;
 mod handlers;
 mod listen;
+mod lora;
 mod metrics;
 mod protocol;
 mod state;
@@ -55,6 +56,9 @@ pub struct ServeConfig {
     /// How models write tool calls, for `tool_choice: auto`; None: read from the chat
     /// template's markers.
     pub tool_call_parser: Option<ToolParser>,
+    /// LoRA adapters served from the start, as (model name, PEFT directory): a request naming
+    /// one as its `model` runs with it (vLLM's `--lora-modules`).
+    pub lora_modules: Vec<(String, std::path::PathBuf)>,
 }
 
 impl Default for ServeConfig {
@@ -71,6 +75,7 @@ impl Default for ServeConfig {
             header_timeout: std::time::Duration::from_secs(20),
             lenient_requests: false,
             tool_call_parser: None,
+            lora_modules: Vec::new(),
         }
     }
 }
@@ -82,6 +87,8 @@ pub fn router(llm: LLM, config: ServeConfig) -> Router {
         .route("/v1/models", get(handlers::models))
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/chat/completions", post(handlers::chat))
+        .route("/v1/load_lora_adapter", post(lora::load))
+        .route("/v1/unload_lora_adapter", post(lora::unload))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
         .route_layer(from_fn_with_state(st.clone(), handlers::auth));
@@ -109,6 +116,12 @@ pub fn serve(llm: LLM, config: ServeConfig) -> Result<(), ServeError> {
         return Err(ServeError::Config(
             "the API key is empty (--api-key / TRTLLM_API_KEY): give a key, or none".into(),
         ));
+    }
+    // A bad adapter stops the server before it listens, naming the adapter and its fault.
+    for lora in lora::Adapters::new(&config.lora_modules).list() {
+        llm.executor()
+            .preload_lora(&lora)
+            .map_err(|e| ServeError::Config(format!("--lora-modules: {e}")))?;
     }
     let addr = format!("{}:{}", config.host, config.port);
     // Each request in flight holds a blocking thread that drains its streams, and briefly one

@@ -2,9 +2,11 @@
 //! generation requests in flight (the overload limit).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use trtllm_api::LLM;
+use trtllm_api::{LoRARequest, LLM};
+
+use crate::lora::Adapters;
 
 use crate::metrics::Metrics;
 use crate::{ServeConfig, ServeError};
@@ -16,12 +18,15 @@ pub struct AppState {
     pub created: u64,
     /// Sequences (prompts x n) of the generation requests in flight.
     pending: AtomicUsize,
+    /// The LoRA adapters served by name.
+    adapters: Mutex<Adapters>,
 }
 
 impl AppState {
     pub fn new(llm: LLM, config: ServeConfig) -> Self {
         Self {
             llm: Arc::new(llm),
+            adapters: Mutex::new(Adapters::new(&config.lora_modules)),
             config,
             metrics: Metrics::default(),
             created: unix_time(),
@@ -50,14 +55,24 @@ impl AppState {
     }
 
     /// The id a response names: the one the request gave, which must be served, or the first
-    /// (one model is served, under each of its names).
-    pub fn check_model(&self, model: Option<&str>) -> Result<String, ServeError> {
+    /// (one model is served, under each of its names); and the LoRA adapter the name selects.
+    pub fn check_model(
+        &self,
+        model: Option<&str>,
+    ) -> Result<(String, Option<LoRARequest>), ServeError> {
         let names = &self.config.served_model_names;
         match model {
-            Some(m) if names.iter().any(|n| n == m) => Ok(m.to_string()),
-            Some(m) => Err(ServeError::ModelNotFound(m.to_string())),
-            None => Ok(names.first().cloned().unwrap_or_default()),
+            Some(m) if names.iter().any(|n| n == m) => Ok((m.to_string(), None)),
+            Some(m) => match self.adapters().get(m) {
+                Some(lora) => Ok((m.to_string(), Some(lora))),
+                None => Err(ServeError::ModelNotFound(m.to_string())),
+            },
+            None => Ok((names.first().cloned().unwrap_or_default(), None)),
         }
+    }
+
+    pub fn adapters(&self) -> MutexGuard<'_, Adapters> {
+        self.adapters.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

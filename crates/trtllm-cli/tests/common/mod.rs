@@ -46,8 +46,13 @@ pub struct Server {
 impl Server {
     /// Starts `trtllm serve` on a free port and waits for its "listening on" line.
     pub fn start(extra: &[&str]) -> Server {
+        Self::start_on(engine(), extra)
+    }
+
+    /// [`Self::start`] on another engine.
+    pub fn start_on(engine: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_trtllm"))
-            .args(["serve", engine().to_str().unwrap(), "--port", "0"])
+            .args(["serve", engine.to_str().unwrap(), "--port", "0"])
             .args(["--served-model-name", MODEL])
             .args(extra)
             .stderr(Stdio::piped())
