@@ -9,9 +9,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{ensure, Result};
 use serde::Deserialize;
 use trtllm_api::builder::{build, BuildConfig};
-use trtllm_api::runtime::quant::{LayerQuantConfig, QuantAlgo, QuantConfig};
+use trtllm_api::runtime::quant::{DType, LayerQuantConfig, QuantAlgo, QuantConfig};
 use trtllm_api::runtime::{argmax, LogitsMode, ModelRunner, Session};
-use trtllm_tests::{check_adapted_case, fixtures, max_abs_diff, read_json, FixtureCase};
+use trtllm_tests::{
+    check_adapted_case, check_case_logits, fixtures, max_abs_diff, read_json, FixtureCase,
+};
 
 #[derive(Deserialize)]
 struct Golden {
@@ -86,6 +88,26 @@ fn greedy(
         logits = runner.forward_adapted(&[t], (&mut cache, Some(lora)), LogitsMode::Last)?;
     }
     Ok(out)
+}
+
+/// An adapter merged into the weights at build time (`trtllm build --lora DIR --merge-lora`)
+/// gives peft's logits with no adapter at run time.
+#[test]
+fn a_merged_adapter_matches_peft() -> Result<()> {
+    let golden: Golden = read_json(&lora_dir("golden.json"))?;
+    for name in ["tiny-llama-r8", "tiny-phi3-r8-fused"] {
+        let adapter = &golden.adapters[name];
+        let config = BuildConfig {
+            dtype: Some(DType::F32),
+            merge_lora: Some(lora_dir(name)),
+            ..Default::default()
+        };
+        let (_dir, runner) = engine(&adapter.base, &config)?;
+        for (ci, case) in adapter.cases.iter().enumerate() {
+            check_case_logits(&runner, case, 1e-3, &format!("{name} merged, case {ci}"))?;
+        }
+    }
+    Ok(())
 }
 
 /// An adapter over quantized weights (W8A16, W4A16: the adapter stays f32) moves the logits as it

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use trtllm_runtime::engine::{names, EngineConfig, EngineWriter};
 use trtllm_runtime::quant::{Calibration, DType, QuantAlgo, Quantizer, LM_HEAD};
-use trtllm_runtime::{BuildConfig, ModelConfig, PositionKind};
+use trtllm_runtime::{BuildConfig, LoraAdapter, ModelConfig, PositionKind};
 
 use crate::calibrate::{calibrate, CalibrationInput};
 use crate::checkpoint::SafetensorsCheckpoint;
@@ -305,12 +305,24 @@ pub(crate) fn write_engine(
         })
         .chain([LM_HEAD.to_string()])
         .collect();
+    let merge = match &build.merge_lora {
+        Some(_) if build.keep_quantized => {
+            return Err(BuildError::InvalidBuildConfig(
+                "merging a LoRA adapter needs float weights: not with --quant keep or a \
+                 checkpoint published quantized"
+                    .into(),
+            ))
+        }
+        Some(dir) => Some(LoraAdapter::load("merged", dir, &model, usize::MAX)?),
+        None => None,
+    };
     let mut out = Out {
         ck,
         w: EngineWriter::create(output)?,
         dtype,
         quantizer: Quantizer::new(&build.quant, &modules, calibration)?,
         keep: build.keep_quantized,
+        merge: merge.as_ref(),
     };
     let h = model.hidden_size;
 

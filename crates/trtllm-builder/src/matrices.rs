@@ -1,11 +1,26 @@
 //! Where a build's matrices go: float in the engine's dtype, packed by the quantizer, or packed
 //! as the checkpoint stored them (`keep`); the parts of fused layers stacked into one matrix.
 
-use trtllm_runtime::engine::EngineWriter;
+use trtllm_runtime::engine::{names, EngineWriter};
 use trtllm_runtime::quant::{DType, PackedWeight, Quantizer};
+use trtllm_runtime::{LoraAdapter, LoraFactors, LoraModule};
 
 use crate::family::LinearSpec;
 use crate::{BuildError, Checkpoint, Result};
+
+/// The adapter's factors for engine module `layers.{i}.{part}`, if it changes it (never an
+/// expert's MLP: adapters refuse those).
+fn merged_factors<'a>(adapter: &'a LoraAdapter, module: &str) -> Option<&'a LoraFactors> {
+    let (layer, part) = module.strip_prefix("layers.")?.split_once('.')?;
+    let m = match part {
+        names::QKV => LoraModule::Qkv,
+        names::O => LoraModule::O,
+        names::GATE_UP | names::UP => LoraModule::Up,
+        names::DOWN => LoraModule::Down,
+        _ => return None,
+    };
+    adapter.layers.get(layer.parse::<usize>().ok()?)?.get(&m)
+}
 
 /// Where matrices go: float in `dtype`, packed by the quantizer, or packed as the checkpoint
 /// stored them (`keep`).
@@ -15,6 +30,8 @@ pub(crate) struct Out<'a> {
     pub dtype: DType,
     pub quantizer: Quantizer<'a>,
     pub keep: bool,
+    /// A LoRA adapter to merge into the linear layers it changes.
+    pub merge: Option<&'a LoraAdapter>,
 }
 
 impl Out<'_> {
@@ -53,7 +70,16 @@ impl Out<'_> {
             )?,
             false => None,
         };
-        let (weight, bias) = linear(self.ck, lin, rows, cols, kept.is_none())?;
+        let (mut weight, bias) = linear(self.ck, lin, rows, cols, kept.is_none())?;
+        if let Some(f) = self.merge.and_then(|a| merged_factors(a, module)) {
+            // W += B·A: row r gains Σ_j B[r][j] · A[j].
+            for (r, row) in weight.chunks_exact_mut(cols).enumerate() {
+                for (j, a) in f.a.chunks_exact(cols).enumerate() {
+                    let b = f.b[r * f.rank + j];
+                    row.iter_mut().zip(a).for_each(|(w, a)| *w += b * a);
+                }
+            }
+        }
         match kept {
             Some(p) => self.w.add_packed(module, &p)?,
             None => self.weight(module, Some(module), weight, [rows, cols])?,

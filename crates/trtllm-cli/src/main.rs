@@ -76,6 +76,13 @@ struct BuildArgs {
     /// LoRA adapters kept read and checked in host memory.
     #[arg(long, default_value_t = 8)]
     max_cpu_loras: usize,
+    /// A PEFT LoRA adapter to merge into the weights (with --merge-lora): the engine is that
+    /// fine-tune, at no run-time cost.
+    #[arg(long, value_name = "DIR", requires = "merge_lora")]
+    lora: Option<std::path::PathBuf>,
+    /// Merge --lora into the weights before any quantization.
+    #[arg(long, requires = "lora")]
+    merge_lora: bool,
     /// Weight quantization: w8a16, w4a16, w4a16_awq, w4a16_gptq, w8a16_gptq, w8a8_sq, fp8,
     /// nvfp4, or keep (a GGUF's own Q8_0/Q4_0/Q4_1 weights, without loss).
     #[arg(long)]
@@ -208,6 +215,7 @@ fn build(a: BuildArgs) -> Result<()> {
         max_lora_rank: a.max_lora_rank,
         max_loras: a.max_loras,
         max_cpu_loras: a.max_cpu_loras,
+        merge_lora: a.lora.clone().filter(|_| a.merge_lora),
         ..BuildConfig::default()
     };
     let bar = indicatif::ProgressBar::new(0);

@@ -68,6 +68,9 @@ pub struct BuildConfig {
     pub max_loras: usize,
     /// LoRA adapters kept read and checked on the host (vLLM's `max_cpu_loras`).
     pub max_cpu_loras: usize,
+    /// A PEFT LoRA adapter merged into the weights at build time (`W += B·A·scaling`, before
+    /// any quantization): the engine is that fine-tune, at no run-time cost.
+    pub merge_lora: Option<std::path::PathBuf>,
 }
 
 impl Default for BuildConfig {
@@ -85,6 +88,7 @@ impl Default for BuildConfig {
             max_lora_rank: 64,
             max_loras: 4,
             max_cpu_loras: 8,
+            merge_lora: None,
         }
     }
 }
