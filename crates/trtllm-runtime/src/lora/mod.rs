@@ -101,6 +101,9 @@ impl<B: Backend> DeviceLora<B> {
     }
 }
 
+/// Most rows one LoRA product takes.
+const ROWS_PER_PRODUCT: usize = 256;
+
 /// The rows of one pass that use one adapter.
 pub(crate) struct LoraGroup<'a, B: Backend> {
     lora: &'a DeviceLora<B>,
@@ -149,18 +152,23 @@ pub(crate) fn apply<B: Backend>(
         let Some(f) = g.lora.layers.get(layer).and_then(|l| l.get(&module)) else {
             continue;
         };
-        let m = g.rows.len();
-        let gathered;
-        let xg = match m == n {
-            true => x,
-            false => {
-                gathered = b.gather_rows(x, &g.rows, f.inputs)?;
-                &gathered
-            }
-        };
-        let t = b.matmul(&f.a, xg, m)?;
-        let u = b.matmul(&f.b, &t, m)?;
-        b.add_rows_scaled(y, &u, (&g.rows, &g.ones), f.outputs)?;
+        // A bounded number of rows per product keeps the temporaries small enough for the
+        // allocator to reuse: a prefill's whole update (thousands of rows × the fused width)
+        // would be fresh pages, zeroed by the kernel, at every module.
+        for rows in g.rows.chunks(ROWS_PER_PRODUCT) {
+            let m = rows.len();
+            let gathered;
+            let xg = match m == n {
+                true => x,
+                false => {
+                    gathered = b.gather_rows(x, rows, f.inputs)?;
+                    &gathered
+                }
+            };
+            let t = b.matmul(&f.a, xg, m)?;
+            let u = b.matmul(&f.b, &t, m)?;
+            b.add_rows_scaled(y, &u, (rows, &g.ones[..m]), f.outputs)?;
+        }
     }
     Ok(())
 }
