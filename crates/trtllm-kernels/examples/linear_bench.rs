@@ -1,4 +1,6 @@
 //! Quick GFLOP/s probe of the linear kernel: `cargo run --release -p trtllm-kernels --example linear_bench`.
+#[path = "common/smollm2.rs"]
+mod smollm2;
 use std::time::Instant;
 use trtllm_kernels::cpu::{
     linear, paged_attention, AttentionSeq, AttentionShape, KvData, MatRef, PagedKv, WeightData,
@@ -51,15 +53,7 @@ fn main() {
 /// Every linear of SmolLM2-135M's 30 layers and its LM head, distinct weights (540 MB, more
 /// than the caches), at 1, 8 and 32 rows: the weight-streaming part of a decode step.
 fn model() {
-    let shapes = [
-        (576usize, 576usize),
-        (192, 576),
-        (192, 576),
-        (576, 576),
-        (1536, 576),
-        (1536, 576),
-        (576, 1536),
-    ];
+    let shapes = smollm2::LAYER_LINEARS;
     let mut ws: Vec<(Vec<f32>, usize, usize)> = vec![];
     for l in 0..30 {
         for &(n, k) in &shapes {

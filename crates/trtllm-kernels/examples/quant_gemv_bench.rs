@@ -2,6 +2,8 @@
 //! `cargo run --release -p trtllm-kernels --example quant_gemv_bench`.
 //! With `model`: every linear of SmolLM2's 30 layers as distinct int4 matrices (streamed from
 //! DRAM, as in decode), ms per step and GB/s read, against the read bandwidth in the same run.
+#[path = "common/smollm2.rs"]
+mod smollm2;
 use std::time::Instant;
 use trtllm_kernels::cpu::{
     linear, Fp8Weights, Int4Weights, Int8Weights, MatRef, Nvfp4Weights, WeightData,
@@ -102,15 +104,7 @@ struct Int4 {
 }
 
 fn model() {
-    let shapes = [
-        (576usize, 576usize),
-        (192, 576),
-        (192, 576),
-        (576, 576),
-        (1536, 576),
-        (1536, 576),
-        (576, 1536),
-    ];
+    let shapes = smollm2::LAYER_LINEARS;
     for (name, group, offsets) in [
         ("int4 g32 + offsets (Q4_1 kept)", 32, true),
         ("int4 g128 (W4A16)", 128, false),
