@@ -10,13 +10,13 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use trtllm_builder::runtime::{
     Device, EngineConfig, GenerationParams, KvBudget, KvCacheEvent, KvCacheManager, KvCacheSummary,
-    RuntimeError, Sampler, Session, TimingCache,
+    LoraAdapter, RuntimeError, Sampler, Session, TimingCache,
 };
 
 use crate::active::ActiveRequest;
 use crate::dispatch::Dispatcher;
 use crate::engine_loop::{EngineLoop, Job};
-use crate::lora::{self, HostLoras, LoraRequest, RequestLora, ResidentLoras};
+use crate::lora::{HostLoras, LoraRequest, RequestLora, ResidentLoras};
 use crate::scheduler::Scheduler;
 use crate::speculative::DraftContext;
 use crate::{
@@ -263,7 +263,7 @@ impl GenerationExecutor {
         let adapter = match cached {
             Some(a) => a,
             None => {
-                let a = lora::read(req, &self.config)?;
+                let a = Arc::new(LoraAdapter::for_engine(&req.name, &req.path, &self.config)?);
                 lock().insert(req.clone(), a.clone());
                 a
             }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use trtllm_builder::runtime::{EngineConfig, LoraAdapter, LoraWeights, ModelRunner, RuntimeError};
+use trtllm_builder::runtime::{LoraAdapter, LoraWeights, ModelRunner, RuntimeError};
 
 use crate::Result;
 
@@ -75,13 +75,6 @@ impl HostLoras {
         }
         self.entries.push((req, adapter));
     }
-}
-
-/// Reads the adapter `req` names for the engine of `config`.
-pub(crate) fn read(req: &LoraRequest, config: &EngineConfig) -> Result<Arc<LoraAdapter>> {
-    let max_rank = config.build.max_lora_rank;
-    let adapter = LoraAdapter::load(&req.name, &req.path, &config.model, max_rank)?;
-    Ok(Arc::new(adapter))
 }
 
 /// The adapters on the runner's device, each with its last use.

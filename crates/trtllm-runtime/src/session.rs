@@ -126,7 +126,7 @@ impl ModelRunner {
     /// Reads the PEFT adapter in `dir` for this engine's model (ranks up to the engine's
     /// `max_lora_rank`), on the calling thread: a runner's device is not touched.
     pub fn read_lora(&self, name: &str, dir: &Path) -> Result<LoraAdapter> {
-        LoraAdapter::load(name, dir, self.model(), self.config.build.max_lora_rank)
+        LoraAdapter::for_engine(name, dir, &self.config)
     }
 
     /// `adapter` placed on this runner's device, for [`SeqChunk::lora`].

@@ -72,13 +72,8 @@ pub async fn load(
     if name.is_empty() {
         return Err(ServeError::bad("lora_name is empty", Some("lora_name")));
     }
-    let taken = st.config.served_model_names.contains(&name) || st.adapters().get(&name).is_some();
-    if taken {
-        return Err(ServeError::bad(
-            format!("The lora adapter '{name}' has already been loaded."),
-            Some("lora_name"),
-        ));
-    }
+    let names = &st.config.served_model_names;
+    taken(names, &st.adapters(), &name)?;
     let lora = st.adapters().next(&name, req.lora_path);
     let check = {
         let (st, lora) = (st.clone(), lora.clone());
@@ -87,17 +82,25 @@ pub async fn load(
     check
         .await
         .map_err(|e| ServeError::Internal(format!("adapter check: {e}")))??;
+    // Checked again, under the lock it is added with: another load of the name may have
+    // finished while this one was read.
     let mut adapters = st.adapters();
-    if adapters.get(&name).is_some() {
-        return Err(ServeError::bad(
-            format!("The lora adapter '{name}' has already been loaded."),
-            Some("lora_name"),
-        ));
-    }
+    taken(names, &adapters, &name)?;
     adapters.served.push(lora);
     Ok(format!(
         "Success: LoRA adapter '{name}' added successfully."
     ))
+}
+
+/// An error if `name` already names the base model or an adapter.
+fn taken(served: &[String], adapters: &Adapters, name: &str) -> Result<(), ServeError> {
+    match served.iter().any(|n| n == name) || adapters.get(name).is_some() {
+        true => Err(ServeError::bad(
+            format!("The lora adapter '{name}' has already been loaded."),
+            Some("lora_name"),
+        )),
+        false => Ok(()),
+    }
 }
 
 /// `POST /v1/unload_lora_adapter`: requests already running with the adapter finish with it.

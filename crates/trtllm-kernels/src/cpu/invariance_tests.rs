@@ -2,7 +2,7 @@
 //! the row computed alone, whatever the row count and the row's place among them, on every
 //! instruction-set path and weight format.
 
-use crate::cpu::testutil::{every_path, rand_vec};
+use crate::cpu::testutil::{bf16_bits, every_path, rand_vec};
 use crate::cpu::{linear_with, Int4Weights, Int8Weights, MatRef, Tactic, WeightData};
 
 fn check(name: &str, w: MatRef<'_>, bias: &[f32]) {
@@ -56,10 +56,7 @@ fn every_row_count_gives_each_row_its_alone_bits() {
     let (n, k) = (70, 100);
     let w = rand_vec(n * k, 2);
     let bias = rand_vec(n, 3);
-    let bf: Vec<u16> = w
-        .iter()
-        .map(|&v| half::bf16::from_f32(v).to_bits())
-        .collect();
+    let bf = bf16_bits(&w);
     check(
         "f32",
         MatRef::new(WeightData::F32(&w), n, k).unwrap(),

@@ -499,7 +499,7 @@ mod gemv {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::testutil::{assert_close, every_path, rand_vec};
+    use crate::cpu::testutil::{assert_close, bf16_bits, every_path, rand_vec};
 
     fn reference(
         x: &[f32],
@@ -541,10 +541,7 @@ mod tests {
             let w = rand_vec(n * k, 2);
             let bias = rand_vec(n, 3);
             // Round the weights through each storage type so the reference sees the same values.
-            let bf: Vec<u16> = w
-                .iter()
-                .map(|&v| half::bf16::from_f32(v).to_bits())
-                .collect();
+            let bf = bf16_bits(&w);
             let hf: Vec<u16> = w
                 .iter()
                 .map(|&v| half::f16::from_f32(v).to_bits())

@@ -48,6 +48,13 @@ pub(crate) mod testutil {
         (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
     }
 
+    /// `v` rounded to bf16, as raw bits.
+    pub fn bf16_bits(v: &[f32]) -> Vec<u16> {
+        v.iter()
+            .map(|&x| half::bf16::from_f32(x).to_bits())
+            .collect()
+    }
+
     static PATH_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     /// Runs `f` once on every path this processor has (portable, AVX2, AVX-512); a path it

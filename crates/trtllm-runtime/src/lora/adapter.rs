@@ -14,7 +14,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::{MlpKind, ModelConfig, Result, RuntimeError};
+use crate::{EngineConfig, MlpKind, ModelConfig, Result, RuntimeError};
 
 /// The engine's linear modules an adapter can change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -77,6 +77,12 @@ struct AdapterConfig {
 impl LoraAdapter {
     /// Reads the adapter in `dir` for `cfg`, refusing ranks above `max_rank`. Every error names
     /// the adapter, and the tensor or setting at fault.
+    /// Reads the adapter in `dir` for the engine of `engine` (its model, its `max_lora_rank`):
+    /// what the executor and the runner both read.
+    pub fn for_engine(name: &str, dir: &Path, engine: &EngineConfig) -> Result<Self> {
+        Self::load(name, dir, &engine.model, engine.build.max_lora_rank)
+    }
+
     pub fn load(name: &str, dir: &Path, cfg: &ModelConfig, max_rank: usize) -> Result<Self> {
         let err = |reason: String| RuntimeError::Lora {
             adapter: name.to_string(),
