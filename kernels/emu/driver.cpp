@@ -10,6 +10,7 @@
 #include "../elementwise.cu"
 #include "../embedding.cu"
 #include "../gemm_8bit.cu"
+#include "../lora.cu"
 #include "../norm.cu"
 #include "../rope.cu"
 #include "../softmax.cu"
@@ -60,6 +61,7 @@ const std::map<std::string, Kernel>& kernels() {
         K(rope_f32), K(softmax_f32),
         K(gemv_int8), K(gemm_int8), K(gemv_int4), K(gemm_int4), K(gemv_fp8), K(gemm_fp8),
         K(gemv_nvfp4), K(gemm_nvfp4), K(gemv_bf16), K(gemv_f16), K(gemv_f32),
+        K(lora_bgmv_f32),
     };
 #undef K
     return all;

@@ -8,6 +8,7 @@
 #include "../elementwise.cu"
 #include "../embedding.cu"
 #include "../gemm_8bit.cu"
+#include "../lora.cu"
 #include "../norm.cu"
 #include "../rope.cu"
 #include "../softmax.cu"
@@ -505,12 +506,59 @@ void attention() {
     half_pool("f16", false);
 }
 
+
+// LoRA: 7 rows over two slots of a launch based at slot 8 (a plain module of rank 5, a fused one
+// whose B has three blocks) and rows of other launches' slots or none, which stay unchanged.
+void lora() {
+    const int inputs = 45, outputs = 70, rows = 7;
+    const auto x = rand_vec(rows * inputs, 21);
+    const auto y0 = rand_vec(rows * outputs, 22);
+    LoraArgs a{};
+    a.inputs = inputs;
+    a.outputs = outputs;
+    a.slot_base = 8;
+    const int ranks[2] = {5, 9};
+    const int blocks[2][3][4] = {{{0, 70, 0, 5}}, {{0, 40, 0, 3}, {40, 15, 3, 3}, {55, 15, 6, 3}}};
+    std::vector<float> f[2][2];
+    for (int s = 0; s < 2; ++s) {
+        f[s][0] = rand_vec(ranks[s] * inputs, 30 + s);
+        f[s][1] = rand_vec(ranks[s] * outputs, 40 + s);
+        a.slots[s].a = f[s][0].data();
+        a.slots[s].bt = f[s][1].data();
+        a.slots[s].rank = ranks[s];
+        a.slots[s].n_blocks = s == 0 ? 1 : 3;
+        std::memcpy(a.slots[s].blocks, blocks[s], sizeof(blocks[s]));
+    }
+    // (row, slot): slot 3 belongs to another launch, slot 10 to no adapter of this module.
+    const std::vector<unsigned> pairs = {0, 9, 2, 8, 3, 8, 4, 3, 5, 10, 6, 9};
+    std::vector<double> want(y0.begin(), y0.end());
+    for (size_t p = 0; p < pairs.size(); p += 2) {
+        const int row = pairs[p], s = (int)pairs[p + 1] - 8;
+        if (s < 0 || s > 1) continue;
+        std::vector<double> t(ranks[s]);
+        for (int r = 0; r < ranks[s]; ++r)
+            for (int i = 0; i < inputs; ++i) t[r] += (double)x[row * inputs + i] * f[s][0][r * inputs + i];
+        for (int b = 0; b < a.slots[s].n_blocks; ++b) {
+            const int* k = blocks[s][b];
+            for (int o = k[0]; o < k[0] + k[1]; ++o)
+                for (int r = k[2]; r < k[2] + k[3]; ++r) want[row * outputs + o] += t[r] * f[s][1][r * outputs + o];
+        }
+    }
+    auto y = y0;
+    a.x = x.data();
+    a.y = y.data();
+    a.rows = pairs.data();
+    a.n_rows = (int)pairs.size() / 2;
+    emu::launch(dim(a.n_rows), dim(LORA_THREADS), [&] { lora_bgmv_f32(a); });
+    check("lora_bgmv_f32 (two slots, block-diagonal B, rows of other launches)", y, want, 1e-5);
+}
+
 }  // namespace
 
 int main() {
     using Family = std::pair<const char*, void (*)()>;
     const Family families[] = {{"norms", norms},   {"pointwise", pointwise}, {"weight-only", weight_only},
-                               {"8-bit", eight_bit}, {"attention", attention}};
+                               {"8-bit", eight_bit}, {"attention", attention}, {"lora", lora}};
     for (auto [name, family] : families) {
         const auto t0 = std::chrono::steady_clock::now();
         family();

@@ -11,7 +11,9 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod error;
+mod lora;
 
 pub use error::KernelError;
+pub use lora::{LoraBlock, LoraDims, LoraSegment};
 
 pub type Result<T> = std::result::Result<T, KernelError>;

@@ -9,7 +9,7 @@ use trtllm_quant::kernels::cpu::{self, AttentionPath, AttentionSeq, RopeFreqs};
 use crate::decoder::{Backend, Decoder};
 use crate::engine::EngineFile;
 use crate::kv_cache::{HostKv, KvGroups, KvPool};
-use crate::lora::{DeviceLora, LoraInner, LoraWeights};
+use crate::lora::{DeviceLora, LoraFactors, LoraInner, LoraWeights};
 use crate::model::{
     attention_seqs, ActivationObserver, BatchLayout, HostModel, Linear, Norm, SeqChunk,
 };
@@ -17,6 +17,7 @@ use crate::rope::Ropes;
 use crate::tuning::{self, Tactics, TimingCache, TuneReport};
 use crate::weights::f32s;
 use crate::{MlpKind, ModelConfig, NormKind, Result};
+use trtllm_quant::kernels::{LoraBlock, LoraDims, LoraSegment};
 
 pub(crate) struct CpuBackend {
     cfg: ModelConfig,
@@ -42,11 +43,18 @@ impl CpuBackend {
     }
 }
 
-/// A matrix the backend owns (LoRA factors; the engine's weights stay in the mapped file).
-pub(crate) struct HostMatrix {
-    w: Vec<f32>,
-    rows: usize,
-    cols: usize,
+/// One module's LoRA factors in the layout `cpu::lora_add` reads (B transposed).
+pub(crate) struct HostLoraMat {
+    a: Vec<f32>,
+    bt: Vec<f32>,
+    rank: usize,
+    blocks: Vec<LoraBlock>,
+    dims: LoraDims,
+}
+
+/// A pass's adapted rows: its segments, checked by `cpu::lora_add` at every use.
+pub(crate) struct HostLoraRows {
+    segments: Vec<LoraSegment>,
 }
 
 impl Decoder<CpuBackend> {
@@ -82,7 +90,8 @@ impl Backend for CpuBackend {
     type Norm = Norm;
     type Step<'a> = CpuStep<'a>;
     type Pool = HostKv;
-    type Matrix = HostMatrix;
+    type LoraMat = HostLoraMat;
+    type LoraRows = HostLoraRows;
 
     fn linear_of(&self, _: &HostModel, l: &Linear) -> Result<Linear> {
         Ok(l.clone())
@@ -104,27 +113,44 @@ impl Backend for CpuBackend {
         pool.host_mut()
     }
 
-    fn matrix_of(&self, w: &[f32], rows: usize, cols: usize) -> Result<HostMatrix> {
-        cpu::MatRef::new(cpu::WeightData::F32(w), rows, cols)?;
-        Ok(HostMatrix {
-            w: w.to_vec(),
-            rows,
-            cols,
+    fn lora_mat(&self, f: &LoraFactors) -> Result<HostLoraMat> {
+        Ok(HostLoraMat {
+            a: f.a.clone(),
+            bt: f.b_transposed(),
+            rank: f.rank,
+            blocks: f.blocks.clone(),
+            dims: f.dims(),
         })
     }
 
-    fn matmul(&self, w: &HostMatrix, x: &Vec<f32>, rows: usize) -> Result<Vec<f32>> {
-        let mat = cpu::MatRef::new(cpu::WeightData::F32(&w.w), w.rows, w.cols)?;
-        // LoRA factors are thin (16–48 rows or columns): the packed GEMM beats the direct tiles
-        // on them at every batch (SmolLM2's, 32 rows: 19–57 → 41–157 GFLOP/s).
-        let tactic = cpu::Tactic {
-            direct: false,
-            invariant: self.invariant,
-            ..Default::default()
+    fn lora_rows(&self, segments: &[LoraSegment], _: usize, _: usize) -> Result<HostLoraRows> {
+        Ok(HostLoraRows {
+            segments: segments.to_vec(),
+        })
+    }
+
+    fn lora_add(
+        &self,
+        x: &Vec<f32>,
+        y: &mut Vec<f32>,
+        rows: &HostLoraRows,
+        slots: &[Option<&HostLoraMat>],
+    ) -> Result<()> {
+        let Some(dims) = slots.iter().flatten().map(|m| m.dims).next() else {
+            return Ok(());
         };
-        let mut y = vec![0f32; rows * w.rows];
-        cpu::linear_with(x, rows, mat, None, &mut y, &tactic)?;
-        Ok(y)
+        let mats: Vec<_> = slots
+            .iter()
+            .map(|m| {
+                m.map(|m| cpu::LoraMat {
+                    a: &m.a,
+                    bt: &m.bt,
+                    rank: m.rank,
+                    blocks: &m.blocks,
+                })
+            })
+            .collect();
+        Ok(cpu::lora_add(x, y, dims, &rows.segments, &mats)?)
     }
 
     fn lora<'l>(&self, w: &'l LoraWeights) -> Result<&'l DeviceLora<Self>> {

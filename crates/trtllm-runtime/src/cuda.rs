@@ -3,16 +3,17 @@
 //! `trtllm_kernels::cuda`. Embedding rows are gathered on the host from the memory-mapped table
 //! (a few rows per step) and uploaded, so any table format works without a device copy of it.
 
-use trtllm_quant::kernels::cpu::{MatRef, WeightData};
 use trtllm_quant::kernels::cuda::{
-    AttentionBatch, CudaDevice, CudaSlice, DeviceMatrix, DeviceRopeFreqs, KvSide,
+    AttentionBatch, CudaDevice, CudaSlice, DeviceLoraMat, DeviceLoraRows, DeviceMatrix,
+    DeviceRopeFreqs, KvSide,
 };
+use trtllm_quant::kernels::LoraSegment;
 
 use crate::decoder::Backend;
 use crate::engine::TensorInfo;
 use crate::kv_cache::pool_device::DeviceKvs;
 use crate::kv_cache::{KvBudget, KvGroups, KvPool, KvStorage};
-use crate::lora::{DeviceLora, LoraInner, LoraWeights};
+use crate::lora::{DeviceLora, LoraFactors, LoraInner, LoraWeights};
 use crate::model::{
     attention_seqs, ActivationObserver, BatchLayout, HostModel, Linear, Norm, SeqChunk,
 };
@@ -91,7 +92,8 @@ impl Backend for CudaBackend {
     type Norm = DeviceNorm;
     type Step<'a> = CudaStep;
     type Pool = DeviceKvs;
-    type Matrix = DeviceMatrix;
+    type LoraMat = DeviceLoraMat;
+    type LoraRows = DeviceLoraRows;
 
     fn linear_of(&self, model: &HostModel, l: &Linear) -> Result<DeviceLinear> {
         let file = &*model.file;
@@ -133,15 +135,30 @@ impl Backend for CudaBackend {
         pool.device_mut()
     }
 
-    fn matrix_of(&self, w: &[f32], rows: usize, cols: usize) -> Result<DeviceMatrix> {
-        let m = MatRef::new(WeightData::F32(w), rows, cols)?;
-        Ok(self.dev.upload_matrix(m, None)?)
+    fn lora_mat(&self, f: &LoraFactors) -> Result<DeviceLoraMat> {
+        let bt = f.b_transposed();
+        Ok(self
+            .dev
+            .lora_mat((&f.a, &bt), f.rank, &f.blocks, f.dims())?)
     }
 
-    fn matmul(&self, w: &DeviceMatrix, x: &CudaSlice<f32>, rows: usize) -> Result<CudaSlice<f32>> {
-        let mut y = self.output(rows * w.rows)?;
-        self.dev.matmul(w, x, None, &mut y)?;
-        Ok(y)
+    fn lora_rows(
+        &self,
+        segments: &[LoraSegment],
+        rows: usize,
+        slots: usize,
+    ) -> Result<DeviceLoraRows> {
+        Ok(self.dev.lora_rows(segments, rows, slots)?)
+    }
+
+    fn lora_add(
+        &self,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        rows: &DeviceLoraRows,
+        slots: &[Option<&DeviceLoraMat>],
+    ) -> Result<()> {
+        Ok(self.dev.lora_add(x, y, rows, slots)?)
     }
 
     fn lora<'l>(&self, w: &'l LoraWeights) -> Result<&'l DeviceLora<Self>> {

@@ -5,11 +5,12 @@
 //! backend's own types, so a tensor of one device cannot reach another's kernels.
 
 use crate::kv_cache::KvPool;
-use crate::lora::{self, DeviceLora, LoraGroup, LoraModule, LoraWeights};
+use crate::lora::{self, DeviceLora, LoraFactors, LoraModule, LoraPass, LoraWeights};
 use crate::model::{
     ActivationObserver, BatchLayout, HostModel, Layer, Linear, Mlp, Norm, SeqChunk,
 };
 use crate::{MlpKind, ModelConfig, MoeConfig, Result};
+use trtllm_quant::kernels::LoraSegment;
 
 /// The operations of one device. Activations are `[rows × cols]` f32, row-major.
 pub(crate) trait Backend {
@@ -20,8 +21,10 @@ pub(crate) trait Backend {
     type Step<'a>;
     /// The KV pool's layers in this device's memory.
     type Pool;
-    /// A small f32 matrix of the host's (a LoRA factor) in this device's memory.
-    type Matrix;
+    /// One module's LoRA factors in this device's memory.
+    type LoraMat;
+    /// A pass's adapted rows and the slot (the pass's adapter) of each, in this device's memory.
+    type LoraRows;
 
     /// A linear layer of the engine, placed on the device (packed formats stay packed).
     fn linear_of(&self, model: &HostModel, l: &Linear) -> Result<Self::Linear>;
@@ -32,10 +35,23 @@ pub(crate) trait Backend {
     /// This device's half of `pool`: an error for a pool created on another device (the one
     /// check; past it the types keep each device to its own memory).
     fn pool<'p>(&self, pool: &'p mut KvPool) -> Result<&'p mut Self::Pool>;
-    /// `w` (`rows × cols`, row-major) on the device.
-    fn matrix_of(&self, w: &[f32], rows: usize, cols: usize) -> Result<Self::Matrix>;
-    /// `x · wᵀ` over `rows` rows.
-    fn matmul(&self, w: &Self::Matrix, x: &Self::Act, rows: usize) -> Result<Self::Act>;
+    fn lora_mat(&self, f: &LoraFactors) -> Result<Self::LoraMat>;
+    /// A pass of `rows` rows whose `segments` use `slots` adapters.
+    fn lora_rows(
+        &self,
+        segments: &[LoraSegment],
+        rows: usize,
+        slots: usize,
+    ) -> Result<Self::LoraRows>;
+    /// `y[r] += (x[r]·Aᵀ)·Bᵀ` for every adapted row with the factors of its slot (`None`: that
+    /// adapter leaves this module alone): every adapter of the pass in one pass over the rows.
+    fn lora_add(
+        &self,
+        x: &Self::Act,
+        y: &mut Self::Act,
+        rows: &Self::LoraRows,
+        slots: &[Option<&Self::LoraMat>],
+    ) -> Result<()>;
     /// This device's form of an adapter: an error for one another device's runner loaded.
     fn lora<'l>(&self, w: &'l LoraWeights) -> Result<&'l DeviceLora<Self>>
     where
@@ -109,7 +125,7 @@ pub(crate) trait Backend {
 /// What every linear module of one forward pass sees beside its input.
 struct Pass<'p, 'a, B: Backend> {
     obs: &'p mut dyn ActivationObserver,
-    loras: Vec<LoraGroup<'a, B>>,
+    loras: Option<LoraPass<'a, B>>,
 }
 
 /// A layer's MLP on the device.
@@ -206,7 +222,7 @@ impl<B: Backend> Decoder<B> {
         let step = b.step(batch, &layout, pool)?;
         let mut pass = Pass {
             obs,
-            loras: lora::groups(b, batch)?,
+            loras: lora::pass(b, batch, n)?,
         };
         let mut hidden = b.upload(self.model.embed(&layout)?)?;
         // Each block's output joins the residual stream in the next norm (one kernel where
@@ -255,8 +271,8 @@ impl<B: Backend> Decoder<B> {
     ) -> Result<B::Act> {
         self.backend.observe(pass.obs, &host.name, x, rows)?;
         let mut y = self.backend.linear(l, x, rows)?;
-        if let Some(at) = adapted {
-            lora::apply(&self.backend, &pass.loras, at, (x, rows), &mut y)?;
+        if let (Some(at), Some(loras)) = (adapted, &pass.loras) {
+            lora::apply(&self.backend, loras, at, x, &mut y)?;
         }
         Ok(y)
     }

@@ -32,6 +32,11 @@ pub trait Backend: Sync {
     fn speculative(&self) -> Option<SpeculativeTotals> {
         None
     }
+    /// Work done before the clock starts: the adapters the requests name are read and checked
+    /// up front, as a server with `--lora-modules` has them before its first request.
+    fn prepare(&self, _: &[BenchRequest]) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Records delta arrival times for one request.
@@ -87,6 +92,13 @@ impl InProcess {
 }
 
 impl Backend for InProcess {
+    fn prepare(&self, requests: &[BenchRequest]) -> Result<()> {
+        for lora in requests.iter().filter_map(|r| r.lora.as_ref()) {
+            self.llm.executor().preload_lora(lora)?;
+        }
+        Ok(())
+    }
+
     fn run(&self, req: &BenchRequest) -> Result<Timing> {
         let params = SamplingParams {
             max_tokens: req.output_tokens,

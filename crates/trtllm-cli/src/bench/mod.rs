@@ -79,6 +79,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             workload.requests.len()
         })
         .clamp(1, workload.requests.len().max(1));
+    backend.prepare(&workload.requests)?;
     if mode == "latency" {
         // One warm-up request so the first measurement does not pay for page faults.
         backend.run(&workload.requests[0])?;

@@ -13,6 +13,7 @@ mod gemm_packed;
 #[cfg(test)]
 mod invariance_tests;
 mod lanes;
+mod lora;
 mod matmul;
 mod norm;
 pub(crate) mod quant;
@@ -30,6 +31,7 @@ pub use attention::{
     PagedKv,
 };
 pub use elementwise::{add_inplace, embedding_gather, softmax_inplace};
+pub use lora::{lora_add, LoraMat};
 pub use matmul::{linear, linear_with, MatRef, WeightData};
 pub use norm::{layer_norm, rms_norm};
 pub use quant::{

@@ -7,6 +7,7 @@
 
 mod attention;
 mod linear;
+mod lora;
 mod matrix;
 mod ops;
 #[cfg(test)]
@@ -22,6 +23,7 @@ use cudarc::nvrtc::Ptx;
 pub use attention::{AttentionBatch, DeviceKv, KvSide};
 pub use cudarc::driver::CudaSlice;
 pub use linear::{DeviceWeights, Half};
+pub use lora::{DeviceLoraMat, DeviceLoraRows};
 pub use matrix::{DeviceData, DeviceMatrix};
 pub use ops::DeviceRopeFreqs;
 

@@ -13,6 +13,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use serde::Deserialize;
+use trtllm_quant::kernels::{LoraBlock, LoraDims};
 
 use crate::{EngineConfig, MlpKind, ModelConfig, Result, RuntimeError};
 
@@ -31,7 +32,8 @@ impl LoraModule {
 }
 
 /// One module's update `Δy = (x·Aᵀ)·Bᵀ`: A is `[rank × inputs]`, B `[outputs × rank]`
-/// (scaling included), both row-major f32.
+/// (scaling included), both row-major f32; B is zero outside `blocks` (one per targeted
+/// projection of a fused module).
 #[derive(Clone, Debug)]
 pub struct LoraFactors {
     pub a: Vec<f32>,
@@ -39,6 +41,27 @@ pub struct LoraFactors {
     pub rank: usize,
     pub inputs: usize,
     pub outputs: usize,
+    pub blocks: Vec<LoraBlock>,
+}
+
+impl LoraFactors {
+    /// Bᵀ, `[rank × outputs]`: the layout the kernels read B in.
+    pub fn b_transposed(&self) -> Vec<f32> {
+        let mut bt = vec![0f32; self.b.len()];
+        for (o, row) in self.b.chunks_exact(self.rank.max(1)).enumerate() {
+            for (r, &v) in row.iter().enumerate() {
+                bt[r * self.outputs + o] = v;
+            }
+        }
+        bt
+    }
+
+    pub fn dims(&self) -> LoraDims {
+        LoraDims {
+            inputs: self.inputs,
+            outputs: self.outputs,
+        }
+    }
 }
 
 /// A LoRA adapter on the host, checked against one model: per layer, the factors of each
@@ -391,7 +414,12 @@ fn fuse(
     let rank = r * parts.len();
     let mut a = Vec::with_capacity(rank * inputs);
     let mut b = vec![0f32; outputs * rank];
+    let mut blocks = Vec::with_capacity(parts.len());
     for (p, part) in parts.iter().enumerate() {
+        blocks.push(LoraBlock {
+            outputs: part.target.rows.clone(),
+            ranks: p * r..(p + 1) * r,
+        });
         a.extend_from_slice(&part.a.data);
         for (i, row) in part.target.rows.clone().enumerate() {
             for c in 0..r {
@@ -405,5 +433,6 @@ fn fuse(
         rank,
         inputs,
         outputs,
+        blocks,
     }
 }

@@ -2,9 +2,10 @@
 //! device ([`LoraWeights`], made by `ModelRunner::load_lora`), and added to the forward pass's
 //! linear modules for the rows of the sequences that name them.
 //!
-//! A pass groups its rows by adapter, and each adapted module runs two small products per
-//! adapter over that adapter's rows only (S-LoRA / Punica's segmented form): the cost grows with
-//! the adapters in the batch, never with its requests, and rows without an adapter pay nothing.
+//! A pass numbers its adapters (slots) and segments its rows by adapter once; each adapted module
+//! then adds every adapter's update in one kernel over the adapted rows (Punica's BGMV, the
+//! backend's `lora_add`): no per-request or per-adapter loop, no gathered copies, and rows
+//! without an adapter pay nothing.
 
 mod adapter;
 
@@ -17,6 +18,7 @@ use crate::cpu_backend::CpuBackend;
 use crate::decoder::Backend;
 use crate::model::SeqChunk;
 use crate::{Result, RuntimeError};
+use trtllm_quant::kernels::LoraSegment;
 
 /// An adapter's factors in one runner's device memory. A [`SeqChunk`] names the adapter its
 /// rows use; a runner refuses weights another device's runner made.
@@ -67,14 +69,7 @@ impl std::fmt::Debug for LoraWeights {
 
 /// Each adapted module's factors on the device, per layer.
 pub(crate) struct DeviceLora<B: Backend> {
-    layers: Vec<BTreeMap<LoraModule, Factors<B>>>,
-}
-
-struct Factors<B: Backend> {
-    a: B::Matrix,
-    b: B::Matrix,
-    inputs: usize,
-    outputs: usize,
+    layers: Vec<BTreeMap<LoraModule, B::LoraMat>>,
 }
 
 impl<B: Backend> DeviceLora<B> {
@@ -85,15 +80,7 @@ impl<B: Backend> DeviceLora<B> {
             .map(|modules| {
                 modules
                     .iter()
-                    .map(|(&m, f)| {
-                        let factors = Factors {
-                            a: b.matrix_of(&f.a, f.rank, f.inputs)?,
-                            b: b.matrix_of(&f.b, f.outputs, f.rank)?,
-                            inputs: f.inputs,
-                            outputs: f.outputs,
-                        };
-                        Ok((m, factors))
-                    })
+                    .map(|(&m, f)| Ok((m, b.lora_mat(f)?)))
                     .collect::<Result<BTreeMap<_, _>>>()
             })
             .collect::<Result<Vec<_>>>()?;
@@ -101,74 +88,63 @@ impl<B: Backend> DeviceLora<B> {
     }
 }
 
-/// Most rows one LoRA product takes.
-const ROWS_PER_PRODUCT: usize = 256;
-
-/// The rows of one pass that use one adapter.
-pub(crate) struct LoraGroup<'a, B: Backend> {
-    lora: &'a DeviceLora<B>,
-    rows: Vec<usize>,
-    ones: Vec<f32>,
+/// The adapters of one forward pass (its slots) and which rows use each.
+pub(crate) struct LoraPass<'a, B: Backend> {
+    adapters: Vec<&'a DeviceLora<B>>,
+    rows: B::LoraRows,
 }
 
-/// The pass's rows grouped by the adapter their chunk names (chunks without one are in none).
-pub(crate) fn groups<'a, B: Backend>(
+/// The pass's adapters, in the order the batch first names them, and its rows by adapter
+/// (consecutive chunks of one adapter form one segment); `None` when no chunk names one.
+pub(crate) fn pass<'a, B: Backend>(
     b: &B,
     batch: &[SeqChunk<'a>],
-) -> Result<Vec<LoraGroup<'a, B>>> {
-    let mut by_id: BTreeMap<u64, LoraGroup<'a, B>> = BTreeMap::new();
+    rows: usize,
+) -> Result<Option<LoraPass<'a, B>>> {
+    let mut ids: Vec<u64> = Vec::new();
+    let mut adapters = Vec::new();
+    let mut segments: Vec<LoraSegment> = Vec::new();
     let mut start = 0;
     for c in batch {
-        let rows = start..start + c.tokens.len();
-        start = rows.end;
+        let span = start..start + c.tokens.len();
+        start = span.end;
         let Some(w) = c.lora else { continue };
-        let g = match by_id.entry(w.id) {
-            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::btree_map::Entry::Vacant(e) => e.insert(LoraGroup {
-                lora: b.lora(w)?,
-                rows: Vec::new(),
-                ones: Vec::new(),
-            }),
+        let slot = match ids.iter().position(|&id| id == w.id) {
+            Some(s) => s,
+            None => {
+                adapters.push(b.lora(w)?);
+                ids.push(w.id);
+                ids.len() - 1
+            }
         };
-        g.rows.extend(rows);
-    }
-    let mut groups: Vec<_> = by_id.into_values().collect();
-    for g in &mut groups {
-        g.ones = vec![1.0; g.rows.len()];
-    }
-    Ok(groups)
-}
-
-/// `y[rows] += (x[rows]·Aᵀ)·Bᵀ` of module `module` of layer `layer`, for every group whose
-/// adapter changes it; `x` and `y` hold all `n` rows of the pass.
-pub(crate) fn apply<B: Backend>(
-    b: &B,
-    groups: &[LoraGroup<'_, B>],
-    (layer, module): (usize, LoraModule),
-    (x, n): (&B::Act, usize),
-    y: &mut B::Act,
-) -> Result<()> {
-    for g in groups {
-        let Some(f) = g.lora.layers.get(layer).and_then(|l| l.get(&module)) else {
-            continue;
-        };
-        // A bounded number of rows per product keeps the temporaries small enough for the
-        // allocator to reuse: a prefill's whole update (thousands of rows × the fused width)
-        // would be fresh pages, zeroed by the kernel, at every module.
-        for rows in g.rows.chunks(ROWS_PER_PRODUCT) {
-            let m = rows.len();
-            let gathered;
-            let xg = match m == n {
-                true => x,
-                false => {
-                    gathered = b.gather_rows(x, rows, f.inputs)?;
-                    &gathered
-                }
-            };
-            let t = b.matmul(&f.a, xg, m)?;
-            let u = b.matmul(&f.b, &t, m)?;
-            b.add_rows_scaled(y, &u, (rows, &g.ones[..m]), f.outputs)?;
+        match segments.last_mut() {
+            Some((r, s)) if *s == slot && r.end == span.start => r.end = span.end,
+            _ => segments.push((span, slot)),
         }
     }
-    Ok(())
+    if adapters.is_empty() {
+        return Ok(None);
+    }
+    let rows = b.lora_rows(&segments, rows, adapters.len())?;
+    Ok(Some(LoraPass { adapters, rows }))
+}
+
+/// `y[r] += (x[r]·Aᵀ)·Bᵀ` of module `module` of layer `layer` for every row whose adapter
+/// changes it; `x` and `y` hold all the pass's rows.
+pub(crate) fn apply<B: Backend>(
+    b: &B,
+    pass: &LoraPass<'_, B>,
+    (layer, module): (usize, LoraModule),
+    x: &B::Act,
+    y: &mut B::Act,
+) -> Result<()> {
+    let slots: Vec<Option<&B::LoraMat>> = pass
+        .adapters
+        .iter()
+        .map(|d| d.layers.get(layer).and_then(|l| l.get(&module)))
+        .collect();
+    if slots.iter().all(Option::is_none) {
+        return Ok(());
+    }
+    b.lora_add(x, y, &pass.rows, &slots)
 }
