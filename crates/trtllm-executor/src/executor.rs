@@ -34,6 +34,8 @@ pub struct GenerationExecutor {
     config: EngineConfig,
     /// How the KV pool is divided, to refuse at submission what could never fit.
     kv_budget: KvBudget,
+    /// Whether full blocks are shared between prompts (and so reported as stored).
+    block_reuse: bool,
     /// LoRA adapters read on the host.
     loras: Mutex<HostLoras>,
     // Declared after `worker` so they are dropped (and joined) once the loop has let go.
@@ -124,6 +126,7 @@ impl GenerationExecutor {
             loras: Mutex::new(HostLoras::new(config.build.max_cpu_loras)),
             config,
             kv_budget,
+            block_reuse: reuse,
             stats,
             kv_events,
         })
@@ -140,6 +143,17 @@ impl GenerationExecutor {
 
     pub fn engine_config(&self) -> &EngineConfig {
         &self.config
+    }
+
+    /// Tokens per KV block: the size of the blocks whose hashes the KV events name
+    /// (`trtllm_runtime::block_hashes` computes them from a prompt).
+    pub fn kv_block_size(&self) -> usize {
+        self.kv_budget.block_size
+    }
+
+    /// Whether full blocks are shared between prompts; without it no block is ever stored.
+    pub fn block_reuse(&self) -> bool {
+        self.block_reuse
     }
 
     /// Token ids in the parameters (stop tokens, biased tokens) must be in the vocabulary.

@@ -31,7 +31,7 @@ pub use generation::{
     Beam, BeamParams, EarlyStopping, FinishReason, GenerationOutput, GenerationParams, NeverTag,
 };
 pub use kv_cache::{
-    BlockCopy, BlockId, GroupBudget, KvBudget, KvCache, KvCacheConfig, KvCacheEvent,
+    block_hashes, BlockCopy, BlockId, GroupBudget, KvBudget, KvCache, KvCacheConfig, KvCacheEvent,
     KvCacheManager, KvCacheSummary, KvGroupSummary, KvGroups, KvPool, KvStorage, NO_BLOCK,
 };
 pub use lora::{LoraAdapter, LoraFactors, LoraModule, LoraWeights};

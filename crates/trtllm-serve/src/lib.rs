@@ -12,6 +12,7 @@ mod error;
 mod format;
 mod generation;
 mod handlers;
+mod kv_events;
 mod listen;
 mod lora;
 mod metrics;
@@ -91,6 +92,7 @@ pub fn router(llm: LLM, config: ServeConfig) -> Router {
         .route("/v1/unload_lora_adapter", post(lora::unload))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
+        .route("/kv_events", get(kv_events::kv_events))
         .route_layer(from_fn_with_state(st.clone(), handlers::auth));
     Router::new()
         .merge(v1)

@@ -2,7 +2,9 @@
 //! see (every earlier key, or a sliding window), each with its own blocks, moving in step —
 //! a sequence is admitted, grown and released in every group at once, all or nothing.
 
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::Hasher;
+
+use siphasher::sip::SipHasher13;
 
 use serde::Serialize;
 
@@ -174,13 +176,9 @@ impl KvCacheManager {
         } else {
             0
         };
-        let mut hashes = Vec::with_capacity(full);
-        let mut parent = salt;
-        for chunk in prompt.chunks_exact(bs).take(full) {
-            let h = chain_hash(parent, chunk);
-            hashes.push((h, parent));
-            parent = Some(h);
-        }
+        let chain = block_hashes(&prompt[..full * bs], bs, salt);
+        let parents = std::iter::once(salt).chain(chain.iter().map(|&h| Some(h)));
+        let hashes: Vec<(u64, Option<u64>)> = chain.iter().copied().zip(parents).collect();
         let found: Vec<Vec<(Option<BlockId>, u64)>> = self
             .groups
             .iter()
@@ -307,12 +305,39 @@ impl KvCacheManager {
     }
 }
 
-/// Hash of a block's tokens chained to the hash of everything before it.
+/// Hash of a block's tokens chained to the hash of everything before it: SipHash-1-3 with zero
+/// keys over a tag byte, the parent's hash and the token ids, all little-endian. Written out
+/// byte by byte, not through `std::hash`, so it is the same in every build and Rust release: a
+/// router in another process computes it from a prompt ([`block_hashes`]) to find the replica
+/// that caches it. A lookup also compares the tokens, so a collision never reuses a wrong block.
 pub(crate) fn chain_hash(parent: Option<u64>, tokens: &[u32]) -> u64 {
-    let mut h = DefaultHasher::new();
-    parent.hash(&mut h);
-    tokens.hash(&mut h);
+    let mut bytes = Vec::with_capacity(9 + 4 * tokens.len());
+    match parent {
+        Some(p) => {
+            bytes.push(1);
+            bytes.extend_from_slice(&p.to_le_bytes());
+        }
+        None => bytes.push(0),
+    }
+    bytes.extend(tokens.iter().flat_map(|t| t.to_le_bytes()));
+    let mut h = SipHasher13::new();
+    h.write(&bytes);
     h.finish()
+}
+
+/// The hashes [`KvCacheEvent::Stored`] names for the full blocks of `tokens`, in order: each
+/// block of `block_size` chained to everything before it, the chain rooted at `salt` (the LoRA
+/// adapter id a sequence runs with, `None` for the base model).
+pub fn block_hashes(tokens: &[u32], block_size: usize, salt: Option<u64>) -> Vec<u64> {
+    let mut parent = salt;
+    tokens
+        .chunks_exact(block_size.max(1))
+        .map(|chunk| {
+            let h = chain_hash(parent, chunk);
+            parent = Some(h);
+            h
+        })
+        .collect()
 }
 #[cfg(test)]
 mod tests {
@@ -382,6 +407,41 @@ mod tests {
         m.free_sequence(3);
         assert_eq!(m.check_invariants().unwrap().used_blocks, 0);
     }
+
+    #[test]
+    fn stored_events_name_the_hashes_a_router_computes_from_the_prompt() {
+        let mut m = KvCacheManager::new(8, 4, true);
+        let a = toks(13, 5);
+        m.add_salted_sequence(1, &a, Some(77));
+        m.ensure_capacity(1, 13).unwrap();
+        m.commit(1, &a, 13);
+        let stored: Vec<(u64, Option<u64>)> = m
+            .take_events()
+            .into_iter()
+            .filter_map(|e| match e {
+                KvCacheEvent::Stored {
+                    hash, parent_hash, ..
+                } => Some((hash, parent_hash)),
+                KvCacheEvent::Removed { .. } => None,
+            })
+            .collect();
+        let chain = block_hashes(&a, 4, Some(77));
+        assert_eq!(chain.len(), 3);
+        let parents = [Some(77), Some(chain[0]), Some(chain[1])];
+        assert_eq!(
+            stored,
+            chain.iter().copied().zip(parents).collect::<Vec<_>>()
+        );
+        // The salt and every token are in the chain; the values are fixed for every build.
+        assert_ne!(block_hashes(&a, 4, None), chain);
+        assert_ne!(block_hashes(&toks(13, 6), 4, Some(77))[0], chain[0]);
+        assert_eq!(chain_hash(None, &[1, 2, 3, 4]), PINNED);
+    }
+
+    /// `chain_hash(None, [1, 2, 3, 4])`, as CPython computes it independently: `PYTHONHASHSEED=0
+    /// python3 -c 'print(hash(bytes([0, 1,0,0,0, 2,0,0,0, 3,0,0,0, 4,0,0,0])) % 2**64)'` (its
+    /// bytes hash is SipHash-1-3, keys zero under that seed). A change breaks other builds' routers.
+    const PINNED: u64 = 9757011934068895090;
 
     #[test]
     fn prompt_of_exact_blocks_leaves_the_last_token_to_compute() {

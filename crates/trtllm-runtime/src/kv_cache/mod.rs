@@ -13,7 +13,9 @@ mod sequence;
 use serde::{Deserialize, Serialize};
 
 pub use block_group::NO_BLOCK;
-pub use manager::{BlockCopy, KvCacheEvent, KvCacheManager, KvCacheSummary, KvGroupSummary};
+pub use manager::{
+    block_hashes, BlockCopy, KvCacheEvent, KvCacheManager, KvCacheSummary, KvGroupSummary,
+};
 #[cfg(feature = "cuda")]
 pub(crate) use pool::device as pool_device;
 pub(crate) use pool::HostKv;
