@@ -81,4 +81,7 @@ pub struct CompletionDelta {
     /// Set on the completion's last delta.
     pub finish_reason: Option<String>,
     pub stop_reason: Option<StopReason>,
+    /// Prompt tokens the completion's request found in the prefix cache instead of computing;
+    /// set with its end when the engine finished it (not when a stop string ended it first).
+    pub cached_tokens: Option<usize>,
 }

@@ -86,6 +86,10 @@ impl RequestStream {
     fn on_event(&mut self, i: usize, event: RequestEvent) -> Option<Result<CompletionDelta>> {
         let tok = self.tokenizer.as_deref();
         let was_finished = self.states[i].is_finished();
+        let cached = match &event {
+            RequestEvent::Finished { stats, .. } => Some(stats.reused_tokens),
+            _ => None,
+        };
         let delta = match event {
             RequestEvent::Tokens(t) => self.states[i].on_tokens(tok, &t),
             RequestEvent::PromptLogprobs(lps) => {
@@ -114,7 +118,10 @@ impl RequestStream {
             RequestEvent::Failed(e) => Err(ApiError::from(e)),
         };
         let delta = match delta {
-            Ok(d) => d,
+            Ok(d) => CompletionDelta {
+                cached_tokens: cached,
+                ..d
+            },
             Err(e) => {
                 self.failed = true;
                 self.abort();

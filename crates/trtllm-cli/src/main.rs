@@ -2,6 +2,7 @@
 
 mod bench;
 mod chat;
+mod router;
 mod run;
 mod serve;
 
@@ -36,6 +37,9 @@ enum Command {
     Chat(chat::ChatArgs),
     /// Serve the model over an OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// Route OpenAI requests over several `trtllm serve` replicas, each to the one caching the
+    /// longest prefix of its prompt.
+    Router(router::RouterArgs),
     /// Measure throughput and latency, in process or against a running server.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -137,7 +141,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The server logs its start and each request; other commands only what goes wrong.
     init_logging(match cli.command {
-        Command::Serve(_) => "info",
+        Command::Serve(_) | Command::Router(_) => "info",
         _ => "warn",
     });
     match run(cli) {
@@ -192,6 +196,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Run(a) => run::generate(a),
         Command::Chat(a) => chat::chat(a),
         Command::Serve(a) => serve::serve(a),
+        Command::Router(a) => router::router(a),
         Command::Bench(b) => bench::run(b),
         Command::Perplexity(a) => perplexity(a),
         Command::Inspect(m) => inspect(m.path()?),

@@ -1,7 +1,7 @@
 //! `GET /kv_events`: a cache-aware router's view of a replica. The stream opens with the block
 //! size and hash name, and the blocks a prompt stores are named by the hashes
 //! `trtllm_api::runtime::block_hashes` computes from its token ids, chained in order; it needs
-//! the API key like every /v1 route.
+//! the API key like every /v1 route. A prompt served from those blocks says so in its usage.
 
 mod common;
 
@@ -85,4 +85,11 @@ fn stored_blocks_are_named_by_the_hashes_of_the_prompt() {
     }
     let parents = [None, Some(want[0]), Some(want[1])];
     assert_eq!(stored, want.into_iter().zip(parents).collect::<Vec<_>>());
+    let cached = |out: &Value| out["usage"]["prompt_tokens_details"]["cached_tokens"].clone();
+    assert_eq!(cached(&out), 0);
+
+    // The same prompt again computes only its partial block: the usage says so.
+    let (status, again) = server.post("/v1/completions", &body, Some(key));
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(cached(&again), 3 * bs, "{again}");
 }

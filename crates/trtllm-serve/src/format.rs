@@ -258,11 +258,14 @@ fn prompt_logprobs(tok: Option<&Tokenizer>, prompt: &PromptInfo) -> Value {
     std::iter::once(Value::Null).chain(rows).collect()
 }
 
-pub fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
+/// OpenAI's usage, with the prompt tokens served from the prefix cache as
+/// `prompt_tokens_details.cached_tokens`.
+pub fn usage(prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize) -> Value {
     json!({
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": { "cached_tokens": cached_tokens },
     })
 }
 

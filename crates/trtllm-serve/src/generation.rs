@@ -69,6 +69,8 @@ pub struct Generation {
     state: Arc<AppState>,
     n: usize,
     prompt_tokens: usize,
+    /// Of them, the tokens found in the prefix cache (each prompt's first completion's).
+    cached_tokens: usize,
     prompts: Vec<PromptInfo>,
     choices: Vec<Choice>,
     arrived: Instant,
@@ -155,6 +157,7 @@ impl Generation {
             state,
             n,
             prompt_tokens,
+            cached_tokens: 0,
             prompts,
             choices,
             arrived,
@@ -201,6 +204,9 @@ impl Generation {
 
     fn observe(&mut self, index: usize, d: CompletionDelta) -> (usize, ChoiceText) {
         let now = Instant::now();
+        if index.is_multiple_of(self.n.max(1)) {
+            self.cached_tokens += d.cached_tokens.unwrap_or(0);
+        }
         let metrics = &self.state.metrics;
         let c = &mut self.choices[index];
         if !d.token_ids.is_empty() {
@@ -279,6 +285,7 @@ impl Generation {
         let e2e = self.arrived.elapsed();
         metrics.e2e(e2e);
         metrics.tokens(self.prompt_tokens, self.completion_tokens());
+        metrics.cached_tokens(self.cached_tokens);
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
         let ttft = self.first_token.map(|t| ms(t - self.arrived));
         let status = match (self.failed, open) {
@@ -301,7 +308,11 @@ impl Generation {
     }
 
     pub fn usage(&self) -> serde_json::Value {
-        usage(self.prompt_tokens, self.completion_tokens())
+        usage(
+            self.prompt_tokens,
+            self.completion_tokens(),
+            self.cached_tokens,
+        )
     }
 
     /// Everything each choice produced, by index.

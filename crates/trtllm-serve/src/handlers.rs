@@ -76,19 +76,22 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for JsonBody<T> {
 /// scheme in any case (RFC 7235), the key compared in constant time.
 pub async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if let Some(key) = &st.config.api_key {
-        let given = req
-            .headers()
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, k)| k.trim());
-        let ok = given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(key.as_bytes())));
-        if !ok {
+        if !bearer_matches(req.headers(), key) {
             return ServeError::Unauthorized.into_response();
         }
     }
     next.run(req).await
+}
+
+/// Whether `headers` carry `Authorization: Bearer KEY` (compared in constant time).
+pub(crate) fn bearer_matches(headers: &axum::http::HeaderMap, key: &str) -> bool {
+    let given = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, k)| k.trim());
+    given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(key.as_bytes())))
 }
 
 /// Counts every error response by status.

@@ -17,6 +17,7 @@ mod listen;
 mod lora;
 mod metrics;
 mod protocol;
+mod router;
 mod state;
 mod tokenize;
 
@@ -30,6 +31,7 @@ use trtllm_api::runtime::quant::QuantAlgo;
 use trtllm_api::{ToolParser, LLM};
 
 pub use error::ServeError;
+pub use router::{serve_router, Policy, RouterConfig};
 
 #[derive(Clone, Debug)]
 pub struct ServeConfig {

@@ -27,6 +27,7 @@ pub struct Metrics {
     finished: Family<FinishLabel, Counter>,
     errors: Family<StatusLabel, Counter>,
     prompt_tokens: Counter,
+    cached_tokens: Counter,
     generation_tokens: Counter,
     ttft: Histogram,
     itl: Histogram,
@@ -50,6 +51,7 @@ impl Default for Metrics {
             finished: Family::default(),
             errors: Family::default(),
             prompt_tokens: Counter::default(),
+            cached_tokens: Counter::default(),
             generation_tokens: Counter::default(),
             // 1 ms .. ~65 s
             ttft: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
@@ -82,6 +84,11 @@ impl Default for Metrics {
             "prompt_tokens",
             "Prompt tokens of served requests",
             m.prompt_tokens.clone(),
+        );
+        r.register(
+            "prefix_cache_hit_tokens",
+            "Prompt tokens found in the prefix cache instead of computed (of prompt_tokens)",
+            m.cached_tokens.clone(),
         );
         r.register(
             "generation_tokens",
@@ -174,6 +181,10 @@ impl Metrics {
                 status: status.to_string(),
             })
             .inc();
+    }
+
+    pub fn cached_tokens(&self, n: usize) {
+        self.cached_tokens.inc_by(n as u64);
     }
 
     pub fn tokens(&self, prompt: usize, generated: usize) {
