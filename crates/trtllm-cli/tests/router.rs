@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{Server, MODEL};
+use common::{post_at, stream_at, Server, MODEL};
 use serde_json::{json, Value};
 use trtllm_api::builder::BuildConfig;
 use trtllm_tests::{fixtures, shared_engine};
@@ -205,6 +205,55 @@ fn a_system_prompt_sticks_to_one_replica_and_saves_prefill_over_round_robin() {
         "prompt tokens computed: cache-aware {} vs round-robin {}",
         prompt - cached,
         rr_prompt - rr_cached
+    );
+}
+
+#[test]
+fn streams_chats_models_and_errors_pass_through_unchanged() {
+    let a = Server::start_on(engine(), &[]);
+    let router = Router::start(&[&a], "cache-aware");
+    let via = router.base.as_str();
+    // A streamed completion: the same text and finish reason as from the replica itself.
+    let body = json!({
+        "model": MODEL, "prompt": "The assert statement is", "max_tokens": 6,
+        "temperature": 0.0, "stream": true, "ignore_eos": true,
+    });
+    assert_eq!(stream_at(via, &body), a.stream(&body));
+    // A chat (its prompt tokenized by the replica for routing) and the model list.
+    let chat = json!({
+        "model": MODEL, "max_tokens": 4, "temperature": 0.0,
+        "messages": [{"role": "user", "content": "Say hello"}],
+    });
+    let (status, routed) = post_at(via, "/v1/chat/completions", &chat, None);
+    assert_eq!(status, 200, "{routed}");
+    let (_, direct) = a.post("/v1/chat/completions", &chat, None);
+    assert_eq!(
+        routed["choices"][0]["message"]["content"],
+        direct["choices"][0]["message"]["content"]
+    );
+    let mut models = Server::agent()
+        .get(format!("{}/v1/models", router.base))
+        .call()
+        .unwrap();
+    let models: Value = serde_json::from_str(&models.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(models["data"][0]["id"], MODEL);
+    // The replica's errors keep their status and shape; the router's own are the same shape.
+    let bad = json!({"model": MODEL, "prompt": "x", "max_tokens": 1, "temperature": -1.0});
+    let (status, err) = post_at(via, "/v1/completions", &bad, None);
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err, a.post("/v1/completions", &bad, None).1);
+    let mut resp = Server::agent()
+        .post(format!("{via}/v1/completions"))
+        .send("{not json")
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let err: Value = serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap();
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not JSON"),
+        "{err}"
     );
 }
 

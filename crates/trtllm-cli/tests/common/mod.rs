@@ -81,19 +81,7 @@ impl Server {
 
     /// POSTs JSON; returns status and parsed body.
     pub fn post(&self, path: &str, body: &Value, key: Option<&str>) -> (u16, Value) {
-        let mut req = Self::agent()
-            .post(format!("{}{path}", self.base))
-            .header("Content-Type", "application/json");
-        if let Some(k) = key {
-            req = req.header("Authorization", format!("Bearer {k}"));
-        }
-        let mut resp = req.send(body.to_string()).expect("POST");
-        let status = resp.status().as_u16();
-        let text = resp.body_mut().read_to_string().unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        post_at(&self.base, path, body, key)
     }
 
     pub fn metric(&self, name: &str) -> f64 {
@@ -109,31 +97,7 @@ impl Server {
 
     /// Streams a completion; returns the concatenated text and the finish reason.
     pub fn stream(&self, body: &Value) -> (String, String) {
-        let mut resp = Self::agent()
-            .post(format!("{}/v1/completions", self.base))
-            .header("Content-Type", "application/json")
-            .send(body.to_string())
-            .unwrap();
-        assert_eq!(resp.status().as_u16(), 200);
-        let (mut text, mut finish, mut done) = (String::new(), String::new(), false);
-        for line in BufReader::new(resp.body_mut().as_reader()).lines() {
-            let line = line.unwrap();
-            let Some(data) = line.strip_prefix("data: ") else {
-                continue;
-            };
-            if data == "[DONE]" {
-                done = true;
-                break;
-            }
-            let chunk: Value = serde_json::from_str(data).unwrap();
-            let c = &chunk["choices"][0];
-            text.push_str(c["text"].as_str().unwrap_or(""));
-            if let Some(f) = c["finish_reason"].as_str() {
-                finish = f.to_string();
-            }
-        }
-        assert!(done, "stream ended without [DONE]");
-        (text, finish)
+        stream_at(&self.base, body)
     }
 }
 
@@ -142,4 +106,51 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// POSTs JSON to the server at `base`; returns status and parsed body.
+pub fn post_at(base: &str, path: &str, body: &Value, key: Option<&str>) -> (u16, Value) {
+    let mut req = Server::agent()
+        .post(format!("{base}{path}"))
+        .header("Content-Type", "application/json");
+    if let Some(k) = key {
+        req = req.header("Authorization", format!("Bearer {k}"));
+    }
+    let mut resp = req.send(body.to_string()).expect("POST");
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// Streams a completion from the server at `base`; returns the concatenated text and the finish
+/// reason.
+pub fn stream_at(base: &str, body: &Value) -> (String, String) {
+    let mut resp = Server::agent()
+        .post(format!("{base}/v1/completions"))
+        .header("Content-Type", "application/json")
+        .send(body.to_string())
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let (mut text, mut finish, mut done) = (String::new(), String::new(), false);
+    for line in BufReader::new(resp.body_mut().as_reader()).lines() {
+        let line = line.unwrap();
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            done = true;
+            break;
+        }
+        let chunk: Value = serde_json::from_str(data).unwrap();
+        let c = &chunk["choices"][0];
+        text.push_str(c["text"].as_str().unwrap_or(""));
+        if let Some(f) = c["finish_reason"].as_str() {
+            finish = f.to_string();
+        }
+    }
+    assert!(done, "stream ended without [DONE]");
+    (text, finish)
 }
