@@ -119,6 +119,9 @@ pub async fn run(
             },
             _ = &mut shutdown => break,
         };
+        // Streamed tokens are small writes: without this, Nagle's algorithm holds each one
+        // back until the previous is acknowledged, and a delayed ACK makes that 40 ms.
+        let _ = stream.set_nodelay(true);
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tokio::spawn(refuse(stream, limits.max_connections));
             continue;
