@@ -166,11 +166,7 @@ async fn generate(
             .map_err(|e| ServeError::bad(format!("the body is not JSON: {e}"), None))?;
         st.forward(&path, &request, &body)
     };
-    match tokio::task::spawn_blocking(run).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => e.into_response(),
-        Err(e) => ServeError::Internal(e.to_string()).into_response(),
-    }
+    blocking(run).await
 }
 
 async fn models(State(st): State<Arc<RouterState>>, headers: HeaderMap) -> Response {
@@ -191,6 +187,11 @@ async fn models(State(st): State<Arc<RouterState>>, headers: HeaderMap) -> Respo
         }
         Err(no_replica())
     };
+    blocking(run).await
+}
+
+/// Runs `run` (blocking HTTP to the replicas) off the async runtime.
+async fn blocking(run: impl FnOnce() -> Result<Response, ServeError> + Send + 'static) -> Response {
     match tokio::task::spawn_blocking(run).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => e.into_response(),
