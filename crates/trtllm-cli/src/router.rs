@@ -5,6 +5,8 @@ use anyhow::Result;
 use clap::Args;
 use trtllm_serve::{Policy, RouterConfig};
 
+use crate::serve::ListenArgs;
+
 #[derive(Args)]
 pub struct RouterArgs {
     /// A replica's base URL (`http://HOST:PORT`); repeat for each.
@@ -13,14 +15,8 @@ pub struct RouterArgs {
     /// cache-aware (longest cached prefix, else least loaded), least-loaded or round-robin.
     #[arg(long, default_value = "cache-aware")]
     policy: Policy,
-    #[arg(long, default_value = "127.0.0.1")]
-    host: String,
-    /// 0 picks a free port.
-    #[arg(long, default_value_t = 8000)]
-    port: u16,
-    /// Require `Authorization: Bearer KEY` from clients.
-    #[arg(long, env = "TRTLLM_API_KEY", hide_env_values = true)]
-    api_key: Option<String>,
+    #[command(flatten)]
+    listen: ListenArgs,
     /// The key the replicas require.
     #[arg(long, env = "TRTLLM_BACKEND_API_KEY", hide_env_values = true)]
     backend_api_key: Option<String>,
@@ -34,11 +30,11 @@ pub struct RouterArgs {
 
 pub fn router(a: RouterArgs) -> Result<()> {
     Ok(trtllm_serve::serve_router(RouterConfig {
-        host: a.host,
-        port: a.port,
+        host: a.listen.host,
+        port: a.listen.port,
         backends: a.backends,
         policy: a.policy,
-        api_key: a.api_key,
+        api_key: a.listen.api_key,
         backend_api_key: a.backend_api_key,
         max_body_bytes: a.max_body_bytes,
         max_connections: a.max_connections,

@@ -7,19 +7,26 @@ use trtllm_serve::ServeConfig;
 
 use crate::run::{open, ExecutorArgs, ModelArg};
 
+/// Where an HTTP front listens, and the key its clients must give (`serve`, `router`).
+#[derive(Args)]
+pub struct ListenArgs {
+    /// Loopback unless told otherwise.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// 0 picks a free port.
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` from clients (on the /v1 routes).
+    #[arg(long, env = "TRTLLM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+}
+
 #[derive(Args)]
 pub struct ServeArgs {
     #[command(flatten)]
     model: ModelArg,
-    /// Loopback unless told otherwise.
-    #[arg(long, default_value = "127.0.0.1")]
-    host: String,
-    /// 0 picks a free port.
-    #[arg(long, default_value_t = 8000)]
-    port: u16,
-    /// Require `Authorization: Bearer KEY` on /v1 routes.
-    #[arg(long, env = "TRTLLM_API_KEY", hide_env_values = true)]
-    api_key: Option<String>,
+    #[command(flatten)]
+    listen: ListenArgs,
     /// The model ids clients may use, repeated or comma-separated; responses name the one asked
     /// for (default: the model path's last component).
     #[arg(long, value_delimiter = ',')]
@@ -79,9 +86,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     trtllm_serve::serve(
         llm,
         ServeConfig {
-            host: a.host,
-            port: a.port,
-            api_key: a.api_key,
+            host: a.listen.host,
+            port: a.listen.port,
+            api_key: a.listen.api_key,
             served_model_names: names,
             max_body_bytes: a.max_body_bytes,
             max_pending_sequences: a.max_pending_sequences,

@@ -131,34 +131,19 @@ pub fn serve(llm: LLM, config: ServeConfig) -> Result<(), ServeError> {
     // Each request in flight holds a blocking thread that drains its streams, and briefly one
     // that submits them; size the pool so the admission limit, not the pool, turns requests away.
     let blocking = config.max_pending_sequences.saturating_mul(2).max(64);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .max_blocking_threads(blocking)
-        .enable_all()
-        .build()
-        .map_err(|e| ServeError::Internal(format!("tokio runtime: {e}")))?;
-    rt.block_on(async move {
-        let listen_err = |e| ServeError::Listen {
-            addr: addr.clone(),
-            source: e,
-        };
-        let listener = listen::bind(&addr, config.max_connections)
-            .await
-            .map_err(listen_err)?;
-        let local = listener.local_addr().map_err(listen_err)?;
-        log_summary(&llm, &config);
-        eprintln!("listening on http://{local}");
-        let limits = listen::ConnectionLimits {
-            max_connections: config.max_connections,
-            header_timeout: config.header_timeout,
-        };
-        listen::raise_open_file_limit(config.max_connections);
-        listen::run(listener, router(llm, config), limits, shutdown_signal()).await;
-        Ok(())
+    let limits = listen::ConnectionLimits {
+        max_connections: config.max_connections,
+        header_timeout: config.header_timeout,
+    };
+    let summary = summary(&llm, &config);
+    let app = router(llm, config);
+    listen::serve_on(&addr, limits, blocking, app, move || {
+        tracing::info!("{summary}")
     })
 }
 
-/// What is being served, once at start.
-fn log_summary(llm: &LLM, config: &ServeConfig) {
+/// What is being served, logged once bound.
+fn summary(llm: &LLM, config: &ServeConfig) -> String {
     let exec = llm.executor();
     let e = exec.engine_config();
     let kv = exec
@@ -169,7 +154,7 @@ fn log_summary(llm: &LLM, config: &ServeConfig) {
         (false, QuantAlgo::NoQuant) => e.build.dtype.map_or("float32", |d| d.name()).into(),
         (false, algo) => algo.to_string(),
     };
-    tracing::info!(
+    format!(
         "serving {} as '{}': {} ({} layers), weights {weights}, KV cache {} in {kv} blocks, up \
          to {} sequences of {} tokens at once",
         llm.engine_dir().display(),
@@ -179,7 +164,7 @@ fn log_summary(llm: &LLM, config: &ServeConfig) {
         e.build.kv_cache_dtype.map_or("float32", |d| d.name()),
         e.build.max_batch_size,
         e.build.max_seq_len,
-    );
+    )
 }
 
 async fn shutdown_signal() {

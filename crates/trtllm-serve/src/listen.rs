@@ -89,6 +89,37 @@ pub fn raise_open_file_limit(max_connections: usize) {
     }
 }
 
+/// Serves `app` on `addr` until SIGINT or SIGTERM, on a runtime of its own with up to `blocking`
+/// blocking threads. Prints `listening on http://ADDR` to stderr once bound, after `bound`.
+pub fn serve_on(
+    addr: &str,
+    limits: ConnectionLimits,
+    blocking: usize,
+    app: Router,
+    bound: impl FnOnce(),
+) -> Result<(), ServeError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(blocking)
+        .enable_all()
+        .build()
+        .map_err(|e| ServeError::Internal(format!("tokio runtime: {e}")))?;
+    rt.block_on(async move {
+        let listen_err = |e| ServeError::Listen {
+            addr: addr.to_string(),
+            source: e,
+        };
+        let listener = bind(addr, limits.max_connections)
+            .await
+            .map_err(listen_err)?;
+        let local = listener.local_addr().map_err(listen_err)?;
+        bound();
+        eprintln!("listening on http://{local}");
+        raise_open_file_limit(limits.max_connections);
+        run(listener, app, limits, crate::shutdown_signal()).await;
+        Ok(())
+    })
+}
+
 /// How long open responses may run on after the shutdown signal.
 const DRAIN: Duration = Duration::from_secs(30);
 

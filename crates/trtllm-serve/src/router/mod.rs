@@ -110,25 +110,10 @@ pub fn serve_router(config: RouterConfig) -> Result<(), ServeError> {
         choosing: std::sync::Mutex::new(()),
         agent,
     });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .max_blocking_threads(limits.max_connections.max(64))
-        .enable_all()
-        .build()
-        .map_err(|e| ServeError::Internal(format!("tokio runtime: {e}")))?;
-    let result = rt.block_on(async move {
-        let listen_err = |e| ServeError::Listen {
-            addr: addr.clone(),
-            source: e,
-        };
-        let listener = listen::bind(&addr, limits.max_connections)
-            .await
-            .map_err(listen_err)?;
-        let local = listener.local_addr().map_err(listen_err)?;
-        eprintln!("listening on http://{local}");
-        listen::raise_open_file_limit(limits.max_connections);
-        listen::run(listener, app(state), limits, crate::shutdown_signal()).await;
-        Ok(())
-    });
+    // Each request in flight holds a blocking thread (the call to its replica, then the reader
+    // of its response).
+    let blocking = limits.max_connections.max(64);
+    let result = listen::serve_on(&addr, limits, blocking, app(state), || {});
     stop.store(true, Ordering::Relaxed);
     result
 }
