@@ -2,7 +2,8 @@
 //! SmolLM2's four adapted modules of all 30 layers (fused q/k/v and gate/up as the runtime
 //! places them), rank-16 adapters on every projection, the rows split evenly over the adapters:
 //! the time of one step's LoRA updates and its GFLOP/s. `FLUSH=1` streams a layer's worth of
-//! base weights between layers, as a real pass does.
+//! base weights between layers, as a real pass does. `DEVICE=cuda` (built with `--features cuda`)
+//! times `CudaDevice::lora_add` instead, on GPU 0.
 
 use std::time::Instant;
 
@@ -48,6 +49,84 @@ fn factors(inputs: usize, parts: &[usize], seed: usize) -> Factors {
     }
 }
 
+#[cfg(feature = "cuda")]
+mod gpu {
+    use std::time::Instant;
+
+    use trtllm_kernels::cuda::CudaDevice;
+    use trtllm_kernels::LoraDims;
+
+    use super::{Factors, LAYERS, MODULES};
+
+    pub fn run(
+        all: &[Vec<Vec<Factors>>],
+        rows: usize,
+        segments: &[(std::ops::Range<usize>, usize)],
+        flops: usize,
+    ) {
+        let d = CudaDevice::new(0).expect("a CUDA device");
+        let dims = |m: usize| LoraDims {
+            inputs: MODULES[m].0,
+            outputs: MODULES[m].1.iter().sum(),
+        };
+        let mats: Vec<Vec<Vec<_>>> = all
+            .iter()
+            .map(|layer| {
+                (layer.iter().enumerate())
+                    .map(|(m, slots)| {
+                        (slots.iter())
+                            .map(|f| {
+                                d.lora_mat((&f.a, &f.bt), f.rank, &f.blocks, dims(m))
+                                    .expect("upload")
+                            })
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect();
+        let adapters = all[0][0].len();
+        let pass = d.lora_rows(segments, rows, adapters).expect("rows");
+        let xs: Vec<_> = (0..MODULES.len())
+            .map(|m| d.upload(&vec![0.5f32; rows * dims(m).inputs]).expect("x"))
+            .collect();
+        let mut ys: Vec<_> = (0..MODULES.len())
+            .map(|m| d.zeros::<f32>(rows * dims(m).outputs).expect("y"))
+            .collect();
+        let mut best = f64::MAX;
+        for _ in 0..20 {
+            d.synchronize().expect("sync");
+            let t = Instant::now();
+            for layer in &mats {
+                for (m, slots) in layer.iter().enumerate() {
+                    let slots: Vec<_> = slots.iter().map(Some).collect();
+                    d.lora_add(&xs[m], &mut ys[m], &pass, &slots)
+                        .expect("lora_add");
+                }
+            }
+            d.synchronize().expect("sync");
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        println!(
+            "{} ({rows} rows, {adapters} adapters, {LAYERS} layers): {:.3} ms per step, {:.1} GFLOP/s",
+            d.name(),
+            best * 1e3,
+            flops as f64 / best / 1e9
+        );
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod gpu {
+    pub fn run(
+        _: &[Vec<Vec<super::Factors>>],
+        _: usize,
+        _: &[(std::ops::Range<usize>, usize)],
+        _: usize,
+    ) {
+        eprintln!("DEVICE=cuda needs --features cuda");
+    }
+}
+
 fn main() {
     let arg = |i: usize, default: usize| {
         std::env::args()
@@ -78,6 +157,9 @@ fn main() {
         .map(|(i, p)| 2 * rows * RANK * p.len() * i + 2 * rows * RANK * p.iter().sum::<usize>())
         .sum::<usize>()
         * LAYERS;
+    if std::env::var("DEVICE").is_ok_and(|d| d == "cuda") {
+        return gpu::run(&all, rows, &segments, flops);
+    }
     let xs: Vec<Vec<f32>> = MODULES.iter().map(|(i, _)| vec![0.5; rows * i]).collect();
     let mut ys: Vec<Vec<f32>> = MODULES
         .iter()
