@@ -9,11 +9,9 @@ use std::io::{BufRead, BufReader};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{Server, MODEL};
+use common::{tiny_engine, Server, MODEL};
 use serde_json::{json, Value};
-use trtllm_api::builder::BuildConfig;
 use trtllm_api::runtime::block_hashes;
-use trtllm_tests::{fixtures, shared_engine};
 
 /// The named events of an SSE stream, parsed, in a channel (a reader thread per stream).
 fn subscribe(server: &Server, key: &str) -> mpsc::Receiver<(String, Value)> {
@@ -44,11 +42,8 @@ fn subscribe(server: &Server, key: &str) -> mpsc::Receiver<(String, Value)> {
 
 #[test]
 fn stored_blocks_are_named_by_the_hashes_of_the_prompt() {
-    let tiny = fixtures().join("tiny-llama");
-    let root = env!("CARGO_TARGET_TMPDIR");
-    let engine = shared_engine(root, "kv-events-engine", &tiny, &BuildConfig::default()).unwrap();
     let key = "router-key";
-    let server = Server::start_on(&engine, &["--api-key", key]);
+    let server = Server::start_on(tiny_engine(), &["--api-key", key]);
     let unauthorized = Server::agent()
         .get(format!("{}/kv_events", server.base))
         .call()

@@ -7,24 +7,12 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
-use common::{Server, MODEL};
+use common::{tiny_engine, Server, MODEL};
 use serde_json::{json, Value};
-use trtllm_api::builder::BuildConfig;
-use trtllm_tests::{fixtures, shared_engine};
+use trtllm_tests::fixtures;
 
 const PROMPT: &str = "The assert statement is";
-
-/// One tiny-llama engine for the binary's tests (built once: they run in parallel).
-fn engine() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let tiny = fixtures().join("tiny-llama");
-        let root = env!("CARGO_TARGET_TMPDIR");
-        shared_engine(root, "lora-server-engine", &tiny, &BuildConfig::default()).unwrap()
-    })
-}
 
 fn adapter(name: &str) -> PathBuf {
     fixtures().join("lora").join(name)
@@ -71,7 +59,7 @@ fn text(resp: &Value) -> String {
 
 #[test]
 fn adapters_are_served_by_name_loaded_and_unloaded() {
-    let engine = engine();
+    let engine = tiny_engine();
     let r8 = adapter("tiny-llama-r8");
     let module = format!("r8={}", r8.display());
     let server = Server::start_on(engine, &["--lora-modules", &module]);
@@ -127,7 +115,7 @@ fn adapters_are_served_by_name_loaded_and_unloaded() {
 fn a_bad_lora_module_stops_the_server_before_it_listens() {
     let module = format!("phi3={}", adapter("tiny-phi3-r8-fused").display());
     let out = Command::new(env!("CARGO_BIN_EXE_trtllm"))
-        .args(["serve", engine().to_str().unwrap(), "--port", "0"])
+        .args(["serve", tiny_engine().to_str().unwrap(), "--port", "0"])
         .args(["--lora-modules", &module])
         .output()
         .unwrap();

@@ -7,15 +7,12 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{post_at, stream_at, Server, MODEL};
+use common::{post_at, stream_at, tiny_engine, Server, MODEL};
 use serde_json::{json, Value};
-use trtllm_api::builder::BuildConfig;
-use trtllm_tests::{fixtures, shared_engine};
 
 struct Router {
     child: Child,
@@ -107,16 +104,6 @@ impl Drop for Router {
     }
 }
 
-/// One tiny-llama engine for the binary's tests (built once: they run in parallel).
-fn engine() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let tiny = fixtures().join("tiny-llama");
-        let root = env!("CARGO_TARGET_TMPDIR");
-        shared_engine(root, "router-engine", &tiny, &BuildConfig::default()).unwrap()
-    })
-}
-
 /// 32 prompts over 4 system prompts of several KV blocks each, two of a topic after another
 /// (round-robin splits each topic over both replicas).
 fn prompts() -> Vec<(usize, String)> {
@@ -174,7 +161,7 @@ fn replicas(engine: &Path) -> (Server, Server) {
 
 #[test]
 fn a_system_prompt_sticks_to_one_replica_and_saves_prefill_over_round_robin() {
-    let engine = engine();
+    let engine = tiny_engine();
     let prompts = prompts();
 
     let (a, b) = replicas(engine);
@@ -210,7 +197,7 @@ fn a_system_prompt_sticks_to_one_replica_and_saves_prefill_over_round_robin() {
 
 #[test]
 fn streams_chats_models_and_errors_pass_through_unchanged() {
-    let a = Server::start_on(engine(), &[]);
+    let a = Server::start_on(tiny_engine(), &[]);
     let router = Router::start(&[&a], "cache-aware");
     let via = router.base.as_str();
     // A streamed completion: the same text and finish reason as from the replica itself.
@@ -289,7 +276,7 @@ fn dropping_replica() -> String {
 
 #[test]
 fn a_request_a_replica_drops_goes_to_another_and_none_left_is_a_503() {
-    let a = Server::start_on(engine(), &[]);
+    let a = Server::start_on(tiny_engine(), &[]);
     let dropping = dropping_replica();
     let router = Router::start_with(&[a.base.as_str(), dropping.as_str()], "round-robin");
     let landed = run_all(&router, &prompts()[..16]);

@@ -33,6 +33,22 @@ pub fn engine() -> &'static Path {
     })
 }
 
+/// One tiny-llama engine per test binary (its tests run in parallel and share it).
+pub fn tiny_engine() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let tiny = fixtures().join("tiny-llama");
+        let name = format!("{}-tiny-engine", env!("CARGO_CRATE_NAME"));
+        shared_engine(
+            env!("CARGO_TARGET_TMPDIR"),
+            &name,
+            &tiny,
+            &BuildConfig::default(),
+        )
+        .expect("build tiny-llama engine")
+    })
+}
+
 pub fn golden() -> Value {
     let path = fixtures().join("smollm2-135m-instruct.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()

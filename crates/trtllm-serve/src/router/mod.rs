@@ -239,7 +239,7 @@ impl RouterState {
                         "replica {} did not take a request ({e}); retrying",
                         replica.url
                     );
-                    replica.failed_before_start();
+                    replica.failed_before_start(&hashes);
                     tried.push(i);
                 }
             }
@@ -249,23 +249,29 @@ impl RouterState {
     /// The replica for a prompt of `tokens` (unknown: by load alone), and the hashes of the
     /// prompt's full blocks at that replica's block size.
     fn pick(&self, tokens: Option<&[u32]>, tried: &[usize]) -> Option<(usize, Vec<u64>)> {
-        let up: Vec<(usize, usize, usize)> = (0..self.replicas.len())
+        // (replica, requests in flight, the prompt's hashes at its block size)
+        let mut up: Vec<(usize, usize, Vec<u64>)> = (0..self.replicas.len())
             .filter(|i| !tried.contains(i))
-            .filter_map(|i| self.replicas[i].load().map(|(bs, n)| (i, bs, n)))
+            .filter_map(|i| {
+                let (bs, n) = self.replicas[i].load()?;
+                let hashes = tokens.map_or_else(Vec::new, |t| block_hashes(t, bs, None));
+                Some((i, n, hashes))
+            })
             .collect();
-        let hashes = |bs: usize| tokens.map_or_else(Vec::new, |t| block_hashes(t, bs, None));
-        let &(i, bs, _) = match self.config.policy {
-            Policy::RoundRobin => {
-                let k = self.next.fetch_add(1, Ordering::Relaxed);
-                up.get(k % up.len().max(1))?
-            }
-            Policy::LeastLoaded => up.iter().min_by_key(|(i, _, n)| (*n, *i))?,
-            Policy::CacheAware => up.iter().min_by_key(|&&(i, bs, n)| {
-                let matched = self.replicas[i].matched(&hashes(bs));
-                (std::cmp::Reverse(matched), n, i)
+        if up.is_empty() {
+            return None;
+        }
+        let k = match self.config.policy {
+            Policy::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % up.len(),
+            Policy::LeastLoaded => (0..up.len()).min_by_key(|&k| (up[k].1, up[k].0))?,
+            Policy::CacheAware => (0..up.len()).min_by_key(|&k| {
+                let (i, n, hashes) = &up[k];
+                let matched = self.replicas[*i].matched(hashes);
+                (std::cmp::Reverse(matched), *n, *i)
             })?,
         };
-        Some((i, hashes(bs)))
+        let (i, _, hashes) = up.swap_remove(k);
+        Some((i, hashes))
     }
 
     /// The prompt's token ids: given as ids, or from a replica's `/tokenize` (text, or chat

@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-/// The hash `/kv_events` must name for the router to follow it.
-const BLOCK_HASH: &str = crate::kv_events::BLOCK_HASH;
+use crate::kv_events::BLOCK_HASH;
 
 pub struct Replica {
     pub url: String,
@@ -29,6 +28,20 @@ struct State {
     in_flight: usize,
     routed: u64,
     retried_away: u64,
+}
+
+impl State {
+    /// One count off each of `hashes`; a block at none is no longer held.
+    fn forget(&mut self, hashes: &[u64]) {
+        for h in hashes {
+            if let Some(n) = self.blocks.get_mut(h) {
+                *n -= 1;
+                if *n == 0 {
+                    self.blocks.remove(h);
+                }
+            }
+        }
+    }
 }
 
 /// A replica's figures for `/router/stats`.
@@ -62,14 +75,12 @@ impl Replica {
     /// Follows the replica's events until `stop` is set.
     pub fn watch(self: Arc<Self>, stop: Arc<AtomicBool>) {
         while !stop.load(Ordering::Relaxed) {
-            if let Err(e) = self.follow(&stop) {
-                let was = std::mem::take(&mut self.state().healthy);
-                if was {
-                    tracing::warn!("replica {} is down: {e}", self.url);
-                }
+            let ended = self.follow(&stop);
+            let mut s = self.state();
+            if let (Err(e), true) = (&ended, s.healthy) {
+                tracing::warn!("replica {} is down: {e}", self.url);
             }
             // What it held is unknown from here on; a restarted replica starts empty anyway.
-            let mut s = self.state();
             s.healthy = false;
             s.blocks.clear();
             drop(s);
@@ -128,12 +139,7 @@ impl Replica {
             }
             "removed" => {
                 if let Some(h) = v["hash"].as_u64() {
-                    if let Some(n) = s.blocks.get_mut(&h) {
-                        *n -= 1;
-                        if *n == 0 {
-                            s.blocks.remove(&h);
-                        }
-                    }
+                    s.forget(&[h]);
                 }
             }
             _ => {}
@@ -173,10 +179,12 @@ impl Replica {
         s.in_flight = s.in_flight.saturating_sub(1);
     }
 
-    /// A request sent here failed before the replica answered: it goes elsewhere. (A replica
+    /// A request sent here with a prompt of these block hashes failed before the replica
+    /// answered: it goes elsewhere, and the blocks `begin` counted are not coming. (A replica
     /// that died is marked down by its watcher, whose stream drops with it.)
-    pub fn failed_before_start(&self) {
+    pub fn failed_before_start(&self, hashes: &[u64]) {
         let mut s = self.state();
+        s.forget(hashes);
         s.in_flight = s.in_flight.saturating_sub(1);
         s.routed = s.routed.saturating_sub(1);
         s.retried_away += 1;
