@@ -41,6 +41,13 @@ pub fn build(
     let scratch = output.with_file_name(format!(".{name}.building-{}", std::process::id()));
     remove_stale_scratch(output, &name);
     let built = build_into(checkpoint, &scratch, config, progress).and_then(|engine| {
+        let engine = match config.mapping.is_parallel() {
+            true => {
+                progress(0, 1, "splitting the engine over its ranks");
+                crate::shard::shard_engine(&scratch, engine, config.mapping)?
+            }
+            false => engine,
+        };
         if output.exists() {
             std::fs::remove_dir_all(output).map_err(|e| BuildError::io(output, e))?;
         }

@@ -18,6 +18,7 @@ pub mod hf_config;
 mod hf_rope;
 mod matrices;
 pub mod prequant;
+mod shard;
 pub mod tokenizer_json;
 
 pub use build::{build, BuildProgress};

@@ -2,6 +2,7 @@
 
 mod bench;
 mod chat;
+mod ranks;
 mod router;
 mod run;
 mod serve;
@@ -15,6 +16,7 @@ use clap::{Args, Parser, Subcommand};
 use trtllm_api::builder::{self, BuildConfig};
 use trtllm_api::executor::ExecutorConfig;
 use trtllm_api::runtime::quant::{DType, LayerQuantConfig, QuantAlgo, QuantConfig};
+use trtllm_api::runtime::parallel::Mapping;
 use trtllm_api::runtime::{Device, KvStorage, Session, TimingCache};
 
 #[derive(Parser)]
@@ -121,6 +123,13 @@ struct BuildArgs {
     /// Modules to leave unquantized: any whose name contains one of these (e.g. lm_head,layers.0.).
     #[arg(long, value_delimiter = ',')]
     exclude_modules: Vec<String>,
+    /// Tensor parallelism: each layer's heads, MLP columns and the vocabulary split over this
+    /// many ranks (one file each; run with `mpirun -np TP×PP trtllm ...`).
+    #[arg(long, default_value_t = 1)]
+    tp_size: usize,
+    /// Pipeline parallelism: the layers split into this many stages.
+    #[arg(long, default_value_t = 1)]
+    pp_size: usize,
 }
 
 #[derive(Args)]
@@ -144,7 +153,7 @@ fn main() -> ExitCode {
         Command::Serve(_) | Command::Router(_) => "info",
         _ => "warn",
     });
-    match run(cli) {
+    match ranks::run(|| run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         // The reader went away (`| head`): nothing is wrong with the command.
         Err(e) if broken_pipe(&e) => ExitCode::SUCCESS,
@@ -221,6 +230,7 @@ fn build(a: BuildArgs) -> Result<()> {
         max_loras: a.max_loras,
         max_cpu_loras: a.max_cpu_loras,
         merge_lora: a.lora.clone().filter(|_| a.merge_lora),
+        mapping: Mapping::new(a.tp_size, a.pp_size).context("--tp-size/--pp-size")?,
         ..BuildConfig::default()
     };
     let bar = indicatif::ProgressBar::new(0);

@@ -9,7 +9,8 @@ use crate::lora::{self, DeviceLora, LoraFactors, LoraModule, LoraPass, LoraWeigh
 use crate::model::{
     ActivationObserver, BatchLayout, HostModel, Layer, Linear, Mlp, Norm, SeqChunk,
 };
-use crate::{MlpKind, ModelConfig, MoeConfig, Result};
+use crate::parallel::Groups;
+use crate::{MlpKind, ModelConfig, MoeConfig, Result, RuntimeError};
 use trtllm_quant::kernels::LoraSegment;
 
 /// The operations of one device. Activations are `[rows × cols]` f32, row-major.
@@ -156,12 +157,15 @@ pub(crate) struct Decoder<B: Backend> {
     pub model: HostModel,
     pub backend: B,
     layers: Vec<DeviceLayer<B>>,
-    final_norm: B::Norm,
-    lm_head: B::Linear,
+    /// Only on the last pipeline stage.
+    final_norm: Option<B::Norm>,
+    lm_head: Option<B::Linear>,
+    /// The other ranks of a split engine.
+    par: Option<Groups>,
 }
 
 impl<B: Backend> Decoder<B> {
-    pub fn new(model: HostModel, backend: B) -> Result<Self> {
+    pub fn new(model: HostModel, backend: B, par: Option<Groups>) -> Result<Self> {
         let pair = |p: &Option<(Norm, Norm)>| -> Result<Option<(B::Norm, B::Norm)>> {
             p.as_ref()
                 .map(|(a, b)| Ok((backend.norm_of(&model, a)?, backend.norm_of(&model, b)?)))
@@ -193,12 +197,15 @@ impl<B: Backend> Decoder<B> {
             })
         };
         let layers = model.layers.iter().map(layer).collect::<Result<Vec<_>>>()?;
+        let final_norm = model.final_norm.as_ref();
+        let lm_head = model.lm_head.as_ref();
         Ok(Self {
-            final_norm: backend.norm_of(&model, &model.final_norm)?,
-            lm_head: backend.linear_of(&model, &model.lm_head)?,
+            final_norm: final_norm.map(|n| backend.norm_of(&model, n)).transpose()?,
+            lm_head: lm_head.map(|l| backend.linear_of(&model, l)).transpose()?,
             layers,
             model,
             backend,
+            par,
         })
     }
 
@@ -224,40 +231,161 @@ impl<B: Backend> Decoder<B> {
             obs,
             loras: lora::pass(b, batch, n)?,
         };
-        let mut hidden = b.upload(self.model.embed(&layout)?)?;
+        let mut hidden = b.upload(self.first_hidden(&layout)?)?;
         // Each block's output joins the residual stream in the next norm (one kernel where
-        // the device fuses them); the final norm runs over every row.
-        let norm_after = |i: usize| {
-            self.layers
-                .get(i)
-                .map_or(&self.final_norm, |l| &l.attn_norm)
+        // the device fuses them); the final norm runs over every row. A stage that is not the
+        // last ends with the residual stream itself, for the next.
+        let norm_after = |i: usize| match self.layers.get(i) {
+            Some(l) => Some(&l.attn_norm),
+            None => self.final_norm.as_ref(),
         };
-        let mut x = b.norm(norm_after(0), &hidden, None)?;
-        for (i, (layer, names)) in self.layers.iter().zip(&self.model.layers).enumerate() {
-            let mut o = self.attention_block(i, (layer, names), (&x, n), &step, pool, &mut pass)?;
+        let first = self.model.first_layer;
+        let mut x = self.norm_into(norm_after(0), (&hidden, n), None)?;
+        for (j, (layer, names)) in self.layers.iter().zip(&self.model.layers).enumerate() {
+            let i = first + j;
+            let o = self.attention_block(i, (layer, names), (&x, n), &step, pool, &mut pass)?;
+            let mut o = self.reduce(o)?;
             if let Some((post, _)) = &layer.post_norms {
                 o = b.norm(post, &o, None)?;
             }
             x = b.norm(&layer.mlp_norm, &o, Some(&mut hidden))?;
-            let mut down = self.mlp_block(i, (layer, names), &x, n, &mut pass)?;
+            let down = self.mlp_block(i, (layer, names), &x, n, &mut pass)?;
+            let mut down = self.reduce(down)?;
             if let Some((_, post)) = &layer.post_norms {
                 down = b.norm(post, &down, None)?;
             }
-            x = b.norm(norm_after(i + 1), &down, Some(&mut hidden))?;
+            x = self.norm_into(norm_after(j + 1), (&down, n), Some(&mut hidden))?;
         }
         let rows = &layout.logits_rows;
+        let Some(lm_head) = &self.lm_head else {
+            return self.pass_on(hidden, n, rows.len());
+        };
         if rows.is_empty() {
             return Ok(Vec::new());
         }
         let last = b.gather_rows(&x, rows, self.config().hidden_size)?;
-        let mut logits = b.download(b.linear(&self.lm_head, &last, rows.len())?)?;
+        let logits = b.download(b.linear(lm_head, &last, rows.len())?)?;
+        let mut logits = self.gather_vocab(logits, rows.len())?;
         if let Some(cap) = self.config().features.final_logit_softcap {
             // On the host: every device downloads the logits rows for sampling anyway.
             for l in &mut logits {
                 *l = cap * (*l / cap).tanh();
             }
         }
+        self.logits_to_front(logits)
+    }
+
+    /// `norm(residual += x)` (or `norm(x)`); with no norm (a stage's last layer), only the
+    /// residual add, and the residual stream is what goes on.
+    fn norm_into(
+        &self,
+        norm: Option<&B::Norm>,
+        (x, n): (&B::Act, usize),
+        residual: Option<&mut B::Act>,
+    ) -> Result<B::Act> {
+        let b = &self.backend;
+        match (norm, residual) {
+            (Some(norm), residual) => b.norm(norm, x, residual),
+            (None, Some(residual)) => {
+                let h = self.model.cfg.hidden_size;
+                let rows: Vec<usize> = (0..n).collect();
+                // 1·x is x exactly: the sum is the fused norm's residual add, bit for bit.
+                b.add_rows_scaled(residual, x, (&rows, &vec![1.0; n]), h)?;
+                b.zeros(0, h)
+            }
+            (None, None) => b.zeros(0, self.model.cfg.hidden_size),
+        }
+    }
+
+    /// A linear layer's output summed over the tensor-parallel ranks (each computed its part
+    /// of the input columns).
+    fn reduce(&self, x: B::Act) -> Result<B::Act> {
+        let Some(par) = self.par.as_ref().filter(|p| p.tp.size() > 1) else {
+            return Ok(x);
+        };
+        let mut host = self.backend.download(x)?;
+        par.tp.all_reduce_sum(&mut host)?;
+        self.backend.upload(host)
+    }
+
+    /// The residual stream entering the first layer held here: the embeddings on the first
+    /// stage, what the previous stage sent otherwise.
+    fn first_hidden(&self, layout: &BatchLayout) -> Result<Vec<f32>> {
+        let h = self.model.cfg.hidden_size;
+        match &self.par {
+            Some(par) if !par.shard.is_first_stage() => {
+                let s = &par.shard;
+                let mut hidden = vec![0f32; layout.tokens.len() * h];
+                par.pipe
+                    .recv(par.rank_of(s.pp_rank - 1, s.tp_rank), &mut hidden)?;
+                Ok(hidden)
+            }
+            par => {
+                let mut tokens = self.model.embed_tokens(layout)?;
+                if let Some(par) = par.as_ref().filter(|p| p.tp.size() > 1) {
+                    // Each token's row is on one rank and zeros on the others: the sum is exact.
+                    par.tp.all_reduce_sum(&mut tokens)?;
+                }
+                self.model.embed_finish(layout, tokens)
+            }
+        }
+    }
+
+    /// A stage that is not the last sends its residual stream on; rank 0 then waits for the
+    /// logits from the last stage.
+    fn pass_on(&self, hidden: B::Act, n: usize, logits_rows: usize) -> Result<Vec<f32>> {
+        let par = self
+            .par
+            .as_ref()
+            .ok_or_else(|| RuntimeError::MissingTensor(crate::engine::names::LM_HEAD.into()))?;
+        let s = &par.shard;
+        let hidden = self.backend.download(hidden)?;
+        debug_assert_eq!(hidden.len(), n * self.model.cfg.hidden_size);
+        par.pipe
+            .send(par.rank_of(s.pp_rank + 1, s.tp_rank), &hidden)?;
+        if s.rank != 0 || logits_rows == 0 {
+            return Ok(Vec::new());
+        }
+        let mut logits = vec![0f32; logits_rows * self.model.cfg.vocab_size];
+        let last = par.rank_of(s.mapping.pp_size - 1, 0);
+        par.pipe.recv(last, &mut logits)?;
         Ok(logits)
+    }
+
+    /// `[rows × vocab]` logits from each TP rank's `[rows × its vocabulary rows]`.
+    fn gather_vocab(&self, part: Vec<f32>, rows: usize) -> Result<Vec<f32>> {
+        let Some(par) = self.par.as_ref().filter(|p| p.tp.size() > 1) else {
+            return Ok(part);
+        };
+        let (vocab, tp) = (self.model.cfg.vocab_size, par.tp.size());
+        let widths: Vec<usize> = (0..tp)
+            .map(|r| crate::parallel::split(vocab, tp, 1, r).len())
+            .collect();
+        let counts: Vec<usize> = widths.iter().map(|w| w * rows).collect();
+        let all = par.tp.all_gather(&part, &counts)?;
+        let mut logits = vec![0f32; rows * vocab];
+        let (mut at, mut col) = (0, 0);
+        for w in widths {
+            for (r, src) in all[at..at + w * rows].chunks_exact(w).enumerate() {
+                logits[r * vocab + col..r * vocab + col + w].copy_from_slice(src);
+            }
+            (at, col) = (at + w * rows, col + w);
+        }
+        Ok(logits)
+    }
+
+    /// On the last stage of a pipeline, the logits go to rank 0 (by TP rank 0 of the stage);
+    /// every other rank's pass returns none.
+    fn logits_to_front(&self, logits: Vec<f32>) -> Result<Vec<f32>> {
+        match &self.par {
+            Some(par) if par.shard.rank != 0 => {
+                if par.shard.tp_rank == 0 && !par.shard.is_first_stage() {
+                    par.pipe.send(0, &logits)?;
+                }
+                Ok(Vec::new())
+            }
+            _ => Ok(logits),
+        }
     }
 
     /// A linear module over `rows` rows; with `adapted` (its layer and module, when `x` holds

@@ -33,8 +33,10 @@ use crate::{ModelConfig, Result, RuntimeError};
 /// post-norms, windows, soft caps, experts), which an older reader would silently ignore.
 /// Version 4 added RoPE scalings whose frequencies follow the sequence (dynamic, YaRN,
 /// LongRoPE), a local RoPE for sliding-window layers and experts of their own size in some
-/// layers. Versions 1 to 3 read unchanged (every feature off).
-pub const ENGINE_FORMAT_VERSION: u32 = 4;
+/// layers. Version 5 added the `mapping` (an engine split over ranks, each file a shard), which
+/// an older reader would take for a whole model. Versions 1 to 4 read unchanged (every feature
+/// off, one rank).
+pub const ENGINE_FORMAT_VERSION: u32 = 5;
 const READABLE_VERSIONS: std::ops::RangeInclusive<u32> = 1..=ENGINE_FORMAT_VERSION;
 const MAGIC: &[u8; 8] = b"TRTLLMRS";
 const ALIGN: usize = 64;
@@ -71,6 +73,10 @@ pub struct BuildConfig {
     /// A PEFT LoRA adapter merged into the weights at build time (`W += B·A·scaling`, before
     /// any quantization): the engine is that fine-tune, at no run-time cost.
     pub merge_lora: Option<std::path::PathBuf>,
+    /// The ranks to split the engine over (`--tp-size`, `--pp-size`); recorded as config.json's
+    /// top-level `mapping`, with the files it made.
+    #[serde(skip)]
+    pub mapping: crate::parallel::Mapping,
 }
 
 impl Default for BuildConfig {
@@ -89,6 +95,7 @@ impl Default for BuildConfig {
             max_loras: 4,
             max_cpu_loras: 8,
             merge_lora: None,
+            mapping: crate::parallel::Mapping::default(),
         }
     }
 }
@@ -107,6 +114,9 @@ pub struct EngineConfig {
     pub model: ModelConfig,
     /// Resolved: `max_seq_len` and `max_input_len` are never 0 here.
     pub build: BuildConfig,
+    /// How the model is split over ranks (`ranks` lists one file per rank, in rank order).
+    #[serde(default)]
+    pub mapping: crate::parallel::Mapping,
     pub ranks: Vec<RankFile>,
 }
 
@@ -167,10 +177,31 @@ impl EngineConfig {
                 supported: ENGINE_FORMAT_VERSION,
             });
         }
-        let cfg: EngineConfig =
-            serde_json::from_value(raw).map_err(|source| RuntimeError::Json { path, source })?;
+        let cfg: EngineConfig = serde_json::from_value(raw).map_err(|source| RuntimeError::Json {
+            path: path.clone(),
+            source,
+        })?;
         cfg.model.validate()?;
+        cfg.mapping.validate()?;
+        if cfg.ranks.len() != cfg.mapping.world_size {
+            return Err(RuntimeError::corrupt(
+                &path,
+                format!(
+                    "{} rank files listed for a world of {} ranks",
+                    cfg.ranks.len(),
+                    cfg.mapping.world_size
+                ),
+            ));
+        }
         Ok(cfg)
+    }
+
+    /// Writes `DIR/config.json`.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let path = dir.join("config.json");
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| RuntimeError::corrupt(&path, e.to_string()))?;
+        std::fs::write(&path, text).map_err(|e| RuntimeError::io(&path, e))
     }
 }
 
@@ -186,12 +217,10 @@ pub struct TensorInfo {
     pub format: Option<WeightFormat>,
 }
 
-/// Where [`EngineWriter`] streams tensor data until `finish` writes the rank file.
-pub const SCRATCH_FILE: &str = "rank0.engine.data.tmp";
-
-/// Streams tensors into a rank file and writes config.json when finished.
+/// Streams tensors into a rank file (and, for a whole model, writes config.json when finished).
 pub struct EngineWriter {
     dir: PathBuf,
+    file: String,
     index: Vec<TensorInfo>,
     data: BufWriter<File>,
     data_path: PathBuf,
@@ -199,14 +228,21 @@ pub struct EngineWriter {
 }
 
 impl EngineWriter {
+    /// A writer of a whole model's `rank0.engine`.
     pub fn create(dir: &Path) -> Result<Self> {
+        Self::create_file(dir, &crate::parallel::Mapping::rank_file(0))
+    }
+
+    /// A writer of the rank file `file` in `dir`.
+    pub fn create_file(dir: &Path, file: &str) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| RuntimeError::io(dir, e))?;
         // Tensor data goes to a scratch file first: the index, which precedes it, is only
         // known once every tensor is written.
-        let data_path = dir.join(SCRATCH_FILE);
+        let data_path = dir.join(format!("{file}.data.tmp"));
         let f = File::create(&data_path).map_err(|e| RuntimeError::io(&data_path, e))?;
         Ok(Self {
             dir: dir.to_path_buf(),
+            file: file.into(),
             index: Vec::new(),
             data: BufWriter::new(f),
             data_path,
@@ -215,6 +251,17 @@ impl EngineWriter {
     }
 
     pub fn add(&mut self, name: &str, dtype: DType, shape: &[usize], bytes: &[u8]) -> Result<()> {
+        self.add_formatted(name, (dtype, None), shape, bytes)
+    }
+
+    /// [`Self::add`] of a tensor tagged with its packed `format` (quantized codes), if any.
+    pub fn add_formatted(
+        &mut self,
+        name: &str,
+        (dtype, format): (DType, Option<WeightFormat>),
+        shape: &[usize],
+        bytes: &[u8],
+    ) -> Result<()> {
         let expected = shape.iter().product::<usize>() * dtype.size_bytes();
         if bytes.len() != expected {
             return Err(RuntimeError::TensorShape {
@@ -234,7 +281,7 @@ impl EngineWriter {
             shape: shape.to_vec(),
             offset: self.written,
             bytes: bytes.len(),
-            format: None,
+            format,
         });
         self.written += bytes.len();
         Ok(())
@@ -245,10 +292,8 @@ impl EngineWriter {
     pub fn add_packed(&mut self, prefix: &str, p: &PackedWeight) -> Result<()> {
         let weight = format!("{prefix}.weight");
         let code_bytes = p.format.code_bytes(p.cols);
-        self.add(&weight, DType::U8, &[p.rows, code_bytes], &p.codes)?;
-        if let Some(last) = self.index.last_mut() {
-            last.format = Some(p.format);
-        }
+        let codes = (DType::U8, Some(p.format));
+        self.add_formatted(&weight, codes, &[p.rows, code_bytes], &p.codes)?;
         let spr = p.format.scales_per_row(p.cols);
         if spr > 0 {
             let scale = DType::F32.encode(&p.scales);
@@ -294,7 +339,21 @@ impl EngineWriter {
     }
 
     /// Assembles rank0.engine and writes config.json; returns the engine's config.
-    pub fn finish(mut self, model: ModelConfig, build: BuildConfig) -> Result<EngineConfig> {
+    pub fn finish(self, model: ModelConfig, build: BuildConfig) -> Result<EngineConfig> {
+        let dir = self.dir.clone();
+        let cfg = EngineConfig {
+            format_version: ENGINE_FORMAT_VERSION,
+            model,
+            build,
+            mapping: crate::parallel::Mapping::default(),
+            ranks: vec![self.finish_rank()?],
+        };
+        cfg.write(&dir)?;
+        Ok(cfg)
+    }
+
+    /// Assembles the rank file from the index and the data written.
+    pub fn finish_rank(mut self) -> Result<RankFile> {
         self.data
             .flush()
             .map_err(|e| RuntimeError::io(&self.data_path, e))?;
@@ -309,7 +368,7 @@ impl EngineWriter {
         header.extend_from_slice(&index);
         header.resize(header.len().next_multiple_of(ALIGN), 0);
 
-        let path = self.dir.join("rank0.engine");
+        let path = self.dir.join(&self.file);
         let io = |e| RuntimeError::io(&path, e);
         let mut out = BufWriter::new(File::create(&path).map_err(io)?);
         let mut crc = crc32fast::Hasher::new();
@@ -330,21 +389,11 @@ impl EngineWriter {
         out.flush().map_err(io)?;
         std::fs::remove_file(&self.data_path).map_err(|e| RuntimeError::io(&self.data_path, e))?;
 
-        let cfg = EngineConfig {
-            format_version: ENGINE_FORMAT_VERSION,
-            model,
-            build,
-            ranks: vec![RankFile {
-                file: "rank0.engine".into(),
-                bytes: (header.len() + self.written) as u64,
-                crc32: crc.finalize(),
-            }],
-        };
-        let cfg_path = self.dir.join("config.json");
-        let text = serde_json::to_string_pretty(&cfg)
-            .map_err(|e| RuntimeError::corrupt(&cfg_path, e.to_string()))?;
-        std::fs::write(&cfg_path, text).map_err(|e| RuntimeError::io(&cfg_path, e))?;
-        Ok(cfg)
+        Ok(RankFile {
+            file: self.file,
+            bytes: (header.len() + self.written) as u64,
+            crc32: crc.finalize(),
+        })
     }
 }
 

@@ -65,6 +65,8 @@ pub enum RuntimeError {
     OutOfKvBlocks { needed: usize, available: usize },
     #[error("device {0}")]
     InvalidDevice(String),
+    #[error("parallel run: {0}")]
+    Parallel(String),
     #[error("LoRA adapter {adapter}: {reason}")]
     Lora { adapter: String, reason: String },
     #[error(transparent)]

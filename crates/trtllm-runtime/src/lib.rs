@@ -17,6 +17,7 @@ mod generation;
 mod kv_cache;
 mod lora;
 mod model;
+pub mod parallel;
 mod rope;
 mod sampling;
 mod session;

@@ -2,6 +2,7 @@
 //! embedding tables), and the shapes of a batch: chunks of sequences, their flattened layout,
 //! which rows want logits. The forward pass itself is [`crate::decoder`].
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use trtllm_quant::kernels::cpu::{self, AttentionSeq, MatRef};
@@ -9,6 +10,7 @@ use trtllm_quant::DType;
 
 use crate::engine::{names, EngineFile, TensorInfo};
 use crate::kv_cache::BlockId;
+use crate::parallel::Shard;
 use crate::rope::Ropes;
 pub(crate) use crate::weights::Linear;
 use crate::weights::{optional_f32, tensor, Weight};
@@ -37,7 +39,7 @@ impl ActivationObserver for NoObserver {
 }
 
 /// Which positions the forward pass computes logits for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum LogitsMode {
     /// None (a prompt chunk that is not the prompt's last).
     Skip,
@@ -148,20 +150,34 @@ impl Mlp {
 }
 
 /// The model's tensors, as the engine file holds them (each backend places them on its device).
+/// A rank of a split engine holds its shard: its stage's layers (the embedding on the first
+/// stage, the final norm and head on the last), its heads, MLP columns and vocabulary rows.
 pub(crate) struct HostModel {
+    /// The model as this rank computes it ([`Shard::model`]: its heads and MLP columns).
     pub cfg: ModelConfig,
     pub file: Arc<EngineFile>,
-    pub embed: Weight,
+    /// The rows `vocab` of the token embeddings, where this rank gathers them.
+    pub embed: Option<Weight>,
     pub pos_embed: Option<Weight>,
+    /// Layers `first_layer..` of the model.
     pub layers: Vec<Layer>,
-    pub final_norm: Norm,
-    /// The tied embedding table or its own matrix; never bias or activation scales.
-    pub lm_head: Linear,
+    pub first_layer: usize,
+    pub final_norm: Option<Norm>,
+    /// The tied embedding table or its own matrix (rows `vocab`); never bias or activation
+    /// scales. Only where the last layer is.
+    pub lm_head: Option<Linear>,
+    /// The vocabulary rows of the embedding and head held here.
+    pub vocab: Range<usize>,
     pub(crate) rope: Option<Ropes>,
 }
 
 impl HostModel {
-    pub fn new(cfg: ModelConfig, file: Arc<EngineFile>) -> Result<Self> {
+    /// The tensors of `shard` (the whole model without one) in `file`, for `full`.
+    pub fn new(full: &ModelConfig, file: Arc<EngineFile>, shard: Option<&Shard>) -> Result<Self> {
+        let cfg = shard.map_or_else(|| full.clone(), |s| s.model(full));
+        let layers = shard.map_or(0..cfg.num_layers, |s| s.layers.clone());
+        let vocab = shard.map_or(0..cfg.vocab_size, |s| s.vocab.clone());
+        let (first, last) = (layers.start == 0, layers.end == cfg.num_layers);
         let h = cfg.hidden_size;
         let f = &*file;
         let sized_norm = |prefix: &str, h: usize| -> Result<Norm> {
@@ -183,7 +199,8 @@ impl HostModel {
         let linear = |i: usize, part: &str, out: usize, inp: usize| {
             Linear::load(f, &format!("layers.{i}.{part}"), out, inp)
         };
-        let layers = (0..cfg.num_layers)
+        let first_layer = layers.start;
+        let layers = layers
             .map(|i| {
                 let (up_name, up_rows) = cfg.mlp_in(i);
                 let inter = cfg.mlp_inter(i);
@@ -224,38 +241,46 @@ impl HostModel {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let embed = Weight::load(f, names::EMBED_PREFIX, cfg.vocab_size, h)?;
-        let lm_head = Linear {
+        let table = first || (last && cfg.tie_word_embeddings);
+        let embed = match table {
+            true => Some(Weight::load(f, names::EMBED_PREFIX, vocab.len(), h)?),
+            false => None,
+        };
+        let lm_head = match (last, &embed) {
+            (false, _) => None,
+            (true, Some(e)) if cfg.tie_word_embeddings => Some(e.clone()),
+            (true, _) => Some(Weight::load(f, names::LM_HEAD_PREFIX, vocab.len(), h)?),
+        };
+        let lm_head = lm_head.map(|weight| Linear {
             name: names::LM_HEAD_PREFIX.into(),
-            weight: if cfg.tie_word_embeddings {
-                embed.clone()
-            } else {
-                Weight::load(f, names::LM_HEAD_PREFIX, cfg.vocab_size, h)?
-            },
+            weight,
             bias: None,
             input_perm: None,
             pre_quant_scale: None,
             input_scale: None,
-        };
+        });
+        let embed = embed.filter(|_| first);
         let pos_embed = match cfg.position {
-            PositionKind::Learned => Some(Weight::load(
+            PositionKind::Learned if first => Some(Weight::load(
                 f,
                 names::POS_EMBED_PREFIX,
                 cfg.max_position_embeddings,
                 h,
             )?),
-            PositionKind::Rope { .. } => None,
+            _ => None,
         };
         let rope = Ropes::of(&cfg);
-        let final_norm = norm(names::FINAL_NORM)?;
+        let final_norm = last.then(|| norm(names::FINAL_NORM)).transpose()?;
         Ok(Self {
             cfg,
             file,
             embed,
             pos_embed,
             layers,
+            first_layer,
             final_norm,
             lm_head,
+            vocab,
             rope,
         })
     }
@@ -267,17 +292,40 @@ impl HostModel {
             .iter()
             .flat_map(|l| [&l.qkv, &l.o].into_iter().chain(l.mlp.linears()));
         linears
-            .chain([&self.lm_head])
+            .chain(&self.lm_head)
             .map(|l| Ok((l.weight.mat(&self.file)?, l.weight.describe())))
             .collect()
     }
 
-    /// The token embeddings of a batch (plus learned position embeddings), gathered from the
-    /// mapped tables.
-    pub fn embed(&self, layout: &BatchLayout) -> Result<Vec<f32>> {
-        let n = layout.tokens.len();
-        let mut hidden = vec![0f32; n * self.cfg.hidden_size];
-        cpu::embedding_gather(self.embed.mat(&self.file)?, &layout.tokens, &mut hidden)?;
+    /// The token embeddings of a batch from the rows this rank holds (zeros for the tokens
+    /// outside them, which other ranks hold), gathered from the mapped table.
+    pub fn embed_tokens(&self, layout: &BatchLayout) -> Result<Vec<f32>> {
+        let h = self.cfg.hidden_size;
+        let embed = self
+            .embed
+            .as_ref()
+            .ok_or_else(|| RuntimeError::MissingTensor(names::EMBED_PREFIX.into()))?;
+        let table = embed.mat(&self.file)?;
+        let mut hidden = vec![0f32; layout.tokens.len() * h];
+        if self.vocab == (0..self.cfg.vocab_size) {
+            cpu::embedding_gather(table, &layout.tokens, &mut hidden)?;
+            return Ok(hidden);
+        }
+        let (rows, ids): (Vec<usize>, Vec<u32>) = (layout.tokens.iter().enumerate())
+            .filter(|(_, &t)| self.vocab.contains(&(t as usize)))
+            .map(|(r, &t)| (r, t - self.vocab.start as u32))
+            .unzip();
+        let mut held = vec![0f32; ids.len() * h];
+        cpu::embedding_gather(table, &ids, &mut held)?;
+        for (&r, row) in rows.iter().zip(held.chunks_exact(h)) {
+            hidden[r * h..(r + 1) * h].copy_from_slice(row);
+        }
+        Ok(hidden)
+    }
+
+    /// The first layer's input from the token embeddings of the batch (summed over the ranks
+    /// holding parts of the vocabulary): learned position embeddings added, scaled.
+    pub fn embed_finish(&self, layout: &BatchLayout, mut hidden: Vec<f32>) -> Result<Vec<f32>> {
         if let Some(pe) = &self.pos_embed {
             let mut pos = vec![0f32; hidden.len()];
             let ids: Vec<u32> = layout.positions.iter().map(|&p| p as u32).collect();

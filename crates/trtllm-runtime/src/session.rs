@@ -11,13 +11,17 @@ use crate::kv_cache::{KvBudget, KvCache, KvPool, KvStorage, KV_CACHE_BLOCK};
 use crate::lora::{DeviceLora, LoraAdapter, LoraInner, LoraWeights};
 use crate::model::{ActivationObserver, HostModel, LogitsMode, NoObserver, SeqChunk};
 use crate::tuning::{TimingCache, TuneReport};
+use crate::parallel::proxy::{self, Chunk, Msg, RemotePool};
+use crate::parallel::{Comm, Groups, Shard};
 use crate::{Device, ModelConfig, Result, RuntimeError};
 
-/// A loaded engine: its config and its memory-mapped weights.
+/// A loaded engine: its config and its memory-mapped weights (this rank's file of a split one).
 pub struct Session {
     dir: PathBuf,
     config: EngineConfig,
     file: Arc<EngineFile>,
+    /// This process's rank of a split engine, and the job's ranks.
+    parallel: Option<(Shard, Arc<dyn Comm>)>,
 }
 
 impl Session {
@@ -30,14 +34,23 @@ impl Session {
             ));
         }
         let config = EngineConfig::read(dir)?;
-        let rank = config.ranks.first().ok_or_else(|| {
+        let parallel = match config.mapping.is_parallel() {
+            true => {
+                let world = job_for(dir, &config)?;
+                Some((config.mapping.shard(&config.model, world.rank())?, world))
+            }
+            false => None,
+        };
+        let rank = parallel.as_ref().map_or(0, |(s, _)| s.rank);
+        let file = config.ranks.get(rank).ok_or_else(|| {
             RuntimeError::corrupt(dir.join("config.json"), "no rank files listed")
         })?;
-        let file = EngineFile::open(dir, rank)?;
+        let file = EngineFile::open(dir, file)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             config,
             file,
+            parallel,
         })
     }
 
@@ -64,17 +77,52 @@ impl Session {
     }
 
     /// A runner with the weights on `device` (a CUDA device needs the `cuda` feature and a GPU).
+    /// On rank 0 of a split engine, the other ranks make theirs at the same time.
     pub fn model_runner_on(&self, device: Device) -> Result<ModelRunner> {
-        let model = HostModel::new(self.config.model.clone(), self.file.clone())?;
-        let backend = match device {
+        if let Some((shard, world)) = self.parallel.as_ref().filter(|(s, _)| s.rank == 0) {
+            let dir = std::path::absolute(&self.dir).map_err(|e| RuntimeError::io(&self.dir, e))?;
+            proxy::send(&**world, &Msg::Open { dir, device })?;
+            debug_assert_eq!(shard.rank, 0);
+        }
+        self.runner(device)
+    }
+
+    /// This rank's runner; with other ranks, every rank learns whether all of them made theirs.
+    pub(crate) fn runner(&self, device: Device) -> Result<ModelRunner> {
+        let groups = match &self.parallel {
+            Some((shard, world)) => Some(Groups::new(world.clone(), shard.clone())?),
+            None => None,
+        };
+        let backend = self.decoder(device, groups.clone());
+        if let Some(g) = &groups {
+            let mut failed = [f32::from(u8::from(backend.is_err()))];
+            g.world.all_reduce_sum(&mut failed)?;
+            if failed[0] > 0.0 && backend.is_ok() {
+                return Err(crate::parallel::error(
+                    "another rank could not load its shard of the engine (its error is on its \
+                     standard error)",
+                ));
+            }
+        }
+        Ok(ModelRunner {
+            backend: backend?,
+            config: self.config.clone(),
+            front: groups.filter(|g| g.shard.rank == 0).map(|g| g.world),
+        })
+    }
+
+    fn decoder(&self, device: Device, par: Option<Groups>) -> Result<Backend> {
+        let shard = self.parallel.as_ref().map(|(s, _)| s);
+        let model = HostModel::new(&self.config.model, self.file.clone(), shard)?;
+        Ok(match device {
             Device::Cpu => {
                 let cpu = CpuBackend::new(&model);
-                Backend::Cpu(Decoder::new(model, cpu)?)
+                Backend::Cpu(Decoder::new(model, cpu, par)?)
             }
             #[cfg(feature = "cuda")]
             Device::Cuda(n) => {
                 let cuda = crate::cuda::CudaBackend::new(&model, n)?;
-                Backend::Cuda(Decoder::new(model, cuda)?)
+                Backend::Cuda(Decoder::new(model, cuda, par)?)
             }
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => {
@@ -83,11 +131,31 @@ impl Session {
                      `--features cuda` (after `cargo xtask build-kernels`)"
                 )))
             }
-        };
-        Ok(ModelRunner {
-            backend,
-            config: self.config.clone(),
         })
+    }
+}
+
+/// The job's ranks, when they are the ranks `config` (in `dir`) is split over.
+fn job_for(dir: &Path, config: &EngineConfig) -> Result<Arc<dyn Comm>> {
+    let m = config.mapping;
+    let how = format!(
+        "{}: the engine is split over {} ranks (tp_size {}, pp_size {})",
+        dir.display(),
+        m.world_size,
+        m.tp_size,
+        m.pp_size
+    );
+    match crate::parallel::world() {
+        None => Err(crate::parallel::error(format!(
+            "{how}: run it under `mpirun -np {}` with a trtllm built with the `mpi` feature",
+            m.world_size
+        ))),
+        Some(w) if w.size() != m.world_size => Err(crate::parallel::error(format!(
+            "{how}, and this job has {} ranks: start it with `mpirun -np {}`",
+            w.size(),
+            m.world_size
+        ))),
+        Some(w) => Ok(w),
     }
 }
 
@@ -95,6 +163,8 @@ impl Session {
 pub struct ModelRunner {
     backend: Backend,
     config: EngineConfig,
+    /// On rank 0 of a split engine, the ranks it sends each call to before making it.
+    front: Option<Arc<dyn Comm>>,
 }
 
 /// The decoder, on the device the runner was opened for. One runner exists per engine, so the
@@ -131,6 +201,15 @@ impl ModelRunner {
 
     /// `adapter` placed on this runner's device, for [`SeqChunk::lora`].
     pub fn load_lora(&self, adapter: &LoraAdapter) -> Result<LoraWeights> {
+        if self.config.mapping.is_parallel() {
+            return Err(RuntimeError::Lora {
+                adapter: adapter.name.clone(),
+                reason: "adapters on an engine split over ranks (--tp-size/--pp-size) are not \
+                         supported: build the engine with one rank, or merge the adapter at \
+                         build time (--merge-lora)"
+                    .into(),
+            });
+        }
         adapter.check(self.model(), self.config.build.max_lora_rank)?;
         let inner = match &self.backend {
             Backend::Cpu(d) => LoraInner::Cpu(DeviceLora::new(&d.backend, adapter)?),
@@ -144,11 +223,15 @@ impl ModelRunner {
     /// storage.
     pub fn new_pool(&self, budget: &KvBudget) -> Result<KvPool> {
         let storage = KvStorage::of(&self.config.build);
-        match &self.backend {
-            Backend::Cpu(_) => KvPool::new(self.model(), storage, budget),
+        let mut pool = match &self.backend {
+            Backend::Cpu(_) => KvPool::new(self.model(), storage, budget)?,
             #[cfg(feature = "cuda")]
-            Backend::Cuda(d) => d.backend.new_pool(storage, budget),
+            Backend::Cuda(d) => d.backend.new_pool(storage, budget)?,
+        };
+        if let Some(world) = &self.front {
+            pool.remote = Some(RemotePool::new(world.clone(), budget)?);
         }
+        Ok(pool)
     }
 
     pub fn engine_config(&self) -> &EngineConfig {
@@ -166,8 +249,13 @@ impl ModelRunner {
         }
     }
 
-    /// Batch invariance (see `Decoder::set_batch_invariant`), on either device.
+    /// Batch invariance (see `Decoder::set_batch_invariant`), on either device (and every rank).
     pub fn set_batch_invariant(&mut self, on: bool) {
+        if let Some(world) = &self.front {
+            if let Err(e) = proxy::send(&**world, &Msg::Invariant { on }) {
+                fatal(&**world, e);
+            }
+        }
         match &mut self.backend {
             Backend::Cpu(d) => d.set_batch_invariant(on),
             #[cfg(feature = "cuda")]
@@ -254,6 +342,11 @@ impl ModelRunner {
             return Ok(());
         }
         let layer_group = pool.check_copies(copies)?.to_vec();
+        if let Some(world) = &self.front {
+            let pool = remote_id(pool)?;
+            let copies = copies.to_vec();
+            proxy::send(&**world, &Msg::Copy { pool, copies })?;
+        }
         match &self.backend {
             Backend::Cpu(_) => pool.host_mut()?.copy_blocks(&layer_group, copies),
             #[cfg(feature = "cuda")]
@@ -306,6 +399,45 @@ impl ModelRunner {
         pool: &mut KvPool,
         obs: &mut dyn ActivationObserver,
     ) -> Result<Vec<f32>> {
+        let Some(world) = &self.front else {
+            return self.run_here(batch, pool, obs);
+        };
+        let chunks = batch.iter().map(Chunk::of).collect();
+        let pool_id = remote_id(pool)?;
+        proxy::send(&**world, &Msg::Forward { pool: pool_id, chunks })?;
+        // The other ranks are in this pass: one that fails here leaves them waiting in a
+        // collective, so it ends the job rather than the request.
+        Ok(self
+            .run_here(batch, pool, obs)
+            .unwrap_or_else(|e| fatal(&**world, e)))
+    }
+
+    /// A pass rank 0 sent, on this rank's shard.
+    pub(crate) fn run_chunks(&self, chunks: &[Chunk], pool: &mut KvPool) -> Result<()> {
+        let tables: Vec<Vec<&[crate::BlockId]>> = chunks
+            .iter()
+            .map(|c| c.blocks.iter().map(|b| &b[..]).collect())
+            .collect();
+        let batch: Vec<SeqChunk<'_>> = chunks
+            .iter()
+            .zip(&tables)
+            .map(|(c, blocks)| SeqChunk {
+                tokens: &c.tokens,
+                past: c.past,
+                blocks,
+                logits: c.logits,
+                lora: None,
+            })
+            .collect();
+        self.run_here(&batch, pool, &mut NoObserver).map(drop)
+    }
+
+    fn run_here(
+        &self,
+        batch: &[SeqChunk<'_>],
+        pool: &mut KvPool,
+        obs: &mut dyn ActivationObserver,
+    ) -> Result<Vec<f32>> {
         match &self.backend {
             // The whole pass on a pool thread: each kernel's parallel loop then starts from a
             // worker (its halves stolen by the other workers) instead of being injected from
@@ -347,6 +479,20 @@ impl ModelRunner {
         }
         Ok(nll)
     }
+}
+
+/// The id under which the other ranks keep their twins of `pool`.
+fn remote_id(pool: &KvPool) -> Result<u64> {
+    let remote = pool.remote.as_ref();
+    remote.map(|r| r.id).ok_or_else(|| {
+        crate::parallel::error("a KV pool not made by this runner of a split engine")
+    })
+}
+
+/// Ends the job: the ranks can no longer agree on what runs next.
+pub(crate) fn fatal(world: &dyn Comm, e: RuntimeError) -> ! {
+    eprintln!("error: rank {}: {e}", world.rank());
+    world.abort(1)
 }
 
 fn log_softmax_at(row: &[f32], i: usize) -> f64 {

@@ -28,7 +28,7 @@ pub enum KvCacheEvent {
 }
 
 /// A block of KV group `group` whose contents the pool copies to another before the next pass.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct BlockCopy {
     pub group: usize,
     pub src: BlockId,

@@ -158,7 +158,7 @@ impl KvCacheConfig {
 
 /// One KV group's share of the pool: the layers whose attention sees `window` keys (`None`:
 /// every earlier one), in blocks.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GroupBudget {
     pub window: Option<usize>,
     pub blocks: usize,
@@ -166,7 +166,7 @@ pub struct GroupBudget {
 
 /// How the pool is divided: tokens per block, each group's blocks (in [`KvGroups`] order), and
 /// the longest prompt chunk one step brings (what a windowed sequence holds beyond its window).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KvBudget {
     pub block_size: usize,
     pub groups: Vec<GroupBudget>,

@@ -208,6 +208,8 @@ enum Layers {
 }
 
 pub struct KvPool {
+    /// Its twins on the other ranks of a split engine (made by rank 0's runner).
+    pub(crate) remote: Option<crate::parallel::proxy::RemotePool>,
     layers: Layers,
     block_size: usize,
     storage: KvStorage,
@@ -249,6 +251,7 @@ impl KvPool {
             })
             .collect();
         Ok(Self {
+            remote: None,
             layers: Layers::Host(HostKv {
                 layers,
                 block_size: budget.block_size,
@@ -451,6 +454,7 @@ pub(crate) mod device {
                 .map(layer)
                 .collect::<Result<_>>()?;
             Ok(Self {
+                remote: None,
                 layers: Layers::Device(DeviceKvs {
                     layers,
                     block_size: budget.block_size,

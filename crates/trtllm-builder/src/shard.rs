@@ -1,0 +1,227 @@
+//! Splits a whole-model engine into the rank files of a [`Mapping`] (TensorRT-LLM's layout):
+//! QKV, gate/up and up by rows (each rank's heads and MLP columns), O and down by columns (their
+//! biases on TP rank 0 only, since the ranks' outputs are summed), the embedding and head by
+//! vocabulary rows, layers by stage; norms and routers whole. Each rank file holds only its
+//! shard and is checksummed like a whole engine's.
+
+use std::ops::Range;
+use std::path::Path;
+
+use trtllm_runtime::quant::WeightFormat;
+use trtllm_runtime::engine::{names, EngineConfig, EngineFile, EngineWriter, RankFile, TensorInfo};
+use trtllm_runtime::parallel::{Mapping, Shard};
+use trtllm_runtime::ModelConfig;
+
+use crate::{BuildError, Result};
+
+/// What one rank takes of a tensor.
+#[derive(Debug, PartialEq)]
+enum Take {
+    Skip,
+    Whole,
+    /// These rows (of the module's output), in order.
+    Rows(Vec<Range<usize>>),
+    /// These input columns of every row.
+    Cols(Range<usize>),
+    /// Whole on TP rank 0, nothing elsewhere (a row-parallel module's bias).
+    OnFirst,
+}
+
+/// Replaces the whole-model engine in `dir` by `mapping`'s rank files and returns the new
+/// config.
+pub(crate) fn shard_engine(dir: &Path, whole: EngineConfig, mapping: Mapping) -> Result<EngineConfig> {
+    let model = &whole.model;
+    let shards = (0..mapping.world_size)
+        .map(|r| mapping.shard(model, r))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let rank0 = whole.ranks.first().ok_or_else(|| {
+        BuildError::InvalidBuildConfig("the whole engine has no rank file".into())
+    })?;
+    // Moved aside so that rank 0's shard can take its name; still mapped until the end.
+    let aside = RankFile {
+        file: "whole.engine.tmp".into(),
+        ..rank0.clone()
+    };
+    let io = |p: &Path, e| BuildError::io(p, e);
+    std::fs::rename(dir.join(&rank0.file), dir.join(&aside.file))
+        .map_err(|e| io(&dir.join(&rank0.file), e))?;
+    let file = EngineFile::open(dir, &aside)?;
+    let ranks = shards
+        .iter()
+        .map(|s| write_rank(dir, &file, model, s))
+        .collect::<Result<Vec<_>>>()?;
+    drop(file);
+    std::fs::remove_file(dir.join(&aside.file)).map_err(|e| io(&dir.join(&aside.file), e))?;
+    let cfg = EngineConfig {
+        mapping,
+        ranks,
+        ..whole
+    };
+    cfg.write(dir)?;
+    Ok(cfg)
+}
+
+fn write_rank(dir: &Path, file: &EngineFile, model: &ModelConfig, s: &Shard) -> Result<RankFile> {
+    let mut w = EngineWriter::create_file(dir, &Mapping::rank_file(s.rank))?;
+    for t in file.tensors() {
+        let (prefix, suffix) = t.name.rsplit_once('.').unwrap_or((&t.name, ""));
+        let take = match module_take(prefix, model, s) {
+            // The quantization scales and permutations of the input side stay whole under a
+            // row split; the output-side tensors are cut with the rows.
+            Take::Rows(_) if !ROW_SUFFIXES.contains(&suffix) => Take::Whole,
+            Take::Cols(_) if suffix == "bias" => Take::OnFirst,
+            take => take,
+        };
+        let bytes = file.bytes(t);
+        match take {
+            Take::Skip => {}
+            Take::OnFirst if s.tp_rank != 0 => {}
+            Take::Whole | Take::OnFirst => {
+                w.add_formatted(&t.name, (t.dtype, t.format), &t.shape, bytes)?
+            }
+            Take::Rows(rows) => {
+                let (shape, data) = take_rows(t, bytes, &rows);
+                w.add_formatted(&t.name, (t.dtype, t.format), &shape, &data)?;
+            }
+            Take::Cols(cols) => {
+                let weight = file.info(&format!("{prefix}.weight"));
+                let (format, shape, data) = take_cols(t, bytes, cols, weight)?;
+                w.add_formatted(&t.name, (t.dtype, format), &shape, &data)?;
+            }
+        }
+    }
+    Ok(w.finish_rank()?)
+}
+
+/// The tensors of a module that have one row per output row.
+const ROW_SUFFIXES: &[&str] = &["weight", "bias", "weight_scale", "weight_offset", "weight_block_scale"];
+
+/// What rank `s` takes of the module (or table) `prefix`.
+fn module_take(prefix: &str, model: &ModelConfig, s: &Shard) -> Take {
+    let (first, last) = (s.is_first_stage(), s.is_last_stage());
+    let vocab = || Take::Rows(vec![s.vocab.clone()]);
+    match prefix {
+        names::EMBED_PREFIX if first || (last && model.tie_word_embeddings) => vocab(),
+        names::LM_HEAD_PREFIX if last => vocab(),
+        names::POS_EMBED_PREFIX if first => Take::Whole,
+        names::FINAL_NORM if last => Take::Whole,
+        _ => {
+            let Some((i, part)) = prefix
+                .strip_prefix("layers.")
+                .and_then(|r| r.split_once('.'))
+                .and_then(|(i, part)| Some((i.parse::<usize>().ok()?, part)))
+            else {
+                return Take::Skip;
+            };
+            if !s.layers.contains(&i) {
+                return Take::Skip;
+            }
+            // An expert's module is cut as the dense one.
+            let part = match part.strip_prefix(names::EXPERTS) {
+                Some(rest) => rest.trim_start_matches('.').split_once('.').map_or(rest, |r| r.1),
+                None => part,
+            };
+            match part {
+                names::QKV => Take::Rows(s.qkv_rows(model)),
+                names::O => Take::Cols(s.o_cols(model)),
+                names::GATE_UP | names::UP => Take::Rows(s.mlp_in_rows(model, i)),
+                names::DOWN => Take::Cols(s.inter(model, i)),
+                _ => Take::Whole,
+            }
+        }
+    }
+}
+
+fn take_rows(t: &TensorInfo, bytes: &[u8], rows: &[Range<usize>]) -> (Vec<usize>, Vec<u8>) {
+    let row_bytes = bytes.len() / t.shape[0].max(1);
+    let mut data = Vec::new();
+    for r in rows {
+        data.extend_from_slice(&bytes[r.start * row_bytes..r.end * row_bytes]);
+    }
+    let mut shape = t.shape.clone();
+    shape[0] = rows.iter().map(|r| r.len()).sum();
+    (shape, data)
+}
+
+/// Columns `cols` of a row-parallel module's tensor `t` (`weight`: the module's weight, which
+/// says how its quantized columns are grouped).
+fn take_cols(
+    t: &TensorInfo,
+    bytes: &[u8],
+    cols: Range<usize>,
+    weight: Option<&TensorInfo>,
+) -> Result<(Option<WeightFormat>, Vec<usize>, Vec<u8>)> {
+    let format = weight.and_then(|w| w.format);
+    let full_cols = match (format, weight) {
+        (Some(_), Some(w)) => w.shape.get(1).map_or(0, |&cb| cb * 8 / code_bits(format)),
+        (_, Some(w)) => w.shape.get(1).copied().unwrap_or(0),
+        _ => 0,
+    };
+    let cut = |why: &str| {
+        BuildError::InvalidBuildConfig(format!(
+            "'{}': tensor parallelism cuts its {full_cols} input columns at {}..{}, {why}; use \
+             a quantization group that divides each rank's columns, or fewer ranks",
+            t.name, cols.start, cols.end
+        ))
+    };
+    let suffix = t.name.rsplit_once('.').map_or("", |s| s.1);
+    let (elems, new_format) = match (suffix, format) {
+        ("weight", None) => (cols.clone(), None),
+        ("weight", Some(f)) => {
+            if cols.start % f.block() != 0 || cols.end % f.block() != 0 {
+                return Err(cut(&format!("inside a block of {} values", f.block())));
+            }
+            let f2 = match f {
+                WeightFormat::Int8 { group, zero_point } if group >= full_cols => {
+                    WeightFormat::Int8 { group: cols.len(), zero_point }
+                }
+                WeightFormat::Int4 { group, zero_point } if group >= full_cols => {
+                    WeightFormat::Int4 { group: cols.len(), zero_point }
+                }
+                f => f,
+            };
+            (f.code_bytes(cols.start)..f.code_bytes(cols.end), Some(f2))
+        }
+        ("weight_scale" | "weight_offset", Some(f)) => {
+            if t.shape.get(1) == Some(&1) {
+                (0..1, None)
+            } else {
+                let g = match f {
+                    WeightFormat::Int8 { group, .. } | WeightFormat::Int4 { group, .. } => group,
+                    _ => return Err(cut("a scale layout that cannot be split")),
+                };
+                if cols.start % g != 0 || (cols.end % g != 0 && cols.end != full_cols) {
+                    return Err(cut(&format!("inside a quantization group of {g}")));
+                }
+                (cols.start / g..cols.end.div_ceil(g), None)
+            }
+        }
+        ("weight_block_scale", _) => (cols.start / 16..cols.end / 16, None),
+        ("pre_quant_scale", _) => (cols.clone(), None),
+        ("weight_global_scale" | "input_scale", _) => return Ok((None, t.shape.clone(), bytes.to_vec())),
+        _ => return Err(cut("a tensor that cannot be split (act-order GPTQ's input_perm?)")),
+    };
+    let elem = t.dtype.size_bytes();
+    let (rows, row_len) = match t.shape.as_slice() {
+        [n] => (1, *n),
+        [r, c] => (*r, *c),
+        _ => return Err(cut("a tensor of more than two dimensions")),
+    };
+    let mut data = Vec::with_capacity(rows * elems.len() * elem);
+    for row in bytes.chunks_exact(row_len * elem) {
+        data.extend_from_slice(&row[elems.start * elem..elems.end * elem]);
+    }
+    let shape = match t.shape.len() {
+        1 => vec![elems.len()],
+        _ => vec![rows, elems.len()],
+    };
+    Ok((new_format, shape, data))
+}
+
+/// Bits of one quantized value.
+fn code_bits(f: Option<WeightFormat>) -> usize {
+    match f {
+        Some(f) => 8 * f.code_bytes(64) / 64,
+        None => 8,
+    }
+}

@@ -1,0 +1,114 @@
+//! What rank 0 tells the other ranks, in order, so that they make the same calls on their
+//! shards: open the engine, make or drop a KV pool, run a pass, copy blocks, stop. Each message
+//! is one broadcast over the world (JSON: a step's chunks are a few kilobytes).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::{error, Comm};
+use crate::kv_cache::{BlockCopy, BlockId, KvBudget};
+use crate::model::{LogitsMode, SeqChunk};
+use crate::{Device, Result};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Msg {
+    /// Open the engine in `dir` and make a runner on `device` (closing any open one).
+    Open { dir: PathBuf, device: Device },
+    NewPool { id: u64, budget: KvBudget },
+    DropPool { id: u64 },
+    Forward { pool: u64, chunks: Vec<Chunk> },
+    Copy { pool: u64, copies: Vec<BlockCopy> },
+    Invariant { on: bool },
+    /// The job is over: return from [`super::worker::run`].
+    Stop,
+}
+
+/// A [`SeqChunk`] as it travels.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Chunk {
+    pub tokens: Vec<u32>,
+    pub past: usize,
+    pub blocks: Vec<Vec<BlockId>>,
+    pub logits: LogitsMode,
+}
+
+impl Chunk {
+    pub fn of(c: &SeqChunk<'_>) -> Self {
+        Self {
+            tokens: c.tokens.to_vec(),
+            past: c.past,
+            blocks: c.blocks.iter().map(|b| b.to_vec()).collect(),
+            logits: c.logits,
+        }
+    }
+}
+
+/// Sends `msg` from rank 0 to every rank.
+pub(crate) fn send(world: &dyn Comm, msg: &Msg) -> Result<()> {
+    let bytes = serde_json::to_vec(msg).map_err(|e| error(e.to_string()))?;
+    world.broadcast(&bytes).map(drop)
+}
+
+/// The next message from rank 0.
+pub(crate) fn recv(world: &dyn Comm) -> Result<Msg> {
+    let bytes = world.broadcast(&[])?;
+    serde_json::from_slice(&bytes).map_err(|e| error(format!("a message from rank 0: {e}")))
+}
+
+/// A KV pool of rank 0 whose twins the other ranks keep under `id` (dropped with it).
+pub(crate) struct RemotePool {
+    pub id: u64,
+    world: Arc<dyn Comm>,
+}
+
+impl RemotePool {
+    /// Tells the other ranks to make their twin of a pool of `budget`.
+    pub fn new(world: Arc<dyn Comm>, budget: &KvBudget) -> Result<Self> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        let budget = budget.clone();
+        send(&*world, &Msg::NewPool { id, budget })?;
+        Ok(Self { id, world })
+    }
+}
+
+impl Drop for RemotePool {
+    fn drop(&mut self) {
+        if let Err(e) = send(&*self.world, &Msg::DropPool { id: self.id }) {
+            // The ranks can no longer follow rank 0: nothing can run after this.
+            eprintln!("error: {e}");
+            self.world.abort(1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_travel_as_json_and_come_back_the_same() {
+        let tables: Vec<Vec<BlockId>> = vec![vec![3, 4], vec![7]];
+        let refs: Vec<&[BlockId]> = tables.iter().map(|t| &t[..]).collect();
+        let c = SeqChunk {
+            tokens: &[1, 2, 3],
+            past: 5,
+            blocks: &refs,
+            logits: LogitsMode::Last,
+            lora: None,
+        };
+        let msg = Msg::Forward {
+            pool: 9,
+            chunks: vec![Chunk::of(&c)],
+        };
+        let back: Msg = serde_json::from_slice(&serde_json::to_vec(&msg).unwrap()).unwrap();
+        let Msg::Forward { pool, chunks } = back else {
+            panic!("{back:?}")
+        };
+        assert_eq!((pool, &chunks[0].tokens[..], chunks[0].past), (9, &[1, 2, 3][..], 5));
+        assert_eq!((chunks[0].blocks.clone(), chunks[0].logits), (tables, LogitsMode::Last));
+    }
+}
