@@ -32,6 +32,7 @@ pub const TINY_FIXTURES: &[&str] = &[
     "tiny-qwen2-linear",
     "tiny-gemma3",
     "tiny-qwen3-moe",
+    "tiny-llama-mqa",
     // Published quantized (prequantized.rs checks their stored formats).
     "tiny-llama-gptq-int4",
     "tiny-llama-gptq-int8",

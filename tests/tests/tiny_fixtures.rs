@@ -71,6 +71,11 @@ fn tiny_mixtral_sparse_moe() -> Result<()> {
 /// Experts of their own size in layers 0 and 2, a dense MLP in layer 1 (mlp_only_layers), top-2
 /// weights not renormalized.
 #[test]
+fn tiny_llama_multi_query_attention() -> Result<()> {
+    check_fixture("tiny-llama-mqa")
+}
+
+#[test]
 fn tiny_qwen3_moe_sparse_and_dense_layers() -> Result<()> {
     check_fixture("tiny-qwen3-moe")
 }

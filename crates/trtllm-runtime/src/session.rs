@@ -12,7 +12,7 @@ use crate::lora::{DeviceLora, LoraAdapter, LoraInner, LoraWeights};
 use crate::model::{ActivationObserver, HostModel, LogitsMode, NoObserver, SeqChunk};
 use crate::tuning::{TimingCache, TuneReport};
 use crate::parallel::proxy::{self, Chunk, Msg, RemotePool};
-use crate::parallel::{Comm, Groups, Shard};
+use crate::parallel::{self, Comm, Groups, Shard};
 use crate::{Device, ModelConfig, Result, RuntimeError};
 
 /// A loaded engine: its config and its memory-mapped weights (this rank's file of a split one).
@@ -90,19 +90,16 @@ impl Session {
     /// This rank's runner; with other ranks, every rank learns whether all of them made theirs.
     pub(crate) fn runner(&self, device: Device) -> Result<ModelRunner> {
         let groups = match &self.parallel {
-            Some((shard, world)) => Some(Groups::new(world.clone(), shard.clone())?),
+            Some((shard, world)) => {
+                // The twin of a worker's report that it could not open the engine.
+                parallel::agree(&**world, false, "open the engine")?;
+                Some(Groups::new(world.clone(), shard.clone())?)
+            }
             None => None,
         };
         let backend = self.decoder(device, groups.clone());
         if let Some(g) = &groups {
-            let mut failed = [f32::from(u8::from(backend.is_err()))];
-            g.world.all_reduce_sum(&mut failed)?;
-            if failed[0] > 0.0 && backend.is_ok() {
-                return Err(crate::parallel::error(
-                    "another rank could not load its shard of the engine (its error is on its \
-                     standard error)",
-                ));
-            }
+            parallel::agree(&*g.world, backend.is_err(), "load its shard of the engine")?;
         }
         Ok(ModelRunner {
             backend: backend?,

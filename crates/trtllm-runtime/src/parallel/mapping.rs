@@ -281,7 +281,9 @@ mod tests {
     #[test]
     fn impossible_splits_are_errors_that_say_why() {
         let m = model(4, 1, 64, 100);
-        let e = Mapping::new(3, 1).unwrap().shard(&m, 0).unwrap_err();
+        let e = Mapping::new(8, 1).unwrap().shard(&m, 0).unwrap_err();
+        assert!(e.to_string().contains("at most the attention heads"), "{e}");
+        let e = Mapping::new(3, 1).unwrap().shard(&model(4, 2, 64, 100), 0).unwrap_err();
         assert!(e.to_string().contains("multiple of the KV heads"), "{e}");
         let e = Mapping::new(1, 6).unwrap().shard(&m, 0).unwrap_err();
         assert!(e.to_string().contains("only 5 layers"), "{e}");

@@ -80,6 +80,19 @@ impl Groups {
     }
 }
 
+/// Every rank says whether its part of a collective step failed; an error on every rank where
+/// any did (each failed rank has reported its own error, the others say another rank failed).
+pub(crate) fn agree(world: &dyn Comm, failed: bool, what: &str) -> Result<()> {
+    let mut flag = [f32::from(u8::from(failed))];
+    world.all_reduce_sum(&mut flag)?;
+    match flag[0] > 0.0 && !failed {
+        true => Err(error(format!(
+            "another rank could not {what} (its error is on its standard error)"
+        ))),
+        false => Ok(()),
+    }
+}
+
 /// Tells the other ranks of this process's job that it is over (from rank 0, once, before
 /// MPI is finalized); nothing without a job.
 pub fn stop_workers() -> Result<()> {

@@ -21,9 +21,13 @@ pub fn run(world: Arc<dyn Comm>) -> Result<()> {
             Msg::Stop => return Ok(()),
             Msg::Open { dir, device } => {
                 (runner, pools) = (None, HashMap::new());
-                // A rank that cannot open its shard says so here; every rank learns it in
-                // `Session::runner`, and rank 0 reports it.
-                match Session::open(&dir).and_then(|s| s.runner(device_here(device))) {
+                // A rank that cannot open or load its shard says so here; every rank learns it
+                // in `Session::runner`'s agreements, and rank 0 reports it.
+                let opened = Session::open(&dir);
+                if opened.is_err() {
+                    super::agree(&*world, true, "open the engine")?;
+                }
+                match opened.and_then(|s| s.runner(device_here(device))) {
                     Ok(r) => runner = Some(r),
                     Err(e) => eprintln!("error: rank {}: {}: {e}", world.rank(), dir.display()),
                 }
