@@ -7,9 +7,9 @@
 use std::ops::Range;
 use std::path::Path;
 
-use trtllm_runtime::quant::WeightFormat;
 use trtllm_runtime::engine::{names, EngineConfig, EngineFile, EngineWriter, RankFile, TensorInfo};
 use trtllm_runtime::parallel::{Mapping, Shard};
+use trtllm_runtime::quant::WeightFormat;
 use trtllm_runtime::ModelConfig;
 
 use crate::{BuildError, Result};
@@ -29,7 +29,11 @@ enum Take {
 
 /// Replaces the whole-model engine in `dir` by `mapping`'s rank files and returns the new
 /// config.
-pub(crate) fn shard_engine(dir: &Path, whole: EngineConfig, mapping: Mapping) -> Result<EngineConfig> {
+pub(crate) fn shard_engine(
+    dir: &Path,
+    whole: EngineConfig,
+    mapping: Mapping,
+) -> Result<EngineConfig> {
     let model = &whole.model;
     let shards = (0..mapping.world_size)
         .map(|r| mapping.shard(model, r))
@@ -94,7 +98,13 @@ fn write_rank(dir: &Path, file: &EngineFile, model: &ModelConfig, s: &Shard) -> 
 }
 
 /// The tensors of a module that have one row per output row.
-const ROW_SUFFIXES: &[&str] = &["weight", "bias", "weight_scale", "weight_offset", "weight_block_scale"];
+const ROW_SUFFIXES: &[&str] = &[
+    "weight",
+    "bias",
+    "weight_scale",
+    "weight_offset",
+    "weight_block_scale",
+];
 
 /// What rank `s` takes of the module (or table) `prefix`.
 fn module_take(prefix: &str, model: &ModelConfig, s: &Shard) -> Take {
@@ -118,7 +128,10 @@ fn module_take(prefix: &str, model: &ModelConfig, s: &Shard) -> Take {
             }
             // An expert's module is cut as the dense one.
             let part = match part.strip_prefix(names::EXPERTS) {
-                Some(rest) => rest.trim_start_matches('.').split_once('.').map_or(rest, |r| r.1),
+                Some(rest) => rest
+                    .trim_start_matches('.')
+                    .split_once('.')
+                    .map_or(rest, |r| r.1),
                 None => part,
             };
             match part {
@@ -173,10 +186,16 @@ fn take_cols(
             }
             let f2 = match f {
                 WeightFormat::Int8 { group, zero_point } if group >= full_cols => {
-                    WeightFormat::Int8 { group: cols.len(), zero_point }
+                    WeightFormat::Int8 {
+                        group: cols.len(),
+                        zero_point,
+                    }
                 }
                 WeightFormat::Int4 { group, zero_point } if group >= full_cols => {
-                    WeightFormat::Int4 { group: cols.len(), zero_point }
+                    WeightFormat::Int4 {
+                        group: cols.len(),
+                        zero_point,
+                    }
                 }
                 f => f,
             };
@@ -198,8 +217,14 @@ fn take_cols(
         }
         ("weight_block_scale", _) => (cols.start / 16..cols.end / 16, None),
         ("pre_quant_scale", _) => (cols.clone(), None),
-        ("weight_global_scale" | "input_scale", _) => return Ok((None, t.shape.clone(), bytes.to_vec())),
-        _ => return Err(cut("a tensor that cannot be split (act-order GPTQ's input_perm?)")),
+        ("weight_global_scale" | "input_scale", _) => {
+            return Ok((None, t.shape.clone(), bytes.to_vec()))
+        }
+        _ => {
+            return Err(cut(
+                "a tensor that cannot be split (act-order GPTQ's input_perm?)",
+            ))
+        }
     };
     let elem = t.dtype.size_bytes();
     let (rows, row_len) = match t.shape.as_slice() {

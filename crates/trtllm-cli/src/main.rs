@@ -15,8 +15,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use trtllm_api::builder::{self, BuildConfig};
 use trtllm_api::executor::ExecutorConfig;
-use trtllm_api::runtime::quant::{DType, LayerQuantConfig, QuantAlgo, QuantConfig};
 use trtllm_api::runtime::parallel::Mapping;
+use trtllm_api::runtime::quant::{DType, LayerQuantConfig, QuantAlgo, QuantConfig};
 use trtllm_api::runtime::{Device, KvStorage, Session, TimingCache};
 
 #[derive(Parser)]

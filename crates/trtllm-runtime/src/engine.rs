@@ -177,10 +177,11 @@ impl EngineConfig {
                 supported: ENGINE_FORMAT_VERSION,
             });
         }
-        let cfg: EngineConfig = serde_json::from_value(raw).map_err(|source| RuntimeError::Json {
-            path: path.clone(),
-            source,
-        })?;
+        let cfg: EngineConfig =
+            serde_json::from_value(raw).map_err(|source| RuntimeError::Json {
+                path: path.clone(),
+                source,
+            })?;
         cfg.model.validate()?;
         cfg.mapping.validate()?;
         if cfg.ranks.len() != cfg.mapping.world_size {

@@ -10,9 +10,9 @@ use crate::engine::{EngineConfig, EngineFile, TensorInfo};
 use crate::kv_cache::{KvBudget, KvCache, KvPool, KvStorage, KV_CACHE_BLOCK};
 use crate::lora::{DeviceLora, LoraAdapter, LoraInner, LoraWeights};
 use crate::model::{ActivationObserver, HostModel, LogitsMode, NoObserver, SeqChunk};
-use crate::tuning::{TimingCache, TuneReport};
 use crate::parallel::proxy::{self, Chunk, Msg, RemotePool};
 use crate::parallel::{self, Comm, Groups, Shard};
+use crate::tuning::{TimingCache, TuneReport};
 use crate::{Device, ModelConfig, Result, RuntimeError};
 
 /// A loaded engine: its config and its memory-mapped weights (this rank's file of a split one).
@@ -401,7 +401,13 @@ impl ModelRunner {
         };
         let chunks = batch.iter().map(Chunk::of).collect();
         let pool_id = remote_id(pool)?;
-        proxy::send(&**world, &Msg::Forward { pool: pool_id, chunks })?;
+        proxy::send(
+            &**world,
+            &Msg::Forward {
+                pool: pool_id,
+                chunks,
+            },
+        )?;
         // The other ranks are in this pass: one that fails here leaves them waiting in a
         // collective, so it ends the job rather than the request.
         Ok(self

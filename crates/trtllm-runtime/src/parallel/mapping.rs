@@ -103,7 +103,9 @@ impl Mapping {
             (kv * group + q.start..kv * group + q.end, kv..kv + 1)
         };
         if model.vocab_size < tp || model.intermediate_size < tp {
-            return Err(cannot("fewer vocabulary rows or MLP columns than ranks".into()));
+            return Err(cannot(
+                "fewer vocabulary rows or MLP columns than ranks".into(),
+            ));
         }
         Ok(Shard {
             mapping: *self,
@@ -166,9 +168,8 @@ impl Shard {
         m.num_kv_heads = self.kv_heads.len();
         m.intermediate_size = self.inter_of(full.intermediate_size).len();
         if let Some(moe) = &mut m.features.moe {
-            moe.expert_intermediate_size = moe
-                .expert_intermediate_size
-                .map(|e| self.inter_of(e).len());
+            moe.expert_intermediate_size =
+                moe.expert_intermediate_size.map(|e| self.inter_of(e).len());
         }
         m
     }
@@ -235,7 +236,9 @@ mod tests {
 
     fn shards(m: &ModelConfig, tp: usize, pp: usize) -> Vec<Shard> {
         let map = Mapping::new(tp, pp).expect("mapping");
-        (0..tp * pp).map(|r| map.shard(m, r).expect("shard")).collect()
+        (0..tp * pp)
+            .map(|r| map.shard(m, r).expect("shard"))
+            .collect()
     }
 
     #[test]
@@ -265,15 +268,24 @@ mod tests {
         assert_eq!((s[0].q_heads.clone(), s[0].kv_heads.clone()), (0..2, 0..1));
         assert_eq!((s[1].q_heads.clone(), s[1].kv_heads.clone()), (2..4, 0..1));
         let local = s[1].model(&model(4, 1, 64, 100));
-        assert_eq!((local.num_heads, local.num_kv_heads, local.intermediate_size), (2, 1, 32));
-        assert_eq!(s[1].qkv_rows(&model(4, 1, 64, 100)), vec![32..64, 64..80, 80..96]);
+        assert_eq!(
+            (local.num_heads, local.num_kv_heads, local.intermediate_size),
+            (2, 1, 32)
+        );
+        assert_eq!(
+            s[1].qkv_rows(&model(4, 1, 64, 100)),
+            vec![32..64, 64..80, 80..96]
+        );
     }
 
     #[test]
     fn stages_hold_consecutive_layers_and_ranks_are_tp_major() {
         let s = shards(&model(4, 2, 64, 100), 2, 2);
         assert_eq!(s[1].layers, 0..3);
-        assert_eq!((s[2].tp_rank, s[2].pp_rank, s[2].layers.clone()), (0, 1, 3..5));
+        assert_eq!(
+            (s[2].tp_rank, s[2].pp_rank, s[2].layers.clone()),
+            (0, 1, 3..5)
+        );
         assert!(s[2].is_last_stage() && !s[2].is_first_stage());
         assert_eq!(s[3].vocab, 50..100);
     }
@@ -283,7 +295,10 @@ mod tests {
         let m = model(4, 1, 64, 100);
         let e = Mapping::new(8, 1).unwrap().shard(&m, 0).unwrap_err();
         assert!(e.to_string().contains("at most the attention heads"), "{e}");
-        let e = Mapping::new(3, 1).unwrap().shard(&model(4, 2, 64, 100), 0).unwrap_err();
+        let e = Mapping::new(3, 1)
+            .unwrap()
+            .shard(&model(4, 2, 64, 100), 0)
+            .unwrap_err();
         assert!(e.to_string().contains("multiple of the KV heads"), "{e}");
         let e = Mapping::new(1, 6).unwrap().shard(&m, 0).unwrap_err();
         assert!(e.to_string().contains("only 5 layers"), "{e}");

@@ -16,12 +16,28 @@ use crate::{Device, Result};
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum Msg {
     /// Open the engine in `dir` and make a runner on `device` (closing any open one).
-    Open { dir: PathBuf, device: Device },
-    NewPool { id: u64, budget: KvBudget },
-    DropPool { id: u64 },
-    Forward { pool: u64, chunks: Vec<Chunk> },
-    Copy { pool: u64, copies: Vec<BlockCopy> },
-    Invariant { on: bool },
+    Open {
+        dir: PathBuf,
+        device: Device,
+    },
+    NewPool {
+        id: u64,
+        budget: KvBudget,
+    },
+    DropPool {
+        id: u64,
+    },
+    Forward {
+        pool: u64,
+        chunks: Vec<Chunk>,
+    },
+    Copy {
+        pool: u64,
+        copies: Vec<BlockCopy>,
+    },
+    Invariant {
+        on: bool,
+    },
     /// The job is over: return from [`super::worker::run`].
     Stop,
 }
@@ -108,7 +124,13 @@ mod tests {
         let Msg::Forward { pool, chunks } = back else {
             panic!("{back:?}")
         };
-        assert_eq!((pool, &chunks[0].tokens[..], chunks[0].past), (9, &[1, 2, 3][..], 5));
-        assert_eq!((chunks[0].blocks.clone(), chunks[0].logits), (tables, LogitsMode::Last));
+        assert_eq!(
+            (pool, &chunks[0].tokens[..], chunks[0].past),
+            (9, &[1, 2, 3][..], 5)
+        );
+        assert_eq!(
+            (chunks[0].blocks.clone(), chunks[0].logits),
+            (tables, LogitsMode::Last)
+        );
     }
 }

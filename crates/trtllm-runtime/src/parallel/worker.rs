@@ -74,10 +74,14 @@ fn device_here(device: Device) -> Device {
     match device {
         Device::Cpu => Device::Cpu,
         Device::Cuda(n) => {
-            let local = ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK"]
-                .iter()
-                .find_map(|v| std::env::var(v).ok()?.parse::<usize>().ok())
-                .unwrap_or(0);
+            let local = [
+                "OMPI_COMM_WORLD_LOCAL_RANK",
+                "MPI_LOCALRANKID",
+                "PMI_LOCAL_RANK",
+            ]
+            .iter()
+            .find_map(|v| std::env::var(v).ok()?.parse::<usize>().ok())
+            .unwrap_or(0);
             Device::Cuda(n + local)
         }
     }
