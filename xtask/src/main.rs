@@ -106,6 +106,7 @@ fn main() -> Result<()> {
             let quantize = vs_llama_cpp::llama_quantize()?;
             run(cargo_command()
                 .args(["test", "--workspace"])
+                .args(mpi_features()?)
                 .env("TRTLLM_TEST_PYTHON", python)
                 .env("TRTLLM_LLAMA_QUANTIZE", quantize))
         }
@@ -221,6 +222,28 @@ fn demo() -> Result<()> {
 fn path_str(p: &Path) -> Result<&str> {
     p.to_str()
         .with_context(|| format!("{} is not UTF-8", p.display()))
+}
+
+/// The features that add the multi-rank tests (`tests/mpi.rs` of the CLI: `mpirun` jobs) where
+/// Open MPI is installed; in CI its absence is an error, elsewhere a notice.
+fn mpi_features() -> Result<Vec<&'static str>> {
+    let found = |tool: &str| {
+        Command::new(tool)
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if found("mpirun") && found("mpicc") {
+        return Ok(vec!["--features", "trtllm-cli/mpi"]);
+    }
+    let install = "apt-get install libopenmpi-dev openmpi-bin libclang-dev";
+    if std::env::var_os("CI").is_some() {
+        bail!("the multi-rank tests need Open MPI: {install}");
+    }
+    eprintln!("notice: Open MPI not found: the multi-rank (mpirun) tests are skipped ({install})");
+    Ok(Vec::new())
 }
 
 fn cargo_command() -> Command {

@@ -181,7 +181,7 @@ fn take_cols(
     let (elems, new_format) = match (suffix, format) {
         ("weight", None) => (cols.clone(), None),
         ("weight", Some(f)) => {
-            if cols.start % f.block() != 0 || cols.end % f.block() != 0 {
+            if !cols.start.is_multiple_of(f.block()) || !cols.end.is_multiple_of(f.block()) {
                 return Err(cut(&format!("inside a block of {} values", f.block())));
             }
             let f2 = match f {
@@ -209,7 +209,9 @@ fn take_cols(
                     WeightFormat::Int8 { group, .. } | WeightFormat::Int4 { group, .. } => group,
                     _ => return Err(cut("a scale layout that cannot be split")),
                 };
-                if cols.start % g != 0 || (cols.end % g != 0 && cols.end != full_cols) {
+                if !cols.start.is_multiple_of(g)
+                    || !(cols.end.is_multiple_of(g) || cols.end == full_cols)
+                {
                     return Err(cut(&format!("inside a quantization group of {g}")));
                 }
                 (cols.start / g..cols.end.div_ceil(g), None)

@@ -329,7 +329,7 @@ fn job_ranks(engine: &Path) -> Vec<(usize, u32)> {
         let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
         let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
         let ours = args.first().is_some_and(|a| a.ends_with(b"trtllm"))
-            && args.iter().any(|a| *a == engine.as_bytes());
+            && args.contains(&engine.as_bytes());
         let environ = std::fs::read(e.path().join("environ")).unwrap_or_default();
         let rank = environ
             .split(|&b| b == 0)

@@ -36,7 +36,10 @@ pub fn run(world: Arc<dyn Comm>) -> Result<()> {
             Msg::NewPool { id, budget } => open(&runner)
                 .and_then(|r| r.new_pool(&budget))
                 .map(|p| drop(pools.insert(id, p))),
-            Msg::DropPool { id } => Ok(drop(pools.remove(&id))),
+            Msg::DropPool { id } => {
+                pools.remove(&id);
+                Ok(())
+            }
             Msg::Forward { pool, chunks } => {
                 let r = open(&runner);
                 r.and_then(|r| r.run_chunks(&chunks, pool_of(&mut pools, pool)?))
@@ -46,7 +49,10 @@ pub fn run(world: Arc<dyn Comm>) -> Result<()> {
                 r.and_then(|r| r.copy_blocks(pool_of(&mut pools, pool)?, &copies))
             }
             Msg::Invariant { on } => match &mut runner {
-                Some(r) => Ok(r.set_batch_invariant(on)),
+                Some(r) => {
+                    r.set_batch_invariant(on);
+                    Ok(())
+                }
                 None => Err(error("no engine is open")),
             },
         };
