@@ -15,7 +15,8 @@ use clap::{Args, Subcommand};
 
 use crate::run::{ExecutorArgs, ModelArg};
 use backend::{Backend, HttpBackend, InProcess};
-use report::{Report, Speculation};
+use report::{Communication, Report, Speculation};
+use trtllm_api::runtime::parallel;
 use workload::{Workload, WorkloadArgs};
 
 #[derive(Subcommand)]
@@ -85,17 +86,17 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         backend.run(&workload.requests[0])?;
     }
     let before = backend.speculative();
+    let comm = || parallel::world().map(|w| w.time());
+    let comm_before = comm();
     let start = Instant::now();
     let timings = drive(backend.as_ref(), &workload, concurrency)?;
-    let mut report = Report::new(
-        mode,
-        backend.describe(),
-        concurrency,
-        start.elapsed(),
-        &timings,
-    );
+    let wall = start.elapsed();
+    let mut report = Report::new(mode, backend.describe(), concurrency, wall, &timings);
     if let (Some(b), Some(a)) = (before, backend.speculative()) {
         report.speculative = Speculation::between(b, a);
+    }
+    if let (Some(b), Some(a)) = (comm_before, comm()) {
+        report.communication = Some(Communication::between(b, a, wall));
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use trtllm_api::executor::SpeculativeTotals;
+use trtllm_api::runtime::parallel::CommTime;
 
 use super::backend::Timing;
 
@@ -64,6 +65,36 @@ pub struct Report {
     /// Speculative decoding in the measured requests (in process, when drafts were made).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub speculative: Option<Speculation>,
+    /// Rank 0's time inside collectives, for an engine split over ranks (`mpirun`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub communication: Option<Communication>,
+}
+
+/// Where rank 0's time in collectives went during the measured requests, in milliseconds.
+#[derive(Serialize)]
+pub struct Communication {
+    pub all_reduce_ms: f64,
+    pub all_gather_ms: f64,
+    pub send_recv_ms: f64,
+    pub broadcast_ms: f64,
+    pub calls: u64,
+    /// Their sum over the measured wall time.
+    pub share_of_wall: f64,
+}
+
+impl Communication {
+    pub fn between(before: CommTime, after: CommTime, wall: Duration) -> Self {
+        let d = |f: fn(&CommTime) -> Duration| ms(f(&after).saturating_sub(f(&before)));
+        let total = d(CommTime::total);
+        Self {
+            all_reduce_ms: d(|t| t.all_reduce),
+            all_gather_ms: d(|t| t.all_gather),
+            send_recv_ms: d(|t| t.send_recv),
+            broadcast_ms: d(|t| t.broadcast),
+            calls: after.calls - before.calls,
+            share_of_wall: total / ms(wall).max(1e-9),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -140,6 +171,7 @@ impl Report {
             ),
             e2e_ms: Percentiles::of(t.iter().map(|x| ms(x.e2e)).collect()),
             speculative: None,
+            communication: None,
         }
     }
 
@@ -187,6 +219,23 @@ impl Report {
                     "{:.1} % ({:.2}/pass)",
                     sp.acceptance_rate * 100.0,
                     sp.mean_accepted_len
+                )
+            );
+        }
+        if let Some(c) = &self.communication {
+            let _ = writeln!(
+                s,
+                "{:<30} {:>14}",
+                "rank 0 in collectives",
+                format!("{:.1} % of wall", c.share_of_wall * 100.0)
+            );
+            let _ = writeln!(
+                s,
+                "{:<30} {:>14}",
+                "  all-reduce/gather/p2p/bcast",
+                format!(
+                    "{:.0}/{:.0}/{:.0}/{:.0} ms",
+                    c.all_reduce_ms, c.all_gather_ms, c.send_recv_ms, c.broadcast_ms
                 )
             );
         }

@@ -35,6 +35,29 @@ pub trait Comm: Send + Sync {
     /// Ends every process of the job with `code` (MPI_Abort): what a rank does when the group
     /// can no longer agree on what runs next.
     fn abort(&self, code: i32) -> !;
+    /// Time this rank has spent inside calls on this group and the groups split from it.
+    fn time(&self) -> CommTime;
+}
+
+/// Time spent inside collectives, by kind (waiting for a slower rank included: a collective
+/// ends when the last rank reaches it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct CommTime {
+    /// Sums of partial products (after O and down) and of the vocabulary-split embeddings.
+    pub all_reduce: std::time::Duration,
+    /// Logits of the vocabulary-split head.
+    pub all_gather: std::time::Duration,
+    /// Activations between pipeline stages, logits to rank 0.
+    pub send_recv: std::time::Duration,
+    /// Rank 0's calls to the other ranks (each step's batch).
+    pub broadcast: std::time::Duration,
+    pub calls: u64,
+}
+
+impl CommTime {
+    pub fn total(&self) -> std::time::Duration {
+        self.all_reduce + self.all_gather + self.send_recv + self.broadcast
+    }
 }
 
 static WORLD: OnceLock<Arc<dyn Comm>> = OnceLock::new();

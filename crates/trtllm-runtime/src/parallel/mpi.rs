@@ -1,6 +1,7 @@
 //! [`Comm`] over MPI (Open MPI through the `mpi` crate), for jobs started by `mpirun`.
 
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use mpi::collective::SystemOperation;
 use mpi::datatype::PartitionMut;
@@ -8,7 +9,7 @@ use mpi::topology::{Color, SimpleCommunicator};
 use mpi::traits::*;
 use mpi::Threading;
 
-use super::{error, set_world, Comm};
+use super::{error, set_world, Comm, CommTime};
 use crate::Result;
 
 /// The MPI environment; dropping it finalizes MPI.
@@ -40,7 +41,7 @@ pub fn init() -> Result<Option<Arc<dyn Comm>>> {
             "this MPI library offers thread support {threading:?}; trtllm needs MPI_THREAD_MULTIPLE"
         )));
     }
-    let world: Arc<dyn Comm> = Arc::new(MpiComm::new(universe.world()));
+    let world: Arc<dyn Comm> = Arc::new(MpiComm::new(universe.world(), Arc::default()));
     *lock(&UNIVERSE) = Some(Universe(universe));
     set_world(world.clone());
     Ok(Some(world))
@@ -60,6 +61,8 @@ pub struct MpiComm {
     comm: Mutex<Handle>,
     rank: usize,
     size: usize,
+    /// Shared with the communicators split from this one.
+    time: Arc<Mutex<CommTime>>,
 }
 
 struct Handle(SimpleCommunicator);
@@ -69,16 +72,28 @@ struct Handle(SimpleCommunicator);
 unsafe impl Send for Handle {}
 
 impl MpiComm {
-    fn new(comm: SimpleCommunicator) -> Self {
+    fn new(comm: SimpleCommunicator, time: Arc<Mutex<CommTime>>) -> Self {
         Self {
             rank: comm.rank() as usize,
             size: comm.size() as usize,
             comm: Mutex::new(Handle(comm)),
+            time,
         }
     }
 
-    fn with<T>(&self, f: impl FnOnce(&SimpleCommunicator) -> T) -> T {
-        f(&lock(&self.comm).0)
+    /// `f` on the communicator, its time added to `kind`'s.
+    fn with<T>(
+        &self,
+        kind: fn(&mut CommTime) -> &mut Duration,
+        f: impl FnOnce(&SimpleCommunicator) -> T,
+    ) -> T {
+        let comm = lock(&self.comm);
+        let start = Instant::now();
+        let out = f(&comm.0);
+        let mut time = lock(&self.time);
+        *kind(&mut time) += start.elapsed();
+        time.calls += 1;
+        out
     }
 }
 
@@ -97,7 +112,10 @@ impl Comm for MpiComm {
 
     fn all_reduce_sum(&self, x: &mut [f32]) -> Result<()> {
         let send = x.to_vec();
-        self.with(|c| c.all_reduce_into(&send[..], x, SystemOperation::sum()));
+        self.with(
+            |t| &mut t.all_reduce,
+            |c| c.all_reduce_into(&send[..], x, SystemOperation::sum()),
+        );
         Ok(())
     }
 
@@ -118,33 +136,42 @@ impl Comm for MpiComm {
         let total = counts.iter().map(|&n| n as usize).sum();
         let mut all = vec![0f32; total];
         let mut parts = PartitionMut::new(&mut all[..], counts, displs);
-        self.with(|c| c.all_gather_varcount_into(part, &mut parts));
+        self.with(
+            |t| &mut t.all_gather,
+            |c| c.all_gather_varcount_into(part, &mut parts),
+        );
         Ok(all)
     }
 
     fn broadcast(&self, bytes: &[u8]) -> Result<Vec<u8>> {
-        self.with(|c| {
-            let root = c.process_at_rank(0);
-            let mut len = bytes.len() as u64;
-            root.broadcast_into(&mut len);
-            let mut buf = match self.rank {
-                0 => bytes.to_vec(),
-                _ => vec![0u8; len as usize],
-            };
-            root.broadcast_into(&mut buf[..]);
-            Ok(buf)
-        })
+        self.with(
+            |t| &mut t.broadcast,
+            |c| {
+                let root = c.process_at_rank(0);
+                let mut len = bytes.len() as u64;
+                root.broadcast_into(&mut len);
+                let mut buf = match self.rank {
+                    0 => bytes.to_vec(),
+                    _ => vec![0u8; len as usize],
+                };
+                root.broadcast_into(&mut buf[..]);
+                Ok(buf)
+            },
+        )
     }
 
     fn send(&self, to: usize, x: &[f32]) -> Result<()> {
         let to = count(to)?;
-        self.with(|c| c.process_at_rank(to).send(x));
+        self.with(|t| &mut t.send_recv, |c| c.process_at_rank(to).send(x));
         Ok(())
     }
 
     fn recv(&self, from: usize, x: &mut [f32]) -> Result<()> {
         let src = count(from)?;
-        let status = self.with(|c| c.process_at_rank(src).receive_into(x));
+        let status = self.with(
+            |t| &mut t.send_recv,
+            |c| c.process_at_rank(src).receive_into(x),
+        );
         let got = status.count(f32::equivalent_datatype()) as usize;
         if got != x.len() {
             return Err(error(format!(
@@ -158,13 +185,17 @@ impl Comm for MpiComm {
     fn split(&self, color: usize) -> Result<Arc<dyn Comm>> {
         let color = Color::with_value(count(color)?);
         let comm = self
-            .with(|c| c.split_by_color(color))
+            .with(|t| &mut t.broadcast, |c| c.split_by_color(color))
             .ok_or_else(|| error("MPI_Comm_split gave no communicator"))?;
-        Ok(Arc::new(MpiComm::new(comm)))
+        Ok(Arc::new(MpiComm::new(comm, self.time.clone())))
     }
 
     fn abort(&self, code: i32) -> ! {
         // Not through the mutex: a thread may hold it, blocked in a call no rank will answer.
         SimpleCommunicator::world().abort(code)
+    }
+
+    fn time(&self) -> CommTime {
+        *lock(&self.time)
     }
 }
