@@ -2,8 +2,9 @@
 // functions cudarc calls, backed by host memory and the kernels compiled for the host
 // (cuda_emu.h). Put on LD_LIBRARY_PATH as libcuda.so and libcublas.so, it lets the Rust CUDA
 // path — launchers, device matrices, the CUDA decoder, the device KV pool — run unchanged on a
-// machine without a GPU (`cargo xtask emulate-gpu`). It reports itself as an sm_90 device named
-// "trtllm host emulation", and everything runs synchronously on the calling thread's stream.
+// machine without a GPU (`cargo xtask emulate-gpu`). It reports two sm_90 devices named "trtllm
+// host emulation", and everything runs synchronously on the calling thread's stream. As libnccl.so
+// it runs the all-reduce of ranks in separate processes (nccl.cpp).
 // Nothing measured through it says anything about GPU speed.
 #include "../activation.cu"
 #include "../attention.cu"
@@ -82,8 +83,11 @@ extern "C" {
 
 CUresult cuInit(unsigned) { return OK; }
 CUresult cuDriverGetVersion(int* v) { *v = 12090; return OK; }
-CUresult cuDeviceGetCount(int* n) { *n = 1; return OK; }
-CUresult cuDeviceGet(int* d, int ordinal) { *d = ordinal; return ordinal == 0 ? OK : INVALID_VALUE; }
+// Two devices, so that two ranks of a split engine each have one (`mpirun -np 2 ... --device cuda`);
+// every process's memory is its own, as two GPUs' are.
+const int DEVICES = 2;
+CUresult cuDeviceGetCount(int* n) { *n = DEVICES; return OK; }
+CUresult cuDeviceGet(int* d, int ordinal) { *d = ordinal; return ordinal >= 0 && ordinal < DEVICES ? OK : INVALID_VALUE; }
 CUresult cuDeviceGetName(char* name, int len, int) {
     std::snprintf(name, len, "trtllm host emulation");
     return OK;
@@ -260,3 +264,6 @@ cublasStatus_t cublasGemmEx(void*, int ta, int tb, int m, int n, int k, const vo
 }
 
 }  // extern "C"
+
+// NCCL's all-reduce between the emulated GPUs of ranks in separate processes (libnccl.so).
+#include "nccl.cpp"

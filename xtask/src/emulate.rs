@@ -5,7 +5,9 @@
 //! - `cargo xtask emulate-gpu` builds an emulated driver (driver.cpp: the CUDA driver API and the
 //!   cuBLAS calls cudarc makes, over host memory and those kernels) as libcuda.so / libcublas.so
 //!   and runs the Rust GPU tests through it, so the launchers, device matrices and decoder execute
-//!   unchanged. Neither says anything about GPU speed, and neither stands in for `test-gpu`.
+//!   unchanged; as libnccl.so it also sums between ranks in separate processes, so the split
+//!   engines' GPU path runs under `mpirun` too. Neither says anything about GPU speed, and
+//!   neither stands in for `test-gpu`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -90,10 +92,12 @@ pub fn emulate_gpu(full: bool) -> Result<()> {
     let built = lib.join("libcuda.so.new");
     compile("driver.cpp", &built, &["-shared", "-fPIC"])?;
     std::fs::rename(&built, lib.join("libcuda.so"))?;
-    let cublas = lib.join("libcublas.so");
-    if !cublas.exists() {
-        std::os::unix::fs::symlink("libcuda.so", &cublas)
-            .with_context(|| cublas.display().to_string())?;
+    for name in ["libcublas.so", "libnccl.so"] {
+        let alias = lib.join(name);
+        if !alias.exists() {
+            std::os::unix::fs::symlink("libcuda.so", &alias)
+                .with_context(|| alias.display().to_string())?;
+        }
     }
     eprintln!(
         "CUDA tests through the emulated driver in {} (host emulation, not a GPU)",
@@ -106,6 +110,8 @@ pub fn emulate_gpu(full: bool) -> Result<()> {
             .env("LD_LIBRARY_PATH", &lib))
     };
     test(crate::KERNEL_GPU_TESTS)?;
+    // Two emulated GPUs, one per rank of a split engine, summing through the emulated NCCL.
+    test(crate::MULTI_GPU_TESTS)?;
     let gpu = crate::END_TO_END_GPU_TESTS;
     if full {
         crate::fetch_demo_model()?;

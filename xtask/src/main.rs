@@ -90,6 +90,20 @@ const END_TO_END_GPU_TESTS: &[&str] = &[
     "--ignored",
 ];
 
+/// Engines split over two GPUs under `mpirun` (NCCL all-reduce): needs Open MPI and two GPUs, or
+/// the emulated driver's two devices.
+const MULTI_GPU_TESTS: &[&str] = &[
+    "-p",
+    "trtllm-cli",
+    "--features",
+    "trtllm-cli/cuda,trtllm-cli/mpi",
+    "--test",
+    "mpi",
+    "--",
+    "--ignored",
+    "gpu",
+];
+
 /// The OpenAI client the server is tested with, and the JSON schema validator its structured
 /// outputs are checked with, pinned so a new release cannot change a run.
 const PYTHON_CLIENTS: [&str; 2] = ["openai==3.57.0", "jsonschema==4.23.0"];

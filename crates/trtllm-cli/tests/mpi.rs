@@ -18,6 +18,8 @@ use serde_json::{json, Value};
 use trtllm_tests::{fixtures, smollm2_gguf, FixtureGolden};
 
 const TRTLLM: &str = env!("CARGO_BIN_EXE_trtllm");
+#[cfg(feature = "cuda")]
+const LIMIT: Duration = Duration::from_secs(120);
 
 /// `mpirun -np N trtllm ARGS`, as root if need be, with more ranks than cores allowed.
 fn mpirun(ranks: usize, args: &[&str]) -> Command {
@@ -94,14 +96,22 @@ fn build(checkpoint: &Path, (tp, pp): (usize, usize), extra: &[&str]) -> PathBuf
 
 /// Greedy token ids after `ids` (no stop at EOS).
 fn greedy(engine: &Path, ranks: usize, ids: &[u32], tokens: usize) -> Vec<u32> {
+    greedy_on(engine, ranks, ids, tokens, "cpu")
+}
+
+/// [`greedy`] with the model on `device`.
+fn greedy_on(engine: &Path, ranks: usize, ids: &[u32], tokens: usize, device: &str) -> Vec<u32> {
     let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
     let (ids, n) = (ids.join(","), tokens.to_string());
+    let model = engine.to_str().unwrap();
     let args = [
         "run",
         "--model",
-        engine.to_str().unwrap(),
+        model,
         "--input-ids",
         &ids,
+        "--device",
+        device,
     ];
     let args = [&args[..], &["--max-tokens", &n, "--ignore-eos", "--json"]].concat();
     let out = ok(finish(trtllm(ranks, &args), Duration::from_secs(120)));
@@ -387,4 +397,45 @@ fn wrong_ranks_and_unloadable_shards_are_errors_not_hangs() {
         "{stderr}"
     );
     fails_with(out, "another rank could not open the engine");
+}
+
+/// Two GPUs, one per rank, summing through NCCL: the emulated driver's two devices in CI
+/// (`cargo xtask emulate-gpu`), or a machine with two GPUs.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs two CUDA GPUs (or the emulated driver) and NCCL: cargo xtask emulate-gpu"]
+fn gpu_tp2_and_pp2_match_one_rank_on_tiny_fixtures() {
+    for fixture in ["tiny-llama", "tiny-llama-mqa"] {
+        let dir = fixtures().join(fixture);
+        let golden: FixtureGolden =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap())
+                .unwrap();
+        let whole = build(&dir, (1, 1), &[]);
+        for split in [(2, 1), (1, 2)] {
+            let engine = build(&dir, split, &[]);
+            let args = [
+                "run",
+                "--model",
+                engine.to_str().unwrap(),
+                "--input-ids",
+                "1,2,3",
+            ];
+            let out = finish(
+                mpirun(2, &[&args[..], &["--device", "cuda"]].concat()),
+                LIMIT,
+            );
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!stderr.contains("NCCL (libnccl.so) is missing"), "{stderr}");
+            for case in golden.cases.iter().take(2) {
+                let n = case.greedy_ids.len();
+                let on_gpu = |e: &Path, ranks| greedy_on(e, ranks, &case.input_ids, n, "cuda");
+                let expected = on_gpu(&whole, 1);
+                assert_eq!(
+                    expected, case.greedy_ids,
+                    "{fixture}: one GPU vs transformers"
+                );
+                assert_eq!(on_gpu(&engine, 2), expected, "{fixture} {split:?}");
+            }
+        }
+    }
 }

@@ -105,6 +105,11 @@ impl Backend for CpuBackend {
         Ok(x)
     }
 
+    fn all_reduce(&self, mut x: Vec<f32>, tp: &dyn crate::parallel::Comm) -> Result<Vec<f32>> {
+        tp.all_reduce_sum(&mut x)?;
+        Ok(x)
+    }
+
     fn download(&self, x: Vec<f32>) -> Result<Vec<f32>> {
         Ok(x)
     }

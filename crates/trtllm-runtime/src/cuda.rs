@@ -4,8 +4,8 @@
 //! (a few rows per step) and uploaded, so any table format works without a device copy of it.
 
 use trtllm_quant::kernels::cuda::{
-    AttentionBatch, CudaDevice, CudaSlice, DeviceLoraMat, DeviceLoraRows, DeviceMatrix,
-    DeviceRopeFreqs, KvSide,
+    nccl_available, nccl_unique_id, AttentionBatch, CudaDevice, CudaSlice, DeviceLoraMat,
+    DeviceLoraRows, DeviceMatrix, DeviceRopeFreqs, KvSide, Nccl,
 };
 use trtllm_quant::kernels::LoraSegment;
 
@@ -17,6 +17,7 @@ use crate::lora::{DeviceLora, LoraFactors, LoraInner, LoraWeights};
 use crate::model::{
     attention_seqs, ActivationObserver, BatchLayout, HostModel, Linear, Norm, SeqChunk,
 };
+use crate::parallel::Comm;
 use crate::rope::Ropes;
 use crate::weights::f32s;
 use crate::{MlpKind, ModelConfig, NormKind, Result};
@@ -40,17 +41,26 @@ pub(crate) struct CudaBackend {
     ordinal: usize,
     rope: Option<Ropes>,
     groups: KvGroups,
+    /// The tensor-parallel group's NCCL communicator, where every rank of it has NCCL.
+    nccl: Option<Nccl>,
 }
 
 impl CudaBackend {
-    pub fn new(model: &HostModel, ordinal: usize) -> Result<Self> {
+    /// GPU `ordinal`, a member of the NCCL group of `tp` (the tensor-parallel ranks, when the
+    /// engine is split; collective over them).
+    pub fn new(model: &HostModel, ordinal: usize, tp: Option<&dyn Comm>) -> Result<Self> {
         let dev = CudaDevice::new(ordinal)?;
+        let nccl = match tp.filter(|tp| tp.size() > 1) {
+            Some(tp) => nccl_group(&dev, tp)?,
+            None => None,
+        };
         Ok(Self {
             cfg: model.cfg.clone(),
             dev,
             ordinal,
             rope: model.rope.clone(),
             groups: model.cfg.kv_groups(),
+            nccl,
         })
     }
 
@@ -75,6 +85,28 @@ impl CudaBackend {
     fn output(&self, n: usize) -> Result<CudaSlice<f32>> {
         Ok(self.dev.output(n)?)
     }
+}
+
+/// The NCCL group of `tp`'s GPUs, bootstrapped over `tp` (MPI); `None` where a rank lacks NCCL,
+/// whose sums then go through the host.
+fn nccl_group(dev: &CudaDevice, tp: &dyn Comm) -> Result<Option<Nccl>> {
+    let mut missing = [f32::from(u8::from(!nccl_available()))];
+    tp.all_reduce_sum(&mut missing)?;
+    if missing[0] > 0.0 {
+        tracing::warn!(
+            "NCCL (libnccl.so) is missing on a rank: tensor-parallel sums go through the host"
+        );
+        return Ok(None);
+    }
+    let id = match tp.rank() {
+        0 => nccl_unique_id()?.to_vec(),
+        _ => Vec::new(),
+    };
+    let id: [u8; 128] = tp
+        .broadcast(&id)?
+        .try_into()
+        .map_err(|_| crate::parallel::error("rank 0 sent an NCCL id of the wrong size"))?;
+    Ok(Some(dev.nccl(tp.rank(), tp.size(), &id)?))
 }
 
 /// What every layer of one forward pass shares.
@@ -125,6 +157,16 @@ impl Backend for CudaBackend {
 
     fn upload(&self, x: Vec<f32>) -> Result<CudaSlice<f32>> {
         Ok(self.dev.upload(&x)?)
+    }
+
+    fn all_reduce(&self, mut x: CudaSlice<f32>, tp: &dyn Comm) -> Result<CudaSlice<f32>> {
+        if let Some(nccl) = &self.nccl {
+            nccl.all_reduce_sum(&mut x)?;
+            return Ok(x);
+        }
+        let mut host = self.download(x)?;
+        tp.all_reduce_sum(&mut host)?;
+        self.upload(host)
     }
 
     fn download(&self, x: CudaSlice<f32>) -> Result<Vec<f32>> {

@@ -9,7 +9,7 @@ use crate::lora::{self, DeviceLora, LoraFactors, LoraModule, LoraPass, LoraWeigh
 use crate::model::{
     ActivationObserver, BatchLayout, HostModel, Layer, Linear, Mlp, Norm, SeqChunk,
 };
-use crate::parallel::Groups;
+use crate::parallel::{Comm, Groups};
 use crate::{MlpKind, ModelConfig, MoeConfig, Result, RuntimeError};
 use trtllm_quant::kernels::LoraSegment;
 
@@ -33,6 +33,8 @@ pub(crate) trait Backend {
     /// Host rows (the gathered embeddings) onto the device.
     fn upload(&self, x: Vec<f32>) -> Result<Self::Act>;
     fn download(&self, x: Self::Act) -> Result<Vec<f32>>;
+    /// `x` summed over the tensor-parallel group `tp` (each rank holds a partial product).
+    fn all_reduce(&self, x: Self::Act, tp: &dyn Comm) -> Result<Self::Act>;
     /// This device's half of `pool`: an error for a pool created on another device (the one
     /// check; past it the types keep each device to its own memory).
     fn pool<'p>(&self, pool: &'p mut KvPool) -> Result<&'p mut Self::Pool>;
@@ -300,12 +302,10 @@ impl<B: Backend> Decoder<B> {
     /// A linear layer's output summed over the tensor-parallel ranks (each computed its part
     /// of the input columns).
     fn reduce(&self, x: B::Act) -> Result<B::Act> {
-        let Some(par) = self.par.as_ref().filter(|p| p.tp.size() > 1) else {
-            return Ok(x);
-        };
-        let mut host = self.backend.download(x)?;
-        par.tp.all_reduce_sum(&mut host)?;
-        self.backend.upload(host)
+        match self.par.as_ref().filter(|p| p.tp.size() > 1) {
+            Some(par) => self.backend.all_reduce(x, &*par.tp),
+            None => Ok(x),
+        }
     }
 
     /// The residual stream entering the first layer held here: the embeddings on the first

@@ -118,7 +118,8 @@ impl Session {
             }
             #[cfg(feature = "cuda")]
             Device::Cuda(n) => {
-                let cuda = crate::cuda::CudaBackend::new(&model, n)?;
+                let tp = par.as_ref().map(|g| &*g.tp);
+                let cuda = crate::cuda::CudaBackend::new(&model, n, tp)?;
                 Backend::Cuda(Decoder::new(model, cuda, par)?)
             }
             #[cfg(not(feature = "cuda"))]

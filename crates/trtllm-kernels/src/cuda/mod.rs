@@ -9,6 +9,7 @@ mod attention;
 mod linear;
 mod lora;
 mod matrix;
+mod nccl;
 mod ops;
 #[cfg(test)]
 mod tests;
@@ -25,6 +26,7 @@ pub use cudarc::driver::CudaSlice;
 pub use linear::{DeviceWeights, Half};
 pub use lora::{DeviceLoraMat, DeviceLoraRows};
 pub use matrix::{DeviceData, DeviceMatrix};
+pub use nccl::{nccl_available, nccl_unique_id, Nccl};
 pub use ops::DeviceRopeFreqs;
 
 use crate::{KernelError, Result};
