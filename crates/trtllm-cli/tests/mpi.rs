@@ -18,7 +18,6 @@ use serde_json::{json, Value};
 use trtllm_tests::{fixtures, smollm2_gguf, FixtureGolden};
 
 const TRTLLM: &str = env!("CARGO_BIN_EXE_trtllm");
-#[cfg(feature = "cuda")]
 const LIMIT: Duration = Duration::from_secs(120);
 
 /// `mpirun -np N trtllm ARGS`, as root if need be, with more ranks than cores allowed.
@@ -74,11 +73,17 @@ fn ok(out: Output) -> String {
 
 /// Builds `checkpoint` split `tp` × `pp` (with `extra` build flags) through the CLI, once per
 /// test binary (the tests run at once and share engines).
-fn build(checkpoint: &Path, (tp, pp): (usize, usize), extra: &[&str]) -> PathBuf {
+fn build(checkpoint: &Path, split: (usize, usize), extra: &[&str]) -> PathBuf {
+    build_named(checkpoint, split, extra, "")
+}
+
+/// [`build`] under a name with `tag` (for builds with other flags).
+fn build_named(checkpoint: &Path, (tp, pp): (usize, usize), extra: &[&str], tag: &str) -> PathBuf {
     static BUILT: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
     let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
     let name = checkpoint.file_name().unwrap().to_string_lossy();
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("mpi-{name}-tp{tp}-pp{pp}"));
+    let name = format!("mpi-{name}{tag}-tp{tp}-pp{pp}");
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
     if built.contains(&out) {
         return out;
     }
@@ -438,4 +443,33 @@ fn gpu_tp2_and_pp2_match_one_rank_on_tiny_fixtures() {
             }
         }
     }
+}
+
+/// Quantized weights split with their scales: int8 per channel (each rank's O/down columns keep
+/// their rows' scales); int4 groups of 128 that a rank's 96 MLP columns would cut are refused at
+/// build, naming the tensor and the fix.
+#[test]
+fn quantized_engines_split_whole_groups_or_say_why_not() {
+    let dir = fixtures().join("tiny-llama");
+    let q = ["--quant", "w8a16"];
+    let whole = build_named(&dir, (1, 1), &q, "w8a16");
+    let split = build_named(&dir, (2, 1), &q, "w8a16");
+    let ids = [1, 5, 9, 30, 44];
+    assert_eq!(greedy(&split, 2, &ids, 16), greedy(&whole, 1, &ids, 16));
+
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("mpi-tiny-llama-w4a16-tp2");
+    let args = ["build", "--checkpoint", dir.to_str().unwrap(), "--output"];
+    let args = [
+        &args[..],
+        &[out.to_str().unwrap(), "--force", "--quant", "w4a16"],
+    ]
+    .concat();
+    let o = finish(trtllm(1, &[&args[..], &["--tp-size", "2"]].concat()), LIMIT);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && !out.exists(), "{stderr}");
+    assert!(
+        stderr.contains("inside a quantization group of 128"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("layers.0.down.weight_"), "{stderr}");
 }
