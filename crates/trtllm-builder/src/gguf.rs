@@ -410,6 +410,7 @@ impl GgufFile {
             },
             bos_token_id: token("bos_token_id"),
             eos_token_ids: self.end_tokens(),
+            stage_layers: None,
         };
         let check = |m: &ModelConfig| {
             m.validate()

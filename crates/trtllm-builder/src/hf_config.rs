@@ -226,6 +226,7 @@ fn llama_like(f: &Fields, arch: &str, family: Family) -> Result<ModelConfig> {
         },
         bos_token_id: f.ids("bos_token_id")?.first().copied(),
         eos_token_ids: f.ids("eos_token_id")?,
+        stage_layers: None,
     })
 }
 
@@ -336,6 +337,7 @@ fn gpt2(f: &Fields, arch: &str) -> Result<ModelConfig> {
         features: Features::default(),
         bos_token_id: f.ids("bos_token_id")?.first().copied(),
         eos_token_ids: f.ids("eos_token_id")?,
+        stage_layers: None,
     })
 }
 

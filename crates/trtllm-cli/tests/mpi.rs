@@ -188,10 +188,13 @@ fn gpt2_fixture_with_biases_and_learned_positions() {
     check_splits("tiny-gpt2", &[(2, 1), (1, 2)]);
 }
 
+/// Experts split like the dense MLP; q/k head norms; Gemma 2's windowed and global layers (two
+/// KV groups, a stage holding layers of both or of one), post-norms and soft caps.
 #[test]
-fn moe_and_qk_norm_fixtures() {
+fn moe_qk_norm_and_windowed_fixtures() {
     check_splits("tiny-mixtral", &[(2, 1)]);
     check_splits("tiny-qwen3", &[(2, 1)]);
+    check_splits("tiny-gemma2", &[(2, 1), (1, 2)]);
 }
 
 /// SmolLM2-135M with its GGUF's Q4_1 weights kept packed: 9 heads over 3 KV heads split 6 + 3,

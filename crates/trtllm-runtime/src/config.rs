@@ -114,6 +114,10 @@ pub struct ModelConfig {
     pub features: Features,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// On a rank of a pipeline-split engine, the layers its stage computes (its KV pool holds
+    /// only theirs); `None`: every layer. Set by `Shard::model`, never stored.
+    #[serde(skip)]
+    pub stage_layers: Option<std::ops::Range<usize>>,
 }
 
 impl ModelConfig {
@@ -301,6 +305,13 @@ impl ModelConfig {
         self.moe(layer)
             .and_then(|m| m.expert_intermediate_size)
             .unwrap_or(self.intermediate_size)
+    }
+
+    /// Whether this rank computes layer `layer` (see `stage_layers`).
+    pub fn computes_layer(&self, layer: usize) -> bool {
+        self.stage_layers
+            .as_ref()
+            .is_none_or(|r| r.contains(&layer))
     }
 
     /// The layers' KV groups: one per distinct attention span.

@@ -111,8 +111,9 @@ fn nccl_group(dev: &CudaDevice, tp: &dyn Comm) -> Result<Option<Nccl>> {
 
 /// What every layer of one forward pass shares.
 pub(crate) struct CudaStep {
-    /// Each KV group's attention indices.
-    attention: Vec<AttentionBatch>,
+    /// Each KV group's attention indices (none for a group this pipeline stage computes no
+    /// layer of).
+    attention: Vec<Option<AttentionBatch>>,
     positions: CudaSlice<i32>,
     /// Each rotary table's frequencies for this step's tokens.
     rope: Vec<DeviceRopeFreqs>,
@@ -220,13 +221,16 @@ impl Backend for CudaBackend {
         let groups = &self.groups;
         let mut attention = Vec::with_capacity(groups.windows.len());
         for g in 0..groups.windows.len() {
-            let layer = groups.first_layer(g);
-            attention.push(self.dev.attention_batch(
+            let Some(layer) = groups.first_layer(g, &self.cfg) else {
+                attention.push(None);
+                continue;
+            };
+            attention.push(Some(self.dev.attention_batch(
                 &attention_seqs(batch, g),
                 (pool.layer(layer), block_size),
                 // The group's window; heads and head_dim are the same in every layer.
                 self.cfg.attention_shape(layer),
-            )?);
+            )?));
         }
         let positions: Vec<i32> = layout.positions.iter().map(|&p| p as i32).collect();
         Ok(CudaStep {
@@ -342,7 +346,9 @@ impl Backend for CudaBackend {
         pool: &mut DeviceKvs,
     ) -> Result<CudaSlice<f32>> {
         let kv = pool.layer(layer);
-        let batch = &step.attention[self.groups.of_layer[layer]];
+        let batch = step.attention[self.groups.of_layer[layer]]
+            .as_ref()
+            .ok_or_else(|| crate::parallel::error(format!("layer {layer} is another stage's")))?;
         self.dev.kv_write((kv, KvSide::Key), k, batch)?;
         self.dev.kv_write((kv, KvSide::Value), v, batch)?;
         let mut out = self.output(q.len())?;

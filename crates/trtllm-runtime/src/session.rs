@@ -79,10 +79,9 @@ impl Session {
     /// A runner with the weights on `device` (a CUDA device needs the `cuda` feature and a GPU).
     /// On rank 0 of a split engine, the other ranks make theirs at the same time.
     pub fn model_runner_on(&self, device: Device) -> Result<ModelRunner> {
-        if let Some((shard, world)) = self.parallel.as_ref().filter(|(s, _)| s.rank == 0) {
+        if let Some((_, world)) = self.parallel.as_ref().filter(|(s, _)| s.rank == 0) {
             let dir = std::path::absolute(&self.dir).map_err(|e| RuntimeError::io(&self.dir, e))?;
             proxy::send(&**world, &Msg::Open { dir, device })?;
-            debug_assert_eq!(shard.rank, 0);
         }
         self.runner(device)
     }
@@ -409,11 +408,20 @@ impl ModelRunner {
                 chunks,
             },
         )?;
-        // The other ranks are in this pass: one that fails here leaves them waiting in a
-        // collective, so it ends the job rather than the request.
-        Ok(self
-            .run_here(batch, pool, obs)
-            .unwrap_or_else(|e| fatal(&**world, e)))
+        // The other ranks are in this pass: failing (or panicking) here would leave them
+        // waiting in a collective, so it ends the job rather than the request.
+        let pass = std::panic::AssertUnwindSafe(|| self.run_here(batch, pool, obs));
+        match std::panic::catch_unwind(pass) {
+            Ok(Ok(logits)) => Ok(logits),
+            Ok(Err(e)) => fatal(&**world, e),
+            Err(panic) => {
+                let why = crate::panic_message(&*panic).unwrap_or_default();
+                fatal(
+                    &**world,
+                    crate::parallel::error(format!("a pass panicked: {why}")),
+                )
+            }
+        }
     }
 
     /// A pass rank 0 sent, on this rank's shard.

@@ -109,7 +109,7 @@ impl KvCacheConfig {
             None => {
                 let wanted = build.max_batch_size.max(1) * build.max_seq_len;
                 let per_layer = KvPool::bytes_per_layer_token(model, KvStorage::of(build)) as f64;
-                let layers = groups.layers();
+                let layers = groups.layers_of(model);
                 let per_token: f64 = groups
                     .windows
                     .iter()
@@ -244,16 +244,18 @@ pub struct KvGroups {
 }
 
 impl KvGroups {
-    /// The lowest layer of group `g` (one whose pool shows the group's shape).
-    pub fn first_layer(&self, g: usize) -> usize {
-        self.of_layer.iter().position(|&x| x == g).unwrap_or(0)
+    /// The lowest layer of group `g` that `model` computes (one whose pool shows the group's
+    /// shape); none where a pipeline stage holds no layer of the group.
+    pub fn first_layer(&self, g: usize, model: &ModelConfig) -> Option<usize> {
+        (self.of_layer.iter().enumerate())
+            .find_map(|(l, &x)| (x == g && model.computes_layer(l)).then_some(l))
     }
 
-    /// Layers per group.
-    pub fn layers(&self) -> Vec<usize> {
+    /// Layers per group that `model` computes (a pipeline stage's).
+    pub fn layers_of(&self, model: &ModelConfig) -> Vec<usize> {
         let mut n = vec![0; self.windows.len()];
-        for &g in &self.of_layer {
-            n[g] += 1;
+        for (l, &g) in self.of_layer.iter().enumerate() {
+            n[g] += usize::from(model.computes_layer(l));
         }
         n
     }

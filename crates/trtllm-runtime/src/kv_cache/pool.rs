@@ -261,7 +261,7 @@ impl KvPool {
             block_size: budget.block_size,
             storage,
             group_blocks: budget.groups.iter().map(|g| g.blocks).collect(),
-            layer_group: model.kv_groups().of_layer,
+            layer_group: layer_groups(model),
         })
     }
 
@@ -351,11 +351,26 @@ pub(crate) fn layer_blocks(model: &ModelConfig, budget: &KvBudget) -> Result<Vec
             expected: "one group per attention span of the model",
         });
     }
+    // A layer another pipeline stage computes gets no blocks here.
     Ok(groups
         .of_layer
         .iter()
-        .map(|&g| budget.groups[g].blocks)
+        .enumerate()
+        .map(|(l, &g)| match model.computes_layer(l) {
+            true => budget.groups[g].blocks,
+            false => 0,
+        })
         .collect())
+}
+
+/// Each layer's KV group; none (a group no copy names) for a layer another pipeline stage
+/// computes, which holds no blocks here.
+pub(crate) fn layer_groups(model: &ModelConfig) -> Vec<usize> {
+    let groups = model.kv_groups().of_layer;
+    let held = |l: usize| model.computes_layer(l);
+    (groups.iter().enumerate())
+        .map(|(l, &g)| if held(l) { g } else { usize::MAX })
+        .collect()
 }
 
 /// A pool and a model on different devices: the caller created the pool elsewhere than through
@@ -420,7 +435,8 @@ pub(crate) mod device {
             dev: &CudaDevice,
         ) -> Result<Self> {
             let layer = |blocks: usize| -> Result<DeviceKv> {
-                let slots = blocks * budget.block_size;
+                // A layer another stage computes keeps one slot: no device allocation is empty.
+                let slots = (blocks * budget.block_size).max(1);
                 let (values, heads) = (slots * model.kv_dim(), slots * model.num_kv_heads);
                 Ok(match storage {
                     KvStorage::F32 => DeviceKv::F32 {
@@ -463,7 +479,7 @@ pub(crate) mod device {
                 block_size: budget.block_size,
                 storage,
                 group_blocks: budget.groups.iter().map(|g| g.blocks).collect(),
-                layer_group: model.kv_groups().of_layer,
+                layer_group: super::layer_groups(model),
             })
         }
 

@@ -164,6 +164,7 @@ impl Shard {
     /// token ids their meaning.
     pub fn model(&self, full: &ModelConfig) -> ModelConfig {
         let mut m = full.clone();
+        m.stage_layers = Some(self.layers.clone());
         m.num_heads = self.q_heads.len();
         m.num_kv_heads = self.kv_heads.len();
         m.intermediate_size = self.inter_of(full.intermediate_size).len();
