@@ -21,8 +21,8 @@ enum Take {
     Whole,
     /// These rows (of the module's output), in order.
     Rows(Vec<Range<usize>>),
-    /// These input columns of every row.
-    Cols(Range<usize>),
+    /// These input columns of every row, of the module's `.1`.
+    Cols(Range<usize>, usize),
     /// Whole on TP rank 0, nothing elsewhere (a row-parallel module's bias).
     OnFirst,
 }
@@ -73,7 +73,7 @@ fn write_rank(dir: &Path, file: &EngineFile, model: &ModelConfig, s: &Shard) -> 
             // The quantization scales and permutations of the input side stay whole under a
             // row split; the output-side tensors are cut with the rows.
             Take::Rows(_) if !ROW_SUFFIXES.contains(&suffix) => Take::Whole,
-            Take::Cols(_) if suffix == "bias" => Take::OnFirst,
+            Take::Cols(..) if suffix == "bias" => Take::OnFirst,
             take => take,
         };
         let bytes = file.bytes(t);
@@ -87,9 +87,11 @@ fn write_rank(dir: &Path, file: &EngineFile, model: &ModelConfig, s: &Shard) -> 
                 let (shape, data) = take_rows(t, bytes, &rows);
                 w.add_formatted(&t.name, (t.dtype, t.format), &shape, &data)?;
             }
-            Take::Cols(cols) => {
-                let weight = file.info(&format!("{prefix}.weight"));
-                let (format, shape, data) = take_cols(t, bytes, cols, weight)?;
+            Take::Cols(cols, of) => {
+                let format = file
+                    .info(&format!("{prefix}.weight"))
+                    .and_then(|w| w.format);
+                let (format, shape, data) = take_cols((t, bytes), (cols, of), format)?;
                 w.add_formatted(&t.name, (t.dtype, format), &shape, &data)?;
             }
         }
@@ -136,9 +138,9 @@ fn module_take(prefix: &str, model: &ModelConfig, s: &Shard) -> Take {
             };
             match part {
                 names::QKV => Take::Rows(s.qkv_rows(model)),
-                names::O => Take::Cols(s.o_cols(model)),
+                names::O => Take::Cols(s.o_cols(model), model.q_dim()),
                 names::GATE_UP | names::UP => Take::Rows(s.mlp_in_rows(model, i)),
-                names::DOWN => Take::Cols(s.inter(model, i)),
+                names::DOWN => Take::Cols(s.inter(model, i), model.mlp_inter(i)),
                 _ => Take::Whole,
             }
         }
@@ -156,20 +158,13 @@ fn take_rows(t: &TensorInfo, bytes: &[u8], rows: &[Range<usize>]) -> (Vec<usize>
     (shape, data)
 }
 
-/// Columns `cols` of a row-parallel module's tensor `t` (`weight`: the module's weight, which
-/// says how its quantized columns are grouped).
+/// Columns `cols` of `full_cols` of a row-parallel module's tensor `t`, whose weight is stored
+/// in `format` (its quantized columns' grouping); the weight's format as this rank stores it.
 fn take_cols(
-    t: &TensorInfo,
-    bytes: &[u8],
-    cols: Range<usize>,
-    weight: Option<&TensorInfo>,
+    (t, bytes): (&TensorInfo, &[u8]),
+    (cols, full_cols): (Range<usize>, usize),
+    format: Option<WeightFormat>,
 ) -> Result<(Option<WeightFormat>, Vec<usize>, Vec<u8>)> {
-    let format = weight.and_then(|w| w.format);
-    let full_cols = match (format, weight) {
-        (Some(_), Some(w)) => w.shape.get(1).map_or(0, |&cb| cb * 8 / code_bits(format)),
-        (_, Some(w)) => w.shape.get(1).copied().unwrap_or(0),
-        _ => 0,
-    };
     let cut = |why: &str| {
         BuildError::InvalidBuildConfig(format!(
             "'{}': tensor parallelism cuts its {full_cols} input columns at {}..{}, {why}; use \
@@ -184,22 +179,14 @@ fn take_cols(
             if !cols.start.is_multiple_of(f.block()) || !cols.end.is_multiple_of(f.block()) {
                 return Err(cut(&format!("inside a block of {} values", f.block())));
             }
-            let f2 = match f {
-                WeightFormat::Int8 { group, zero_point } if group >= full_cols => {
-                    WeightFormat::Int8 {
-                        group: cols.len(),
-                        zero_point,
-                    }
+            // One scale per row (a group of the whole row) stays one: of this rank's columns.
+            let mut here = f;
+            if let WeightFormat::Int8 { group, .. } | WeightFormat::Int4 { group, .. } = &mut here {
+                if *group >= full_cols {
+                    *group = cols.len();
                 }
-                WeightFormat::Int4 { group, zero_point } if group >= full_cols => {
-                    WeightFormat::Int4 {
-                        group: cols.len(),
-                        zero_point,
-                    }
-                }
-                f => f,
-            };
-            (f.code_bytes(cols.start)..f.code_bytes(cols.end), Some(f2))
+            }
+            (f.code_bytes(cols.start)..f.code_bytes(cols.end), Some(here))
         }
         ("weight_scale" | "weight_offset", Some(f)) => {
             if t.shape.get(1) == Some(&1) {
@@ -243,12 +230,4 @@ fn take_cols(
         _ => vec![rows, elems.len()],
     };
     Ok((new_format, shape, data))
-}
-
-/// Bits of one quantized value.
-fn code_bits(f: Option<WeightFormat>) -> usize {
-    match f {
-        Some(f) => 8 * f.code_bytes(64) / 64,
-        None => 8,
-    }
 }
