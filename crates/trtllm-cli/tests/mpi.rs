@@ -243,17 +243,7 @@ fn serve(engine: &Path, ranks: usize) -> (Job, String) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start serve");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let base = loop {
-        let line = lines
-            .next()
-            .expect("server exited before listening")
-            .unwrap();
-        if let Some(addr) = line.strip_prefix("listening on ") {
-            break addr.to_string();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
+    let base = common::listening(&mut child);
     (Job(child), base)
 }
 

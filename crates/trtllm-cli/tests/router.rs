@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -35,14 +35,7 @@ impl Router {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start trtllm router");
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let base = loop {
-            let line = lines.next().expect("router exited").unwrap();
-            if let Some(addr) = line.strip_prefix("listening on ") {
-                break addr.to_string();
-            }
-        };
-        std::thread::spawn(move || lines.for_each(drop));
+        let base = common::listening(&mut child);
         let router = Router { child, base };
         router.wait_for(backends.len());
         router

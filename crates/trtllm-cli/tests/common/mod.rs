@@ -74,17 +74,7 @@ impl Server {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start trtllm serve");
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let base = loop {
-            let line = lines
-                .next()
-                .expect("server exited before listening")
-                .unwrap();
-            if let Some(addr) = line.strip_prefix("listening on ") {
-                break addr.to_string();
-            }
-        };
-        std::thread::spawn(move || lines.for_each(drop));
+        let base = listening(&mut child);
         Server { child, base }
     }
 
@@ -122,6 +112,23 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The address a starting server (its stderr piped) prints in its "listening on" line; the rest
+/// of its stderr is drained.
+pub fn listening(child: &mut Child) -> String {
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let base = loop {
+        let line = lines
+            .next()
+            .expect("server exited before listening")
+            .unwrap();
+        if let Some(addr) = line.strip_prefix("listening on ") {
+            break addr.to_string();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    base
 }
 
 /// POSTs JSON to the server at `base`; returns status and parsed body.
