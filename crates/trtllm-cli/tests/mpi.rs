@@ -247,23 +247,39 @@ fn serve(engine: &Path, ranks: usize) -> (Job, String) {
     (Job(child), base)
 }
 
+/// What the openai client gets from the server at `base`: a completion and a chat answer.
+fn openai_answers(base: &str) -> Value {
+    const CLIENT: &str = r#"
+import json, sys, openai
+c = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="none")
+done = c.completions.create(model="m", prompt="The assert statement is", max_tokens=24,
+                            temperature=0, extra_body={"ignore_eos": True})
+chat = c.chat.completions.create(model="m", max_tokens=24, temperature=0,
+                                 messages=[{"role": "user", "content": "What is 2 + 2?"}])
+print(json.dumps([done.choices[0].text, chat.choices[0].message.content]))
+"#;
+    let mut cmd = Command::new(common::openai_python());
+    cmd.args(["-c", CLIENT, base]);
+    serde_json::from_str(&ok(finish(cmd, LIMIT))).expect("json")
+}
+
+/// `mpirun -np 2 trtllm serve` on SmolLM2 split by TP answers the openai client (a completion
+/// and a chat) with one rank's text.
 #[test]
-fn serve_under_mpirun_answers_as_one_rank() {
-    let tiny = fixtures().join("tiny-llama");
-    let (whole, split) = (build(&tiny, (1, 1), &[]), build(&tiny, (2, 1), &[]));
-    let body = json!({"model": "m", "prompt": "The assert statement is", "max_tokens": 24,
-                      "temperature": 0, "ignore_eos": true});
-    let text = |base: &str| {
-        let (status, v) = common::post_at(base, "/v1/completions", &body, None);
-        assert_eq!(status, 200, "{v}");
-        v["choices"][0]["text"].as_str().expect("text").to_string()
-    };
+fn serve_under_mpirun_answers_the_openai_client_as_one_rank() {
+    let gguf = smollm2_gguf().expect("demo model");
+    let keep = ["--quant", "keep", "--max-seq-len", "512"];
+    let (whole, split) = (build(&gguf, (1, 1), &keep), build(&gguf, (2, 1), &keep));
     let (one, base) = serve(&whole, 1);
-    let expected = text(&base);
+    let expected = openai_answers(&base);
     drop(one);
     let (_job, base) = serve(&split, 2);
-    assert_eq!(text(&base), expected);
-    assert_eq!(text(&base), expected, "a second request, the cache warm");
+    assert_eq!(openai_answers(&base), expected);
+    assert_eq!(
+        openai_answers(&base),
+        expected,
+        "again, the prefix cache warm"
+    );
 }
 
 #[test]

@@ -9,24 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{engine, golden, Server, EOS, MODEL};
+use common::{engine, golden, openai_python, Server, EOS, MODEL};
 use serde_json::{json, Value};
-
-/// The Python interpreter with `openai` and `jsonschema` installed: `TRTLLM_TEST_PYTHON`, or the venv that
-/// `cargo xtask test` creates in the cache.
-fn openai_python() -> PathBuf {
-    if let Some(p) = std::env::var_os("TRTLLM_TEST_PYTHON") {
-        return p.into();
-    }
-    let venv = trtllm_api::cache_dir().join("venv-openai/bin/python");
-    assert!(
-        venv.exists(),
-        "{} not found: run `cargo xtask test` (it installs the openai client) or set \
-         TRTLLM_TEST_PYTHON to a python with `openai` and `jsonschema` installed",
-        venv.display()
-    );
-    venv
-}
 
 #[test]
 fn openai_python_client_matches_golden_outputs() {

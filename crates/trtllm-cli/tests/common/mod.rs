@@ -49,6 +49,22 @@ pub fn tiny_engine() -> &'static Path {
     })
 }
 
+/// The Python interpreter with `openai` and `jsonschema` installed: `TRTLLM_TEST_PYTHON`, or the
+/// venv that `cargo xtask test` creates in the cache.
+pub fn openai_python() -> PathBuf {
+    if let Some(p) = std::env::var_os("TRTLLM_TEST_PYTHON") {
+        return p.into();
+    }
+    let venv = trtllm_api::cache_dir().join("venv-openai/bin/python");
+    assert!(
+        venv.exists(),
+        "{} not found: run `cargo xtask test` (it installs the openai client) or set \
+         TRTLLM_TEST_PYTHON to a python with `openai` and `jsonschema` installed",
+        venv.display()
+    );
+    venv
+}
+
 pub fn golden() -> Value {
     let path = fixtures().join("smollm2-135m-instruct.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
