@@ -15,7 +15,7 @@ use crate::run::{open, ExecutorArgs, ModelArg, SamplingArgs};
 #[derive(Args)]
 pub struct ChatArgs {
     #[command(flatten)]
-    model: ModelArg,
+    pub(crate) model: ModelArg,
     /// A system message that opens the conversation (and survives /reset).
     #[arg(long)]
     system: Option<String>,

@@ -153,6 +153,13 @@ fn main() -> ExitCode {
         Command::Serve(_) | Command::Router(_) => "info",
         _ => "warn",
     });
+    // A split engine outside an `mpirun` job: the command becomes its ranks' (exec of mpirun).
+    if let Some(model) = cli.command.model() {
+        if let Err(e) = ranks::relaunch(model) {
+            eprintln!("error: {}", report(&e));
+            return ExitCode::FAILURE;
+        }
+    }
     match ranks::run(|| run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         // The reader went away (`| head`): nothing is wrong with the command.
@@ -197,6 +204,22 @@ fn broken_pipe(e: &anyhow::Error) -> bool {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
+}
+
+impl Command {
+    /// The model a command opens in process, if any.
+    fn model(&self) -> Option<&Path> {
+        match self {
+            Command::Run(a) => a.model.get(),
+            Command::Chat(a) => a.model.get(),
+            Command::Serve(a) => a.model.get(),
+            Command::Bench(
+                bench::BenchCommand::Throughput(a) | bench::BenchCommand::Latency(a),
+            ) => a.model.get(),
+            Command::Perplexity(a) => a.model.get(),
+            _ => None,
+        }
+    }
 }
 
 fn run(cli: Cli) -> Result<()> {

@@ -2,13 +2,44 @@
 //! every other rank follows rank 0's calls on its shard of the engine, whatever its command
 //! line says, until rank 0's command ends.
 
-use anyhow::Result;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use trtllm_api::runtime::{parallel, EngineConfig};
+
+/// `model` is an engine split over ranks and this process is not one of a job's: this command
+/// becomes `mpirun -np N` of itself (the process is replaced, so signals reach mpirun, which
+/// passes them on). Returns only when there is nothing to start, or with the reason mpirun
+/// could not be started.
+pub fn relaunch(model: &Path) -> Result<()> {
+    let Ok(config) = EngineConfig::read(model) else {
+        return Ok(()); // not an engine (a checkpoint to build first), or one the command reports
+    };
+    let n = config.mapping.world_size;
+    if n == 1 || parallel::launched_by_mpirun() || !cfg!(feature = "mpi") {
+        return Ok(());
+    }
+    let exe = std::env::current_exe().context("locating this trtllm")?;
+    eprintln!(
+        "{}: the engine is split over {n} ranks: starting them with `mpirun -np {n}`",
+        model.display()
+    );
+    let err = std::os::unix::process::CommandExt::exec(
+        std::process::Command::new("mpirun")
+            .args(["-np", &n.to_string()])
+            .arg(exe)
+            .args(std::env::args_os().skip(1))
+            // Root may start ranks (containers run as root).
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1"),
+    );
+    Err(err).context("starting mpirun (Open MPI: openmpi-bin) for the engine's ranks")
+}
 
 /// Runs `command` on rank 0 of an `mpirun` job (the other ranks follow it), or alone.
 pub fn run(command: impl FnOnce() -> Result<()>) -> Result<()> {
     #[cfg(feature = "mpi")]
     {
-        use trtllm_api::runtime::parallel;
         if let Some(world) = parallel::mpi::init()? {
             let result = match world.rank() {
                 0 => {
@@ -26,7 +57,7 @@ pub fn run(command: impl FnOnce() -> Result<()>) -> Result<()> {
     #[cfg(not(feature = "mpi"))]
     {
         let ranks = std::env::var("OMPI_COMM_WORLD_SIZE").or_else(|_| std::env::var("PMI_SIZE"));
-        if ranks.is_ok_and(|n| n != "1") {
+        if parallel::launched_by_mpirun() && ranks.is_ok_and(|n| n != "1") {
             anyhow::bail!(
                 "started by mpirun with several ranks, but this trtllm was built without MPI: \
                  rebuild it with `--features mpi`"

@@ -41,7 +41,7 @@ impl ModelArg {
 #[derive(Args)]
 pub struct RunArgs {
     #[command(flatten)]
-    model: ModelArg,
+    pub(crate) model: ModelArg,
     /// Repeat for several prompts; they run concurrently through the executor.
     #[arg(long, conflicts_with = "input")]
     prompt: Vec<String>,

@@ -24,7 +24,7 @@ pub struct ListenArgs {
 #[derive(Args)]
 pub struct ServeArgs {
     #[command(flatten)]
-    model: ModelArg,
+    pub(crate) model: ModelArg,
     #[command(flatten)]
     listen: ListenArgs,
     /// The model ids clients may use, repeated or comma-separated; responses name the one asked

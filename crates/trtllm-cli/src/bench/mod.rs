@@ -31,7 +31,7 @@ pub enum BenchCommand {
 pub struct BenchArgs {
     /// The model to run in process (or --url).
     #[command(flatten)]
-    model: ModelArg,
+    pub(crate) model: ModelArg,
     /// A running `trtllm serve` (e.g. http://127.0.0.1:8000) to drive over HTTP.
     #[arg(long)]
     url: Option<String>,

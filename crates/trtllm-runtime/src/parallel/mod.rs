@@ -62,6 +62,13 @@ impl CommTime {
 
 static WORLD: OnceLock<Arc<dyn Comm>> = OnceLock::new();
 
+/// Whether a process launcher (`mpirun`, a PMI/PMIx manager) started this process.
+pub fn launched_by_mpirun() -> bool {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some())
+}
+
 /// Makes `world` the process's ranks (once: MPI is initialized once per process).
 pub fn set_world(world: Arc<dyn Comm>) {
     let _ = WORLD.set(world);

@@ -9,7 +9,7 @@ use mpi::topology::{Color, SimpleCommunicator};
 use mpi::traits::*;
 use mpi::Threading;
 
-use super::{error, set_world, Comm, CommTime};
+use super::{error, launched_by_mpirun, set_world, Comm, CommTime};
 use crate::Result;
 
 /// The MPI environment; dropping it finalizes MPI.
@@ -20,13 +20,6 @@ struct Universe(#[allow(dead_code)] mpi::environment::Universe);
 // SAFETY: MPI was initialized with MPI_THREAD_MULTIPLE (checked in `init`), so its handles may
 // be used and dropped from any thread.
 unsafe impl Send for Universe {}
-
-/// Whether a process launcher (`mpirun`, a PMI/PMIx manager) started this process.
-pub fn launched_by_mpirun() -> bool {
-    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"]
-        .iter()
-        .any(|v| std::env::var_os(v).is_some())
-}
 
 /// Initializes MPI when this process runs under `mpirun` and makes its world the process's
 /// ([`super::world`]); `None` otherwise (a plain single-process run, no MPI started).
