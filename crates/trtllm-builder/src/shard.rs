@@ -231,3 +231,92 @@ fn take_cols(
     };
     Ok((new_format, shape, data))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trtllm_runtime::quant::DType;
+
+    fn model() -> ModelConfig {
+        serde_json::from_value(serde_json::json!({
+            "architecture": "LlamaForCausalLM", "vocab_size": 100, "hidden_size": 64,
+            "intermediate_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2,
+            "head_dim": 16, "max_position_embeddings": 64, "norm": "rms_norm",
+            "norm_eps": 1e-5, "mlp": "gated_silu", "position": {"type": "learned"},
+            "tie_word_embeddings": true, "bos_token_id": null, "eos_token_ids": []
+        }))
+        .expect("config")
+    }
+
+    #[test]
+    fn modules_are_cut_by_their_kind_and_stage() {
+        let m = model();
+        let map = Mapping::new(2, 2).unwrap();
+        let (first, last) = (map.shard(&m, 1).unwrap(), map.shard(&m, 3).unwrap());
+        assert_eq!(module_take("layers.3.qkv", &m, &first), Take::Skip);
+        assert_eq!(
+            module_take("layers.1.qkv", &m, &first),
+            Take::Rows(vec![32..64, 80..96, 112..128])
+        );
+        assert_eq!(
+            module_take("layers.1.o", &m, &first),
+            Take::Cols(32..64, 64)
+        );
+        assert_eq!(
+            module_take("layers.2.gate_up", &m, &last),
+            Take::Rows(vec![128..256, 384..512])
+        );
+        assert_eq!(
+            module_take("layers.2.down", &m, &last),
+            Take::Cols(128..256, 256)
+        );
+        assert_eq!(module_take("layers.2.mlp_norm", &m, &last), Take::Whole);
+        // Tied: the table is the head too, so the last stage holds its rows as well.
+        assert_eq!(module_take("embed", &m, &last), Take::Rows(vec![50..100]));
+        assert_eq!(module_take("final_norm", &m, &first), Take::Skip);
+        assert_eq!(module_take("pos_embed", &m, &first), Take::Whole);
+    }
+
+    fn info(name: &str, dtype: DType, shape: &[usize], format: Option<WeightFormat>) -> TensorInfo {
+        let bytes = shape.iter().product::<usize>() * dtype.size_bytes();
+        TensorInfo {
+            name: name.into(),
+            dtype,
+            shape: shape.to_vec(),
+            offset: 0,
+            bytes,
+            format,
+        }
+    }
+
+    #[test]
+    fn quantized_columns_are_cut_between_groups_or_refused() {
+        // int8 per channel: 2 rows of 64 codes; columns 32..64 keep each row's one scale.
+        let f = WeightFormat::Int8 {
+            group: 64,
+            zero_point: false,
+        };
+        let codes: Vec<u8> = (0..128).map(|i| i as u8).collect();
+        let t = info("layers.0.down.weight", DType::U8, &[2, 64], Some(f));
+        let (format, shape, data) = take_cols((&t, &codes), (32..64, 64), Some(f)).unwrap();
+        assert_eq!(shape, vec![2, 32]);
+        assert_eq!(data[..2], [32, 33]);
+        assert_eq!(data[32], 96);
+        let local = WeightFormat::Int8 {
+            group: 32,
+            zero_point: false,
+        };
+        assert_eq!(format, Some(local));
+        // int4 in groups of 32: a cut at column 16 splits a block.
+        let f = WeightFormat::Int4 {
+            group: 32,
+            zero_point: true,
+        };
+        let t = info("layers.0.o.weight", DType::U8, &[1, 32], Some(f));
+        let e = take_cols((&t, &[0u8; 32]), (16..64, 64), Some(f)).unwrap_err();
+        assert!(e.to_string().contains("inside a block of 32"), "{e}");
+        let t = info("layers.0.o.input_perm", DType::F32, &[64], None);
+        let e = take_cols((&t, &[0u8; 256]), (0..32, 64), Some(f)).unwrap_err();
+        assert!(e.to_string().contains("input_perm"), "{e}");
+    }
+}
