@@ -272,7 +272,8 @@ mod tests {
         );
         assert_eq!(module_take("layers.2.mlp_norm", &m, &last), Take::Whole);
         // Tied: the table is the head too, so the last stage holds its rows as well.
-        let rows = Take::Rows([50..100].to_vec());
+        assert_eq!(last.vocab, 50..100);
+        let rows = Take::Rows(vec![last.vocab.clone()]);
         assert_eq!(module_take("embed", &m, &last), rows);
         assert_eq!(module_take("final_norm", &m, &first), Take::Skip);
         assert_eq!(module_take("pos_embed", &m, &first), Take::Whole);
