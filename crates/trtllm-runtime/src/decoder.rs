@@ -260,7 +260,7 @@ impl<B: Backend> Decoder<B> {
         }
         let rows = &layout.logits_rows;
         let Some(lm_head) = &self.lm_head else {
-            return self.pass_on(hidden, n, rows.len());
+            return self.pass_on(hidden, rows.len());
         };
         if rows.is_empty() {
             return Ok(Vec::new());
@@ -333,14 +333,13 @@ impl<B: Backend> Decoder<B> {
 
     /// A stage that is not the last sends its residual stream on; rank 0 then waits for the
     /// logits from the last stage.
-    fn pass_on(&self, hidden: B::Act, n: usize, logits_rows: usize) -> Result<Vec<f32>> {
+    fn pass_on(&self, hidden: B::Act, logits_rows: usize) -> Result<Vec<f32>> {
         let par = self
             .par
             .as_ref()
             .ok_or_else(|| RuntimeError::MissingTensor(crate::engine::names::LM_HEAD.into()))?;
         let s = &par.shard;
         let hidden = self.backend.download(hidden)?;
-        debug_assert_eq!(hidden.len(), n * self.model.cfg.hidden_size);
         par.pipe
             .send(par.rank_of(s.pp_rank + 1, s.tp_rank), &hidden)?;
         if s.rank != 0 || logits_rows == 0 {
@@ -357,10 +356,8 @@ impl<B: Backend> Decoder<B> {
         let Some(par) = self.par.as_ref().filter(|p| p.tp.size() > 1) else {
             return Ok(part);
         };
-        let (vocab, tp) = (self.model.cfg.vocab_size, par.tp.size());
-        let widths: Vec<usize> = (0..tp)
-            .map(|r| crate::parallel::split(vocab, tp, 1, r).len())
-            .collect();
+        let vocab = self.model.cfg.vocab_size;
+        let widths = par.shard.vocab_widths(vocab);
         let counts: Vec<usize> = widths.iter().map(|w| w * rows).collect();
         let all = par.tp.all_gather(&part, &counts)?;
         let mut logits = vec![0f32; rows * vocab];

@@ -114,7 +114,7 @@ impl Mapping {
             pp_rank,
             q_heads,
             kv_heads,
-            vocab: split(model.vocab_size, tp, 1, tp_rank),
+            vocab: vocab_part(model.vocab_size, tp, tp_rank),
             layers: split(model.num_layers, pp, 1, pp_rank),
         })
     }
@@ -152,6 +152,12 @@ impl Shard {
             .find(|&u| inter.is_multiple_of(u) && inter / u >= tp)
             .unwrap_or(1);
         split(inter, tp, unit, self.tp_rank)
+    }
+
+    /// How many of a `vocab`-row embedding or head each TP rank holds, in TP rank order.
+    pub fn vocab_widths(&self, vocab: usize) -> Vec<usize> {
+        let tp = self.mapping.tp_size;
+        (0..tp).map(|r| vocab_part(vocab, tp, r).len()).collect()
     }
 
     /// The MLP columns of `full`'s layer `layer` this rank holds.
@@ -205,9 +211,14 @@ impl Shard {
     }
 }
 
+/// TP rank `i`'s rows of a `vocab`-row embedding or head (of `tp` ranks).
+fn vocab_part(vocab: usize, tp: usize, i: usize) -> Range<usize> {
+    split(vocab, tp, 1, i)
+}
+
 /// Part `i` of `parts` near-equal consecutive parts of `0..total`, in whole `unit`s (the
 /// first parts take the remainder).
-pub fn split(total: usize, parts: usize, unit: usize, i: usize) -> Range<usize> {
+fn split(total: usize, parts: usize, unit: usize, i: usize) -> Range<usize> {
     let units = total / unit;
     let (base, extra) = (units / parts, units % parts);
     let start = i * base + i.min(extra);

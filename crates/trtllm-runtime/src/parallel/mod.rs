@@ -12,7 +12,7 @@ pub mod worker;
 
 use std::sync::{Arc, OnceLock};
 
-pub use mapping::{split, Mapping, Shard};
+pub use mapping::{Mapping, Shard};
 
 use crate::Result;
 
