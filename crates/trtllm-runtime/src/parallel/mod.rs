@@ -39,8 +39,8 @@ pub trait Comm: Send + Sync {
     fn time(&self) -> CommTime;
 }
 
-/// Time spent inside collectives, by kind (waiting for a slower rank included: a collective
-/// ends when the last rank reaches it).
+/// Time spent inside MPI's collectives, by kind (waiting for a slower rank included: a
+/// collective ends when the last rank reaches it). NCCL's sums on GPUs are not in it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
 pub struct CommTime {
     /// Sums of partial products (after O and down) and of the vocabulary-split embeddings.
@@ -110,8 +110,8 @@ impl Groups {
     }
 }
 
-/// Every rank says whether its part of a collective step failed; an error on every rank where
-/// any did (each failed rank has reported its own error, the others say another rank failed).
+/// Every rank says whether its part of a collective step failed: an error on each rank that did
+/// not fail when another did (a rank that failed has its own error to report).
 pub(crate) fn agree(world: &dyn Comm, failed: bool, what: &str) -> Result<()> {
     let mut flag = [f32::from(u8::from(failed))];
     world.all_reduce_sum(&mut flag)?;
