@@ -119,6 +119,10 @@ const CONFIG_WORDS: &[&str] = &[
     "max_batch_size",
     "kv_cache_dtype",
     "ranks",
+    "mapping",
+    "world_size",
+    "tp_size",
+    "pp_size",
 ];
 
 /// GGUF files through `trtllm build` (quantized weights converted, or kept when the flag is
