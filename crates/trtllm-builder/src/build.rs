@@ -106,6 +106,7 @@ fn build_into(
         let hf = hf_config::read(checkpoint)?;
         let mut model = hf.model;
         model.eos_token_ids = merge_generation_eos(checkpoint, model.eos_token_ids);
+        check_split(config, &model)?;
         let ck = SafetensorsCheckpoint::open(checkpoint, hf.dtype, hf.prequant)?;
         let spec = family::hf_spec(hf.family, &model);
         let tok_path = checkpoint.join("tokenizer.json");
@@ -149,6 +150,7 @@ fn build_into(
     } else {
         let gguf = GgufFile::open(checkpoint)?;
         let (family, model) = gguf.model_config()?;
+        check_split(config, &model)?;
         let spec = family::gguf_spec(family, &model);
         let (tokenizer, tok_config) = gguf_tokenizer::convert(&gguf)?;
         let calibration = match config.quant.needs_calibration() {
@@ -177,6 +179,14 @@ fn build_into(
         write_json(&output.join("tokenizer_config.json"), &tok_config)?;
         Ok(engine)
     }
+}
+
+/// A split (`--tp-size`, `--pp-size`) the model cannot take fails before any weight is read.
+fn check_split(config: &BuildConfig, model: &ModelConfig) -> Result<()> {
+    for rank in 0..config.mapping.world_size {
+        config.mapping.shard(model, rank)?;
+    }
+    Ok(())
 }
 
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {

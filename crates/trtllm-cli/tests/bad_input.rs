@@ -422,3 +422,42 @@ fn run_json_and_inspect_on_a_tiny_engine() {
         "{text}"
     );
 }
+
+/// A split the model cannot take is refused before any weight is converted, saying why; a
+/// split engine's config.json that lists too few rank files is corrupt.
+#[test]
+fn impossible_splits_and_missing_rank_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("e");
+    let mqa = fixtures().join("tiny-llama-mqa");
+    let build = |extra: &[&str]| {
+        let args = [
+            "build",
+            "--checkpoint",
+            path(&mqa),
+            "--output",
+            path(&out),
+            "--force",
+        ];
+        trtllm(&[&args[..], extra].concat())
+    };
+    fails_with(
+        build(&["--tp-size", "8"]),
+        &["cannot split", "tp_size 8", "1 KV heads of 4 query heads"],
+    );
+    fails_with(build(&["--pp-size", "9"]), &["only 2 layers"]);
+    fails_with(
+        build(&["--tp-size", "0"]),
+        &["--tp-size/--pp-size", "must be 1 to"],
+    );
+    assert!(!out.exists());
+
+    assert!(build(&["--tp-size", "2"]).status.success());
+    edit(&out.join("config.json"), |cfg| {
+        let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+        v["ranks"].as_array_mut().unwrap().pop();
+        v.to_string()
+    });
+    let run = trtllm(&["run", "--model", path(&out), "--input-ids", "1,2"]);
+    fails_with(run, &["1 rank files listed for a world of 2 ranks"]);
+}
