@@ -292,6 +292,7 @@ impl LLM {
             .collect();
         Ok(RequestStream {
             tokenizer: self.tokenizer.clone(),
+            held: (0..params.n).map(|_| None).collect(),
             results,
             states,
             prompt,

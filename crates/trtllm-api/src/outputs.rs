@@ -82,6 +82,6 @@ pub struct CompletionDelta {
     pub finish_reason: Option<String>,
     pub stop_reason: Option<StopReason>,
     /// Prompt tokens the completion's request found in the prefix cache instead of computing;
-    /// set with its end when the engine finished it (not when a stop string ended it first).
+    /// set on its last delta.
     pub cached_tokens: Option<usize>,
 }

@@ -22,6 +22,9 @@ pub struct RequestStream {
     pub(crate) failed: bool,
     /// Deltas made and not yet returned: a beam search ends all its completions at once.
     pub(crate) queued: std::collections::VecDeque<CompletionDelta>,
+    /// The last delta of each completion a stop string ended, held until the engine's end of
+    /// it, which says how much of the prompt came from the prefix cache.
+    pub(crate) held: Vec<Option<CompletionDelta>>,
 }
 
 impl RequestStream {
@@ -86,10 +89,22 @@ impl RequestStream {
     fn on_event(&mut self, i: usize, event: RequestEvent) -> Option<Result<CompletionDelta>> {
         let tok = self.tokenizer.as_deref();
         let was_finished = self.states[i].is_finished();
-        let cached = match &event {
-            RequestEvent::Finished { stats, .. } => Some(stats.reused_tokens),
-            _ => None,
+        let (cached, ends) = match &event {
+            RequestEvent::Finished { stats, .. } => (Some(stats.reused_tokens), true),
+            RequestEvent::Failed(_) => (None, true),
+            _ => (None, false),
         };
+        if self.held[i].is_some() {
+            // Ended by a stop string: of what the engine still sends about it, only its end
+            // matters, completing the held delta with the cached-token count.
+            let held = if ends { self.held[i].take() } else { None };
+            return held.map(|d| {
+                Ok(CompletionDelta {
+                    cached_tokens: cached,
+                    ..d
+                })
+            });
+        }
         let delta = match event {
             RequestEvent::Tokens(t) => self.states[i].on_tokens(tok, &t),
             RequestEvent::PromptLogprobs(lps) => {
@@ -128,9 +143,12 @@ impl RequestStream {
                 return Some(Err(e));
             }
         };
-        if !was_finished && self.states[i].is_finished() {
-            // A stop string ended it early: the engine need not go on.
+        if !was_finished && self.states[i].is_finished() && !ends {
+            // A stop string ended it early: the engine need not go on, and its end (the
+            // cancellation, a step away) brings the count of cached prompt tokens.
             self.results[i].abort();
+            self.held[i] = Some(delta);
+            return None;
         }
         let empty =
             delta.text.is_empty() && delta.token_ids.is_empty() && delta.finish_reason.is_none();

@@ -87,4 +87,16 @@ fn stored_blocks_are_named_by_the_hashes_of_the_prompt() {
     let (status, again) = server.post("/v1/completions", &body, Some(key));
     assert_eq!(status, 200, "{again}");
     assert_eq!(cached(&again), 3 * bs, "{again}");
+
+    // Ended by a stop string before the engine ended it: the usage still counts the cache.
+    let stop = json!({"model": MODEL, "prompt": prompt, "max_tokens": 64, "temperature": 0.0,
+                      "stop": [" ", "\n"], "ignore_eos": true});
+    let (status, stopped) = server.post("/v1/completions", &stop, Some(key));
+    assert_eq!(status, 200, "{stopped}");
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop", "{stopped}");
+    assert!(
+        stopped["usage"]["completion_tokens"].as_u64() < Some(64),
+        "{stopped}"
+    );
+    assert_eq!(cached(&stopped), 3 * bs, "{stopped}");
 }
