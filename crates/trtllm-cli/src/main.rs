@@ -15,9 +15,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use trtllm_api::builder::{self, BuildConfig};
 use trtllm_api::executor::ExecutorConfig;
+use trtllm_api::runtime::engine::EngineFile;
 use trtllm_api::runtime::parallel::Mapping;
 use trtllm_api::runtime::quant::{DType, LayerQuantConfig, QuantAlgo, QuantConfig};
-use trtllm_api::runtime::{Device, KvStorage, Session, TimingCache};
+use trtllm_api::runtime::{Device, EngineConfig, KvStorage, Session, TimingCache};
 
 #[derive(Parser)]
 #[command(name = "trtllm", version, about = "Build and run LLM engines")]
@@ -389,30 +390,38 @@ fn parse_ids(path: &Path) -> Result<Vec<u32>> {
 }
 
 fn inspect(engine: &Path) -> Result<()> {
-    let session = Session::open(engine)?;
-    let cfg = session.config();
+    let cfg = EngineConfig::read(engine)?;
     // Written with `?`, not println!, so a closed pipe (`trtllm inspect E | head`) ends the
     // command quietly instead of panicking.
     let mut out = std::io::stdout().lock();
-    writeln!(
-        out,
-        "{}",
-        serde_json::to_string_pretty(&serde_json::json!({"model": cfg.model, "build": cfg.build}))?
-    )?;
-    let tensors = session.tensors();
+    let head = serde_json::json!({"model": cfg.model, "build": cfg.build, "mapping": cfg.mapping});
+    writeln!(out, "{}", serde_json::to_string_pretty(&head)?)?;
+    // Every rank's file, checked and listed (a split engine is inspected without its ranks).
+    for rank in &cfg.ranks {
+        let file = EngineFile::open(engine, rank)?;
+        if cfg.mapping.is_parallel() {
+            writeln!(out, "\n{}", rank.file)?;
+        }
+        inspect_file(&mut out, &file)?;
+    }
+    Ok(())
+}
+
+/// The tensors of one rank file, and a summary.
+fn inspect_file(out: &mut impl Write, file: &EngineFile) -> Result<()> {
     writeln!(
         out,
         "\n{:<36} {:<16} {:>16} {:>12}",
         "tensor", "format", "shape", "bytes"
     )?;
-    let mut packed = 0;
-    let mut matrices = 0;
-    for t in &tensors {
+    let (mut packed, mut matrices, mut weight_bytes) = (0, 0, 0);
+    for t in file.tensors() {
         let format = t
             .format
             .map_or_else(|| t.dtype.name().to_string(), |f| f.describe());
         packed += usize::from(t.format.is_some());
         matrices += usize::from(t.name.ends_with(".weight") && t.shape.len() == 2);
+        weight_bytes += t.bytes;
         writeln!(
             out,
             "{:<36} {:<16} {:>16} {:>12}",
@@ -422,13 +431,12 @@ fn inspect(engine: &Path) -> Result<()> {
             t.bytes
         )?;
     }
-    let weight_bytes: usize = tensors.iter().map(|t| t.bytes).sum();
     writeln!(
         out,
         "\n{} tensors, {packed}/{matrices} weight matrices quantized, {:.1} MiB of weights, engine file {:.1} MiB",
-        tensors.len(),
+        file.tensors().count(),
         weight_bytes as f64 / (1 << 20) as f64,
-        session.engine_bytes() as f64 / (1 << 20) as f64
+        file.len() as f64 / (1 << 20) as f64
     )?;
     Ok(())
 }

@@ -423,8 +423,8 @@ fn run_json_and_inspect_on_a_tiny_engine() {
     );
 }
 
-/// A split the model cannot take is refused before any weight is converted, saying why; a
-/// split engine's config.json that lists too few rank files is corrupt.
+/// A split the model cannot take is refused before any weight is converted, saying why; a split
+/// engine is inspected without its ranks; its config.json listing too few rank files is corrupt.
 #[test]
 fn impossible_splits_and_missing_rank_files() {
     let dir = tempfile::tempdir().unwrap();
@@ -453,6 +453,17 @@ fn impossible_splits_and_missing_rank_files() {
     assert!(!out.exists());
 
     assert!(build(&["--tp-size", "2"]).status.success());
+    // Inspected without its ranks: the mapping and each rank's shard.
+    let shown = trtllm(&["inspect", path(&out)]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.status.success(), "{text}");
+    assert!(
+        text.contains("\"tp_size\": 2") && text.contains("rank1.engine"),
+        "{text}"
+    );
+    // MQA over 2 ranks: each holds 2 query heads and the one KV head's K and V (4 × 16 rows).
+    let qkv = text.lines().find(|l| l.starts_with("layers.0.qkv.weight"));
+    assert!(qkv.is_some_and(|l| l.contains("[64, 64]")), "{text}");
     edit(&out.join("config.json"), |cfg| {
         let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
         v["ranks"].as_array_mut().unwrap().pop();
