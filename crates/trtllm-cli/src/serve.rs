@@ -2,8 +2,9 @@
 
 use anyhow::Result;
 use clap::Args;
+use trtllm_api::runtime::parallel;
 use trtllm_api::ToolParser;
-use trtllm_serve::ServeConfig;
+use trtllm_serve::{OnSignal, ServeConfig};
 
 use crate::run::{open, ExecutorArgs, ModelArg};
 
@@ -98,6 +99,11 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             lenient_requests: a.lenient_requests,
             tool_call_parser: a.tool_call_parser,
             lora_modules: a.lora_modules,
+            // mpirun tears the whole job down when a rank exits: rank 0 cannot drain.
+            on_signal: match parallel::world().is_some_and(|w| w.size() > 1) {
+                true => OnSignal::FailAndExit,
+                false => OnSignal::Drain,
+            },
         },
     )?;
     Ok(())

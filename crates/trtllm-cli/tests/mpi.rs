@@ -287,8 +287,9 @@ fn a_rank_killed_mid_request_ends_the_job() {
     let gguf = smollm2_gguf().expect("demo model");
     let split = build(&gguf, (2, 1), &["--quant", "keep", "--max-seq-len", "512"]);
     let (mut job, base) = serve(&split, 2);
-    // Rank 1 killed during a request: the request fails, and the job ends (mpirun tears the
-    // other ranks down) with an error, within seconds, leaving no rank behind.
+    // Rank 1 killed during a request: the request fails with an error saying why, and the job
+    // ends (mpirun tears the other ranks down) with an error, within seconds, leaving no rank
+    // behind.
     let ranks = job_ranks(&split);
     assert_eq!(ranks.len(), 2, "{ranks:?}");
     let worker = ranks.iter().find(|(rank, _)| *rank == 1).expect("rank 1").1;
@@ -336,6 +337,11 @@ fn a_rank_killed_mid_request_ends_the_job() {
     );
     assert!(
         !streamed.contains("\"finish_reason\":\"length\""),
+        "{streamed}"
+    );
+    // The client is told why, not just cut off.
+    assert!(
+        streamed.contains("\"error\"") && streamed.contains("one of its ranks exited"),
         "{streamed}"
     );
     std::thread::sleep(Duration::from_millis(500));

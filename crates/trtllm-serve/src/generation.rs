@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use trtllm_api::{CompletionDelta, Logprob, RequestStream, ToolCallStream, ToolMode};
 
 use crate::format::{usage, ChoiceText};
@@ -66,6 +66,8 @@ pub struct Generation {
     /// The response id, for the request log.
     id: String,
     rx: mpsc::Receiver<Item>,
+    /// Set when open responses must fail (`AppState::fail_open_responses`).
+    stop: watch::Receiver<Option<String>>,
     state: Arc<AppState>,
     n: usize,
     prompt_tokens: usize,
@@ -84,6 +86,16 @@ pub struct Generation {
 impl Drop for Generation {
     fn drop(&mut self) {
         self.finish();
+    }
+}
+
+/// Resolves with the reason once open responses must fail; never, if they need not.
+async fn stopped(stop: &mut watch::Receiver<Option<String>>) -> String {
+    // The reason is cloned out at once: the watch's borrow may not be held across an await.
+    let why = stop.wait_for(Option::is_some).await.map(|w| w.clone());
+    match why {
+        Ok(why) => why.unwrap_or_default(),
+        Err(_) => std::future::pending().await,
     }
 }
 
@@ -150,6 +162,7 @@ impl Generation {
         Self {
             id,
             rx,
+            stop: state.stopping(),
             _guard: AbortGuard {
                 state: state.clone(),
                 ids,
@@ -175,7 +188,11 @@ impl Generation {
     /// The next delta as (choice index, what it adds); None once every choice has finished.
     pub async fn next(&mut self) -> Option<Result<(usize, ChoiceText), ServeError>> {
         loop {
-            return match self.rx.recv().await {
+            let item = tokio::select! {
+                item = self.rx.recv() => item,
+                why = stopped(&mut self.stop) => Some(Item::Failed(ServeError::Internal(why))),
+            };
+            return match item {
                 None => {
                     self.finish();
                     None

@@ -32,6 +32,7 @@ use trtllm_api::{ToolParser, LLM};
 
 pub use error::ServeError;
 pub use router::{serve_router, Policy, RouterConfig};
+use state::AppState;
 
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
@@ -62,6 +63,21 @@ pub struct ServeConfig {
     /// LoRA adapters served from the start, as (model name, PEFT directory): a request naming
     /// one as its `model` runs with it (vLLM's `--lora-modules`).
     pub lora_modules: Vec<(String, std::path::PathBuf)>,
+    /// What SIGINT and SIGTERM do to the responses still open.
+    pub on_signal: OnSignal,
+}
+
+/// What a stop signal does to the responses still open.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnSignal {
+    /// Stop accepting, let open responses finish (up to 30 s), shut the executor down.
+    #[default]
+    Drain,
+    /// For rank 0 of an `mpirun` job: mpirun signals it when another rank exits (or when it is
+    /// itself signalled) and kills it a second later, and an engine waiting on lost ranks can
+    /// neither finish a response nor shut down. So fail every open response at once with an
+    /// error saying why, and exit with status 1.
+    FailAndExit,
 }
 
 impl Default for ServeConfig {
@@ -79,13 +95,17 @@ impl Default for ServeConfig {
             lenient_requests: false,
             tool_call_parser: None,
             lora_modules: Vec::new(),
+            on_signal: OnSignal::Drain,
         }
     }
 }
 
 /// The application: routes, auth on /v1, error counting and the body limit.
 pub fn router(llm: LLM, config: ServeConfig) -> Router {
-    let st = Arc::new(state::AppState::new(llm, config));
+    routes(Arc::new(AppState::new(llm, config)))
+}
+
+fn routes(st: Arc<AppState>) -> Router {
     let v1 = Router::new()
         .route("/v1/models", get(handlers::models))
         .route("/v1/completions", post(handlers::completions))
@@ -110,7 +130,8 @@ pub fn router(llm: LLM, config: ServeConfig) -> Router {
 }
 
 /// Serves until SIGINT or SIGTERM, then lets open responses finish and shuts the executor
-/// down. Prints `listening on http://ADDR` to stderr once bound.
+/// down, or fails them and exits (`ServeConfig::on_signal`). Prints `listening on
+/// http://ADDR` to stderr once bound.
 pub fn serve(llm: LLM, config: ServeConfig) -> Result<(), ServeError> {
     if config
         .api_key
@@ -136,10 +157,34 @@ pub fn serve(llm: LLM, config: ServeConfig) -> Result<(), ServeError> {
         header_timeout: config.header_timeout,
     };
     let summary = summary(&llm, &config);
-    let app = router(llm, config);
-    listen::serve_on(&addr, limits, blocking, app, move || {
-        tracing::info!("{summary}")
-    })
+    let st = Arc::new(AppState::new(llm, config));
+    let signalled = {
+        let st = st.clone();
+        async move {
+            shutdown_signal().await;
+            if st.config.on_signal == OnSignal::FailAndExit {
+                st.fail_open_responses(
+                    "the engine stopped: its MPI job is being torn down (one of its ranks exited, \
+                     or mpirun was signalled); this request cannot complete"
+                        .into(),
+                );
+            }
+        }
+    };
+    listen::serve_on(
+        &addr,
+        limits,
+        blocking,
+        routes(st.clone()),
+        signalled,
+        move || tracing::info!("{summary}"),
+    )?;
+    if st.config.on_signal == OnSignal::FailAndExit {
+        // Without running destructors: the executor would wait on the lost ranks forever.
+        tracing::error!("stopped with the MPI job; open responses were failed");
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 /// What is being served, logged once bound.

@@ -89,13 +89,15 @@ pub fn raise_open_file_limit(max_connections: usize) {
     }
 }
 
-/// Serves `app` on `addr` until SIGINT or SIGTERM, on a runtime of its own with up to `blocking`
-/// blocking threads. Prints `listening on http://ADDR` to stderr once bound, after `bound`.
+/// Serves `app` on `addr` until `shutdown` resolves, on a runtime of its own with up to
+/// `blocking` blocking threads. Prints `listening on http://ADDR` to stderr once bound, after
+/// `bound`.
 pub fn serve_on(
     addr: &str,
     limits: ConnectionLimits,
     blocking: usize,
     app: Router,
+    shutdown: impl std::future::Future<Output = ()>,
     bound: impl FnOnce(),
 ) -> Result<(), ServeError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -103,7 +105,7 @@ pub fn serve_on(
         .enable_all()
         .build()
         .map_err(|e| ServeError::Internal(format!("tokio runtime: {e}")))?;
-    rt.block_on(async move {
+    let served = rt.block_on(async move {
         let listen_err = |e| ServeError::Listen {
             addr: addr.to_string(),
             source: e,
@@ -115,9 +117,13 @@ pub fn serve_on(
         bound();
         eprintln!("listening on http://{local}");
         raise_open_file_limit(limits.max_connections);
-        run(listener, app, limits, crate::shutdown_signal()).await;
+        run(listener, app, limits, shutdown).await;
         Ok(())
-    })
+    });
+    // Blocking threads still waiting on an engine (responses past the drain, or an engine that
+    // lost its ranks) must not hold the caller: they end when the executor does.
+    rt.shutdown_background();
+    served
 }
 
 /// How long open responses may run on after the shutdown signal.

@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use tokio::sync::watch;
 use trtllm_api::{LoRARequest, LLM};
 
 use crate::lora::Adapters;
@@ -20,6 +21,8 @@ pub struct AppState {
     pending: AtomicUsize,
     /// The LoRA adapters served by name.
     adapters: Mutex<Adapters>,
+    /// Why every open response must fail now, once that is so.
+    stopping: watch::Sender<Option<String>>,
 }
 
 impl AppState {
@@ -31,7 +34,18 @@ impl AppState {
             metrics: Metrics::default(),
             created: unix_time(),
             pending: AtomicUsize::new(0),
+            stopping: watch::Sender::new(None),
         }
+    }
+
+    /// Fails every open response, and every one started from now on, with `why`.
+    pub fn fail_open_responses(&self, why: String) {
+        self.stopping.send_replace(Some(why));
+    }
+
+    /// Resolves (with the reason) once open responses must fail.
+    pub fn stopping(&self) -> watch::Receiver<Option<String>> {
+        self.stopping.subscribe()
     }
 
     /// Counts a request's `sequences` in, or refuses it when they would take the sequences in

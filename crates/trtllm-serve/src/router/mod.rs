@@ -113,7 +113,14 @@ pub fn serve_router(config: RouterConfig) -> Result<(), ServeError> {
     // Each request in flight holds a blocking thread (the call to its replica, then the reader
     // of its response).
     let blocking = limits.max_connections.max(64);
-    let result = listen::serve_on(&addr, limits, blocking, app(state), || {});
+    let result = listen::serve_on(
+        &addr,
+        limits,
+        blocking,
+        app(state),
+        crate::shutdown_signal(),
+        || {},
+    );
     stop.store(true, Ordering::Relaxed);
     result
 }
