@@ -106,19 +106,22 @@ fn greedy(engine: &Path, ranks: usize, ids: &[u32], tokens: usize) -> Vec<u32> {
 
 /// [`greedy`] with the model on `device`.
 fn greedy_on(engine: &Path, ranks: usize, ids: &[u32], tokens: usize, device: &str) -> Vec<u32> {
+    greedy_with(engine, ranks, (ids, tokens), &["--device", device])
+}
+
+/// [`greedy`] with more `trtllm run` flags.
+fn greedy_with(
+    engine: &Path,
+    ranks: usize,
+    (ids, tokens): (&[u32], usize),
+    extra: &[&str],
+) -> Vec<u32> {
     let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
     let (ids, n) = (ids.join(","), tokens.to_string());
     let model = engine.to_str().unwrap();
-    let args = [
-        "run",
-        "--model",
-        model,
-        "--input-ids",
-        &ids,
-        "--device",
-        device,
-    ];
-    let args = [&args[..], &["--max-tokens", &n, "--ignore-eos", "--json"]].concat();
+    let args = ["run", "--model", model, "--input-ids", &ids];
+    let flags = ["--max-tokens", &n, "--ignore-eos", "--json"];
+    let args = [&args[..], extra, &flags].concat();
     let out = ok(finish(trtllm(ranks, &args), Duration::from_secs(120)));
     let v: Value = serde_json::from_str(out.lines().next().expect("a line")).expect("json");
     serde_json::from_value(v["outputs"][0]["token_ids"].clone()).expect("ids")
@@ -195,6 +198,39 @@ fn moe_qk_norm_and_windowed_fixtures() {
     check_splits("tiny-mixtral", &[(2, 1)]);
     check_splits("tiny-qwen3", &[(2, 1)]);
     check_splits("tiny-gemma2", &[(2, 1), (1, 2)]);
+}
+
+/// PEFT adapters on split engines, each rank adding its part of every update (B's rows of
+/// QKV and the MLP's input, A's columns of O and down, a stage's layers): peft's greedy tokens
+/// (tests/fixtures/lora/golden.json), as on one rank.
+#[test]
+fn lora_adapters_on_split_engines_match_peft() {
+    for adapter in ["tiny-llama-r8", "tiny-phi3-r8-fused", "tiny-qwen2-r16"] {
+        check_lora_splits(adapter, "cpu");
+    }
+}
+
+/// `adapter`'s golden cases on one rank and split (TP 2, PP 2) on `device`.
+fn check_lora_splits(adapter: &str, device: &str) {
+    let golden: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("lora/golden.json")).unwrap(),
+    )
+    .unwrap();
+    let spec = &golden["adapters"][adapter];
+    let base = fixtures().join(spec["base"].as_str().unwrap());
+    let dir = fixtures().join("lora").join(adapter);
+    let flags = ["--lora", dir.to_str().unwrap(), "--device", device];
+    for case in spec["cases"].as_array().unwrap() {
+        let ids: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
+        let want: Vec<u32> = serde_json::from_value(case["greedy_ids"].clone()).unwrap();
+        let whole = greedy_with(&build(&base, (1, 1), &[]), 1, (&ids, want.len()), &flags);
+        assert_eq!(whole, want, "{adapter} on {device}: one rank vs peft");
+        for (tp, pp) in [(2, 1), (1, 2)] {
+            let split = build(&base, (tp, pp), &[]);
+            let got = greedy_with(&split, tp * pp, (&ids, want.len()), &flags);
+            assert_eq!(got, want, "{adapter} on {device}, tp {tp} pp {pp}: vs peft");
+        }
+    }
 }
 
 /// SmolLM2-135M with its GGUF's Q4_1 weights kept packed: 9 heads over 3 KV heads split 6 + 3,
@@ -426,8 +462,8 @@ fn wrong_ranks_and_unloadable_shards_are_errors_not_hangs() {
     fails_with(out, "another rank could not open the engine");
 }
 
-/// Two GPUs, one per rank, summing through NCCL: the emulated driver's two devices in CI
-/// (`cargo xtask emulate-gpu`), or a machine with two GPUs.
+/// Two GPUs, one per rank, summing through NCCL (with a LoRA adapter too): the emulated
+/// driver's two devices in CI (`cargo xtask emulate-gpu`), or a machine with two GPUs.
 #[cfg(feature = "cuda")]
 #[test]
 #[ignore = "needs two CUDA GPUs (or the emulated driver) and NCCL: cargo xtask emulate-gpu"]
@@ -465,6 +501,7 @@ fn gpu_tp2_and_pp2_match_one_rank_on_tiny_fixtures() {
             }
         }
     }
+    check_lora_splits("tiny-llama-r8", "cuda");
 }
 
 /// Quantized weights split with their scales: int8 per channel (each rank's O/down columns keep

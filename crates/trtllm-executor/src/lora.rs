@@ -145,6 +145,7 @@ mod tests {
             name: name.into(),
             rank: 1,
             layers: Vec::new(),
+            dir: None,
         })
     }
 

@@ -1,5 +1,6 @@
 //! `Session` opens an engine; `ModelRunner` runs forward passes over it with input validation.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use crate::engine::{EngineConfig, EngineFile, TensorInfo};
 use crate::kv_cache::{KvBudget, KvCache, KvPool, KvStorage, KV_CACHE_BLOCK};
 use crate::lora::{DeviceLora, LoraAdapter, LoraInner, LoraWeights};
 use crate::model::{ActivationObserver, HostModel, LogitsMode, NoObserver, SeqChunk};
-use crate::parallel::proxy::{self, Chunk, Msg, RemotePool};
+use crate::parallel::proxy::{self, Chunk, Msg, RemoteLora, RemotePool};
 use crate::parallel::{self, Comm, Groups, Shard};
 use crate::tuning::{TimingCache, TuneReport};
 use crate::{Device, ModelConfig, Result, RuntimeError};
@@ -103,6 +104,7 @@ impl Session {
         Ok(ModelRunner {
             backend: backend?,
             config: self.config.clone(),
+            shard: groups.as_ref().map(|g| g.shard.clone()),
             front: groups.filter(|g| g.shard.rank == 0).map(|g| g.world),
         })
     }
@@ -160,7 +162,10 @@ fn job_for(dir: &Path, config: &EngineConfig) -> Result<Arc<dyn Comm>> {
 pub struct ModelRunner {
     backend: Backend,
     config: EngineConfig,
-    /// On rank 0 of a split engine, the ranks it sends each call to before making it.
+    /// This rank's part of a split engine.
+    shard: Option<Shard>,
+    /// On rank 0 of a split engine, the ranks it sends each call to before making it (from the
+    /// one thread that uses the runner, so that they arrive in the order they are made).
     front: Option<Arc<dyn Comm>>,
 }
 
@@ -196,18 +201,45 @@ impl ModelRunner {
         LoraAdapter::for_engine(name, dir, &self.config)
     }
 
-    /// `adapter` placed on this runner's device, for [`SeqChunk::lora`].
+    /// `adapter` (read for this engine) placed on this runner's device, for [`SeqChunk::lora`].
+    /// On rank 0 of a split engine every rank places its part, read from the adapter's
+    /// directory as each reads the engine's.
     pub fn load_lora(&self, adapter: &LoraAdapter) -> Result<LoraWeights> {
-        if self.config.mapping.is_parallel() {
-            return Err(RuntimeError::Lora {
+        let mut weights = self.place_lora(adapter)?;
+        if let Some(world) = &self.front {
+            let dir = adapter.dir.as_deref().ok_or_else(|| RuntimeError::Lora {
                 adapter: adapter.name.clone(),
-                reason: "adapters on an engine split over ranks (--tp-size/--pp-size) are not \
-                         supported: build the engine with one rank, or merge the adapter at \
-                         build time (--merge-lora)"
+                reason: "the other ranks of a split engine read an adapter from its directory, \
+                         and this one was not read from one"
                     .into(),
-            });
+            })?;
+            let dir = std::path::absolute(dir).map_err(|e| RuntimeError::io(dir, e))?;
+            let (id, name) = (weights.id(), &adapter.name);
+            // Dropped on failure, which tells the ranks that could place it to drop it.
+            weights.remote = Some(RemoteLora::new(world.clone(), id, name, dir)?);
+            parallel::agree(&**world, false, &format!("load LoRA adapter {name}"))?;
         }
-        adapter.check(self.model(), self.config.build.max_lora_rank)?;
+        Ok(weights)
+    }
+
+    /// A worker's part of the adapter rank 0 loaded from `dir`.
+    pub(crate) fn load_lora_from(&self, name: &str, dir: &Path) -> Result<LoraWeights> {
+        self.place_lora(&LoraAdapter::for_engine(name, dir, &self.config)?)
+    }
+
+    /// This rank's part of `adapter` on this runner's device.
+    fn place_lora(&self, adapter: &LoraAdapter) -> Result<LoraWeights> {
+        let max_rank = self.config.build.max_lora_rank;
+        adapter.check(&self.config.model, max_rank)?;
+        let part;
+        let adapter = match &self.shard {
+            Some(shard) => {
+                part = adapter.shard(&self.config.model, shard);
+                part.check(self.model(), max_rank)?;
+                &part
+            }
+            None => adapter,
+        };
         let inner = match &self.backend {
             Backend::Cpu(d) => LoraInner::Cpu(DeviceLora::new(&d.backend, adapter)?),
             #[cfg(feature = "cuda")]
@@ -399,6 +431,15 @@ impl ModelRunner {
         let Some(world) = &self.front else {
             return self.run_here(batch, pool, obs);
         };
+        if let Some(w) = batch
+            .iter()
+            .find_map(|c| c.lora.filter(|w| w.remote.is_none()))
+        {
+            return Err(RuntimeError::Lora {
+                adapter: w.name().to_string(),
+                reason: "its weights were not loaded by this runner of a split engine".into(),
+            });
+        }
         let chunks = batch.iter().map(Chunk::of).collect();
         let pool_id = remote_id(pool)?;
         proxy::send(
@@ -424,8 +465,27 @@ impl ModelRunner {
         }
     }
 
-    /// A pass rank 0 sent, on this rank's shard.
-    pub(crate) fn run_chunks(&self, chunks: &[Chunk], pool: &mut KvPool) -> Result<()> {
+    /// A pass rank 0 sent, on this rank's shard, with this rank's parts of rank 0's adapters.
+    pub(crate) fn run_chunks(
+        &self,
+        chunks: &[Chunk],
+        pool: &mut KvPool,
+        loras: &HashMap<u64, LoraWeights>,
+    ) -> Result<()> {
+        let lora = |id: Option<u64>| {
+            id.map(|id| {
+                loras.get(&id).ok_or_else(|| {
+                    crate::parallel::error(format!(
+                        "rank 0 named LoRA adapter #{id}, which this rank lacks"
+                    ))
+                })
+            })
+            .transpose()
+        };
+        let adapters = chunks
+            .iter()
+            .map(|c| lora(c.lora))
+            .collect::<Result<Vec<_>>>()?;
         let tables: Vec<Vec<&[crate::BlockId]>> = chunks
             .iter()
             .map(|c| c.blocks.iter().map(|b| &b[..]).collect())
@@ -433,12 +493,13 @@ impl ModelRunner {
         let batch: Vec<SeqChunk<'_>> = chunks
             .iter()
             .zip(&tables)
-            .map(|(c, blocks)| SeqChunk {
+            .zip(adapters)
+            .map(|((c, blocks), lora)| SeqChunk {
                 tokens: &c.tokens,
                 past: c.past,
                 blocks,
                 logits: c.logits,
-                lora: None,
+                lora,
             })
             .collect();
         self.run_here(&batch, pool, &mut NoObserver).map(drop)

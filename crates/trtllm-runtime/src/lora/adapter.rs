@@ -72,6 +72,8 @@ pub struct LoraAdapter {
     /// PEFT's `r`.
     pub rank: usize,
     pub layers: Vec<BTreeMap<LoraModule, LoraFactors>>,
+    /// The directory it was read from: where the other ranks of a split engine read it too.
+    pub dir: Option<std::path::PathBuf>,
 }
 
 /// The fields of `adapter_config.json` this reader understands; any other setting that would
@@ -98,14 +100,14 @@ struct AdapterConfig {
 }
 
 impl LoraAdapter {
-    /// Reads the adapter in `dir` for `cfg`, refusing ranks above `max_rank`. Every error names
-    /// the adapter, and the tensor or setting at fault.
     /// Reads the adapter in `dir` for the engine of `engine` (its model, its `max_lora_rank`):
     /// what the executor and the runner both read.
     pub fn for_engine(name: &str, dir: &Path, engine: &EngineConfig) -> Result<Self> {
         Self::load(name, dir, &engine.model, engine.build.max_lora_rank)
     }
 
+    /// Reads the adapter in `dir` for `cfg`, refusing ranks above `max_rank`. Every error names
+    /// the adapter, and the tensor or setting at fault.
     pub fn load(name: &str, dir: &Path, cfg: &ModelConfig, max_rank: usize) -> Result<Self> {
         let err = |reason: String| RuntimeError::Lora {
             adapter: name.to_string(),
@@ -170,6 +172,7 @@ impl LoraAdapter {
             name: name.to_string(),
             rank: config.r,
             layers,
+            dir: Some(dir.to_path_buf()),
         })
     }
 }

@@ -8,6 +8,7 @@
 //! without an adapter pay nothing.
 
 mod adapter;
+mod shard;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +27,8 @@ pub struct LoraWeights {
     id: u64,
     name: String,
     pub(crate) inner: LoraInner,
+    /// On rank 0 of a split engine: the other ranks' parts, dropped with this.
+    pub(crate) remote: Option<crate::parallel::proxy::RemoteLora>,
 }
 
 pub(crate) enum LoraInner {
@@ -41,6 +44,7 @@ impl LoraWeights {
             id: NEXT.fetch_add(1, Ordering::Relaxed),
             name: name.to_string(),
             inner,
+            remote: None,
         }
     }
 

@@ -38,6 +38,16 @@ pub(crate) enum Msg {
     Invariant {
         on: bool,
     },
+    /// Read the LoRA adapter in `dir` and keep this rank's part of it under `id`; every rank
+    /// then agrees on whether all could.
+    LoadLora {
+        id: u64,
+        name: String,
+        dir: PathBuf,
+    },
+    DropLora {
+        id: u64,
+    },
     /// The job is over: return from [`super::worker::run`].
     Stop,
 }
@@ -49,6 +59,8 @@ pub(crate) struct Chunk {
     pub past: usize,
     pub blocks: Vec<Vec<BlockId>>,
     pub logits: LogitsMode,
+    /// The id of the chunk's adapter as rank 0 loaded it ([`RemoteLora`]).
+    pub lora: Option<u64>,
 }
 
 impl Chunk {
@@ -58,6 +70,7 @@ impl Chunk {
             past: c.past,
             blocks: c.blocks.iter().map(|b| b.to_vec()).collect(),
             logits: c.logits,
+            lora: c.lora.map(|w| w.id()),
         }
     }
 }
@@ -95,6 +108,31 @@ impl Drop for RemotePool {
     fn drop(&mut self) {
         if let Err(e) = send(&*self.world, &Msg::DropPool { id: self.id }) {
             // The ranks can no longer follow rank 0: nothing can run after this.
+            eprintln!("error: {e}");
+            self.world.abort(1);
+        }
+    }
+}
+
+/// A LoRA adapter rank 0 placed, whose parts the other ranks keep under `id` (dropped with it).
+pub(crate) struct RemoteLora {
+    world: Arc<dyn Comm>,
+    id: u64,
+}
+
+impl RemoteLora {
+    /// Tells the other ranks to read the adapter `name` from `dir` and keep their parts of it
+    /// under `id`; the caller then agrees with them on whether every rank could.
+    pub fn new(world: Arc<dyn Comm>, id: u64, name: &str, dir: PathBuf) -> Result<Self> {
+        let name = name.to_string();
+        send(&*world, &Msg::LoadLora { id, name, dir })?;
+        Ok(Self { world, id })
+    }
+}
+
+impl Drop for RemoteLora {
+    fn drop(&mut self) {
+        if let Err(e) = send(&*self.world, &Msg::DropLora { id: self.id }) {
             eprintln!("error: {e}");
             self.world.abort(1);
         }

@@ -8,19 +8,20 @@ use std::sync::Arc;
 use super::proxy::{self, Msg};
 use super::{error, Comm};
 use crate::session::fatal;
-use crate::{Device, KvPool, ModelRunner, Result, Session};
+use crate::{Device, KvPool, LoraWeights, ModelRunner, Result, Session};
 
 /// Follows rank 0 until it stops the job (returns) or the ranks can no longer agree (ends the
 /// job through MPI_Abort).
 pub fn run(world: Arc<dyn Comm>) -> Result<()> {
     let mut runner: Option<ModelRunner> = None;
     let mut pools: HashMap<u64, KvPool> = HashMap::new();
+    let mut loras: HashMap<u64, LoraWeights> = HashMap::new();
     loop {
         let msg = proxy::recv(&*world).unwrap_or_else(|e| fatal(&*world, e));
         let done = match msg {
             Msg::Stop => return Ok(()),
             Msg::Open { dir, device } => {
-                (runner, pools) = (None, HashMap::new());
+                (runner, pools, loras) = (None, HashMap::new(), HashMap::new());
                 // A rank that cannot open or load its shard says so here; every rank learns it
                 // in `Session::runner`'s agreements, and rank 0 reports it.
                 let opened = Session::open(&dir);
@@ -42,11 +43,28 @@ pub fn run(world: Arc<dyn Comm>) -> Result<()> {
             }
             Msg::Forward { pool, chunks } => {
                 let r = open(&runner);
-                r.and_then(|r| r.run_chunks(&chunks, pool_of(&mut pools, pool)?))
+                r.and_then(|r| r.run_chunks(&chunks, pool_of(&mut pools, pool)?, &loras))
             }
             Msg::Copy { pool, copies } => {
                 let r = open(&runner);
                 r.and_then(|r| r.copy_blocks(pool_of(&mut pools, pool)?, &copies))
+            }
+            Msg::LoadLora { id, name, dir } => {
+                let placed = open(&runner).and_then(|r| r.load_lora_from(&name, &dir));
+                if let Err(e) = &placed {
+                    eprintln!("error: rank {}: {e}", world.rank());
+                }
+                // Kept only when every rank placed its part: rank 0 reports the failure, and
+                // its request fails, not the job.
+                let agreed = super::agree(&*world, placed.is_err(), "load a LoRA adapter");
+                if let (Ok(weights), Ok(())) = (placed, agreed) {
+                    loras.insert(id, weights);
+                }
+                Ok(())
+            }
+            Msg::DropLora { id } => {
+                loras.remove(&id);
+                Ok(())
             }
             Msg::Invariant { on } => match &mut runner {
                 Some(r) => {
