@@ -183,10 +183,14 @@ fn build_into(
 
 /// A split (`--tp-size`, `--pp-size`) the model cannot take fails before any weight is read.
 fn check_split(config: &BuildConfig, model: &ModelConfig) -> Result<()> {
-    for rank in 0..config.mapping.world_size {
-        config.mapping.shard(model, rank)?;
+    let shards = (0..config.mapping.world_size)
+        .map(|rank| config.mapping.shard(model, rank))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    // Weights kept as the checkpoint stores them are checked as they are cut.
+    match config.keep_quantized {
+        true => Ok(()),
+        false => crate::shard::check_quantized_cuts(&config.quant, model, &shards),
     }
-    Ok(())
 }
 
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {

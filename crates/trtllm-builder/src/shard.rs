@@ -9,7 +9,7 @@ use std::path::Path;
 
 use trtllm_runtime::engine::{names, EngineConfig, EngineFile, EngineWriter, RankFile, TensorInfo};
 use trtllm_runtime::parallel::{Mapping, Shard};
-use trtllm_runtime::quant::WeightFormat;
+use trtllm_runtime::quant::{LayerQuantConfig, Quantizer, WeightFormat};
 use trtllm_runtime::ModelConfig;
 
 use crate::{BuildError, Result};
@@ -158,6 +158,62 @@ fn take_rows(t: &TensorInfo, bytes: &[u8], rows: &[Range<usize>]) -> (Vec<usize>
     (shape, data)
 }
 
+/// Why columns `cols` of `full` stored in `format` cannot be one rank's, if they cannot: a cut
+/// inside a packed block, or inside a scale group (a group of the whole row is one scale per row
+/// on every rank).
+fn bad_cut(format: WeightFormat, cols: &Range<usize>, full: usize) -> Option<String> {
+    let block = format.block();
+    if !cols.start.is_multiple_of(block) || !cols.end.is_multiple_of(block) {
+        return Some(format!("inside a block of {block} values"));
+    }
+    match format {
+        WeightFormat::Int8 { group, .. } | WeightFormat::Int4 { group, .. } if group < full => {
+            let ends = cols.end.is_multiple_of(group) || cols.end == full;
+            (!cols.start.is_multiple_of(group) || !ends)
+                .then(|| format!("inside a quantization group of {group}"))
+        }
+        _ => None,
+    }
+}
+
+fn cut_error(name: &str, (cols, full): (&Range<usize>, usize), why: &str) -> BuildError {
+    BuildError::InvalidBuildConfig(format!(
+        "'{name}': tensor parallelism cuts its {full} input columns at {}..{}, {why}; use a \
+         quantization group that divides each rank's columns, or fewer ranks",
+        cols.start, cols.end
+    ))
+}
+
+/// Fails, before any weight is read, a split that would cut a row-parallel module inside a block
+/// or scale group of the format the build's quantization (`quant`) will store it in.
+pub(crate) fn check_quantized_cuts(
+    quant: &LayerQuantConfig,
+    model: &ModelConfig,
+    shards: &[Shard],
+) -> Result<()> {
+    for s in shards {
+        for i in s.layers.clone() {
+            let downs: Vec<String> = match model.moe(i) {
+                None => vec![names::DOWN.into()],
+                Some(m) => (0..m.num_experts)
+                    .map(|e| format!("{}.{e}.{}", names::EXPERTS, names::DOWN))
+                    .collect(),
+            };
+            for part in std::iter::once(names::O.to_string()).chain(downs) {
+                let module = format!("layers.{i}.{part}");
+                let Take::Cols(cols, full) = module_take(&module, model, s) else {
+                    continue;
+                };
+                let format = Quantizer::planned_format(quant, &module, full);
+                if let Some(why) = format.and_then(|f| bad_cut(f, &cols, full)) {
+                    return Err(cut_error(&format!("{module}.weight"), (&cols, full), &why));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Columns `cols` of `full_cols` of a row-parallel module's tensor `t`, whose weight is stored
 /// in `format` (its quantized columns' grouping); the weight's format as this rank stores it.
 fn take_cols(
@@ -165,19 +221,13 @@ fn take_cols(
     (cols, full_cols): (Range<usize>, usize),
     format: Option<WeightFormat>,
 ) -> Result<(Option<WeightFormat>, Vec<usize>, Vec<u8>)> {
-    let cut = |why: &str| {
-        BuildError::InvalidBuildConfig(format!(
-            "'{}': tensor parallelism cuts its {full_cols} input columns at {}..{}, {why}; use \
-             a quantization group that divides each rank's columns, or fewer ranks",
-            t.name, cols.start, cols.end
-        ))
-    };
+    let cut = |why: &str| cut_error(&t.name, (&cols, full_cols), why);
     let suffix = t.name.rsplit_once('.').map_or("", |s| s.1);
     let (elems, new_format) = match (suffix, format) {
         ("weight", None) => (cols.clone(), None),
         ("weight", Some(f)) => {
-            if !cols.start.is_multiple_of(f.block()) || !cols.end.is_multiple_of(f.block()) {
-                return Err(cut(&format!("inside a block of {} values", f.block())));
+            if let Some(why) = bad_cut(f, &cols, full_cols) {
+                return Err(cut(&why));
             }
             // One scale per row (a group of the whole row) stays one: of this rank's columns.
             let mut here = f;
@@ -196,10 +246,8 @@ fn take_cols(
                     WeightFormat::Int8 { group, .. } | WeightFormat::Int4 { group, .. } => group,
                     _ => return Err(cut("a scale layout that cannot be split")),
                 };
-                if !cols.start.is_multiple_of(g)
-                    || !(cols.end.is_multiple_of(g) || cols.end == full_cols)
-                {
-                    return Err(cut(&format!("inside a quantization group of {g}")));
+                if let Some(why) = bad_cut(f, &cols, full_cols) {
+                    return Err(cut(&why));
                 }
                 (cols.start / g..cols.end.div_ceil(g), None)
             }
@@ -320,5 +368,33 @@ mod tests {
         let t = info("layers.0.o.input_perm", DType::F32, &[64], None);
         let e = take_cols((&t, &[0u8; 256]), (0..32, 64), Some(f)).unwrap_err();
         assert!(e.to_string().contains("input_perm"), "{e}");
+    }
+
+    #[test]
+    fn quantized_cuts_are_checked_before_any_weight_is_read() {
+        use trtllm_runtime::quant::{QuantAlgo, QuantConfig};
+        let mut m = model();
+        m.intermediate_size = 160; // TP 2: 96 + 64 columns, in units of 32
+        let shards: Vec<Shard> = (0..2)
+            .map(|r| Mapping::new(2, 1).unwrap().shard(&m, r).unwrap())
+            .collect();
+        let w4 = |group_size, exclude: Option<&str>| {
+            LayerQuantConfig::uniform(QuantConfig {
+                group_size,
+                exclude_modules: exclude.map(|e| vec![e.to_string()]),
+                ..QuantConfig::for_algo(QuantAlgo::W4A16)
+            })
+        };
+        let e = check_quantized_cuts(&w4(128, None), &m, &shards).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains("'layers.0.down.weight'") && e.contains("group of 128"),
+            "{e}"
+        );
+        // Groups that divide each rank's columns, a module kept float, one scale per row.
+        check_quantized_cuts(&w4(32, None), &m, &shards).unwrap();
+        check_quantized_cuts(&w4(128, Some("down")), &m, &shards).unwrap();
+        let w8 = LayerQuantConfig::uniform(QuantConfig::for_algo(QuantAlgo::W8A16));
+        check_quantized_cuts(&w8, &m, &shards).unwrap();
     }
 }

@@ -89,6 +89,18 @@ impl<'a> Quantizer<'a> {
         })
     }
 
+    /// The format module `name` (of `cols` input columns) will be stored in under `config`;
+    /// None: kept float. What [`Self::quantize`] decides, known before any weight is read.
+    pub fn planned_format(
+        config: &LayerQuantConfig,
+        name: &str,
+        cols: usize,
+    ) -> Option<WeightFormat> {
+        let mode = config.layer_quant_mode(name);
+        let format = Self::format_for(name, config.layer_config(name), mode, cols)?;
+        format.check_cols(cols).is_ok().then_some(format)
+    }
+
     /// Quantizes module `name` (`rows × cols`, f32), or returns None to keep it float.
     pub fn quantize(
         &mut self,
