@@ -38,6 +38,19 @@ pub struct LlmArgs {
     pub device: Device,
 }
 
+impl LlmArgs {
+    /// The engine `model` names: itself, or its checkpoint built into the cache (now, unless
+    /// built before), with a note of what this call built. `LLM::new` starts with this; a
+    /// launcher calls it alone to build a split engine once, before starting its ranks.
+    pub fn resolve_engine(&self) -> Result<(PathBuf, Option<String>)> {
+        resolve_engine(
+            &self.model,
+            &self.build_config,
+            self.engine_cache_dir.as_deref(),
+        )
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Prompt {
     Text(String),
@@ -72,7 +85,7 @@ pub struct LLM {
 impl LLM {
     pub fn new(args: LlmArgs) -> Result<Self> {
         let cache = args.engine_cache_dir.as_deref();
-        let (engine_dir, mut built) = resolve_engine(&args.model, &args.build_config, cache)?;
+        let (engine_dir, mut built) = args.resolve_engine()?;
         let mut executor_config = args.executor_config.clone();
         // A draft model given as a checkpoint or GGUF is built (or found) like the target, with
         // the default build config.
@@ -378,7 +391,11 @@ fn resolve_engine(
     let gguf = model
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
-    if gguf && config == BuildConfig::default() {
+    let split_only = BuildConfig {
+        mapping: Default::default(),
+        ..config.clone()
+    };
+    if gguf && split_only == BuildConfig::default() {
         // A GGUF's own quantization is what its user chose; the float build is 3-5x its size.
         config.keep_quantized = true;
     }
@@ -470,8 +487,11 @@ fn cache_key(model: &Path, config: &BuildConfig) -> Result<String> {
             field(&mtime.to_le_bytes());
         }
     }
-    let config = serde_json::to_vec(config).map_err(|e| ApiError::InvalidInput(e.to_string()))?;
-    field(&config);
+    let json =
+        |v: serde_json::Result<Vec<u8>>| v.map_err(|e| ApiError::InvalidInput(e.to_string()));
+    field(&json(serde_json::to_vec(config))?);
+    // Not part of the build config's JSON (an engine records it at the top of config.json).
+    field(&json(serde_json::to_vec(&config.mapping))?);
     field(env!("CARGO_PKG_VERSION").as_bytes());
     let digest = h.finalize();
     Ok(digest[..16].iter().map(|b| format!("{b:02x}")).collect())

@@ -31,7 +31,7 @@ pub struct ChatArgs {
 pub fn chat(a: ChatArgs) -> Result<()> {
     let params = a.sampling.params()?;
     let llm = open(
-        a.model.path()?,
+        &a.model,
         a.executor.config(),
         a.executor.device,
         a.chat_template.as_deref(),

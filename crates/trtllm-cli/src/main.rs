@@ -209,17 +209,18 @@ fn broken_pipe(e: &anyhow::Error) -> bool {
 
 impl Command {
     /// The model a command opens in process, if any.
-    fn model(&self) -> Option<&Path> {
-        match self {
-            Command::Run(a) => a.model.get(),
-            Command::Chat(a) => a.model.get(),
-            Command::Serve(a) => a.model.get(),
+    fn model(&self) -> Option<&run::ModelArg> {
+        let model = match self {
+            Command::Run(a) => &a.model,
+            Command::Chat(a) => &a.model,
+            Command::Serve(a) => &a.model,
             Command::Bench(
                 bench::BenchCommand::Throughput(a) | bench::BenchCommand::Latency(a),
-            ) => a.model.get(),
-            Command::Perplexity(a) => a.model.get(),
-            _ => None,
-        }
+            ) => &a.model,
+            Command::Perplexity(a) => &a.model,
+            _ => return None,
+        };
+        model.get().is_some().then_some(model)
     }
 }
 
@@ -361,7 +362,7 @@ fn quant_config(a: &BuildArgs) -> Result<(LayerQuantConfig, bool)> {
 }
 
 fn perplexity(a: PerplexityArgs) -> Result<()> {
-    let llm = run::open(a.model.path()?, ExecutorConfig::default(), a.device, None)?;
+    let llm = run::open(&a.model, ExecutorConfig::default(), a.device, None)?;
     let ids = match (&a.text_file, &a.input_ids_file) {
         (Some(f), _) => {
             let text = std::fs::read_to_string(f).with_context(|| f.display().to_string())?;

@@ -2,27 +2,40 @@
 //! every other rank follows rank 0's calls on its shard of the engine, whatever its command
 //! line says, until rank 0's command ends.
 
-use std::path::Path;
-
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use trtllm_api::runtime::{parallel, EngineConfig};
 
-/// `model` is an engine split over ranks and this process is not one of a job's: this command
+use crate::run::ModelArg;
+
+/// `model` is an engine split over ranks, or a checkpoint to build split (`--tp-size`), and this
+/// process is not one of a job's: the checkpoint is built (once, here), then this command
 /// becomes `mpirun -np N` of itself (the process is replaced, so signals reach mpirun, which
 /// passes them on). Returns only when there is nothing to start, or with the reason mpirun
 /// could not be started.
-pub fn relaunch(model: &Path) -> Result<()> {
-    let Ok(config) = EngineConfig::read(model) else {
-        return Ok(()); // not an engine (a checkpoint to build first), or one the command reports
+pub fn relaunch(model: &ModelArg) -> Result<()> {
+    let path = model.path()?;
+    let asked = model.mapping()?;
+    let mapping = match EngineConfig::read(path) {
+        Ok(config) if asked.is_parallel() && asked != config.mapping => bail!(
+            "{}: an engine built for tp_size {} × pp_size {}; --tp-size/--pp-size split a \
+             checkpoint (rebuild the engine with `trtllm build --tp-size`)",
+            path.display(),
+            config.mapping.tp_size,
+            config.mapping.pp_size
+        ),
+        Ok(config) => config.mapping,
+        // A checkpoint (built by the command), or an engine the command reports as broken.
+        Err(_) => asked,
     };
-    let n = config.mapping.world_size;
+    let n = mapping.world_size;
     if n == 1 || parallel::launched_by_mpirun() || !cfg!(feature = "mpi") {
         return Ok(());
     }
+    model.build_now()?;
     let exe = std::env::current_exe().context("locating this trtllm")?;
     eprintln!(
         "{}: the engine is split over {n} ranks: starting them with `mpirun -np {n}`",
-        model.display()
+        path.display()
     );
     let err = std::os::unix::process::CommandExt::exec(
         std::process::Command::new("mpirun")

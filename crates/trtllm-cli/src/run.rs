@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use trtllm_api::builder::BuildConfig;
 use trtllm_api::executor::{CapacitySchedulerPolicy, ExecutorConfig, SpeculativeConfig};
+use trtllm_api::runtime::parallel::Mapping;
 use trtllm_api::runtime::Device;
 use trtllm_api::{
     ChatMessage, EarlyStopping, LlmArgs, LoRARequest, Logprob, Prompt, SamplingParams, LLM,
@@ -25,6 +27,13 @@ pub struct ModelArg {
         conflicts_with = "model"
     )]
     flag: Option<PathBuf>,
+    /// A checkpoint or GGUF is built split over this many tensor-parallel ranks (its engine
+    /// cached like any other); trtllm starts the ranks with `mpirun` unless run under it.
+    #[arg(long, default_value_t = 1)]
+    tp_size: usize,
+    /// ... and this many pipeline stages.
+    #[arg(long, default_value_t = 1)]
+    pp_size: usize,
 }
 
 impl ModelArg {
@@ -35,6 +44,37 @@ impl ModelArg {
     pub fn path(&self) -> Result<&Path> {
         self.get()
             .context("a model is required: an engine directory, checkpoint directory or .gguf file, as the first argument or --model")
+    }
+
+    /// The split asked for with `--tp-size` / `--pp-size`.
+    pub fn mapping(&self) -> Result<Mapping> {
+        Mapping::new(self.tp_size, self.pp_size).context("--tp-size/--pp-size")
+    }
+
+    /// What builds (or finds) and opens the model, with `executor_config` on `device`.
+    fn llm_args(&self, executor_config: ExecutorConfig, device: Device) -> Result<LlmArgs> {
+        Ok(LlmArgs {
+            model: self.path()?.to_path_buf(),
+            build_config: BuildConfig {
+                mapping: self.mapping()?,
+                ..BuildConfig::default()
+            },
+            executor_config,
+            device,
+            ..LlmArgs::default()
+        })
+    }
+
+    /// Builds a checkpoint into the engine cache now, unless built before (a split one once,
+    /// before its ranks start and rank 0 finds it there).
+    pub fn build_now(&self) -> Result<()> {
+        let (_, built) = self
+            .llm_args(ExecutorConfig::default(), Device::Cpu)?
+            .resolve_engine()?;
+        if let Some(note) = built {
+            eprintln!("{note}");
+        }
+        Ok(())
     }
 }
 
@@ -252,7 +292,7 @@ impl ExecutorArgs {
 /// Opens an engine (building a checkpoint into the cache first if that is what `model` is, and
 /// saying so once on stderr), with `chat_template` (a Jinja file) instead of the checkpoint's.
 pub fn open(
-    model: &Path,
+    model: &ModelArg,
     executor_config: ExecutorConfig,
     device: Device,
     chat_template: Option<&Path>,
@@ -263,11 +303,8 @@ pub fn open(
         })
         .transpose()?;
     let llm = LLM::new(LlmArgs {
-        model: model.to_path_buf(),
-        executor_config,
-        device,
         chat_template,
-        ..LlmArgs::default()
+        ..model.llm_args(executor_config, device)?
     })?;
     if let Some(note) = llm.built() {
         eprintln!("{note}");
@@ -310,7 +347,7 @@ pub fn generate(a: RunArgs) -> Result<()> {
         bail!("one of --prompt, --prompts-file, --chat or --input-ids is required");
     }
     let llm = open(
-        a.model.path()?,
+        &a.model,
         a.executor.config(),
         a.executor.device,
         a.chat_template.as_deref(),

@@ -79,7 +79,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         );
     }
     let llm = open(
-        model,
+        &a.model,
         a.executor.config(),
         a.executor.device,
         a.chat_template.as_deref(),

@@ -409,6 +409,53 @@ fn job_ranks(engine: &Path) -> Vec<(usize, u32)> {
     found
 }
 
+/// `trtllm run CHECKPOINT --tp-size 2` (or `--pp-size 2`) outside a job: the checkpoint is
+/// built split into the engine cache once, then the command starts its ranks itself; greedy
+/// tokens are transformers'. An engine built otherwise is not re-split.
+#[test]
+fn a_checkpoint_run_split_builds_once_and_starts_its_ranks() {
+    let tiny = fixtures().join("tiny-llama");
+    let golden: FixtureGolden =
+        serde_json::from_str(&std::fs::read_to_string(tiny.join("golden.json")).unwrap()).unwrap();
+    let case = &golden.cases[0];
+    let cache = tempfile::tempdir().unwrap();
+    let run = |model: &Path, split: &[&str]| {
+        let ids: Vec<String> = case.input_ids.iter().map(u32::to_string).collect();
+        let n = case.greedy_ids.len().to_string();
+        let args = [
+            "run",
+            model.to_str().unwrap(),
+            "--input-ids",
+            &ids.join(","),
+        ];
+        let flags = ["--max-tokens", &n, "--ignore-eos", "--json"];
+        let mut cmd = trtllm(1, &[&args[..], split, &flags].concat());
+        cmd.env("TRTLLM_CACHE", cache.path());
+        finish(cmd, LIMIT)
+    };
+    for split in [["--tp-size", "2"], ["--pp-size", "2"]] {
+        let out = run(&tiny, &split);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{split:?}: {stderr}");
+        assert!(
+            stderr.contains("built an engine") && stderr.contains("`mpirun -np 2`"),
+            "{stderr}"
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+        let ids: Vec<u32> = serde_json::from_value(v["outputs"][0]["token_ids"].clone()).unwrap();
+        assert_eq!(ids, case.greedy_ids, "{split:?}");
+        // Again: found in the cache, not rebuilt.
+        let again = run(&tiny, &split);
+        assert!(again.status.success());
+        assert!(!String::from_utf8_lossy(&again.stderr).contains("built an engine"));
+    }
+    let whole = build(&tiny, (1, 1), &[]);
+    let out = run(&whole, &["--tp-size", "2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("an engine built for tp_size 1"), "{stderr}");
+}
+
 #[test]
 fn wrong_ranks_and_unloadable_shards_are_errors_not_hangs() {
     let tiny = fixtures().join("tiny-llama");

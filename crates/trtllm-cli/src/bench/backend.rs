@@ -2,10 +2,9 @@
 //! application would use it) or a `trtllm serve` over HTTP with streamed completions.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::run::ExecutorArgs;
+use crate::run::{ExecutorArgs, ModelArg};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use trtllm_api::executor::SpeculativeTotals;
@@ -83,10 +82,10 @@ pub struct InProcess {
 }
 
 impl InProcess {
-    pub fn open(model: &Path, executor: &ExecutorArgs) -> Result<Self> {
+    pub fn open(model: &ModelArg, executor: &ExecutorArgs) -> Result<Self> {
         Ok(Self {
             llm: crate::run::open(model, executor.config(), executor.device, None)?,
-            path: model.display().to_string(),
+            path: model.path()?.display().to_string(),
         })
     }
 }

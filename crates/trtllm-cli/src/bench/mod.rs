@@ -60,7 +60,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     };
     let backend: Box<dyn Backend> = match (a.model.get(), &a.url) {
         (Some(_), Some(_)) => bail!("give a model or --url, not both"),
-        (Some(model), None) => Box::new(InProcess::open(model, &a.executor)?),
+        (Some(_), None) => Box::new(InProcess::open(&a.model, &a.executor)?),
         (None, Some(_)) if a.workload.uses_lora() => {
             bail!("--lora runs in process; a server selects its adapters by model name")
         }
