@@ -106,11 +106,16 @@ impl RemotePool {
 
 impl Drop for RemotePool {
     fn drop(&mut self) {
-        if let Err(e) = send(&*self.world, &Msg::DropPool { id: self.id }) {
-            // The ranks can no longer follow rank 0: nothing can run after this.
-            eprintln!("error: {e}");
-            self.world.abort(1);
-        }
+        send_or_abort(&*self.world, &Msg::DropPool { id: self.id });
+    }
+}
+
+/// [`send`] where failing cannot be returned (a drop): the ranks can no longer follow rank 0,
+/// so nothing can run after this.
+fn send_or_abort(world: &dyn Comm, msg: &Msg) {
+    if let Err(e) = send(world, msg) {
+        eprintln!("error: {e}");
+        world.abort(1);
     }
 }
 
@@ -132,10 +137,7 @@ impl RemoteLora {
 
 impl Drop for RemoteLora {
     fn drop(&mut self) {
-        if let Err(e) = send(&*self.world, &Msg::DropLora { id: self.id }) {
-            eprintln!("error: {e}");
-            self.world.abort(1);
-        }
+        send_or_abort(&*self.world, &Msg::DropLora { id: self.id });
     }
 }
 
