@@ -181,7 +181,9 @@ pub fn serve(llm: LLM, config: ServeConfig) -> Result<(), ServeError> {
     )?;
     if st.config.on_signal == OnSignal::FailAndExit {
         // Without running destructors: the executor would wait on the lost ranks forever.
-        tracing::error!("stopped with the MPI job; open responses were failed");
+        tracing::error!(
+            "stopped with its MPI job (signalled, or a rank exited); open responses failed"
+        );
         std::process::exit(1);
     }
     Ok(())
