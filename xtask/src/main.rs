@@ -238,8 +238,9 @@ fn path_str(p: &Path) -> Result<&str> {
         .with_context(|| format!("{} is not UTF-8", p.display()))
 }
 
-/// The features that add the multi-rank tests (`tests/mpi.rs` of the CLI: `mpirun` jobs) where
-/// Open MPI is installed; in CI its absence is an error, elsewhere a notice.
+/// The features that add the multi-rank tests (`tests/mpi.rs` and `tests/mpi_jobs.rs` of the
+/// CLI: `mpirun` jobs) where Open MPI is installed; in CI its absence is an error, elsewhere a
+/// notice.
 fn mpi_features() -> Result<Vec<&'static str>> {
     let found = |tool: &str| {
         Command::new(tool)

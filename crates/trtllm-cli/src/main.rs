@@ -304,8 +304,16 @@ fn build(a: BuildArgs) -> Result<()> {
         a.output.display(),
         start.elapsed().as_secs_f64()
     );
-    if let Some(path) = &a.timing_cache {
-        tune(&a.output, path)?;
+    match &a.timing_cache {
+        // Its ranks run one thread each under mpirun: timed here, with this process's threads,
+        // the entries would not be theirs.
+        Some(path) if engine.mapping.is_parallel() => eprintln!(
+            "timing cache {}: a split engine's ranks tune their shards when they start (give \
+             --timing-cache to run, serve or bench)",
+            path.display()
+        ),
+        Some(path) => tune(&a.output, path)?,
+        None => {}
     }
     Ok(())
 }

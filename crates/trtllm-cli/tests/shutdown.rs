@@ -1,6 +1,6 @@
 //! How `trtllm serve` stops: SIGTERM on a lone server lets the responses already open finish,
 //! then the process exits cleanly. (Under `mpirun`, where a signal means the job is being torn
-//! down, open responses fail with an error instead: `tests/mpi.rs`.)
+//! down, open responses fail with an error instead: `tests/mpi_jobs.rs`.)
 
 mod common;
 

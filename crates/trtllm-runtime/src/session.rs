@@ -269,8 +269,50 @@ impl ModelRunner {
 
     /// Chooses the CPU linear kernels' tactics for this engine on this machine from `cache`,
     /// timing (within `budget`) what it lacks and adding it there. On a GPU the kernels are
-    /// fixed and nothing is timed.
+    /// fixed and nothing is timed. On rank 0 of a split engine every rank tunes its own shard,
+    /// one after another, through the cache's file (which then holds every rank's entries and
+    /// is read back into `cache`); the report is rank 0's.
     pub fn tune(&mut self, cache: &mut TimingCache, budget: Duration) -> Result<TuneReport> {
+        let Some(world) = self.front.clone() else {
+            return self.tune_here(cache, budget);
+        };
+        let path =
+            std::path::absolute(cache.path()).map_err(|e| RuntimeError::io(cache.path(), e))?;
+        proxy::send(
+            &*world,
+            &Msg::Tune {
+                path: path.clone(),
+                budget,
+            },
+        )?;
+        let report = self.tune_in_turn(&*world, &path, budget)?;
+        *cache = TimingCache::open(&path)?;
+        Ok(report)
+    }
+
+    /// Rank by rank, each under the conditions it runs in (its shard, its threads): this rank,
+    /// on its turn, tunes from the cache file as the ranks before it left it and saves it.
+    pub(crate) fn tune_in_turn(
+        &mut self,
+        world: &dyn Comm,
+        path: &Path,
+        budget: Duration,
+    ) -> Result<TuneReport> {
+        let mut mine = Ok(TuneReport::default());
+        for turn in 0..world.size() {
+            if turn == world.rank() {
+                mine = TimingCache::open(path).and_then(|mut cache| {
+                    let report = self.tune_here(&mut cache, budget)?;
+                    cache.save().map(|()| report)
+                });
+            }
+            let failed = turn == world.rank() && mine.is_err();
+            parallel::agree(world, failed, "tune its shard")?;
+        }
+        mine
+    }
+
+    fn tune_here(&mut self, cache: &mut TimingCache, budget: Duration) -> Result<TuneReport> {
         match &mut self.backend {
             Backend::Cpu(d) => d.tune(cache, budget),
             #[cfg(feature = "cuda")]

@@ -48,6 +48,12 @@ pub(crate) enum Msg {
     DropLora {
         id: u64,
     },
+    /// Tune this rank's shard in turn (`ModelRunner::tune_in_turn`) through the timing cache
+    /// file at `path`.
+    Tune {
+        path: PathBuf,
+        budget: std::time::Duration,
+    },
     /// The job is over: return from [`super::worker::run`].
     Stop,
 }

@@ -66,6 +66,17 @@ pub fn run(world: Arc<dyn Comm>) -> Result<()> {
                 loras.remove(&id);
                 Ok(())
             }
+            Msg::Tune { path, budget } => match &mut runner {
+                Some(r) => {
+                    // Its own failure is reported here and to rank 0 (which fails the
+                    // command); the job goes on.
+                    if let Err(e) = r.tune_in_turn(&*world, &path, budget) {
+                        eprintln!("error: rank {}: {e}", world.rank());
+                    }
+                    Ok(())
+                }
+                None => Err(error("no engine is open")),
+            },
             Msg::Invariant { on } => match &mut runner {
                 Some(r) => {
                     r.set_batch_invariant(on);
