@@ -140,6 +140,36 @@ fn a_rank_killed_mid_request_ends_the_job() {
     assert_eq!(job_ranks(&split), vec![], "ranks left running");
 }
 
+/// An idle job's other ranks wait for rank 0 without spinning a core each (as a blocking MPI
+/// receive or broadcast would), and still answer the next request.
+#[test]
+fn idle_ranks_wait_without_spinning() {
+    let split = build(&fixtures().join("tiny-llama"), (2, 1), &[]);
+    let (_job, base) = serve(&split, 2);
+    let cpu_ticks = |pid: u32| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // utime and stime: fields 14 and 15, counted after the command's closing parenthesis.
+        let after = stat.rsplit_once(')').map_or("", |s| s.1);
+        let f: Vec<&str> = after.split_whitespace().collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    let ranks = job_ranks(&split);
+    let worker = ranks.iter().find(|(rank, _)| *rank == 1).expect("rank 1").1;
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_ticks(worker);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(worker) - before;
+    // Spinning is ~200 ticks (2 s of one core at 100 Hz); waiting, a handful.
+    assert!(used < 40, "rank 1 used {used} ticks of CPU in 2 s idle");
+    let (status, v) = common::post_at(
+        &base,
+        "/v1/completions",
+        &json!({"model": "m", "prompt": [1, 5, 9], "max_tokens": 4, "temperature": 0}),
+        None,
+    );
+    assert_eq!(status, 200, "{v}");
+}
+
 /// The (rank, pid) of each running `trtllm` process of an mpirun job on `engine`.
 fn job_ranks(engine: &Path) -> Vec<(usize, u32)> {
     let engine = engine.to_str().unwrap();

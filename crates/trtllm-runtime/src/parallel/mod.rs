@@ -27,6 +27,11 @@ pub trait Comm: Send + Sync {
     fn all_gather(&self, part: &[f32], counts: &[usize]) -> Result<Vec<f32>>;
     /// Rank 0's `bytes` (ignored elsewhere), on every rank.
     fn broadcast(&self, bytes: &[u8]) -> Result<Vec<u8>>;
+    /// Sends `bytes` to rank `to`, as one of rank 0's calls to the other ranks (`proxy`).
+    fn send_call(&self, to: usize, bytes: &[u8]) -> Result<()>;
+    /// The next call rank `from` sent, if it has arrived: never blocks, so a rank waiting for
+    /// work can sleep between looks (a blocking MPI receive or broadcast spins a core).
+    fn try_recv_call(&self, from: usize) -> Result<Option<Vec<u8>>>;
     fn send(&self, to: usize, x: &[f32]) -> Result<()>;
     fn recv(&self, from: usize, x: &mut [f32]) -> Result<()>;
     /// The ranks of this group with the same `color`, as a group of their own (collective:

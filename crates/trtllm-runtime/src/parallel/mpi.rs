@@ -90,6 +90,9 @@ impl MpiComm {
     }
 }
 
+/// The tag of rank 0's calls to the other ranks, apart from any other message.
+const CALL_TAG: i32 = 7;
+
 fn count(n: usize) -> Result<i32> {
     i32::try_from(n).map_err(|_| error(format!("a message of {n} values is too long for MPI")))
 }
@@ -151,6 +154,27 @@ impl Comm for MpiComm {
                 Ok(buf)
             },
         )
+    }
+
+    fn send_call(&self, to: usize, bytes: &[u8]) -> Result<()> {
+        let to = count(to)?;
+        self.with(
+            |t| &mut t.broadcast,
+            |c| c.process_at_rank(to).send_with_tag(bytes, CALL_TAG),
+        );
+        Ok(())
+    }
+
+    fn try_recv_call(&self, from: usize) -> Result<Option<Vec<u8>>> {
+        let from = count(from)?;
+        Ok(self.with(
+            |t| &mut t.broadcast,
+            |c| {
+                let call = c.process_at_rank(from);
+                let arrived = call.immediate_matched_probe_with_tag(CALL_TAG);
+                arrived.map(|m| m.matched_receive_vec::<u8>().0)
+            },
+        ))
     }
 
     fn send(&self, to: usize, x: &[f32]) -> Result<()> {

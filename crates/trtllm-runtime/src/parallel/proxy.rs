@@ -1,10 +1,12 @@
 //! What rank 0 tells the other ranks, in order, so that they make the same calls on their
-//! shards: open the engine, make or drop a KV pool, run a pass, copy blocks, stop. Each message
-//! is one broadcast over the world (JSON: a step's chunks are a few kilobytes).
+//! shards: open the engine, make or drop a KV pool, run a pass, copy blocks, load an adapter,
+//! tune, stop. Each message is sent to each rank (JSON: a step's chunks are a few kilobytes),
+//! point to point so that a rank with nothing to do can wait without spinning a core.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -81,15 +83,33 @@ impl Chunk {
     }
 }
 
-/// Sends `msg` from rank 0 to every rank.
+/// Sends `msg` from rank 0 to every other rank.
 pub(crate) fn send(world: &dyn Comm, msg: &Msg) -> Result<()> {
     let bytes = serde_json::to_vec(msg).map_err(|e| error(e.to_string()))?;
-    world.broadcast(&bytes).map(drop)
+    (1..world.size()).try_for_each(|rank| world.send_call(rank, &bytes))
 }
+
+/// How long a rank waiting for rank 0 keeps looking without a pause: a serving job's next step
+/// comes within milliseconds, and is answered at once.
+const SPIN: Duration = Duration::from_millis(20);
+/// Past [`SPIN`], the pause between looks grows with the quiet spell (a hundredth of it) up to
+/// this: the first call after it waits at most that long, and an idle job's other ranks use
+/// next to no CPU instead of a core each.
+const MAX_NAP: Duration = Duration::from_millis(2);
 
 /// The next message from rank 0.
 pub(crate) fn recv(world: &dyn Comm) -> Result<Msg> {
-    let bytes = world.broadcast(&[])?;
+    let waiting = Instant::now();
+    let bytes = loop {
+        if let Some(bytes) = world.try_recv_call(0)? {
+            break bytes;
+        }
+        let quiet = waiting.elapsed();
+        match quiet < SPIN {
+            true => std::hint::spin_loop(),
+            false => std::thread::sleep((quiet / 100).min(MAX_NAP)),
+        }
+    };
     serde_json::from_slice(&bytes).map_err(|e| error(format!("a message from rank 0: {e}")))
 }
 
