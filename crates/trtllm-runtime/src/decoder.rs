@@ -211,6 +211,11 @@ impl<B: Backend> Decoder<B> {
         })
     }
 
+    /// This rank's part of a split engine.
+    pub fn shard(&self) -> Option<&crate::parallel::Shard> {
+        self.par.as_ref().map(|p| &p.shard)
+    }
+
     pub fn config(&self) -> &ModelConfig {
         &self.model.cfg
     }

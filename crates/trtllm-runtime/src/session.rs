@@ -104,7 +104,6 @@ impl Session {
         Ok(ModelRunner {
             backend: backend?,
             config: self.config.clone(),
-            shard: groups.as_ref().map(|g| g.shard.clone()),
             front: groups.filter(|g| g.shard.rank == 0).map(|g| g.world),
         })
     }
@@ -162,8 +161,6 @@ fn job_for(dir: &Path, config: &EngineConfig) -> Result<Arc<dyn Comm>> {
 pub struct ModelRunner {
     backend: Backend,
     config: EngineConfig,
-    /// This rank's part of a split engine.
-    shard: Option<Shard>,
     /// On rank 0 of a split engine, the ranks it sends each call to before making it (from the
     /// one thread that uses the runner, so that they arrive in the order they are made).
     front: Option<Arc<dyn Comm>>,
@@ -179,6 +176,15 @@ enum Backend {
 }
 
 impl ModelRunner {
+    /// This rank's part of a split engine.
+    fn shard(&self) -> Option<&Shard> {
+        match &self.backend {
+            Backend::Cpu(d) => d.shard(),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(d) => d.shard(),
+        }
+    }
+
     pub fn model(&self) -> &ModelConfig {
         match &self.backend {
             Backend::Cpu(d) => d.config(),
@@ -232,7 +238,7 @@ impl ModelRunner {
         let max_rank = self.config.build.max_lora_rank;
         adapter.check(&self.config.model, max_rank)?;
         let part;
-        let adapter = match &self.shard {
+        let adapter = match self.shard() {
             Some(shard) => {
                 part = adapter.shard(&self.config.model, shard);
                 part.check(self.model(), max_rank)?;

@@ -34,7 +34,7 @@ pub fn run(world: Arc<dyn Comm>) -> Result<()> {
                 }
                 Ok(())
             }
-            Msg::NewPool { id, budget } => open(&runner)
+            Msg::NewPool { id, budget } => open(&mut runner)
                 .and_then(|r| r.new_pool(&budget))
                 .map(|p| drop(pools.insert(id, p))),
             Msg::DropPool { id } => {
@@ -42,15 +42,15 @@ pub fn run(world: Arc<dyn Comm>) -> Result<()> {
                 Ok(())
             }
             Msg::Forward { pool, chunks } => {
-                let r = open(&runner);
+                let r = open(&mut runner);
                 r.and_then(|r| r.run_chunks(&chunks, pool_of(&mut pools, pool)?, &loras))
             }
             Msg::Copy { pool, copies } => {
-                let r = open(&runner);
+                let r = open(&mut runner);
                 r.and_then(|r| r.copy_blocks(pool_of(&mut pools, pool)?, &copies))
             }
             Msg::LoadLora { id, name, dir } => {
-                let placed = open(&runner).and_then(|r| r.load_lora_from(&name, &dir));
+                let placed = open(&mut runner).and_then(|r| r.load_lora_from(&name, &dir));
                 if let Err(e) = &placed {
                     eprintln!("error: rank {}: {e}", world.rank());
                 }
@@ -66,24 +66,14 @@ pub fn run(world: Arc<dyn Comm>) -> Result<()> {
                 loras.remove(&id);
                 Ok(())
             }
-            Msg::Tune { path, budget } => match &mut runner {
-                Some(r) => {
-                    // Its own failure is reported here and to rank 0 (which fails the
-                    // command); the job goes on.
-                    if let Err(e) = r.tune_in_turn(&*world, &path, budget) {
-                        eprintln!("error: rank {}: {e}", world.rank());
-                    }
-                    Ok(())
+            // Its own failure is reported here and to rank 0 (which fails the command); the job
+            // goes on.
+            Msg::Tune { path, budget } => open(&mut runner).map(|r| {
+                if let Err(e) = r.tune_in_turn(&*world, &path, budget) {
+                    eprintln!("error: rank {}: {e}", world.rank());
                 }
-                None => Err(error("no engine is open")),
-            },
-            Msg::Invariant { on } => match &mut runner {
-                Some(r) => {
-                    r.set_batch_invariant(on);
-                    Ok(())
-                }
-                None => Err(error("no engine is open")),
-            },
+            }),
+            Msg::Invariant { on } => open(&mut runner).map(|r| r.set_batch_invariant(on)),
         };
         if let Err(e) = done {
             fatal(&*world, e);
@@ -91,9 +81,9 @@ pub fn run(world: Arc<dyn Comm>) -> Result<()> {
     }
 }
 
-fn open(runner: &Option<ModelRunner>) -> Result<&ModelRunner> {
+fn open(runner: &mut Option<ModelRunner>) -> Result<&mut ModelRunner> {
     runner
-        .as_ref()
+        .as_mut()
         .ok_or_else(|| error("rank 0 runs an engine this rank could not open"))
 }
 
